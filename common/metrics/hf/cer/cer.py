@@ -1,0 +1,21 @@
+"""gradleak 'cer' as a local Hugging Face `evaluate` module.
+
+Load it offline by path: `evaluate.load("<repo>/common/metrics/hf/cer")`. It calls the same
+pure function as the rest of gradleak (`common.metrics.speech.cer`), so both paths give identical numbers.
+"""
+import datasets
+import evaluate
+
+from common.metrics.speech import cer as _metric
+
+
+class GradleakCer(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="gradleak cer: per-example scores, then the plain mean (see common.metrics.speech)",
+            citation="",
+            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, references):
+        return _metric(predictions=list(predictions), references=list(references))

@@ -1,0 +1,129 @@
+"""Run records: one JSON object per trial, appended to ``records.jsonl``.
+
+Appends are one ``os.write`` of one complete line on an ``O_APPEND`` descriptor followed
+by ``fsync``; a reader ignores a torn last line and a writer repairs it before appending,
+so killing a run never leaves a broken record and ``--resume`` never duplicates one.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+SCHEMA_VERSION = 1
+CODE_VERSION = "0.1.0"
+RECORDS_FILE = "records.jsonl"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def run_id(*, case: dict, attack: str, config: dict, seed: int, trial: int) -> str:
+    payload = canonical_json({"case": case, "attack": attack, "config": config, "seed": seed, "trial": trial})
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+@lru_cache(maxsize=1)
+def _git() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"version": CODE_VERSION, "git": commit, "dirty": dirty}
+
+
+def provenance(device: str) -> dict[str, Any]:
+    import sys
+
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "device": device}
+    tf = sys.modules.get("transformers")
+    if tf is None:
+        try:
+            from importlib.metadata import version
+
+            env["transformers"] = version("transformers")
+        except Exception:  # noqa: BLE001 - metadata missing is not an error
+            env["transformers"] = None
+    else:
+        env["transformers"] = tf.__version__
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    return {"code": _git(), "env": env}
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a torn (unterminated) last line left by a killed writer."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        data = path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        f.truncate(cut)
+
+
+def append_record(path: str | os.PathLike, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(path)
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[dict]:
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # torn tail from a killed writer
+            raw = raw.strip()
+            if raw:
+                yield json.loads(raw)
+
+
+def load_records(paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """Records from record files or directories holding ``records.jsonl`` (recursively)."""
+    out: list[dict] = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(p.rglob(RECORDS_FILE)) if p.is_dir() else [p]
+        for f in files:
+            out.extend(iter_records(f))
+    return out
+
+
+def completed_ids(path: str | os.PathLike, *, include_failed: bool = False) -> set[str]:
+    """Run ids already recorded (ok or skipped; failed too when ``include_failed``)."""
+    ids = set()
+    for r in iter_records(path):
+        if include_failed or r.get("status") != "failed":
+            ids.add(r["run_id"])
+    return ids
