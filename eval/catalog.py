@@ -1,8 +1,8 @@
 """The merged catalog: attacks, presets, cases, kits and metrics of every package.
 
 Each package exposes plain tables (no heavy imports): ``ATTACKS`` (name -> "module:Class"),
-``PRESETS`` (name -> Preset), ``KITS`` (modality -> "module:Class"), ``CASE_MODULE``
-(a module with ``CASES: dict[str, Case]``) and ``METRICS`` (extra MetricInfo entries).
+``PRESETS`` (name -> Preset), ``KITS`` (modality -> "module:Class"), ``CASE_MODULES``
+(modules each with ``CASES: dict[str, Case]``) and ``METRICS`` (extra MetricInfo entries).
 """
 from __future__ import annotations
 
@@ -36,8 +36,7 @@ class Catalog:
             for info in getattr(mod, "METRICS", ()):
                 if info.name not in self.metrics:
                     self.metrics.add(info.name, info)
-            case_module = getattr(mod, "CASE_MODULE", None)
-            if case_module:
+            for case_module in getattr(mod, "CASE_MODULES", ()):
                 for name, case in importlib.import_module(case_module).CASES.items():
                     self.cases.add(name, case)
 
