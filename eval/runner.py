@@ -99,7 +99,7 @@ def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | Non
     try:
         kit = catalog().kits.get(case.modality)()
         mkey = (case.modality, case.model, case.data, tuple(sorted(case.options.items())), spec.seed, device)
-        if mkey not in resources.models:
+        if mkey not in resources.models:  # noqa: SIM102
             resources.models[mkey] = kit.load_model(case, device=dev, generator=make_generator(derive_seed(spec.seed, "model")))
         model = resources.models[mkey]
         pkey = (case.modality, case.data, spec.data_path, tuple(sorted(case.options.items())))
@@ -136,6 +136,32 @@ def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | Non
     return record
 
 
+USER_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, LookupError, ImportError,
+                     OSError)
+
+
+def preload(specs: Sequence[TrialSpec], *, device: str, resources: _Resources) -> None:
+    """Load every distinct data pool and model once, turning input problems into UserErrors."""
+    dev = torch.device(device)
+    for spec in specs:
+        case = spec.case
+        try:
+            kit = catalog().kits.get(case.modality)()
+        except KeyError as e:
+            raise UserError(str(e)) from None
+        pkey = (case.modality, case.data, spec.data_path, tuple(sorted(case.options.items())))
+        mkey = (case.modality, case.model, case.data, tuple(sorted(case.options.items())), spec.seed, device)
+        try:
+            if pkey not in resources.pools:
+                resources.pools[pkey] = kit.load_pool(case, data_path=spec.data_path)
+            if mkey not in resources.models:
+                resources.models[mkey] = kit.load_model(case, device=dev,
+                                                        generator=make_generator(derive_seed(spec.seed, "model")))
+        except USER_INPUT_ERRORS as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"case {case.name!r}: {msg}") from None
+
+
 def run_many(specs: Sequence[TrialSpec], *, out_dir: str | Path, device: str = "cpu", resume: bool = False,
              progress: bool = True) -> list[dict]:
     """Run trials, appending one record each to ``out_dir/records.jsonl``."""
@@ -148,6 +174,7 @@ def run_many(specs: Sequence[TrialSpec], *, out_dir: str | Path, device: str = "
     prepared = [(s, prepare(s, device=device)[3]) for s in specs]
     todo = [(s, rid) for s, rid in prepared if rid not in done]
     resources = _Resources()
+    preload([s for s, _ in todo], device=device, resources=resources)
     records = []
     bar = tqdm(todo, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
     for spec, _ in bar:

@@ -1,0 +1,273 @@
+"""Leaderboards: pure functions of run records.
+
+Records are grouped by *setting* (the whole case block: model, data, protocol incl. batch
+size, threat model, defenses) and, within a setting, by attack preset. Rows of different
+settings are never ranked against each other: each setting gets its own table.
+Duplicate run ids (a failed trial re-run with ``--resume``) keep the latest record.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from statistics import fmean, stdev
+from typing import Iterable, Sequence
+
+from common.metrics import higher_is_better
+
+from .records import canonical_json
+
+
+@dataclass
+class Row:
+    setting: str  # canonical JSON of the case block
+    case: dict
+    preset: str
+    attack: str
+    n_ok: int = 0
+    n_failed: int = 0
+    n_skipped: int = 0
+    metrics: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # key -> (mean, ci95, std)
+    wall_s: float | None = None
+
+
+def _t95(n: int) -> float:
+    if n < 2:
+        return float("nan")
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def summarize(values: Sequence[float]) -> tuple[float, float, float]:
+    n = len(values)
+    if n == 0:
+        return (float("nan"),) * 3
+    m = fmean(values)
+    if n < 2:
+        return m, float("nan"), float("nan")
+    s = stdev(values)
+    return m, _t95(n) * s / math.sqrt(n), s
+
+
+def dedupe(records: Iterable[dict]) -> list[dict]:
+    latest: dict[str, dict] = {}
+    for r in records:
+        prev = latest.get(r["run_id"])
+        if prev is None or r.get("created", "") >= prev.get("created", ""):
+            latest[r["run_id"]] = r
+    return list(latest.values())
+
+
+def setting_key(case: dict) -> str:
+    return canonical_json(case)
+
+
+def aggregate(records: Iterable[dict]) -> list[Row]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in dedupe(records):
+        groups.setdefault((setting_key(r["case"]), r["attack"]["preset"]), []).append(r)
+    rows = []
+    for (setting, preset), recs in groups.items():
+        ok = [r for r in recs if r["status"] == "ok"]
+        row = Row(setting, recs[0]["case"], preset, recs[0]["attack"]["name"], n_ok=len(ok),
+                  n_failed=sum(r["status"] == "failed" for r in recs),
+                  n_skipped=sum(r["status"] == "skipped" for r in recs))
+        keys = sorted({k for r in ok for k in r["metrics"]})
+        for k in keys:
+            row.metrics[k] = summarize([r["metrics"][k] for r in ok if k in r["metrics"]])
+        walls = [r["cost"]["wall_s"] for r in ok if "wall_s" in r.get("cost", {})]
+        row.wall_s = fmean(walls) if walls else None
+        rows.append(row)
+    return rows
+
+
+def default_primary(rows: Sequence[Row]) -> str | None:
+    for k in ("rouge2", "accuracy", "rouge1", "mel_cosine", "pesq", "exact_match"):
+        if any(k in r.metrics for r in rows):
+            return k
+    keys = sorted({k for r in rows for k in r.metrics})
+    return keys[0] if keys else None
+
+
+def _sort_rows(rows: list[Row], primary: str | None) -> list[Row]:
+    if primary is None:
+        return sorted(rows, key=lambda r: r.preset)
+    hib = higher_is_better(primary)
+    sign = -1.0 if hib in (True, None) else 1.0
+
+    def key(r: Row):
+        m = r.metrics.get(primary, (float("nan"),))[0]
+        return (math.isnan(m), sign * (0.0 if math.isnan(m) else m), r.preset)
+
+    return sorted(rows, key=key)
+
+
+def tables(rows: Sequence[Row], primary: str | None = None) -> list[tuple[dict, list[Row], str | None]]:
+    """[(case block, rows ranked within it, primary metric)], settings in a stable order."""
+    by: dict[str, list[Row]] = {}
+    for r in rows:
+        by.setdefault(r.setting, []).append(r)
+    out = []
+    for setting in sorted(by, key=lambda s: (json.loads(s)["name"], json.loads(s)["protocol"]["batch_size"], s)):
+        rs = by[setting]
+        p = primary if primary is not None else default_primary(rs)
+        out.append((rs[0].case, _sort_rows(rs, p), p))
+    return out
+
+
+def _fmt(v: tuple[float, float, float] | None) -> str:
+    if v is None or math.isnan(v[0]):
+        return "–"
+    mean, ci, _ = v
+    return f"{mean:.3f}" if math.isnan(ci) else f"{mean:.3f} ± {ci:.3f}"
+
+
+def describe_case(case: dict) -> str:
+    p = case["protocol"]
+    proto = f"{p['kind']} B={p['batch_size']}"
+    if p["kind"] == "fedavg":
+        proto += f" E={p['local_epochs']} b={p['local_batch_size'] or p['batch_size']} lr={p['local_lr']}"
+    grants = ",".join(case["threat"]["grants"])
+    defense = "; ".join(",".join(f"{k}={v}" for k, v in d.items()) for d in case["defenses"]) or "none"
+    return (f"model `{case['model']}` · data `{case['data']}` · {proto} · threat {case['threat']['name']} "
+            f"({grants}) · defense {defense}")
+
+
+def _metric_keys(rows: Sequence[Row], primary: str | None) -> list[str]:
+    keys = sorted({k for r in rows for k in r.metrics})
+    if primary in keys:
+        keys.remove(primary)
+        keys.insert(0, primary)
+    return keys
+
+
+def render_markdown(rows: Sequence[Row], primary: str | None = None) -> str:
+    out = ["# gradleak leaderboard", "",
+           "Mean ± 95% CI (t) over ok trials. Each table is one setting; rows are ranked only within it.", ""]
+    for case, rs, p in tables(rows, primary):
+        keys = _metric_keys(rs, p)
+        out.append(f"## {case['name']} (B={case['protocol']['batch_size']})")
+        out.append("")
+        out.append(describe_case(case))
+        out.append("")
+        out.append("| rank | attack | " + " | ".join(keys) + " | n ok | n failed | s/trial |")
+        out.append("|---|---|" + "---|" * len(keys) + "---|---|---|")
+        for i, r in enumerate(rs, 1):
+            cells = [_fmt(r.metrics.get(k)) for k in keys]
+            wall = "–" if r.wall_s is None else f"{r.wall_s:.1f}"
+            out.append(f"| {i} | {r.preset} | " + " | ".join(cells) + f" | {r.n_ok} | {r.n_failed} | {wall} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def render_csv(rows: Sequence[Row], primary: str | None = None) -> str:
+    import csv
+
+    keys = sorted({k for r in rows for k in r.metrics})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case", "batch_size", "setting", "rank", "attack", "preset", "n_ok", "n_failed", "wall_s"]
+               + [f"{k}_{s}" for k in keys for s in ("mean", "ci95", "std")])
+    for case, rs, _ in tables(rows, primary):
+        for i, r in enumerate(rs, 1):
+            vals = []
+            for k in keys:
+                m = r.metrics.get(k)
+                vals += ["" if m is None else f"{x:.6g}" for x in (m or (None, None, None))] if m else ["", "", ""]
+            w.writerow([case["name"], case["protocol"]["batch_size"], describe_case(case), i, r.attack, r.preset,
+                        r.n_ok, r.n_failed, "" if r.wall_s is None else f"{r.wall_s:.3f}"] + vals)
+    return buf.getvalue()
+
+
+def _family_key(case: dict, drop: str) -> str:
+    c = json.loads(json.dumps(case))
+    if drop == "batch_size":
+        c["protocol"].pop("batch_size")
+    else:
+        c.pop("defenses")
+    return canonical_json(c)
+
+
+def defense_strength(case: dict) -> float:
+    from common.defenses import build_defense
+
+    return sum(build_defense(d).strength for d in case["defenses"])
+
+
+def plot_series(rows: Sequence[Row], metric: str, axis: str) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """Series for plots: per case family (all but ``axis`` equal), per preset, (x, mean metric)."""
+    fam: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    names: dict[str, str] = {}
+    for r in rows:
+        if metric not in r.metrics:
+            continue
+        key = _family_key(r.case, axis)
+        x = float(r.case["protocol"]["batch_size"]) if axis == "batch_size" else defense_strength(r.case)
+        fam.setdefault(key, {}).setdefault(r.preset, []).append((x, r.metrics[metric][0]))
+        names[key] = r.case["name"]
+    out = []
+    for key, series in sorted(fam.items(), key=lambda kv: names[kv[0]]):
+        xs = {x for pts in series.values() for x, _ in pts}
+        if len(xs) >= 2:
+            out.append((names[key], {p: sorted(v) for p, v in series.items()}))
+    return out
+
+
+def _png(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str, logx: bool) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for preset, pts in series.items():
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=preset)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(rows: Sequence[Row], primary: str | None = None) -> str:
+    import html
+
+    parts = ["<!doctype html><meta charset='utf-8'><title>gradleak leaderboard</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:nth-child(2){text-align:left}</style>",
+             "<h1>gradleak leaderboard</h1><p>Mean ± 95% CI over ok trials; rows ranked only within a setting.</p>"]
+    p_all = primary or default_primary(rows)
+    if p_all:
+        for axis, xlabel, logx in (("batch_size", "batch size", True), ("defense", "defense strength", False)):
+            for name, series in plot_series(rows, p_all, axis):
+                img = _png(series, f"{name}: {p_all} vs {xlabel}", xlabel, p_all, logx)
+                parts.append(f"<h3>{html.escape(name)}: {p_all} vs {xlabel}</h3><img src='data:image/png;base64,{img}'>")
+    for case, rs, p in tables(rows, primary):
+        keys = _metric_keys(rs, p)
+        parts.append(f"<h2>{html.escape(case['name'])} (B={case['protocol']['batch_size']})</h2>"
+                     f"<p>{html.escape(describe_case(case))}</p><table><tr><th>rank</th><th>attack</th>"
+                     + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "<th>n ok</th><th>n failed</th><th>s/trial</th></tr>")
+        for i, r in enumerate(rs, 1):
+            wall = "–" if r.wall_s is None else f"{r.wall_s:.1f}"
+            parts.append(f"<tr><td>{i}</td><td>{html.escape(r.preset)}</td>"
+                         + "".join(f"<td>{_fmt(r.metrics.get(k))}</td>" for k in keys)
+                         + f"<td>{r.n_ok}</td><td>{r.n_failed}</td><td>{wall}</td></tr>")
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
+RENDERERS = {"md": render_markdown, "csv": render_csv, "html": render_html}
+
+
+def artifact_links(records: Iterable[dict]) -> list[tuple[str, dict]]:
+    return [(r["run_id"], r["artifacts"]) for r in dedupe(records) if r.get("artifacts")]
