@@ -1,0 +1,132 @@
+"""The public prior text attacks consume: tokenizer, embedding matrix, batch builder, LM prior.
+
+``TextPrior.build_batch(embeds, attention_mask, labels)`` turns dummy input embeddings into
+a :class:`common.types.Batch` for the kit's loss, so an attack never needs to know whether
+the model is an encoder classifier or a causal LM. The optional language-model prior
+(``LMPrior``) scores *decoded text* with its own tokenizer, so any causal LM works as the
+prior of any attacked model (LAMP used a GPT-2 sharing BERT's vocabulary; we re-tokenise).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from common.types import Batch
+
+
+class LMPrior:
+    """Mean next-token negative log-likelihood of texts under a causal LM (one padded forward)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_tokens: int = 128) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.start_id = start
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (start or 0)
+
+    @torch.no_grad()
+    def nll(self, texts: Sequence[str], *, chunk: int = 64) -> Tensor:
+        """Per text: mean NLL (nats per token) of its tokens given the start token."""
+        out = []
+        for s in range(0, len(texts), chunk):
+            out.append(self._nll(list(texts[s:s + chunk])))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _nll(self, texts: list[str]) -> Tensor:
+        enc = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_tokens - 1] for t in texts]
+        seqs = [([self.start_id] if self.start_id is not None else []) + e for e in enc]
+        n = max(2, max(len(x) for x in seqs))
+        dev = next(self.model.parameters()).device
+        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, x in enumerate(seqs):
+            ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[i, :len(x)] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        tgt = ids[:, 1:]
+        m = mask[:, 1:].float()
+        ce = nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+        return ((ce * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
+
+
+@lru_cache(maxsize=2)
+def _cached_lm(name: str, device: str) -> LMPrior:
+    from common.seed import make_generator
+
+    from .models import info_of, load_text_model
+
+    model = load_text_model(name, generator=make_generator(0))
+    info = info_of(model)
+    if info.kind != "decoder":
+        raise ValueError(f"the LM prior must be a causal language model; {name!r} is a {info.kind}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LMPrior(model.to(device), info.tokenizer)
+
+
+def lm_prior(name: str, device: str | torch.device = "cpu") -> LMPrior:
+    return _cached_lm(name, str(device))
+
+
+@dataclass
+class TextPrior:
+    """Public knowledge about the attacked text model (no client data)."""
+
+    kind: str  # "encoder" (sequence classifier) | "decoder" (causal LM)
+    tokenizer: Any
+    embedding: Tensor  # [V, d] token-embedding matrix (detached copy)
+    embedding_name: str  # its name in model.named_parameters()
+    loss_fn: Callable[[nn.Module, Batch], Tensor]
+    max_len: int
+    prefix_ids: tuple[int, ...]  # special tokens the tokenizer puts before a sentence ([CLS])
+    suffix_ids: tuple[int, ...]  # ... and after it ([SEP])
+    pad_id: int
+    special_ids: tuple[int, ...]  # ids never inside a sentence body (special / unused tokens)
+    num_labels: int | None = None
+    label_weight: str | None = None  # classifier head parameters, found by identity
+    label_bias: str | None = None
+    lm_name: str | None = None  # causal LM used as the text prior (loaded lazily)
+    device: str = "cpu"
+    _lm: LMPrior | None = field(default=None, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.embedding.shape[0])
+
+    def lm(self) -> LMPrior:
+        if self._lm is None:
+            if not self.lm_name:
+                raise ValueError("this case has no language-model prior (set the case option lm_prior)")
+            self._lm = lm_prior(self.lm_name, self.device)
+        return self._lm
+
+    def build_batch(self, embeds: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
+                    targets: Tensor | None = None) -> Batch:
+        """Batch for ``loss_fn`` from input embeddings ``[B, T, d]``.
+
+        Encoders: ``labels`` are class ids [B] or probabilities [B, C]. Decoders: ``targets`` are
+        the next-token targets, ids [B, T] or probabilities [B, T, V] (position t is the target
+        of position t-1; position 0 is never a target).
+        """
+        inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask}
+        if self.kind == "decoder":
+            if targets is None:
+                raise ValueError("a decoder batch needs next-token targets")
+            inputs["targets"] = targets
+            return Batch(inputs, None)
+        return Batch(inputs, labels)
+
+    def body_ids(self, ids: Sequence[int]) -> list[int]:
+        """Strip the special prefix/suffix tokens from a full token sequence."""
+        ids = list(ids)
+        a, b = len(self.prefix_ids), len(self.suffix_ids)
+        return ids[a: len(ids) - b if b else None]
+
+    def decode(self, body: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in body], skip_special_tokens=True).strip()
