@@ -1,0 +1,130 @@
+"""Differentiable speech front ends (waveform -> normalised log-mel or MFCC) and their inverses.
+
+Everything from the waveform to the feature map is plain torch/torchaudio autograd
+(STFT -> |.|^2 -> mel filterbank -> log -> affine normalisation -> orthonormal DCT), so an
+attack can optimise the feature map *or* the raw waveform end to end. The inverse path
+(MFCC -> log-mel by the DCT pseudo-inverse, mel -> linear by ``InverseMelScale`` with the
+``gelsd`` driver, Griffin-Lim with a deterministic zero-phase start) is used to turn
+recovered features back into audio.
+
+Default resolution (a free choice; Li et al. 2023 do not state theirs): 16 kHz, n_fft 512,
+hop 128, 80 mel bins, 40 MFCCs. Stated next to every number in docs/speechleak.md.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torchaudio
+from torch import Tensor, nn
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class FrontEndConfig:
+    kind: Literal["mel", "mfcc"] = "mel"
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = 512
+    hop: int = 128
+    n_mels: int = 80
+    n_mfcc: int = 40
+    f_min: float = 0.0
+    f_max: float = 8000.0
+    log_eps: float = 1e-5
+    offset: float = -6.0  # normalisation: (log-mel - offset) / scale
+    scale: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mel", "mfcc"):
+            raise ValueError(f"front end kind must be 'mel' or 'mfcc', got {self.kind!r}")
+        if self.kind == "mfcc" and not 1 <= self.n_mfcc <= self.n_mels:
+            raise ValueError(f"n_mfcc must be in 1..n_mels ({self.n_mels}), got {self.n_mfcc}")
+
+    @property
+    def n_features(self) -> int:
+        return self.n_mels if self.kind == "mel" else self.n_mfcc
+
+    def n_frames(self, num_samples: int) -> int:
+        return num_samples // self.hop + 1  # centred STFT
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FrontEnd(nn.Module):
+    """waveform [..., N] -> features [..., n_features, frames] (differentiable)."""
+
+    def __init__(self, config: FrontEndConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or FrontEndConfig()
+        self.register_buffer("window", torch.hann_window(c.n_fft), persistent=False)
+        fb = torchaudio.functional.melscale_fbanks(c.n_fft // 2 + 1, c.f_min, c.f_max, c.n_mels, c.sample_rate)
+        self.register_buffer("fbanks", fb, persistent=False)  # [n_freq, n_mels]
+        dct = torchaudio.functional.create_dct(c.n_mfcc, c.n_mels, norm="ortho")  # [n_mels, n_mfcc]
+        self.register_buffer("dct", dct, persistent=False)
+
+    # -- forward path -------------------------------------------------------------------
+    def power_spectrogram(self, wave: Tensor) -> Tensor:
+        c = self.config
+        shape = wave.shape[:-1]
+        flat = wave.reshape(-1, wave.shape[-1])
+        spec = torch.stft(flat, c.n_fft, hop_length=c.hop, win_length=c.n_fft, window=self.window,
+                          center=True, pad_mode="reflect", return_complex=True)
+        power = spec.real.pow(2) + spec.imag.pow(2)
+        return power.reshape(*shape, *power.shape[-2:])
+
+    def log_mel(self, wave: Tensor) -> Tensor:
+        mel = torch.matmul(self.power_spectrogram(wave).transpose(-1, -2), self.fbanks).transpose(-1, -2)
+        return torch.log(mel + self.config.log_eps)
+
+    def logmel_to_features(self, log_mel: Tensor) -> Tensor:
+        c = self.config
+        z = (log_mel - c.offset) / c.scale
+        if c.kind == "mel":
+            return z
+        return torch.matmul(z.transpose(-1, -2), self.dct).transpose(-1, -2)
+
+    def forward(self, wave: Tensor) -> Tensor:
+        return self.logmel_to_features(self.log_mel(wave))
+
+    # -- inverse path -------------------------------------------------------------------
+    def features_to_logmel(self, feats: Tensor) -> Tensor:
+        """Normalised features -> log-mel. MFCC uses the DCT pseudo-inverse (exact when
+        n_mfcc == n_mels, a cepstral low-pass otherwise)."""
+        c = self.config
+        z = feats
+        if c.kind == "mfcc":
+            z = torch.matmul(feats.transpose(-1, -2), self.dct.T).transpose(-1, -2)
+        return z * c.scale + c.offset
+
+    def logmel_to_wave(self, log_mel: Tensor, *, length: int | None = None, n_iter: int = 100) -> Tensor:
+        """Griffin-Lim (torchaudio) from a log-mel map [..., n_mels, frames]."""
+        c = self.config
+        with torch.no_grad():
+            mel = (log_mel.exp() - c.log_eps).clamp(min=0.0)
+            inv = torchaudio.transforms.InverseMelScale(c.n_fft // 2 + 1, c.n_mels, c.sample_rate, c.f_min, c.f_max,
+                                                        driver="gelsd").to(mel.device, torch.float64)
+            linear = inv(mel.double()).float().clamp(min=0.0)
+            gl = torchaudio.transforms.GriffinLim(n_fft=c.n_fft, hop_length=c.hop, win_length=c.n_fft, power=2.0,
+                                                  n_iter=n_iter, rand_init=False, length=length).to(mel.device)
+            return gl(linear)
+
+    def features_to_wave(self, feats: Tensor, *, length: int | None = None, n_iter: int = 100) -> Tensor:
+        return self.logmel_to_wave(self.features_to_logmel(feats), length=length, n_iter=n_iter)
+
+
+def refine_waveform(frontend: FrontEnd, feats: Tensor, init_wave: Tensor, *, iterations: int = 200,
+                    lr: float = 1e-3) -> Tensor:
+    """Stronger waveform stage: optimise the waveform through the differentiable front end so
+    that its features match ``feats`` (Adam on the sample values, started from Griffin-Lim)."""
+    w = init_wave.detach().clone().requires_grad_(True)
+    target = feats.detach()
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(iterations):
+        opt.zero_grad()
+        loss = (frontend(w) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+    return w.detach().clamp(-1.0, 1.0)
