@@ -5,7 +5,7 @@ import copy
 import resource
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,6 +41,11 @@ class _Resources:
     pools: dict = field(default_factory=dict)
 
 
+def effective_case(spec: TrialSpec) -> Case:
+    """The case as the trial runs it: a user's ``--data`` replaces the case's data source."""
+    return replace(spec.case, data=str(spec.data_path)) if spec.data_path else spec.case
+
+
 def build_attack(name: str, overrides: Mapping[str, Any]):
     preset, cls, preset_overrides = catalog().resolve(name)
     try:
@@ -72,9 +77,7 @@ def prepare(spec: TrialSpec, *, device: str) -> tuple[str, Any, dict, str]:
     """Resolve the attack and check the threat model; returns (preset, attack, case dict, run id)."""
     preset, attack = build_attack(spec.attack, spec.overrides)
     check_threat(spec.case, attack)
-    case_d = spec.case.to_dict()
-    if spec.data_path:
-        case_d["data"] = str(spec.data_path)
+    case_d = effective_case(spec).to_dict()
     rid = run_id(case=case_d, attack=preset, config=config_dict(attack.config), seed=spec.seed, trial=spec.trial)
     return preset, attack, case_d, rid
 
@@ -84,7 +87,7 @@ def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | Non
     """Run one trial and return its record (status ok or failed; never raises for attack errors)."""
     resources = resources or _Resources()
     preset, attack, case_d, rid = prepare(spec, device=device)
-    case = spec.case
+    case = effective_case(spec)
     dev = torch.device(device)
     record: dict[str, Any] = {
         "schema": SCHEMA_VERSION, "run_id": rid, "created": now(), **provenance(device),
@@ -144,7 +147,7 @@ def preload(specs: Sequence[TrialSpec], *, device: str, resources: _Resources) -
     """Load every distinct data pool and model once, turning input problems into UserErrors."""
     dev = torch.device(device)
     for spec in specs:
-        case = spec.case
+        case = effective_case(spec)
         try:
             kit = catalog().kits.get(case.modality)()
         except KeyError as e:
@@ -157,8 +160,15 @@ def preload(specs: Sequence[TrialSpec], *, device: str, resources: _Resources) -
             if mkey not in resources.models:
                 resources.models[mkey] = kit.load_model(case, device=dev,
                                                         generator=make_generator(derive_seed(spec.seed, "model")))
-        except USER_INPUT_ERRORS as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except Exception as e:  # noqa: BLE001 - classify: user input problems become one-line errors
+            if not (isinstance(e, USER_INPUT_ERRORS) or type(e).__module__.split(".")[0] in ("datasets", "pandas")):
+                raise
+            cause = e.__cause__ or e.__context__ or e
+            if type(e).__module__.startswith("datasets") and cause is not e:
+                msg = f"could not read the data file ({type(cause).__name__}: {cause})"
+            else:
+                msg = str(e)
+            msg = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
             raise UserError(f"case {case.name!r}: {msg}") from None
 
 
