@@ -125,13 +125,22 @@ def _fmt(v: tuple[float, float, float] | None) -> str:
     return f"{mean:.3f}" if math.isnan(ci) else f"{mean:.3f} ± {ci:.3f}"
 
 
+def _defense_text(case: dict) -> str:
+    return "; ".join(",".join(f"{k}={v}" for k, v in d.items()) for d in case["defenses"]) or "none"
+
+
+def title(case: dict) -> str:
+    t = f"{case['name']} (B={case['protocol']['batch_size']}"
+    return t + (f", defense {_defense_text(case)})" if case["defenses"] else ")")
+
+
 def describe_case(case: dict) -> str:
     p = case["protocol"]
     proto = f"{p['kind']} B={p['batch_size']}"
     if p["kind"] == "fedavg":
         proto += f" E={p['local_epochs']} b={p['local_batch_size'] or p['batch_size']} lr={p['local_lr']}"
     grants = ",".join(case["threat"]["grants"])
-    defense = "; ".join(",".join(f"{k}={v}" for k, v in d.items()) for d in case["defenses"]) or "none"
+    defense = _defense_text(case)
     return (f"model `{case['model']}` · data `{case['data']}` · {proto} · threat {case['threat']['name']} "
             f"({grants}) · defense {defense}")
 
@@ -149,7 +158,7 @@ def render_markdown(rows: Sequence[Row], primary: str | None = None) -> str:
            "Mean ± 95% CI (t) over ok trials. Each table is one setting; rows are ranked only within it.", ""]
     for case, rs, p in tables(rows, primary):
         keys = _metric_keys(rs, p)
-        out.append(f"## {case['name']} (B={case['protocol']['batch_size']})")
+        out.append(f"## {title(case)}")
         out.append("")
         out.append(describe_case(case))
         out.append("")
@@ -254,7 +263,7 @@ def render_html(rows: Sequence[Row], primary: str | None = None) -> str:
                 parts.append(f"<h3>{html.escape(name)}: {p_all} vs {xlabel}</h3><img src='data:image/png;base64,{img}'>")
     for case, rs, p in tables(rows, primary):
         keys = _metric_keys(rs, p)
-        parts.append(f"<h2>{html.escape(case['name'])} (B={case['protocol']['batch_size']})</h2>"
+        parts.append(f"<h2>{html.escape(title(case))}</h2>"
                      f"<p>{html.escape(describe_case(case))}</p><table><tr><th>rank</th><th>attack</th>"
                      + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "<th>n ok</th><th>n failed</th><th>s/trial</th></tr>")
         for i, r in enumerate(rs, 1):

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Main job: set up (idempotent), run the main suite on real models and data, print the leaderboard.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+OUT=${OUT:-runs/main}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+.venv/bin/python -m eval bench eval/suites/main.toml --out "$OUT" --resume "$@" > /dev/null
+.venv/bin/python -m eval leaderboard "$OUT" --format html -o "$OUT/leaderboard.html"
+.venv/bin/python -m eval leaderboard "$OUT" --format md | tee "$OUT/leaderboard.md"
+echo "records: $OUT/records.jsonl  html: $OUT/leaderboard.html" >&2

@@ -1,0 +1,82 @@
+"""Leaderboards are pure functions of records: golden Markdown/CSV, no cross-setting ranking."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from eval.__main__ import main
+from eval.leaderboard import aggregate, render_csv, render_html, render_markdown, summarize
+from eval.records import append_record
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def case(b, defenses=()):
+    return {"name": "tabular/toy", "modality": "tabular", "model": "fc", "data": "toy",
+            "protocol": {"kind": "fedsgd", "batch_size": b, "local_epochs": 1, "local_batch_size": None,
+                         "local_lr": 0.01, "shuffle": True, "loss_reduction": "mean"},
+            "threat": {"name": "hbc", "grants": ["batch_size", "gradients"]}, "defenses": list(defenses),
+            "options": {}}
+
+
+def rec(i, b, preset, acc, status="ok", created="2026-01-01T00:00:00Z", defenses=()):
+    return {"schema": 1, "run_id": f"id-{preset}-{b}-{i}-{len(defenses)}", "created": created,
+            "case": case(b, defenses), "attack": {"name": preset, "preset": preset, "config": {}},
+            "seed": 0, "trial": i, "status": status, "metrics": {} if status != "ok" else {"accuracy": acc},
+            "cost": {"wall_s": 2.0}}
+
+
+def records():
+    rs = []
+    for b, accs in ((1, {"tableak": [0.9, 1.0, 0.95], "random": [0.4, 0.5, 0.45]}),
+                    (8, {"tableak": [0.7, 0.8, 0.75], "random": [0.42, 0.44, 0.46]})):
+        for preset, vals in accs.items():
+            rs += [rec(i, b, preset, v) for i, v in enumerate(vals)]
+    rs.append(rec(9, 8, "random", None, status="failed"))
+    # a failed trial re-run with --resume: the later ok record replaces it
+    rs.append(rec(7, 1, "tableak", None, status="failed", created="2026-01-01T00:00:00Z"))
+    rs.append(rec(7, 1, "tableak", 0.95, created="2026-01-02T00:00:00Z"))
+    rs += [rec(i, 8, "tableak", v, defenses=[{"name": "gaussian", "sigma": 0.1}]) for i, v in enumerate([0.5, 0.6])]
+    return rs
+
+
+def test_summary_ci():
+    m, ci, s = summarize([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == 1.0 and ci == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
+
+
+def test_markdown_and_csv_golden():
+    rows = aggregate(records())
+    md, csv = render_markdown(rows), render_csv(rows)
+    if os.environ.get("UPDATE_GOLDEN"):
+        (GOLDEN / "leaderboard.md").write_text(md)
+        (GOLDEN / "leaderboard.csv").write_text(csv)
+    assert md == (GOLDEN / "leaderboard.md").read_text()
+    assert csv == (GOLDEN / "leaderboard.csv").read_text()
+
+
+def test_settings_are_never_mixed_and_dedupe_keeps_latest():
+    rows = aggregate(records())
+    assert len(rows) == 5  # (B=1, B=8, B=8+noise) x presets, noise only for tableak
+    t1 = next(r for r in rows if r.preset == "tableak" and r.case["protocol"]["batch_size"] == 1)
+    assert t1.n_ok == 4 and t1.n_failed == 0
+    r8 = next(r for r in rows if r.preset == "random" and r.case["protocol"]["batch_size"] == 8)
+    assert r8.n_failed == 1
+    md = render_markdown(rows)
+    assert md.count("| 1 | tableak |") == 3  # ranked first within each of its three settings only
+
+
+def test_html_has_plots_of_metric_vs_batch_size_and_defense():
+    html = render_html(aggregate(records()))
+    assert html.count("data:image/png;base64,") == 2
+    assert "accuracy vs batch size" in html and "accuracy vs defense strength" in html
+
+
+def test_cli_leaderboard_formats(tmp_path, capsys):
+    for r in records():
+        append_record(tmp_path / "records.jsonl", r)
+    assert main(["leaderboard", str(tmp_path), "--format", "md"]) == 0
+    assert capsys.readouterr().out == (GOLDEN / "leaderboard.md").read_text()
+    assert main(["leaderboard", str(tmp_path), "--format", "html", "-o", str(tmp_path / "lb.html")]) == 0
+    assert (tmp_path / "lb.html").read_text().startswith("<!doctype html>")
