@@ -8,40 +8,26 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from common.case import Case
 from common.kit import ContinuousPrior
 from common.matching import assignment
+from common.seed import derive_seed, make_generator
 from common.types import Batch, Reconstruction
 
-from .data import ADULT_CONTINUOUS, adult_frame
-from .models import FullyConnected
-from .schema import TabularSchema
+from .data import load_table
+from .models import FullyConnected, train_model
+from .schema import CONT_TOL, TabularSchema
 
-CONT_TOL = 0.319  # TabLeak create_tolerance_map(tol=0.319)
+__all__ = ["CONT_TOL", "TabularKit", "TabularPool", "tabular_scores", "entropy_quartiles"]
 
 
 def _read_table(case: Case, data_path: str | None) -> tuple[pd.DataFrame, TabularSchema]:
-    source = data_path or case.data
-    if source == "adult":
-        df = adult_frame()
-        schema = TabularSchema.infer(df, label="salary", continuous=ADULT_CONTINUOUS)
-        return df, schema
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"tabular data {source!r}: not a known dataset (adult) or an existing CSV file")
-    import datasets
-
-    ds = datasets.load_dataset("csv", data_files=str(path), split="train")
-    df = ds.to_pandas()
-    label = case.options.get("label")
-    if not label:
-        raise ValueError("a CSV needs its label column: pass --label COL")
-    df = df.dropna(subset=[label])
-    schema = TabularSchema.infer(df, label=label, categorical=list(case.options.get("categorical", [])),
-                                 continuous=list(case.options.get("continuous", [])))
-    keep = [f.name for f in schema.features] + [label]
-    return df[keep].dropna().reset_index(drop=True), schema
+    source = str(data_path or case.data)
+    opts = case.options
+    return load_table(source, label=opts.get("label"), categorical=list(opts.get("categorical", ())),
+                      continuous=list(opts.get("continuous", ())))
 
 
 class TabularPool:
@@ -52,72 +38,108 @@ class TabularPool:
         self.x = schema.encode(frame)
         self.y = schema.encode_labels(frame)
 
+    def marginals(self) -> tuple[dict, dict]:
+        cat, hist = {}, {}
+        for f, _ in self.schema.categorical:
+            counts = self.frame[f.name].astype(str).str.strip().value_counts()
+            p = np.array([counts.get(c, 0) for c in f.categories], dtype=float)
+            cat[f.name] = p / p.sum()
+        for f, _ in self.schema.continuous:
+            v = pd.to_numeric(self.frame[f.name], errors="coerce").dropna().to_numpy(float)
+            nb = int(min(100, max(1, len(np.unique(v)))))
+            counts, edges = np.histogram(v, bins=nb, range=(f.lower, f.upper if f.upper > f.lower else f.lower + 1))
+            hist[f.name] = (edges, counts / counts.sum())
+        return cat, hist
 
-def row_errors(pred: pd.DataFrame, true: pd.DataFrame, schema: TabularSchema) -> np.ndarray:
-    """[n_pred, n_true, n_features] 0/1 error (categorical exact, continuous within 0.319 σ)."""
-    errs = []
-    for f in schema.features:
-        p, t = pred[f.name].to_numpy(), true[f.name].to_numpy()
-        if f.kind == "categorical":
-            errs.append(p.astype(str)[:, None] != t.astype(str)[None, :])
-        else:
-            errs.append(np.abs(p.astype(float)[:, None] - t.astype(float)[None, :]) > CONT_TOL * f.std)
-    return np.stack(errs, axis=-1).astype(float)
+
+def matched_errors(pred_cat, pred_cont, true_cat, true_cont, schema: TabularSchema) -> tuple[np.ndarray, np.ndarray]:
+    """Hungarian-match predicted rows to true rows on the mean feature error.
+    Returns (errors [n_true, n_features] of the matched rows, perm)."""
+    e = schema.feature_errors(pred_cat, pred_cont, true_cat, true_cont)
+    perm = assignment(e.mean(-1))
+    return e[perm, np.arange(e.shape[1])], perm
 
 
 def tabular_scores(pred: pd.DataFrame, true: pd.DataFrame, schema: TabularSchema) -> dict[str, float]:
     """TabLeak's accuracy after Hungarian row matching, plus its categorical/continuous split."""
-    e = row_errors(pred, true, schema)
-    perm = assignment(e.mean(-1))
-    matched = e[perm, np.arange(len(true))]  # [n_true, n_features]
-    cat = np.array([f.kind == "categorical" for f in schema.features])
-    out = {"accuracy": float(1 - matched.mean()), "exact_row": float((matched.sum(1) == 0).mean())}
-    if cat.any():
-        out["cat_accuracy"] = float(1 - matched[:, cat].mean())
-    if (~cat).any():
-        out["cont_accuracy"] = float(1 - matched[:, ~cat].mean())
-    return out
+    pc, pn = schema.frame_to_arrays(pred)
+    tc, tn = schema.frame_to_arrays(true)
+    return _scores(pc, pn, tc, tn, schema)[0]
+
+
+def _scores(pc, pn, tc, tn, schema) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    m, perm = matched_errors(pc, pn, tc, tn, schema)
+    nc = tc.shape[1]
+    out = {"accuracy": float(1 - m.mean()), "exact_row": float((m.sum(1) == 0).mean())}
+    if nc:
+        out["cat_accuracy"] = float(1 - m[:, :nc].mean())
+    if tn.shape[1]:
+        out["cont_accuracy"] = float(1 - m[:, nc:].mean())
+        err = (pn[perm] - tn) / schema.cont_std
+        out["nrmse"] = float(np.sqrt((err ** 2).mean(0)).mean())  # per-feature RMSE / σ, averaged
+    return out, m, perm
+
+
+def entropy_quartiles(errors: np.ndarray, entropy: np.ndarray) -> tuple[float, float]:
+    """Accuracy of the lowest- and highest-entropy 25 % of cells (ties broken by position)."""
+    e, h = errors.ravel(), entropy.ravel()
+    if e.size == 0:
+        return float("nan"), float("nan")
+    k = max(1, int(round(0.25 * e.size)))
+    order = np.argsort(h, kind="stable")
+    return float(1 - e[order[:k]].mean()), float(1 - e[order[-k:]].mean())
 
 
 class TabularKit:
     modality = "tabular"
+    _pools: dict = {}  # class-level cache: a new kit is made per trial
 
     def load_pool(self, case: Case, *, data_path: str | None) -> TabularPool:
-        import datasets
+        key = (str(data_path or case.data), tuple(sorted((k, str(v)) for k, v in case.options.items())))
+        if key not in self._pools:
+            import datasets
 
-        df, schema = _read_table(case, data_path)
-        return TabularPool(datasets.Dataset.from_pandas(df, preserve_index=False), df, schema)
+            df, schema = _read_table(case, data_path)
+            self._pools[key] = TabularPool(datasets.Dataset.from_pandas(df, preserve_index=False), df, schema)
+        return self._pools[key]
 
     def load_model(self, case: Case, *, device: torch.device, generator: torch.Generator) -> nn.Module:
-        pool = self._schema_pool(case)
+        pool = self.load_pool(case, data_path=None)
         layout = tuple(case.options.get("layout", (100, 100, 2)))
-        return FullyConnected(pool.schema.dim, layout, generator=generator).to(device).eval()
-
-    def _schema_pool(self, case: Case) -> TabularPool:
-        key = (case.data, tuple(sorted(case.options.items())))
-        cache = self.__dict__.setdefault("_pools", {})
-        if key not in cache:
-            cache[key] = self.load_pool(case, data_path=None)
-        return cache[key]
+        model = FullyConnected(pool.schema.dim, layout, generator=generator)
+        epochs = int(case.options.get("train_epochs", 0))
+        if epochs:
+            model = train_model(model, pool.x, pool.y, epochs=epochs,
+                                generator=make_generator(derive_seed(generator.initial_seed(), "train")))
+        return model.to(device).eval()
 
     def sample(self, pool: TabularPool, case: Case, *, model, device, generator) -> tuple[Batch, Any]:
         b = case.protocol.batch_size
         idx = torch.randint(0, len(pool.frame), (b,), generator=generator)  # with replacement, as TabLeak
         batch = Batch({"x": pool.x[idx].to(device)}, pool.y[idx].to(device))
         truth = pool.frame.iloc[idx.numpy()].reset_index(drop=True)
-        return batch, {"frame": truth, "schema": pool.schema, "labels": pool.y[idx]}
+        return batch, {"frame": truth, "schema": pool.schema, "labels": pool.y[idx], "x": pool.x[idx]}
 
     @staticmethod
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         return nn.functional.cross_entropy(model(batch.inputs["x"]), batch.labels, reduction="none")
 
     def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> Any:
-        if prior_kind != "continuous":
-            raise ValueError(f"the tabular kit cannot build a {prior_kind!r} prior")
-        schema = self._schema_pool(case).schema
-        lo, hi = schema.bounds()
-        last = model.last
+        pool = self.load_pool(case, data_path=None)
+        schema = pool.schema
         names = {id(p): n for n, p in model.named_parameters()}
+        last = model.last
+        if prior_kind == "tabular":
+            from .attack import TabularPrior
+
+            cat, hist = pool.marginals()
+            return TabularPrior(
+                schema=schema, forward=lambda p, x: functional_call(model, p, (x,)),
+                penultimate=lambda x: model.penultimate(x),
+                last_weight=names[id(last.weight)], last_bias=names[id(last.bias)], marginals=cat, histograms=hist)
+        if prior_kind != "continuous":
+            raise ValueError(f"the tabular kit cannot build a {prior_kind!r} prior (known: tabular, continuous)")
+        lo, hi = schema.bounds()
         return ContinuousPrior(
             input_shape=(schema.dim,), num_classes=len(schema.classes),
             build_batch=lambda x, y: Batch({"x": x}, y), loss_fn=self.loss_fn,
@@ -129,12 +151,39 @@ class TabularKit:
     def score(self, reconstruction: Reconstruction, truth: Any, *, case: Case) -> tuple[dict[str, float], str]:
         schema: TabularSchema = truth["schema"]
         data = reconstruction.data
-        pred = data if isinstance(data, pd.DataFrame) else schema.decode(data)
-        metrics = tabular_scores(pred, truth["frame"], schema)
+        if isinstance(data, pd.DataFrame):
+            pc, pn = schema.frame_to_arrays(data)
+        else:
+            pc, pn = schema.decode_arrays(data)
+        tc, tn = schema.frame_to_arrays(truth["frame"])
+        metrics, m, perm = _scores(pc, pn, tc, tn, schema)
+        ex = reconstruction.extras or {}
+        nc = tc.shape[1]
+        if "entropy_cat" in ex and nc:
+            lo, hi = entropy_quartiles(m[:, :nc], np.asarray(ex["entropy_cat"])[perm])
+            metrics["cat_acc_low_entropy"], metrics["cat_acc_high_entropy"] = lo, hi
+        if "entropy_cont" in ex and tn.shape[1] and np.asarray(ex["entropy_cont"]).std() > 0:
+            lo, hi = entropy_quartiles(m[:, nc:], np.asarray(ex["entropy_cont"])[perm])
+            metrics["cont_acc_low_entropy"], metrics["cont_acc_high_entropy"] = lo, hi
         if reconstruction.labels is not None:
-            from common.metrics.classification import accuracy
-
             p = sorted(reconstruction.labels.tolist())
             t = sorted(truth["labels"].tolist())
-            metrics["label_accuracy"] = accuracy(predictions=p, references=t)["accuracy"]
+            metrics["label_accuracy"] = float(np.mean(np.array(p) == np.array(t)))
         return metrics, "hungarian:tabular-feature-error"
+
+    def save_artifacts(self, rec: Reconstruction, truth: Any, *, case: Case, directory) -> dict[str, str]:
+        ex = rec.extras or {}
+        if not ex.get("save_heatmap") or "entropy_cat" not in ex:
+            return {}
+        from .entropy import save_heatmap
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        schema: TabularSchema = truth["schema"]
+        pc, pn = schema.decode_arrays(rec.data)
+        tc, tn = schema.frame_to_arrays(truth["frame"])
+        m, perm = matched_errors(pc, pn, tc, tn, schema)
+        path = directory / "entropy_heatmap.png"
+        save_heatmap(path, schema, np.asarray(ex["entropy_cat"])[perm], np.asarray(ex["entropy_cont"])[perm], m)
+        schema.arrays_to_frame(pc[perm], pn[perm]).to_csv(directory / "reconstruction.csv", index=False)
+        return {"heatmap": str(path), "reconstruction": str(directory / "reconstruction.csv")}

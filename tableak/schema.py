@@ -5,14 +5,21 @@ feature (binaries included) is one-hot, continuous features stay raw, then *all*
 are standardised with the mean/std of the whole table (std 0 -> 1). Decoding undoes the
 standardisation, takes the argmax per categorical block and rounds continuous values
 (``floor(x + 0.5)``) unless the feature is marked non-integer.
+
+Besides the DataFrame round trip (``encode``/``decode``) the schema offers array-level
+helpers used inside the attack (``decode_arrays``, ``project``, ``feature_errors``) so that
+ensembles of candidates are decoded and matched without building DataFrames.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+
+CONT_TOL = 0.319  # TabLeak create_tolerance_map(tol=0.319): continuous cell correct iff |x̂-x| <= 0.319 σ
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,10 @@ class Feature:
         return len(self.categories) if self.kind == "categorical" else 1
 
 
+def _clean_label(s: pd.Series) -> pd.Series:
+    return s.astype(str).str.strip().str.rstrip(".")
+
+
 @dataclass(frozen=True)
 class TabularSchema:
     features: tuple[Feature, ...]
@@ -37,6 +48,7 @@ class TabularSchema:
     classes: tuple[str, ...]
     mean: np.ndarray = field(repr=False)  # per encoded column
     scale: np.ndarray = field(repr=False)
+    dropped: tuple[str, ...] = ()  # constant columns left out at inference
 
     @property
     def dim(self) -> int:
@@ -49,52 +61,98 @@ class TabularSchema:
             start += f.width
         return out
 
+    @property
+    def categorical(self) -> list[tuple[Feature, slice]]:
+        return [(f, s) for f, s in self.blocks() if f.kind == "categorical"]
+
+    @property
+    def continuous(self) -> list[tuple[Feature, slice]]:
+        return [(f, s) for f, s in self.blocks() if f.kind == "continuous"]
+
+    @property
+    def continuous_index(self) -> np.ndarray:
+        return np.array([s.start for _, s in self.continuous], dtype=int)
+
     # -- build ---------------------------------------------------------------------------
     @classmethod
-    def infer(cls, df: pd.DataFrame, *, label: str, categorical: list[str] | None = None,
-              continuous: list[str] | None = None, max_categories: int = 64) -> "TabularSchema":
+    def infer(cls, df: pd.DataFrame, *, label: str, categorical: Sequence[str] | None = None,
+              continuous: Sequence[str] | None = None, categories: Mapping[str, Sequence[str]] | None = None,
+              max_categories: int = 64, integer: Mapping[str, bool] | None = None) -> "TabularSchema":
+        """Infer a schema from a table.
+
+        Non-numeric columns are categorical, numeric ones continuous, unless listed in
+        ``categorical`` / ``continuous``. ``categories`` fixes the category list of a column
+        (e.g. the paper's lists, which include values absent after dropping missing rows).
+        Missing values are ignored for the statistics; constant columns are dropped (they
+        carry nothing to reconstruct) and listed in ``dropped``.
+        """
         if label not in df.columns:
             raise ValueError(f"label column {label!r} not in the table; columns: {', '.join(map(str, df.columns))}")
-        labels = df[label].dropna().astype(str).str.strip().str.rstrip(".")
+        labels = _clean_label(df[label].dropna())
         classes = tuple(sorted(labels.unique()))
         if len(classes) != 2:
-            raise ValueError(f"label column {label!r} must be binary, found {len(classes)} values: {list(classes)[:5]}")
-        feats = []
+            raise ValueError(f"label column {label!r} must be binary, found {len(classes)} values: "
+                             f"{list(classes)[:5]}; pick a binary column with --label")
+        categorical, continuous = list(categorical or []), list(continuous or [])
+        categories = dict(categories or {})
+        for col in [*categorical, *continuous, *categories]:
+            if col not in df.columns:
+                raise ValueError(f"column {col!r} given as categorical/continuous is not in the table")
+        both = set(categorical) & set(continuous)
+        if both:
+            raise ValueError(f"columns {sorted(both)} are marked both categorical and continuous")
+        feats, dropped = [], []
         for col in df.columns:
             if col == label:
                 continue
             s = df[col]
-            is_cat = (col in (categorical or [])) or (
-                col not in (continuous or []) and not pd.api.types.is_numeric_dtype(s))
+            if s.dropna().nunique() <= 1 and col not in categories:
+                dropped.append(str(col))
+                continue
+            is_cat = col in categorical or col in categories or (
+                col not in continuous and not pd.api.types.is_numeric_dtype(s))
             if is_cat:
-                cats = tuple(sorted(s.dropna().astype(str).unique()))
+                present = set(s.dropna().astype(str).str.strip())
+                cats = tuple(categories[col]) if col in categories else tuple(sorted(present))
+                missing = present - set(cats)
+                if missing:
+                    raise ValueError(f"column {col!r} has values {sorted(missing)[:5]} outside its category list")
                 if len(cats) > max_categories:
                     raise ValueError(f"column {col!r} has {len(cats)} categories (> {max_categories}); "
                                      f"mark it continuous or drop it")
-                feats.append(Feature(col, "categorical", cats))
+                feats.append(Feature(str(col), "categorical", cats))
             else:
                 v = pd.to_numeric(s, errors="coerce").astype(float)
-                integer = bool(np.all(np.isclose(v.dropna(), np.round(v.dropna()))))
-                feats.append(Feature(col, "continuous", (), float(v.min()), float(v.max()),
-                                     float(v.std(ddof=0)) or 1.0, integer))
+                if v.notna().sum() < s.notna().sum():
+                    raise ValueError(f"column {col!r} is marked continuous but has non-numeric values; "
+                                     f"mark it categorical")
+                v = v.dropna()
+                is_int = bool(np.all(np.isclose(v, np.round(v)))) if integer is None or col not in integer else integer[col]
+                feats.append(Feature(str(col), "continuous", (), float(v.min()), float(v.max()),
+                                     float(v.std(ddof=0)) or 1.0, is_int))
+        if not feats:
+            raise ValueError("the table has no usable feature columns besides the label")
         proto = cls(tuple(feats), label, classes, np.zeros(0), np.ones(0))
-        raw = proto._onehot(df)
+        raw = proto._onehot(df.dropna(subset=[f.name for f in feats]))
         mean, scale = raw.mean(0), raw.std(0)
         scale[scale == 0] = 1.0
-        return cls(tuple(feats), label, classes, mean, scale)
+        return cls(tuple(feats), label, classes, mean, scale, tuple(dropped))
 
     # -- encode / decode -------------------------------------------------------------------
     def _onehot(self, df: pd.DataFrame) -> np.ndarray:
         cols = []
         for f in self.features:
+            if f.name not in df.columns:
+                raise ValueError(f"column {f.name!r} of the schema is missing from the table")
             if f.kind == "categorical":
-                vals = df[f.name].astype(str).to_numpy()
-                block = np.zeros((len(df), f.width))
+                vals = df[f.name].astype(str).str.strip().to_numpy()
                 idx = {c: i for i, c in enumerate(f.categories)}
-                for r, v in enumerate(vals):
-                    if v not in idx:
-                        raise ValueError(f"value {v!r} of column {f.name!r} is not a known category")
-                    block[r, idx[v]] = 1.0
+                codes = np.array([idx.get(v, -1) for v in vals], dtype=int)
+                if (codes < 0).any():
+                    bad = vals[codes < 0][0]
+                    raise ValueError(f"value {bad!r} of column {f.name!r} is not a known category")
+                block = np.zeros((len(df), f.width))
+                block[np.arange(len(df)), codes] = 1.0
                 cols.append(block)
             else:
                 cols.append(pd.to_numeric(df[f.name], errors="coerce").to_numpy(float)[:, None])
@@ -104,22 +162,71 @@ class TabularSchema:
         return torch.tensor((self._onehot(df) - self.mean) / self.scale, dtype=torch.float32)
 
     def encode_labels(self, df: pd.DataFrame) -> torch.Tensor:
-        y = df[self.label].astype(str).str.strip().str.rstrip(".")
+        y = _clean_label(df[self.label])
         return torch.tensor([self.classes.index(v) for v in y], dtype=torch.long)
 
-    def destandardize(self, x: torch.Tensor) -> np.ndarray:
-        return x.detach().cpu().double().numpy() * self.scale + self.mean
+    def destandardize(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().double().numpy()
+        return x * self.scale + self.mean
 
-    def decode(self, x: torch.Tensor) -> pd.DataFrame:
+    def decode_arrays(self, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised rows [..., d] -> (category index [..., n_cat], raw continuous [..., n_cont])
+        after argmax, clamping to bounds and rounding."""
         raw = self.destandardize(x)
-        data = {}
+        cats = [raw[..., sl].argmax(-1) for _, sl in self.categorical]
+        conts = []
+        for f, sl in self.continuous:
+            v = np.clip(raw[..., sl.start], f.lower, f.upper)
+            conts.append(np.floor(v + 0.5) if f.integer else v)
+        lead = raw.shape[:-1]
+        c = np.stack(cats, -1) if cats else np.zeros((*lead, 0), dtype=int)
+        n = np.stack(conts, -1) if conts else np.zeros((*lead, 0))
+        return c, n
+
+    def encode_arrays(self, cat: np.ndarray, cont: np.ndarray) -> np.ndarray:
+        """Inverse of ``decode_arrays``: hard one-hot + raw continuous, standardised."""
+        lead = cat.shape[:-1]
+        raw = np.zeros((*lead, self.dim))
+        ci = ni = 0
         for f, sl in self.blocks():
             if f.kind == "categorical":
-                data[f.name] = [f.categories[i] for i in raw[:, sl].argmax(1)]
+                np.put_along_axis(raw[..., sl], cat[..., ci:ci + 1], 1.0, axis=-1)
+                ci += 1
             else:
-                v = np.clip(raw[:, sl.start], f.lower, f.upper)
-                data[f.name] = np.floor(v + 0.5) if f.integer else v
+                raw[..., sl.start] = cont[..., ni]
+                ni += 1
+        return (raw - self.mean) / self.scale
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode then re-encode (hard argmax, clamping, rounding): TabLeak's projection."""
+        c, n = self.decode_arrays(x)
+        return torch.tensor(self.encode_arrays(c, n), dtype=x.dtype, device=x.device)
+
+    def arrays_to_frame(self, cat: np.ndarray, cont: np.ndarray) -> pd.DataFrame:
+        data, ci, ni = {}, 0, 0
+        for f in self.features:
+            if f.kind == "categorical":
+                data[f.name] = [f.categories[i] for i in cat[:, ci]]
+                ci += 1
+            else:
+                data[f.name] = cont[:, ni]
+                ni += 1
         return pd.DataFrame(data)
+
+    def frame_to_arrays(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        cats = []
+        for f, _ in self.categorical:
+            idx = {c: i for i, c in enumerate(f.categories)}
+            cats.append([idx.get(str(v).strip(), -1) for v in df[f.name]])
+        conts = [pd.to_numeric(df[f.name], errors="coerce").to_numpy(float) for f, _ in self.continuous]
+        c = np.array(cats, dtype=int).T if cats else np.zeros((len(df), 0), dtype=int)
+        n = np.array(conts, dtype=float).T if conts else np.zeros((len(df), 0))
+        return c, n
+
+    def decode(self, x: torch.Tensor) -> pd.DataFrame:
+        c, n = self.decode_arrays(x)
+        return self.arrays_to_frame(c, n)
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-column bounds in standardised space (one-hot columns: [0, 1])."""
@@ -129,3 +236,15 @@ class TabularSchema:
                 lo[sl], hi[sl] = f.lower, f.upper
         return (torch.tensor((lo - self.mean) / self.scale, dtype=torch.float32),
                 torch.tensor((hi - self.mean) / self.scale, dtype=torch.float32))
+
+    @property
+    def cont_std(self) -> np.ndarray:
+        return np.array([f.std for f, _ in self.continuous], dtype=float)
+
+    def feature_errors(self, cat_a: np.ndarray, cont_a: np.ndarray, cat_b: np.ndarray, cont_b: np.ndarray,
+                       tol: float = CONT_TOL) -> np.ndarray:
+        """Pairwise 0/1 feature errors [..., n_a, n_b, n_features] (categorical block first,
+        then continuous): exact category match, continuous within ``tol`` σ."""
+        ce = cat_a[..., :, None, :] != cat_b[..., None, :, :]
+        ne = np.abs(cont_a[..., :, None, :] - cont_b[..., None, :, :]) > tol * self.cont_std
+        return np.concatenate([ce, ne], axis=-1).astype(float)
