@@ -118,7 +118,11 @@ def cmd_leaderboard(args) -> int:
     records = load_records(args.paths)
     if not records:
         raise UserError(f"no records found under {', '.join(args.paths)}; run `python -m eval run ... --out DIR` first")
-    text = RENDERERS[args.format](aggregate(records), args.primary)
+    rows = aggregate(records)
+    if args.primary and not any(args.primary in r.metrics for r in rows):
+        known = sorted({k for r in rows for k in r.metrics})
+        raise UserError(f"unknown metric {args.primary!r} for --primary; these records have: {', '.join(known)}")
+    text = RENDERERS[args.format](rows, args.primary)
     if args.output:
         Path(args.output).write_text(text)
     else:
