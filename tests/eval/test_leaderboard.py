@@ -80,3 +80,10 @@ def test_cli_leaderboard_formats(tmp_path, capsys):
     assert capsys.readouterr().out == (GOLDEN / "leaderboard.md").read_text()
     assert main(["leaderboard", str(tmp_path), "--format", "html", "-o", str(tmp_path / "lb.html")]) == 0
     assert (tmp_path / "lb.html").read_text().startswith("<!doctype html>")
+
+
+def test_unknown_primary_metric_is_a_user_error(tmp_path, capsys):
+    for r in records():
+        append_record(tmp_path / "records.jsonl", r)
+    assert main(["leaderboard", str(tmp_path), "--primary", "nope"]) == 2
+    assert "unknown metric 'nope'" in capsys.readouterr().err
