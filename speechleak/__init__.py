@@ -1,5 +1,53 @@
-"""speechleak: speech gradient inversion (keyword spotting, CTC recognition)."""
-KITS: dict[str, str] = {}
-CASE_MODULES: tuple[str, ...] = ()
-ATTACKS: dict[str, str] = {}
-PRESETS: dict = {}
+"""speechleak: speech gradient inversion (keyword spotting, CTC recognition).
+
+Plain tables only: nothing heavy is imported here.
+"""
+from common.attack import Preset
+from common.metrics import MetricInfo
+
+KITS = {"speech": "speechleak.kit:SpeechKit"}
+CASE_MODULES = ("speechleak.cases",)
+ATTACKS = {"speech-inversion": "speechleak.attack:SpeechGradientInversion"}
+PRESETS = {
+    "speech-li23": Preset("speech-inversion", {},
+                          "Li et al. 2023: L2 gradient distance + anisotropic TV, Adam, features then Griffin-Lim"),
+    "speech-ig": Preset("speech-inversion", {"distance": "cosine", "signed_grad": True, "lr": 0.05},
+                        "Inverting Gradients on speech features: cosine distance, signed Adam, TV"),
+    "speech-li23-layerweighted": Preset("speech-inversion", {"layer_weights": "inverse-norm"},
+                                        "Li et al. 2023 with per-layer weighting (each layer's L2 term scaled by 1/||g*_l||^2)"),
+    "speech-li23-refine": Preset("speech-inversion", {"refine_iterations": 300},
+                                 "Li et al. 2023 + waveform refinement through the differentiable front end after Griffin-Lim"),
+    "speech-waveform": Preset("speech-inversion", {"domain": "waveform", "lr": 0.01, "tv_weight": 0.0},
+                              "end-to-end: optimise the raw waveform through the front end against the gradient"),
+}
+
+_S = "speechleak.metrics:"
+METRICS = (
+    MetricInfo("feature_similarity", _S + "feature_similarity", "speech", ("feature_mse", "feature_cosine"),
+               range=None, description="feature-map MSE (lower is better) and cosine (higher is better)"),
+    MetricInfo("feature_mse", _S + "feature_similarity", "speech", ("feature_mse",), higher_is_better=False,
+               range=(0.0, float("inf")), description="feature-map mean squared error"),
+    MetricInfo("feature_cosine", _S + "feature_similarity", "speech", ("feature_cosine", "mel_cosine"),
+               range=(-1.0, 1.0), description="cosine of the feature map / of the mel power spectrogram"),
+    MetricInfo("snr", _S + "snr", "speech", ("snr", "si_sdr"), range=None,
+               description="waveform SNR and SI-SDR in dB (Griffin-Lim phase makes these low)"),
+    MetricInfo("mel_snr", _S + "spectral_snr", "speech", ("mel_snr",), range=None,
+               description="SNR in dB of the recovered mel power spectrogram"),
+    MetricInfo("pesq_wb", _S + "pesq_wb", "speech", ("pesq_wb", "oracle_pesq_wb"), range=(-0.5, 4.5),
+               description="wide-band PESQ (pesq package)"),
+    MetricInfo("stoi", _S + "stoi", "speech", ("stoi", "oracle_stoi"), range=(0.0, 1.0),
+               description="STOI (pystoi); only where defined (>= 30 non-silent frames)"),
+    MetricInfo("mcd", _S + "mcd", "speech", ("mcd",), higher_is_better=False, range=(0.0, float("inf")),
+               description="mel-cepstral distortion in dB (c1..c24, no DTW)"),
+    MetricInfo("asr_wer", _S + "word_error", "speech", ("asr_wer", "asr_cer", "asr_vs_original_wer"),
+               higher_is_better=False, range=(0.0, float("inf")),
+               description="pocketsphinx WER/CER of the reconstruction against the reference / original's transcript"),
+    MetricInfo("keyword_accuracy", _S + "keyword_accuracy", "speech", ("keyword_accuracy",),
+               description="accuracy of a separately trained keyword classifier on the reconstruction"),
+    MetricInfo("speaker_top1", _S + "speaker_reid", "speech", ("speaker_top1",),
+               description="top-1 speaker re-identification among the enrolled voices"),
+    MetricInfo("speech_label_accuracy", _S + "label_accuracy", "speech", ("label_accuracy",),
+               description="recovered keyword labels (multiset)"),
+    MetricInfo("char_histogram", _S + "char_histogram", "speech", ("char_hist_cosine", "char_set_recall"),
+               description="CTC bag-of-characters recovery from the output-bias gradient"),
+)

@@ -51,6 +51,7 @@ class SpeechPrior:
     label_weight: str | None = None
     label_bias: str | None = None
     lower: float | None = None  # lower bound of the feature values (mel: log of the floor)
+    upper: float | None = None  # upper bound of the (mel) feature values
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ class SpeechGradientInversion:
                     if cfg.domain == "waveform":
                         x.clamp_(-1.0, 1.0)
                     elif lower is not None:
-                        x.clamp_(min=lower)
+                        x.clamp_(min=lower, max=prior.upper)
         with torch.no_grad():
             final = losses(x).detach()
         best = int(torch.argmin(torch.nan_to_num(final, nan=float("inf"))).item())

@@ -1,0 +1,29 @@
+"""Speech cases (pure data). Clip lengths and front-end resolution are stated in the options."""
+from common.case import Case
+from common.threat import HONEST, HONEST_WITH_LABELS
+from common.types import FLProtocol
+
+_KWS = "synthetic keywords (10 Speech Commands words, 8 flite/espeak-ng voices x 3 rate/pitch variants), 1 s, 16 kHz"
+
+
+def _kws(name, features, *, protocol=None, stage="init", desc=""):
+    return Case(name, "speech", "kws-cnn", "synthetic-keywords", protocol or FLProtocol("fedsgd", batch_size=1), HONEST,
+                options={"task": "kws", "features": features, "seconds": 1.0, "stage": stage},
+                description=f"{desc}KWS CNN (conv8-conv16-fc64) on {features} ({_KWS}); labels recovered from the gradient")
+
+
+CASES = {
+    "speech/kws-mel/fedsgd": _kws("speech/kws-mel/fedsgd", "mel", desc="Li et al. 2023 setting, mel front end: "),
+    "speech/kws-mfcc/fedsgd": _kws("speech/kws-mfcc/fedsgd", "mfcc", desc="Li et al. 2023 setting, MFCC front end: "),
+    "speech/kws-mel/fedsgd-trained": _kws("speech/kws-mel/fedsgd-trained", "mel", stage="trained",
+                                          desc="trained model (15 epochs on the keyword pool): "),
+    "speech/kws-mel/fedavg": _kws("speech/kws-mel/fedavg", "mel",
+                                  protocol=FLProtocol("fedavg", batch_size=2, local_epochs=1, local_batch_size=1,
+                                                      local_lr=0.01, shuffle=False),
+                                  desc="FedAvg (2 local SGD steps, lr 0.01): "),
+    "speech/ctc-mel/fedsgd": Case(
+        "speech/ctc-mel/fedsgd", "speech", "ctc-conformer-lite", "rt-sentences", FLProtocol("fedsgd", batch_size=1),
+        HONEST_WITH_LABELS, options={"task": "ctc", "features": "mel", "seconds": 4.0, "stage": "init"},
+        description="CTC recogniser (2 strided convs + 1 attention block) on Rotten Tomatoes sentences "
+                    "(flite, <= 60 characters), 4 s, transcripts granted (Dang et al. 2022 setting)"),
+}
