@@ -106,7 +106,7 @@ class TextPrior:
             self._lm = lm_prior(self.lm_name, self.device)
         return self._lm
 
-    def build_batch(self, embeds: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
+    def build_batch(self, embeds: Tensor, attention_mask: Tensor | None, labels: Tensor | None = None,
                     targets: Tensor | None = None) -> Batch:
         """Batch for ``loss_fn`` from input embeddings ``[B, T, d]``.
 
@@ -114,7 +114,9 @@ class TextPrior:
         the next-token targets, ids [B, T] or probabilities [B, T, V] (position t is the target
         of position t-1; position 0 is never a target).
         """
-        inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask}
+        inputs = {"inputs_embeds": embeds}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
         if self.kind == "decoder":
             if targets is None:
                 raise ValueError("a decoder batch needs next-token targets")

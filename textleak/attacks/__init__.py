@@ -1,0 +1,1 @@
+"""Text gradient-inversion attacks: TAG and LAMP (DAGER lives in dager.py)."""

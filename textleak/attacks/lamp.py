@@ -1,0 +1,74 @@
+"""LAMP: Balunović, Dimitrov, Jovanović, Vechev, "LAMP: Extracting Text from Gradients with Language
+Model Priors", NeurIPS 2022 (arXiv 2202.08827).
+
+Mirrors eth-sri/lamp ``attack.py`` / ``init.py`` / ``utilities.py`` (commit 852d12f). The class
+defaults are ``args_factory.py``'s; the presets ``lamp-cos`` and ``lamp-l1l2`` are ``lamp_cos.sh``
+(loss cos, coeff_perplexity 0.2, coeff_reg 1, lr 0.01, lr_decay 0.89, 2000 steps) and
+``lamp_l1l2.sh`` (loss tag with tag_factor 0.01, coeff_perplexity 60, coeff_reg 25, same schedule).
+
+Method: token support from the observed word-embedding gradient; ``init_candidates`` random
+Gaussian batches scored by gradient loss, then ``init_permutations`` permutations of the best,
+rescaled to ``init_size``; Adam (StepLR 50) on gradient loss + ``coeff_reg``·(mean token norm −
+init_size)²; every ``swap_every`` steps after ``swap_burnin``·n_steps, for each sentence 200
+transformations (swap, move token, move span, prefix to end) scored by gradient loss +
+``coeff_perplexity``·LM loss, best kept; output = best-loss embeddings projected to the nearest
+allowed token by cosine.
+
+Deviations:
+
+* Token filter on by default (``token_filter="auto"``: LAMP's ``--use_embedding``, rows of the
+  embedding gradient with non-zero sum; for tied-embedding decoders, whose every row gets a
+  gradient, the ``topk_factor``·n_tokens rows of largest norm). LAMP's scripts leave it off and
+  exclude only BERT's special/unused ids, which we also always exclude.
+* LM prior: LAMP used a GPT-2 trained on wikitext-103 sharing BERT's vocabulary, fed BERT ids. We
+  score the *decoded text* with any causal LM and its own tokenizer (default SmolLM2-135M, case
+  option ``lm_prior``); the LM term is the mean per-sentence NLL over the batch.
+* ``init_size=1.4`` is LAMP's value for BERT; ``None`` uses the mean norm of the allowed embeddings
+  (for non-BERT models). The regulariser averages the norm over body tokens (LAMP: all positions).
+* Candidates (init and discrete) are scored as vectorised per-sentence gradients (exact: a batch
+  gradient is the sum of per-sentence contributions), not one forward each; ``batched=False``
+  restores the loop. ``lm_topk`` (default off) limits LM scoring to the best candidates by
+  gradient loss, a CPU-budget option.
+* Labels: granted labels are used (LAMP's setting); otherwise recovered from the classifier-head
+  gradient (iDLG for B=1, label counts for B>1; the sentence/label pairing is then arbitrary).
+* Sequence lengths are required and the attention mask is passed; decoders use the decoded tokens
+  as next-token targets; FedAvg deltas are rescaled to a mean gradient (see TAG's notes).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from common.attack import AttackInfo
+from common.threat import Capability
+from common.types import Observation, Reconstruction
+
+from ..components.search import TextAttackConfig, TextSearch
+from ..prior import TextPrior
+
+LAMP_DEFAULTS = TextAttackConfig(
+    loss="cos", tag_factor=0.01, lr=0.01, lr_decay=0.9, n_steps=2000, coeff_reg=0.1, init_size=1.4,
+    coeff_perplexity=0.1, init_candidates=500, init_permutations=500, use_swaps=True, swap_burnin=0.1,
+    swap_every=75, swap_candidates=200, token_filter="auto", labels="recover",
+)
+
+
+class LAMP:
+    info: ClassVar[AttackInfo] = AttackInfo(
+        "lamp", "text",
+        frozenset({Capability.GRADIENTS, Capability.BATCH_SIZE, Capability.SEQUENCE_LENGTHS, Capability.PUBLIC_PRIOR}),
+        "Balunović, Dimitrov, Jovanović, Vechev. LAMP: Extracting Text from Gradients with Language Model "
+        "Priors. NeurIPS 2022", prior="text")
+
+    def __init__(self, config: TextAttackConfig | None = None) -> None:
+        self.config = config or self.default_config()
+
+    @classmethod
+    def default_config(cls) -> TextAttackConfig:
+        return LAMP_DEFAULTS
+
+    def reconstruct(self, obs: Observation, model: nn.Module, prior: TextPrior, *,
+                    generator: torch.Generator) -> Reconstruction[list[str]]:
+        return TextSearch(self.config, obs, model, prior, generator).run()

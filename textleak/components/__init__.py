@@ -1,0 +1,1 @@
+"""Building blocks shared by the text attacks (gradient matching, token support, sequence search)."""

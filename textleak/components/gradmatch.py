@@ -1,0 +1,156 @@
+"""Gradient matching for text attacks on input embeddings (shared by TAG and LAMP).
+
+Two ways to get the dummy gradient:
+
+* ``batch_distance``: the whole padded dummy batch in one forward with the attention mask,
+  differentiable w.r.t. the embeddings (``create_graph=True``), for the continuous step.
+* ``sentence_grads``: per-sentence gradients of *many candidates of one sentence* in one
+  vectorised call (``torch.func.vmap(torch.func.grad(...))`` over the candidate axis). A
+  candidate has its sentence's exact length, so no padding or mask is needed (BERT's mask
+  preparation is data-dependent and does not vmap). The batch gradient is the sum of
+  per-sentence contributions (scaled by 1/B for mean reduction), so a candidate for sentence
+  i is scored as ``fixed_i + g(candidate)``. ``batched=False`` scores one candidate at a time
+  (the benchmark baseline).
+
+The word-embedding matrix never enters the dummy graph (the dummy input *is* embeddings),
+so its observed gradient is not matched; it is used for token-support filtering instead.
+"""
+from __future__ import annotations
+
+from typing import Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from common.fl import reduce_loss
+from common.types import Batch, Observation
+
+from ..prior import TextPrior
+
+Loss = Literal["cos", "tag", "l2"]
+
+
+def observed_gradient(obs: Observation) -> dict[str, Tensor]:
+    """The observed update as a gradient: FedSGD as is; a FedAvg delta divided by
+    ``local_lr · number of local steps`` (a one-step approximation of the mean gradient)."""
+    if obs.kind == "gradient":
+        return {k: v for k, v in obs.tensors.items()}
+    p = obs.require_protocol()
+    steps = p.local_epochs * p.steps_per_epoch
+    return {k: v / (p.local_lr * steps) for k, v in obs.tensors.items()}
+
+
+class GradMatcher:
+    def __init__(self, model: nn.Module, prior: TextPrior, target: Mapping[str, Tensor], *, loss: Loss,
+                 tag_factor: float = 0.01, reduction: str = "mean", batch_size: int = 1,
+                 chunk: int = 16) -> None:
+        self.model = model
+        self.prior = prior
+        self.loss = loss
+        self.tag_factor = tag_factor
+        self.reduction = reduction
+        self.batch_size = batch_size
+        self.chunk = chunk
+        all_params = {n: p.detach() for n, p in model.named_parameters()}
+        self.names = [n for n in target if n in all_params and n != prior.embedding_name]
+        if not self.names:
+            raise ValueError("the observation shares no parameter with the model besides the word embeddings")
+        self.params = {n: (p.clone().requires_grad_(True) if n in self.names else p) for n, p in all_params.items()}
+        if loss == "cos":
+            # tensors whose observed gradient is (numerically) zero have no direction to match, e.g.
+            # attention key biases (softmax is shift-invariant: their gradient is float noise)
+            top = max(float(target[n].norm()) for n in self.names)
+            self.names = [n for n in self.names if float(target[n].norm()) > 1e-7 * top]
+        self.target = {n: target[n].detach() for n in self.names}
+        self.scale = 1.0 / batch_size if reduction == "mean" else 1.0
+
+    # -- distances -------------------------------------------------------------------------
+    def distance(self, grads: Mapping[str, Tensor], lead: int = 0) -> Tensor:
+        """Gradient distance; with ``lead=1`` the grads carry a candidate axis and one value per
+        candidate is returned. cos: mean over tensors of 1 − cos (LAMP ``cos``); tag: Σ ‖·‖² +
+        tag_factor·‖·‖₁ (LAMP ``tag``); l2: Σ ‖·‖² (``dlg``)."""
+        terms = []
+        for n in self.names:
+            g, t = grads[n], self.target[n]
+            g = g.flatten(lead)
+            t = t.flatten()
+            if self.loss == "cos":
+                terms.append(1.0 - (g * t).sum(-1) / (g.norm(dim=-1) * t.norm()).clamp_min(1e-30))
+            elif self.loss == "tag":
+                d = g - t
+                terms.append(d.pow(2).sum(-1) + self.tag_factor * d.abs().sum(-1))
+            else:
+                terms.append((g - t).pow(2).sum(-1))
+        s = torch.stack(terms)
+        return s.mean(0) if self.loss == "cos" else s.sum(0)
+
+    # -- batch (continuous step) ------------------------------------------------------------
+    def _batch_grads(self, x: Tensor, mask: Tensor, labels: Tensor | None, targets: Tensor | None,
+                     create_graph: bool) -> dict[str, Tensor]:
+        batch = self.prior.build_batch(x, mask, labels, targets)
+        losses = functional_call(_LossModule(self.model, self.prior.loss_fn), _prefixed(self.params), (batch,),
+                                 strict=False)
+        loss = reduce_loss(losses, self.reduction)
+        gs = torch.autograd.grad(loss, [self.params[n] for n in self.names], create_graph=create_graph)
+        return dict(zip(self.names, gs))
+
+    def batch_distance(self, x: Tensor, mask: Tensor, labels: Tensor | None = None, targets: Tensor | None = None,
+                       create_graph: bool = True) -> Tensor:
+        return self.distance(self._batch_grads(x, mask, labels, targets, create_graph))
+
+    # -- candidates of one sentence (discrete step, initialisation) ---------------------------
+    def sentence_grads(self, x: Tensor, labels: Tensor | None = None, targets: Tensor | None = None,
+                       *, batched: bool = True) -> dict[str, Tensor]:
+        """Per-candidate gradient contributions of one sentence: ``x [C, L, d]`` (no padding),
+        ``labels [C]`` / ``[C, K]`` (encoders) or ``targets [C, L]`` (decoders)."""
+        params = {n: self.params[n].detach() for n in self.names}
+        frozen = {n: p for n, p in self.params.items() if n not in params}
+        module = _LossModule(self.model, self.prior.loss_fn)
+        scale = self.scale
+
+        def one(p: dict[str, Tensor], xe: Tensor, y: Tensor | None, tg: Tensor | None) -> Tensor:
+            b = self.prior.build_batch(xe.unsqueeze(0), None, None if y is None else y.unsqueeze(0),
+                                       None if tg is None else tg.unsqueeze(0))
+            return functional_call(module, _prefixed({**frozen, **p}), (b,), strict=False).sum() * scale
+
+        c = x.shape[0]
+        out: dict[str, list[Tensor]] = {n: [] for n in self.names}
+        if batched:
+            in_dims = (None, 0, None if labels is None else 0, None if targets is None else 0)
+            fn = vmap(grad(one), in_dims=in_dims)
+            for s in range(0, c, self.chunk):
+                g = fn(params, x[s:s + self.chunk], None if labels is None else labels[s:s + self.chunk],
+                       None if targets is None else targets[s:s + self.chunk])
+                for n in self.names:
+                    out[n].append(g[n].detach())
+        else:
+            gfn = grad(one)
+            for i in range(c):
+                g = gfn(params, x[i], None if labels is None else labels[i], None if targets is None else targets[i])
+                for n in self.names:
+                    out[n].append(g[n].detach().unsqueeze(0))
+        return {n: torch.cat(v) for n, v in out.items()}
+
+
+def _prefixed(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {f"model.{k}": v for k, v in params.items()}
+
+
+class _LossModule(nn.Module):
+    def __init__(self, model: nn.Module, loss_fn) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self._loss_fn(self.model, batch)
+
+
+def add_grads(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: a[k] + b[k] for k in a}
+
+
+def zero_like(grads: Mapping[str, Tensor], lead: Sequence[int] = ()) -> dict[str, Tensor]:
+    return {k: torch.zeros(*lead, *v.shape[1:] if lead else v.shape, dtype=v.dtype, device=v.device)
+            for k, v in grads.items()}

@@ -1,0 +1,341 @@
+"""The optimisation engine shared by TAG and LAMP (LAMP's ``attack.py``; TAG is its ``--baseline``).
+
+Continuous part: Adam on the dummy input embeddings of every sentence body (special tokens and
+padding pinned, LAMP's ``fix_special_tokens``), loss = gradient distance + ``coeff_reg`` ·
+(mean body-token norm − ``init_size``)², StepLR every ``lr_step`` steps.
+Discrete part (LAMP only): every ``swap_every`` steps after ``swap_burnin``, for each sentence,
+``swap_candidates`` sequence transformations (swap two tokens, move a token, move a span, move a
+prefix to the end; candidate 0 = identity) are scored by gradient distance + ``coeff_perplexity``
+· LM NLL of the decoded text, and the best is kept. Candidates are scored in one vectorised call
+(see :mod:`textleak.components.gradmatch`), and LM NLLs in one padded forward.
+Initialisation: ``init_candidates`` random Gaussian batches, the best by gradient distance, then
+``init_permutations`` random permutations of its body positions, then rescaling to
+``init_size``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from common.labels import recover_labels
+from common.seed import numpy_rng
+from common.types import Observation, Reconstruction
+
+from ..prior import TextPrior
+from .gradmatch import GradMatcher, observed_gradient
+from .tokens import Filter, nearest_tokens, token_support
+
+
+@dataclass(frozen=True)
+class TextAttackConfig:
+    loss: Literal["cos", "tag", "l2"] = "cos"
+    tag_factor: float = 0.01
+    lr: float = 0.01
+    lr_decay: float = 0.9  # StepLR gamma every lr_step steps
+    lr_step: int = 50
+    n_steps: int = 2000
+    grad_clip: float | None = None
+    coeff_reg: float = 0.1  # embedding-norm regulariser
+    init_size: float | None = 1.4  # None: mean norm of the allowed token embeddings
+    coeff_perplexity: float = 0.1  # LM prior weight in the discrete step
+    init_candidates: int = 500
+    init_permutations: int = 500
+    use_swaps: bool = True
+    swap_burnin: float = 0.1
+    swap_every: int = 75
+    swap_candidates: int = 200
+    lm_topk: int | None = None  # score the LM only on the k best candidates by gradient loss (None: all)
+    token_filter: Filter = "auto"
+    topk_factor: float = 3.0
+    labels: Literal["recover", "optimize"] = "recover"  # when the labels are not granted
+    batched: bool = True  # vectorised candidate scoring (False: one candidate at a time)
+    chunk: int = 16  # candidates per vectorised call
+
+
+class TextSearch:
+    def __init__(self, cfg: TextAttackConfig, obs: Observation, model: nn.Module, prior: TextPrior,
+                 generator: torch.Generator) -> None:
+        self.cfg, self.obs, self.model, self.prior, self.gen = cfg, obs, model, prior, generator
+        self.rng: np.random.Generator = numpy_rng(generator)
+        self.B = obs.require_num_examples()
+        if obs.seq_lens is None:
+            raise ValueError("TAG/LAMP need the sequence lengths (LAMP's know_padding): grant Capability.SEQUENCE_LENGTHS")
+        self.lens = [int(n) for n in obs.seq_lens]
+        if len(self.lens) != self.B:
+            raise ValueError(f"{len(self.lens)} sequence lengths for a batch of {self.B}")
+        if max(self.lens) > prior.max_len:
+            raise ValueError(f"a sequence of {max(self.lens)} tokens exceeds the model's maximum of {prior.max_len}")
+        self.pre, self.suf = len(prior.prefix_ids), len(prior.suffix_ids)
+        if min(self.lens) < self.pre + self.suf + 1:
+            raise ValueError("a sequence is shorter than its special tokens")
+        self.T = max(self.lens)
+        self.device = next(model.parameters()).device
+        self.emb = prior.embedding.to(self.device)
+        target = observed_gradient(obs)
+        reduction = obs.protocol.loss_reduction if obs.protocol is not None else "mean"
+        self.matcher = GradMatcher(model, prior, target, loss=cfg.loss, tag_factor=cfg.tag_factor,
+                                   reduction=reduction, batch_size=self.B, chunk=cfg.chunk)
+        n_tok = sum(n - self.pre - self.suf for n in self.lens)
+        self.allowed = token_support(obs.tensors.get(prior.embedding_name), prior, mode=cfg.token_filter,
+                                     n_tokens=n_tok, topk_factor=cfg.topk_factor)
+        self.allowed_idx = self.allowed.nonzero().flatten().to(self.device)
+        self.sub_emb = self.emb[self.allowed_idx]
+        self.init_size = cfg.init_size if cfg.init_size is not None else float(self.sub_emb.norm(dim=1).mean())
+        # masks and pinned embeddings
+        self.mask = torch.zeros(self.B, self.T, dtype=torch.long, device=self.device)
+        self.body = torch.zeros(self.B, self.T, dtype=torch.bool, device=self.device)
+        self.pinned_ids = torch.full((self.B, self.T), prior.pad_id, dtype=torch.long, device=self.device)
+        for b, n in enumerate(self.lens):
+            self.mask[b, :n] = 1
+            self.body[b, self.pre:n - self.suf] = True
+            if self.pre:
+                self.pinned_ids[b, :self.pre] = torch.tensor(prior.prefix_ids, device=self.device)
+            if self.suf:
+                self.pinned_ids[b, n - self.suf:n] = torch.tensor(prior.suffix_ids, device=self.device)
+        self.pinned = self.emb[self.pinned_ids]
+        self.labels, self.label_logits = self._labels()
+        self.stats: dict[str, float] = {"allowed_tokens": float(self.allowed.sum())}
+        self._nll_cache: dict[str, float] = {}
+
+    # -- labels ------------------------------------------------------------------------------
+    def _labels(self) -> tuple[Tensor | None, Tensor | None]:
+        if self.prior.kind == "decoder":
+            return None, None
+        if self.obs.labels is not None:
+            return self.obs.labels.to(self.device), None
+        if self.cfg.labels == "optimize":
+            k = self.prior.num_labels or 2
+            return None, torch.randn((self.B, k), generator=self.gen).to(self.device).requires_grad_(True)
+        reduction = self.obs.protocol.loss_reduction if self.obs.protocol is not None else "mean"
+        tensors = observed_gradient(self.obs)  # a FedAvg delta is rescaled to a mean gradient
+        y = recover_labels(tensors, num_examples=self.B, weight=self.prior.label_weight,
+                           bias=self.prior.label_bias, reduction=reduction)
+        return y.to(self.device), None
+
+    def _soft_labels(self) -> Tensor | None:
+        if self.label_logits is not None:
+            return self.label_logits.softmax(-1)
+        return self.labels
+
+    # -- helpers -----------------------------------------------------------------------------
+    def pin(self, x: Tensor) -> Tensor:
+        return torch.where(self.body.unsqueeze(-1), x, self.pinned)
+
+    def ids_of(self, x: Tensor) -> Tensor:
+        """Nearest allowed token per body position; pinned ids elsewhere."""
+        local = nearest_tokens(x, self.sub_emb, torch.ones(self.sub_emb.shape[0], dtype=torch.bool, device=self.device))
+        return torch.where(self.body, self.allowed_idx[local], self.pinned_ids)
+
+    def targets_of(self, ids: Tensor) -> Tensor | None:
+        return ids if self.prior.kind == "decoder" else None
+
+    def texts(self, ids: Tensor) -> list[str]:
+        return [self.prior.decode(ids[b, self.pre:n - self.suf].tolist()) for b, n in enumerate(self.lens)]
+
+    def nll(self, texts: list[str]) -> Tensor:
+        todo = sorted({t for t in texts if t not in self._nll_cache})
+        if todo:
+            vals = self.prior.lm().nll(todo)
+            self._nll_cache.update(zip(todo, vals.tolist()))
+        return torch.tensor([self._nll_cache[t] for t in texts])
+
+    def sentence_label(self, b: int, c: int) -> Tensor | None:
+        y = self._soft_labels()
+        if y is None:
+            return None
+        y = y.detach()[b]
+        return y.unsqueeze(0).expand(c, *y.shape)
+
+    def candidate_grads(self, b: int, xc: Tensor, idc: Tensor) -> dict[str, Tensor]:
+        """Gradient contributions of candidates ``xc [C, L_b, d]`` of sentence ``b``."""
+        c = xc.shape[0]
+        return self.matcher.sentence_grads(xc, self.sentence_label(b, c),
+                                           idc if self.prior.kind == "decoder" else None, batched=self.cfg.batched)
+
+    def score_batches(self, xs: Tensor) -> Tensor:
+        """Gradient distance of whole candidate batches ``xs [C, B, T, d]`` (chunked)."""
+        out = []
+        for s in range(0, xs.shape[0], self.cfg.chunk):
+            chunk = xs[s:s + self.cfg.chunk]
+            total = None
+            for b, n in enumerate(self.lens):
+                xb = chunk[:, b, :n]
+                ids = self.ids_of_sentence(b, xb)
+                g = self.candidate_grads(b, xb, ids)
+                total = g if total is None else {k: total[k] + g[k] for k in g}
+            out.append(self.matcher.distance(total, lead=1).detach())
+        return torch.cat(out)
+
+    def ids_of_sentence(self, b: int, xb: Tensor) -> Tensor:
+        if self.prior.kind != "decoder":
+            return torch.zeros(xb.shape[:2], dtype=torch.long, device=self.device)
+        n = self.lens[b]
+        local = nearest_tokens(xb, self.sub_emb, torch.ones(self.sub_emb.shape[0], dtype=torch.bool, device=self.device))
+        ids = self.allowed_idx[local]
+        body = self.body[b, :n]
+        return torch.where(body, ids, self.pinned_ids[b, :n])
+
+    # -- initialisation ------------------------------------------------------------------------
+    def initialise(self) -> Tensor:
+        cfg = self.cfg
+        d = self.emb.shape[1]
+        c = max(1, cfg.init_candidates)
+        xs = torch.randn((c, self.B, self.T, d), generator=self.gen).to(self.device)
+        xs = torch.where(self.body.unsqueeze(-1), xs, self.pinned.unsqueeze(0))
+        if c > 1:
+            scores = self.score_batches(xs)
+            best = int(torch.argmin(scores))
+            x, best_score = xs[best], float(scores[best])
+        else:
+            x, best_score = xs[0], float("nan")
+        if cfg.init_permutations > 0 and c > 1:
+            perms = []
+            for _ in range(cfg.init_permutations):
+                xp = x.clone()
+                for b, n in enumerate(self.lens):
+                    pos = torch.arange(self.pre, n - self.suf)
+                    xp[b, pos] = x[b, pos[torch.from_numpy(self.rng.permutation(len(pos)))]]
+                perms.append(xp)
+            xs = torch.stack(perms)
+            scores = self.score_batches(xs)
+            i = int(torch.argmin(scores))
+            if float(scores[i]) < best_score:
+                x, best_score = xs[i], float(scores[i])
+        self.stats["init_grad_loss"] = best_score
+        x = x.clone()
+        norms = x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        x = torch.where(self.body.unsqueeze(-1), x / norms * self.init_size, x)
+        return x
+
+    # -- discrete step ---------------------------------------------------------------------------
+    def propose(self, n: int, count: int) -> np.ndarray:
+        """``count`` permutations of ``n`` body positions; row 0 is the identity (LAMP's 4 moves)."""
+        rng = self.rng
+        out = np.tile(np.arange(n), (count, 1))
+        for k in range(1, count):
+            p = np.arange(n)
+            kind = k % 4
+            if n < 2:
+                pass
+            elif kind == 0:  # swap two tokens
+                i, j = rng.integers(n), rng.integers(n)
+                p[i], p[j] = p[j], p[i]
+            elif kind == 1:  # move one token
+                i, j = rng.integers(n), rng.integers(n + 1)
+                tok = p[i]
+                rest = np.delete(p, i)
+                j = j if j <= i else j - 1
+                p = np.insert(rest, min(j, n - 1), tok)
+            elif kind == 2:  # move a span
+                a, e = sorted(rng.integers(n + 1, size=2))
+                if e > a:
+                    span, rest = p[a:e], np.concatenate([p[:a], p[e:]])
+                    q = rng.integers(len(rest) + 1)
+                    p = np.concatenate([rest[:q], span, rest[q:]])
+            else:  # move a prefix to the end
+                i = 1 + rng.integers(n - 1)
+                p = np.concatenate([p[i:], p[:i]])
+            out[k] = p
+        return out
+
+    def discrete_step(self, x: Tensor) -> tuple[Tensor, int]:
+        cfg = self.cfg
+        x = x.detach().clone()
+        ids = self.ids_of(x)
+        grads = [self.candidate_grads(b, x[b:b + 1, :n], ids[b:b + 1, :n]) for b, n in enumerate(self.lens)]
+        total = {k: sum(g[k] for g in grads) for k in grads[0]}
+        use_lm = cfg.coeff_perplexity > 0
+        texts = self.texts(ids)
+        nlls = self.nll(texts) if use_lm else torch.zeros(self.B)
+        changed = 0
+        for b, n in enumerate(self.lens):
+            nb = n - self.pre - self.suf
+            if nb < 2:
+                continue
+            perms = torch.from_numpy(self.propose(nb, cfg.swap_candidates)).to(self.device) + self.pre
+            full = torch.arange(n, device=self.device).expand(perms.shape[0], n).clone()
+            full[:, self.pre:n - self.suf] = perms
+            xc = x[b, :n][full]  # [C, n, d]
+            idc = ids[b, :n][full]
+            gc = self.candidate_grads(b, xc, idc)
+            fixed = {k: (total[k] - grads[b][k]) for k in total}
+            rec = self.matcher.distance({k: fixed[k] + gc[k] for k in gc}, lead=1).detach().cpu()
+            score = rec.clone()
+            if use_lm:
+                cand = list(range(len(rec)))
+                if cfg.lm_topk is not None and cfg.lm_topk < len(rec):
+                    cand = torch.argsort(rec)[:cfg.lm_topk].tolist()
+                    if 0 not in cand:
+                        cand.append(0)
+                    score = torch.full_like(rec, float("inf"))
+                ct = [self.prior.decode(idc[i, self.pre:n - self.suf].tolist()) for i in cand]
+                other = float(nlls.sum() - nlls[b])
+                lm = (self.nll(ct) + other) / self.B
+                score[cand] = rec[cand] + cfg.coeff_perplexity * lm
+            best = int(torch.argmin(score))
+            if best != 0:
+                changed += 1
+                x[b, :n] = xc[best]
+                ids[b, :n] = idc[best]
+                total = {k: fixed[k] + gc[k][best:best + 1] for k in gc}
+                grads[b] = {k: gc[k][best:best + 1] for k in gc}
+                if use_lm:
+                    nlls[b] = float(self.nll([self.texts(ids)[b]])[0])
+        return x, changed
+
+    # -- main loop --------------------------------------------------------------------------------
+    def run(self) -> Reconstruction[list[str]]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        x = self.initialise().requires_grad_(True)
+        variables = [x] + ([self.label_logits] if self.label_logits is not None else [])
+        opt = torch.optim.Adam(variables, lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_decay)
+        best_loss, best_x = float("inf"), x.detach().clone()
+        swaps = changed = 0
+        body = self.body.unsqueeze(-1)
+        for it in range(cfg.n_steps):
+            xe = self.pin(x)
+            targets = self.targets_of(self.ids_of(xe.detach())) if self.prior.kind == "decoder" else None
+            rec = self.matcher.batch_distance(xe, self.mask, self._soft_labels(), targets, create_graph=True)
+            loss = rec
+            if cfg.coeff_reg > 0:
+                mean_norm = xe.norm(dim=-1)[self.body].mean()
+                loss = loss + cfg.coeff_reg * (mean_norm - self.init_size) ** 2
+            gs = torch.autograd.grad(loss, variables)
+            if cfg.grad_clip is not None:
+                gn = gs[0].norm()
+                if gn > cfg.grad_clip:
+                    gs = (gs[0] * (cfg.grad_clip / (gn + 1e-6)),) + tuple(gs[1:])
+            lv = float(loss.detach())
+            if lv <= best_loss:
+                best_loss, best_x = lv, x.detach().clone()
+            for v, g in zip(variables, gs):
+                v.grad = g.detach()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                x.data = torch.where(body, x.data, self.pinned)
+            if cfg.use_swaps and it >= cfg.swap_burnin * cfg.n_steps and it % cfg.swap_every == 1:
+                new_x, ch = self.discrete_step(x.detach())
+                swaps += 1
+                changed += ch
+                with torch.no_grad():
+                    x.data = new_x
+        x_final = self.pin(best_x)
+        ids = self.ids_of(x_final)
+        texts = self.texts(ids)
+        self.stats.update({"best_loss": best_loss, "swap_rounds": float(swaps), "swaps_accepted": float(changed),
+                           "attack_s": time.perf_counter() - t0})
+        labels = None
+        if self.prior.kind == "encoder":
+            y = self._soft_labels()
+            labels = y.detach().argmax(-1).cpu() if y is not None and y.is_floating_point() else (
+                y.detach().cpu() if y is not None else None)
+        return Reconstruction(data=texts, labels=labels, stats=self.stats,
+                              extras={"token_ids": [ids[b, :n].tolist() for b, n in enumerate(self.lens)]})
