@@ -1,0 +1,450 @@
+"""DAGER: exact gradient inversion of text batches via low-rank attention-input spans.
+
+Petrov, Dimitrov, Baader, Müller, Vechev. "DAGER: Exact Gradient Inversion for Large Language
+Models." NeurIPS 2024 (arXiv 2405.15586). Reference code: ``eth-sri/dager`` (read as the fork
+``prithagupta/dager-gradient-inversion`` @ 5f8e306: ``attack.py``, ``utils/functional.py``
+``check_if_in_span`` / ``get_layer_decomp`` / ``filter_l1`` / ``filter_decoder`` / ``filter_encoder``).
+
+Algorithm (as the reference):
+
+1. The update of the first block's attention input projections (Q/K/V, GPT-2 ``c_attn``, or
+   a LoRA ``lora_A``) is ``sum_i g_i x_i^T``: its row space is the span of the layer inputs
+   x_i when the token count is below the width. We take an orthonormal basis (SVD; rank by
+   NumPy's ``matrix_rank`` rule or ``rank_tol``) for block 1 (layer 1) and block 2 (layer 2).
+2. Layer-1 filter: every vocabulary token at every position is pushed through the model's own
+   embedding / position / (pre-)LayerNorm code up to the first projection (a forward pre-hook
+   stops the forward there) and kept when its span distance is below ``l1_span_thresh``.
+   Rotary models (Llama) have position-free first-layer inputs: detected numerically, scanned once.
+3. Decoders: sequences grow position by position; each prefix is extended by each layer-1
+   candidate and the layer-2 input of the new position is span-checked (``l2_span_thresh``).
+   All passing extensions are kept (capped at ``max_prefixes``); a prefix with no passing
+   extension is a finished sentence. Encoders: for every sentence length (positions where the
+   separator passes layer 1), combinations of per-position candidates are checked on layer 2
+   (all positions' layer-2 inputs must lie in the span): exhaustively up to
+   ``encoder_exhaustive_max`` combinations, by coordinate descent with restarts above that.
+
+Deviations from the reference, all deliberate:
+
+* Layers are found by structure (first ``ModuleList`` of ``num_hidden_layers`` blocks, the
+  linear modules that read the same tensor as the block's first projection), not by
+  hard-coded parameter indices (``layer_ids = range(4,137,12)`` etc. in the reference).
+* Q, K and V updates are stacked before the SVD (the reference uses Q only for Llama and the
+  fused QKV for GPT-2); they share the same row space, so this only adds signal.
+* Extensions of one prefix are evaluated in a single forward pass with a custom 4-D attention
+  mask (each candidate sees the prefix and itself, all at the same position id) instead of one
+  sequence per candidate; the result is identical (tested) and costs L+K tokens instead of K(L+1).
+* Under a next-token loss the last token of each sentence contributes no gradient to any
+  attention input (its output predicts padding), so no span method can see it; with
+  ``complete_last_token`` we append the token whose output-embedding gradient row best matches
+  the final hidden state of the recovered prefix (an addition; the reference leaves it out).
+* The encoder search uses coordinate descent with restarts once the combination count exceeds
+  ``encoder_exhaustive_max`` (the reference's exhaustive search with ``maxB``/``non-overlap``
+  heuristics is infeasible on 2 CPU cores).
+* When Gaussian noise is a declared defense (defenses are public protocol facts), its sigma sets
+  a singular-value noise floor ``sigma * (sqrt(m) + sqrt(d))`` for the rank.
+* Precondition failures (rank saturated: token count too close to the width; all-zero update;
+  projections not observed) raise :class:`DagerPreconditionError` (``on_failure="raise"``) or
+  return empty sentences with ``stats["precondition_failed"] = 1`` and the reason in
+  ``extras["status"]`` (``"report"``, the default, so that leaderboards score such trials as 0,
+  as the reference README does for ``batch_tokens > embedding_dim``).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from common.attack import AttackInfo
+from common.threat import Capability
+from common.types import Observation, Reconstruction
+
+from ..dager_span import (
+    DagerPreconditionError,
+    LayerInputs,
+    Span,
+    decoder_last_inputs,
+    find_tap,
+    first_layer_vectors,
+    model_device,
+    observed_matrix,
+    span_distance,
+    span_of,
+    transformer_blocks,
+)
+
+
+@dataclass(frozen=True)
+class DagerConfig:
+    """Defaults follow the reference's ``args_factory.py`` where it has one."""
+
+    rank_tol: float | None = None  # None: NumPy matrix_rank rule (the reference's default)
+    rank_cutoff: int = 20  # saturated when rank > max_rank - rank_cutoff (reference: d - 20)
+    l1_span_thresh: float = 1e-5  # tau_1 (reference default)
+    l2_span_thresh: float = 1e-3  # tau_2 (reference default)
+    max_len: int = 128  # positions scanned at most
+    max_prefixes: int = 0  # decoder prefixes kept per step; 0 = 4 * B + 16
+    max_candidates: int = 0  # layer-1 candidates kept per position; 0 = all under tau_1
+    encoder_exhaustive_max: int = 4096
+    encoder_restarts: int = 16
+    encoder_sweeps: int = 8
+    complete_last_token: bool = True  # decoders under next-token loss (see module docstring)
+    last_token_candidates: int = 6  # candidates re-ranked by their exact gradient term
+    max_run: int = 4  # rotary decoders: longest run of one token allowed at the start (see _decoder)
+    noise_floor: bool = True  # use a declared Gaussian-noise sigma as a singular-value floor
+    on_failure: Literal["report", "raise"] = "report"
+    chunk: int = 4096  # tokens per forward chunk in the vocabulary scan
+
+
+@dataclass
+class _Path:
+    ids: list[int]
+    score: float  # max layer-2 distance along the path
+
+
+class DAGER:
+    info: ClassVar[AttackInfo] = AttackInfo(
+        name="dager",
+        modality="text",
+        requires=frozenset({Capability.PUBLIC_PRIOR}),
+        citation="Petrov et al., DAGER: Exact Gradient Inversion for Large Language Models, NeurIPS 2024",
+        prior="text",
+    )
+
+    @classmethod
+    def default_config(cls) -> DagerConfig:
+        return DagerConfig()
+
+    def __init__(self, config: DagerConfig | None = None) -> None:
+        self.config = config or DagerConfig()
+
+    # ------------------------------------------------------------------------------------------
+    def reconstruct(self, obs: Observation, model: nn.Module, prior: Any, *,
+                    generator: torch.Generator) -> Reconstruction:
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            return self._run(obs, model, prior, generator, t0)
+        except DagerPreconditionError as e:
+            if self.config.on_failure == "raise":
+                raise
+            b = obs.num_examples or 1
+            return Reconstruction(data=[""] * b, stats={"precondition_failed": 1.0,
+                                                        "seconds": time.perf_counter() - t0},
+                                  confidence=[0.0] * b, extras={"status": f"precondition failed: {e}"})
+        finally:
+            model.train(was_training)
+
+    # ------------------------------------------------------------------------------------------
+    def spans(self, obs: Observation, model: nn.Module, probe: Tensor) -> tuple[list, list[Span], dict]:
+        """Taps and spans of blocks 0 and 1, with saturation / degeneracy checks."""
+        cfg = self.config
+        taps = [find_tap(model, i, probe) for i in (0, 1)]
+        sigma = 0.0
+        if cfg.noise_floor:
+            for d in obs.defenses or ():
+                if d.get("name") == "gaussian":
+                    sigma = max(sigma, float(d.get("sigma", 0.0)))
+        spans, stats = [], {}
+        for k, tap in enumerate(taps):
+            mat = observed_matrix(tap, obs.tensors)
+            floor = sigma * (math.sqrt(mat.shape[0]) + math.sqrt(mat.shape[1])) * 1.05 if sigma > 0 else 0.0
+            sp = span_of(mat, rank_tol=cfg.rank_tol, noise_floor=floor)
+            stats[f"rank_l{k + 1}"] = float(sp.rank)
+            stats[f"max_rank_l{k + 1}"] = float(sp.max_rank)
+            cutoff = min(cfg.rank_cutoff, max(1, sp.max_rank // 10))
+            if sp.rank > sp.max_rank - cutoff:
+                raise DagerPreconditionError(
+                    f"rank saturated at layer {k + 1}: the update has numerical rank {sp.rank} of at most "
+                    f"{sp.max_rank} (cutoff {cutoff}), so the batch has too many tokens for this width "
+                    f"(DAGER needs total tokens < hidden size, or < LoRA rank); use a smaller batch")
+            spans.append(sp)
+        return taps, spans, stats
+
+    def _run(self, obs, model, prior, generator, t0) -> Reconstruction:
+        cfg = self.config
+        dev = model_device(model)
+        tok = prior.tokenizer
+        vocab = int(model.get_input_embeddings().num_embeddings)
+        probe = torch.tensor([[tok.eos_token_id or 0, 1, 2]], device=dev) % vocab
+        taps, spans, stats = self.spans(obs, model, probe)
+        li1, li2 = LayerInputs(model, taps[0]), LayerInputs(model, taps[1])
+        b = obs.num_examples
+        all_ids = torch.arange(vocab)
+        # position-free first layer (rotary models): compare a few tokens at positions 0 and 3
+        few = all_ids[: min(64, vocab)]
+        position_free = bool(torch.allclose(first_layer_vectors(li1, few, 0), first_layer_vectors(li1, few, 3),
+                                            rtol=1e-6, atol=1e-7))
+        max_len = min(cfg.max_len, _max_positions(model))
+        l1: list[tuple[list[int], Tensor]] = []
+        t_scan = time.perf_counter()
+        for p in range(max_len):
+            if position_free and p > 0:
+                l1.append(l1[0])
+                continue
+            d = span_distance(spans[0].basis, first_layer_vectors(li1, all_ids, p, chunk=cfg.chunk))
+            keep = torch.nonzero(d < cfg.l1_span_thresh).flatten()
+            keep = keep[d[keep].argsort()]
+            if cfg.max_candidates > 0:
+                keep = keep[: cfg.max_candidates]
+            if keep.numel() == 0:
+                break
+            l1.append((keep.tolist(), d[keep]))
+        stats["scan_seconds"] = time.perf_counter() - t_scan
+        stats["position_free"] = float(position_free)
+        stats["l1_candidates"] = float(sum(len(c) for c, _ in l1[:1] if position_free) if position_free
+                                       else sum(len(c) for c, _ in l1))
+        if not l1:
+            raise DagerPreconditionError("no vocabulary token lies in the layer-1 span (threshold too strict, "
+                                         "or the update is too noisy); raise l1_span_thresh")
+        kind = getattr(prior, "kind", "decoder")
+        if kind == "encoder":
+            sents, scores = self._encoder(li2, spans[1], l1, prior, b, generator)
+        else:
+            sents, scores = self._decoder(li2, spans[1], l1, b, max_len, position_free)
+            if cfg.complete_last_token and sents:
+                sents = self._complete_last(obs, model, sents)
+        order = _select(sents, scores, l1, position_free, b)
+        chosen = [sents[i] for i in order]
+        conf = [float(math.exp(-scores[i] / max(cfg.l2_span_thresh, 1e-12))) for i in order]
+        stats["found"] = float(len(sents))
+        if b is not None and len(chosen) < b:
+            stats["missing"] = float(b - len(chosen))
+            conf += [0.0] * (b - len(chosen))
+            chosen += [[] for _ in range(b - len(chosen))]
+        texts = [tok.decode([int(t) for t in s], skip_special_tokens=True).strip() for s in chosen]
+        stats["seconds"] = time.perf_counter() - t0
+        stats["precondition_failed"] = 0.0
+        return Reconstruction(data=texts, stats=stats, confidence=conf,
+                              extras={"token_ids": chosen, "status": "ok"})
+
+    # -- decoders --------------------------------------------------------------------------------
+    def _decoder(self, li2: LayerInputs, span2: Span, l1, b: int | None, max_len: int, position_free: bool):
+        """Greedy breadth extension (the reference's ``filter_decoder``).
+
+        Rotary models without a BOS token have one degenerate case: a sequence made of a single
+        repeated token has the same layer-2 input at every position (attention averages identical
+        values), so ``t``, ``t t``, ``t t t`` ... all pass. Runs of one token at the start are
+        therefore capped at ``max_run``.
+        """
+        cfg = self.config
+        cap = cfg.max_prefixes or (4 * (b or 8) + 16)
+        live = [_Path([], 0.0)]
+        finished: list[_Path] = []
+        for p in range(max_len):
+            if not live:
+                break
+            cands = l1[p][0] if p < len(l1) else []
+            if not cands:
+                finished.extend(x for x in live if x.ids)
+                live = []
+                break
+            xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
+            nxt: list[_Path] = []
+            for path, x in zip(live, xs):
+                d = span_distance(span2.basis, x)
+                ok = torch.nonzero(d < cfg.l2_span_thresh).flatten().tolist()
+                if not ok:
+                    if path.ids:
+                        finished.append(path)
+                    continue
+                for j in ok:
+                    c = cands[j]
+                    if (position_free and len(path.ids) >= cfg.max_run
+                            and all(t == c for t in path.ids)):
+                        continue
+                    nxt.append(_Path(path.ids + [cands[j]], max(path.score, float(d[j]))))
+            nxt.sort(key=lambda x: x.score)
+            live = nxt[:cap]
+        finished.extend(x for x in live if x.ids)
+        return [f.ids for f in finished], [f.score for f in finished]
+
+    def _complete_last(self, obs: Observation, model: nn.Module, sents: list[list[int]]) -> list[list[int]]:
+        """Append the last token, unobservable in attention-input spans under a next-token loss.
+
+        The output-embedding update holds ``-e_y h^T`` (scaled) for the position predicting
+        target ``y``. For a FedSGD gradient we subtract the part the recovered prefixes explain
+        (every known target, plus the softmax term ``p h^T`` of the last predicting position,
+        computed with autograd under the kit's per-sequence-mean next-token loss), so the residual
+        is supported on the unknown targets' rows only; each sentence takes the row most
+        anti-aligned with its final hidden state. For FedAvg deltas the raw update is used.
+        """
+        out_emb = getattr(model, "get_output_embeddings", lambda: None)()
+        if out_emb is None or not hasattr(out_emb, "weight"):
+            return sents
+        w = out_emb.weight
+        name = next((n for n, p in model.named_parameters() if p is w), None)
+        if name is None or name not in obs.tensors:
+            return sents
+        g = obs.tensors[name].detach().to(torch.float64).cpu()  # [V, d]
+        dev = model_device(model)
+        n = len(sents)
+        m = max(len(s) for s in sents)
+        ids = torch.zeros(n, m, dtype=torch.long)
+        mask = torch.zeros(n, m, dtype=torch.long)
+        for i, s in enumerate(sents):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        hid: list[Tensor] = []
+
+        def hook(_m, args):
+            hid.append(args[0])
+
+        h = out_emb.register_forward_pre_hook(hook)
+        try:
+            if obs.kind == "gradient" and w.requires_grad:
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                lp = logits.log_softmax(-1)
+                lens = mask.sum(1)
+                tgt = lp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [n, m-1]
+                known = (mask[:, 1:] > 0).to(lp.dtype)
+                loss_b = -(tgt * known).sum(1)  # known targets
+                last = logits[torch.arange(n), lens - 1].logsumexp(-1)  # softmax term of the last position
+                loss_b = (loss_b + last) / lens.to(lp.dtype)  # the true sentence has len+1 tokens -> len targets
+                proto = obs.protocol
+                denom = float(obs.num_examples or n) if (proto is None or proto.loss_reduction == "mean") else 1.0
+                (gp,) = torch.autograd.grad(loss_b.sum() / denom, [w])
+                g = g - gp.detach().to(torch.float64).cpu()
+            else:
+                denom = 1.0
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+        finally:
+            h.remove()
+        hs = hid[0].detach().to(torch.float64).cpu()
+        gn = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        k = self.config.last_token_candidates
+        by_norm = g.norm(dim=1).topk(min(k, g.shape[0])).indices.tolist()  # the residual's heaviest rows
+        done = []
+        for i, s in enumerate(sents):
+            v = hs[i, len(s) - 1]
+            v = v / v.norm().clamp_min(1e-30)
+            cand = (-(gn @ v)).topk(min(k, gn.shape[0])).indices.tolist()
+            cand = cand + [c for c in by_norm if c not in cand]
+            if obs.kind == "gradient" and w.requires_grad and len(cand) > 1:
+                cand = self._rank_last(model, w, s, cand, g, denom, dev)
+            done.append(s + [cand[0]])
+        return done
+
+    @staticmethod
+    def _rank_last(model, w, s, cand, resid, denom, dev) -> list[int]:
+        """Order candidate last tokens by how well their exact gradient term explains the residual.
+
+        With tied embeddings the target ``y`` also enters the input-embedding rows (through
+        ``d logit_y / d x_t``), so each candidate's full contribution ``-d logit_y / d w`` is
+        computed with autograd and compared (cosine) with the residual.
+        """
+        ids = torch.tensor([s], device=dev)
+        logits = model(input_ids=ids).logits[0, -1].float()
+        scores = []
+        r = resid.flatten()
+        for j, y in enumerate(cand):
+            (d,) = torch.autograd.grad(-logits[y] / (denom * len(s)), [w], retain_graph=j < len(cand) - 1)
+            d = d.detach().to(torch.float64).cpu().flatten()
+            scores.append(float(r @ d) / (float(r.norm() * d.norm()) + 1e-30))
+        order = sorted(range(len(cand)), key=lambda j: -scores[j])
+        return [cand[j] for j in order]
+
+    # -- encoders --------------------------------------------------------------------------------
+    def _encoder(self, li2: LayerInputs, span2: Span, l1, prior, b: int | None, generator: torch.Generator):
+        cfg = self.config
+        tok = prior.tokenizer
+        sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        special = set(int(i) for i in getattr(prior, "special_ids", ()) or ())
+        lengths = [p + 1 for p, (c, _) in enumerate(l1) if sep is not None and sep in c and p > 0]
+        if not lengths:
+            lengths = [len(l1)]
+        dev = model_device(li2.model)
+        results: dict[tuple[int, ...], float] = {}
+
+        def score_batch(seqs: list[list[int]]) -> Tensor:
+            out = []
+            for s in range(0, len(seqs), 256):
+                ids = torch.tensor(seqs[s:s + 256], device=dev)
+                x = li2(ids)  # [n, L, d]
+                d = span_distance(span2.basis, x.reshape(-1, x.shape[-1])).view(x.shape[0], x.shape[1])
+                out.append(d.max(1).values)
+            return torch.cat(out)
+
+        for length in lengths:
+            per = []
+            for p in range(length):
+                c = l1[p][0]
+                if p == length - 1 and sep is not None:
+                    c = [sep]
+                elif 0 < p < length - 1:
+                    c = [t for t in c if t not in special] or c
+                per.append(c)
+            total = math.prod(len(c) for c in per)
+            if total <= cfg.encoder_exhaustive_max:
+                seqs = [list(x) for x in itertools.product(*per)]
+                sc = score_batch(seqs)
+                for s, v in zip(seqs, sc.tolist()):
+                    if v < cfg.l2_span_thresh:
+                        results[tuple(s)] = v
+                continue
+            inits = [[c[min(k, len(c) - 1)] for c in per] for k in range(max(len(c) for c in per))]
+            while len(inits) < cfg.encoder_restarts:
+                inits.append([c[int(torch.randint(len(c), (1,), generator=generator))] for c in per])
+            for cur in inits[: max(cfg.encoder_restarts, 1)]:
+                best = float(score_batch([cur])[0])
+                for _ in range(cfg.encoder_sweeps):
+                    changed = False
+                    for p, c in enumerate(per):
+                        if len(c) < 2:
+                            continue
+                        trial = [cur[:p] + [t] + cur[p + 1:] for t in c]
+                        sc = score_batch(trial)
+                        j = int(sc.argmin())
+                        if float(sc[j]) < best - 1e-15 and trial[j] != cur:
+                            cur, best, changed = trial[j], float(sc[j]), True
+                    if not changed:
+                        break
+                if best < cfg.l2_span_thresh:
+                    results[tuple(cur)] = best
+        sents = [list(s) for s in results]
+        return sents, [results[tuple(s)] for s in sents]
+
+
+def _select(sents: list[list[int]], scores: list[float], l1, position_free: bool, b: int | None) -> list[int]:
+    """Choose up to B sentences that together explain the layer-1 span (greedy set cover).
+
+    The universe is every (position, token) that passed layer 1 (tokens only for rotary models);
+    each step takes the sentence covering most still-unexplained elements, ties broken by lower
+    layer-2 score then length. This drops spurious short branches that explain nothing new.
+    """
+    if b is None or len(sents) <= b:
+        return sorted(range(len(sents)), key=lambda i: scores[i])
+    if position_free:
+        universe = set(l1[0][0]) if l1 else set()
+        cover = [set(s) & universe for s in sents]
+    else:
+        universe = {(p, t) for p, (c, _) in enumerate(l1) for t in c}
+        cover = [{(p, t) for p, t in enumerate(s)} & universe for s in sents]
+    covered: set = set()
+    chosen: list[int] = []
+    rest = list(range(len(sents)))
+    while rest and len(chosen) < b:
+        best = max(rest, key=lambda i: (len(cover[i] - covered), -scores[i], len(sents[i])))
+        chosen.append(best)
+        covered |= cover[best]
+        rest.remove(best)
+    return chosen
+
+
+def _max_positions(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1 << 30
+
+
+__all__ = ["DAGER", "DagerConfig", "DagerPreconditionError", "transformer_blocks"]
