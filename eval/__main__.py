@@ -104,7 +104,7 @@ def cmd_bench(args) -> int:
     if args.limit:
         specs = specs[: args.limit]
     records = run_many(specs, out_dir=args.out, device=_device(args.device), resume=args.resume,
-                       progress=not args.quiet)
+                       progress=not args.quiet, executor=args.executor, workers=args.workers, address=args.address)
     return _finish(args.out, records)
 
 
@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--limit", type=int, help="run only the first N trials of the suite")
+    p.add_argument("--executor", choices=["local", "process", "ray"], default="local",
+                   help="local: in this process; process: a local worker pool; ray: one Ray task per trial")
+    p.add_argument("--workers", type=int, help="worker processes (process) or CPUs for a local Ray instance")
+    p.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local instance")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_bench)
 

@@ -7,6 +7,7 @@ Each package exposes plain tables (no heavy imports): ``ATTACKS`` (name -> "modu
 from __future__ import annotations
 
 import importlib
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -16,6 +17,12 @@ from common.metrics import METRICS, MetricInfo
 from common.registry import Registry
 
 PACKAGES = ("common", "tableak", "textleak", "speechleak")
+PLUGIN_ENV = "GRADLEAK_PLUGINS"  # comma-separated extra modules with the same tables (user attacks, cases)
+
+
+def _packages() -> tuple[str, ...]:
+    extra = [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]
+    return PACKAGES + tuple(extra)
 
 
 class Catalog:
@@ -25,7 +32,7 @@ class Catalog:
         self.kits: Registry[type] = Registry("modality kit")
         self.cases: Registry[Case] = Registry("case")
         self.metrics: Registry[MetricInfo] = METRICS
-        for pkg in PACKAGES:
+        for pkg in _packages():
             mod = importlib.import_module(pkg)
             for name, target in getattr(mod, "ATTACKS", {}).items():
                 self.attacks.add(name, target)

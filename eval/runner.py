@@ -82,13 +82,9 @@ def prepare(spec: TrialSpec, *, device: str) -> tuple[str, Any, dict, str]:
     return preset, attack, case_d, rid
 
 
-def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | None = None,
-              resources: _Resources | None = None) -> dict:
-    """Run one trial and return its record (status ok or failed; never raises for attack errors)."""
-    resources = resources or _Resources()
+def record_header(spec: TrialSpec, *, device: str) -> tuple[dict[str, Any], Any]:
+    """The parts of a trial's record known before it runs (identity, provenance, config)."""
     preset, attack, case_d, rid = prepare(spec, device=device)
-    case = effective_case(spec)
-    dev = torch.device(device)
     record: dict[str, Any] = {
         "schema": SCHEMA_VERSION, "run_id": rid, "created": now(), **provenance(device),
         "case": case_d,
@@ -96,6 +92,23 @@ def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | Non
                    "citation": attack.info.citation, "requires": sorted(attack.info.requires)},
         "seed": spec.seed, "trial": spec.trial,
     }
+    return record, attack
+
+
+def failure_record(spec: TrialSpec, *, device: str, error: str, wall_s: float = 0.0) -> dict[str, Any]:
+    """A failed record for a trial whose worker died (crash, kill) before reporting."""
+    record, _ = record_header(spec, device=device)
+    record.update(status="failed", metrics={}, error=error, cost={"wall_s": wall_s})
+    return record
+
+
+def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | None = None,
+              resources: _Resources | None = None) -> dict:
+    """Run one trial and return its record (status ok or failed; never raises for attack errors)."""
+    resources = resources or _Resources()
+    record, attack = record_header(spec, device=device)
+    case = effective_case(spec)
+    dev = torch.device(device)
     t0 = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -124,7 +137,7 @@ def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | Non
         record.update(status="ok", error=None, metrics={k: float(v) for k, v in metrics.items()},
                       alignment=alignment, attack_stats={k: float(v) for k, v in rec.stats.items()})
         if out_dir is not None and hasattr(kit, "save_artifacts"):
-            art_dir = Path(out_dir) / "artifacts" / rid.split(":")[1][:16]
+            art_dir = Path(out_dir) / "artifacts" / record["run_id"].split(":")[1][:16]
             record["artifacts"] = kit.save_artifacts(rec, truth, case=case, directory=art_dir)
         record["cost"] = {"wall_s": time.perf_counter() - t0, "attack_s": attack_s}
     except UserError:
@@ -173,27 +186,49 @@ def preload(specs: Sequence[TrialSpec], *, device: str, resources: _Resources) -
 
 
 def run_many(specs: Sequence[TrialSpec], *, out_dir: str | Path, device: str = "cpu", resume: bool = False,
-             progress: bool = True) -> list[dict]:
-    """Run trials, appending one record each to ``out_dir/records.jsonl``."""
+             progress: bool = True, executor: str = "local", workers: int | None = None,
+             address: str | None = None) -> list[dict]:
+    """Run trials, appending one record each to ``out_dir/records.jsonl``.
+
+    ``executor``: "local" (in this process), "process" (a pool of worker processes) or "ray"
+    (one Ray task per trial). Whatever the executor, only this driver writes records, a
+    worker that dies becomes a failed record, and ``resume`` skips recorded run ids.
+    """
     from tqdm import tqdm
+
+    from .executors import EXECUTORS
 
     out = Path(out_dir)
     path = out / RECORDS_FILE
     done = completed_ids(path) if resume else set()
     # resolve everything up front so user errors surface before any work
     prepared = [(s, prepare(s, device=device)[3]) for s in specs]
-    todo = [(s, rid) for s, rid in prepared if rid not in done]
+    todo = [s for s, rid in prepared if rid not in done]
+    if executor not in EXECUTORS:
+        raise UserError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     resources = _Resources()
-    preload([s for s, _ in todo], device=device, resources=resources)
+    preload(todo if executor == "local" else _distinct_inputs(todo), device=device, resources=resources)
     records = []
-    bar = tqdm(todo, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
-    for spec, _ in bar:
-        bar.set_postfix_str(f"{spec.case.name} | {spec.attack} | seed {spec.seed} trial {spec.trial}")
-        rec = run_trial(spec, device=device, out_dir=out, resources=resources)
+    bar = tqdm(total=len(todo), desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
+    for spec, rec in EXECUTORS[executor](todo, device=device, out_dir=out, resources=resources, workers=workers,
+                                         address=address):
         append_record(path, rec)
         records.append(rec)
+        bar.update(1)
+        bar.set_postfix_str(f"{spec.case.name} | {spec.attack} | seed {spec.seed} trial {spec.trial}")
         if rec["status"] == "failed":
             bar.write(f"trial failed ({spec.case.name}, {spec.attack}, trial {spec.trial}): {rec['error']}")
+    bar.close()
     return records
 
 
+def _distinct_inputs(specs: Sequence[TrialSpec]) -> list[TrialSpec]:
+    """One spec per distinct (data, model, seed): enough to validate inputs in the driver."""
+    seen, out = set(), []
+    for s in specs:
+        c = effective_case(s)
+        key = (c.modality, c.model, c.data, tuple(sorted(c.options.items())), s.seed)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
