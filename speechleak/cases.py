@@ -6,15 +6,16 @@ from common.types import FLProtocol
 _KWS = "synthetic keywords (10 Speech Commands words, 8 flite/espeak-ng voices x 3 rate/pitch variants), 1 s, 16 kHz"
 
 
-def _kws(name, features, *, protocol=None, stage="init", desc=""):
+def _kws(name, features, *, protocol=None, stage="init", desc="", act="sigmoid"):
     return Case(name, "speech", "kws-cnn", "synthetic-keywords", protocol or FLProtocol("fedsgd", batch_size=1), HONEST,
-                options={"task": "kws", "features": features, "seconds": 1.0, "stage": stage},
-                description=f"{desc}KWS CNN (conv8-conv16-fc64) on {features} ({_KWS}); labels recovered from the gradient")
+                options={"task": "kws", "features": features, "seconds": 1.0, "stage": stage, "act": act},
+                description=f"{desc}KWS CNN (conv8-conv16-fc64, {act}) on {features} ({_KWS}); labels recovered from the gradient")
 
 
 CASES = {
     "speech/kws-mel/fedsgd": _kws("speech/kws-mel/fedsgd", "mel", desc="Li et al. 2023 setting, mel front end: "),
     "speech/kws-mfcc/fedsgd": _kws("speech/kws-mfcc/fedsgd", "mfcc", desc="Li et al. 2023 setting, MFCC front end: "),
+    "speech/kws-mel-relu/fedsgd": _kws("speech/kws-mel-relu/fedsgd", "mel", act="relu", desc="ReLU variant: "),
     "speech/kws-mel/fedsgd-trained": _kws("speech/kws-mel/fedsgd-trained", "mel", stage="trained",
                                           desc="trained model (15 epochs on the keyword pool): "),
     "speech/kws-mel/fedavg": _kws("speech/kws-mel/fedavg", "mel",

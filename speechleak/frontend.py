@@ -62,7 +62,7 @@ class FrontEnd(nn.Module):
         self.register_buffer("window", torch.hann_window(c.n_fft), persistent=False)
         fb = torchaudio.functional.melscale_fbanks(c.n_fft // 2 + 1, c.f_min, c.f_max, c.n_mels, c.sample_rate)
         self.register_buffer("fbanks", fb, persistent=False)  # [n_freq, n_mels]
-        dct = torchaudio.functional.create_dct(c.n_mfcc, c.n_mels, norm="ortho")  # [n_mels, n_mfcc]
+        dct = torchaudio.functional.create_dct(min(c.n_mfcc, c.n_mels), c.n_mels, norm="ortho")  # [n_mels, n_mfcc]
         self.register_buffer("dct", dct, persistent=False)
 
     # -- forward path -------------------------------------------------------------------
