@@ -130,6 +130,25 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from .audit import audit
+
+    cat = _catalog()
+    try:
+        case = cat.cases.get(args.case)
+    except KeyError as e:
+        raise UserError(f"{e}; run `python -m eval list cases`") from None
+    if args.model:
+        case = replace(case, model=args.model)
+    if args.data:
+        case = replace(case, data=args.data)
+    if args.label:
+        case = replace(case, options={**case.options, "label": args.label})
+    records = audit(args.captures, attack=args.attack, case=case, out_dir=args.out, overrides=_parse_set(args.set),
+                    device=_device(args.device), seed=args.seed, resume=args.resume)
+    return _finish(args.out, records)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m eval", description="gradleak: gradient-inversion attacks, runs and leaderboards")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -166,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local instance")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("audit", help="run an attack on captured client updates (eval/capture.py format)")
+    p.add_argument("captures", help="capture directory (e.g. written by eval.flower.CapturingStrategy)")
+    p.add_argument("--attack", required=True)
+    p.add_argument("--case", required=True, help="the case whose model architecture and prior match the capture")
+    p.add_argument("--data", help="public data source the kit needs for its prior (schema, tokenizer ...)")
+    p.add_argument("--label", help="label column when --data is a CSV")
+    p.add_argument("--model", help="HF model id or local directory (architecture; weights come from the capture)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(fn=cmd_audit)
 
     p = sub.add_parser("leaderboard", help="aggregate records into a leaderboard")
     p.add_argument("paths", nargs="+", help="records.jsonl files or directories")

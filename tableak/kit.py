@@ -171,6 +171,12 @@ class TabularKit:
             metrics["label_accuracy"] = float(np.mean(np.array(p) == np.array(t)))
         return metrics, "hungarian:tabular-feature-error"
 
+    def truth_from_file(self, case: Case, path) -> dict[str, Any]:
+        """Ground truth for ``eval audit``: a CSV of the client's rows in the case's schema."""
+        schema = self.load_pool(case, data_path=None).schema
+        frame = pd.read_csv(path)
+        return {"frame": frame, "schema": schema, "labels": schema.encode_labels(frame), "x": schema.encode(frame)}
+
     def save_artifacts(self, rec: Reconstruction, truth: Any, *, case: Case, directory) -> dict[str, str]:
         ex = rec.extras or {}
         if not ex.get("save_heatmap") or "entropy_cat" not in ex:
