@@ -158,12 +158,12 @@ class Span:
 
 
 def span_of(matrix: Tensor, *, rank_tol: float | None = None, noise_floor: float = 0.0,
-            max_rank: int | None = None) -> Span:
+            max_rank: int | None = None, eps: float | None = None) -> Span:
     """Orthonormal basis of the row space of ``matrix`` [m, d].
 
     The numerical rank counts singular values above ``max(rank_tol * s_max, noise_floor)``;
-    without ``rank_tol`` NumPy's ``matrix_rank`` rule for float32 data is used
-    (``s_max * max(m, d) * eps32``), which is what the DAGER reference uses by default.
+    without ``rank_tol`` NumPy's ``matrix_rank`` rule is used (``s_max * max(m, d) * eps`` with
+    ``eps`` of the observed update's dtype, float32 by default), the DAGER reference's default.
     """
     m, d = matrix.shape
     if not torch.isfinite(matrix).all():
@@ -175,7 +175,8 @@ def span_of(matrix: Tensor, *, rank_tol: float | None = None, noise_floor: float
             "degenerate update: the attention input projection's update is all zeros (e.g. a fresh LoRA adapter "
             "whose B matrix is zero, or a frozen layer); DAGER has no span to test against"
         )
-    tol = smax * max(m, d) * float(torch.finfo(torch.float32).eps) if rank_tol is None else smax * rank_tol
+    eps = float(torch.finfo(torch.float32).eps) if eps is None else eps
+    tol = smax * max(m, d) * eps if rank_tol is None else smax * rank_tol
     tol = max(tol, noise_floor)
     rank = int((s > tol).sum())
     cap = min(m, d) if max_rank is None else min(max_rank, min(m, d))

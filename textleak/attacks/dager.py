@@ -75,6 +75,7 @@ from ..dager_span import (
     span_distance,
     span_of,
     transformer_blocks,
+    weight_as_out_in,
 )
 
 
@@ -153,8 +154,16 @@ class DAGER:
         spans, stats = [], {}
         for k, tap in enumerate(taps):
             mat = observed_matrix(tap, obs.tensors)
-            floor = sigma * (math.sqrt(mat.shape[0]) + math.sqrt(mat.shape[1])) * 1.05 if sigma > 0 else 0.0
-            sp = span_of(mat, rank_tol=cfg.rank_tol, noise_floor=floor)
+            edge = math.sqrt(mat.shape[0]) + math.sqrt(mat.shape[1])
+            floor = sigma * edge * 1.05 if sigma > 0 else 0.0
+            if obs.kind == "delta":  # theta_before - theta_after is rounded at the weights' scale
+                w = torch.cat([weight_as_out_in(m, m.weight).detach().double().cpu()
+                               for m, n in zip(tap.modules, tap.names) if n in obs.tensors])
+                eps = float(torch.finfo(tap.modules[0].weight.dtype).eps)
+                floor = max(floor, 2.0 * eps * float(w.pow(2).mean().sqrt()) * edge)
+            src = next((obs.tensors[n] for n in tap.names if n in obs.tensors), None)
+            eps = float(torch.finfo(src.dtype).eps) if src is not None and src.is_floating_point() else None
+            sp = span_of(mat, rank_tol=cfg.rank_tol, noise_floor=floor, eps=eps)
             stats[f"rank_l{k + 1}"] = float(sp.rank)
             stats[f"max_rank_l{k + 1}"] = float(sp.max_rank)
             cutoff = min(cfg.rank_cutoff, max(1, sp.max_rank // 10))
