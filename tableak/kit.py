@@ -26,8 +26,15 @@ __all__ = ["CONT_TOL", "TabularKit", "TabularPool", "tabular_scores", "entropy_q
 def _read_table(case: Case, data_path: str | None) -> tuple[pd.DataFrame, TabularSchema]:
     source = str(data_path or case.data)
     opts = case.options
-    return load_table(source, label=opts.get("label"), categorical=list(opts.get("categorical", ())),
-                      continuous=list(opts.get("continuous", ())))
+    return load_table(source, label=opts.get("label"), categorical=_names(opts.get("categorical", ())),
+                      continuous=_names(opts.get("continuous", ())))
+
+
+def _names(v) -> list[str]:
+    """Column lists from case options: a list/tuple or a comma-separated string (hashable in case keys)."""
+    if isinstance(v, str):
+        return [c.strip() for c in v.split(",") if c.strip()]
+    return [str(c) for c in v]
 
 
 class TabularPool:

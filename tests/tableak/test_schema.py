@@ -102,3 +102,16 @@ def test_health_heritage_loader_on_synthetic_files(tmp_path):
     assert len(df) == 3 and schema.label == "max_CharlsonIndex"
     assert sorted(df["max_CharlsonIndex"]) == ["0", "1", "1"]
     assert df.loc[0, "PayDelay_max"] == 162 and df.loc[0, "no_Claims"] == 2
+
+
+def test_kit_reads_csv_with_case_options(tmp_path):
+    from common.case import Case
+    from tableak.kit import TabularKit
+
+    p = _mixed_csv(tmp_path)
+    case = Case("t", "tabular", "fc", str(p), options={"label": "label", "categorical": "zip"})
+    pool = TabularKit().load_pool(case, data_path=None)
+    assert {f.name: f.kind for f in pool.schema.features}["zip"] == "categorical"
+    assert pool.x.shape == (4, pool.schema.dim) and pool.y.tolist() == [1, 1, 1, 0]
+    with pytest.raises(ValueError, match="--label"):
+        TabularKit().load_pool(Case("t", "tabular", "fc", str(p)), data_path=None)
