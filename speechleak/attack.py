@@ -66,7 +66,7 @@ class SpeechInversionConfig:
     restarts: int = 4
     lr_schedule: bool = True  # x0.1 at 3/8, 5/8, 7/8 of the iterations (as Inverting Gradients)
     signed_grad: bool = False
-    tv_weight: float = 1e-4  # anisotropic TV over (freq, time), Li et al.
+    tv_weight: float = 1e-2  # anisotropic TV over (freq, time), Li et al. (weight not published; 1e-2 measured best of 1e-4, 1e-3, 1e-2)
     smooth_weight: float = 0.0  # squared first differences over time (smoothness prior)
     init_scale: float = 0.5
     labels: Literal["observed", "recover"] = "recover"

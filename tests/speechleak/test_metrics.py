@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from speechleak import metrics as M
+
+
+def test_snr_and_si_sdr():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16000, generator=g)
+    same = M.snr(predictions=[x], references=[x])
+    assert same["snr"] > 100 and same["si_sdr"] > 100
+    noisy = x + 0.1 * torch.randn(16000, generator=g)
+    r = M.snr(predictions=[noisy], references=[x])
+    assert 19 < r["snr"] < 21  # 10 log10(1 / 0.01) = 20 dB
+    scaled = M.snr(predictions=[0.5 * noisy], references=[x])
+    assert abs(scaled["si_sdr"] - r["si_sdr"]) < 1e-6 and scaled["snr"] < r["snr"]  # SI-SDR ignores scale
+
+
+def test_feature_similarity_and_label_accuracy():
+    a = torch.randn(8, 10)
+    out = M.feature_similarity(predictions=[a], references=[a])
+    assert out["feature_mse"] == 0 and out["feature_cosine"] == pytest.approx(1.0)
+    assert M.label_accuracy(predictions=[3, 1], references=[1, 3])["label_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="align"):
+        M.feature_similarity(predictions=[a], references=[a, a])
+
+
+def test_pesq_stoi_mcd_on_real_speech(flite_keyword):
+    x = flite_keyword
+    p = M.pesq_wb(predictions=[x], references=[x])
+    assert p["pesq_wb"] > 4.0 and p["pesq_wb_n"] == 1
+    assert M.mcd(predictions=[x], references=[x])["mcd"] == pytest.approx(0.0, abs=1e-6)
+    noisy = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    assert M.pesq_wb(predictions=[noisy], references=[x])["pesq_wb"] < p["pesq_wb"]
+    assert M.mcd(predictions=[noisy], references=[x])["mcd"] > 0.5
+    # a 1 s keyword has too few non-silent frames for STOI: reported as undefined, never 0
+    short = M.stoi(predictions=[x], references=[x])
+    assert short == {"stoi_n": 0.0} or short.get("stoi", 0) > 0.9
+    long = torch.cat([x, x, x, x])
+    s = M.stoi(predictions=[long], references=[long])
+    assert s["stoi_n"] == 1 and s["stoi"] > 0.99
+    silent = M.pesq_wb(predictions=[torch.zeros(16000)], references=[torch.zeros(16000)])
+    assert "pesq_wb" not in silent and silent["pesq_wb_n"] == 0
+
+
+def test_speaker_reid_and_char_histogram():
+    enrolled = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0])}
+    out = M.speaker_reid(predictions=[np.array([0.9, 0.1]), np.array([0.9, 0.2])], references=["a", "b"],
+                         enrolled=enrolled)
+    assert out == {"speaker_top1": 0.5, "speakers_enrolled": 2.0}
+    from speechleak.models import VOCAB, encode_text
+
+    occ = torch.zeros(len(VOCAB))
+    for i in encode_text("go go"):
+        occ[i] += 1
+    h = M.char_histogram(predictions=[occ], references=["go go"])
+    assert h["char_hist_cosine"] == pytest.approx(1.0) and h["char_set_recall"] == 1.0
+
+
+def test_word_error_and_keyword_accuracy():
+    assert M.word_error(predictions=["go on"], references=["go on"], prefix="asr_") == {"asr_wer": 0.0, "asr_cer": 0.0}
+    assert M.word_error(predictions=["x"], references=[""]) == {}
+    assert M.keyword_accuracy(predictions=[1, 2], references=[1, 3])["keyword_accuracy"] == 0.5
+
+
+def test_metrics_are_registered_with_lazy_targets():
+    import speechleak
+    from common.metrics import MetricInfo
+
+    names = set()
+    for info in speechleak.METRICS:
+        assert isinstance(info, MetricInfo) and info.modality == "speech"
+        module, _, attr = info.target.partition(":")
+        import importlib
+
+        assert callable(getattr(importlib.import_module(module), attr))
+        names.add(info.name)
+    assert {"pesq_wb", "stoi", "snr", "mcd", "speaker_top1", "keyword_accuracy", "asr_wer"} <= names
+
+
+def test_package_tables_import_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = "import sys, speechleak; assert 'torchaudio' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
