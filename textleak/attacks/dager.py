@@ -345,18 +345,46 @@ class DAGER:
     def _rank_last(model, w, s, cand, resid, denom, dev) -> list[int]:
         """Order candidate last tokens by how well their exact gradient term explains the residual.
 
-        With tied embeddings the target ``y`` also enters the input-embedding rows (through
-        ``d logit_y / d x_t``), so each candidate's full contribution ``-d logit_y / d w`` is
-        computed with autograd and compared (cosine) with the residual.
+        The term of target ``y`` in the update of ``w`` is ``-d logit_y / d w``: ``-h`` in row ``y``
+        (output side) plus, when the input embedding is tied to ``w``, ``-d(w_y . h)/d x_t`` in the
+        row of every input token ``x_t`` (input side). ``h`` is captured at the output layer's
+        input (the forward stops there), so the backward never touches the vocabulary logits.
         """
+        from ..dager_span import _Stop
+
+        emb = model.get_input_embeddings()
+        tied = emb.weight is w
         ids = torch.tensor([s], device=dev)
-        logits = model(input_ids=ids).logits[0, -1].float()
+        e = emb(ids).detach().requires_grad_(True)
+        store: list[Tensor] = []
+
+        def hook(_m, args):
+            store.append(args[0])
+            raise _Stop
+
+        out_emb = model.get_output_embeddings()
+        hnd = out_emb.register_forward_pre_hook(hook)
+        try:
+            with torch.enable_grad():
+                model(inputs_embeds=e)
+        except _Stop:
+            pass
+        finally:
+            hnd.remove()
+        h = store[0][0, -1]
+        h64 = h.detach().to(torch.float64).cpu()
+        r_norm = float(resid.norm())
         scores = []
-        r = resid.flatten()
         for j, y in enumerate(cand):
-            (d,) = torch.autograd.grad(-logits[y] / (denom * len(s)), [w], retain_graph=j < len(cand) - 1)
-            d = d.detach().to(torch.float64).cpu().flatten()
-            scores.append(float(r @ d) / (float(r.norm() * d.norm()) + 1e-30))
+            rows: dict[int, Tensor] = {int(y): -h64.clone()}
+            if tied:
+                (ge,) = torch.autograd.grad(h @ w[y].detach(), [e], retain_graph=j < len(cand) - 1)
+                for t, tokid in enumerate(s):
+                    g = -ge[0, t].detach().to(torch.float64).cpu()
+                    rows[int(tokid)] = rows[int(tokid)] + g if int(tokid) in rows else g
+            dot = sum(float(resid[k] @ v) for k, v in rows.items())
+            nrm = math.sqrt(sum(float(v @ v) for v in rows.values()))
+            scores.append(dot / (r_norm * nrm + 1e-30))
         order = sorted(range(len(cand)), key=lambda j: -scores[j])
         return [cand[j] for j in order]
 
