@@ -41,7 +41,10 @@ Deviations from the reference, all deliberate:
   ``encoder_exhaustive_max`` (the reference's exhaustive search with ``maxB``/``non-overlap``
   heuristics is infeasible on 2 CPU cores).
 * When Gaussian noise is a declared defense (defenses are public protocol facts), its sigma sets
-  a singular-value noise floor ``sigma * (sqrt(m) + sqrt(d))`` for the rank.
+  a singular-value noise floor ``sigma * (sqrt(m) + sqrt(d))`` for the rank, and the thresholds are
+  widened to ``noise_tau_factor * floor / s_rank`` (capped at ``noise_tau_cap``); FedAvg deltas get
+  the float rounding floor of ``theta_before - theta_after``. The reference instead filters
+  outliers with ``p1_std_thrs`` / ``l2_std_thrs``.
 * Precondition failures (rank saturated: token count too close to the width; all-zero update;
   projections not observed) raise :class:`DagerPreconditionError` (``on_failure="raise"``) or
   return empty sentences with ``stats["precondition_failed"] = 1`` and the reason in
@@ -97,6 +100,8 @@ class DagerConfig:
     last_token_candidates: int = 6  # candidates re-ranked by their exact gradient term
     max_run: int = 4  # rotary decoders: longest run of one token allowed at the start (see _decoder)
     noise_floor: bool = True  # use a declared Gaussian-noise sigma as a singular-value floor
+    noise_tau_factor: float = 3.0  # with a noise floor: tau >= factor * floor / smallest kept singular value
+    noise_tau_cap: float = 0.2
     on_failure: Literal["report", "raise"] = "report"
     chunk: int = 4096  # tokens per forward chunk in the vocabulary scan
 
@@ -173,6 +178,8 @@ class DAGER:
                     f"{sp.max_rank} (cutoff {cutoff}), so the batch has too many tokens for this width "
                     f"(DAGER needs total tokens < hidden size, or < LoRA rank); use a smaller batch")
             spans.append(sp)
+            # a noisy span tilts every direction by ~ noise / singular value: widen tau accordingly
+            stats[f"tau_scale_l{k + 1}"] = floor / float(sp.singular_values[sp.rank - 1]) if floor > 0 else 0.0
         return taps, spans, stats
 
     def _run(self, obs, model, prior, generator, t0) -> Reconstruction:
@@ -182,6 +189,10 @@ class DAGER:
         vocab = int(model.get_input_embeddings().num_embeddings)
         probe = torch.tensor([[tok.eos_token_id or 0, 1, 2]], device=dev) % vocab
         taps, spans, stats = self.spans(obs, model, probe)
+        self._tau = [min(cfg.noise_tau_cap, max(t, cfg.noise_tau_factor * stats[f"tau_scale_l{k + 1}"])) if
+                     stats[f"tau_scale_l{k + 1}"] > 0 else t
+                     for k, t in enumerate((cfg.l1_span_thresh, cfg.l2_span_thresh))]
+        stats["tau_l1"], stats["tau_l2"] = self._tau
         li1, li2 = LayerInputs(model, taps[0]), LayerInputs(model, taps[1])
         b = obs.num_examples
         all_ids = torch.arange(vocab)
@@ -197,7 +208,7 @@ class DAGER:
                 l1.append(l1[0])
                 continue
             d = span_distance(spans[0].basis, first_layer_vectors(li1, all_ids, p, chunk=cfg.chunk))
-            keep = torch.nonzero(d < cfg.l1_span_thresh).flatten()
+            keep = torch.nonzero(d < self._tau[0]).flatten()
             keep = keep[d[keep].argsort()]
             if cfg.max_candidates > 0:
                 keep = keep[: cfg.max_candidates]
@@ -220,7 +231,7 @@ class DAGER:
                 sents = self._complete_last(obs, model, sents)
         order = _select(sents, scores, l1, position_free, b)
         chosen = [sents[i] for i in order]
-        conf = [float(math.exp(-scores[i] / max(cfg.l2_span_thresh, 1e-12))) for i in order]
+        conf = [float(math.exp(-scores[i] / max(self._tau[1], 1e-12))) for i in order]
         stats["found"] = float(len(sents))
         if b is not None and len(chosen) < b:
             stats["missing"] = float(b - len(chosen))
@@ -257,7 +268,7 @@ class DAGER:
             nxt: list[_Path] = []
             for path, x in zip(live, xs):
                 d = span_distance(span2.basis, x)
-                ok = torch.nonzero(d < cfg.l2_span_thresh).flatten().tolist()
+                ok = torch.nonzero(d < self._tau[1]).flatten().tolist()
                 if not ok:
                     if path.ids:
                         finished.append(path)
@@ -423,7 +434,7 @@ class DAGER:
                 seqs = [list(x) for x in itertools.product(*per)]
                 sc = score_batch(seqs)
                 for s, v in zip(seqs, sc.tolist()):
-                    if v < cfg.l2_span_thresh:
+                    if v < self._tau[1]:
                         results[tuple(s)] = v
                 continue
             inits = [[c[min(k, len(c) - 1)] for c in per] for k in range(max(len(c) for c in per))]
@@ -443,7 +454,7 @@ class DAGER:
                             cur, best, changed = trial[j], float(sc[j]), True
                     if not changed:
                         break
-                if best < cfg.l2_span_thresh:
+                if best < self._tau[1]:
                     results[tuple(cur)] = best
         sents = [list(s) for s in results]
         return sents, [results[tuple(s)] for s in sents]
