@@ -156,7 +156,13 @@ class SpeechGradientInversion:
         with torch.no_grad():
             dev = next(model.parameters()).device
             mean_probs = functional_call(model, dict(model.named_parameters()), (feats.to(dev),)).softmax(-1).mean(0)
-        return recover_labels(obs.tensors, num_examples=b, weight=prior.label_weight, bias=prior.label_bias,
+        tensors = obs.tensors
+        if obs.kind == "delta":
+            # FedAvg: delta = lr * sum of step gradients ~ lr * epochs * steps * (mean gradient)
+            p = obs.require_protocol()
+            scale = p.local_lr * p.local_epochs * p.steps_per_epoch
+            tensors = {k: v / scale for k, v in tensors.items()}
+        return recover_labels(tensors, num_examples=b, weight=prior.label_weight, bias=prior.label_bias,
                               mean_probs=mean_probs.cpu(), reduction=obs.protocol.loss_reduction if obs.protocol else "mean")
 
     # -- main ---------------------------------------------------------------------------

@@ -177,3 +177,15 @@ def test_tv_prior_is_anisotropic():
     x = torch.zeros(4, 6)
     x[:, 3:] = 1.0  # an edge along time only
     assert float(anisotropic_tv(x)) == pytest.approx(1 / 5)
+
+
+def test_fedavg_label_recovery_from_weight_delta():
+    fe = FrontEnd(FrontEndConfig(n_mels=16, hop=256))
+    model = _tiny((16, 63), seed=8)
+    feats = torch.randn(3, 16, 63, generator=torch.Generator().manual_seed(8)) * 0.5
+    protocol = FLProtocol("fedavg", batch_size=3, local_epochs=2, local_batch_size=1, local_lr=0.01, shuffle=False)
+    obs = _observe(model, Batch({"feats": feats}, torch.tensor([5, 0, 5])), kws_loss, protocol=protocol)
+    assert obs.labels is None and obs.kind == "delta"
+    cfg = SpeechInversionConfig(iterations=0, restarts=1, griffin_lim_iters=1)
+    rec = SpeechGradientInversion(cfg).reconstruct(obs, model, _prior(fe, model), generator=torch.Generator().manual_seed(0))
+    assert sorted(rec.labels.tolist()) == [0, 5, 5]
