@@ -97,12 +97,13 @@ def main(paths: list[str]) -> None:
     for r in recs:
         p = r["case"]["protocol"]
         if p["kind"] == "fedavg":
-            lam = r["attack"]["config"].get("epoch_prior")
-            fa[(r["attack"]["preset"], p["local_epochs"], p["local_batch_size"], lam)].append(r["metrics"]["accuracy"])
+            c = r["attack"]["config"]
+            fa[(r["attack"]["preset"], c.get("iterations"), p["local_epochs"], p["local_batch_size"],
+                c.get("epoch_prior"))].append(r["metrics"]["accuracy"])
     if fa:
-        settings = sorted({(k[1], k[2], k[3]) for k in fa})
+        settings = sorted({k[1:] for k in fa})
         out += ["## Table 2 layout — FedAvg (Adult, 32 client rows, lr 0.01, known labels): accuracy %", "",
-                "| attack | " + " | ".join(f"E={e} b={b} λ={lam}" for e, b, lam in settings) + " |",
+                "| attack | " + " | ".join(f"{it} it, E={e} b={b} λ={lam}" for it, e, b, lam in settings) + " |",
                 "|---|" + "---|" * len(settings)]
         for key, name in ROWS:
             if any((key, *s) in fa for s in settings):
