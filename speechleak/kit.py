@@ -241,8 +241,11 @@ class SpeechKit:
                            else kws_loss(model, batch))
 
     def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> SpeechPrior:
+        if prior_kind == "continuous" and _opt(case, "task", "kws") == "kws":
+            return self._continuous_prior(case, model, device=device)
         if prior_kind != "speech":
-            raise ValueError(f"the speech kit cannot build a {prior_kind!r} prior (attacks for speech use 'speech')")
+            raise ValueError(f"the speech kit cannot build a {prior_kind!r} prior (speech attacks use 'speech'; "
+                             "the generic baselines get a 'continuous' prior on keyword cases only)")
         fe = frontend_for(case).to(device)
         n = num_samples(case)
         shape = (fe.config.n_features, fe.config.n_frames(n))
@@ -260,10 +263,36 @@ class SpeechKit:
                            label_weight=names[id(model.head.weight)], label_bias=names[id(model.head.bias)],
                            lower=lower, upper=float(_opt(case, "feature_max", 4.0)))
 
+    def _continuous_prior(self, case: Case, model: nn.Module, *, device):
+        """Feature-space prior for the generic baselines (DLG, iDLG, IG) on keyword cases."""
+        from common.kit import ContinuousPrior
+
+        fe = frontend_for(case)
+        shape = (fe.config.n_features, fe.config.n_frames(num_samples(case)))
+        names = {id(p): k for k, p in model.named_parameters()}
+        lo = float((np.log(fe.config.log_eps) - fe.config.offset) / fe.config.scale) if fe.config.kind == "mel" else None
+        return ContinuousPrior(
+            input_shape=shape, num_classes=int(model.head.out_features),
+            build_batch=lambda x, y: Batch({"feats": x}, y), loss_fn=kws_loss,
+            label_weight=names[id(model.head.weight)], label_bias=names[id(model.head.bias)],
+            lower=None if lo is None else torch.full(shape, lo, device=device),
+            upper=None if lo is None else torch.full(shape, float(_opt(case, "feature_max", 4.0)), device=device),
+            sample_inputs=lambda n, g: (torch.randn((n, *shape), generator=g) * 0.5).to(device))
+
+    @staticmethod
+    def _unpack(rec: Reconstruction, truth: Any, case: Case) -> tuple[Tensor, Tensor]:
+        """(features, waves) of a speech attack's dict, or of a generic baseline's feature tensor
+        (waves then come from Griffin-Lim, computed once and cached on the reconstruction)."""
+        if isinstance(rec.data, dict):
+            return rec.data["features"].cpu(), rec.data["waves"].cpu()
+        feats = rec.data.detach().cpu().float()
+        if "_waves" not in rec.extras:
+            rec.extras["_waves"] = frontend_for(case).features_to_wave(feats, length=truth["waves"].shape[-1])
+        return feats, rec.extras["_waves"]
+
     # -- scoring ------------------------------------------------------------------------
     def score(self, reconstruction: Reconstruction, truth: Any, *, case: Case) -> tuple[dict[str, float], str]:
-        rec_f: Tensor = reconstruction.data["features"]
-        rec_w: Tensor = reconstruction.data["waves"]
+        rec_f, rec_w = self._unpack(reconstruction, truth, case)
         tf, tw = truth["feats"], truth["waves"]
         b = tf.shape[0]
         cost = ((rec_f.unsqueeze(1) - tf.unsqueeze(0)) ** 2).flatten(2).mean(-1).numpy()
@@ -332,7 +361,8 @@ class SpeechKit:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         perm = truth.get("_perm", np.arange(truth["feats"].shape[0]))
-        rec_f, rec_w = rec.data["features"][perm], rec.data["waves"][perm]
+        rec_f, rec_w = self._unpack(rec, truth, case)
+        rec_f, rec_w = rec_f[perm], rec_w[perm]
         out = {}
         for k in range(truth["feats"].shape[0]):
             o, r = d / f"original_{k}.wav", d / f"reconstruction_{k}.wav"
