@@ -22,7 +22,7 @@ def register() -> None:
         c.attacks.add("dager", "textleak.attacks.dager:DAGER")
     presets = {
         "dager": Preset("dager", {}, "DAGER (Petrov et al. 2024), reference defaults (tau1 1e-5, tau2 1e-3)"),
-        "dager-fedavg": Preset("dager", {"l1_span_thresh": 5e-3, "l2_span_thresh": 5e-3},
+        "dager-fedavg": Preset("dager", {"l1_span_thresh": 5e-3, "l2_span_thresh": 5e-3, "adaptive_tau": False},
                                "DAGER on FedAvg deltas, thresholds of the reference fed_avg.sh"),
     }
     for name, p in presets.items():

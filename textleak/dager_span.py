@@ -158,7 +158,7 @@ class Span:
 
 
 def span_of(matrix: Tensor, *, rank_tol: float | None = None, noise_floor: float = 0.0,
-            max_rank: int | None = None, eps: float | None = None) -> Span:
+            max_rank: int | None = None, eps: float | None = None, gap_min: float = 100.0) -> Span:
     """Orthonormal basis of the row space of ``matrix`` [m, d].
 
     The numerical rank counts singular values above ``max(rank_tol * s_max, noise_floor)``;
@@ -176,9 +176,27 @@ def span_of(matrix: Tensor, *, rank_tol: float | None = None, noise_floor: float
             "whose B matrix is zero, or a frozen layer); DAGER has no span to test against"
         )
     eps = float(torch.finfo(torch.float32).eps) if eps is None else eps
-    tol = smax * max(m, d) * eps if rank_tol is None else smax * rank_tol
-    tol = max(tol, noise_floor)
-    rank = int((s > tol).sum())
+    tol_np = smax * max(m, d) * eps
+    if rank_tol is not None:
+        tol = max(smax * rank_tol, noise_floor)
+        rank = int((s > tol).sum())
+    elif noise_floor > 0:
+        tol = noise_floor
+        rank = int((s > tol).sum())
+    else:
+        # NumPy's rule is conservative for wide matrices (it can drop real directions whose singular
+        # value is just under s_max * max(m, d) * eps); take the largest spectral gap whose lower
+        # side is at or under that tolerance when the gap is clear (> gap_min), else NumPy's rule.
+        rank = int((s > tol_np).sum())
+        tol = tol_np
+        lo = torch.nonzero(s <= tol_np).flatten()
+        if lo.numel() and int(lo[0]) > 0:
+            ks = torch.arange(int(lo[0]) - 1, s.numel() - 1)
+            ratio = s[ks] / s[ks + 1].clamp_min(smax * 1e-30)
+            j = int(ratio.argmax())
+            if float(ratio[j]) > gap_min:
+                rank = int(ks[j]) + 1
+                tol = float(s[rank]) if rank < s.numel() else 0.0
     cap = min(m, d) if max_rank is None else min(max_rank, min(m, d))
     rank = max(1, min(rank, cap))
     return Span(vh[:rank].t().contiguous(), rank, min(m, d), s, tol)

@@ -43,7 +43,9 @@ Deviations from the reference, all deliberate:
 * When Gaussian noise is a declared defense (defenses are public protocol facts), its sigma sets
   a singular-value noise floor ``sigma * (sqrt(m) + sqrt(d))`` for the rank, and the thresholds are
   widened to ``noise_tau_factor * floor / s_rank`` (capped at ``noise_tau_cap``); FedAvg deltas get
-  the float rounding floor of ``theta_before - theta_after``. The reference instead filters
+  the float rounding floor of ``theta_before - theta_after``. Without noise the floor is the first
+  discarded singular value (float32 round-off), so tau_1/tau_2 never drop below the precision the
+  observed spectrum allows (the reference instead tunes ``rank_tol`` per batch size). The reference instead filters
   outliers with ``p1_std_thrs`` / ``l2_std_thrs``.
 * Precondition failures (rank saturated: token count too close to the width; all-zero update;
   projections not observed) raise :class:`DagerPreconditionError` (``on_failure="raise"``) or
@@ -100,10 +102,12 @@ class DagerConfig:
     last_token_candidates: int = 6  # candidates re-ranked by their exact gradient term
     max_run: int = 4  # rotary decoders: longest run of one token allowed at the start (see _decoder)
     noise_floor: bool = True  # use a declared Gaussian-noise sigma as a singular-value floor
-    noise_tau_factor: float = 3.0  # with a noise floor: tau >= factor * floor / smallest kept singular value
-    noise_tau_cap: float = 0.2
+    adaptive_tau: bool = True  # raise tau_1/tau_2 to the precision the spectrum allows (see spans)
+    noise_tau_factor: float = 3.0  # tau >= factor * noise / smallest kept singular value
+    noise_tau_cap: float = 0.05  # never widen beyond this (the reference's loosest tau, lora.sh)
     on_failure: Literal["report", "raise"] = "report"
     chunk: int = 4096  # tokens per forward chunk in the vocabulary scan
+    time_budget_s: float = 0.0  # > 0: stop the sequence search after this many seconds (stats timed_out)
 
 
 @dataclass
@@ -179,19 +183,30 @@ class DAGER:
                     f"(DAGER needs total tokens < hidden size, or < LoRA rank); use a smaller batch")
             spans.append(sp)
             # a noisy span tilts every direction by ~ noise / singular value: widen tau accordingly
-            stats[f"tau_scale_l{k + 1}"] = floor / float(sp.singular_values[sp.rank - 1]) if floor > 0 else 0.0
+            # the basis direction of singular value s is tilted by ~ noise / s, so a true input lies
+            # up to ~ noise / s_rank off the measured span; noise = the first discarded singular value
+            # (Gaussian noise: ~ sigma (sqrt(m) + sqrt(d)); otherwise float round-off)
+            sv = sp.singular_values
+            noise = float(sv[sp.rank]) if sp.rank < sv.numel() else floor  # measured, not the bound
+            stats[f"tau_scale_l{k + 1}"] = noise / float(sv[sp.rank - 1])
         return taps, spans, stats
+
+    def _over_budget(self) -> bool:
+        if self.config.time_budget_s > 0 and time.perf_counter() - self._t0 > self.config.time_budget_s:
+            self._timed_out = True
+            return True
+        return False
 
     def _run(self, obs, model, prior, generator, t0) -> Reconstruction:
         cfg = self.config
+        self._t0, self._timed_out = t0, False
         dev = model_device(model)
         tok = prior.tokenizer
         vocab = int(model.get_input_embeddings().num_embeddings)
         probe = torch.tensor([[tok.eos_token_id or 0, 1, 2]], device=dev) % vocab
         taps, spans, stats = self.spans(obs, model, probe)
-        self._tau = [min(cfg.noise_tau_cap, max(t, cfg.noise_tau_factor * stats[f"tau_scale_l{k + 1}"])) if
-                     stats[f"tau_scale_l{k + 1}"] > 0 else t
-                     for k, t in enumerate((cfg.l1_span_thresh, cfg.l2_span_thresh))]
+        self._tau = [max(t, min(cfg.noise_tau_cap, cfg.noise_tau_factor * stats[f"tau_scale_l{k + 1}"]))
+                     if cfg.adaptive_tau else t for k, t in enumerate((cfg.l1_span_thresh, cfg.l2_span_thresh))]
         stats["tau_l1"], stats["tau_l2"] = self._tau
         li1, li2 = LayerInputs(model, taps[0]), LayerInputs(model, taps[1])
         b = obs.num_examples
@@ -240,6 +255,7 @@ class DAGER:
         texts = [tok.decode([int(t) for t in s], skip_special_tokens=True).strip() for s in chosen]
         stats["seconds"] = time.perf_counter() - t0
         stats["precondition_failed"] = 0.0
+        stats["timed_out"] = float(self._timed_out)
         return Reconstruction(data=texts, stats=stats, confidence=conf,
                               extras={"token_ids": chosen, "status": "ok"})
 
@@ -258,6 +274,10 @@ class DAGER:
         finished: list[_Path] = []
         for p in range(max_len):
             if not live:
+                break
+            if self._over_budget():
+                finished.extend(x for x in live if x.ids)
+                live = []
                 break
             cands = l1[p][0] if p < len(l1) else []
             if not cands:
@@ -441,6 +461,8 @@ class DAGER:
             while len(inits) < cfg.encoder_restarts:
                 inits.append([c[int(torch.randint(len(c), (1,), generator=generator))] for c in per])
             for cur in inits[: max(cfg.encoder_restarts, 1)]:
+                if self._over_budget():
+                    break
                 best = float(score_batch([cur])[0])
                 for _ in range(cfg.encoder_sweeps):
                     changed = False
