@@ -210,9 +210,15 @@ class SpeechGradientInversion:
                     cur = {k: cur[k] - protocol.local_lr * g[k] for k in cur}
             return {k: params[k] - cur[k] for k in params}
 
+        # FedAvg deltas are ~lr * steps times smaller than gradients: rescale the L2 term so the
+        # prior weights mean the same for both observation kinds (cosine is scale-free).
+        d_scale = 1.0
+        if obs.kind == "delta" and cfg.distance == "l2":
+            d_scale = 1.0 / (protocol.local_lr * protocol.local_epochs * protocol.steps_per_epoch) ** 2
+
         def objective(xr: Tensor) -> Tensor:
             feats = to_feats(xr)
-            d = weighted_distance(cfg.distance, simulated_update(feats), target, names, weights)
+            d = d_scale * weighted_distance(cfg.distance, simulated_update(feats), target, names, weights)
             if cfg.tv_weight > 0:
                 d = d + cfg.tv_weight * anisotropic_tv(feats)
             if cfg.smooth_weight > 0:
