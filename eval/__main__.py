@@ -218,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if "datasets" in sys.modules:  # already imported (e.g. main() called in-process): set it directly
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
