@@ -16,7 +16,7 @@ def rows(directory: str):
         m, st = r.get("metrics", {}), r.get("attack_stats", {})
         status = "error" if r["status"] != "ok" else ("precondition failed" if st.get("precondition_failed") else
                                                      ("timed out" if st.get("timed_out") else "ok"))
-        yield (r["case"]["name"], d, r["case"]["protocol"]["batch_size"], m.get("rouge1"), m.get("rouge2"),
+        yield (r["case"]["name"], r["attack"]["preset"], d, r["case"]["protocol"]["batch_size"], m.get("rouge1"), m.get("rouge2"),
                m.get("exact_match"), r["cost"].get("attack_s"), st.get("rank_l1"), status)
 
 
@@ -25,8 +25,8 @@ def fmt(x, nd=3):
 
 
 if __name__ == "__main__":
-    print("| case | defense | B | ROUGE-1 | ROUGE-2 | exact match | s/batch (attack) | rank L1 | status |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| case | preset | defense | B | ROUGE-1 | ROUGE-2 | exact match | s/batch (attack) | rank L1 | status |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for d in sys.argv[1:]:
-        for c, de, b, r1, r2, em, s, rk, stt in sorted(rows(d), key=lambda x: (x[0], x[1], x[2])):
-            print(f"| {c} | {de} | {b} | {fmt(r1)} | {fmt(r2)} | {fmt(em)} | {fmt(s, 1)} | {fmt(rk, 0)} | {stt} |")
+        for c, pr, de, b, r1, r2, em, s, rk, stt in sorted(rows(d), key=lambda x: (x[0], x[1], x[2], x[3])):
+            print(f"| {c} | {pr} | {de} | {b} | {fmt(r1)} | {fmt(r2)} | {fmt(em)} | {fmt(s, 1)} | {fmt(rk, 0)} | {stt} |")
