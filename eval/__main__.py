@@ -39,11 +39,11 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _parse_set(items: list[str]) -> dict[str, str]:
+def _parse_set(items: list[str], flag: str = "--set") -> dict[str, str]:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: expected key=value")
+            raise UserError(f"{flag} {item!r}: expected key=value")
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -61,6 +61,8 @@ def cmd_run(args) -> int:
         case = replace(case, model=args.model)
     if args.label:
         case = replace(case, options={**case.options, "label": args.label})
+    if args.option:
+        case = replace(case, options={**case.options, **_parse_set(args.option, flag="--option")})
     if args.batch_size:
         if args.batch_size < 1:
             raise UserError("--batch-size must be >= 1")
@@ -162,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", required=True, help="case name (python -m eval list cases)")
     p.add_argument("--data", help="your own data: text file (one sentence per line), CSV (with --label), or WAV folder")
     p.add_argument("--label", help="label column of a CSV given with --data")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="case option for the kit, e.g. categorical=col1,col2 or max_tokens=32")
     p.add_argument("--model", help="HF model id (cached) or local model directory")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--trials", type=int, default=1)

@@ -20,7 +20,7 @@ from common.seed import derive_seed, make_generator
 
 from .catalog import catalog
 from .errors import UserError
-from .records import RECORDS_FILE, SCHEMA_VERSION, append_record, completed_ids, now, provenance, run_id
+from .records import RECORDS_FILE, SCHEMA_VERSION, append_record, canonical_json, completed_ids, now, provenance, run_id
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,11 @@ def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | Non
         torch.cuda.reset_peak_memory_stats()
     try:
         kit = catalog().kits.get(case.modality)()
-        mkey = (case.modality, case.model, case.data, tuple(sorted(case.options.items())), spec.seed, device)
+        mkey = (case.modality, case.model, case.data, canonical_json(dict(case.options)), spec.seed, device)
         if mkey not in resources.models:  # noqa: SIM102
             resources.models[mkey] = kit.load_model(case, device=dev, generator=make_generator(derive_seed(spec.seed, "model")))
         model = resources.models[mkey]
-        pkey = (case.modality, case.data, spec.data_path, tuple(sorted(case.options.items())))
+        pkey = (case.modality, case.data, spec.data_path, canonical_json(dict(case.options)))
         if pkey not in resources.pools:
             resources.pools[pkey] = kit.load_pool(case, data_path=spec.data_path)
         pool = resources.pools[pkey]
@@ -165,8 +165,8 @@ def preload(specs: Sequence[TrialSpec], *, device: str, resources: _Resources) -
             kit = catalog().kits.get(case.modality)()
         except KeyError as e:
             raise UserError(str(e)) from None
-        pkey = (case.modality, case.data, spec.data_path, tuple(sorted(case.options.items())))
-        mkey = (case.modality, case.model, case.data, tuple(sorted(case.options.items())), spec.seed, device)
+        pkey = (case.modality, case.data, spec.data_path, canonical_json(dict(case.options)))
+        mkey = (case.modality, case.model, case.data, canonical_json(dict(case.options)), spec.seed, device)
         try:
             if pkey not in resources.pools:
                 resources.pools[pkey] = kit.load_pool(case, data_path=spec.data_path)
@@ -227,7 +227,7 @@ def _distinct_inputs(specs: Sequence[TrialSpec]) -> list[TrialSpec]:
     seen, out = set(), []
     for s in specs:
         c = effective_case(s)
-        key = (c.modality, c.model, c.data, tuple(sorted(c.options.items())), s.seed)
+        key = (c.modality, c.model, c.data, canonical_json(dict(c.options)), s.seed)
         if key not in seen:
             seen.add(key)
             out.append(s)

@@ -112,7 +112,13 @@ class TabularKit:
 
     def load_model(self, case: Case, *, device: torch.device, generator: torch.Generator) -> nn.Module:
         pool = self.load_pool(case, data_path=None)
-        layout = tuple(case.options.get("layout", (100, 100, 2)))
+        layout = case.options.get("layout", (100, 100, 2))
+        if isinstance(layout, str):  # from --option layout=100,100,2
+            try:
+                layout = [int(v) for v in layout.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(f"option layout={layout!r}: expected comma-separated layer widths, e.g. 100,100,2") from None
+        layout = tuple(int(v) for v in layout)
         model = FullyConnected(pool.schema.dim, layout, generator=generator)
         epochs = int(case.options.get("train_epochs", 0))
         if epochs:
