@@ -242,6 +242,8 @@ class DAGER:
             sents, scores = self._encoder(li2, spans[1], l1, prior, b, generator)
         else:
             sents, scores = self._decoder(li2, spans[1], l1, b, max_len, position_free)
+            keep = _select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
+            sents, scores = [sents[i] for i in keep], [scores[i] for i in keep]
             if cfg.complete_last_token and sents:
                 sents = self._complete_last(obs, model, sents)
         order = _select(sents, scores, l1, position_free, b)
