@@ -1,11 +1,12 @@
 """textleak: TAG, LAMP and DAGER on Hugging Face transformers (plain tables only, no heavy imports)."""
 from common.attack import Preset
 
-KITS = {"text": "textleak.kit:TextKit"}
-CASE_MODULES: tuple[str, ...] = ("textleak.cases",)
+KITS = {"text": "textleak.kit:TextKit", "text-lora": "textleak.dager_kit:LoraTextKit"}
+CASE_MODULES: tuple[str, ...] = ("textleak.cases", "textleak.cases_dager")
 ATTACKS = {
     "tag": "textleak.attacks.tag:TAG",
     "lamp": "textleak.attacks.lamp:LAMP",
+    "dager": "textleak.attacks.dager:DAGER",
 }
 PRESETS = {
     "tag": Preset("tag", {}, "TAG (Deng et al. 2021) as LAMP's tag.sh: L2 + 0.01·L1, Adam lr 0.1, 2500 steps"),
@@ -14,4 +15,7 @@ PRESETS = {
     "lamp-l1l2": Preset("lamp", {"loss": "tag", "tag_factor": 0.01, "coeff_perplexity": 60.0, "coeff_reg": 25.0,
                                  "lr": 0.01, "lr_decay": 0.89},
                         "LAMP_L1+L2 (Balunović et al. 2022) as lamp_l1l2.sh"),
+    "dager": Preset("dager", {}, "DAGER (Petrov et al. 2024): reference tau1 1e-5 / tau2 1e-3 with spectrum-adaptive widening"),
+    "dager-fedavg": Preset("dager", {"l1_span_thresh": 5e-3, "l2_span_thresh": 5e-3, "adaptive_tau": False},
+                           "DAGER with the fixed thresholds of the reference fed_avg.sh"),
 }
