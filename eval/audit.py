@@ -135,7 +135,7 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
             record["attack_stats"] = {k: float(v) for k, v in rec.stats.items()}
             metrics: dict[str, float] = {}
             if cap.truth_path is not None and hasattr(kit, "truth_from_file"):
-                truth = kit.truth_from_file(case, cap.truth_path)
+                truth = kit.truth_from_file(case, cap.truth_path, model=model)
                 metrics, record["alignment"] = kit.score(rec, truth, case=case)
                 if hasattr(kit, "save_artifacts"):
                     record["artifacts"].update(kit.save_artifacts(rec, truth, case=case, directory=art_dir))

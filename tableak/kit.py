@@ -184,7 +184,7 @@ class TabularKit:
             metrics["label_accuracy"] = float(np.mean(np.array(p) == np.array(t)))
         return metrics, "hungarian:tabular-feature-error"
 
-    def truth_from_file(self, case: Case, path) -> dict[str, Any]:
+    def truth_from_file(self, case: Case, path, *, model=None) -> dict[str, Any]:
         """Ground truth for ``eval audit``: a CSV of the client's rows in the case's schema."""
         schema = self.load_pool(case, data_path=None).schema
         frame = pd.read_csv(path)

@@ -135,6 +135,14 @@ class TextKit:
     def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
         return text_loss(model, batch)
 
+    def truth_from_file(self, case: Case, path, *, model: nn.Module) -> dict[str, Any]:
+        """Ground truth for ``eval audit``: the client's sentences, one per line."""
+        tok = info_of(model).tokenizer
+        texts = [t["text"] for t in load_sentences(str(path))]
+        refs = [tok.decode(tok(t)["input_ids"], skip_special_tokens=True).strip() for t in texts]
+        return {"sentences": refs, "raw": texts, "labels": torch.zeros(len(texts), dtype=torch.long),
+                "token_ids": [tok(t)["input_ids"] for t in texts], "kind": info_of(model).kind}
+
     # -- prior ---------------------------------------------------------------------------------
     def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> TextPrior:
         if prior_kind not in ("text", "", "none"):

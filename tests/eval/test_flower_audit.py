@@ -137,3 +137,65 @@ def test_bad_capture_is_a_user_error(tmp_path, capsys):
     bad.write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(Exception):
         _load_tensors(bad)
+
+
+class TextClient(flwr.client.NumPyClient):
+    """A Flower client fine-tuning a causal LM on its sentences (one local SGD step)."""
+
+    def __init__(self, model, batch, loss_fn):
+        self.model, self.batch, self.loss_fn = model, batch, loss_fn
+
+    def get_parameters(self, config):
+        return [p.detach().numpy().copy() for p in self.model.parameters()]
+
+    def fit(self, parameters, config):
+        with torch.no_grad():
+            for p, a in zip(self.model.parameters(), parameters):
+                p.copy_(torch.from_numpy(a))
+        opt = torch.optim.SGD(self.model.parameters(), lr=float(config["lr"]))
+        opt.zero_grad()
+        self.loss_fn(self.model, self.batch).mean().backward()
+        opt.step()
+        return self.get_parameters({}), len(self.batch), {}
+
+
+def test_flower_federation_capture_and_audit_recovers_text(tmp_path):
+    """Two clients fine-tune a tiny GPT-2; DAGER recovers their sentences from the captured deltas."""
+    import copy
+
+    from common.seed import make_generator
+    from eval.catalog import catalog
+    from eval.flower import CapturingStrategy, run_inprocess
+    from textleak.kit import TextKit
+    from textleak.models import info_of
+
+    case = catalog().cases.get("text/tiny-gpt2/dager")
+    kit = TextKit()
+    model = kit.load_model(case, device=torch.device("cpu"), generator=make_generator(0))
+    tok = info_of(model).tokenizer
+    sentences = {"0": ["the movie was great fun", "a dull and tired plot"], "1": ["what a lovely little film"]}
+    clients, truths = {}, {}
+    for cid, texts in sentences.items():
+        path = tmp_path / f"client{cid}.txt"
+        path.write_text("\n".join(texts) + "\n")
+        truths[cid] = str(path)
+        enc = tok(texts, padding=True, return_tensors="pt")
+        from common.types import Batch
+
+        batch = Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, None,
+                      {"seq_lens": enc["attention_mask"].sum(1).tolist()})
+        clients[cid] = TextClient(copy.deepcopy(model), batch, kit.loss_fn)
+    names = [n for n, _ in model.named_parameters()]
+    strategy = CapturingStrategy(
+        flwr.server.strategy.FedAvg(min_fit_clients=2, min_available_clients=2, fraction_evaluate=0.0,
+                                    initial_parameters=flwr.common.ndarrays_to_parameters(
+                                        [p.detach().numpy() for p in model.parameters()]),
+                                    on_fit_config_fn=lambda r: {"lr": 1e-4, "local_epochs": 1}),
+        param_names=names, capture_dir=tmp_path / "captures", truth_for_client=truths.get)
+    run_inprocess(clients, strategy, rounds=1)
+    out = tmp_path / "audit"
+    assert main(["audit", str(tmp_path / "captures"), "--attack", "dager", "--case", "text/tiny-gpt2/dager",
+                 "--out", str(out)]) == 0
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
+    assert min(r["metrics"]["rouge1"] for r in recs) > 0.99
