@@ -49,20 +49,25 @@ def _parse_set(items: list[str], flag: str = "--set") -> dict[str, str]:
     return out
 
 
-def cmd_run(args) -> int:
-    from .runner import TrialSpec, run_many
-
-    cat = _catalog()
+def _case_from_args(args):
+    """The named case with the command line's --model / --label / --option applied."""
     try:
-        case = cat.cases.get(args.case)
+        case = _catalog().cases.get(args.case)
     except KeyError as e:
         raise UserError(f"{e}; run `python -m eval list cases`") from None
     if args.model:
         case = replace(case, model=args.model)
     if args.label:
         case = replace(case, options={**case.options, "label": args.label})
-    if args.option:
+    if getattr(args, "option", None):
         case = replace(case, options={**case.options, **_parse_set(args.option, flag="--option")})
+    return case
+
+
+def cmd_run(args) -> int:
+    from .runner import TrialSpec, run_many
+
+    case = _case_from_args(args)
     if args.batch_size:
         if args.batch_size < 1:
             raise UserError("--batch-size must be >= 1")
@@ -135,17 +140,9 @@ def cmd_leaderboard(args) -> int:
 def cmd_audit(args) -> int:
     from .audit import audit
 
-    cat = _catalog()
-    try:
-        case = cat.cases.get(args.case)
-    except KeyError as e:
-        raise UserError(f"{e}; run `python -m eval list cases`") from None
-    if args.model:
-        case = replace(case, model=args.model)
+    case = _case_from_args(args)
     if args.data:
         case = replace(case, data=args.data)
-    if args.label:
-        case = replace(case, options={**case.options, "label": args.label})
     records = audit(args.captures, attack=args.attack, case=case, out_dir=args.out, overrides=_parse_set(args.set),
                     device=_device(args.device), seed=args.seed, resume=args.resume)
     return _finish(args.out, records)
