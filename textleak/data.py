@@ -1,20 +1,13 @@
 """Sentence pools: the 200 Rotten Tomatoes sentences shipped in the gensim wheel, or a local file."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-RT_RELATIVE = "test/test_data/pang_lee_polarity.cor"
+from common.assets import rotten_tomatoes_file
 
 
 def rotten_tomatoes_path() -> Path:
-    spec = importlib.util.find_spec("gensim")  # read the file only; gensim itself is never imported
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("dataset 'rotten-tomatoes' needs the gensim wheel for its data file: pip install --no-deps gensim==4.4.0")
-    p = Path(list(spec.submodule_search_locations)[0]) / RT_RELATIVE
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} is missing; reinstall: pip install --no-deps --force-reinstall gensim==4.4.0")
-    return p
+    return rotten_tomatoes_file()  # read the file only; gensim itself is never imported
 
 
 def rotten_tomatoes():

