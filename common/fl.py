@@ -10,13 +10,16 @@ per-example gradients (DP-SGD clipping) need no second loss definition.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from .types import Batch, ClientUpdate, FLProtocol
+
+if TYPE_CHECKING:  # defenses import this module
+    from .defenses import Defense
 
 LossFn = Callable[[nn.Module, Batch], Tensor]
 
@@ -151,7 +154,7 @@ def client_update(
     loss_fn: LossFn,
     protocol: FLProtocol,
     *,
-    defenses: Sequence["Defense"] = (),  # noqa: F821 (common.defenses.Defense)
+    defenses: Sequence[Defense] = (),
     generator: torch.Generator,
 ) -> ClientUpdate:
     """Simulate one honest client round. Never mutates ``model``.

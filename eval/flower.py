@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, GetParametersIns, GetParametersRes,
-                         GetPropertiesIns, GetPropertiesRes, Parameters, ReconnectIns, DisconnectRes, Status,
+                         GetPropertiesIns, GetPropertiesRes, ReconnectIns, DisconnectRes, Status,
                          parameters_to_ndarrays)
 from flwr.server import Server
 from flwr.server.client_manager import SimpleClientManager

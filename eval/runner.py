@@ -1,7 +1,6 @@
 """The trial runner: the only place that holds ground truth and the observation together."""
 from __future__ import annotations
 
-import copy
 import resource
 import time
 import traceback
@@ -102,6 +101,19 @@ def failure_record(spec: TrialSpec, *, device: str, error: str, wall_s: float = 
     return record
 
 
+def _load_inputs(spec: TrialSpec, case: Case, kit: Any, resources: _Resources, *, device: str) -> tuple[Any, Any]:
+    """The trial's model and data pool, each loaded once per process (cached in ``resources``)."""
+    options = canonical_json(dict(case.options))
+    pkey = (case.modality, case.data, spec.data_path, options)
+    mkey = (case.modality, case.model, case.data, options, spec.seed, device)
+    if pkey not in resources.pools:
+        resources.pools[pkey] = kit.load_pool(case, data_path=spec.data_path)
+    if mkey not in resources.models:
+        resources.models[mkey] = kit.load_model(case, device=torch.device(device),
+                                                generator=make_generator(derive_seed(spec.seed, "model")))
+    return resources.models[mkey], resources.pools[pkey]
+
+
 def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | None = None,
               resources: _Resources | None = None) -> dict:
     """Run one trial and return its record (status ok or failed; never raises for attack errors)."""
@@ -114,14 +126,7 @@ def run_trial(spec: TrialSpec, *, device: str = "cpu", out_dir: str | Path | Non
         torch.cuda.reset_peak_memory_stats()
     try:
         kit = catalog().kits.get(case.modality)()
-        mkey = (case.modality, case.model, case.data, canonical_json(dict(case.options)), spec.seed, device)
-        if mkey not in resources.models:  # noqa: SIM102
-            resources.models[mkey] = kit.load_model(case, device=dev, generator=make_generator(derive_seed(spec.seed, "model")))
-        model = resources.models[mkey]
-        pkey = (case.modality, case.data, spec.data_path, canonical_json(dict(case.options)))
-        if pkey not in resources.pools:
-            resources.pools[pkey] = kit.load_pool(case, data_path=spec.data_path)
-        pool = resources.pools[pkey]
+        model, pool = _load_inputs(spec, case, kit, resources, device=device)
         g_data = make_generator(derive_seed(spec.seed, spec.trial, "data"))
         batch, truth = kit.sample(pool, case, model=model, device=dev, generator=g_data)
         defenses = [build_defense(d) for d in case.defenses]
@@ -158,21 +163,14 @@ USER_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, Permissi
 
 def preload(specs: Sequence[TrialSpec], *, device: str, resources: _Resources) -> None:
     """Load every distinct data pool and model once, turning input problems into UserErrors."""
-    dev = torch.device(device)
     for spec in specs:
         case = effective_case(spec)
         try:
             kit = catalog().kits.get(case.modality)()
         except KeyError as e:
             raise UserError(str(e)) from None
-        pkey = (case.modality, case.data, spec.data_path, canonical_json(dict(case.options)))
-        mkey = (case.modality, case.model, case.data, canonical_json(dict(case.options)), spec.seed, device)
         try:
-            if pkey not in resources.pools:
-                resources.pools[pkey] = kit.load_pool(case, data_path=spec.data_path)
-            if mkey not in resources.models:
-                resources.models[mkey] = kit.load_model(case, device=dev,
-                                                        generator=make_generator(derive_seed(spec.seed, "model")))
+            _load_inputs(spec, case, kit, resources, device=device)
         except Exception as e:  # noqa: BLE001 - classify: user input problems become one-line errors
             if not (isinstance(e, USER_INPUT_ERRORS) or type(e).__module__.split(".")[0] in ("datasets", "pandas")):
                 raise

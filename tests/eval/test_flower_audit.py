@@ -25,11 +25,11 @@ def table(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-class TabularClient(flwr.client.NumPyClient):
-    """A Flower client training TabLeak's FC net on its own rows with local SGD."""
+class LocalSGDClient(flwr.client.NumPyClient):
+    """A Flower client running plain local SGD (lr and local_epochs from the server's fit config)."""
 
-    def __init__(self, model, x, y):
-        self.model, self.x, self.y = model, x, y
+    def __init__(self, model, loss, n):
+        self.model, self.loss, self.n = model, loss, n  # loss(model) -> scalar training loss
 
     def get_parameters(self, config):
         return [p.detach().numpy().copy() for p in self.model.parameters()]
@@ -39,11 +39,11 @@ class TabularClient(flwr.client.NumPyClient):
             for p, a in zip(self.model.parameters(), parameters):
                 p.copy_(torch.from_numpy(a))
         opt = torch.optim.SGD(self.model.parameters(), lr=float(config["lr"]))
-        for _ in range(int(config["local_epochs"])):
+        for _ in range(int(config.get("local_epochs", 1))):
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+            self.loss(self.model).backward()
             opt.step()
-        return self.get_parameters({}), len(self.x), {}
+        return self.get_parameters({}), self.n, {}
 
 
 def test_flower_federation_capture_and_audit_recovers_tabular_rows(tmp_path):
@@ -65,7 +65,9 @@ def test_flower_federation_capture_and_audit_recovers_tabular_rows(tmp_path):
         df = __import__("pandas").read_csv(rows)
         import copy
 
-        clients[cid] = TabularClient(copy.deepcopy(model), pool.schema.encode(df), pool.schema.encode_labels(df))
+        x, y = pool.schema.encode(df), pool.schema.encode_labels(df)
+        clients[cid] = LocalSGDClient(copy.deepcopy(model),
+                                      lambda m, x=x, y=y: torch.nn.functional.cross_entropy(m(x), y), len(x))
         truths[cid] = str(rows)
     names = [n for n, _ in model.named_parameters()]
     strategy = CapturingStrategy(
@@ -139,26 +141,6 @@ def test_bad_capture_is_a_user_error(tmp_path, capsys):
         _load_tensors(bad)
 
 
-class TextClient(flwr.client.NumPyClient):
-    """A Flower client fine-tuning a causal LM on its sentences (one local SGD step)."""
-
-    def __init__(self, model, batch, loss_fn):
-        self.model, self.batch, self.loss_fn = model, batch, loss_fn
-
-    def get_parameters(self, config):
-        return [p.detach().numpy().copy() for p in self.model.parameters()]
-
-    def fit(self, parameters, config):
-        with torch.no_grad():
-            for p, a in zip(self.model.parameters(), parameters):
-                p.copy_(torch.from_numpy(a))
-        opt = torch.optim.SGD(self.model.parameters(), lr=float(config["lr"]))
-        opt.zero_grad()
-        self.loss_fn(self.model, self.batch).mean().backward()
-        opt.step()
-        return self.get_parameters({}), len(self.batch), {}
-
-
 def test_flower_federation_capture_and_audit_recovers_text(tmp_path):
     """Two clients fine-tune a tiny GPT-2; DAGER recovers their sentences from the captured deltas."""
     import copy
@@ -184,7 +166,7 @@ def test_flower_federation_capture_and_audit_recovers_text(tmp_path):
 
         batch = Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, None,
                       {"seq_lens": enc["attention_mask"].sum(1).tolist()})
-        clients[cid] = TextClient(copy.deepcopy(model), batch, kit.loss_fn)
+        clients[cid] = LocalSGDClient(copy.deepcopy(model), lambda m, b=batch: kit.loss_fn(m, b).mean(), len(batch))
     names = [n for n, _ in model.named_parameters()]
     strategy = CapturingStrategy(
         flwr.server.strategy.FedAvg(min_fit_clients=2, min_available_clients=2, fraction_evaluate=0.0,
