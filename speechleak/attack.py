@@ -61,6 +61,7 @@ class SpeechInversionConfig:
     layer_decay: float = 0.8  # depth-decay: weight of layer l is decay**l (input layers heaviest)
     domain: Literal["features", "waveform"] = "features"
     optimizer: Literal["adam", "lbfgs"] = "adam"
+    precision: Literal["float32", "float64"] = "float32"  # float64 lets L-BFGS reach relative gradient distances ~1e-10
     lr: float = 0.1
     iterations: int = 2000
     restarts: int = 4
@@ -71,6 +72,7 @@ class SpeechInversionConfig:
     init_scale: float = 0.5
     labels: Literal["observed", "recover"] = "recover"
     griffin_lim_iters: int = 100
+    mel_inversion: Literal["nnls", "lstsq"] = "nnls"  # mel -> linear before Griffin-Lim (see FrontEnd.mel_to_linear)
     refine_iterations: int = 0  # waveform refinement through the front end after Griffin-Lim
     batched: bool = True
 
@@ -171,9 +173,10 @@ class SpeechGradientInversion:
         cfg = self.config
         t0 = time.perf_counter()
         b = obs.require_num_examples()
-        target = {k: v.detach() for k, v in obs.tensors.items()}
+        dtype = torch.float64 if cfg.precision == "float64" else torch.float32
+        target = {k: v.detach().to(dtype) for k, v in obs.tensors.items()}
         device = next(iter(target.values())).device
-        params = {k: v.detach() for k, v in trainable_params(model).items()}
+        params = {k: v.detach().to(dtype) for k, v in trainable_params(model).items()}
         names = [k for k in params if k in target]
         weights = layer_weights(cfg.layer_weights, target, names, cfg.layer_decay)
         labels = self._labels(obs, prior, model, b, generator).to(device)
@@ -192,10 +195,21 @@ class SpeechGradientInversion:
             x0 = torch.randn((cfg.restarts, b, prior.num_samples), generator=generator) * 0.05
         else:
             x0 = torch.randn((cfg.restarts, b, f, t), generator=generator) * cfg.init_scale
-        x = x0.to(device).requires_grad_(True)
+        lower = prior.lower if (cfg.domain == "features" and prior.lower is not None and prior.frontend.config.kind == "mel") else None
+        # L-BFGS cannot project onto the bounds: it optimises z with x = lower + softplus(4 z) / 4 instead
+        bounded = cfg.optimizer == "lbfgs" and lower is not None
+        if bounded:
+            x0 = torch.where(x0 - lower > 5.0, 4.0 * (x0 - lower), torch.log(torch.expm1((4.0 * (x0 - lower)).clamp(min=1e-4)))) / 4.0
+        x = x0.to(device, dtype).requires_grad_(True)
+        if cfg.domain == "waveform":
+            frontend = frontend.to(dtype)
 
         def to_feats(xr: Tensor) -> Tensor:
-            return frontend(xr) if cfg.domain == "waveform" else xr
+            if cfg.domain == "waveform":
+                return frontend(xr)
+            if bounded:
+                return lower + nn.functional.softplus(4.0 * xr) / 4.0
+            return xr
 
         def simulated_update(feats: Tensor) -> dict[str, Tensor]:
             batch = prior.build_batch(feats, labels)
@@ -230,7 +244,6 @@ class SpeechGradientInversion:
                 return vmap(objective)(xv)
             return torch.stack([objective(xv[r]) for r in range(xv.shape[0])])
 
-        lower = prior.lower if (cfg.domain == "features" and prior.lower is not None and prior.frontend.config.kind == "mel") else None
         if cfg.optimizer == "lbfgs":
             opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.iterations, history_size=50, line_search_fn="strong_wolfe",
                                     tolerance_grad=1e-12, tolerance_change=1e-14)
@@ -265,12 +278,16 @@ class SpeechGradientInversion:
         best = int(torch.argmin(torch.nan_to_num(final, nan=float("inf"))).item())
         xb = x.detach()[best]
         with torch.no_grad():
-            feats = to_feats(xb)
+            feats = to_feats(xb).float()
+            if cfg.domain == "waveform":
+                frontend = frontend.float()
+                xb = xb.float()
         t_feat = time.perf_counter() - t0
         if cfg.domain == "waveform":
             waves = xb
         else:
-            waves = frontend.features_to_wave(feats, length=prior.num_samples, n_iter=cfg.griffin_lim_iters)
+            waves = frontend.features_to_wave(feats, length=prior.num_samples, n_iter=cfg.griffin_lim_iters,
+                                              mel_inversion=cfg.mel_inversion)
             if cfg.refine_iterations > 0:
                 waves = refine_waveform(frontend, feats, waves, iterations=cfg.refine_iterations)
         return Reconstruction(

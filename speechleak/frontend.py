@@ -3,8 +3,8 @@
 Everything from the waveform to the feature map is plain torch/torchaudio autograd
 (STFT -> |.|^2 -> mel filterbank -> log -> affine normalisation -> orthonormal DCT), so an
 attack can optimise the feature map *or* the raw waveform end to end. The inverse path
-(MFCC -> log-mel by the DCT pseudo-inverse, mel -> linear by ``InverseMelScale`` with the
-``gelsd`` driver, Griffin-Lim with a deterministic zero-phase start) is used to turn
+(MFCC -> log-mel by the DCT pseudo-inverse, mel -> linear by non-negative least squares
+(or ``InverseMelScale`` with the ``gelsd`` driver), Griffin-Lim with a deterministic zero-phase start) is used to turn
 recovered features back into audio.
 
 Default resolution (a free choice; Li et al. 2023 do not state theirs): 16 kHz, n_fft 512,
@@ -99,20 +99,46 @@ class FrontEnd(nn.Module):
             z = torch.matmul(feats.transpose(-1, -2), self.dct.T).transpose(-1, -2)
         return z * c.scale + c.offset
 
-    def logmel_to_wave(self, log_mel: Tensor, *, length: int | None = None, n_iter: int = 100) -> Tensor:
+    def mel_to_linear(self, mel: Tensor, *, method: str = "nnls", iterations: int = 200) -> Tensor:
+        """Mel power [..., n_mels, frames] -> linear power [..., n_fft/2+1, frames].
+
+        ``nnls`` (default): non-negative least squares by multiplicative updates (Lee & Seung),
+        started from the filterbank-weighted spread of each mel value. ``lstsq``: torchaudio's
+        ``InverseMelScale(driver="gelsd")`` (minimum-norm least squares, then clamped at 0).
+        The least-squares inverse is exact on a true mel map but unstable: perturbing the
+        normalised log-mel by 0.01 (0.04 nats) drops Griffin-Lim PESQ-wb from 4.2 to 1.8 on a
+        keyword clip, while the NNLS inverse stays at 4.2 (docs/speechleak.md)."""
+        c = self.config
+        if method == "lstsq":
+            inv = torchaudio.transforms.InverseMelScale(c.n_fft // 2 + 1, c.n_mels, c.sample_rate, c.f_min, c.f_max,
+                                                        driver="gelsd").to(mel.device, torch.float64)
+            return inv(mel.double()).float().clamp(min=0.0)
+        if method != "nnls":
+            raise ValueError(f"unknown mel inversion {method!r}; use nnls or lstsq")
+        fb = self.fbanks.to(mel.device, torch.float64)  # [n_freq, n_mels]
+        m = mel.double().clamp(min=0.0)
+        spread = fb / fb.sum(0, keepdim=True).clamp(min=1e-12)
+        s = torch.matmul(spread, m).clamp(min=1e-12)
+        num = torch.matmul(fb, m)
+        for _ in range(iterations):
+            s = s * num / torch.matmul(fb, torch.matmul(fb.T, s)).clamp(min=1e-20)
+        return s.float()
+
+    def logmel_to_wave(self, log_mel: Tensor, *, length: int | None = None, n_iter: int = 100,
+                       mel_inversion: str = "nnls") -> Tensor:
         """Griffin-Lim (torchaudio) from a log-mel map [..., n_mels, frames]."""
         c = self.config
         with torch.no_grad():
             mel = (log_mel.exp() - c.log_eps).clamp(min=0.0)
-            inv = torchaudio.transforms.InverseMelScale(c.n_fft // 2 + 1, c.n_mels, c.sample_rate, c.f_min, c.f_max,
-                                                        driver="gelsd").to(mel.device, torch.float64)
-            linear = inv(mel.double()).float().clamp(min=0.0)
+            linear = self.mel_to_linear(mel, method=mel_inversion)
             gl = torchaudio.transforms.GriffinLim(n_fft=c.n_fft, hop_length=c.hop, win_length=c.n_fft, power=2.0,
                                                   n_iter=n_iter, rand_init=False, length=length).to(mel.device)
             return gl(linear)
 
-    def features_to_wave(self, feats: Tensor, *, length: int | None = None, n_iter: int = 100) -> Tensor:
-        return self.logmel_to_wave(self.features_to_logmel(feats), length=length, n_iter=n_iter)
+    def features_to_wave(self, feats: Tensor, *, length: int | None = None, n_iter: int = 100,
+                         mel_inversion: str = "nnls") -> Tensor:
+        return self.logmel_to_wave(self.features_to_logmel(feats), length=length, n_iter=n_iter,
+                                   mel_inversion=mel_inversion)
 
 
 def refine_waveform(frontend: FrontEnd, feats: Tensor, init_wave: Tensor, *, iterations: int = 200,

@@ -27,10 +27,13 @@ def _setting(r: dict) -> str:
     if c.get("defenses"):
         parts.append("+".join(f"{d['name']}({','.join(f'{k}={v}' for k, v in d.items() if k != 'name')})" for d in c["defenses"]))
     cfg = r["attack"]["config"]
-    parts.append(f"{cfg['iterations']} it x {cfg['restarts']} restarts")
+    opt = cfg.get("optimizer", "adam") + ("-f64" if cfg.get("precision") == "float64" else "")
+    parts.append(f"{cfg['iterations']} it {opt} x {cfg['restarts']} restarts, TV {cfg.get('tv_weight', 0):g}")
+    # records written before the NNLS mel inversion existed used the least-squares inverse
+    parts.append(f"GL via {cfg.get('mel_inversion', 'lstsq')}")
     if opts.get("stage", "init") != "init":
         parts.append(f"stage={opts['stage']}")
-    return " | ".join(parts)
+    return "; ".join(parts)
 
 
 def pooled_stoi(recs: list[dict]) -> str:
