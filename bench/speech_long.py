@@ -12,7 +12,7 @@ the ``speech-lbfgs`` preset, turns each window into audio (NNLS mel inversion + 
 and concatenates the windows. Long utterances are flite sentences of one voice (Rotten
 Tomatoes, the CTC case's pool) joined with 0.15 s pauses and cut to the length.
 
-Scores on the whole clip: mel-spectrogram SNR and mel cosine (pooled over windows), waveform
+Scores on the whole clip: mel-spectrogram SNR (power and dB scale) and mel cosine (pooled over windows), waveform
 SNR, PESQ-wb, STOI (defined for >= 5 s), pocketsphinx WER against the reference text and
 against pocketsphinx's transcript of the original. One JSON line per clip in
 ``OUT/records.jsonl`` (resumable: finished (length, clip) pairs are skipped) and a table in
@@ -144,6 +144,8 @@ def main() -> None:
             m.update(M.feature_similarity(predictions=[rf], references=[tf]))
             m["mel_cosine"] = M.feature_similarity(predictions=[rm], references=[tm])["feature_cosine"]
             m.update(M.spectral_snr(predictions=[rm], references=[tm]))
+            eps = fe.config.log_eps
+            m.update(M.db_spectral_snr(predictions=[(rm - eps).clamp(min=0)], references=[(tm - eps).clamp(min=0)], floor=eps))
             m.update(M.snr(predictions=[rw], references=[tw]))
             m.update(M.pesq_wb(predictions=[rw], references=[tw]))
             m.update(M.stoi(predictions=[rw], references=[tw]))
@@ -180,11 +182,11 @@ def write_table(rec_path: Path, out: Path) -> None:
         v = [r["metrics"][k] for r in rs if k in r["metrics"]]
         return f"{fmean(v):.{d}f}" if v else "n/a"
 
-    lines = ["| features | clip length | clips | segments | mel SNR (dB) | mel cosine | waveform SNR (dB) | PESQ-wb | STOI | "
+    lines = ["| features | clip length | clips | segments | mel SNR (dB) | dB-mel SNR (dB) | mel cosine | waveform SNR (dB) | PESQ-wb | STOI | "
              "WER vs text (recon. / orig.) | WER vs orig. transcript | s per segment |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (feat, sec, it), rs in sorted(groups.items()):
-        lines.append(f"| {feat} ({it} it) | {sec:g} s | {len(rs)} | {rs[0]['segments']} | {mean(rs, 'mel_snr', 1)} | "
+        lines.append(f"| {feat} ({it} it) | {sec:g} s | {len(rs)} | {rs[0]['segments']} | {mean(rs, 'mel_snr', 1)} | {mean(rs, 'logmel_snr', 1)} | "
                      f"{mean(rs, 'mel_cosine', 3)} | {mean(rs, 'snr', 1)} | {mean(rs, 'pesq_wb')} | {mean(rs, 'stoi')} | "
                      f"{mean(rs, 'asr_wer')} / {mean(rs, 'asr_original_wer')} | {mean(rs, 'asr_vs_original_wer')} | "
                      f"{fmean(r['s_per_segment'] for r in rs):.1f} |")

@@ -307,6 +307,9 @@ class SpeechKit:
         lm_cos = M.feature_similarity(predictions=list(rec_lm.exp()), references=list(true_lm.exp()))
         out["mel_cosine"] = lm_cos["feature_cosine"]
         out.update(M.spectral_snr(predictions=list(rec_lm.exp()), references=list(true_lm.exp())))
+        out.update(M.db_spectral_snr(predictions=list((rec_lm.exp() - fe.config.log_eps).clamp(min=0)),
+                                     references=list((true_lm.exp() - fe.config.log_eps).clamp(min=0)),
+                                     floor=fe.config.log_eps))
         waves_p, waves_r = list(rec_w), list(tw)
         out.update(M.snr(predictions=waves_p, references=waves_r))
         out.update(M.pesq_wb(predictions=waves_p, references=waves_r))

@@ -17,6 +17,19 @@ def test_snr_and_si_sdr():
     assert abs(scaled["si_sdr"] - r["si_sdr"]) < 1e-6 and scaled["snr"] < r["snr"]  # SI-SDR ignores scale
 
 
+def test_power_and_db_spectrogram_snr():
+    """A uniform 1 dB error on a dB-scaled map L gives 10 log10(mean L^2 / 1); the power-domain
+    SNR of the same error is 10 log10(1 / (10^0.1 - 1)^2) = 11.7 dB regardless of the map."""
+    g = torch.Generator().manual_seed(0)
+    mel = torch.rand(40, 50, generator=g) * 10 + 0.1
+    off = mel * 10 ** 0.1  # +1 dB everywhere
+    db = 10 * torch.log10(mel + 1e-5)
+    expect = 10 * np.log10(float(db.pow(2).mean()) / 1.0)
+    assert abs(M.db_spectral_snr(predictions=[off], references=[mel])["logmel_snr"] - expect) < 0.05
+    assert abs(M.spectral_snr(predictions=[off], references=[mel])["mel_snr"] - (-20 * np.log10(10 ** 0.1 - 1))) < 1e-3
+    assert M.db_spectral_snr(predictions=[mel], references=[mel])["logmel_snr"] > 100
+
+
 def test_feature_similarity_and_label_accuracy():
     a = torch.randn(8, 10)
     out = M.feature_similarity(predictions=[a], references=[a])
