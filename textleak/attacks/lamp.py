@@ -27,8 +27,11 @@ Deviations:
   (for non-BERT models). The regulariser averages the norm over body tokens (LAMP: all positions).
 * Candidates (init and discrete) are scored as vectorised per-sentence gradients (exact: a batch
   gradient is the sum of per-sentence contributions), not one forward each; ``batched=False``
-  restores the loop. ``lm_topk`` (default off) limits LM scoring to the best candidates by
-  gradient loss, a CPU-budget option.
+  restores the loop. Candidate gradients are reduced to a distance chunk by chunk (``chunk``
+  candidates at a time), so 200 candidates never need 200 × parameter-count floats. The gradient
+  distance of the continuous step is one autograd node with a hand-written backward (same value
+  and gradient as the plain formula; tested). ``lm_topk`` (default off) limits LM scoring to the
+  best candidates by gradient loss, a CPU-budget option.
 * Labels: granted labels are used (LAMP's setting); otherwise recovered from the classifier-head
   gradient (iDLG for B=1, label counts for B>1; the sentence/label pairing is then arbitrary).
 * Sequence lengths are required and the attention mask is passed; decoders use the decoded tokens

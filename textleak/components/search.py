@@ -7,7 +7,8 @@ Discrete part (LAMP only): every ``swap_every`` steps after ``swap_burnin``, for
 ``swap_candidates`` sequence transformations (swap two tokens, move a token, move a span, move a
 prefix to the end; candidate 0 = identity) are scored by gradient distance + ``coeff_perplexity``
 · LM NLL of the decoded text, and the best is kept. Candidates are scored in one vectorised call
-(see :mod:`textleak.components.gradmatch`), and LM NLLs in one padded forward.
+(see :mod:`textleak.components.gradmatch`) and reduced to distances chunk by chunk; LM NLLs come
+from one padded forward with a per-text cache.
 Initialisation: ``init_candidates`` random Gaussian batches, the best by gradient distance, then
 ``init_permutations`` random permutations of its body positions, then rescaling to
 ``init_size``.
