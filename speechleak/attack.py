@@ -279,6 +279,10 @@ class SpeechGradientInversion:
         xb = x.detach()[best]
         with torch.no_grad():
             feats = to_feats(xb).float()
+            if cfg.domain == "features":  # a diverged run (e.g. on heavily noised gradients) must still score
+                hi = prior.upper if lower is not None and prior.upper is not None else 1e3
+                feats = torch.nan_to_num(feats, nan=0.0, posinf=hi, neginf=lower if lower is not None else -1e3)
+                feats = feats.clamp(min=lower, max=hi) if lower is not None else feats.clamp(-1e3, 1e3)
             if cfg.domain == "waveform":
                 frontend = frontend.float()
                 xb = xb.float()

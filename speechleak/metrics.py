@@ -64,7 +64,9 @@ def spectral_snr(*, predictions: Sequence, references: Sequence) -> dict[str, fl
     out = []
     for p, r in zip(predictions, references):
         p, r = _np(p).ravel(), _np(r).ravel()
-        out.append(10 * math.log10((r @ r + 1e-20) / (((r - p) @ (r - p)) + 1e-20)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            ratio = (r @ r + 1e-20) / (((r - p) @ (r - p)) + 1e-20)
+        out.append(10 * math.log10(max(float(np.nan_to_num(ratio, nan=1e-30)), 1e-30)))  # floor: -300 dB
     return {"mel_snr": fmean(out)}
 
 
