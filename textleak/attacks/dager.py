@@ -96,15 +96,17 @@ class DagerConfig:
     max_prefixes: int = 0  # decoder prefixes kept per step; 0 = 4 * B + 16
     max_candidates: int = 0  # layer-1 candidates kept per position; 0 = all under tau_1
     encoder_exhaustive_max: int = 4096
-    encoder_restarts: int = 16
-    encoder_sweeps: int = 8
+    encoder_restarts: int = 24  # local-search restarts per sentence length (above encoder_exhaustive_max)
+    encoder_sweeps: int = 30  # replacement sweeps / swap rounds per restart
+    encoder_patience: int = 4  # failed restarts in a row before giving up a length
     complete_last_token: bool = True  # decoders under next-token loss (see module docstring)
     last_token_candidates: int = 6  # candidates re-ranked by their exact gradient term
     max_run: int = 4  # rotary decoders: longest run of one token allowed at the start (see _decoder)
     noise_floor: bool = True  # use a declared Gaussian-noise sigma as a singular-value floor
     adaptive_tau: bool = True  # raise tau_1/tau_2 to the precision the spectrum allows (see spans)
     noise_tau_factor: float = 3.0  # tau >= factor * noise / smallest kept singular value
-    noise_tau_cap: float = 0.05  # never widen beyond this (the reference's loosest tau, lora.sh)
+    noise_tau_cap: float = 0.05
+    gap_ratio: float = 30.0  # cut a widened tau at a distance gap this large (layer-1 scan, decoder steps; 0: off)  # never widen beyond this (the reference's loosest tau, lora.sh)
     on_failure: Literal["report", "raise"] = "report"
     chunk: int = 4096  # tokens per forward chunk in the vocabulary scan
     time_budget_s: float = 0.0  # > 0: stop the sequence search after this many seconds (stats timed_out)
@@ -223,7 +225,7 @@ class DAGER:
                 l1.append(l1[0])
                 continue
             d = span_distance(spans[0].basis, first_layer_vectors(li1, all_ids, p, chunk=cfg.chunk))
-            keep = torch.nonzero(d < self._tau[0]).flatten()
+            keep = torch.nonzero(d < self._gap_threshold(d, 0)).flatten()
             keep = keep[d[keep].argsort()]
             if cfg.max_candidates > 0:
                 keep = keep[: cfg.max_candidates]
@@ -246,7 +248,10 @@ class DAGER:
             sents, scores = [sents[i] for i in keep], [scores[i] for i in keep]
             if cfg.complete_last_token and sents:
                 sents = self._complete_last(obs, model, sents)
-        order = _select(sents, scores, l1, position_free, b)
+        if kind == "encoder":  # as the reference: the lowest layer-2 scores
+            order = sorted(range(len(sents)), key=lambda i: scores[i])[: b if b is not None else None]
+        else:
+            order = _select(sents, scores, l1, position_free, b)
         chosen = [sents[i] for i in order]
         conf = [float(math.exp(-scores[i] / max(self._tau[1], 1e-12))) for i in order]
         stats["found"] = float(len(sents))
@@ -287,10 +292,11 @@ class DAGER:
                 live = []
                 break
             xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
+            ds = [span_distance(span2.basis, x) for x in xs]
+            thr = self._gap_threshold(torch.cat(ds), 1)
             nxt: list[_Path] = []
-            for path, x in zip(live, xs):
-                d = span_distance(span2.basis, x)
-                ok = torch.nonzero(d < self._tau[1]).flatten().tolist()
+            for path, d in zip(live, ds):
+                ok = torch.nonzero(d < thr).flatten().tolist()
                 if not ok:
                     if path.ids:
                         finished.append(path)
@@ -305,6 +311,31 @@ class DAGER:
             live = nxt[:cap]
         finished.extend(x for x in live if x.ids)
         return [f.ids for f in finished], [f.score for f in finished]
+
+    def _gap_threshold(self, d: Tensor, layer: int = 1) -> float:
+        """The threshold of one layer-1 position scan (``layer`` 0) or decoder step (``layer`` 1):
+        the widened tau, lowered to a clear gap in the step's sorted distances.
+
+        The spectrum-adaptive tau_2 is a worst case (a token whose input lies along the weakest
+        kept direction); true inputs usually sit orders of magnitude lower. Between the
+        reference tau (``l1_span_thresh`` / ``l2_span_thresh``) and the widened one, we cut at the
+        highest ratio gap of at least ``gap_ratio`` between consecutive sorted distances.
+        Distances under the reference tau are always accepted.
+        """
+        cfg = self.config
+        tau, base = self._tau[layer], (cfg.l1_span_thresh, cfg.l2_span_thresh)[layer]
+        if cfg.gap_ratio <= 0 or tau <= base:
+            return tau
+        v = torch.sort(d[d < tau]).values
+        if v.numel() < 2:
+            return tau
+        lo, hi = v[:-1].clamp_min(1e-12), v[1:]
+        ratio = torch.where(hi > base, hi / lo, torch.zeros_like(hi))
+        big = torch.nonzero(ratio >= cfg.gap_ratio).flatten()
+        if big.numel():  # the highest clear gap (keeps every lower cluster)
+            k = int(big[-1])
+            return max(base, math.sqrt(float(lo[k]) * float(hi[k])))
+        return tau
 
     def _complete_last(self, obs: Observation, model: nn.Module, sents: list[list[int]]) -> list[list[int]]:
         """Append the last token, unobservable in attention-input spans under a next-token loss.
@@ -363,24 +394,61 @@ class DAGER:
         gn = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
         k = self.config.last_token_candidates
         by_norm = g.norm(dim=1).topk(min(k, g.shape[0])).indices.tolist()  # the residual's heaviest rows
-        done = []
+        cands, terms = [], []
+        exact = obs.kind == "gradient" and w.requires_grad
         for i, s in enumerate(sents):
             v = hs[i, len(s) - 1]
             v = v / v.norm().clamp_min(1e-30)
             cand = (-(gn @ v)).topk(min(k, gn.shape[0])).indices.tolist()
             cand = cand + [c for c in by_norm if c not in cand]
-            if obs.kind == "gradient" and w.requires_grad and len(cand) > 1:
-                cand = self._rank_last(model, w, s, cand, g, denom, dev)
-            done.append(s + [cand[0]])
-        return done
+            if exact and len(cand) > 1:
+                cand, rows = self._rank_last(model, w, s, cand, g, denom, dev)
+                terms.append([{r: t / (denom * len(s)) for r, t in rr.items()} for rr in rows])
+            cands.append(cand)
+        if not exact or not terms:
+            return [s + [c[0]] for s, c in zip(sents, cands)]
+        # joint fit: the residual is the sum of every sentence's last-target term; choose the
+        # combination that explains it best (coordinate descent from the per-sentence cosine order),
+        # so that a sentence does not take a row that another sentence's term explains
+        choice = [0] * len(sents)
+        resid = g.clone()
+        for i, rr in enumerate(terms):
+            for r, t in rr[0].items():
+                resid[r] -= t
+        for _ in range(4):
+            moved = False
+            for i, rr in enumerate(terms):
+                cur = rr[choice[i]]
+                best_j, best_delta = choice[i], 0.0
+                for j, alt in enumerate(rr):
+                    if j == choice[i]:
+                        continue
+                    delta = 0.0
+                    for r in set(cur) | set(alt):
+                        e = resid[r]
+                        new = e + cur.get(r, 0.0) - alt.get(r, 0.0)
+                        delta += float(new @ new) - float(e @ e)
+                    if delta < best_delta - 1e-30:
+                        best_j, best_delta = j, delta
+                if best_j != choice[i]:
+                    alt = rr[best_j]
+                    for r, t in cur.items():
+                        resid[r] += t
+                    for r, t in alt.items():
+                        resid[r] -= t
+                    choice[i], moved = best_j, True
+            if not moved:
+                break
+        return [s + [c[j]] for s, c, j in zip(sents, cands, choice)]
 
     @staticmethod
-    def _rank_last(model, w, s, cand, resid, denom, dev) -> list[int]:
+    def _rank_last(model, w, s, cand, resid, denom, dev) -> tuple[list[int], list[dict[int, Tensor]]]:
         """Order candidate last tokens by how well their exact gradient term explains the residual.
 
         The term of target ``y`` in the update of ``w`` is ``-d logit_y / d w``: ``-h`` in row ``y``
         (output side) plus, when the input embedding is tied to ``w``, ``-d(w_y . h)/d x_t`` in the
-        row of every input token ``x_t`` (input side). ``h`` is captured at the output layer's
+        row of every input token ``x_t`` (input side); returns the candidates ordered by cosine and their
+        (unscaled) row terms. ``h`` is captured at the output layer's
         input (the forward stops there), so the backward never touches the vocabulary logits.
         """
         from ..dager_span import _Stop
@@ -407,7 +475,7 @@ class DAGER:
         h = store[0][0, -1]
         h64 = h.detach().to(torch.float64).cpu()
         r_norm = float(resid.norm())
-        scores = []
+        scores, terms = [], []
         for j, y in enumerate(cand):
             rows: dict[int, Tensor] = {int(y): -h64.clone()}
             if tied:
@@ -415,14 +483,31 @@ class DAGER:
                 for t, tokid in enumerate(s):
                     g = -ge[0, t].detach().to(torch.float64).cpu()
                     rows[int(tokid)] = rows[int(tokid)] + g if int(tokid) in rows else g
+            terms.append(rows)
             dot = sum(float(resid[k] @ v) for k, v in rows.items())
             nrm = math.sqrt(sum(float(v @ v) for v in rows.values()))
             scores.append(dot / (r_norm * nrm + 1e-30))
         order = sorted(range(len(cand)), key=lambda j: -scores[j])
-        return [cand[j] for j in order]
+        return [cand[j] for j in order], [terms[j] for j in order]
 
     # -- encoders --------------------------------------------------------------------------------
     def _encoder(self, li2: LayerInputs, span2: Span, l1, prior, b: int | None, generator: torch.Generator):
+        """Per sentence length (positions where the separator passes layer 1), search the product of
+        the per-position layer-1 candidates for sequences whose every layer-2 input lies in the span.
+
+        As the reference ``filter_encoder``: the score of a sequence is its mean layer-2 distance,
+        the search is exhaustive when the product is small, and the tokens of every accepted
+        sentence are removed from the candidate lists of the positions they occupy when that list
+        has others left (the reference's ``non-overlap`` filter). Lengths are searched longest
+        first: a long sentence's tail positions have few candidates, and removing its tokens
+        shrinks the lists of the shorter ones. Above ``encoder_exhaustive_max`` combinations we
+        run a local search (instead of the reference's random sampling): Gauss-Seidel sweeps of
+        single-token replacements, then swaps of two positions' tokens allowed by layer 1, with
+        restarts from random candidates. Layer 1 alone cannot fix the order: with learned absolute
+        positions a token t at position a and a token u at positions a and p put t at p in the
+        span (w_t+P_p = (w_t+P_a) + (w_u+P_p) - (w_u+P_a)), so every token of a connected
+        token/position component passes at every position of that component.
+        """
         cfg = self.config
         tok = prior.tokenizer
         sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
@@ -430,58 +515,117 @@ class DAGER:
         lengths = [p + 1 for p, (c, _) in enumerate(l1) if sep is not None and sep in c and p > 0]
         if not lengths:
             lengths = [len(l1)]
+        lengths.sort(reverse=True)
+        # when layer 1 shows at least B sentence ends, each length holds one sentence (spurious ends
+        # find nothing); otherwise some length holds several
+        per_length = 1 if (b is None or len(lengths) >= b) else b - len(lengths) + 1
         dev = model_device(li2.model)
         results: dict[tuple[int, ...], float] = {}
+        removed: dict[int, set[int]] = {}
 
-        def score_batch(seqs: list[list[int]]) -> Tensor:
-            out = []
+        def score_batch(seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
+            means, maxs = [], []
             for s in range(0, len(seqs), 256):
                 ids = torch.tensor(seqs[s:s + 256], device=dev)
                 x = li2(ids)  # [n, L, d]
                 d = span_distance(span2.basis, x.reshape(-1, x.shape[-1])).view(x.shape[0], x.shape[1])
-                out.append(d.max(1).values)
-            return torch.cat(out)
+                means.append(d.mean(1))
+                maxs.append(d.max(1).values)
+            return torch.cat(means), torch.cat(maxs)
+
+        def accept(seq: list[int], mx: float) -> None:
+            results[tuple(seq)] = mx
+            for p, t in enumerate(seq):
+                removed.setdefault(p, set()).add(t)
 
         for length in lengths:
-            per = []
+            if b is not None and sum(v <= 0.1 * self._tau[1] for v in results.values()) >= b:
+                break
+            full = []
             for p in range(length):
                 c = l1[p][0]
                 if p == length - 1 and sep is not None:
                     c = [sep]
                 elif 0 < p < length - 1:
                     c = [t for t in c if t not in special] or c
-                per.append(c)
-            total = math.prod(len(c) for c in per)
-            if total <= cfg.encoder_exhaustive_max:
-                seqs = [list(x) for x in itertools.product(*per)]
-                sc = score_batch(seqs)
-                for s, v in zip(seqs, sc.tolist()):
-                    if v < self._tau[1]:
-                        results[tuple(s)] = v
-                continue
-            inits = [[c[min(k, len(c) - 1)] for c in per] for k in range(max(len(c) for c in per))]
-            while len(inits) < cfg.encoder_restarts:
-                inits.append([c[int(torch.randint(len(c), (1,), generator=generator))] for c in per])
-            for cur in inits[: max(cfg.encoder_restarts, 1)]:
-                if self._over_budget():
+                full.append(c)
+            pruned = [[t for t in c if t not in removed.get(p, ())] or c for p, c in enumerate(full)]
+            # first with the non-overlap filter; when that finds nothing and removed something, once
+            # more with the full lists (two sentences can share a token at one position), the
+            # filtered lists then only seeding the restarts
+            passes = [(pruned, pruned)] + ([(full, pruned)] if pruned != full else [])
+            for per, seed_lists in passes:
+                found_here = self._encoder_length(per, seed_lists, score_batch, results, accept,
+                                                  per_length, generator)
+                if found_here or self._over_budget():
                     break
-                best = float(score_batch([cur])[0])
-                for _ in range(cfg.encoder_sweeps):
-                    changed = False
-                    for p, c in enumerate(per):
-                        if len(c) < 2:
-                            continue
-                        trial = [cur[:p] + [t] + cur[p + 1:] for t in c]
-                        sc = score_batch(trial)
-                        j = int(sc.argmin())
-                        if float(sc[j]) < best - 1e-15 and trial[j] != cur:
-                            cur, best, changed = trial[j], float(sc[j]), True
-                    if not changed:
-                        break
-                if best < self._tau[1]:
-                    results[tuple(cur)] = best
         sents = [list(s) for s in results]
         return sents, [results[tuple(s)] for s in sents]
+
+    def _encoder_length(self, per, seed_lists, score_batch, results, accept, per_length, generator) -> int:
+        """Search one sentence length; returns how many sentences were accepted."""
+        cfg = self.config
+        total = math.prod(len(c) for c in per)
+        found = 0
+        if total <= cfg.encoder_exhaustive_max:
+            seqs = [list(x) for x in itertools.product(*per)]
+            _, mx = score_batch(seqs)
+            for s, v in zip(seqs, mx.tolist()):
+                if v < self._tau[1] and tuple(s) not in results:
+                    accept(s, v)
+                    found += 1
+            return found
+        fails = 0
+        seed_lists = [list(c) for c in seed_lists]
+        for _ in range(max(cfg.encoder_restarts, 1)):
+            if self._over_budget() or found >= per_length or fails >= cfg.encoder_patience:
+                break
+            cur = [c[int(torch.randint(len(c), (1,), generator=generator))] for c in seed_lists]
+            cur, mx = self._local_search(cur, per, score_batch)
+            if mx < self._tau[1] and tuple(cur) not in results:
+                accept(cur, mx)
+                found += 1
+                fails = 0
+                seed_lists = [([t for t in c if t != cur[p]] or c) if len(c) > 1 else c
+                              for p, c in enumerate(seed_lists)]
+            else:
+                fails += 1
+        return found
+
+    def _local_search(self, cur: list[int], per: list[list[int]], score_batch) -> tuple[list[int], float]:
+        """Descend the mean layer-2 distance: replacement sweeps, then layer-1-valid swaps."""
+        cfg = self.config
+        sets = [set(c) for c in per]
+        best = float(score_batch([cur])[0][0])
+        for _ in range(cfg.encoder_sweeps):
+            changed = False
+            for p, c in enumerate(per):
+                if len(c) < 2:
+                    continue
+                trial = [cur[:p] + [t] + cur[p + 1:] for t in c if t != cur[p]]
+                sc = score_batch(trial)[0]
+                j = int(sc.argmin())
+                if float(sc[j]) < best - 1e-12:
+                    cur, best, changed = trial[j], float(sc[j]), True
+            if self._over_budget():
+                break
+            if not changed:  # replacements are stuck: try swapping two positions' tokens
+                swaps = [(i, j) for i in range(len(cur)) for j in range(i + 1, len(cur))
+                         if cur[i] != cur[j] and cur[j] in sets[i] and cur[i] in sets[j]]
+                if not swaps:
+                    break
+                trial = []
+                for i, j in swaps:
+                    t = list(cur)
+                    t[i], t[j] = t[j], t[i]
+                    trial.append(t)
+                sc = score_batch(trial)[0]
+                k = int(sc.argmin())
+                if float(sc[k]) < best - 1e-12:
+                    cur, best = trial[k], float(sc[k])
+                else:
+                    break
+        return cur, float(score_batch([cur])[1][0])
 
 
 def _select(sents: list[list[int]], scores: list[float], l1, position_free: bool, b: int | None) -> list[int]:
