@@ -95,7 +95,7 @@ class DagerConfig:
     max_len: int = 128  # positions scanned at most
     max_prefixes: int = 0  # decoder prefixes kept per step; 0 = 4 * B + 16
     max_candidates: int = 0  # layer-1 candidates kept per position; 0 = all under tau_1
-    encoder_exhaustive_max: int = 4096
+    encoder_exhaustive_max: int = 16384
     encoder_restarts: int = 24  # local-search restarts per sentence length (above encoder_exhaustive_max)
     encoder_sweeps: int = 30  # replacement sweeps / swap rounds per restart
     encoder_patience: int = 4  # failed restarts in a row before giving up a length
@@ -533,10 +533,15 @@ class DAGER:
                 maxs.append(d.max(1).values)
             return torch.cat(means), torch.cat(maxs)
 
-        def accept(seq: list[int], mx: float) -> None:
-            results[tuple(seq)] = mx
+        def accept(seq: list[int], mx: float) -> bool:
+            """Record a passing sequence; a clear pass (<= tau_2 / 10) also feeds the non-overlap filter."""
+            if mx < results.get(tuple(seq), math.inf):
+                results[tuple(seq)] = mx
+            if mx > 0.1 * self._tau[1]:
+                return False
             for p, t in enumerate(seq):
                 removed.setdefault(p, set()).add(t)
+            return True
 
         for length in lengths:
             if b is not None and sum(v <= 0.1 * self._tau[1] for v in results.values()) >= b:
@@ -572,8 +577,7 @@ class DAGER:
             _, mx = score_batch(seqs)
             for s, v in zip(seqs, mx.tolist()):
                 if v < self._tau[1] and tuple(s) not in results:
-                    accept(s, v)
-                    found += 1
+                    found += int(accept(s, v))
             return found
         fails = 0
         seed_lists = [list(c) for c in seed_lists]
@@ -582,13 +586,13 @@ class DAGER:
                 break
             cur = [c[int(torch.randint(len(c), (1,), generator=generator))] for c in seed_lists]
             cur, mx = self._local_search(cur, per, score_batch)
-            if mx < self._tau[1] and tuple(cur) not in results:
-                accept(cur, mx)
+            clear = mx < self._tau[1] and tuple(cur) not in results and accept(cur, mx)
+            if clear:
                 found += 1
                 fails = 0
                 seed_lists = [([t for t in c if t != cur[p]] or c) if len(c) > 1 else c
                               for p, c in enumerate(seed_lists)]
-            else:
+            else:  # a marginal pass (tau_2/10 .. tau_2) is kept as a fallback, but the search goes on
                 fails += 1
         return found
 
