@@ -166,11 +166,29 @@ def _tiny_bert_obs(b: int, layers: int = 3):
     return kit, case, model, observe(upd, case.threat), kit.make_prior(case, model, "text", device="cpu"), truth
 
 
-def test_exact_recovery_tiny_bert_encoder():
-    kit, case, model, obs, prior, truth = _tiny_bert_obs(2)
+@pytest.mark.parametrize("b", [2, 3])
+def test_exact_recovery_tiny_bert_encoder(b):
+    """B=2 is searched exhaustively; at B=3 the longest sentence's product of layer-1 candidates
+    exceeds ``encoder_exhaustive_max`` and the local search (replacements + swaps) must find it."""
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(b)
     rec = _attack(obs, model, prior)
     metrics, _ = kit.score(rec, truth, case=case)
     assert metrics["exact_match"] == 1.0, (rec.data, truth["sentences"], rec.stats)
+
+
+def test_gap_threshold_cuts_a_widened_tau_at_a_clear_gap():
+    """Widened tau: distances under the reference tau are always kept, a clear gap cuts the rest."""
+    from textleak.attacks.dager import DAGER
+
+    a = DAGER()
+    a._tau = [0.05, 0.05]
+    clustered = torch.tensor([1e-7, 2e-7, 5e-4, 0.03, 0.04, 0.3], dtype=torch.float64)
+    thr = a._gap_threshold(clustered, 1)
+    assert 5e-4 < thr < 0.03  # the low cluster is kept, the false cluster under the widened tau is cut
+    dense = torch.tensor([2e-3, 3e-3, 5e-3, 8e-3, 0.012], dtype=torch.float64)
+    assert a._gap_threshold(dense, 1) == 0.05  # no clear gap: the widened tau stands
+    a._tau = [1e-5, 1e-3]  # not widened: the reference tau as is
+    assert a._gap_threshold(clustered, 1) == 1e-3
 
 
 def test_fedavg_delta_recovery_tiny_gpt2():
