@@ -415,8 +415,35 @@ class DAGER:
         for i, rr in enumerate(terms):
             for r, t in rr[0].items():
                 resid[r] -= t
+        def swap_gain(i: int, j: int) -> tuple[float, int, int] | None:
+            """Residual change when sentences i and j exchange their last tokens (a pair move)."""
+            ci, cj = cands[i][choice[i]], cands[j][choice[j]]
+            if ci == cj or cj not in cands[i] or ci not in cands[j]:
+                return None
+            ni, nj = cands[i].index(cj), cands[j].index(ci)
+            old_t = [terms[i][choice[i]], terms[j][choice[j]]]
+            new_t = [terms[i][ni], terms[j][nj]]
+            rows = set().union(*old_t, *new_t)
+            delta = 0.0
+            for r in rows:
+                e = resid[r]
+                new = e + sum(t.get(r, 0.0) for t in old_t) - sum(t.get(r, 0.0) for t in new_t)
+                delta += float(new @ new) - float(e @ e)
+            return delta, ni, nj
+
         for _ in range(4):
             moved = False
+            for i in range(len(terms)):
+                for j in range(i + 1, len(terms)):
+                    got = swap_gain(i, j)
+                    if got is not None and got[0] < -1e-30:
+                        for k, n in ((i, got[1]), (j, got[2])):
+                            for r, t in terms[k][choice[k]].items():
+                                resid[r] += t
+                            for r, t in terms[k][n].items():
+                                resid[r] -= t
+                            choice[k] = n
+                        moved = True
             for i, rr in enumerate(terms):
                 cur = rr[choice[i]]
                 best_j, best_delta = choice[i], 0.0
