@@ -10,12 +10,13 @@ gradient per window (streaming / on-device training; the window's label is any k
 class and is recovered from the gradient). The server inverts every window's gradient with
 the ``speech-lbfgs`` preset, turns each window into audio (NNLS mel inversion + Griffin-Lim)
 and concatenates the windows. Long utterances are flite sentences of one voice (Rotten
-Tomatoes, the CTC case's pool) joined with 0.15 s pauses and cut to the length.
+Tomatoes: the CTC case's <= 60-character pool up to 10 s, the first 80 sentences of <= 100
+characters beyond) joined with 0.15 s pauses and cut to the length.
 
 Scores on the whole clip: mel-spectrogram SNR (power and dB scale) and mel cosine (pooled over windows), waveform
 SNR, PESQ-wb, STOI (defined for >= 5 s), pocketsphinx WER against the reference text and
 against pocketsphinx's transcript of the original. One JSON line per clip in
-``OUT/records.jsonl`` (resumable: finished (length, clip) pairs are skipped) and a table in
+``OUT/segments.jsonl`` (resumable: finished (length, clip) pairs are skipped) and a table in
 ``OUT/table.md``; the first clip of each length is saved as WAV.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def long_clips(seconds: float, count: int, *, gap: float = 0.15) -> list[dict]:
     """``count`` clips of one flite voice each, sentences joined with pauses, cut to ``seconds``."""
     from speechleak import data as D
 
-    ds = D.sentence_dataset(max_chars=60)
+    # <= 60-character sentences (the CTC pool) give ~27 s per voice; longer clips use <= 100
+    ds = D.sentence_dataset(max_chars=60) if seconds <= 10 else D.sentence_dataset(max_chars=100, limit=80)
     n = int(round(seconds * D.SAMPLE_RATE))
     by_voice: dict[str, list[int]] = {}
     for i in range(len(ds)):
@@ -104,7 +106,7 @@ def main() -> None:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rec_path = out_dir / "records.jsonl"
+    rec_path = out_dir / "segments.jsonl"  # not records.jsonl: eval.records would read it as run records
     done = set()
     if rec_path.exists():
         for line in rec_path.read_text().splitlines():
