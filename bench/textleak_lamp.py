@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=5, help="continuous steps timed per variant")
+    ap.add_argument("--repeat-discrete", type=int, default=3, help="timed repeats of init scoring / discrete step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -87,34 +88,41 @@ def main() -> None:
                 return float(d), torch.autograd.grad(d, xv)[0]
             res[fused] = timed(step, args.repeat)
         (tf, (vf, gf)), (tp, (vp, gp)) = res[True], res[False]
-        same = abs(vf - vp) <= 1e-5 * max(abs(vp), 1e-12) and torch.allclose(gf, gp, rtol=1e-4,
-                                                                            atol=1e-8 * float(gp.abs().max()))
+        # float32 sums over ~11 M entries in a different order: agree to ~1e-5 relative, not bit for bit
+        rel_v = abs(vf - vp) / max(abs(vp), 1e-12)
+        rel_g = float((gf - gp).abs().max()) / max(float(gp.abs().max()), 1e-12)
         print(f"continuous step ({loss}): fused distance {tf * 1e3:.0f} ms, plain autograd {tp * 1e3:.0f} ms, "
-              f"speed-up x{tp / tf:.2f}, same value and gradient: {same}")
+              f"speed-up x{tp / tf:.2f}; value rel. diff {rel_v:.1e}, gradient max diff / max {rel_g:.1e}")
 
     # -- 2. vectorised vs loop: init candidates and one discrete step ------------------------------
+    # interleaved repeats, minimum time of each (the machine is shared; single timings are noisy)
     base = replace(LAMP_DEFAULTS, coeff_perplexity=0.0, swap_candidates=args.candidates, init_candidates=1,
                    init_permutations=0)
     xs = torch.randn((args.init,) + tuple(x.shape), generator=make_generator(6))
-    res = {}
-    for batched in (True, False):
-        s = TextSearch(replace(base, batched=batched), obs, model, prior, make_generator(7))
-        xs_p = torch.where(s.body.unsqueeze(-1), xs, s.pinned.unsqueeze(0))
-        res[batched] = timed(lambda: s.score_batches(xs_p))
-    same = int(res[True][1].argmin()) == int(res[False][1].argmin())
-    print(f"init scoring, {args.init} candidate batches of B={args.batch_size}: batched {res[True][0]:.2f} s, "
-          f"loop {res[False][0]:.2f} s, speed-up x{res[False][0] / res[True][0]:.2f}, same choice: {same}")
-    res = {}
-    for batched in (True, False):
-        s = TextSearch(replace(base, batched=batched), obs, model, prior, make_generator(7))
-        s.discrete_step(x)  # warm-up
-        s = TextSearch(replace(base, batched=batched), obs, model, prior, make_generator(7))
-        t = time.perf_counter()
-        new_x, changed = s.discrete_step(x)
-        res[batched] = (time.perf_counter() - t, new_x)
-    same = torch.allclose(res[True][1], res[False][1])
-    print(f"discrete step, {args.candidates} candidates x B={args.batch_size}: batched {res[True][0]:.2f} s, "
-          f"loop {res[False][0]:.2f} s, speed-up x{res[False][0] / res[True][0]:.2f}, same choice: {same}")
+    searches = {b: TextSearch(replace(base, batched=b), obs, model, prior, make_generator(7)) for b in (True, False)}
+    xs_p = torch.where(searches[True].body.unsqueeze(-1), xs, searches[True].pinned.unsqueeze(0))
+    times: dict = {True: [], False: []}
+    out: dict = {}
+    for _ in range(args.repeat_discrete + 1):  # first round is a warm-up
+        for b in (True, False):
+            t = time.perf_counter()
+            out[b] = searches[b].score_batches(xs_p)
+            times[b].append(time.perf_counter() - t)
+    tb, tl = min(times[True][1:]), min(times[False][1:])
+    same = int(out[True].argmin()) == int(out[False].argmin())
+    print(f"init scoring, {args.init} candidate batches of B={args.batch_size}: batched {tb:.2f} s, "
+          f"loop {tl:.2f} s, speed-up x{tl / tb:.2f}, same choice: {same} (min of {args.repeat_discrete})")
+    times = {True: [], False: []}
+    for _ in range(args.repeat_discrete + 1):
+        for b in (True, False):
+            s = TextSearch(replace(base, batched=b), obs, model, prior, make_generator(7))
+            t = time.perf_counter()
+            out[b], _ = s.discrete_step(x)
+            times[b].append(time.perf_counter() - t)
+    tb, tl = min(times[True][1:]), min(times[False][1:])
+    same = torch.allclose(out[True], out[False])
+    print(f"discrete step, {args.candidates} candidates x B={args.batch_size}: batched {tb:.2f} s, "
+          f"loop {tl:.2f} s, speed-up x{tl / tb:.2f}, same choice: {same} (min of {args.repeat_discrete})")
 
     # -- 3. seconds per sentence per preset ---------------------------------------------------------
     prior.lm()  # load SmolLM2 once, outside the timings
