@@ -6,9 +6,9 @@ from common.types import FLProtocol
 _KWS = "synthetic keywords (10 Speech Commands words, 8 flite/espeak-ng voices x 3 rate/pitch variants), 1 s, 16 kHz"
 
 
-def _kws(name, features, *, protocol=None, stage="init", desc="", act="sigmoid"):
+def _kws(name, features, *, protocol=None, stage="init", desc="", act="sigmoid", **extra):
     return Case(name, "speech", "kws-cnn", "synthetic-keywords", protocol or FLProtocol("fedsgd", batch_size=1), HONEST,
-                options={"task": "kws", "features": features, "seconds": 1.0, "stage": stage, "act": act},
+                options={"task": "kws", "features": features, "seconds": 1.0, "stage": stage, "act": act, **extra},
                 description=f"{desc}KWS CNN (conv8-conv16-fc64, {act}) on {features} ({_KWS}); labels recovered from the gradient")
 
 
@@ -18,6 +18,12 @@ CASES = {
     "speech/kws-mel-relu/fedsgd": _kws("speech/kws-mel-relu/fedsgd", "mel", act="relu", desc="ReLU variant: "),
     "speech/kws-mel/fedsgd-trained": _kws("speech/kws-mel/fedsgd-trained", "mel", stage="trained",
                                           desc="trained model (15 epochs on the keyword pool): "),
+    # training-stage sweep on the ReLU model (the sigmoid model does not leave chance level in 15 epochs)
+    "speech/kws-mel-relu/fedsgd-mid": _kws("speech/kws-mel-relu/fedsgd-mid", "mel", act="relu", stage="trained",
+                                           train_epochs=2, desc="ReLU variant, mid-training (2 epochs on the keyword pool): "),
+    "speech/kws-mel-relu/fedsgd-trained": _kws("speech/kws-mel-relu/fedsgd-trained", "mel", act="relu", stage="trained",
+                                               train_epochs=30,
+                                               desc="ReLU variant, trained (30 epochs on the keyword pool): "),
     "speech/kws-mel/fedavg": _kws("speech/kws-mel/fedavg", "mel",
                                   protocol=FLProtocol("fedavg", batch_size=2, local_epochs=1, local_batch_size=1,
                                                       local_lr=0.01, shuffle=False),
