@@ -190,7 +190,8 @@ def run_many(specs: Sequence[TrialSpec], *, out_dir: str | Path, device: str = "
 
     ``executor``: "local" (in this process), "process" (a pool of worker processes) or "ray"
     (one Ray task per trial). Whatever the executor, only this driver writes records, a
-    worker that dies becomes a failed record, and ``resume`` skips recorded run ids.
+    worker that dies becomes a failed record, and ``resume`` skips recorded run ids. A trial
+    listed twice (e.g. by suite tiers that repeat a cell with more trials) runs once.
     """
     from tqdm import tqdm
 
@@ -201,7 +202,11 @@ def run_many(specs: Sequence[TrialSpec], *, out_dir: str | Path, device: str = "
     done = completed_ids(path) if resume else set()
     # resolve everything up front so user errors surface before any work
     prepared = [(s, prepare(s, device=device)[3]) for s in specs]
-    todo = [s for s, rid in prepared if rid not in done]
+    todo = []
+    for s, rid in prepared:
+        if rid not in done:
+            todo.append(s)
+            done.add(rid)
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     resources = _Resources()

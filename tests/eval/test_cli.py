@@ -152,3 +152,16 @@ def test_append_record_repairs_torn_tail(tmp_path):
     assert [r["run_id"] for r in iter_records(p)] == ["a"]
     append_record(p, {"run_id": "c"})
     assert [json.loads(line)["run_id"] for line in p.read_text().splitlines()] == ["a", "c"]
+
+
+def test_suite_tiers_repeating_a_cell_run_each_trial_once(tmp_path):
+    data = tiny_csv(tmp_path / "t.csv")
+    suite = tmp_path / "tiers.toml"
+    block = ('[[run]]\ncase = "tabular/adult-fc/fedsgd"\nattacks = ["idlg"]\ndata = "{d}"\noptions = {{ label = "income" }}\n'
+             'trials = {n}\n')
+    suite.write_text(block.format(d=data, n=1) + "\n" + block.format(d=data, n=2))
+    out = tmp_path / "runs"
+    r = cli("bench", suite, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    ids = [x["run_id"] for x in iter_records(out / "records.jsonl")]
+    assert len(ids) == 2 == len(set(ids))
