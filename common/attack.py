@@ -94,14 +94,3 @@ def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
 
 def config_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
-
-
-def identity_config(config: Any) -> dict:
-    """The config as it enters a trial's run id: fields declared with ``metadata={"identity": False}``
-    (pure execution knobs proven not to change results, e.g. a faster code path) are left out, so
-    adding such a knob does not orphan earlier records of the same trial."""
-    d = config_dict(config)
-    for f in dataclasses.fields(config):
-        if f.metadata.get("identity", True) is False:
-            d.pop(f.name, None)
-    return d

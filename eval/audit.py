@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from common.attack import config_dict, identity_config
+from common.attack import config_dict
 from common.case import Case
 from common.observe import observe
 from common.seed import derive_seed, make_generator
@@ -111,7 +111,7 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
         digest = hashlib.sha256(json.dumps(cap.header, sort_keys=True).encode()).hexdigest()[:16]
         case_d = {**case.to_dict(), "capture": {"path": str(d), "header_sha256": digest,
                                                 "round": cap.header.get("round"), "client_id": cap.header.get("client_id")}}
-        rid = run_id(case=case_d, attack=preset, config=identity_config(atk.config), seed=seed, trial=0)
+        rid = run_id(case=case_d, attack=preset, config=config_dict(atk.config), seed=seed, trial=0)
         if rid in done:
             continue
         record: dict[str, Any] = {

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from common.attack import apply_overrides, config_dict, identity_config
+from common.attack import apply_overrides, config_dict
 from common.case import Case
 from common.defenses import build_defense
 from common.fl import client_update
@@ -77,7 +77,7 @@ def prepare(spec: TrialSpec, *, device: str) -> tuple[str, Any, dict, str]:
     preset, attack = build_attack(spec.attack, spec.overrides)
     check_threat(spec.case, attack)
     case_d = effective_case(spec).to_dict()
-    rid = run_id(case=case_d, attack=preset, config=identity_config(attack.config), seed=spec.seed, trial=spec.trial)
+    rid = run_id(case=case_d, attack=preset, config=config_dict(attack.config), seed=spec.seed, trial=spec.trial)
     return preset, attack, case_d, rid
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
@@ -52,7 +52,6 @@ from common.seed import numpy_rng
 from common.threat import Capability
 from common.types import Observation, Reconstruction
 
-from .fcgrad import batched_cosine, batched_l2, fc_gradients
 from .relax import Relaxer
 from .schema import TabularSchema
 
@@ -71,9 +70,6 @@ class TabularPrior:
     last_bias: str
     marginals: dict[str, np.ndarray]  # categorical: probabilities over categories
     histograms: dict[str, tuple[np.ndarray, np.ndarray]]  # continuous: (bin edges, probabilities), ≤ 100 bins
-    #: (weight, bias) names of the Linear layers when the model is a plain Linear/ReLU stack: enables the
-    #: closed-form batched gradients of ``fcgrad`` (same values as the generic path, several times faster)
-    fc_layers: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,9 +92,6 @@ class TabLeakConfig:
     fedavg_ensemble: int = 15
     epoch_prior: float = 0.01  # λ of the epoch-matching prior (paper sweeps {0, .5, .1, .05, .01, .005, .001})
     batched: bool = True  # False: sequential loop over members (benchmark only)
-    # FC ReLU nets: closed-form batched gradients instead of vmap(grad); same values, so not part of the run id.
-    # Off by default: bench/tableak_ensemble.py measures it 0.73x the speed of vmap at FedSGD B=32.
-    closed_form: bool = field(default=False, metadata={"identity": False})
     save_heatmap: bool = False  # ask the kit to save an entropy heat map per trial
 
 
@@ -174,14 +167,13 @@ class TabLeak:
         return _cosine(g, target, names) if self.config.loss == "cosine" else _l2(g, target, names)
 
     def _optimise(self, loss_one: Callable[[Tensor, Tensor], Tensor], x0: Tensor, ys: Tensor, rx: Relaxer,
-                  iterations: int, loss_all: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        """Adam on the sign of ∇x over all members at once; returns the final bounded points.
-        ``loss_all`` (members stacked on dim 0 → one loss each) replaces ``vmap(loss_one)`` when given."""
+                  iterations: int) -> Tensor:
+        """Adam on the sign of ∇x over all members at once; returns the final bounded points."""
         cfg = self.config
         x = x0.clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr)
         fn = lambda xr, yr: loss_one(self._relax(rx, xr), yr)  # noqa: E731
-        batched = (lambda xr, yr: loss_all(self._relax(rx, xr), yr)) if loss_all is not None else vmap(fn)
+        batched = vmap(fn)
         for _ in range(iterations):
             opt.zero_grad(set_to_none=True)
             if cfg.batched:
@@ -193,16 +185,6 @@ class TabLeak:
                 x.grad.sign_()
             opt.step()
         return self._final(rx, x.detach())
-
-    def _fc_layers(self, prior: TabularPrior, names: list[str]) -> list[str] | None:
-        """Parameter names in closed-form order [W0, b0, W1, ...] when that path applies, else None."""
-        if not self.config.closed_form or prior.fc_layers is None:
-            return None
-        order = [n for layer in prior.fc_layers for n in layer]
-        return order if set(order) == set(names) else None
-
-    def _batched_distance(self, pred: list[Tensor], target: list[Tensor], lead: int) -> Tensor:
-        return (batched_cosine if self.config.loss == "cosine" else batched_l2)(pred, target, lead)
 
     def _projected_losses(self, loss_one, cands: Tensor, ys: Tensor, schema: TabularSchema) -> Tensor:
         proj = schema.project(cands)
@@ -291,16 +273,6 @@ class TabLeak:
             g = torch.func.grad(train_loss)(params)
             return self._distance(g, target, names)
 
-        order = self._fc_layers(prior, names)
-        loss_all = None
-        if order is not None:
-            ws, bs = [params[n] for n in order[0::2]], [params[n] for n in order[1::2]]
-            tgt = [target[n] for n in order]
-
-            def loss_all(x: Tensor, y: Tensor) -> Tensor:  # x [E, B, d] relaxed, y [E, B]
-                g = fc_gradients(ws, bs, x, y, mean=reduction == "mean")
-                return self._batched_distance(g, tgt, 1)
-
         labels, counts = self._labels(obs, prior, params, b, generator)
         stats: dict[str, float] = {}
         if counts is not None and cfg.label_search:
@@ -308,7 +280,7 @@ class TabLeak:
             r = cfg.search_restarts
             ys = torch.stack([counts_to_labels(c) for c in cands for _ in range(r)]).to(device)
             x0 = torch.rand((len(ys), b, schema.dim), generator=generator).to(device) * 2 - 1
-            xs = self._optimise(loss_one, x0, ys, rx, cfg.search_iterations, loss_all)
+            xs = self._optimise(loss_one, x0, ys, rx, cfg.search_iterations)
             pl = self._projected_losses(loss_one, xs, ys, schema).view(len(cands), r).min(1).values
             counts = cands[int(torch.argmin(pl))]
             labels = counts_to_labels(counts)
@@ -317,7 +289,7 @@ class TabLeak:
         e = cfg.ensemble if cfg.pooling != "none" else 1
         x0 = torch.rand((e, b, schema.dim), generator=generator).to(device) * 2 - 1
         ys = labels.unsqueeze(0).expand(e, b)
-        cands = self._optimise(loss_one, x0, ys, rx, cfg.iterations, loss_all)
+        cands = self._optimise(loss_one, x0, ys, rx, cfg.iterations)
         proj = self._projected_losses(loss_one, cands, ys, schema)
         pooled, aligned, ref = self._pool(rx, schema, cands, proj, cfg.pooling)
         pooled = rx.clamp(pooled)
@@ -366,33 +338,13 @@ class TabLeak:
                 d = d + cfg.epoch_prior * (m[:, None] - m[None]).pow(2).sum() / (n_ep ** 2 * m.shape[-1])
             return d
 
-        order = self._fc_layers(prior, names)
-        loss_all = None
-        if order is not None:
-            w0 = [params[n] for n in order]
-            tgt = [target[n] for n in order]
-            mean = proto.loss_reduction == "mean"
-
-            def loss_all(xc: Tensor, y: Tensor) -> Tensor:  # xc [E, n_ep, B, d] relaxed, y [E, B]
-                p = w0
-                for ep in range(n_ep):
-                    for s in range(0, b, lb):
-                        g = fc_gradients(p[0::2], p[1::2], xc[:, ep, s:s + lb], y[:, s:s + lb], mean=mean)
-                        p = [q - lr * gq for q, gq in zip(p, g)]
-                d = self._batched_distance([a - q for a, q in zip(w0, p)], tgt, 1)
-                if cfg.epoch_prior > 0 and n_ep > 1:
-                    m = xc.mean(2)  # [E, n_ep, d]
-                    d = d + cfg.epoch_prior * (m[:, :, None] - m[:, None]).pow(2).sum((1, 2, 3)) / (
-                        n_ep ** 2 * m.shape[-1])
-                return d
-
         # a delta ≈ lr·Σ gradients: read it as one gradient of the whole dataset for the label rule
         labels, _ = self._labels(obs, prior, params, b, generator, scale=1.0 / (lr * steps))
         labels = labels.to(device)
         e = cfg.fedavg_ensemble if cfg.pooling != "none" else 1
         x0 = torch.rand((e, n_ep, b, schema.dim), generator=generator).to(device) * 2 - 1
         ys = labels.unsqueeze(0).expand(e, b)
-        copies = self._optimise(loss_one, x0, ys, rx, cfg.iterations, loss_all)  # [E, n_ep, B, d]
+        copies = self._optimise(loss_one, x0, ys, rx, cfg.iterations)  # [E, n_ep, B, d]
         # pool the per-epoch copies of each member: match to copy 0, softmax, mean
         members = []
         for m in range(e):

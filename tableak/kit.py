@@ -149,8 +149,7 @@ class TabularKit:
             return TabularPrior(
                 schema=schema, forward=lambda p, x: functional_call(model, p, (x,)),
                 penultimate=lambda x: model.penultimate(x),
-                last_weight=names[id(last.weight)], last_bias=names[id(last.bias)], marginals=cat, histograms=hist,
-                fc_layers=fc_layer_names(model, names))
+                last_weight=names[id(last.weight)], last_bias=names[id(last.bias)], marginals=cat, histograms=hist)
         if prior_kind != "continuous":
             raise ValueError(f"the tabular kit cannot build a {prior_kind!r} prior (known: tabular, continuous)")
         lo, hi = schema.bounds()
@@ -208,19 +207,3 @@ class TabularKit:
         schema.arrays_to_frame(pc[perm], pn[perm]).to_csv(directory / "reconstruction.csv", index=False)
         return {"heatmap": str(path), "reconstruction": str(directory / "reconstruction.csv")}
 
-
-def fc_layer_names(model: nn.Module, names: dict[int, str]) -> tuple[tuple[str, str], ...] | None:
-    """(weight, bias) parameter names of each Linear of a plain Linear/ReLU stack, found by identity;
-    None for any other architecture (the attack then uses the generic autograd path)."""
-    net = getattr(model, "net", None)
-    if not isinstance(net, nn.Sequential):
-        return None
-    layers = []
-    for i, m in enumerate(net):
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            layers.append((names[id(m.weight)], names[id(m.bias)]))
-        elif not (isinstance(m, nn.ReLU) and 0 < i < len(net) - 1 and isinstance(net[i - 1], nn.Linear)):
-            return None
-    if not isinstance(net[-1], nn.Linear):
-        return None
-    return tuple(layers)
