@@ -75,12 +75,11 @@ def db_spectral_snr(*, predictions: Sequence, references: Sequence, floor: float
     10 log10 ‖L‖² / ‖L − L̂‖². The usual "mel-spectrogram SNR" of a dB-scaled mel image; it is far
     higher than the SNR of the power spectrogram (``spectral_snr``) for the same reconstruction
     and depends on ``floor`` (the front end's log epsilon), so the two are reported side by side."""
-    _check(predictions, references)
-    out = []
-    for p, r in zip(predictions, references):
-        p, r = 10 * np.log10(np.clip(_np(p).ravel(), 0, None) + floor), 10 * np.log10(np.clip(_np(r).ravel(), 0, None) + floor)
-        out.append(10 * math.log10((r @ r + 1e-20) / (((r - p) @ (r - p)) + 1e-20)))
-    return {"logmel_snr": fmean(out)}
+    def db(x):
+        return 10 * np.log10(np.clip(_np(x), 0, None) + floor)
+
+    snr = spectral_snr(predictions=[db(p) for p in predictions], references=[db(r) for r in references])
+    return {"logmel_snr": snr["mel_snr"]}
 
 
 def pesq_wb(*, predictions: Sequence, references: Sequence, rate: int = SAMPLE_RATE) -> dict[str, float]:
