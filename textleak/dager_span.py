@@ -281,6 +281,30 @@ class LayerInputs:
             raise DagerPreconditionError(f"block {self.tap.block_index}'s input projection never ran")
         return store[0]
 
+    def from_embeds(self, inputs_embeds: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
+        """As ``__call__`` but from word-embedding vectors [n, L, d] (the model adds positions / types
+        and normalises as it does for token ids), so soft mixtures of tokens can be evaluated."""
+        store: list[Tensor] = []
+
+        def hook(_m, args):
+            store.append(args[0].detach())
+            raise _Stop
+
+        h = self.tap.first.register_forward_pre_hook(hook)
+        kwargs = {"inputs_embeds": inputs_embeds}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        try:
+            with torch.no_grad():
+                self.model(**kwargs)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        if not store:
+            raise DagerPreconditionError(f"block {self.tap.block_index}'s input projection never ran")
+        return store[0]
+
 
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():

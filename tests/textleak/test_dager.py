@@ -168,8 +168,10 @@ def _tiny_bert_obs(b: int, layers: int = 3):
 
 @pytest.mark.parametrize("b", [2, 3])
 def test_exact_recovery_tiny_bert_encoder(b):
-    """B=2 is searched exhaustively; at B=3 the longest sentence's product of layer-1 candidates
-    exceeds ``encoder_exhaustive_max`` and the local search (replacements + swaps) must find it."""
+    """B=2 is searched exhaustively over the embedding prior's lists. At B=3 the prior's lists miss
+    the weak occurrence of a repeated token ('.' ends all three sentences), so one sentence is only
+    found by the fallback over every batch token passing layer 1, whose product of candidates
+    exceeds ``encoder_exhaustive_max`` (the beam search must find it)."""
     kit, case, model, obs, prior, truth = _tiny_bert_obs(b)
     rec = _attack(obs, model, prior)
     metrics, _ = kit.score(rec, truth, case=case)
