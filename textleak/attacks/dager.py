@@ -109,6 +109,7 @@ class DagerConfig:
     adaptive_tau: bool = True  # raise tau_1/tau_2 to the precision the spectrum allows (see spans)
     noise_tau_factor: float = 3.0  # tau >= factor * noise / smallest kept singular value
     noise_tau_cap: float = 0.05
+    trim_tails: bool = True  # decoders with a widened tau_2: end a path at a distance jump (see _decoder)
     gap_ratio: float = 30.0  # cut a widened tau at a distance gap this large (layer-1 scan, decoder steps; 0: off)  # never widen beyond this (the reference's loosest tau, lora.sh)
     on_failure: Literal["report", "raise"] = "report"
     chunk: int = 4096  # tokens per forward chunk in the vocabulary scan
@@ -278,6 +279,12 @@ class DAGER:
         repeated token has the same layer-2 input at every position (attention averages identical
         values), so ``t``, ``t t``, ``t t t`` ... all pass. Runs of one token at the start are
         therefore capped at ``max_run``.
+
+        With a widened tau_2 (``adaptive_tau``), false extensions of frequent tokens can continue
+        past a sentence's true end: on SmolLM2 at B=8/16 the true tokens' layer-2 distances stay
+        under ~1e-5 while such a tail's are far above. ``trim_tails`` (a deviation) therefore
+        rejects an extension whose distance exceeds both the reference tau_2 and ``gap_ratio``
+        times the largest distance along the path so far.
         """
         cfg = self.config
         cap = cfg.max_prefixes or (4 * (b or 8) + 16)
@@ -299,8 +306,13 @@ class DAGER:
             ds = [span_distance(span2.basis, x) for x in xs]
             thr = self._gap_threshold(torch.cat(ds), 1)
             nxt: list[_Path] = []
+            jump = cfg.trim_tails and cfg.gap_ratio > 0 and self._tau[1] > cfg.l2_span_thresh
             for path, d in zip(live, ds):
                 ok = torch.nonzero(d < thr).flatten().tolist()
+                if jump and path.ids:
+                    # a run-on tail: above the reference tau and far above the path so far
+                    lim = max(cfg.l2_span_thresh, cfg.gap_ratio * path.score)
+                    ok = [j for j in ok if float(d[j]) <= lim]
                 if not ok:
                     if path.ids:
                         finished.append(path)
