@@ -193,6 +193,23 @@ def test_gap_threshold_cuts_a_widened_tau_at_a_clear_gap():
     assert a._gap_threshold(clustered, 1) == 1e-3
 
 
+def test_tail_limit_ends_run_on_paths_only_under_a_widened_tau():
+    """trim_tails: after true tokens at ~1e-6, a 5e-3 extension (under a widened tau_2 = 0.026, as
+    on SmolLM2 B=8 batch 0) is a run-on tail; distances under the reference tau always pass."""
+    from textleak.attacks.dager import DAGER, DagerConfig
+
+    a = DAGER()
+    a._tau = [1e-5, 0.026]
+    lim = a._tail_limit(1e-6)
+    assert 1e-3 <= lim < 5e-3
+    assert a._tail_limit(2e-4) == pytest.approx(30 * 2e-4)  # a noisy path may grow by gap_ratio
+    a._tau = [1e-5, 1e-3]
+    assert a._tail_limit(1e-6) == float("inf")  # reference tau: no extra rule
+    off = DAGER(DagerConfig(trim_tails=False))
+    off._tau = [1e-5, 0.026]
+    assert off._tail_limit(1e-6) == float("inf")
+
+
 def test_fedavg_delta_recovery_tiny_gpt2():
     from common.types import FLProtocol
 

@@ -306,12 +306,10 @@ class DAGER:
             ds = [span_distance(span2.basis, x) for x in xs]
             thr = self._gap_threshold(torch.cat(ds), 1)
             nxt: list[_Path] = []
-            jump = cfg.trim_tails and cfg.gap_ratio > 0 and self._tau[1] > cfg.l2_span_thresh
             for path, d in zip(live, ds):
                 ok = torch.nonzero(d < thr).flatten().tolist()
-                if jump and path.ids:
-                    # a run-on tail: above the reference tau and far above the path so far
-                    lim = max(cfg.l2_span_thresh, cfg.gap_ratio * path.score)
+                if path.ids:
+                    lim = self._tail_limit(path.score)
                     ok = [j for j in ok if float(d[j]) <= lim]
                 if not ok:
                     if path.ids:
@@ -327,6 +325,15 @@ class DAGER:
             live = nxt[:cap]
         finished.extend(x for x in live if x.ids)
         return [f.ids for f in finished], [f.score for f in finished]
+
+    def _tail_limit(self, score: float) -> float:
+        """Largest layer-2 distance an extension of a path with max distance ``score`` may have
+        (``trim_tails``): a run-on tail is above the reference tau_2 and ``gap_ratio`` times above
+        the path so far. Unlimited unless tau_2 was widened."""
+        cfg = self.config
+        if not cfg.trim_tails or cfg.gap_ratio <= 0 or self._tau[1] <= cfg.l2_span_thresh:
+            return math.inf
+        return max(cfg.l2_span_thresh, cfg.gap_ratio * score)
 
     def _gap_threshold(self, d: Tensor, layer: int = 1) -> float:
         """The threshold of one layer-1 position scan (``layer`` 0) or decoder step (``layer`` 1):
