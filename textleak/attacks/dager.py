@@ -98,6 +98,7 @@ class DagerConfig:
     encoder_exhaustive_max: int = 16384
     encoder_beam: int = 16  # encoders, above encoder_exhaustive_max: left-to-right beam with a soft suffix
     encoder_refine: int = 3  # beam passes per length: a soft suffix, then the previous pass's best sentence
+    prior_penalty: float = 1e-3  # beam score += this * sum over the prefix of -log(prior weight); 0: off
     prior_sharpness: float = 4.0  # soft-suffix weight of a candidate: max(relative coefficient, 0) ** this
     embedding_prior: bool = True  # encoders: rank candidates by the word/position-embedding update (see _embedding_prior)
     prior_concentration: float = 0.7  # a token whose coefficient peaks below this is treated as repeated (kept everywhere)
@@ -724,12 +725,14 @@ class DAGER:
                 # the prior's lists miss the weak occurrences of repeated tokens: search the lengths
                 # still unexplained once more over every batch token that passes layer 1
                 full = lists_for(length, wide)
-                if full != lists_for(length, lists):
-                    self._encoder_length(full, score_batch, accept, results, li2, span2, word, weight, full)
+                if full != lists_for(length, lists):  # (no prior penalty: the prior is what failed)
+                    self._encoder_length(full, score_batch, accept, results, li2, span2, word, weight, full,
+                                         penalise=False)
         sents = [list(s) for s in results]
         return sents, [results[tuple(s)] for s in sents]
 
-    def _encoder_length(self, per, score_batch, accept, results, li2, span2, word, weight, wide) -> int:
+    def _encoder_length(self, per, score_batch, accept, results, li2, span2, word, weight, wide,
+                        penalise: bool = True) -> int:
         """Search one sentence length; returns how many sentences were clearly accepted."""
         cfg = self.config
         total = math.prod(len(c) for c in per)
@@ -741,7 +744,7 @@ class DAGER:
                 # the lists can miss a weak occurrence of a repeated token: repair the best one
                 cands.append(self._repair(seqs[int(mean.argmin())], wide, li2, span2))
         else:
-            cands = self._encoder_beam(per, li2, span2, word, weight, score_batch, wide)
+            cands = self._encoder_beam(per, li2, span2, word, weight, score_batch, wide, penalise)
         found = 0
         for s, v in cands:
             if v < self._tau[1] and tuple(s) not in results:
@@ -749,7 +752,7 @@ class DAGER:
         return found
 
     def _encoder_beam(self, per: list[list[int]], li2: LayerInputs, span2: Span, word: Tensor, weight,
-                      score_batch, wide: list[list[int]]) -> list[tuple[list[int], float]]:
+                      score_batch, wide: list[list[int]], penalise: bool = True) -> list[tuple[list[int], float]]:
         """Left-to-right beam over the per-position candidates (see ``_encoder``); returns the final
         beams of every pass with their max layer-2 distance.
 
@@ -768,6 +771,8 @@ class DAGER:
             w = torch.tensor([weight(p, t) for t in c], dtype=word.dtype, device=dev)
             rows.append((w[:, None] * word[torch.tensor(c, device=dev)]).sum(0) / w.sum())
         suffix = torch.stack(rows)  # [L, d]
+        lam = cfg.prior_penalty if penalise else 0.0
+        pen = [{t: -math.log(weight(p, t)) for t in c} for p, c in enumerate(per)] if lam > 0 else None
         basis = span2.basis.to(device=dev, dtype=word.dtype)
         out: dict[tuple[int, ...], float] = {}
         for _ in range(max(1, cfg.encoder_refine)):
@@ -788,7 +793,11 @@ class DAGER:
                     v = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
                     d2 = (1.0 - (v @ basis).pow(2).sum(-1)).clamp_min(0.0)
                     scores.append(d2.sum(1).cpu())
-                order = torch.cat(scores).argsort()[:width].tolist()
+                sc = torch.cat(scores)
+                if pen is not None:  # the embedding prior as a tie-breaker (see prior_penalty)
+                    sc = sc + lam * torch.tensor([sum(pen[q][t] for q, t in enumerate(e)) for e in ext],
+                                                 dtype=sc.dtype)
+                order = sc.argsort()[:width].tolist()
                 beams = [ext[i] for i in order]
             mean, mx = score_batch(beams)
             mx = mx.tolist()
