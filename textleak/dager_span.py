@@ -256,34 +256,16 @@ class LayerInputs:
 
     def __call__(self, input_ids: Tensor, *, attention_mask: Tensor | None = None,
                  position_ids: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
-        store: list[Tensor] = []
-
-        def hook(_m, args):
-            store.append(args[0].detach())
-            raise _Stop
-
-        h = self.tap.first.register_forward_pre_hook(hook)
-        kwargs = {"input_ids": input_ids}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        try:
-            with torch.no_grad():
-                self.model(**kwargs)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-        if not store:
-            raise DagerPreconditionError(f"block {self.tap.block_index}'s input projection never ran")
-        return store[0]
+        return self._forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             token_type_ids=token_type_ids)
 
     def from_embeds(self, inputs_embeds: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
         """As ``__call__`` but from word-embedding vectors [n, L, d] (the model adds positions / types
         and normalises as it does for token ids), so soft mixtures of tokens can be evaluated."""
+        return self._forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+
+    def _forward(self, **inputs: Tensor | None) -> Tensor:
+        """Run the model on ``inputs`` (None entries dropped) and stop at the tapped projection."""
         store: list[Tensor] = []
 
         def hook(_m, args):
@@ -291,9 +273,7 @@ class LayerInputs:
             raise _Stop
 
         h = self.tap.first.register_forward_pre_hook(hook)
-        kwargs = {"inputs_embeds": inputs_embeds}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
+        kwargs = {k: v for k, v in inputs.items() if v is not None}
         try:
             with torch.no_grad():
                 self.model(**kwargs)
