@@ -178,6 +178,32 @@ def test_exact_recovery_tiny_bert_encoder(b):
     assert metrics["exact_match"] == 1.0, (rec.data, truth["sentences"], rec.stats)
 
 
+def test_peel_subtracts_exact_per_example_gradients_and_infers_labels():
+    """Explain-away oracle: peeling two of three true sentences leaves exactly the third one's
+    gradient (scaled by 1/B), with the labels inferred from the rank drop; a sentence that is not
+    in the batch (a permutation of a true one) lowers no rank and is refused."""
+    from common.fl import batch_gradient
+    from common.types import Batch
+    from textleak.attacks.dager import DAGER
+
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(3)
+    ids, labels = truth["token_ids"], truth["labels"]
+    # each sentence is tried with both classes: only the true one leaves the exact remainder below
+    res = DAGER()._peel(obs, model, prior, [ids[0], ids[1]])
+    assert res is not None
+    resid, done = res
+    assert done == [ids[0], ids[1]]
+    one = Batch({"input_ids": torch.tensor([ids[2]]), "attention_mask": torch.ones(1, len(ids[2]), dtype=torch.long)},
+                labels[2:3])
+    g = batch_gradient(model, kit.loss_fn, one, reduction="sum")
+    for name, t in resid.tensors.items():
+        want = g[name] / 3
+        assert torch.allclose(t, want, atol=1e-9 * (1 + float(want.abs().max()))), name
+    wrong = [ids[2][0]] + ids[2][1:-1][::-1] + [ids[2][-1]]
+    assert wrong != ids[2]
+    assert DAGER()._peel(resid, model, prior, [wrong]) is None
+
+
 def test_gap_threshold_cuts_a_widened_tau_at_a_clear_gap():
     """Widened tau: distances under the reference tau are always kept, a clear gap cuts the rest."""
     from textleak.attacks.dager import DAGER
