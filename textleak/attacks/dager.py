@@ -120,7 +120,6 @@ class DagerConfig:
     on_failure: Literal["report", "raise"] = "report"
     chunk: int = 4096  # tokens per forward chunk in the vocabulary scan
     peel: bool = True  # encoders, FedSGD: subtract each clearly recovered sentence's exact gradient (see _encoder_peeling)
-    peel_noise_ratio: float = 10.0  # rebuild the spans from the residual only while its spectrum stays this clean
     time_budget_s: float = 0.0  # > 0: stop the sequence search after this many seconds (stats timed_out)
 
 
@@ -268,7 +267,7 @@ class DAGER:
         l1 = self._scan_l1(li1, spans[0], max_len, position_free)
         kind = getattr(prior, "kind", "decoder")
         if kind == "encoder":
-            sents, scores = self._encoder_peeling(obs, model, li2, spans[1], l1, prior, b, probe, max_len, stats)
+            sents, scores = self._encoder_peeling(obs, model, li2, spans[1], l1, prior, b)
         else:
             sents, scores = self._decoder(li2, spans[1], l1, b, max_len, position_free)
             keep = _select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
@@ -622,7 +621,7 @@ class DAGER:
                 and all(d.get("name") == "gaussian" for d in obs.defenses or ()))
 
     def _encoder_peeling(self, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior,
-                         b: int | None, probe: Tensor, max_len: int, stats0: dict):
+                         b: int | None):
         """The encoder search with explain-away (``peel``, an addition): each time the search clearly
         accepts sentences, their exact gradient (one float64 per-example backward, the label chosen
         by the rank drop it causes) is subtracted from the observed update and the remaining
@@ -631,20 +630,16 @@ class DAGER:
         the batch token set shrinks, and the candidate lists with it (on MiniLM at B=8 from ~20
         per position to ~2 after six sentences).
 
-        The spans and layer-1 lists are rebuilt from the residual only when its spectrum is as
-        clean as the observed one (``tau_scale`` at most ``peel_noise_ratio`` times the observed,
-        or under 1e-3, on both layers); otherwise those of the observed update are kept. The
-        residual also holds the client's own float32 round-off of each peeled sentence (~1e-6 of
-        its gradient, in that sentence's input directions), which on some batches sits at the
-        level of the weakest true singular values: the residual's numerical rank, and so its
-        span, then lose true directions (true sentences scored 0.1 instead of 1e-6)."""
+        The spans and layer-1 lists stay those of the observed update: the residual also holds the
+        client's own float32 round-off of each peeled sentence (~1e-6 of its gradient, in that
+        sentence's input directions), which on some batches sits at the level of the weakest true
+        singular values and would make the residual's numerical rank, and so its span, unreliable."""
         if not self._can_peel(obs, prior):
             return self._encoder(obs, model, li2, span2, l1, prior, b)
         pool: dict[tuple[int, ...], float] = {}
         peeled: list[list[int]] = []
         failed: dict[int, int] = {}
         cur = obs
-        observed = (li2, span2, l1, list(self._tau))
         while True:
             rest = None if b is None else b - len(peeled)
             sents, scores = self._encoder(cur, model, li2, span2, l1, prior, rest, stop_early=True, failed=failed,
@@ -661,21 +656,6 @@ class DAGER:
             cur, done = nxt
             peeled.extend(done)
             self._stats["peeled"] = float(len(peeled))
-            li2, span2, l1, self._tau = observed[0], observed[1], observed[2], list(observed[3])
-            saved = dict(self._stats)
-            try:
-                taps, spans, st = self.spans(cur, model, probe)
-                lim = self.config.peel_noise_ratio
-                if all(st[f"tau_scale_l{k}"] <= max(lim * stats0[f"tau_scale_l{k}"], 1e-3) for k in (1, 2)):
-                    self._set_tau(st)
-                    l1r = self._scan_l1(LayerInputs(model, taps[0]), spans[0], max_len, False)
-                    li2, span2, l1 = LayerInputs(model, taps[1]), spans[1], l1r
-                    saved["peel_residual_spans"] = saved.get("peel_residual_spans", 0.0) + 1.0
-            except DagerPreconditionError:
-                li2, span2, l1, self._tau = observed[0], observed[1], observed[2], list(observed[3])
-            saved["scan_seconds"] = self._stats.get("scan_seconds", 0.0)
-            self._stats.clear()
-            self._stats.update(saved)
         sents = [list(x) for x in pool]
         return sents, [pool[tuple(x)] for x in sents]
 
