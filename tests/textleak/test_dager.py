@@ -176,6 +176,7 @@ def test_exact_recovery_tiny_bert_encoder(b):
     rec = _attack(obs, model, prior)
     metrics, _ = kit.score(rec, truth, case=case)
     assert metrics["exact_match"] == 1.0, (rec.data, truth["sentences"], rec.stats)
+    assert rec.stats.get("peeled", 0) >= 1, rec.stats  # the first clear find is peeled
 
 
 def test_peel_subtracts_exact_per_example_gradients_and_infers_labels():
