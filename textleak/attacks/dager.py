@@ -42,8 +42,8 @@ Deviations from the reference, all deliberate:
   heuristics is infeasible on 2 CPU cores).
 * Encoders under FedSGD peel (``peel``, an addition): once sentences are clearly recovered, their
   exact per-example gradients (label: the class whose removal drops the layer-1 rank) are
-  subtracted from the update and the spans, layer-1 lists and embedding prior are rebuilt from
-  the residual, so the remaining sentences are searched as a smaller batch (``_encoder_peeling``).
+  subtracted from the update and the remaining sentences are searched with the embedding prior
+  of the residual (the spans stay those of the observed update; see ``_encoder_peeling``).
 * When Gaussian noise is a declared defense (defenses are public protocol facts), its sigma sets
   a singular-value noise floor ``sigma * (sqrt(m) + sqrt(d))`` for the rank, and the thresholds are
   widened to ``noise_tau_factor * floor / s_rank`` (capped at ``noise_tau_cap``); FedAvg deltas get
@@ -162,7 +162,6 @@ class DAGER:
                                   confidence=[0.0] * b, extras={"status": f"precondition failed: {e}"})
         finally:
             model.train(was_training)
-            self._peel_model = (None, None)  # the float64 copy made for peeling, if any
 
     # ------------------------------------------------------------------------------------------
     def spans(self, obs: Observation, model: nn.Module, probe: Tensor) -> tuple[list, list[Span], dict]:
@@ -225,7 +224,7 @@ class DAGER:
             if keep.numel() == 0:
                 break
             l1.append((keep.tolist(), d[keep]))
-        stats["scan_seconds"] = stats.get("scan_seconds", 0.0) + time.perf_counter() - t_scan
+        stats["scan_seconds"] = time.perf_counter() - t_scan
         stats["position_free"] = float(position_free)
         stats["l1_candidates"] = float(sum(len(c) for c, _ in l1[:1] if position_free) if position_free
                                        else sum(len(c) for c, _ in l1))
@@ -233,12 +232,6 @@ class DAGER:
             raise DagerPreconditionError("no vocabulary token lies in the layer-1 span (threshold too strict, "
                                          "or the update is too noisy); raise l1_span_thresh")
         return l1
-
-    def _set_tau(self, stats: dict) -> None:
-        cfg = self.config
-        self._tau = [max(t, min(cfg.noise_tau_cap, cfg.noise_tau_factor * stats[f"tau_scale_l{k + 1}"]))
-                     if cfg.adaptive_tau else t for k, t in enumerate((cfg.l1_span_thresh, cfg.l2_span_thresh))]
-        stats["tau_l1"], stats["tau_l2"] = self._tau
 
     def _over_budget(self) -> bool:
         if self.config.time_budget_s > 0 and time.perf_counter() - self._t0 > self.config.time_budget_s:
@@ -254,8 +247,10 @@ class DAGER:
         vocab = int(model.get_input_embeddings().num_embeddings)
         probe = torch.tensor([[tok.eos_token_id or 0, 1, 2]], device=dev) % vocab
         taps, spans, stats = self.spans(obs, model, probe)
+        self._tau = [max(t, min(cfg.noise_tau_cap, cfg.noise_tau_factor * stats[f"tau_scale_l{k + 1}"]))
+                     if cfg.adaptive_tau else t for k, t in enumerate((cfg.l1_span_thresh, cfg.l2_span_thresh))]
+        stats["tau_l1"], stats["tau_l2"] = self._tau
         self._stats = stats
-        self._set_tau(stats)
         li1, li2 = LayerInputs(model, taps[0]), LayerInputs(model, taps[1])
         b = obs.num_examples
         all_ids = torch.arange(vocab)
@@ -267,7 +262,7 @@ class DAGER:
         l1 = self._scan_l1(li1, spans[0], max_len, position_free)
         kind = getattr(prior, "kind", "decoder")
         if kind == "encoder":
-            sents, scores = self._encoder_peeling(obs, model, li2, spans[1], l1, prior, b)
+            sents, scores = self._encoder_peeling(obs, model, li2, spans[1], l1, prior, b, taps[0])
         else:
             sents, scores = self._decoder(li2, spans[1], l1, b, max_len, position_free)
             keep = _select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
@@ -621,7 +616,7 @@ class DAGER:
                 and all(d.get("name") == "gaussian" for d in obs.defenses or ()))
 
     def _encoder_peeling(self, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior,
-                         b: int | None):
+                         b: int | None, tap1):
         """The encoder search with explain-away (``peel``, an addition): each time the search clearly
         accepts sentences, their exact gradient (one float64 per-example backward, the label chosen
         by the rank drop it causes) is subtracted from the observed update and the remaining
@@ -640,6 +635,7 @@ class DAGER:
         peeled: list[list[int]] = []
         failed: dict[int, int] = {}
         cur = obs
+        gmodel = None  # float64 copy for the per-example gradients, made at the first peel
         while True:
             rest = None if b is None else b - len(peeled)
             sents, scores = self._encoder(cur, model, li2, span2, l1, prior, rest, stop_early=True, failed=failed,
@@ -647,10 +643,13 @@ class DAGER:
             for x, v in zip(sents, scores):
                 pool[tuple(x)] = min(v, pool.get(tuple(x), math.inf))
             clear = [x for x, v in sorted(zip(sents, scores), key=lambda z: z[1])
-                     if v <= 0.1 * self._tau[1] and x not in peeled]
+                     if v <= 0.1 * self._tau[1]]  # (peeled sentences are excluded by _encoder)
             if not clear or self._over_budget() or (rest is not None and len(clear) >= rest):
                 break
-            nxt = self._peel(cur, model, prior, clear)
+            # per-example gradients in float64, so that the residual carries only the client's own
+            # round-off, not ours as well
+            gmodel = gmodel or copy.deepcopy(model).double().eval()
+            nxt = self._peel(cur, gmodel, prior, clear, tap1)
             if nxt is None:
                 break
             cur, done = nxt
@@ -659,32 +658,25 @@ class DAGER:
         sents = [list(x) for x in pool]
         return sents, [pool[tuple(x)] for x in sents]
 
-    def _peel(self, obs: Observation, model: nn.Module, prior: Any, seqs: list[list[int]]):
-        """Subtract the exact per-example gradients of ``seqs`` from ``obs``; returns the residual
-        observation and the sentences peeled, or None when no sentence lowers the layer-1 rank.
+    def _peel(self, obs: Observation, gmodel: nn.Module, prior: Any, seqs: list[list[int]], tap1):
+        """Subtract the exact per-example gradients of ``seqs`` (computed on ``gmodel``, the float64
+        copy of the model) from ``obs``; returns the residual observation and the sentences peeled,
+        or None when no sentence lowers the rank of the layer-1 update (``tap1``).
 
         The label of a sentence is the class whose gradient, subtracted, leaves the lowest layer-1
         rank (the true label removes the sentence's own input directions; a wrong one leaves a
         difference term in the same directions). Embedding-table rows that the subtraction explains
         (residual under 1e-4 of the subtracted row: float round-off) are set to exactly zero, so
         the embedding prior reads the remaining token set."""
-        dev = model_device(model)
-        # per-example gradients in float64 (a copy of the model), so that the residual carries only
-        # the client's own round-off, not ours as well
-        if getattr(self, "_peel_model", (None, None))[0] is not model:
-            self._peel_model = (model, copy.deepcopy(model).double().eval())
-        gmodel = self._peel_model[1]
+        dev = model_device(gmodel)
         params = dict(gmodel.named_parameters())
         names = [n for n in obs.tensors if n in params and params[n].requires_grad]
         proto = obs.protocol
         scale = 1.0 / obs.num_examples if proto is None or proto.loss_reduction == "mean" else 1.0
-        probe = torch.tensor([[prior.tokenizer.eos_token_id or 0, 1, 2]], device=dev) % \
-            int(model.get_input_embeddings().num_embeddings)
-        tap = find_tap(model, 0, probe)
         tables = {n for n in names if any(m.weight is params[n] for m in gmodel.modules() if isinstance(m, nn.Embedding))}
         n_labels = int(getattr(prior, "num_labels", None) or 2)
         tensors = dict(obs.tensors)
-        rank = span_of(observed_matrix(tap, tensors)).rank
+        rank = span_of(observed_matrix(tap1, tensors)).rank
         done: list[list[int]] = []
         for seq in seqs:
             best = None
@@ -700,12 +692,13 @@ class DAGER:
                     if g is None:
                         continue
                     t = tensors[n]
-                    r = t.double() - g.detach().to(t.device).double()
+                    g = g.detach().to(t.device).double()
+                    r = t.double() - g
                     if n in tables:
-                        sub = g.detach().to(t.device).double().norm(dim=-1)
+                        sub = g.norm(dim=-1)
                         r[(sub > 0) & (r.norm(dim=-1) <= 1e-4 * sub)] = 0.0
                     resid[n] = r.to(t.dtype)
-                mat = observed_matrix(tap, resid)
+                mat = observed_matrix(tap1, resid)
                 r_rank = span_of(mat).rank
                 key = (r_rank, float(mat.norm()))
                 if best is None or key < best[0]:
