@@ -88,6 +88,80 @@ def test_shared_prefix_4d_mask_equals_separate_sequences(name):
         torch.testing.assert_close(got[1][j], li(torch.tensor([[c]]))[0, 0].double(), rtol=1e-5, atol=1e-5)
 
 
+def test_incremental_post_ln_block_equals_model_forward():
+    """The incremental first block (dager_block.PostLNBlock) reproduces the model's own layer-2 inputs:
+    a full forward, a query subset, and one varied position (shared or per-base candidates), against
+    separate forwards of every varied sequence; a rotary decoder gets no fast block."""
+    from textleak.dager_block import PostLNBlock
+    from textleak.dager_span import LayerInputs, find_tap
+
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(2)
+    probe = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    li1, li2 = (LayerInputs(model, find_tap(model, i, probe)) for i in (0, 1))
+    blk = PostLNBlock.build(model, li1, li2, torch.arange(1000, 1020).unsqueeze(0))
+    assert blk is not None
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1000, 5000, (3, 14), generator=g)
+    x1, x2 = li1(ids), li2(ids)
+    torch.testing.assert_close(blk.forward(x1), x2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(blk.forward(x1, [0, 5, 13]), x2[:, [0, 5, 13]], rtol=0, atol=1e-12)
+    pos, cands = 6, torch.randint(1000, 5000, (4,), generator=g)
+    seqs = ids[:, None, :].repeat(1, 4, 1)
+    seqs[:, :, pos] = cands
+    ref = li2(seqs.reshape(-1, 14)).view(3, 4, 14, -1)
+    xc = li1(seqs[0])[:, pos]  # [4, d]: layer-1 inputs are position-local
+    torch.testing.assert_close(blk.vary(x1, pos, xc, list(range(14))), ref, rtol=0, atol=1e-12)
+    per_base = blk.vary(x1, pos, xc[None, [2, 0]].expand(3, -1, -1), [pos, 0, 13])
+    torch.testing.assert_close(per_base, ref[:, [2, 0]][:, :, [pos, 0, 13]], rtol=0, atol=1e-12)
+    _, _, lm, _, _, _, _ = _setup("text/tiny-llama/dager", 1)
+    la, lb = (LayerInputs(lm, find_tap(lm, i, probe % 100)) for i in (0, 1))
+    assert PostLNBlock.build(lm, la, lb, probe % 100) is None
+
+
+def test_fast_beam_step_scores_equal_generic_path():
+    """Without preselection, the incremental beam step gives the generic path's scores (same
+    extensions, same order) on a tiny BERT; with it, each beam keeps its candidates nearest at the
+    new position."""
+    from textleak.attacks.dager import DAGER, DagerConfig
+    from textleak.dager_block import PostLNBlock
+    from textleak.dager_span import LayerInputs, find_tap, first_layer_vectors, span_of
+
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(2)
+    probe = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    li1, li2 = (LayerInputs(model, find_tap(model, i, probe)) for i in (0, 1))
+    blk = PostLNBlock.build(model, li1, li2, torch.arange(1000, 1020).unsqueeze(0))
+    g = torch.Generator().manual_seed(5)
+    basis = span_of(torch.randn(64, 20, generator=g, dtype=torch.float64) @ torch.randn(20, 64, generator=g,
+                                                                                       dtype=torch.float64)).basis
+    word = model.get_input_embeddings().weight.detach()
+    L, p = 9, 4
+    per = [torch.randint(1000, 5000, (5,), generator=g).tolist() for _ in range(L)]
+    beams = [[per[q][(b + q) % 5] for q in range(p)] for b in range(3)]
+    suffix = word[torch.tensor([c[0] for c in per])] * 0.5 + word[torch.tensor([c[1] for c in per])] * 0.5
+
+    def d2_of(x):
+        v = x / x.norm(dim=-1, keepdim=True)
+        return (1.0 - (v @ basis).pow(2).sum(-1)).clamp_min(0.0)
+
+    xtab = [first_layer_vectors(li1, torch.tensor(c), q) for q, c in enumerate(per)]
+    pos_of = [{t: i for i, t in enumerate(c)} for c in per]
+    xsuf = li1.from_embeds(suffix.unsqueeze(0))[0]
+    att = DAGER(DagerConfig(encoder_preselect=0))
+    ext, sc = att._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, d2_of, None)
+    assert ext == [bm + [t] for bm in beams for t in per[p]]
+    emb = suffix.unsqueeze(0).repeat(len(ext), 1, 1)
+    emb[:, :p + 1] = word[torch.tensor(ext)]
+    ref = d2_of(li2.from_embeds(emb)[:, :p + 1]).sum(1)
+    torch.testing.assert_close(sc, ref, rtol=0, atol=1e-10)
+    att2 = DAGER(DagerConfig(encoder_preselect=2))
+    ext2, sc2 = att2._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, d2_of, None)
+    near = d2_of(li2.from_embeds(emb)[:, p]).view(3, 5)
+    want = [bm + [per[p][int(j)]] for bm, row in zip(beams, near) for j in row.topk(2, largest=False).indices]
+    assert ext2 == want
+    torch.testing.assert_close(sc2, ref.view(3, 5).gather(1, near.topk(2, largest=False).indices).flatten(),
+                               rtol=0, atol=1e-10)
+
+
 def test_taps_found_by_module_identity():
     from textleak.dager_span import find_tap
 

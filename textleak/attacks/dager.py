@@ -73,6 +73,7 @@ from common.attack import AttackInfo
 from common.threat import Capability
 from common.types import Batch, Observation, Reconstruction
 
+from ..dager_block import PostLNBlock
 from ..dager_span import (
     DagerPreconditionError,
     LayerInputs,
@@ -103,6 +104,8 @@ class DagerConfig:
     encoder_exhaustive_max: int = 16384
     encoder_beam: int = 16  # encoders, above encoder_exhaustive_max: left-to-right beam with a soft suffix
     encoder_refine: int = 3  # beam passes per length: a soft suffix, then the previous pass's best sentence
+    fast_block: bool = True  # post-LN encoders: evaluate block 1 incrementally (textleak/dager_block.py)
+    encoder_preselect: int = 4  # with fast_block: per beam, fully score only the candidates best at the new position; 0: all
     prior_penalty: float = 1e-3  # beam score += this * sum over the prefix of -log(prior weight); 0: off
     prior_sharpness: float = 4.0  # soft-suffix weight of a candidate: max(relative coefficient, 0) ** this
     embedding_prior: bool = True  # encoders: rank candidates by the word/position-embedding update (see _embedding_prior)
@@ -261,6 +264,10 @@ class DAGER:
         max_len = min(cfg.max_len, _max_positions(model))
         l1 = self._scan_l1(li1, spans[0], max_len, position_free)
         kind = getattr(prior, "kind", "decoder")
+        self._li1, self._block = li1, None
+        if kind == "encoder" and cfg.fast_block:
+            self._block = PostLNBlock.build(model, li1, li2, torch.arange(1000, 1024, device=dev).unsqueeze(0) % vocab)
+        stats["fast_block"] = float(self._block is not None)
         if kind == "encoder":
             sents, scores = self._encoder_peeling(obs, model, li2, spans[1], l1, prior, b, taps[0])
         else:
@@ -903,9 +910,20 @@ class DAGER:
         lam = cfg.prior_penalty if penalise else 0.0
         pen = [{t: -math.log(weight(p, t)) for t in c} for p, c in enumerate(per)] if lam > 0 else None
         basis = span2.basis.to(device=dev, dtype=word.dtype)
+        blk = self._block
+        if blk is not None:  # layer-1 inputs of every candidate at its position, computed once
+            xtab = [first_layer_vectors(self._li1, torch.tensor(c), p) for p, c in enumerate(per)]
+            pos_of = [{t: i for i, t in enumerate(c)} for c in per]
+
+        def d2_of(x: Tensor) -> Tensor:
+            v = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            return (1.0 - (v @ basis).pow(2).sum(-1)).clamp_min(0.0)
+
         out: dict[tuple[int, ...], float] = {}
         for _ in range(max(1, cfg.encoder_refine)):
             beams: list[list[int]] = [[]]
+            if blk is not None:
+                xsuf = self._li1.from_embeds(suffix.unsqueeze(0))[0]  # [L, d]
             for p in range(length):
                 if self._over_budget():
                     return [(list(k), v) for k, v in out.items()]
@@ -913,16 +931,17 @@ class DAGER:
                 if len(ext) <= width and p < length - 1:
                     beams = ext
                     continue
-                scores = []
-                for s in range(0, len(ext), 128):
-                    chunk = torch.tensor(ext[s:s + 128], device=dev)
-                    emb = suffix.unsqueeze(0).repeat(chunk.shape[0], 1, 1)
-                    emb[:, :p + 1] = word[chunk]
-                    x = li2.from_embeds(emb)[:, :p + 1]
-                    v = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-                    d2 = (1.0 - (v @ basis).pow(2).sum(-1)).clamp_min(0.0)
-                    scores.append(d2.sum(1).cpu())
-                sc = torch.cat(scores)
+                if blk is not None:
+                    near_pen = None if pen is None else lam * torch.tensor([pen[p][t] for t in per[p]])
+                    ext, sc = self._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, d2_of, near_pen)
+                else:
+                    scores = []
+                    for s in range(0, len(ext), 128):
+                        chunk = torch.tensor(ext[s:s + 128], device=dev)
+                        emb = suffix.unsqueeze(0).repeat(chunk.shape[0], 1, 1)
+                        emb[:, :p + 1] = word[chunk]
+                        scores.append(d2_of(li2.from_embeds(emb)[:, :p + 1]).sum(1).cpu())
+                    sc = torch.cat(scores)
                 if pen is not None:  # the embedding prior as a tie-breaker (see prior_penalty)
                     sc = sc + lam * torch.tensor([sum(pen[q][t] for q, t in enumerate(e)) for e in ext],
                                                  dtype=sc.dtype)
@@ -941,6 +960,32 @@ class DAGER:
             suffix = word[torch.tensor(best, device=dev)]
         return [(list(k), v) for k, v in out.items()]
 
+    def _beam_step(self, blk: PostLNBlock, beams: list[list[int]], p: int, cands: list[int], xtab, pos_of,
+                   xsuf: Tensor, d2_of, near_pen: Tensor | None) -> tuple[list[list[int]], Tensor]:
+        """One beam step on the incremental block: every beam is a shared base (its prefix, a slot at
+        ``p``, the soft suffix) and the candidates vary the slot. With ``encoder_preselect`` > 0 the
+        candidates of each beam are first ranked by the layer-2 distance at ``p`` alone (plus the
+        prior penalty ``near_pen`` of the candidate), and only the
+        best few get the full score (sum of squared layer-2 distances over the prefix, as the
+        generic path). Returns the scored extensions and their scores."""
+        nb, k = len(beams), len(cands)
+        base = xsuf.unsqueeze(0).repeat(nb, 1, 1)
+        for q in range(p):
+            base[:, q] = xtab[q][torch.tensor([pos_of[q][bm[q]] for bm in beams])]
+        m = self.config.encoder_preselect
+        if 0 < m < k:
+            near = torch.cat([d2_of(blk.vary(base, p, xtab[p][s:s + 256], [p]))[..., 0]
+                              for s in range(0, k, 256)], 1)  # [nb, k]
+            if near_pen is not None:
+                near = near + near_pen.to(near)
+            sel = near.topk(m, dim=1, largest=False).indices  # [nb, m]
+        else:
+            sel = torch.arange(k).unsqueeze(0).expand(nb, k)
+        sc = torch.cat([d2_of(blk.vary(base, p, xtab[p][sel[:, s:s + 16]], list(range(p + 1)))).sum(-1)
+                        for s in range(0, sel.shape[1], 16)], 1)  # [nb, m]
+        ext = [beams[b] + [cands[int(j)]] for b in range(nb) for j in sel[b]]
+        return ext, sc.flatten().cpu()
+
     def _repair(self, seq: list[int], wide: list[list[int]], li2: LayerInputs, span2: Span) -> tuple[list[int], float]:
         """Single-token replacements from the wide lists, worst position first, while the mean layer-2
         distance drops: a sentence with a few wrong tokens shows them as its largest distances, and
@@ -955,6 +1000,7 @@ class DAGER:
                 out.append(span_distance(span2.basis, x.reshape(-1, x.shape[-1])).view(x.shape[0], x.shape[1]))
             return torch.cat(out)
 
+        blk = self._block
         cur = list(seq)
         d = dists([cur])[0]
         tried: set[int] = set()
@@ -965,14 +1011,41 @@ class DAGER:
                       if int(q) not in tried and len(wide[int(q)]) > 1), None)
             if p is None:
                 break
-            trial = [cur[:p] + [t] + cur[p + 1:] for t in wide[p] if t != cur[p]]
-            dt = dists(trial)
+            toks = [t for t in wide[p] if t != cur[p]]
+            if blk is None:
+                trial = [cur[:p] + [t] + cur[p + 1:] for t in toks]
+                dt = dists(trial)
+            else:
+                dt, toks = self._repair_trials(blk, cur, p, toks, span2)
+                trial = [cur[:p] + [t] + cur[p + 1:] for t in toks]
             j = int(dt.mean(1).argmin())
             if float(dt[j].mean()) < float(d.mean()):
                 cur, d = trial[j], dt[j]
                 tried.clear()
             tried.add(p)
         return cur, float(d.max())
+
+    def _repair_trials(self, blk: PostLNBlock, cur: list[int], p: int, toks: list[int],
+                       span2: Span) -> tuple[Tensor, list[int]]:
+        """Layer-2 distances [n, L] of ``cur`` with position ``p`` replaced by each of ``toks`` on the
+        incremental block; with ``encoder_preselect`` > 0 only the (2 x preselect) replacements
+        nearest to the span at ``p`` itself get the full evaluation. Returns the distances and the
+        replacements evaluated."""
+        dev = model_device(blk.q)
+        base = self._li1(torch.tensor([cur], device=dev))  # [1, L, d]
+        cand = first_layer_vectors(self._li1, torch.tensor(toks), p)  # [k, d]
+        m = 2 * self.config.encoder_preselect
+        if 0 < m < len(toks):
+            x = blk.vary(base, p, cand, [p])[0, :, 0]  # [k, d]
+            keep = span_distance(span2.basis, x).topk(m, largest=False).indices
+            cand, toks = cand[keep.to(cand.device)], [toks[int(i)] for i in keep]
+        every = list(range(len(cur)))
+        out = []
+        for s in range(0, len(toks), 16):
+            x = blk.vary(base, p, cand[s:s + 16], every)[0]  # [m, L, d]
+            out.append(span_distance(span2.basis, x.reshape(-1, x.shape[-1])).view(x.shape[0], x.shape[1]))
+        return torch.cat(out), toks
+
 
 def _select(sents: list[list[int]], scores: list[float], l1, position_free: bool, b: int | None) -> list[int]:
     """Choose up to B sentences that together explain the layer-1 span (greedy set cover).

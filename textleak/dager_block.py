@@ -1,0 +1,124 @@
+"""Incremental evaluation of a post-LN (BERT-family) encoder's first block for DAGER's encoder search.
+
+The encoder beam scores, at every step, many sequences that differ from a shared base in one
+position only (``prefix + [candidate] + suffix``; a single-token repair of a sentence). Running the
+model on each of them costs a full first block over every position. Here the block is evaluated from
+its inputs (the embedding LayerNorm output, position-local) directly:
+
+* keys and values of the base are computed once per base and reused by every candidate; the
+  candidate adds one key/value column, folded into the softmax by rescaling the base's partial sums
+  (``Z = sum exp(l - M)``, ``S = sum exp(l - M) v``), so a candidate costs one query row per position;
+* only the query positions that are scored go through the output projection and the feed-forward
+  (a beam step scores the prefix, not the suffix).
+
+Same arithmetic as the Hugging Face layer (``BertLayer``: self-attention, output dense + residual
+LayerNorm, GELU feed-forward + residual LayerNorm); :meth:`PostLNBlock.build` returns None unless the
+result matches the model's own layer-2 inputs on a probe sentence, so other architectures fall back
+to the generic model forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .dager_span import LayerInputs, model_device, transformer_blocks
+
+
+class PostLNBlock:
+    """First block of a post-LN encoder: layer-1 inputs [.., L, d] -> layer-2 inputs."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        sa, so = layer.attention.self, layer.attention.output
+        self.q, self.k, self.v = sa.query, sa.key, sa.value
+        self.h = int(sa.num_attention_heads)
+        self.dh = int(sa.attention_head_size)
+        self.scale = float(getattr(sa, "scaling", self.dh ** -0.5))
+        self.out, self.ln1 = so.dense, so.LayerNorm
+        self.ffn_in, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
+        self.ffn_out, self.ln2 = layer.output.dense, layer.output.LayerNorm
+        if not all(isinstance(m, nn.Linear) for m in (self.q, self.k, self.v, self.out, self.ffn_in, self.ffn_out)):
+            raise AttributeError("not a linear post-LN block")
+
+    @classmethod
+    def build(cls, model: nn.Module, li1: LayerInputs, li2: LayerInputs, probe: Tensor) -> PostLNBlock | None:
+        """The fast block when it reproduces ``li2`` from ``li1`` on ``probe`` [1, L], else None."""
+        if li1.tap.block_index != 0 or li2.tap.block_index != 1:
+            return None
+        try:
+            fast = cls(transformer_blocks(model)[0])
+        except AttributeError:
+            return None
+        probe = probe.to(model_device(model))
+        with torch.no_grad():
+            x1, x2 = li1(probe), li2(probe)
+            if x1.shape != x2.shape:
+                return None
+            got = fast.forward(x1)
+            q = x1.shape[1] // 2
+            alt = fast.vary(x1, q, x1[:, q:q + 1], list(range(x1.shape[1])))[:, 0]
+        tol = 1e-4 * float(x2.abs().max())
+        if (got - x2).abs().max() > tol or (alt - x2).abs().max() > tol:
+            return None
+        return fast
+
+    def _heads(self, lin: nn.Linear, x: Tensor) -> Tensor:
+        """[..., d] -> [..., H, dh]"""
+        return lin(x).unflatten(-1, (self.h, self.dh))
+
+    def _tail(self, a: Tensor, x1: Tensor) -> Tensor:
+        """attention output (heads concatenated) and residual input -> layer-2 input"""
+        h = self.ln1(self.out(a) + x1)
+        return self.ln2(self.ffn_out(self.act(self.ffn_in(h))) + h)
+
+    @torch.no_grad()
+    def forward(self, x1: Tensor, queries: list[int] | None = None) -> Tensor:
+        """[n, L, d] -> [n, nq, d] at the ``queries`` positions (all by default)."""
+        idx = slice(None) if queries is None else torch.tensor(queries, device=x1.device)
+        q = self._heads(self.q, x1[:, idx]).transpose(1, 2)  # [n, H, nq, dh]
+        k = self._heads(self.k, x1).transpose(1, 2)
+        v = self._heads(self.v, x1).transpose(1, 2)
+        a = torch.softmax(q @ k.transpose(-1, -2) * self.scale, -1) @ v  # [n, H, nq, dh]
+        return self._tail(a.transpose(1, 2).flatten(-2), x1[:, idx])
+
+    @torch.no_grad()
+    def vary(self, base: Tensor, pos: int, cand: Tensor, queries: list[int]) -> Tensor:
+        """Layer-2 inputs of ``base`` [nb, L, d] with row ``pos`` replaced by each candidate row.
+
+        ``cand`` is [m, d] (the same candidates for every base) or [nb, m, d]; returns
+        [nb, m, nq, d] at the ``queries`` positions. The base's own row ``pos`` is ignored."""
+        nb, L, d = base.shape
+        if cand.dim() == 2:
+            cand = cand.unsqueeze(0).expand(nb, -1, -1)
+        m = cand.shape[1]
+        kb = self._heads(self.k, base).transpose(1, 2)  # [nb, H, L, dh]
+        vb = self._heads(self.v, base).transpose(1, 2)
+        kc, vc = self._heads(self.k, cand), self._heads(self.v, cand)  # [nb, m, H, dh]
+        out = torch.empty(nb, m, len(queries), self.h, self.dh, dtype=base.dtype, device=base.device)
+        others = [i for i in queries if i != pos]
+        if others:
+            slot = [j for j, i in enumerate(queries) if i != pos]
+            qi = self._heads(self.q, base[:, others]).transpose(1, 2)  # [nb, H, nI, dh]
+            lf = qi @ kb.transpose(-1, -2) * self.scale  # [nb, H, nI, L]
+            lf[..., pos] = -torch.inf
+            mf = lf.amax(-1, keepdim=True)
+            ef = torch.exp(lf - mf)
+            zf, sf = ef.sum(-1), ef @ vb  # [nb, H, nI], [nb, H, nI, dh]
+            lc = torch.einsum("bhid,bmhd->bhim", qi, kc) * self.scale  # [nb, H, nI, m]
+            mx = torch.maximum(mf, lc)
+            af, ac = torch.exp(mf - mx), torch.exp(lc - mx)
+            num = sf.unsqueeze(3) * af.unsqueeze(-1) + ac.unsqueeze(-1) * vc.permute(0, 2, 1, 3).unsqueeze(2)
+            o = num / (zf.unsqueeze(-1) * af + ac).unsqueeze(-1)  # [nb, H, nI, m, dh]
+            out[:, :, slot] = o.permute(0, 3, 2, 1, 4)
+        if pos in queries:
+            qc = self._heads(self.q, cand)  # [nb, m, H, dh]
+            lq = torch.einsum("bmhd,bhjd->bmhj", qc, kb) * self.scale  # [nb, m, H, L]
+            lq[..., pos] = (qc * kc).sum(-1) * self.scale
+            w = torch.softmax(lq, -1)
+            own = w[..., pos].unsqueeze(-1) * vc
+            w = w.clone()
+            w[..., pos] = 0.0
+            out[:, :, queries.index(pos)] = torch.einsum("bmhj,bhjd->bmhd", w, vb) + own
+        resid = base[:, queries].unsqueeze(1).expand(nb, m, len(queries), d).clone()
+        if pos in queries:
+            resid[:, :, queries.index(pos)] = cand
+        return self._tail(out.flatten(-2), resid)
