@@ -6,7 +6,7 @@ the same run, on the real MiniLM BERT.
 
 One FedSGD gradient of B Rotten Tomatoes sentences gives the layer-2 span. For the longest sentence
 (length L) and prefix lengths p = L/4, L/2, 3L/4 - 1, a beam step is built as the attack builds it:
-``width`` prefixes (the true prefix and copies with random batch tokens swapped in), ``candidates``
+``width`` prefixes (the true prefix and copies with one token swapped for another candidate), ``candidates``
 tokens at p (the true one and random batch tokens), a soft suffix. It is scored by
 
 * ``generic``: every extension through the model's own forward up to block 2 (the code path
@@ -102,7 +102,8 @@ def main() -> None:
         beams = [list(sent[:p])]
         while len(beams) < args.width:
             bm = list(sent[:p])
-            bm[int(torch.randint(p, (1,), generator=g))] = rand_tok()
+            j = int(torch.randint(p, (1,), generator=g))
+            bm[j] = per[j][int(torch.randint(1, len(per[j]), (1,), generator=g))]
             beams.append(bm)
         ext = [bm + [t] for bm in beams for t in per[p]]
 
