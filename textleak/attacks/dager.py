@@ -40,6 +40,10 @@ Deviations from the reference, all deliberate:
 * The encoder search uses coordinate descent with restarts once the combination count exceeds
   ``encoder_exhaustive_max`` (the reference's exhaustive search with ``maxB``/``non-overlap``
   heuristics is infeasible on 2 CPU cores).
+* Post-LN (BERT-family) encoders evaluate block 1 incrementally in the beam and the repairs
+  (``fast_block``, ``textleak/dager_block.py``; same scores as the model forward), and each beam
+  fully scores only its ``encoder_preselect`` candidates nearest to the span at the new position
+  (a speed heuristic; 0 scores every extension).
 * Encoders under FedSGD peel (``peel``, an addition): once sentences are clearly recovered, their
   exact per-example gradients (label: the class whose removal drops the layer-1 rank) are
   subtracted from the update and the remaining sentences are searched with the embedding prior
