@@ -115,6 +115,7 @@ class DagerConfig:
     embedding_prior: bool = True  # encoders: rank candidates by the word/position-embedding update (see _embedding_prior)
     prior_concentration: float = 0.7  # a token whose coefficient peaks below this is treated as repeated (kept everywhere)
     prior_relative: float = 0.3  # otherwise kept where its coefficient is >= this fraction of its peak
+    prior_noise_factor: float = 3.0  # under declared Gaussian noise: batch rows have norm > this * sigma * sqrt(d)
     complete_last_token: bool = True  # decoders under next-token loss (see module docstring)
     last_token_candidates: int = 6  # candidates re-ranked by their exact gradient term
     max_run: int = 4  # rotary decoders: longest run of one token allowed at the start (see _decoder)
@@ -175,11 +176,7 @@ class DAGER:
         """Taps and spans of blocks 0 and 1, with saturation / degeneracy checks."""
         cfg = self.config
         taps = [find_tap(model, i, probe) for i in (0, 1)]
-        sigma = 0.0
-        if cfg.noise_floor:
-            for d in obs.defenses or ():
-                if d.get("name") == "gaussian":
-                    sigma = max(sigma, float(d.get("sigma", 0.0)))
+        sigma = self._declared_sigma(obs) if cfg.noise_floor else 0.0
         spans, stats = [], {}
         for k, tap in enumerate(taps):
             mat = observed_matrix(tap, obs.tensors)
@@ -568,6 +565,12 @@ class DAGER:
         return [cand[j] for j in order], [terms[j] for j in order]
 
     # -- encoders --------------------------------------------------------------------------------
+    @staticmethod
+    def _declared_sigma(obs: Observation) -> float:
+        """The largest Gaussian-noise sigma among the observation's declared defenses (0 if none)."""
+        return max((float(d.get("sigma", 0.0)) for d in obs.defenses or () if d.get("name") == "gaussian"),
+                   default=0.0)
+
     def _embedding_prior(self, obs: Observation, model: nn.Module, positions: int):
         """Least-squares position coefficients of every batch token from the embedding updates.
 
@@ -579,7 +582,9 @@ class DAGER:
         and near 0 elsewhere (the coefficients of a token sum to 1 over positions; a repeated token's
         mass is spread over its positions). Returns ``(token ids, C[position, token])`` or None when
         the model has no learned position table, the rows are not observed, or the word update is
-        dense (noise, tied output embedding), so that no token set can be read from it.
+        dense (tied output embedding, undeclared noise), so that no token set can be read from it.
+        Under a declared Gaussian noise (sigma), the batch rows are those whose norm exceeds
+        ``prior_noise_factor * sigma * sqrt(d)`` (a noise-only row has norm ~ sigma sqrt(d)).
         """
         word = model.get_input_embeddings()
         n_pos = _max_positions(model)
@@ -592,7 +597,11 @@ class DAGER:
         if gw is None or gp is None:
             return None
         gw, gp = gw.detach().double().cpu(), gp[:positions].detach().double().cpu()
-        toks = torch.nonzero(gw.abs().sum(1) > 0).flatten()
+        sigma = self._declared_sigma(obs) if self.config.noise_floor else 0.0
+        # a declared Gaussian noise fills every row, with norm ~ sigma sqrt(d) (relative spread
+        # ~ 1 / sqrt(2d)); the batch's rows are those standing out above it
+        floor = self.config.prior_noise_factor * sigma * math.sqrt(gw.shape[1])
+        toks = torch.nonzero(gw.norm(dim=1) > floor).flatten()
         if toks.numel() == 0 or toks.numel() >= gw.shape[1]:
             return None
         coef = torch.linalg.lstsq(gw[toks].t(), gp.t()).solution.t()  # [positions, tokens]
