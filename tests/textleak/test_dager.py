@@ -253,6 +253,32 @@ def test_exact_recovery_tiny_bert_encoder(b):
     assert rec.stats.get("peeled", 0) >= 1, rec.stats  # the first clear find is peeled
 
 
+def test_embedding_prior_reads_the_token_set_under_declared_gaussian_noise():
+    """Declared Gaussian noise makes every embedding row nonzero; the prior then takes the rows whose
+    norm stands above sigma*sqrt(d) and finds the same token set, and places the tokens as without noise.
+    Undeclared, the dense update gives no prior."""
+    from dataclasses import replace as dc_replace
+
+    from textleak.attacks.dager import DAGER
+
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(2)
+    clean = DAGER()._embedding_prior(obs, model, 16)
+    assert clean is not None
+    toks, coef = clean
+    word = model.get_input_embeddings().weight
+    name = next(n for n, p in model.named_parameters() if p is word)
+    low = float(obs.tensors[name][toks].norm(dim=1).min())
+    sigma = low / (20.0 * word.shape[1] ** 0.5)
+    g = torch.Generator().manual_seed(0)
+    noisy = {k: v + sigma * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in obs.tensors.items()}
+    declared = dc_replace(obs, tensors=noisy, defenses=({"name": "gaussian", "sigma": sigma},))
+    got = DAGER()._embedding_prior(declared, model, 16)
+    assert got is not None and got[0] == toks
+    once = coef.max(0).values > 0.9  # tokens placed by the clean fit keep their position
+    assert once.sum() >= 5 and torch.equal(got[1].argmax(0)[once], coef.argmax(0)[once])
+    assert DAGER()._embedding_prior(dc_replace(obs, tensors=noisy, defenses=()), model, 16) is None
+
+
 def test_peel_subtracts_exact_per_example_gradients_and_infers_labels():
     """Explain-away oracle: peeling two of three true sentences leaves exactly the third one's
     gradient (scaled by 1/B), with the labels inferred from the rank drop; a sentence that is not
