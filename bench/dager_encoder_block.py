@@ -9,8 +9,8 @@ One FedSGD gradient of B Rotten Tomatoes sentences gives the layer-2 span. For t
 ``width`` prefixes (the true prefix and copies with one token swapped for another candidate), ``candidates``
 tokens at p (the true one and random batch tokens), a soft suffix. It is scored by
 
-* ``generic``: every extension through the model's own forward up to block 2 (the code path
-  without ``fast_block``),
+* ``generic``: every extension through the model's own forward up to block 2
+  (``DAGER._generic_step``, the code path without ``fast_block``),
 * ``fast``: ``DAGER._beam_step`` on :class:`textleak.dager_block.PostLNBlock` without preselection
   (the scores must agree with ``generic``: max |diff| is printed),
 * ``fast+pre``: the same with ``encoder_preselect`` (default config).
@@ -79,10 +79,6 @@ def main() -> None:
     per = [[t] + [rand_tok() for _ in range(args.candidates - 1)] for t in sent]
     suffix = torch.stack([word[torch.tensor(c)].mean(0) for c in per])
 
-    def d2_of(x):
-        v = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        return (1.0 - (v @ basis).pow(2).sum(-1)).clamp_min(0.0)
-
     xtab = [first_layer_vectors(li1, torch.tensor(c), q) for q, c in enumerate(per)]
     pos_of = [{t: i for i, t in enumerate(c)} for c in per]
     xsuf = li1.from_embeds(suffix.unsqueeze(0))[0]
@@ -108,18 +104,11 @@ def main() -> None:
         ext = [bm + [t] for bm in beams for t in per[p]]
 
         def generic():
-            out = []
-            with torch.no_grad():
-                for s in range(0, len(ext), 128):
-                    chunk = torch.tensor(ext[s:s + 128])
-                    emb = suffix.unsqueeze(0).repeat(chunk.shape[0], 1, 1)
-                    emb[:, :p + 1] = word[chunk]
-                    out.append(d2_of(li2.from_embeds(emb)[:, :p + 1]).sum(1))
-            return torch.cat(out)
+            return DAGER._generic_step(li2, word, suffix, ext, p, basis)
 
         def fast(pre: int):
             a = DAGER(DagerConfig(encoder_preselect=pre))
-            return a._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, d2_of, None)
+            return a._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, None)
 
         t_g, sc_g = best_of(generic)
         t_f, (ext_f, sc_f) = best_of(lambda: fast(0))

@@ -147,14 +147,14 @@ def test_fast_beam_step_scores_equal_generic_path():
     pos_of = [{t: i for i, t in enumerate(c)} for c in per]
     xsuf = li1.from_embeds(suffix.unsqueeze(0))[0]
     att = DAGER(DagerConfig(encoder_preselect=0))
-    ext, sc = att._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, d2_of, None)
+    ext, sc = att._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, None)
     assert ext == [bm + [t] for bm in beams for t in per[p]]
     emb = suffix.unsqueeze(0).repeat(len(ext), 1, 1)
     emb[:, :p + 1] = word[torch.tensor(ext)]
     ref = d2_of(li2.from_embeds(emb)[:, :p + 1]).sum(1)
     torch.testing.assert_close(sc, ref, rtol=0, atol=1e-10)
     att2 = DAGER(DagerConfig(encoder_preselect=2))
-    ext2, sc2 = att2._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, d2_of, None)
+    ext2, sc2 = att2._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, None)
     near = d2_of(li2.from_embeds(emb)[:, p]).view(3, 5)
     want = [bm + [per[p][int(j)]] for bm, row in zip(beams, near) for j in row.topk(2, largest=False).indices]
     assert ext2 == want

@@ -928,10 +928,6 @@ class DAGER:
             xtab = [first_layer_vectors(self._li1, torch.tensor(c), p) for p, c in enumerate(per)]
             pos_of = [{t: i for i, t in enumerate(c)} for c in per]
 
-        def d2_of(x: Tensor) -> Tensor:
-            v = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-            return (1.0 - (v @ basis).pow(2).sum(-1)).clamp_min(0.0)
-
         out: dict[tuple[int, ...], float] = {}
         for _ in range(max(1, cfg.encoder_refine)):
             beams: list[list[int]] = [[]]
@@ -946,15 +942,9 @@ class DAGER:
                     continue
                 if blk is not None:
                     near_pen = None if pen is None else lam * torch.tensor([pen[p][t] for t in per[p]])
-                    ext, sc = self._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, d2_of, near_pen)
+                    ext, sc = self._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, near_pen)
                 else:
-                    scores = []
-                    for s in range(0, len(ext), 128):
-                        chunk = torch.tensor(ext[s:s + 128], device=dev)
-                        emb = suffix.unsqueeze(0).repeat(chunk.shape[0], 1, 1)
-                        emb[:, :p + 1] = word[chunk]
-                        scores.append(d2_of(li2.from_embeds(emb)[:, :p + 1]).sum(1).cpu())
-                    sc = torch.cat(scores)
+                    sc = self._generic_step(li2, word, suffix, ext, p, basis)
                 if pen is not None:  # the embedding prior as a tie-breaker (see prior_penalty)
                     sc = sc + lam * torch.tensor([sum(pen[q][t] for q, t in enumerate(e)) for e in ext],
                                                  dtype=sc.dtype)
@@ -973,8 +963,22 @@ class DAGER:
             suffix = word[torch.tensor(best, device=dev)]
         return [(list(k), v) for k, v in out.items()]
 
+    @staticmethod
+    def _generic_step(li2: LayerInputs, word: Tensor, suffix: Tensor, ext: list[list[int]], p: int,
+                      basis: Tensor) -> Tensor:
+        """Beam-step scores through the model's own forward (no incremental block): each extension
+        fills positions 0..p, the soft ``suffix`` [L, d] the rest; the sum of squared layer-2 distances
+        over the prefix."""
+        scores = []
+        for s in range(0, len(ext), 128):
+            chunk = torch.tensor(ext[s:s + 128], device=word.device)
+            emb = suffix.unsqueeze(0).repeat(chunk.shape[0], 1, 1)
+            emb[:, :p + 1] = word[chunk]
+            scores.append(_sq_span_dist(basis, li2.from_embeds(emb)[:, :p + 1]).sum(1).cpu())
+        return torch.cat(scores)
+
     def _beam_step(self, blk: PostLNBlock, beams: list[list[int]], p: int, cands: list[int], xtab, pos_of,
-                   xsuf: Tensor, d2_of, near_pen: Tensor | None) -> tuple[list[list[int]], Tensor]:
+                   xsuf: Tensor, basis: Tensor, near_pen: Tensor | None) -> tuple[list[list[int]], Tensor]:
         """One beam step on the incremental block: every beam is a shared base (its prefix, a slot at
         ``p``, the soft suffix) and the candidates vary the slot. With ``encoder_preselect`` > 0 the
         candidates of each beam are first ranked by the layer-2 distance at ``p`` alone (plus the
@@ -987,14 +991,14 @@ class DAGER:
             base[:, q] = xtab[q][torch.tensor([pos_of[q][bm[q]] for bm in beams])]
         m = self.config.encoder_preselect
         if 0 < m < k:
-            near = torch.cat([d2_of(blk.vary(base, p, xtab[p][s:s + 256], [p]))[..., 0]
+            near = torch.cat([_sq_span_dist(basis, blk.vary(base, p, xtab[p][s:s + 256], [p]))[..., 0]
                               for s in range(0, k, 256)], 1)  # [nb, k]
             if near_pen is not None:
                 near = near + near_pen.to(near)
             sel = near.topk(m, dim=1, largest=False).indices  # [nb, m]
         else:
             sel = torch.arange(k).unsqueeze(0).expand(nb, k)
-        sc = torch.cat([d2_of(blk.vary(base, p, xtab[p][sel[:, s:s + 16]], list(range(p + 1)))).sum(-1)
+        sc = torch.cat([_sq_span_dist(basis, blk.vary(base, p, xtab[p][sel[:, s:s + 16]], list(range(p + 1)))).sum(-1)
                         for s in range(0, sel.shape[1], 16)], 1)  # [nb, m]
         ext = [beams[b] + [cands[int(j)]] for b in range(nb) for j in sel[b]]
         return ext, sc.flatten().cpu()
@@ -1058,6 +1062,13 @@ class DAGER:
             x = blk.vary(base, p, cand[s:s + 16], every)[0]  # [m, L, d]
             out.append(span_distance(span2.basis, x.reshape(-1, x.shape[-1])).view(x.shape[0], x.shape[1]))
         return torch.cat(out), toks
+
+
+def _sq_span_dist(basis: Tensor, x: Tensor) -> Tensor:
+    """Squared distance ``1 - |R^T v|^2`` of each normalised row of ``x`` [..., d] to span(basis), in
+    ``x``'s dtype (the beam's ranking score; acceptance uses ``span_distance``)."""
+    v = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return (1.0 - (v @ basis).pow(2).sum(-1)).clamp_min(0.0)
 
 
 def _select(sents: list[list[int]], scores: list[float], l1, position_free: bool, b: int | None) -> list[int]:
