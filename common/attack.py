@@ -76,10 +76,45 @@ def _coerce(value: str, typ: Any, key: str) -> Any:
     raise ValueError(f"--set {key}: cannot set a field of type {typ}")
 
 
+def _in_range(v: float, spec: str) -> bool:
+    """``spec``: ``">0"``, ``">=1"``, ``"<=1"`` or an interval ``"[0,1]"``, ``"(0,1]"``."""
+    spec = spec.replace(" ", "")
+    if spec[0] in "[(":
+        lo, hi = (float(x) for x in spec[1:-1].split(","))
+        return (v >= lo if spec[0] == "[" else v > lo) and (v <= hi if spec[-1] == "]" else v < hi)
+    op, bound = (spec[:2], spec[2:]) if spec[1] == "=" else (spec[:1], spec[1:])
+    b = float(bound)
+    return {">": v > b, ">=": v >= b, "<": v < b, "<=": v <= b}[op]
+
+
+def validate_config(config: Any) -> Any:
+    """Check every numeric field of a config against its declared range; return the config.
+
+    A config class declares ranges in ``RANGES: ClassVar[dict[str, str]]`` (``">0"``, ``">=1"``,
+    ``"[0,1]"``, ``"(0,1]"`` ...). Numeric fields without a declared range must be finite and
+    non-negative (``">=0"``): no knob of any attack here takes a negative or NaN value.
+    """
+    ranges = getattr(type(config), "RANGES", {})
+    unknown = set(ranges) - {f.name for f in dataclasses.fields(config)}
+    if unknown:
+        raise TypeError(f"{type(config).__name__}.RANGES names unknown fields {sorted(unknown)}")
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        spec = ranges.get(f.name, ">=0")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"config {f.name}={v}: must be a finite number (set it with --set {f.name}=...)")
+        if not _in_range(v, spec):
+            raise ValueError(f"config {f.name}={v} is out of range: must be {spec} (set it with --set {f.name}=...)")
+    return config
+
+
 def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
-    """``dataclasses.replace`` with type coercion of string values and a clear error on bad keys."""
+    """``dataclasses.replace`` with type coercion of string values, a clear error on bad keys and
+    a range check of the result (``validate_config``)."""
     if not overrides:
-        return config
+        return validate_config(config)
     hints = typing.get_type_hints(type(config))
     names = {f.name for f in dataclasses.fields(config)}
     clean = {}
@@ -89,7 +124,7 @@ def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
                 f"unknown config key {key!r} for {type(config).__name__}; valid keys: {', '.join(sorted(names))}"
             )
         clean[key] = _coerce(value, hints[key], key) if isinstance(value, str) and hints[key] is not str else value
-    return dataclasses.replace(config, **clean)
+    return validate_config(dataclasses.replace(config, **clean))
 
 
 def config_dict(config: Any) -> dict:

@@ -26,6 +26,8 @@ from .types import Observation, Reconstruction
 
 @dataclass(frozen=True)
 class GradientMatchingConfig:
+    RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
+        "lr": ">0", "iterations": ">=1", "restarts": ">=1"}
     distance: Literal["l2", "cosine", "layer-cosine", "tag"] = "l2"
     optimizer: Literal["lbfgs", "adam"] = "lbfgs"
     lr: float = 1.0

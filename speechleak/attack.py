@@ -56,6 +56,9 @@ class SpeechPrior:
 
 @dataclass(frozen=True)
 class SpeechInversionConfig:
+    RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
+        "layer_decay": "(0,1]", "lr": ">0", "iterations": ">=1", "restarts": ">=1",
+        "griffin_lim_iters": ">=1"}
     distance: Literal["l2", "cosine", "layer-cosine"] = "l2"
     layer_weights: Literal["uniform", "inverse-norm", "depth-decay"] = "uniform"
     layer_decay: float = 0.8  # depth-decay: weight of layer l is decay**l (input layers heaviest)

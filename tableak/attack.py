@@ -74,6 +74,9 @@ class TabularPrior:
 
 @dataclass(frozen=True)
 class TabLeakConfig:
+    RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
+        "temperature": ">0", "sigmoid_temperature": ">0", "lr": ">0", "iterations": ">=1", "ensemble": ">=1",
+        "search_iterations": ">=1", "search_restarts": ">=1", "fedavg_ensemble": ">=1"}
     loss: Literal["cosine", "l2"] = "cosine"
     softmax: bool = True  # softmax relaxation of categorical blocks
     temperature: float = 1.0

@@ -97,6 +97,11 @@ from ..dager_span import (
 @dataclass(frozen=True)
 class DagerConfig:
     """Defaults follow the reference's ``args_factory.py`` where it has one."""
+    RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
+        "rank_tol": ">0", "l1_span_thresh": ">0", "l2_span_thresh": ">0", "max_len": ">=1",
+        "encoder_exhaustive_max": ">=1", "encoder_beam": ">=1", "encoder_refine": ">=1",
+        "prior_concentration": "[0,1]", "prior_relative": "[0,1]", "last_token_candidates": ">=1",
+        "max_run": ">=1", "noise_tau_cap": ">0", "chunk": ">=1"}
 
     rank_tol: float | None = None  # None: NumPy matrix_rank rule (the reference's default)
     rank_cutoff: int = 20  # saturated when rank > max_rank - rank_cutoff (reference: d - 20)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ from .tokens import Filter, nearest_tokens, token_support
 
 @dataclass(frozen=True)
 class TextAttackConfig:
+    RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
+        "lr": ">0", "lr_decay": "(0,1]", "lr_step": ">=1", "n_steps": ">=1", "grad_clip": ">0",
+        "init_size": ">0", "init_candidates": ">=1", "swap_burnin": "[0,1]",
+        "swap_every": ">=1", "swap_candidates": ">=1", "lm_topk": ">=1", "topk_factor": ">0", "chunk": ">=1"}
     loss: Literal["cos", "tag", "l2"] = "cos"
     tag_factor: float = 0.01
     lr: float = 0.01
