@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -50,34 +51,72 @@ def _parse_set(items: list[str], flag: str = "--set") -> dict[str, str]:
 
 
 def _case_from_args(args):
-    """The named case with the command line's --model / --label / --option applied."""
+    """The named case with the command line's --model / --label / --option applied; a flag the
+    case's kit would ignore is refused."""
+    from .suite import check_model, check_options
+
     try:
         case = _catalog().cases.get(args.case)
     except KeyError as e:
         raise UserError(f"{e}; run `python -m eval list cases`") from None
     if args.model:
+        check_model(case, where="--model")
         case = replace(case, model=args.model)
+    if args.label and not args.data:
+        raise UserError("--label names the label column of a CSV given with --data; pass --data FILE.csv too, "
+                        "or drop --label")
+    options = _parse_set(getattr(args, "option", None) or [], flag="--option")
     if args.label:
-        case = replace(case, options={**case.options, "label": args.label})
-    if getattr(args, "option", None):
-        case = replace(case, options={**case.options, **_parse_set(args.option, flag="--option")})
+        options = {"label": args.label, **options}
+    check_options(case, options, where="--option" if set(options) - {"label"} else "--label")
+    if options:
+        case = replace(case, options={**case.options, **options})
     return case
+
+
+def _check_counts(args) -> None:
+    """Numbers that must be positive (or non-negative) are refused before any work."""
+    for flag, attr, low in (("--batch-size", "batch_size", 1), ("--trials", "trials", 1), ("--seed", "seed", 0),
+                            ("--limit", "limit", 1), ("--workers", "workers", 1)):
+        v = getattr(args, attr, None)
+        if v is not None and v < low:
+            raise UserError(f"{flag} {v}: must be >= {low}" + ("; leave it out to use the case's own batch size"
+                                                                if attr == "batch_size" else ""))
+
+
+def _check_out(out: str) -> None:
+    """``--out`` must be (or become) a writable directory; refused before any trial runs."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out {out!r} is an existing file; give a directory (created if missing)")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"--out {out!r} lies under the file {str(anc)!r}; give a directory path")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out!r}: {str(anc)!r} is not writable; give a directory you can write to")
+    rec = p / "records.jsonl"
+    if rec.exists() and (rec.is_dir() or not os.access(rec, os.W_OK)):
+        raise UserError(f"--out {out!r}: {str(rec)!r} is not a writable file; give another --out directory")
 
 
 def cmd_run(args) -> int:
     from .runner import TrialSpec, run_many
+    from .suite import check_user_data
 
+    _check_counts(args)
     case = _case_from_args(args)
-    if args.batch_size:
-        if args.batch_size < 1:
-            raise UserError("--batch-size must be >= 1")
+    if args.batch_size is not None:
         case = case.with_batch_size(args.batch_size)
     if args.data and not Path(args.data).exists():
         raise UserError(f"--data {args.data!r}: no such file or directory")
+    _check_out(args.out)
+    device = _device(args.device)
+    check_user_data(case, args.data, batch_size=case.protocol.batch_size)
     overrides = _parse_set(args.set)
     specs = [TrialSpec(case, args.attack, args.seed, t, overrides, args.data) for t in range(args.trials)]
-    records = run_many(specs, out_dir=args.out, device=_device(args.device), resume=args.resume,
-                       progress=not args.quiet)
+    records = run_many(specs, out_dir=args.out, device=device, resume=args.resume, progress=not args.quiet)
     return _finish(args.out, records)
 
 
@@ -93,13 +132,19 @@ def _device(name: str) -> str:
 
 
 def _finish(out: str, records: list[dict]) -> int:
+    """Print the leaderboard of ``out``; exit 0 when every trial of this invocation is ok, else 1."""
     from .leaderboard import aggregate, render_markdown
     from .records import RECORDS_FILE, load_records
 
     n_fail = sum(r["status"] == "failed" for r in records)
     all_records = load_records([Path(out) / RECORDS_FILE])
-    print(render_markdown(aggregate(all_records)))
+    if all_records:
+        print(render_markdown(aggregate(all_records)))
     print(f"{len(records)} trials run ({n_fail} failed); records in {Path(out) / RECORDS_FILE}", file=sys.stderr)
+    if n_fail:
+        print(f"error: {n_fail} of {len(records)} trials failed (status 'failed' in the records, with the error); "
+              f"exit code 1", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -107,11 +152,14 @@ def cmd_bench(args) -> int:
     from .runner import run_many
     from .suite import load_suite
 
+    _check_counts(args)
+    _check_out(args.out)
+    device = _device(args.device)
     specs = load_suite(args.suite)
-    if args.limit:
+    if args.limit is not None:
         specs = specs[: args.limit]
-    records = run_many(specs, out_dir=args.out, device=_device(args.device), resume=args.resume,
-                       progress=not args.quiet, executor=args.executor, workers=args.workers, address=args.address)
+    records = run_many(specs, out_dir=args.out, device=device, resume=args.resume, progress=not args.quiet,
+                       executor=args.executor, workers=args.workers, address=args.address)
     return _finish(args.out, records)
 
 
@@ -122,6 +170,8 @@ def cmd_leaderboard(args) -> int:
     for p in args.paths:
         if not Path(p).exists():
             raise UserError(f"{p!r}: no such records file or directory")
+    if args.output and Path(args.output).is_dir():
+        raise UserError(f"-o {args.output!r} is a directory; give a file name")
     records = load_records(args.paths)
     if not records:
         raise UserError(f"no records found under {', '.join(args.paths)}; run `python -m eval run ... --out DIR` first")
@@ -131,7 +181,12 @@ def cmd_leaderboard(args) -> int:
         raise UserError(f"unknown metric {args.primary!r} for --primary; these records have: {', '.join(known)}")
     text = RENDERERS[args.format](rows, args.primary)
     if args.output:
-        Path(args.output).write_text(text)
+        out = Path(args.output)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        except OSError as e:
+            raise UserError(f"-o {args.output!r}: cannot write ({e.strerror or e}); give a writable file path") from None
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
@@ -140,16 +195,19 @@ def cmd_leaderboard(args) -> int:
 def cmd_audit(args) -> int:
     from .audit import audit
 
+    _check_counts(args)
     case = _case_from_args(args)
     if args.data:
         case = replace(case, data=args.data)
+    _check_out(args.out)
     records = audit(args.captures, attack=args.attack, case=case, out_dir=args.out, overrides=_parse_set(args.set),
                     device=_device(args.device), seed=args.seed, resume=args.resume)
     return _finish(args.out, records)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m eval", description="gradleak: gradient-inversion attacks, runs and leaderboards")
+    ap = argparse.ArgumentParser(prog="python -m eval", description="gradleak: gradient-inversion attacks, runs and "
+                                 "leaderboards. Exit codes: 0 all trials ok, 1 some trial failed, 2 bad input.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list attacks, presets, metrics or cases")
@@ -157,62 +215,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("run", help="run trials of one attack on one case")
-    p.add_argument("--attack", required=True, help="preset or attack name (python -m eval list presets)")
-    p.add_argument("--case", required=True, help="case name (python -m eval list cases)")
-    p.add_argument("--data", help="your own data: text file (one sentence per line), CSV (with --label), or WAV folder")
-    p.add_argument("--label", help="label column of a CSV given with --data")
+    p.add_argument("--attack", required=True, help="preset or attack name (python -m eval list presets); required")
+    p.add_argument("--case", required=True, help="case name (python -m eval list cases); required")
+    p.add_argument("--data", help="your own data: a text file (one sentence per line), a CSV (with --label) or a "
+                   "folder of WAV files (DIR/<keyword>/*.wav for keyword cases, x.wav + x.txt for CTC cases); "
+                   "default: the case's bundled data")
+    p.add_argument("--label", help="label column of a CSV given with --data (default: none; required for a CSV)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="case option for the kit, e.g. categorical=col1,col2 or max_tokens=32")
-    p.add_argument("--model", help="HF model id (cached) or local model directory")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--trials", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an attack config field")
-    p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true", help="skip trials whose run id is already recorded")
-    p.add_argument("--quiet", action="store_true")
+                   help="case option for the kit, repeatable, e.g. categorical=col1,col2, drop=col or max_tokens=32 "
+                   "(default: the case's options)")
+    p.add_argument("--model", help="text cases: kit model name, HF model id (cached) or local model directory "
+                   "(default: the case's model)")
+    p.add_argument("--batch-size", type=int, help="client batch size, >= 1 (default: the case's batch size)")
+    p.add_argument("--trials", type=int, default=1, help="trials per seed, >= 1 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed, >= 0 (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an attack config field, repeatable (default: the preset's config)")
+    p.add_argument("--out", required=True, help="output directory for records.jsonl and artifacts; required")
+    p.add_argument("--resume", action="store_true",
+                   help="skip trials whose run id is already recorded (default: off)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("bench", help="run a suite (TOML) of cases x attacks x seeds")
-    p.add_argument("suite")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--limit", type=int, help="run only the first N trials of the suite")
+    p.add_argument("suite", help="suite file (eval/suites/*.toml); required")
+    p.add_argument("--out", required=True, help="output directory for records.jsonl and artifacts; required")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip trials whose run id is already recorded (default: off)")
+    p.add_argument("--limit", type=int, help="run only the first N >= 1 trials of the suite (default: all)")
     p.add_argument("--executor", choices=["local", "process", "ray"], default="local",
-                   help="local: in this process; process: a local worker pool; ray: one Ray task per trial")
-    p.add_argument("--workers", type=int, help="worker processes (process) or CPUs for a local Ray instance")
-    p.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local instance")
-    p.add_argument("--quiet", action="store_true")
+                   help="local: in this process; process: a local worker pool; ray: one Ray task per trial "
+                   "(default: %(default)s)")
+    p.add_argument("--workers", type=int, help="worker processes (process) or CPUs for a local Ray instance, >= 1 "
+                   "(default: the number of CPUs)")
+    p.add_argument("--address", help="Ray cluster address, e.g. auto (default: start a local instance)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("audit", help="run an attack on captured client updates (eval/capture.py format)")
-    p.add_argument("captures", help="capture directory (e.g. written by eval.flower.CapturingStrategy)")
-    p.add_argument("--attack", required=True)
-    p.add_argument("--case", required=True, help="the case whose model architecture and prior match the capture")
-    p.add_argument("--data", help="public data source the kit needs for its prior (schema, tokenizer ...)")
-    p.add_argument("--label", help="label column when --data is a CSV")
-    p.add_argument("--model", help="HF model id or local directory (architecture; weights come from the capture)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("captures", help="capture directory (e.g. written by eval.flower.CapturingStrategy); required")
+    p.add_argument("--attack", required=True, help="preset or attack name; required")
+    p.add_argument("--case", required=True,
+                   help="the case whose model architecture and prior match the capture; required")
+    p.add_argument("--data", help="public data source the kit needs for its prior (schema, tokenizer ...) "
+                   "(default: the case's data)")
+    p.add_argument("--label", help="label column when --data is a CSV (default: none)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="case option for the kit, repeatable (default: the case's options)")
+    p.add_argument("--model", help="text cases: HF model id or local directory (architecture; weights come from the "
+                   "capture) (default: the case's model)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an attack config field, repeatable (default: the preset's config)")
+    p.add_argument("--seed", type=int, default=0, help="seed, >= 0 (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output directory for records.jsonl; required")
+    p.add_argument("--resume", action="store_true",
+                   help="skip clients whose run id is already recorded (default: off)")
     p.set_defaults(fn=cmd_audit)
 
     p = sub.add_parser("leaderboard", help="aggregate records into a leaderboard")
-    p.add_argument("paths", nargs="+", help="records.jsonl files or directories")
-    p.add_argument("--format", choices=["md", "csv", "html"], default="md")
-    p.add_argument("--primary", help="metric to rank by (default: rouge2, accuracy, ...)")
-    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument("paths", nargs="+", help="records.jsonl files or directories (searched recursively); required")
+    p.add_argument("--format", choices=["md", "csv", "html"], default="md", help="output format (default: %(default)s)")
+    p.add_argument("--primary", help="metric to rank by (default: rouge2, accuracy, ... whichever the records have)")
+    p.add_argument("--output", "-o", help="write to this file, creating its folder (default: stdout)")
     p.set_defaults(fn=cmd_leaderboard)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     # keep library chatter (dataset progress bars, load reports) out of the CLI's output
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DATASETS_VERBOSITY", "critical")

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -44,8 +45,6 @@ def _git() -> dict[str, Any]:
 
 
 def provenance(device: str) -> dict[str, Any]:
-    import sys
-
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
@@ -96,17 +95,37 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
         os.close(fd)
 
 
+_WARNED: set[tuple[str, int]] = set()  # (file, line) already reported: one warning per bad line per process
+
+
+def _warn_bad_line(path: Path, lineno: int) -> None:
+    key = (str(path.resolve()), lineno)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {path}:{lineno}: not a JSON run record, skipped", file=sys.stderr)
+
+
 def iter_records(path: str | os.PathLike) -> Iterator[dict]:
+    """The records of one file. A torn last line (killed writer) is ignored silently; any other
+    line that is not a JSON object is skipped with one warning on stderr naming file and line."""
     path = Path(path)
     if not path.exists():
         return
     with open(path, "rb") as f:
-        for raw in f:
+        for lineno, raw in enumerate(f, start=1):
             if not raw.endswith(b"\n"):
                 break  # torn tail from a killed writer
             raw = raw.strip()
-            if raw:
-                yield json.loads(raw)
+            if not raw:
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                rec = None
+            if not isinstance(rec, dict) or "run_id" not in rec:
+                _warn_bad_line(path, lineno)
+                continue
+            yield rec
 
 
 def load_records(paths: Iterable[str | os.PathLike]) -> list[dict]:

@@ -3,6 +3,12 @@ from common.case import Case
 from common.threat import HONEST, HONEST_WITH_LABELS
 from common.types import FLProtocol
 
+#: Case options the speech kit reads (``--option KEY=VALUE``).
+OPTIONS = frozenset({"task", "features", "seconds", "stage", "train_epochs", "channels", "hidden", "act",
+                     "num_classes", "dim", "max_chars", "fixed_keywords", "feature_max", "oracle", "score_asr"})
+#: The speech kit builds its model from the options (task, channels ...); ``--model`` would be ignored.
+TAKES_MODEL = False
+
 _KWS = "synthetic keywords (10 Speech Commands words, 8 flite/espeak-ng voices x 3 rate/pitch variants), 1 s, 16 kHz"
 
 

@@ -4,7 +4,9 @@
   espeak-ng (en-us, en-gb, en-us+f3, en-us+m3) voices at varied rates and pitches.
 * Sentence clips: Rotten Tomatoes sentences (Pang & Lee polarity file shipped in the gensim
   wheel, read as cp1252; gensim is never imported) spoken by the same voices.
-* ``load_wav_dir(DIR)``: any WAV files (any rate, mono or stereo), converted to 16 kHz mono.
+* ``load_wav_dir(DIR)``: any WAV files (any rate, mono or stereo), converted to 16 kHz mono:
+  ``DIR/<keyword>/*.wav`` for keyword cases, ``x.wav`` with an ``x.txt`` transcript for CTC cases;
+  ``check_clip_lengths`` compares them with a case's window before any trial.
 
 Every loader returns a ``datasets.Dataset`` with one row per clip (``path``, ``text``,
 ``label``, ``speaker``, ...). Generated clips are cached as 16 kHz WAV under
@@ -242,3 +244,30 @@ def load_wav_dir(directory: str | os.PathLike, *, keywords: tuple[str, ...] | No
         rows.append({"path": str(p), "text": text, "label": label, "speaker": speaker,
                      "variant": 0, "rate": 1.0, "pitch": 0})
     return datasets.Dataset.from_list(rows)
+
+
+def check_clip_lengths(directory: str | os.PathLike, *, seconds: float, task: str) -> str | None:
+    """Compare a user's clips (after silence trimming, as the kit does) with the case's window.
+
+    The kit centre-crops a longer clip to the window. For CTC a cropped clip would be paired with
+    the transcript of the whole clip: refused (ValueError naming the window). Otherwise returns a
+    one-line warning saying how many clips are cropped (None when none is)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return None  # load_wav_dir says what is wrong
+    window = int(round(seconds * SAMPLE_RATE))
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".wav")
+    long = [(p, n / SAMPLE_RATE) for p in files if (n := len(trim_and_fit(read_wav(p), None))) > window]
+    if not long:
+        return None
+    if task == "ctc":
+        paired = [(p, d) for p, d in long if p.with_suffix(".txt").exists()]
+        if paired:
+            p, d = paired[0]
+            raise ValueError(f"{len(paired)} clip(s) with a transcript are longer than the case's {seconds:g} s window "
+                             f"(e.g. {p.name}: {d:.1f} s after trimming silence); cropping would pair part of the audio "
+                             f"with the whole transcript: cut them into clips of at most {seconds:g} s, each with its "
+                             f"own transcript (or set --option seconds=N)")
+    p, d = long[0]
+    return (f"{len(long)} of {len(files)} clips are longer than the case's {seconds:g} s window and are centre-cropped "
+            f"to it (e.g. {p.name}: {d:.1f} s after trimming silence)")

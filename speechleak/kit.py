@@ -179,7 +179,7 @@ class SpeechKit:
                    "epochs": epochs, "v": 1}
             path = _weights_path(tag)
             if path.exists():
-                model.load_state_dict(torch.load(path, map_location="cpu"))
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             else:
                 train_model(model, fe, self._pool(case), task=task, epochs=epochs,
                             generator=torch.Generator().manual_seed(seed))
@@ -200,7 +200,7 @@ class SpeechKit:
             tag = {"classifier": True, "data": case.data, "length": pool.length, "v": 1}
             path = _weights_path(tag)
             if path.exists():
-                model.load_state_dict(torch.load(path, map_location="cpu"))
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             else:
                 train_model(model, fe, pool, task="kws", epochs=20, generator=g)
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,11 @@ from common.types import FLProtocol
 
 from .models import SIZE_LADDER
 
+#: Case options the tabular kit reads (``--option KEY=VALUE``; ``--label`` sets ``label``).
+OPTIONS = frozenset({"label", "categorical", "continuous", "drop", "layout", "train_epochs"})
+#: The tabular kit builds its FC network from ``layout``; ``--model`` would be ignored.
+TAKES_MODEL = False
+
 _DESC = {"adult": "UCI Adult (d=105)", "german": "UCI German Credit (d=63)"}
 
 

@@ -6,11 +6,13 @@
   (eth-sri/tableak ``datasets/adult.py``, ``datasets/german.py``): Adult d = 105, German d = 63.
 * Lawschool and Health Heritage are never bundled and never fetched: pass the directory
   (or file) that holds them; the error message says where to get them.
-* Any CSV: ``read_csv_table(path, label=COL, categorical=[...], continuous=[...])``.
+* Any CSV: ``read_csv_table(path, label=COL, categorical=[...], continuous=[...], drop=[...])``,
+  read in memory (never copied into the datasets cache).
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -151,25 +153,76 @@ def health_heritage(path: str | Path) -> tuple[pd.DataFrame, TabularSchema]:
     return df, TabularSchema.infer(df, label="max_CharlsonIndex", continuous=cont, categorical=cat)
 
 
+MAX_CATEGORIES = 64  # TabularSchema.infer's default
+
+
+def _read_csv(p: Path) -> pd.DataFrame:
+    """The CSV as ``load_dataset("csv")`` returns it (pandas, then an Arrow round trip) but in
+    memory: a user's file is never copied into the datasets cache."""
+    import datasets
+
+    try:
+        df = pd.read_csv(p, encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p.name} is not UTF-8 text (byte {e.start}, e.g. a latin-1 export); save it as UTF-8 "
+                         f"(in a spreadsheet: CSV UTF-8)") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{p.name} is empty; it needs a header line and at least 2 rows") from None
+    return datasets.Dataset.from_pandas(df, preserve_index=False).to_pandas()
+
+
+def _check_categories(df: pd.DataFrame, *, label: str, categorical: Sequence[str], continuous: Sequence[str]) -> None:
+    """A categorical column with too many values: name the command-line options that fix it."""
+    for col in df.columns:
+        if col == label or col in continuous:
+            continue
+        s = df[col]
+        if col in categorical or not pd.api.types.is_numeric_dtype(s):
+            n = s.dropna().astype(str).str.strip().nunique()
+            if n > MAX_CATEGORIES:
+                numeric = pd.to_numeric(s.dropna(), errors="coerce").notna().all()
+                alt = f" or declare it continuous with --option continuous={col}" if numeric else ""
+                raise ValueError(f"column {col!r} has {n} categories (> {MAX_CATEGORIES}): drop it with "
+                                 f"--option drop={col}{alt}")
+
+
 def read_csv_table(path: str | Path, *, label: str | None, categorical: Sequence[str] = (),
-                   continuous: Sequence[str] = ()) -> tuple[pd.DataFrame, TabularSchema]:
-    """Any CSV: types inferred (non-numeric -> categorical) unless overridden; rows with a
-    missing value in a used column are dropped after the schema is built."""
+                   continuous: Sequence[str] = (), drop: Sequence[str] = ()) -> tuple[pd.DataFrame, TabularSchema]:
+    """Any CSV (UTF-8): types inferred (non-numeric -> categorical) unless overridden; ``drop``
+    columns are removed first; rows with a missing value in a used column are dropped after the
+    schema is built (one line on stderr says how many)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"tabular data {str(path)!r}: no such CSV file (or use adult, german, "
                                 f"lawschool:PATH, health:PATH)")
     if not label:
         raise ValueError("a CSV needs its label column: pass --label COL (a column with two values)")
-    import datasets
-
-    df = datasets.load_dataset("csv", data_files=str(p), split="train").to_pandas()
+    df = _read_csv(p)
+    missing = [c for c in drop if c not in df.columns]
+    if missing:
+        raise ValueError(f"--option drop: no column {', '.join(map(repr, missing))} in {p.name}; "
+                         f"columns: {', '.join(map(str, df.columns))}")
+    if label in drop:
+        raise ValueError(f"--option drop={label}: that is the label column")
+    df = df.drop(columns=list(drop))
     if label not in df.columns:
         raise ValueError(f"label column {label!r} not in {p.name}; columns: {', '.join(map(str, df.columns))}")
+    if len(df) < 2:
+        raise ValueError(f"{p.name} has only {len(df)} row{'s' if len(df) != 1 else ''}; "
+                         f"a table needs at least 2 rows (one per label value)")
+    n_rows = len(df)
     df = df.dropna(subset=[label])
+    used = [c for c in df.columns if c != label and df[c].dropna().nunique() > 1]  # infer drops constant columns
+    if df.dropna(subset=used).empty:
+        raise ValueError(f"every row of {p.name} has an empty cell in a used column; fill the empty cells "
+                         f"or drop their columns with --option drop=COL")
+    _check_categories(df, label=label, categorical=categorical, continuous=continuous)
     schema = TabularSchema.infer(df, label=label, categorical=list(categorical), continuous=list(continuous))
     keep = [f.name for f in schema.features]
     df = df[keep + [label]].dropna().reset_index(drop=True)
+    if len(df) < n_rows:
+        print(f"warning: {p.name}: dropped {n_rows - len(df)} of {n_rows} rows with empty cells "
+              f"({len(df)} rows left)", file=sys.stderr)
     for f in schema.features:
         if f.kind == "categorical":
             df[f.name] = df[f.name].astype(str).str.strip()
@@ -177,7 +230,7 @@ def read_csv_table(path: str | Path, *, label: str | None, categorical: Sequence
 
 
 def load_table(source: str, *, label: str | None = None, categorical: Sequence[str] = (),
-               continuous: Sequence[str] = ()) -> tuple[pd.DataFrame, TabularSchema]:
+               continuous: Sequence[str] = (), drop: Sequence[str] = ()) -> tuple[pd.DataFrame, TabularSchema]:
     """``adult`` | ``german`` | ``lawschool:PATH`` | ``health:PATH`` | a CSV path."""
     if source == "adult":
         return adult()
@@ -193,4 +246,4 @@ def load_table(source: str, *, label: str | None = None, categorical: Sequence[s
         if not path:
             raise FileNotFoundError(HEALTH_HELP)
         return health_heritage(path)
-    return read_csv_table(source, label=label, categorical=categorical, continuous=continuous)
+    return read_csv_table(source, label=label, categorical=categorical, continuous=continuous, drop=drop)

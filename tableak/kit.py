@@ -27,7 +27,7 @@ def _read_table(case: Case, data_path: str | None) -> tuple[pd.DataFrame, Tabula
     source = str(data_path or case.data)
     opts = case.options
     return load_table(source, label=opts.get("label"), categorical=_names(opts.get("categorical", ())),
-                      continuous=_names(opts.get("continuous", ())))
+                      continuous=_names(opts.get("continuous", ())), drop=_names(opts.get("drop", ())))
 
 
 def _names(v) -> list[str]:

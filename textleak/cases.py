@@ -10,6 +10,12 @@ LAMP_THREAT = HONEST.with_grants(Capability.LABELS, Capability.SEQUENCE_LENGTHS,
 #: Labels not granted (recovered from the classifier-head gradient).
 SEQLEN_THREAT = HONEST.with_grants(Capability.SEQUENCE_LENGTHS, name="honest-but-curious+seq_lens")
 
+#: Case options the text kits read (``--option KEY=VALUE``); LoRA cases add the adapter's.
+OPTIONS = frozenset({"max_tokens", "num_labels", "task", "lm_prior"})
+LORA_OPTIONS = OPTIONS | {"lora_r", "lora_alpha", "lora_targets"}
+#: ``--model`` picks the text model (kit name, cached HF id or local directory).
+TAKES_MODEL = True
+
 RT = "rotten-tomatoes"
 FEDAVG = FLProtocol("fedavg", batch_size=1, local_epochs=2, local_lr=1e-2)
 

@@ -1,6 +1,7 @@
 """Sentence pools: the 200 Rotten Tomatoes sentences shipped in the gensim wheel, or a local file."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from common.assets import rotten_tomatoes_file
@@ -29,18 +30,53 @@ def rotten_tomatoes():
     return datasets.Dataset.from_list(rows)
 
 
-def text_file(path: str | Path):
-    """One sentence per line (blank lines dropped), label 0, via ``load_dataset("text")``."""
-    import datasets
-
+def read_lines(path: str | Path) -> list[str]:
+    """The file's lines as ``load_dataset("text")`` splits them (universal newlines, split on
+    ``\\n`` only), read in memory: a user's file is never copied into the datasets cache."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"text data {str(path)!r}: not a known dataset (rotten-tomatoes) or an existing file")
-    ds = datasets.load_dataset("text", data_files=str(p), split="train")
-    ds = ds.filter(lambda r: bool(r["text"].strip()))
-    if len(ds) == 0:
-        raise ValueError(f"{p} has no non-empty lines; put one sentence per line")
-    return ds.map(lambda r: {"text": r["text"].strip(), "label": 0})
+    try:
+        with open(p, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p.name} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return [line.rstrip("\n") for line in io.StringIO(text).readlines()]
+
+
+def text_file(path: str | Path):
+    """One sentence per line (blank lines dropped, whitespace stripped), label 0, as an in-memory
+    ``datasets.Dataset(text, label)``."""
+    import datasets
+
+    texts = [t.strip() for t in read_lines(path) if t.strip()]
+    if not texts:
+        raise ValueError(f"{Path(path)} has no non-empty lines; put one sentence per line")
+    return datasets.Dataset.from_dict({"text": texts, "label": [0] * len(texts)})
+
+
+def check_usable(path: str | Path, *, tokenizer, max_tokens: int | None, batch_size: int) -> None:
+    """Refuse (ValueError) a file with fewer than ``batch_size`` sentences within the token limit:
+    the case option ``max_tokens`` and the tokenizer's own maximum length, whichever is smaller."""
+    texts = [t.strip() for t in read_lines(path) if t.strip()]
+    if not texts:
+        raise ValueError(f"{Path(path)} has no non-empty lines; put one sentence per line")
+    model_max = getattr(tokenizer, "model_max_length", None)
+    limits = [x for x in (max_tokens, model_max if isinstance(model_max, int) and model_max < 10**6 else None)
+              if x is not None]
+    if not limits:
+        return
+    limit = min(limits)
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    usable = sum(n <= limit for n in lengths)
+    if usable < batch_size:
+        if limit == max_tokens:
+            what, fix = f"the case's max_tokens={limit}", "or raise --option max_tokens=N"
+        else:
+            what, fix = f"the model's maximum of {limit} tokens", f"of at most {limit} tokens"
+        raise ValueError(f"{Path(path).name}: only {usable} of {len(texts)} lines fit the token limit ({what}; the "
+                         f"longest has {max(lengths)} tokens) and the batch needs {batch_size}: put one sentence per "
+                         f"line {fix}, or lower --batch-size")
 
 
 def load_sentences(source: str):

@@ -18,7 +18,8 @@ Named models (``--model NAME``):
   configurations for tests (GPT-2 tokenizer for the decoders, MiniLM's WordPiece for BERT).
 
 Anything else is treated as a Hugging Face id or a local directory and loaded with
-``local_files_only=True``; a missing one raises a one-line error naming what to install.
+``local_files_only=True``; one that is not in the local cache raises a one-line error saying so
+and how to pass a local directory (no connection is ever tried).
 Special layers are always found by identity (``model.get_input_embeddings()``), never by
 parameter-name substrings.
 """
@@ -262,6 +263,34 @@ def _load(name: str, *, generator: torch.Generator, num_labels: int, task: str |
 KNOWN = ("minilm-bert", "smollm2", "gpt2", "gpt2-small-config", "tiny-gpt2", "tiny-llama", "tiny-bert")
 
 
+def _not_available(name: str, error: Exception) -> ValueError:
+    """The one-line error for a ``--model`` that is neither a kit model nor loadable offline."""
+    kits = ", ".join(KNOWN)
+    if Path(name).is_dir():
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return ValueError(f"model directory {name!r} could not be loaded ({first[:160]}); it needs the files that "
+                          f"save_pretrained writes (config.json, tokenizer files, weights)")
+    return ValueError(f"model {name!r} is not a kit model ({kits}) and not in the local Hugging Face cache "
+                      f"(nothing is downloaded here): save it with save_pretrained into a directory where you have a "
+                      f"connection, copy that directory here and pass --model DIR")
+
+
+def tokenizer_for(name: str):
+    """The tokenizer of a kit model name, cached HF id or local directory, without building the model."""
+    if name in ("minilm-bert", "tiny-bert"):
+        return minilm_tokenizer()
+    if name == "smollm2":
+        return smollm2_tokenizer()
+    if name in ("gpt2", "gpt2-small-config", "tiny-gpt2", "tiny-llama"):
+        return gpt2_tokenizer()
+    import transformers as tf
+
+    try:
+        return tf.AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise _not_available(name, e) from None
+
+
 def _load_pretrained(name: str, *, generator: torch.Generator, num_labels: int, task: str | None) -> nn.Module:
     """An HF id or a local directory, strictly offline."""
     import transformers as tf
@@ -270,11 +299,7 @@ def _load_pretrained(name: str, *, generator: torch.Generator, num_labels: int, 
         config = tf.AutoConfig.from_pretrained(name, local_files_only=True)
         tok = tf.AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"model {name!r} is neither a kit model ({', '.join(KNOWN)}) nor a local directory / cached HF model "
-            f"({first[:160]}); put its files in a directory and pass --model DIR"
-        ) from None
+        raise _not_available(name, e) from None
     archs = " ".join(getattr(config, "architectures", None) or [])
     if task is None:
         task = "classification" if ("ForSequenceClassification" in archs or config.model_type in
