@@ -270,7 +270,7 @@ def _not_available(name: str, error: Exception) -> ValueError:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return ValueError(f"model directory {name!r} could not be loaded ({first[:160]}); it needs the files that "
                           f"save_pretrained writes (config.json, tokenizer files, weights)")
-    return ValueError(f"model {name!r} is not a kit model ({kits}) and not in the local Hugging Face cache "
+    return ValueError(f"model {name!r} is neither a kit model ({kits}) nor in the local Hugging Face cache "
                       f"(nothing is downloaded here): save it with save_pretrained into a directory where you have a "
                       f"connection, copy that directory here and pass --model DIR")
 

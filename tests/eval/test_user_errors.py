@@ -185,7 +185,7 @@ def test_uncached_hub_model_says_so(tmp_path, capsys):
     code = main(["run", "--attack", "tag", "--case", "text/tiny-gpt2/fedsgd", "--model", "nobody/not-cached-model-x",
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    check_one_line(code, err, "not in the local Hugging Face cache")
+    check_one_line(code, err, "nor in the local Hugging Face cache")
     assert "--model DIR" in err and "couldn't connect" not in err.lower()
 
 
