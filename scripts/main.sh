@@ -5,7 +5,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 OUT=${OUT:-runs/main}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-.venv/bin/python -m eval bench eval/suites/main.toml --out "$OUT" --resume "$@" > /dev/null
+rc=0  # bench exits 1 when a trial failed: still write the leaderboard, then exit 1
+.venv/bin/python -m eval bench eval/suites/main.toml --out "$OUT" --resume "$@" > /dev/null || rc=$?
+[ "$rc" -le 1 ] || exit "$rc"
 .venv/bin/python -m eval leaderboard "$OUT" --format html -o "$OUT/leaderboard.html"
 .venv/bin/python -m eval leaderboard "$OUT" --format md | tee "$OUT/leaderboard.md"
 echo "records: $OUT/records.jsonl  html: $OUT/leaderboard.html" >&2
+exit "$rc"
