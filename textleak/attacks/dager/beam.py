@@ -59,33 +59,16 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
     lam = PRIOR_PENALTY if penalise else 0.0
     pen = [{t: -math.log(weight(p, t)) for t in c} for p, c in enumerate(per)] if lam > 0 else None
     basis = span2.basis.to(device=dev, dtype=word.dtype)
-    blk, xtab, pos_of = run.block, None, None
-    if blk is not None:  # layer-1 inputs of every candidate at its position, computed once
+    xtab, pos_of = None, None
+    if run.block is not None:  # layer-1 inputs of every candidate at its position, computed once
         xtab = [first_layer_vectors(run.li1, torch.tensor(c), p) for p, c in enumerate(per)]
         pos_of = [{t: i for i, t in enumerate(c)} for c in per]
 
     out: dict[tuple[int, ...], float] = {}
     for _ in range(ENCODER_REFINE):
-        beams: list[list[int]] = [[]]
-        xsuf = run.li1.from_embeds(suffix.unsqueeze(0))[0] if blk is not None else None  # [L, d]
-        for p in range(len(per)):
-            if run.over_budget():
-                return [(list(k), v) for k, v in out.items()]
-            ext = [bm + [t] for bm in beams for t in per[p]]
-            if len(ext) <= ENCODER_BEAM and p < len(per) - 1:
-                beams = ext
-                continue
-            if blk is not None:
-                near_pen = None if pen is None else lam * torch.tensor([pen[p][t] for t in per[p]])
-                ext, sc = beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, near_pen,
-                                    preselect=run.config.encoder_preselect)
-            else:
-                sc = generic_step(li2, word, suffix, ext, p, basis)
-            if pen is not None:  # the embedding prior as a tie-breaker (see PRIOR_PENALTY)
-                sc = sc + lam * torch.tensor([sum(pen[q][t] for q, t in enumerate(e)) for e in ext],
-                                             dtype=sc.dtype)
-            order = sc.argsort()[:ENCODER_BEAM].tolist()
-            beams = [ext[i] for i in order]
+        beams = _pass(run, per, li2, word, suffix, basis, pen, lam, xtab, pos_of)
+        if beams is None:  # over the time budget
+            break
         mean, mx = score_seqs(li2, span2, beams)
         mx = mx.tolist()
         for bm, v in zip(beams, mx):
@@ -98,6 +81,34 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
             break
         suffix = word[torch.tensor(best, device=dev)]
     return [(list(k), v) for k, v in out.items()]
+
+
+def _pass(run: Run, per: list[list[int]], li2: LayerInputs, word: Tensor, suffix: Tensor, basis: Tensor,
+          pen: list[dict[int, float]] | None, lam: float, xtab, pos_of) -> list[list[int]] | None:
+    """One left-to-right pass of the beam with ``suffix`` [L, d] (word embeddings) after the prefix;
+    returns the final beams, or None once the time budget is over."""
+    blk = run.block
+    beams: list[list[int]] = [[]]
+    xsuf = run.li1.from_embeds(suffix.unsqueeze(0))[0] if blk is not None else None  # [L, d]
+    for p in range(len(per)):
+        if run.over_budget():
+            return None
+        ext = [bm + [t] for bm in beams for t in per[p]]
+        if len(ext) <= ENCODER_BEAM and p < len(per) - 1:
+            beams = ext
+            continue
+        if blk is not None:
+            near_pen = None if pen is None else lam * torch.tensor([pen[p][t] for t in per[p]])
+            ext, sc = beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, near_pen,
+                                preselect=run.config.encoder_preselect)
+        else:
+            sc = generic_step(li2, word, suffix, ext, p, basis)
+        if pen is not None:  # the embedding prior as a tie-breaker (see PRIOR_PENALTY)
+            sc = sc + lam * torch.tensor([sum(pen[q][t] for q, t in enumerate(e)) for e in ext],
+                                         dtype=sc.dtype)
+        order = sc.argsort()[:ENCODER_BEAM].tolist()
+        beams = [ext[i] for i in order]
+    return beams
 
 
 def generic_step(li2: LayerInputs, word: Tensor, suffix: Tensor, ext: list[list[int]], p: int,
