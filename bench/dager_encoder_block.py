@@ -10,8 +10,8 @@ One FedSGD gradient of B Rotten Tomatoes sentences gives the layer-2 span. For t
 tokens at p (the true one and random batch tokens), a soft suffix. It is scored by
 
 * ``generic``: every extension through the model's own forward up to block 2
-  (``DAGER._generic_step``, the code path without ``fast_block``),
-* ``fast``: ``DAGER._beam_step`` on :class:`textleak.dager_block.PostLNBlock` without preselection
+  (``textleak.attacks.dager.beam.generic_step``, the code path without ``fast_block``),
+* ``fast``: ``beam.beam_step`` on :class:`textleak.attacks.dager.block.PostLNBlock` without preselection
   (the scores must agree with ``generic``: max |diff| is printed),
 * ``fast+pre``: the same with ``encoder_preselect`` (default config).
 
@@ -36,9 +36,10 @@ def main() -> None:
     from common.observe import observe
     from common.seed import make_generator
     from textleak.attacks.dager import DAGER, DagerConfig
+    from textleak.attacks.dager.beam import beam_step, generic_step
+    from textleak.attacks.dager.block import PostLNBlock
+    from textleak.attacks.dager.span import LayerInputs, first_layer_vectors
     from textleak.cases_dager import CASES
-    from textleak.dager_block import PostLNBlock
-    from textleak.dager_span import LayerInputs, first_layer_vectors
     from textleak.kit import TextKit
 
     ap = argparse.ArgumentParser()
@@ -104,11 +105,11 @@ def main() -> None:
         ext = [bm + [t] for bm in beams for t in per[p]]
 
         def generic():
-            return DAGER._generic_step(li2, word, suffix, ext, p, basis)
+            return generic_step(li2, word, suffix, ext, p, basis)
 
         def fast(pre: int):
-            a = DAGER(DagerConfig(encoder_preselect=pre))
-            return a._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, None)
+            return beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, None,
+                             preselect=pre)
 
         t_g, sc_g = best_of(generic)
         t_f, (ext_f, sc_f) = best_of(lambda: fast(0))

@@ -27,8 +27,8 @@ def main() -> None:
     from common.observe import observe
     from common.seed import make_generator
     from textleak.attacks.dager import DAGER
+    from textleak.attacks.dager.span import LayerInputs, first_layer_vectors, span_distance, span_distance_loop
     from textleak.cases_dager import CASES
-    from textleak.dager_span import LayerInputs, first_layer_vectors, span_distance, span_distance_loop
     from textleak.kit import TextKit
 
     ap = argparse.ArgumentParser()

@@ -29,7 +29,7 @@ def register() -> None:
         if name not in c.presets:
             c.presets.add(name, p)
     if "text-lora" not in c.kits:
-        c.kits.add("text-lora", "textleak.dager_kit:LoraTextKit")
+        c.kits.add("text-lora", "textleak.lora:LoraTextKit")
     for name, case in importlib.import_module("textleak.cases_dager").CASES.items():
         if name not in c.cases:
             c.cases.add(name, case)

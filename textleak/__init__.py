@@ -1,7 +1,7 @@
 """textleak: TAG, LAMP and DAGER on Hugging Face transformers (plain tables only, no heavy imports)."""
 from common.attack import Preset
 
-KITS = {"text": "textleak.kit:TextKit", "text-lora": "textleak.dager_kit:LoraTextKit"}
+KITS = {"text": "textleak.kit:TextKit", "text-lora": "textleak.lora:LoraTextKit"}
 CASE_MODULES: tuple[str, ...] = ("textleak.cases", "textleak.cases_dager")
 ATTACKS = {
     "tag": "textleak.attacks.tag:TAG",

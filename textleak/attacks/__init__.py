@@ -1,1 +1,1 @@
-"""Text gradient-inversion attacks: TAG and LAMP (DAGER lives in dager.py)."""
+"""Text gradient-inversion attacks: TAG and LAMP (DAGER is the package dager/)."""

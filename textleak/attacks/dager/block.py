@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .dager_span import LayerInputs, model_device, transformer_blocks
+from .span import LayerInputs, model_device, transformer_blocks
 
 
 class PostLNBlock:

@@ -1,16 +1,17 @@
-"""The text kit with a LoRA client (``peft``) for DAGER's LoRA setting (modality ``text-lora``).
+"""LoRA clients for any text attack: the text kit with a peft LoRA model (modality ``text-lora``).
 
 The client fine-tunes only LoRA adapters on the attention projections; the server sees the
-updates of ``lora_A`` / ``lora_B``. As in DAGER's LoRA section, the ``lora_A`` gradient of a
-projection is ``B^T (sum_i g_i x_i^T)``: its row space is still inside the span of the layer
-inputs, so the span check runs unchanged with rank limited by ``r``.
+updates of ``lora_A`` / ``lora_B`` (``wrap_lora`` wraps any Hugging Face text model, and
+``LoraTextKit`` is ``TextKit`` with it). DAGER uses it as in its LoRA section: the ``lora_A``
+gradient of a projection is ``B^T (sum_i g_i x_i^T)``, so its row space is still inside the span
+of the layer inputs and the span check runs unchanged with rank limited by ``r``.
 
 Case options: ``lora_r`` (rank, default 128), ``lora_alpha`` (default = r), ``lora_targets``
 (module names for ``peft.LoraConfig.target_modules``; default by architecture: ``q_proj``,
 ``v_proj`` for Llama, ``c_attn`` for GPT-2, ``query``, ``value`` for BERT). The adapters are
 initialised with ``init_lora_weights=False`` (random A *and* B, drawn from the seed): with
 peft's default B = 0 the A-gradient is exactly zero (a fresh adapter leaks nothing through A),
-so we model a client some rounds into training, as the paper does.
+so we model a client some rounds into training, as the DAGER paper does.
 """
 from __future__ import annotations
 

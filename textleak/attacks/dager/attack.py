@@ -1,0 +1,195 @@
+"""The DAGER attack: spans of the first two blocks, the layer-1 vocabulary scan, and the decoder or
+encoder search (see the package docstring for the algorithm and its deviations)."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from common.attack import AttackInfo
+from common.threat import Capability
+from common.types import Observation, Reconstruction
+from textleak.models import max_length
+
+from . import decoder, last_token, peel
+from .block import PostLNBlock
+from .config import CHUNK, MAX_LEN, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig
+from .run import Run, declared_sigma
+from .span import (
+    DagerPreconditionError,
+    LayerInputs,
+    Span,
+    Tap,
+    find_tap,
+    first_layer_vectors,
+    model_device,
+    observed_matrix,
+    span_distance,
+    span_of,
+    weight_as_out_in,
+)
+
+
+class DAGER:
+    info: ClassVar[AttackInfo] = AttackInfo(
+        name="dager",
+        modality="text",
+        requires=frozenset({Capability.PUBLIC_PRIOR}),
+        citation="Petrov et al., DAGER: Exact Gradient Inversion for Large Language Models, NeurIPS 2024",
+        prior="text",
+    )
+
+    @classmethod
+    def default_config(cls) -> DagerConfig:
+        return DagerConfig()
+
+    def __init__(self, config: DagerConfig | None = None) -> None:
+        self.config = config or DagerConfig()
+
+    # ------------------------------------------------------------------------------------------
+    def reconstruct(self, obs: Observation, model: nn.Module, prior: Any, *,
+                    generator: torch.Generator) -> Reconstruction:
+        t0 = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            return self._run(obs, model, prior, t0)
+        except DagerPreconditionError as e:
+            if self.config.on_failure == "raise":
+                raise
+            b = obs.num_examples or 1
+            return Reconstruction(data=[""] * b, stats={"precondition_failed": 1.0,
+                                                        "seconds": time.perf_counter() - t0},
+                                  confidence=[0.0] * b, extras={"status": f"precondition failed: {e}"})
+        finally:
+            model.train(was_training)
+
+    # ------------------------------------------------------------------------------------------
+    def spans(self, obs: Observation, model: nn.Module, probe: Tensor) -> tuple[list[Tap], list[Span], dict]:
+        """Taps and spans of blocks 0 and 1, with saturation / degeneracy checks."""
+        taps = [find_tap(model, i, probe) for i in (0, 1)]
+        sigma = declared_sigma(obs)
+        spans, stats = [], {}
+        for k, tap in enumerate(taps):
+            mat = observed_matrix(tap, obs.tensors)
+            edge = math.sqrt(mat.shape[0]) + math.sqrt(mat.shape[1])
+            floor = sigma * edge * 1.05 if sigma > 0 else 0.0
+            if obs.kind == "delta":  # theta_before - theta_after is rounded at the weights' scale
+                w = torch.cat([weight_as_out_in(m, m.weight).detach().double().cpu()
+                               for m, n in zip(tap.modules, tap.names) if n in obs.tensors])
+                eps = float(torch.finfo(tap.modules[0].weight.dtype).eps)
+                floor = max(floor, 2.0 * eps * float(w.pow(2).mean().sqrt()) * edge)
+            src = next((obs.tensors[n] for n in tap.names if n in obs.tensors), None)
+            eps = float(torch.finfo(src.dtype).eps) if src is not None and src.is_floating_point() else None
+            sp = span_of(mat, noise_floor=floor, eps=eps)
+            stats[f"rank_l{k + 1}"] = float(sp.rank)
+            stats[f"max_rank_l{k + 1}"] = float(sp.max_rank)
+            cutoff = min(RANK_CUTOFF, max(1, sp.max_rank // 10))
+            if sp.rank > sp.max_rank - cutoff:
+                raise DagerPreconditionError(
+                    f"rank saturated at layer {k + 1}: the update has numerical rank {sp.rank} of at most "
+                    f"{sp.max_rank} (cutoff {cutoff}), so the batch has too many tokens for this width "
+                    f"(DAGER needs total tokens < hidden size, or < LoRA rank); use a smaller batch")
+            spans.append(sp)
+            # a noisy span tilts every direction by ~ noise / singular value: widen tau accordingly
+            # the basis direction of singular value s is tilted by ~ noise / s, so a true input lies
+            # up to ~ noise / s_rank off the measured span; noise = the first discarded singular value
+            # (Gaussian noise: ~ sigma (sqrt(m) + sqrt(d)); otherwise float round-off)
+            sv = sp.singular_values
+            noise = float(sv[sp.rank]) if sp.rank < sv.numel() else floor  # measured, not the bound
+            stats[f"tau_scale_l{k + 1}"] = noise / float(sv[sp.rank - 1])
+        return taps, spans, stats
+
+    def _taus(self, stats: dict[str, float]) -> tuple[float, float]:
+        """tau_1, tau_2: the configured thresholds, widened (``adaptive_tau``) to the span's precision."""
+        cfg = self.config
+        base = (cfg.l1_span_thresh, cfg.l2_span_thresh)
+        if not cfg.adaptive_tau:
+            return base
+        l1, l2 = (max(t, min(NOISE_TAU_CAP, NOISE_TAU_FACTOR * stats[f"tau_scale_l{k + 1}"]))
+                  for k, t in enumerate(base))
+        return l1, l2
+
+    def _run(self, obs: Observation, model: nn.Module, prior: Any, t0: float) -> Reconstruction:
+        dev = model_device(model)
+        tok = prior.tokenizer
+        vocab = int(model.get_input_embeddings().num_embeddings)
+        probe = torch.tensor([[tok.eos_token_id or 0, 1, 2]], device=dev) % vocab
+        taps, spans, stats = self.spans(obs, model, probe)
+        run = Run(self.config, self._taus(stats), t0=t0, stats=stats)
+        stats["tau_l1"], stats["tau_l2"] = run.tau
+        li1, li2 = LayerInputs(model, taps[0]), LayerInputs(model, taps[1])
+        b = obs.num_examples
+        # position-free first layer (rotary models): compare a few tokens at positions 0 and 3
+        few = torch.arange(vocab)[: min(64, vocab)]
+        position_free = bool(torch.allclose(first_layer_vectors(li1, few, 0), first_layer_vectors(li1, few, 3),
+                                            rtol=1e-6, atol=1e-7))
+        max_len = min(MAX_LEN, max_length(model))
+        l1 = _scan_l1(run, li1, spans[0], max_len, position_free)
+        kind = getattr(prior, "kind", "decoder")
+        run.li1 = li1
+        if kind == "encoder" and self.config.fast_block:
+            run.block = PostLNBlock.build(model, li1, li2, torch.arange(1000, 1024, device=dev).unsqueeze(0) % vocab)
+        stats["fast_block"] = float(run.block is not None)
+        if kind == "encoder":
+            sents, scores = peel.search(run, obs, model, li2, spans[1], l1, prior, b, taps[0])
+            # as the reference: the lowest layer-2 scores
+            order = sorted(range(len(sents)), key=lambda i: scores[i])[: b if b is not None else None]
+        else:
+            sents, scores = decoder.search(run, li2, spans[1], l1, b, max_len, position_free)
+            keep = decoder.select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
+            sents, scores = [sents[i] for i in keep], [scores[i] for i in keep]
+            if sents:
+                sents = last_token.complete_last(obs, model, sents)
+            order = decoder.select(sents, scores, l1, position_free, b)
+        return _finish(run, tok, sents, scores, order, b)
+
+
+def _scan_l1(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_free: bool):
+    """Layer-1 filter: per position, the vocabulary tokens whose first-layer input lies in the span
+    (``[(token ids, distances)]`` up to the first position with none)."""
+    vocab = int(li1.model.get_input_embeddings().num_embeddings)
+    all_ids = torch.arange(vocab)
+    l1: list[tuple[list[int], Tensor]] = []
+    t_scan = time.perf_counter()
+    for p in range(max_len):
+        if position_free and p > 0:
+            l1.append(l1[0])
+            continue
+        d = span_distance(span1.basis, first_layer_vectors(li1, all_ids, p, chunk=CHUNK))
+        keep = torch.nonzero(d < run.gap_threshold(d, 0)).flatten()
+        keep = keep[d[keep].argsort()]
+        if keep.numel() == 0:
+            break
+        l1.append((keep.tolist(), d[keep]))
+    stats = run.stats
+    stats["scan_seconds"] = time.perf_counter() - t_scan
+    stats["position_free"] = float(position_free)
+    stats["l1_candidates"] = float(sum(len(c) for c, _ in l1[:1] if position_free) if position_free
+                                   else sum(len(c) for c, _ in l1))
+    if not l1:
+        raise DagerPreconditionError("no vocabulary token lies in the layer-1 span (threshold too strict, "
+                                     "or the update is too noisy); raise l1_span_thresh")
+    return l1
+
+
+def _finish(run: Run, tok: Any, sents: list[list[int]], scores: list[float], order: list[int],
+            b: int | None) -> Reconstruction:
+    """The chosen sentences (padded to B with empty ones), decoded, with confidences and stats."""
+    stats = run.stats
+    chosen = [sents[i] for i in order]
+    conf = [float(math.exp(-scores[i] / max(run.tau[1], 1e-12))) for i in order]
+    stats["found"] = float(len(sents))
+    if b is not None and len(chosen) < b:
+        stats["missing"] = float(b - len(chosen))
+        conf += [0.0] * (b - len(chosen))
+        chosen += [[] for _ in range(b - len(chosen))]
+    texts = [tok.decode([int(t) for t in s], skip_special_tokens=True).strip() for s in chosen]
+    stats["seconds"] = time.perf_counter() - run.t0
+    stats["precondition_failed"] = 0.0
+    stats["timed_out"] = float(run.timed_out)
+    return Reconstruction(data=texts, stats=stats, confidence=conf,
+                          extras={"token_ids": chosen, "status": "ok"})

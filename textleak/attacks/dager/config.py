@@ -1,0 +1,48 @@
+"""DAGER's configuration: the knobs that presets, suites, tests or benchmarks set, and the fixed
+constants of the search (the reference's ``args_factory.py`` defaults where it has one)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+
+@dataclass(frozen=True)
+class DagerConfig:
+    """Defaults follow the reference's ``args_factory.py`` where it has one."""
+    RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
+        "l1_span_thresh": ">0", "l2_span_thresh": ">0"}
+
+    l1_span_thresh: float = 1e-5  # tau_1 (reference default)
+    l2_span_thresh: float = 1e-3  # tau_2 (reference default)
+    adaptive_tau: bool = True  # raise tau_1/tau_2 to the precision the spectrum allows (see DAGER.spans)
+    trim_tails: bool = True  # decoders with a widened tau_2: end a path at a distance jump (see decoder.search)
+    fast_block: bool = True  # post-LN encoders: evaluate block 1 incrementally (block.PostLNBlock)
+    encoder_preselect: int = 4  # with fast_block: per beam, fully score only this many candidates (the
+    # best at the new position); 0: all
+    on_failure: Literal["report", "raise"] = "report"
+    time_budget_s: float = 0.0  # > 0: stop the sequence search after this many seconds (stats timed_out)
+
+
+# -- spans and thresholds (attack.py, run.py) ---------------------------------------------------------
+#: saturated when rank > max_rank - RANK_CUTOFF (reference: d - 20); the rank follows NumPy's
+#: ``matrix_rank`` rule (the reference's default) or a declared noise floor
+RANK_CUTOFF = 20
+MAX_LEN = 128  # positions scanned at most
+CHUNK = 4096  # tokens per forward chunk in the vocabulary scan
+NOISE_TAU_FACTOR = 3.0  # tau >= factor * noise / smallest kept singular value
+NOISE_TAU_CAP = 0.05  # never widen beyond this (the reference's loosest tau, lora.sh)
+GAP_RATIO = 30.0  # cut a widened tau at a distance gap this large (layer-1 scan, decoder steps)
+
+# -- decoders (decoder.py) ------------------------------------------------------------------------------
+MAX_RUN = 4  # rotary decoders: longest run of one token allowed at the start (see decoder.search)
+LAST_TOKEN_CANDIDATES = 6  # last-token completion: candidates re-ranked by their exact gradient term
+
+# -- encoders (encoder.py, beam.py, prior.py) -----------------------------------------------------------
+ENCODER_EXHAUSTIVE_MAX = 16384  # above this many combinations per length: the beam
+ENCODER_BEAM = 16  # beam width (left to right, with a soft suffix)
+ENCODER_REFINE = 3  # beam passes per length: a soft suffix, then the previous pass's best sentence
+PRIOR_PENALTY = 1e-3  # beam score += this * sum over the prefix of -log(prior weight)
+PRIOR_SHARPNESS = 4.0  # soft-suffix weight of a candidate: max(relative coefficient, 0) ** this
+PRIOR_CONCENTRATION = 0.7  # a token whose coefficient peaks below this is treated as repeated (kept everywhere)
+PRIOR_RELATIVE = 0.3  # otherwise kept where its coefficient is >= this fraction of its peak
+PRIOR_NOISE_FACTOR = 3.0  # under declared Gaussian noise: batch rows have norm > this * sigma * sqrt(d)

@@ -1,0 +1,102 @@
+"""DAGER's decoder search: greedy breadth extension over the layer-1 candidates (the reference's
+``filter_decoder``), then the choice of B sentences by set cover. The last token of each sentence
+(unobservable in attention-input spans under a next-token loss) is added by ``last_token.py``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import MAX_RUN
+from .run import Run
+from .span import LayerInputs, Span, decoder_last_inputs, span_distance
+
+
+@dataclass
+class _Path:
+    ids: list[int]
+    score: float  # max layer-2 distance along the path
+
+
+def search(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, max_len: int,
+           position_free: bool) -> tuple[list[list[int]], list[float]]:
+    """Greedy breadth extension (the reference's ``filter_decoder``); returns every finished path
+    and its max layer-2 distance.
+
+    Rotary models without a BOS token have one degenerate case: a sequence made of a single
+    repeated token has the same layer-2 input at every position (attention averages identical
+    values), so ``t``, ``t t``, ``t t t`` ... all pass. Runs of one token at the start are
+    therefore capped at ``MAX_RUN``.
+
+    With a widened tau_2 (``adaptive_tau``), false extensions of frequent tokens can continue
+    past a sentence's true end: on SmolLM2 at B=8/16 the true tokens' layer-2 distances stay
+    under ~1e-5 while such a tail's are far above. ``trim_tails`` (a deviation) therefore
+    rejects an extension whose distance exceeds both the reference tau_2 and ``GAP_RATIO``
+    times the largest distance along the path so far (``Run.tail_limit``).
+    """
+    cap = 4 * (b or 8) + 16  # prefixes kept per step
+    live = [_Path([], 0.0)]
+    finished: list[_Path] = []
+    for p in range(max_len):
+        if not live:
+            break
+        if run.over_budget():
+            break
+        cands = l1[p][0] if p < len(l1) else []
+        if not cands:
+            break
+        live = _step(run, li2, span2, live, cands, finished, position_free)[:cap]
+    finished.extend(x for x in live if x.ids)
+    return [f.ids for f in finished], [f.score for f in finished]
+
+
+def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: list[int],
+          finished: list[_Path], position_free: bool) -> list[_Path]:
+    """Extend every live path by every passing candidate; paths with no passing extension are
+    finished (appended to ``finished``). Returns the extensions sorted by score."""
+    xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
+    ds = [span_distance(span2.basis, x) for x in xs]
+    thr = run.gap_threshold(torch.cat(ds), 1)
+    nxt: list[_Path] = []
+    for path, d in zip(live, ds):
+        ok = torch.nonzero(d < thr).flatten().tolist()
+        if path.ids:
+            lim = run.tail_limit(path.score)
+            ok = [j for j in ok if float(d[j]) <= lim]
+        if not ok:
+            if path.ids:
+                finished.append(path)
+            continue
+        for j in ok:
+            c = cands[j]
+            if position_free and len(path.ids) >= MAX_RUN and all(t == c for t in path.ids):
+                continue
+            nxt.append(_Path(path.ids + [cands[j]], max(path.score, float(d[j]))))
+    nxt.sort(key=lambda x: x.score)
+    return nxt
+
+
+def select(sents: list[list[int]], scores: list[float], l1, position_free: bool, b: int | None) -> list[int]:
+    """Choose up to B sentences that together explain the layer-1 span (greedy set cover).
+
+    The universe is every (position, token) that passed layer 1 (tokens only for rotary models);
+    each step takes the sentence covering most still-unexplained elements, ties broken by lower
+    layer-2 score then length. This drops spurious short branches that explain nothing new.
+    """
+    if b is None or len(sents) <= b:
+        return sorted(range(len(sents)), key=lambda i: scores[i])
+    if position_free:
+        universe = set(l1[0][0]) if l1 else set()
+        cover = [set(s) & universe for s in sents]
+    else:
+        universe = {(p, t) for p, (c, _) in enumerate(l1) for t in c}
+        cover = [{(p, t) for p, t in enumerate(s)} & universe for s in sents]
+    covered: set = set()
+    chosen: list[int] = []
+    rest = list(range(len(sents)))
+    while rest and len(chosen) < b:
+        best = max(rest, key=lambda i: (len(cover[i] - covered), -scores[i], len(sents[i])))
+        chosen.append(best)
+        covered |= cover[best]
+        rest.remove(best)
+    return chosen

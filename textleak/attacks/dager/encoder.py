@@ -1,0 +1,192 @@
+"""DAGER's encoder search: per sentence length, the sequences whose every layer-2 input lies in the span.
+
+Layer 1 alone cannot fix the order: with learned absolute positions a token t at position a
+and a token u at positions a and p put t at p in the span (w_t+P_p = (w_t+P_a) + (w_u+P_p)
+- (w_u+P_a)), so every token of a connected token/position component passes at every
+position of that component (~130 candidates per position on MiniLM at B=8). Two additions
+make the search feasible (both deviations from the reference):
+
+* the embedding prior (``prior.py``): the word/position-embedding updates place most tokens;
+  candidates are cut to the batch token set, to the positions the prior allows, and ordered by
+  it; sentence lengths are tried in the order of the separator's coefficient. The least-squares
+  fit puts a repeated token's mass on one of its positions, so its other occurrences can be
+  missing from the lists: a failed exhaustive length repairs its best sequence from the wide
+  lists (every batch token passing layer 1), and after a full pass without success the lengths
+  are searched once more over the wide lists. Without those rows (LoRA, frozen embeddings,
+  noise) the layer-1 lists are used as they are, longest length first.
+* Above ``ENCODER_EXHAUSTIVE_MAX`` combinations: a left-to-right beam (``beam.py``). Positions
+  not yet fixed hold the mean word embedding of their candidates (a soft suffix), and a prefix is
+  scored by the sum of squared layer-2 distances of its positions. With the true prefix, the true
+  next token ranks first (or within the top 3) at almost every position on MiniLM, whereas any
+  wrong hard token raises every distance (attention mixes all positions), which defeated
+  single-token local search.
+
+As the reference ``filter_encoder``: the exhaustive search scores the mean layer-2 distance,
+a sequence is accepted when every position's layer-2 input lies in the span, and the tokens
+of every clearly accepted sentence are removed from the lists of the positions they occupy
+when other candidates remain (``non-overlap``); a length that then finds nothing is searched
+again with the full lists (two sentences can share a token at one position).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+from torch import nn
+
+from common.types import Observation
+
+from .beam import beam, repair, score_seqs
+from .config import ENCODER_EXHAUSTIVE_MAX
+from .prior import PriorWeight, embedding_prior, prior_lists
+from .run import Run
+from .span import LayerInputs, Span
+
+Found = tuple[list[list[int]], list[float]]  # sentences and their max layer-2 distances
+
+
+def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
+           b: int | None, *, stop_early: bool = False, failed: dict[int, int] | None = None,
+           exclude: frozenset = frozenset()) -> Found:
+    """The encoder search over the observation ``obs`` (its embedding prior) and the layer-1 lists
+    ``l1``. With ``stop_early`` it returns at the first length that accepts a sentence (the caller
+    peels it); ``failed`` counts the lengths that found nothing (across calls); ``exclude`` holds
+    sentences already peeled."""
+    return _EncoderSearch(run, obs, model, li2, span2, l1, prior, b, exclude).run(stop_early, failed)
+
+
+class _EncoderSearch:
+    """The state of one encoder search: candidate lists, lengths, the non-overlap filter, results."""
+
+    def __init__(self, run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1,
+                 prior: Any, b: int | None, exclude: frozenset) -> None:
+        self.r, self.li2, self.span2, self.b, self.exclude = run, li2, span2, b, exclude
+        tok = prior.tokenizer
+        self.sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        self.special = set(int(i) for i in getattr(prior, "special_ids", ()) or ())
+        fit = embedding_prior(obs, model, len(l1))
+        self.fit = fit
+        self.lists = prior_lists(fit, l1) or [list(c) for c, _ in l1]
+        self.removed: dict[int, set[int]] = {}  # position -> tokens of clearly accepted sentences
+        self.weight = PriorWeight(fit, self.removed)
+        # repair lists: every batch token that passes layer 1 at the position (the prior's lists
+        # miss the weak occurrences of repeated tokens)
+        batch_set = set(fit[0]) if fit is not None else None
+        self.wide = [[t for t in c if batch_set is None or t in batch_set] or list(c) for c, _ in l1]
+        self.lengths = self._lengths(l1)
+        run.stats["prior"] = float(fit is not None)
+        run.stats["l1_candidates_prior"] = float(sum(len(c) for c in self.lists))
+        self.word = model.get_input_embeddings().weight.detach()
+        self.results: dict[tuple[int, ...], float] = {}
+
+    def _lengths(self, l1) -> list[int]:
+        """Sentence lengths (positions where the separator passes layer 1, plus one), in the order
+        of the separator's prior coefficient, else longest first."""
+        sep, fit = self.sep, self.fit
+        ends = [p for p, (c, _) in enumerate(l1) if sep is not None and sep in c and p > 0]
+        if fit is not None and sep in fit[0]:
+            col = fit[1][:, fit[0].index(sep)]
+            ends.sort(key=lambda p: -float(col[p]) if p < col.numel() else 0.0)
+        else:
+            ends.sort(reverse=True)
+        return [p + 1 for p in ends] or [len(l1)]
+
+    def run(self, stop_early: bool, failed: dict[int, int] | None) -> Found:
+        # Without the prior, every found sentence prunes the lists of the others (the reference's
+        # non-overlap filter); with it, found tokens are only down-weighted in the soft suffix (a
+        # frequent token such as "a" at position 1 is shared by several sentences). After a success
+        # the search restarts from the best-ranked length (that length moves to the end, since two
+        # sentences can share a length); it stops after a full pass without success, then (without
+        # the prior) tries the remaining lengths once with the unpruned lists.
+        lengths = self.lengths
+        if failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
+            lengths.sort(key=lambda n: failed.get(n, 0))
+        pending = list(lengths)
+        while pending and not self._done():
+            for i, length in enumerate(pending):
+                if self._done():
+                    break
+                full = self._lists_for(length, self.lists)
+                per = full if self.fit is not None else [[t for t in c if t not in self.removed.get(p, ())] or c
+                                                         for p, c in enumerate(full)]
+                hit = self._length(per, self._lists_for(length, self.wide))
+                if failed is not None and not hit:
+                    failed[length] = failed.get(length, 0) + 1
+                if hit:
+                    if stop_early:  # the caller peels what was found and searches the rest again
+                        return self._found()
+                    pending.append(pending.pop(i))
+                    break
+            else:
+                break
+        self._fallback(pending)
+        return self._found()
+
+    def _fallback(self, pending: list[int]) -> None:
+        """Search the lengths still pending once more with unpruned (no prior) or wide (prior) lists."""
+        for length in pending:
+            if self._done():
+                break
+            if self.fit is None:
+                full = self._lists_for(length, self.lists)
+                if any(self.removed.get(p, set()) & set(c) for p, c in enumerate(full)):
+                    self._length(full, full)
+            else:
+                # the prior's lists miss the weak occurrences of repeated tokens: search the lengths
+                # still unexplained once more over every batch token that passes layer 1
+                full = self._lists_for(length, self.wide)
+                if full != self._lists_for(length, self.lists):  # (no prior penalty: the prior is what failed)
+                    self._length(full, full, penalise=False)
+
+    def _found(self) -> Found:
+        sents = [list(s) for s in self.results]
+        return sents, [self.results[tuple(s)] for s in sents]
+
+    def _length(self, per: list[list[int]], wide: list[list[int]], penalise: bool = True) -> int:
+        """Search one sentence length; returns how many sentences were clearly accepted. A ``wide``
+        that is not ``per`` itself repairs the best exhaustive sequence from those lists."""
+        r = self.r
+        total = math.prod(len(c) for c in per)
+        if total <= ENCODER_EXHAUSTIVE_MAX:
+            seqs = [list(x) for x in itertools.product(*per)]
+            mean, mx = score_seqs(self.li2, self.span2, seqs)
+            cands = list(zip(seqs, mx.tolist()))
+            if float(mx.min()) > 0.1 * r.tau[1] and wide is not per:
+                # the lists can miss a weak occurrence of a repeated token: repair the best one
+                cands.append(repair(r, seqs[int(mean.argmin())], wide, self.li2, self.span2))
+        else:
+            cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise)
+        found = 0
+        for s, v in cands:
+            if v < r.tau[1] and tuple(s) not in self.results:
+                found += int(self._accept(s, v))
+        return found
+
+    def _accept(self, seq: list[int], mx: float) -> bool:
+        """Record a passing sequence; a clear pass (<= tau_2 / 10) also feeds the non-overlap filter."""
+        if tuple(seq) in self.exclude:  # already peeled
+            return False
+        if mx < self.results.get(tuple(seq), math.inf):
+            self.results[tuple(seq)] = mx
+        if mx > 0.1 * self.r.tau[1]:
+            return False
+        for p, t in enumerate(seq):
+            self.removed.setdefault(p, set()).add(t)
+        return True
+
+    def _done(self) -> bool:
+        b, tau2 = self.b, self.r.tau[1]
+        return self.r.over_budget() or (b is not None and sum(v <= 0.1 * tau2 for v in self.results.values()) >= b)
+
+    def _lists_for(self, length: int, src: list[list[int]]) -> list[list[int]]:
+        """The per-position lists of one length: the separator last, no special token inside."""
+        full = []
+        for p in range(length):
+            c = src[p]
+            if p == length - 1 and self.sep is not None:
+                c = [self.sep]
+            elif 0 < p < length - 1:
+                c = [t for t in c if t not in self.special] or c
+            full.append(c)
+        return full

@@ -1,0 +1,230 @@
+"""Last-token completion for DAGER's decoders (an addition; the reference leaves the token out).
+
+Under a next-token loss the last token of each sentence contributes no gradient to any attention
+input (its output predicts padding), so no span method can see it. The output-embedding update
+holds ``-e_y h^T`` (scaled) for the position predicting target ``y``: for a FedSGD gradient we
+subtract the part the recovered prefixes explain (every known target, plus the softmax term
+``p h^T`` of the last predicting position, computed with autograd under the kit's
+per-sequence-mean next-token loss), so the residual is supported on the unknown targets' rows
+only; each sentence takes the row most anti-aligned with its final hidden state, re-ranked by its
+exact gradient term and fitted jointly over the batch. For FedAvg deltas the raw update is used.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from common.types import Observation
+
+from .config import LAST_TOKEN_CANDIDATES
+from .span import _Stop, model_device
+
+Terms = dict[int, Tensor]  # row of the output-embedding update -> the term's contribution
+
+
+def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]]) -> list[list[int]]:
+    """Append the last token to every sentence (unchanged when the output embedding's update is
+    not observed)."""
+    out_emb = getattr(model, "get_output_embeddings", lambda: None)()
+    if out_emb is None or not hasattr(out_emb, "weight"):
+        return sents
+    w = out_emb.weight
+    name = next((n for n, p in model.named_parameters() if p is w), None)
+    if name is None or name not in obs.tensors:
+        return sents
+    dev = model_device(model)
+    exact = obs.kind == "gradient" and w.requires_grad
+    g, hs, denom = _residual(obs, model, out_emb, obs.tensors[name], sents, exact)
+    gn = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    k = LAST_TOKEN_CANDIDATES
+    by_norm = g.norm(dim=1).topk(min(k, g.shape[0])).indices.tolist()  # the residual's heaviest rows
+    cands: list[list[int]] = []
+    terms: list[list[Terms]] = []
+    for i, s in enumerate(sents):
+        v = hs[i, len(s) - 1]
+        v = v / v.norm().clamp_min(1e-30)
+        cand = (-(gn @ v)).topk(min(k, gn.shape[0])).indices.tolist()
+        cand = cand + [c for c in by_norm if c not in cand]
+        if exact and len(cand) > 1:
+            cand, rows = _rank_last(model, w, s, cand, g, dev)
+            terms.append([{r: t / (denom * len(s)) for r, t in rr.items()} for rr in rows])
+        cands.append(cand)
+    if not exact or not terms:
+        return [s + [c[0]] for s, c in zip(sents, cands)]
+    choice = _joint_fit(g, cands, terms, len(sents))
+    return [s + [c[j]] for s, c, j in zip(sents, cands, choice)]
+
+
+def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Tensor, sents: list[list[int]],
+              exact: bool) -> tuple[Tensor, Tensor, float]:
+    """The output-embedding update [V, d] (float64) less what the recovered prefixes explain (when
+    ``exact``: a FedSGD gradient with a trainable output layer), the hidden states [n, m, d] at the
+    output layer's input, and the loss denominator."""
+    w = out_emb.weight
+    g = update.detach().to(torch.float64).cpu()  # [V, d]
+    dev = model_device(model)
+    n = len(sents)
+    m = max(len(s) for s in sents)
+    ids = torch.zeros(n, m, dtype=torch.long)
+    mask = torch.zeros(n, m, dtype=torch.long)
+    for i, s in enumerate(sents):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    hid: list[Tensor] = []
+
+    def hook(_m, args):
+        hid.append(args[0])
+
+    h = out_emb.register_forward_pre_hook(hook)
+    try:
+        if exact:
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            lp = logits.log_softmax(-1)
+            lens = mask.sum(1)
+            tgt = lp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [n, m-1]
+            known = (mask[:, 1:] > 0).to(lp.dtype)
+            loss_b = -(tgt * known).sum(1)  # known targets
+            last = logits[torch.arange(n), lens - 1].logsumexp(-1)  # softmax term of the last position
+            loss_b = (loss_b + last) / lens.to(lp.dtype)  # the true sentence has len+1 tokens -> len targets
+            proto = obs.protocol
+            denom = float(obs.num_examples or n) if (proto is None or proto.loss_reduction == "mean") else 1.0
+            (gp,) = torch.autograd.grad(loss_b.sum() / denom, [w])
+            g = g - gp.detach().to(torch.float64).cpu()
+        else:
+            denom = 1.0
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        h.remove()
+    return g, hid[0].detach().to(torch.float64).cpu(), denom
+
+
+def _rank_last(model: nn.Module, w: Tensor, s: list[int], cand: list[int], resid: Tensor,
+               dev: torch.device) -> tuple[list[int], list[Terms]]:
+    """Order candidate last tokens by how well their exact gradient term explains the residual.
+
+    The term of target ``y`` in the update of ``w`` is ``-d logit_y / d w``: ``-h`` in row ``y``
+    (output side) plus, when the input embedding is tied to ``w``, ``-d(w_y . h)/d x_t`` in the
+    row of every input token ``x_t`` (input side); returns the candidates ordered by cosine and their
+    (unscaled) row terms. ``h`` is captured at the output layer's
+    input (the forward stops there), so the backward never touches the vocabulary logits.
+    """
+    emb = model.get_input_embeddings()
+    tied = emb.weight is w
+    ids = torch.tensor([s], device=dev)
+    e = emb(ids).detach().requires_grad_(True)
+    store: list[Tensor] = []
+
+    def hook(_m, args):
+        store.append(args[0])
+        raise _Stop
+
+    out_emb = model.get_output_embeddings()
+    hnd = out_emb.register_forward_pre_hook(hook)
+    try:
+        with torch.enable_grad():
+            model(inputs_embeds=e)
+    except _Stop:
+        pass
+    finally:
+        hnd.remove()
+    h = store[0][0, -1]
+    h64 = h.detach().to(torch.float64).cpu()
+    r_norm = float(resid.norm())
+    scores, terms = [], []
+    for j, y in enumerate(cand):
+        rows: Terms = {int(y): -h64.clone()}
+        if tied:
+            (ge,) = torch.autograd.grad(h @ w[y].detach(), [e], retain_graph=j < len(cand) - 1)
+            for t, tokid in enumerate(s):
+                g = -ge[0, t].detach().to(torch.float64).cpu()
+                rows[int(tokid)] = rows[int(tokid)] + g if int(tokid) in rows else g
+        terms.append(rows)
+        dot = sum(float(resid[k] @ v) for k, v in rows.items())
+        nrm = math.sqrt(sum(float(v @ v) for v in rows.values()))
+        scores.append(dot / (r_norm * nrm + 1e-30))
+    order = sorted(range(len(cand)), key=lambda j: -scores[j])
+    return [cand[j] for j in order], [terms[j] for j in order]
+
+
+def _joint_fit(g: Tensor, cands: list[list[int]], terms: list[list[Terms]], n: int) -> list[int]:
+    """The residual is the sum of every sentence's last-target term; choose the combination that
+    explains it best (coordinate descent from the per-sentence cosine order: pair swaps, then
+    single moves), so that a sentence does not take a row that another sentence's term explains.
+    Returns the chosen candidate index per sentence."""
+    choice = [0] * n
+    resid = g.clone()
+    for rr in terms:
+        for r, t in rr[0].items():
+            resid[r] -= t
+    for _ in range(4):
+        swapped = _swap_pass(resid, cands, terms, choice)
+        moved = _single_pass(resid, terms, choice)
+        if not (swapped or moved):
+            break
+    return choice
+
+
+def _move(resid: Tensor, old: Terms, new: Terms) -> None:
+    """Replace the term ``old`` by ``new`` in the residual (in place)."""
+    for r, t in old.items():
+        resid[r] += t
+    for r, t in new.items():
+        resid[r] -= t
+
+
+def _swap_pass(resid: Tensor, cands: list[list[int]], terms: list[list[Terms]], choice: list[int]) -> bool:
+    """Exchange the last tokens of every pair of sentences where that lowers the residual."""
+    moved = False
+    for i in range(len(terms)):
+        for j in range(i + 1, len(terms)):
+            got = _swap_gain(resid, cands, terms, choice, i, j)
+            if got is not None and got[0] < -1e-30:
+                for k, new in ((i, got[1]), (j, got[2])):
+                    _move(resid, terms[k][choice[k]], terms[k][new])
+                    choice[k] = new
+                moved = True
+    return moved
+
+
+def _swap_gain(resid: Tensor, cands: list[list[int]], terms: list[list[Terms]], choice: list[int],
+               i: int, j: int) -> tuple[float, int, int] | None:
+    """Residual change when sentences i and j exchange their last tokens (a pair move)."""
+    ci, cj = cands[i][choice[i]], cands[j][choice[j]]
+    if ci == cj or cj not in cands[i] or ci not in cands[j]:
+        return None
+    ni, nj = cands[i].index(cj), cands[j].index(ci)
+    old_t = [terms[i][choice[i]], terms[j][choice[j]]]
+    new_t = [terms[i][ni], terms[j][nj]]
+    rows = set().union(*old_t, *new_t)
+    delta = 0.0
+    for r in rows:
+        e = resid[r]
+        new = e + sum(t.get(r, 0.0) for t in old_t) - sum(t.get(r, 0.0) for t in new_t)
+        delta += float(new @ new) - float(e @ e)
+    return delta, ni, nj
+
+
+def _single_pass(resid: Tensor, terms: list[list[Terms]], choice: list[int]) -> bool:
+    """Move each sentence to the candidate that lowers the residual most (if any)."""
+    moved = False
+    for i, rr in enumerate(terms):
+        cur = rr[choice[i]]
+        best_j, best_delta = choice[i], 0.0
+        for j, alt in enumerate(rr):
+            if j == choice[i]:
+                continue
+            delta = 0.0
+            for r in set(cur) | set(alt):
+                e = resid[r]
+                new = e + cur.get(r, 0.0) - alt.get(r, 0.0)
+                delta += float(new @ new) - float(e @ e)
+            if delta < best_delta - 1e-30:
+                best_j, best_delta = j, delta
+        if best_j != choice[i]:
+            _move(resid, cur, rr[best_j])
+            choice[i], moved = best_j, True
+    return moved

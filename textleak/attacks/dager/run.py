@@ -1,0 +1,77 @@
+"""The state of one DAGER reconstruction: thresholds, statistics, the deadline and the layer-1 tools.
+
+:class:`Run` is created by ``DAGER.reconstruct`` and passed explicitly to every search step, so a
+``DAGER`` instance holds only its configuration and can run several reconstructions."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from common.types import Observation
+
+from .block import PostLNBlock
+from .config import GAP_RATIO, DagerConfig
+from .span import LayerInputs
+
+
+@dataclass
+class Run:
+    config: DagerConfig
+    tau: tuple[float, float]  # (tau_1, tau_2) after the spectrum-adaptive widening
+    t0: float = field(default_factory=time.perf_counter)
+    stats: dict[str, float] = field(default_factory=dict)
+    timed_out: bool = False
+    li1: LayerInputs | None = None  # layer-1 inputs (encoders: the beam's and the repair's token vectors)
+    block: PostLNBlock | None = None  # the incremental first block (post-LN encoders with fast_block)
+
+    def over_budget(self) -> bool:
+        """True (and ``timed_out`` set) once ``time_budget_s`` > 0 has passed since ``t0``."""
+        budget = self.config.time_budget_s
+        if budget > 0 and time.perf_counter() - self.t0 > budget:
+            self.timed_out = True
+            return True
+        return False
+
+    def tail_limit(self, score: float) -> float:
+        """Largest layer-2 distance an extension of a path with max distance ``score`` may have
+        (``trim_tails``): a run-on tail is above the reference tau_2 and ``GAP_RATIO`` times above
+        the path so far. Unlimited unless tau_2 was widened."""
+        cfg = self.config
+        if not cfg.trim_tails or self.tau[1] <= cfg.l2_span_thresh:
+            return math.inf
+        return max(cfg.l2_span_thresh, GAP_RATIO * score)
+
+    def gap_threshold(self, d: Tensor, layer: int = 1) -> float:
+        """The threshold of one layer-1 position scan (``layer`` 0) or decoder step (``layer`` 1):
+        the widened tau, lowered to a clear gap in the step's sorted distances.
+
+        The spectrum-adaptive tau_2 is a worst case (a token whose input lies along the weakest
+        kept direction); true inputs usually sit orders of magnitude lower. Between the
+        reference tau (``l1_span_thresh`` / ``l2_span_thresh``) and the widened one, we cut at the
+        highest ratio gap of at least ``GAP_RATIO`` between consecutive sorted distances.
+        Distances under the reference tau are always accepted.
+        """
+        cfg = self.config
+        tau, base = self.tau[layer], (cfg.l1_span_thresh, cfg.l2_span_thresh)[layer]
+        if tau <= base:
+            return tau
+        v = torch.sort(d[d < tau]).values
+        if v.numel() < 2:
+            return tau
+        lo, hi = v[:-1].clamp_min(1e-12), v[1:]
+        ratio = torch.where(hi > base, hi / lo, torch.zeros_like(hi))
+        big = torch.nonzero(ratio >= GAP_RATIO).flatten()
+        if big.numel():  # the highest clear gap (keeps every lower cluster)
+            k = int(big[-1])
+            return max(base, math.sqrt(float(lo[k]) * float(hi[k])))
+        return tau
+
+
+def declared_sigma(obs: Observation) -> float:
+    """The largest Gaussian-noise sigma among the observation's declared defenses (0 if none)."""
+    return max((float(d.get("sigma", 0.0)) for d in obs.defenses or () if d.get("name") == "gaussian"),
+               default=0.0)
