@@ -31,7 +31,7 @@ from common.kit import Kit
 from common.observe import observe
 from common.seed import derive_seed, make_generator
 from common.threat import ThreatModel
-from common.types import Observation, Reconstruction, first_nonfinite
+from common.types import Batch, Observation, Reconstruction, first_nonfinite
 
 from .catalog import catalog
 from .errors import UserError
@@ -189,6 +189,7 @@ class AttackerView:
 class Trial:
     attacker: AttackerView
     truth: Any  # for the scorer only
+    batch: Batch | None = None  # the client's batch, only with ``keep_batch`` (oracle tests, benchmarks)
 
 
 def check_finite(tensors: Mapping[str, Tensor], *, what: str) -> None:
@@ -214,17 +215,18 @@ def load_inputs(spec: TrialSpec, case: Case, kit: Kit, resources: Resources, *,
 
 def simulate(case: Case, kit: Kit, *, model: nn.Module, pool: Any, prior_kind: str, device: torch.device,
              data_generator: torch.Generator, client_generator: torch.Generator,
-             threat: ThreatModel | None = None) -> Trial:
+             threat: ThreatModel | None = None, keep_batch: bool = False) -> Trial:
     """Sample a client batch, compute its (defended) update, check it is finite, hand the
-    server's view (``threat``, default the case's) to the attacker and the truth to the scorer."""
+    server's view (``threat``, default the case's) to the attacker and the truth to the scorer.
+    ``keep_batch`` also returns the batch (for oracle tests; the runner never asks for it)."""
     batch, truth = kit.sample(pool, case, model=model, device=device, generator=data_generator)
     defenses = [build_defense(d) for d in case.defenses]
     update = client_update(model, batch, kit.loss_fn, case.protocol, defenses=defenses, generator=client_generator)
     check_finite(update.tensors, what="client update")
     obs = observe(update, threat or case.threat)
-    del update, batch  # the attacker sees only the observation
+    del update  # the attacker sees only the observation
     prior = kit.make_prior(case, model, prior_kind, device=device)
-    return Trial(AttackerView(obs, model, prior), truth)
+    return Trial(AttackerView(obs, model, prior), truth, batch if keep_batch else None)
 
 
 def score(kit: Kit, reconstruction: Reconstruction, truth: Any, *, case: Case) -> tuple[dict[str, float], str]:
