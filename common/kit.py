@@ -21,7 +21,7 @@ from .types import Batch, Reconstruction
 class Kit(Protocol):
     """A modality's loader, loss, prior builder and scorer.
 
-    Only the runner calls ``sample``/``score`` (they touch ground truth); attacks see the
+    Only the trial pipeline (eval/pipeline.py) calls ``sample``/``score`` (they touch ground truth); attacks see the
     prior returned by ``make_prior`` and never the truth.
     """
 

@@ -1,8 +1,8 @@
 """Core data types shared by every modality.
 
 ``ClientUpdate`` is what a client computes; ``Observation`` is what the server sees of it
-(made only by :func:`common.threat_view.observe`). Ground truth never travels with either:
-only ``eval.runner`` holds the batch and the observation at the same time.
+(made only by :func:`common.observe.observe`). Ground truth never travels with either:
+only ``eval.pipeline`` holds the batch and the observation at the same time.
 """
 from __future__ import annotations
 
