@@ -14,11 +14,9 @@ import time
 import torch
 
 from common.baselines import GradientMatchingConfig, InvertingGradients
-from common.fl import client_update
-from common.observe import observe
 from common.seed import make_generator
-from common.threat import HONEST_WITH_LABELS
 from eval.catalog import catalog
+from eval.pipeline import simulate
 
 
 def main() -> None:
@@ -34,9 +32,9 @@ def main() -> None:
     kit = catalog().kits.get("tabular")()
     model = kit.load_model(case, device=dev, generator=make_generator(0))
     pool = kit.load_pool(case, data_path=None)
-    batch, _ = kit.sample(pool, case, model=model, device=dev, generator=make_generator(1))
-    obs = observe(client_update(model, batch, kit.loss_fn, case.protocol, generator=make_generator(2)), case.threat)
-    prior = kit.make_prior(case, model, "continuous", device=dev)
+    t = simulate(case, kit, model=model, pool=pool, prior_kind="continuous", device=dev,
+                 data_generator=make_generator(1), client_generator=make_generator(2))
+    obs, prior = t.attacker.observation, t.attacker.prior
     times = {}
     outs = {}
     for batched in (True, False):

@@ -27,10 +27,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from common.attack import apply_overrides
-    from common.fl import client_update
-    from common.observe import observe
     from common.seed import derive_seed, make_generator
     from eval.catalog import catalog
+    from eval.pipeline import simulate
     from speechleak import metrics as M
     from speechleak.attack import SpeechGradientInversion
 
@@ -40,12 +39,10 @@ def main() -> None:
     model = kit.load_model(case, device=torch.device("cpu"), generator=make_generator(derive_seed(0, "model")))
     configs = [json.loads(c) for c in args.configs]
     for tr in (int(t) for t in args.trials.split(",")):
-        batch, truth = kit.sample(pool, case, model=model, device=torch.device("cpu"),
-                                  generator=make_generator(derive_seed(0, tr, "data")))
-        upd = client_update(model, batch, kit.loss_fn, case.protocol, defenses=[],
-                            generator=make_generator(derive_seed(0, tr, "client")))
-        obs = observe(upd, case.threat)
-        prior = kit.make_prior(case, model, "speech", device="cpu")
+        t = simulate(case, kit, model=model, pool=pool, prior_kind="speech", device=torch.device("cpu"),
+                     data_generator=make_generator(derive_seed(0, tr, "data")),
+                     client_generator=make_generator(derive_seed(0, tr, "client")))
+        obs, prior, truth = t.attacker.observation, t.attacker.prior, t.truth
         fe = prior.frontend
         tf, tw = truth["feats"], truth["waves"]
         for over in configs:

@@ -14,11 +14,9 @@ from dataclasses import replace
 
 import torch
 
-from common.fl import client_update
-from common.observe import observe
 from common.seed import make_generator
 from common.threat import HONEST_WITH_LABELS
-from common.types import Batch, FLProtocol
+from eval.pipeline import score, simulate
 from tableak.attack import TabLeak, TabLeakConfig
 from tableak.kit import TabularKit
 
@@ -38,16 +36,16 @@ def main() -> None:
     g = make_generator(0)
     model = kit.load_model(case, device=torch.device("cpu"), generator=g)
     pool = kit.load_pool(case, data_path=None)
-    batch, truth = kit.sample(pool, case, model=model, device=torch.device("cpu"), generator=g)
-    obs = observe(client_update(model, batch, kit.loss_fn, case.protocol, generator=g), HONEST_WITH_LABELS)
-    prior = kit.make_prior(case, model, "tabular", device=torch.device("cpu"))
+    t = simulate(case, kit, model=model, pool=pool, prior_kind="tabular", device=torch.device("cpu"),
+                 data_generator=g, client_generator=g, threat=HONEST_WITH_LABELS)
+    obs, prior, truth = t.attacker.observation, t.attacker.prior, t.truth
     cfg = TabLeakConfig(iterations=args.iterations, ensemble=args.ensemble)
     out = {}
     for name, c in [("batched (vmap)", cfg), ("sequential loop", replace(cfg, batched=False))]:
         t0 = time.perf_counter()
         rec = TabLeak(c).reconstruct(obs, model, prior, generator=make_generator(1))
         out[name] = time.perf_counter() - t0
-        acc = kit.score(rec, truth, case=case)[0]["accuracy"]
+        acc = score(kit, rec, truth, case=case)[0]["accuracy"]
         print(f"{name:16s} {out[name]:8.2f} s/attack   accuracy {acc:.3f}", flush=True)
     print(f"B={args.batch} ensemble={args.ensemble} iterations={args.iterations} threads={args.threads}: "
           f"sequential / batched = {out['sequential loop'] / out['batched (vmap)']:.2f}x")

@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common.fl import client_update  # noqa: E402
-from common.observe import observe  # noqa: E402
+from eval.pipeline import score, simulate  # noqa: E402
 from common.seed import make_generator  # noqa: E402
 
 
@@ -68,9 +67,9 @@ def main() -> None:
     case = CASES[args.case].with_batch_size(args.batch_size)
     model = kit.load_model(case, device=torch.device("cpu"), generator=make_generator(0))
     pool = kit.load_pool(case, data_path=None)
-    batch, truth = kit.sample(pool, case, model=model, device=torch.device("cpu"), generator=make_generator(1))
-    obs = observe(client_update(model, batch, kit.loss_fn, case.protocol, generator=make_generator(2)), case.threat)
-    prior = kit.make_prior(case, model, "text", device="cpu")
+    t = simulate(case, kit, model=model, pool=pool, prior_kind="text", device=torch.device("cpu"), keep_batch=True,
+                 data_generator=make_generator(1), client_generator=make_generator(2))
+    obs, prior, truth, batch = t.attacker.observation, t.attacker.prior, t.truth, t.batch
     print(f"case {args.case}, B={args.batch_size}, seq_lens={obs.seq_lens}, torch threads {args.threads}")
     ids = batch.inputs["input_ids"]
     x = prior.embedding[ids] + 0.05 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(5))
@@ -136,7 +135,7 @@ def main() -> None:
         t = time.perf_counter()
         rec = TextSearch(cfg, obs, model, prior, make_generator(3)).run()
         dt = time.perf_counter() - t
-        m, _ = kit.score(rec, truth, case=case)
+        m, _ = score(kit, rec, truth, case=case)
         print(f"{preset:10s} {args.steps} steps: {dt / args.batch_size:7.2f} s/sentence "
               f"({dt / args.steps:.3f} s/step incl. init+swaps), ROUGE-1 {m['rouge1']:.2f} ROUGE-2 {m['rouge2']:.2f}")
 

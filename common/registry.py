@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -16,13 +16,19 @@ class UnknownName(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    """``check`` (optional) validates each entry: at ``add`` for objects, when first loaded
+    for lazy ``"module:attr"`` targets (so registering stays import-free)."""
+
+    def __init__(self, kind: str, *, check: Callable[[T], object] | None = None) -> None:
         self.kind = kind
+        self.check = check
         self._entries: dict[str, T | str] = {}
 
     def add(self, name: str, target: T | str, *, force: bool = False) -> None:
         if name in self._entries and not force:
             raise ValueError(f"{self.kind} {name!r} is already registered")
+        if self.check is not None and not isinstance(target, str):
+            self.check(target)
         self._entries[name] = target
 
     def get(self, name: str) -> T:
@@ -37,6 +43,8 @@ class Registry(Generic[T]):
         if isinstance(target, str):
             module, _, attr = target.partition(":")
             target = getattr(importlib.import_module(module), attr)
+            if self.check is not None:
+                self.check(target)
             self._entries[name] = target
         return target  # type: ignore[return-value]
 

@@ -51,10 +51,6 @@ class ThreatModel:
     def to_dict(self) -> dict:
         return {"name": self.name, "grants": sorted(str(c) for c in self.grants)}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ThreatModel":
-        return cls(d["name"], frozenset(Capability(c) for c in d["grants"]))
-
 
 #: Default server view: update, batch size, local hyper-parameters and public prior, no labels.
 HONEST = ThreatModel()

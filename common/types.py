@@ -1,8 +1,8 @@
 """Core data types shared by every modality.
 
 ``ClientUpdate`` is what a client computes; ``Observation`` is what the server sees of it
-(made only by :func:`common.threat_view.observe`). Ground truth never travels with either:
-only ``eval.runner`` holds the batch and the observation at the same time.
+(made only by :func:`common.observe.observe`). Ground truth never travels with either:
+only ``eval.pipeline`` holds the batch and the observation at the same time.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class FLProtocol:
     """
 
     kind: Literal["fedsgd", "fedavg"] = "fedsgd"
-    batch_size: int = 1
+    batch_size: int | None = 1  # None only in an Observation whose threat model withholds the batch size
     local_epochs: int = 1
     local_batch_size: int | None = None  # None: the whole client batch
     local_lr: float = 1e-2
@@ -37,13 +37,16 @@ class FLProtocol:
             raise ValueError(f"protocol kind must be 'fedsgd' or 'fedavg', got {self.kind!r}")
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
-        if self.batch_size < 1 or self.local_epochs < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.local_epochs < 1:
             raise ValueError("batch_size and local_epochs must be >= 1")
         if self.local_batch_size is not None and self.local_batch_size < 1:
             raise ValueError("local_batch_size must be >= 1")
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.batch_size is None:
+            raise ValueError("the local steps per epoch depend on the batch size, which the threat model withholds: "
+                             "grant Capability.BATCH_SIZE")
         lb = self.local_batch_size or self.batch_size
         return -(-self.batch_size // lb)
 
@@ -86,6 +89,14 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         return Batch({k: v.to(device) for k, v in self.inputs.items()},
                      None if self.labels is None else self.labels.to(device), dict(self.meta))
+
+
+def first_nonfinite(tensors: Mapping[str, Tensor]) -> str | None:
+    """The name of the first floating tensor holding NaN or Inf, or None if all are finite."""
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 @dataclass(frozen=True)

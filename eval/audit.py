@@ -26,10 +26,9 @@ from common.threat import Capability
 from common.types import ClientUpdate, FLProtocol, Observation
 
 from .capture import Capture, CaptureError, find_captures, read_capture
-from .catalog import catalog
 from .errors import UserError
+from .pipeline import check_modality, make_kit, resolve_attack, resolve_device, score
 from .records import RECORDS_FILE, SCHEMA_VERSION, append_record, completed_ids, now, provenance, run_id
-from .runner import build_attack
 
 
 def load_into(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
@@ -85,6 +84,13 @@ def _save_reconstruction(rec, directory: Path) -> dict[str, str]:
     return {"reconstruction": str(path)}
 
 
+def _read(d: Path) -> Capture:
+    try:
+        return read_capture(d)
+    except CaptureError as e:
+        raise UserError(str(e)) from None
+
+
 def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Path, overrides: dict[str, str],
           device: str = "cpu", seed: int = 0, resume: bool = False) -> list[dict]:
     from tqdm import tqdm
@@ -93,21 +99,21 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
         dirs = find_captures(capture_dir)
     except CaptureError as e:
         raise UserError(str(e)) from None
-    preset, atk = build_attack(attack, overrides)
+    preset, atk = resolve_attack(attack, overrides)
+    check_modality(case, atk)
     missing = case.threat.missing(atk.info.requires - {Capability.GRADIENTS, Capability.WEIGHT_DELTA})
     if missing:
         raise UserError(f"attack {atk.info.name!r} needs {', '.join(sorted(missing))}, which case {case.name!r} does not grant")
-    kit = catalog().kits.get(case.modality)()
-    dev = torch.device(device)
+    for d in dirs:  # every capture is checked (paths, header types, finite tensors) before any attack runs
+        _read(d)
+    kit = make_kit(case.modality)
+    dev = resolve_device(device)
     out = Path(out_dir)
     path = out / RECORDS_FILE
     done = completed_ids(path) if resume else set()
     records = []
     for d in tqdm(dirs, desc="captures", unit="update"):
-        try:
-            cap = read_capture(d)
-        except CaptureError as e:
-            raise UserError(str(e)) from None
+        cap = _read(d)
         digest = hashlib.sha256(json.dumps(cap.header, sort_keys=True).encode()).hexdigest()[:16]
         case_d = {**case.to_dict(), "capture": {"path": str(d), "header_sha256": digest,
                                                 "round": cap.header.get("round"), "client_id": cap.header.get("client_id")}}
@@ -115,7 +121,7 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
         if rid in done:
             continue
         record: dict[str, Any] = {
-            "schema": SCHEMA_VERSION, "run_id": rid, "created": now(), **provenance(device), "case": case_d,
+            "schema": SCHEMA_VERSION, "run_id": rid, "created": now(), **provenance(str(dev)), "case": case_d,
             "attack": {"name": atk.info.name, "preset": preset, "config": config_dict(atk.config),
                        "citation": atk.info.citation, "requires": sorted(atk.info.requires)},
             "seed": seed, "trial": 0}
@@ -123,9 +129,7 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
         try:
             model = kit.load_model(case, device=dev, generator=make_generator(derive_seed(seed, "model")))
             load_into(model, cap.before)
-            update = capture_update(cap)
-            threat = case.threat
-            obs = observe(update, threat)
+            obs = observe(capture_update(cap), case.threat)
             if Capability.GRADIENTS in atk.info.requires:
                 obs = delta_as_gradient(obs)
             prior = kit.make_prior(case, model, atk.info.prior, device=dev)
@@ -134,13 +138,13 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
             record["artifacts"] = _save_reconstruction(rec, art_dir)
             record["attack_stats"] = {k: float(v) for k, v in rec.stats.items()}
             metrics: dict[str, float] = {}
-            if cap.truth_path is not None and hasattr(kit, "truth_from_file"):
-                truth = kit.truth_from_file(case, cap.truth_path, model=model)
-                metrics, record["alignment"] = kit.score(rec, truth, case=case)
-                if hasattr(kit, "save_artifacts"):
+            truth_path = cap.truth_path
+            if truth_path is not None and "truth_from_file" in kit.optional:
+                truth = kit.truth_from_file(case, truth_path, model=model)
+                metrics, record["alignment"] = score(kit, rec, truth, case=case)
+                if "save_artifacts" in kit.optional:
                     record["artifacts"].update(kit.save_artifacts(rec, truth, case=case, directory=art_dir))
-            record.update(status="ok", error=None, metrics={k: float(v) for k, v in metrics.items()},
-                          ground_truth=cap.truth_path is not None)
+            record.update(status="ok", error=None, metrics=metrics, ground_truth=truth_path is not None)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - recorded, not fatal

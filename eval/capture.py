@@ -15,12 +15,17 @@ One directory per client update::
         update.safetensors   θ_before − θ_after (kind "delta") or the gradient (kind "gradient")
 
 Tensors may also be ``.npz`` files (read with ``allow_pickle=False``). Nothing is ever
-unpickled, so captures from untrusted parties are safe to load. The format is plain enough
-to write by hand from any FL framework: see ``write_capture``.
+unpickled, so captures from untrusted parties are safe to load. ``before``, ``update`` and
+``truth`` name files inside the client's folder (nothing outside it is ever opened); header
+fields are type-checked and tensors must be finite before any attack runs. The format is
+plain enough to write by hand from any FL framework: see ``write_capture``.
 """
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,8 +33,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from common.types import first_nonfinite
+
 FORMAT = "gradleak-capture/1"
 PROTOCOL_KEYS = {"kind", "batch_size", "local_epochs", "local_batch_size", "local_lr", "loss_reduction", "shuffle"}
+_FILE_FIELDS = ("before", "update", "truth")
 
 
 class CaptureError(ValueError):
@@ -46,7 +54,19 @@ class Capture:
     @property
     def truth_path(self) -> Path | None:
         t = self.header.get("truth")
-        return (self.path / t) if t else None
+        return inside(self.path, t, field="truth") if t else None
+
+
+def inside(directory: Path, name: Any, *, field: str) -> Path:
+    """``directory / name`` resolved, refused unless it stays inside ``directory``."""
+    if not isinstance(name, str) or not name:
+        raise CaptureError(f"{directory}/header.json: {field!r} must be a file name, got {name!r}")
+    root = Path(directory).resolve()
+    path = (root / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(root):
+        raise CaptureError(f"{directory}/header.json: {field} {name!r} points outside the client's folder; "
+                           f"name a file inside {directory}")
+    return path
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, Any]) -> None:
@@ -62,10 +82,30 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return dict(load_file(str(path)))
+        try:
+            return dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CaptureError(f"{path.name}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return {k: torch.from_numpy(np.array(z[k])) for k in z.files}
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise CaptureError(f"{path.name}: not a readable .npz file of numeric arrays ({e}); "
+                               f"save the tensors with numpy.savez or as .safetensors") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise CaptureError(f"{path.name}: holds a single array, not named tensors; save them with numpy.savez")
+        out = {}
+        with z:
+            for k in z.files:
+                try:
+                    a = np.array(z[k])
+                except ValueError:
+                    raise CaptureError(f"{path.name}: array {k!r} is a pickled object array, which is never loaded; "
+                                       f"save numeric arrays (e.g. numpy.savez with float32 tensors)") from None
+                if a.dtype.kind not in "biuf":
+                    raise CaptureError(f"{path.name}: array {k!r} has dtype {a.dtype}; save numeric arrays")
+                out[k] = torch.from_numpy(a)
+        return out
     raise CaptureError(f"{path.name}: tensors must be .safetensors or .npz")
 
 
@@ -78,6 +118,11 @@ def write_capture(root: str | Path, *, round: int, client_id: str, kind: str, be
     d.mkdir(parents=True, exist_ok=True)
     _save_tensors(d / "before.safetensors", before)
     _save_tensors(d / "update.safetensors", update)
+    if truth is not None and Path(truth).is_file() and not (d / truth).resolve().is_relative_to(d.resolve()):
+        # a ground-truth file elsewhere is copied in: a capture is read only from inside its folder
+        name = "truth" + Path(truth).suffix
+        shutil.copyfile(truth, d / name)
+        truth = name
     header = {"format": FORMAT, "kind": kind, "round": round, "client_id": str(client_id),
               "num_examples": int(num_examples), "protocol": dict(protocol) if protocol else None,
               "labels": labels, "truth": truth, "before": "before.safetensors", "update": "update.safetensors",
@@ -99,19 +144,63 @@ def read_capture(directory: str | Path) -> Capture:
     for key in ("kind", "num_examples", "before", "update"):
         if key not in header:
             raise CaptureError(f"{d}/header.json: missing field {key!r}")
-    if header["kind"] not in ("delta", "gradient"):
-        raise CaptureError(f"{d}/header.json: kind must be 'delta' or 'gradient'")
-    proto = header.get("protocol")
-    if proto is not None and set(proto) - PROTOCOL_KEYS:
-        raise CaptureError(f"{d}/header.json: unknown protocol fields {sorted(set(proto) - PROTOCOL_KEYS)}")
-    before, update = _load_tensors(d / header["before"]), _load_tensors(d / header["update"])
+    check_header(header, where=f"{d}/header.json")
+    paths = {f: inside(d, header[f], field=f) for f in _FILE_FIELDS if header.get(f) is not None}
+    before, update = _load_tensors(paths["before"]), _load_tensors(paths["update"])
     if set(before) != set(update):
         raise CaptureError(f"{d}: before and update tensors have different names")
     for k in before:
         if before[k].shape != update[k].shape:
             raise CaptureError(f"{d}: tensor {k!r} has shape {tuple(before[k].shape)} before but "
                                f"{tuple(update[k].shape)} in the update")
+    for what, tensors in (("update", update), ("before", before)):
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise CaptureError(f"{d}: {what} tensor {bad!r} holds NaN or Inf values; an update that is not finite "
+                               f"cannot be attacked or scored (re-capture it)")
     return Capture(d, header, before, update)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_PROTOCOL_TYPES = {
+    "kind": (lambda v: v in ("fedsgd", "fedavg"), "'fedsgd' or 'fedavg'"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "local_epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "local_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or null"),
+    "local_lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                 "a finite number > 0"),
+    "loss_reduction": (lambda v: v in ("mean", "sum"), "'mean' or 'sum'"),
+    "shuffle": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_header(header: dict, *, where: str) -> None:
+    """Refuse header fields of the wrong type, naming the field and what it must be."""
+    if header["kind"] not in ("delta", "gradient"):
+        raise CaptureError(f"{where}: kind must be 'delta' or 'gradient'")
+    n = header["num_examples"]
+    if not _is_int(n) or n < 1:
+        raise CaptureError(f"{where}: num_examples must be an integer >= 1, got {n!r}")
+    labels = header.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(_is_int(v) and v >= 0 for v in labels)):
+        raise CaptureError(f"{where}: labels must be a list of class ids (integers >= 0) or null, got {labels!r}")
+    for key in ("round",):
+        if header.get(key) is not None and not _is_int(header[key]):
+            raise CaptureError(f"{where}: {key} must be an integer, got {header[key]!r}")
+    proto = header.get("protocol")
+    if proto is None:
+        return
+    if not isinstance(proto, dict):
+        raise CaptureError(f"{where}: protocol must be an object or null, got {proto!r}")
+    if set(proto) - PROTOCOL_KEYS:
+        raise CaptureError(f"{where}: unknown protocol fields {sorted(set(proto) - PROTOCOL_KEYS)}")
+    for key, value in proto.items():
+        ok, what = _PROTOCOL_TYPES[key]
+        if not ok(value):
+            raise CaptureError(f"{where}: protocol.{key} must be {what}, got {value!r}")
 
 
 def find_captures(root: str | Path) -> list[Path]:

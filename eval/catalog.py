@@ -13,6 +13,7 @@ from typing import Any
 
 from common.attack import Preset
 from common.case import Case
+from common.kit import check_kit
 from common.metrics import METRICS, MetricInfo
 from common.registry import Registry
 
@@ -29,7 +30,7 @@ class Catalog:
     def __init__(self) -> None:
         self.attacks: Registry[type] = Registry("attack")
         self.presets: Registry[Preset] = Registry("preset")
-        self.kits: Registry[type] = Registry("modality kit")
+        self.kits: Registry[type] = Registry("modality kit", check=check_kit)  # the Kit contract, checked on load
         self.cases: Registry[Case] = Registry("case")
         self.metrics: Registry[MetricInfo] = METRICS
         for pkg in _packages():

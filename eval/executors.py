@@ -1,5 +1,5 @@
-"""Trial executors. Each yields ``(spec, record)`` pairs as trials finish; the driver in
-``runner.run_many`` is the only record writer. A worker that dies mid-trial yields a
+"""Trial executors. Each yields ``(prepared trial, record)`` pairs as trials finish; the driver in
+``driver.run_many`` is the only record writer. A worker that dies mid-trial yields a
 failed record for the trial it held, so nothing is lost or duplicated, and ``--resume``
 re-runs exactly the failed and missing trials.
 """
@@ -12,31 +12,31 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .runner import TrialSpec, _Resources, failure_record, run_trial
+import torch
+
+from .pipeline import Prepared, Resources, failure_record, prepare, run_trial
 
 
-def local_executor(specs: Sequence[TrialSpec], *, device, out_dir, resources, workers=None, address=None
-                   ) -> Iterator[tuple[TrialSpec, dict]]:
-    for spec in specs:
-        yield spec, run_trial(spec, device=device, out_dir=out_dir, resources=resources)
+def local_executor(specs: Sequence[Prepared], *, device: torch.device, out_dir, resources: Resources, workers=None,
+                   address=None) -> Iterator[tuple[Prepared, dict]]:
+    for p in specs:
+        yield p, run_trial(p, device=device, out_dir=out_dir, resources=resources)
 
 
 def _worker_main(conn, device: str, out_dir: str, threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
     torch.set_num_threads(threads)
-    resources = _Resources()
+    resources = Resources()
     while True:
         msg = conn.recv()
         if msg is None:
             return
-        index, spec = msg
-        conn.send((index, run_trial(spec, device=device, out_dir=out_dir, resources=resources)))
+        index, spec = msg  # a TrialSpec: the worker resolves its attack once, here
+        conn.send((index, run_trial(prepare(spec), device=device, out_dir=out_dir, resources=resources)))
 
 
-def process_executor(specs: Sequence[TrialSpec], *, device, out_dir, resources, workers=None, address=None
-                     ) -> Iterator[tuple[TrialSpec, dict]]:
+def process_executor(specs: Sequence[Prepared], *, device: torch.device, out_dir, resources: Resources, workers=None,
+                     address=None) -> Iterator[tuple[Prepared, dict]]:
     """A local pool of worker processes, one trial at a time each; dead workers are replaced."""
     n = max(1, min(workers or (os.cpu_count() or 1), len(specs) or 1))
     threads = max(1, (os.cpu_count() or 1) // n)
@@ -46,15 +46,15 @@ def process_executor(specs: Sequence[TrialSpec], *, device, out_dir, resources, 
 
     def spawn():
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_worker_main, args=(child, device, str(out_dir), threads), daemon=True)
+        p = ctx.Process(target=_worker_main, args=(child, str(device), str(out_dir), threads), daemon=True)
         p.start()
         child.close()
         live[parent] = [p, None]
 
     def feed(conn):
         if queue:
-            index, spec = queue.pop()
-            conn.send((index, spec))
+            index, p = queue.pop()
+            conn.send((index, p.spec))
             live[conn][1] = (index, time.perf_counter())
         else:
             conn.send(None)
@@ -96,12 +96,12 @@ def process_executor(specs: Sequence[TrialSpec], *, device, out_dir, resources, 
                 feed(next(c for c in live if live[c][1] is None))
 
 
-def _ray_trial(spec: TrialSpec, device: str, out_dir: str) -> dict:
-    return run_trial(spec, device=device, out_dir=out_dir)
+def _ray_trial(spec, device: str, out_dir: str) -> dict:
+    return run_trial(prepare(spec), device=device, out_dir=out_dir)
 
 
-def ray_executor(specs: Sequence[TrialSpec], *, device, out_dir, resources, workers=None, address=None
-                 ) -> Iterator[tuple[TrialSpec, dict]]:
+def ray_executor(specs: Sequence[Prepared], *, device: torch.device, out_dir, resources: Resources, workers=None,
+                 address=None) -> Iterator[tuple[Prepared, dict]]:
     """One Ray task per trial (``max_retries=0``: a killed task is a failed record, not a silent rerun)."""
     try:
         import ray
@@ -116,21 +116,21 @@ def ray_executor(specs: Sequence[TrialSpec], *, device, out_dir, resources, work
         ray.init(log_to_driver=False, configure_logging=False, **kwargs)
         started_here = not address
     try:
-        task = ray.remote(_ray_trial).options(num_cpus=1, num_gpus=1 if str(device).startswith("cuda") else 0,
+        task = ray.remote(_ray_trial).options(num_cpus=1, num_gpus=1 if device.type == "cuda" else 0,
                                               max_retries=0, retry_exceptions=False)
         pending = {}
-        for spec in specs:
-            pending[task.remote(spec, device, str(Path(out_dir).resolve()))] = (spec, time.perf_counter())
+        for p in specs:
+            pending[task.remote(p.spec, str(device), str(Path(out_dir).resolve()))] = (p, time.perf_counter())
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                spec, start = pending.pop(ref)
+                p, start = pending.pop(ref)
                 try:
                     record = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - worker crash / task killed -> failed record
-                    record = failure_record(spec, device=device, wall_s=time.perf_counter() - start,
+                    record = failure_record(p, device=device, wall_s=time.perf_counter() - start,
                                             error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-                yield spec, record
+                yield p, record
     finally:
         if started_here:
             ray.shutdown()

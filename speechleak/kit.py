@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from common.case import Case
+from common.kit import build_prior
+from common.labels import label_accuracy
 from common.matching import assignment
 from common.types import Batch, Reconstruction
 
@@ -126,6 +128,7 @@ def _weights_path(tag: dict) -> Path:
 
 class SpeechKit:
     modality = "speech"
+    optional: ClassVar[frozenset[str]] = frozenset({"save_artifacts"})
 
     def __init__(self) -> None:
         self._pools: dict = {}
@@ -240,12 +243,10 @@ class SpeechKit:
     loss_fn = staticmethod(lambda model, batch: ctc_loss(model, batch) if "target_lengths" in batch.inputs
                            else kws_loss(model, batch))
 
-    def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> SpeechPrior:
-        if prior_kind == "continuous" and _opt(case, "task", "kws") == "kws":
-            return self._continuous_prior(case, model, device=device)
-        if prior_kind != "speech":
-            raise ValueError(f"the speech kit cannot build a {prior_kind!r} prior (speech attacks use 'speech'; "
-                             "the generic baselines get a 'continuous' prior on keyword cases only)")
+    def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> Any:
+        return build_prior(self, case, model, prior_kind, device=device)
+
+    def _speech_prior(self, case: Case, model: nn.Module, *, device) -> SpeechPrior:
         fe = frontend_for(case).to(device)
         n = num_samples(case)
         shape = (fe.config.n_features, fe.config.n_frames(n))
@@ -267,6 +268,9 @@ class SpeechKit:
         """Feature-space prior for the generic baselines (DLG, iDLG, IG) on keyword cases."""
         from common.kit import ContinuousPrior
 
+        if _opt(case, "task", "kws") != "kws":
+            raise ValueError("the speech kit builds a 'continuous' prior (for the generic baselines) on keyword "
+                             "cases only; speech attacks use 'speech'")
         fe = frontend_for(case)
         shape = (fe.config.n_features, fe.config.n_frames(num_samples(case)))
         names = {id(p): k for k, p in model.named_parameters()}
@@ -278,6 +282,9 @@ class SpeechKit:
             lower=None if lo is None else torch.full(shape, lo, device=device),
             upper=None if lo is None else torch.full(shape, float(_opt(case, "feature_max", 4.0)), device=device),
             sample_inputs=lambda n, g: (torch.randn((n, *shape), generator=g) * 0.5).to(device))
+
+    #: prior kind (an attack's ``info.prior``) -> builder
+    priors: ClassVar[Mapping[str, Callable[..., Any]]] = {"speech": _speech_prior, "continuous": _continuous_prior}
 
     @staticmethod
     def _unpack(rec: Reconstruction, truth: Any, case: Case) -> tuple[Tensor, Tensor]:
@@ -320,7 +327,9 @@ class SpeechKit:
             o = {**M.pesq_wb(predictions=list(gl), references=waves_r), **M.stoi(predictions=list(gl), references=waves_r)}
             out.update({f"oracle_{k}": v for k, v in o.items()})
         if reconstruction.labels is not None and truth["task"] == "kws":
-            out.update(M.label_accuracy(predictions=reconstruction.labels.tolist(), references=truth["labels"]))
+            acc = label_accuracy(reconstruction.labels.tolist(), truth["labels"])
+            if acc is not None:
+                out["label_accuracy"] = acc
         if "char_occupancy" in reconstruction.extras:
             out.update(M.char_histogram(predictions=[reconstruction.extras["char_occupancy"]], references=truth["texts"]))
         # speaker re-identification among the enrolled voices

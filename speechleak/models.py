@@ -28,19 +28,6 @@ def decode_ids(ids) -> str:
     return "".join(VOCAB[i] for i in ids if 0 < i < len(VOCAB))
 
 
-def greedy_decode(log_probs: Tensor) -> list[str]:
-    """Best-path CTC decoding of [B, T, V]."""
-    out = []
-    for seq in log_probs.argmax(-1).tolist():
-        ids, prev = [], None
-        for i in seq:
-            if i != prev and i != BLANK:
-                ids.append(i)
-            prev = i
-        out.append(decode_ids(ids))
-    return out
-
-
 def _init(module: nn.Module, generator: torch.Generator) -> None:
     """Kaiming-uniform weights (PyTorch's default rule) drawn from ``generator``."""
     for name, p in module.named_parameters():
@@ -113,11 +100,6 @@ class CTCRecognizer(nn.Module):
         self.ff2 = nn.Linear(2 * dim, dim)
         self.head = nn.Linear(dim, len(VOCAB))
         _init(self, generator)
-
-    @staticmethod
-    def output_length(n_frames: int) -> int:
-        t = (n_frames + 2 * 2 - 5) // 2 + 1
-        return (t + 2 * 2 - 5) // 2 + 1
 
     def forward(self, feats: Tensor) -> Tensor:
         h = self.act(self.conv2(self.act(self.conv1(feats))))  # [B, D, T']

@@ -101,9 +101,26 @@ def tables(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str]) -> None:
-    from eval.records import load_records
+def load_records(paths: list[str]) -> list[dict]:
+    """Records from ``records.jsonl`` files or folders holding them (recursively); a torn or
+    unreadable line is skipped. (A plain JSONL reader: a modality package never imports ``eval``.)"""
+    import json
+    from pathlib import Path
 
+    out: list[dict] = []
+    for p in map(Path, paths):
+        for f in sorted(p.rglob("records.jsonl")) if p.is_dir() else [p]:
+            for line in f.read_text(encoding="utf-8").split("\n")[:-1]:  # the last piece: "" or a torn tail
+                try:
+                    rec = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict):
+                    out.append(rec)
+    return out
+
+
+def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit("usage: python -m speechleak.report RESULTS_DIR [...]")
     print(tables(load_records(argv)))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import pandas as pd
@@ -11,7 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 from common.case import Case
-from common.kit import ContinuousPrior
+from common.kit import ContinuousPrior, build_prior
+from common.labels import label_accuracy
 from common.matching import assignment
 from common.seed import derive_seed, make_generator
 from common.types import Batch, Reconstruction
@@ -99,6 +100,7 @@ def entropy_quartiles(errors: np.ndarray, entropy: np.ndarray) -> tuple[float, f
 
 class TabularKit:
     modality = "tabular"
+    optional: ClassVar[frozenset[str]] = frozenset({"truth_from_file", "save_artifacts"})
     _pools: dict = {}  # class-level cache: a new kit is made per trial
 
     def load_pool(self, case: Case, *, data_path: str | None) -> TabularPool:
@@ -137,21 +139,22 @@ class TabularKit:
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         return nn.functional.cross_entropy(model(batch.inputs["x"]), batch.labels, reduction="none")
 
-    def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> Any:
+    def _tabular_prior(self, case: Case, model: nn.Module, *, device) -> Any:
+        from .attack import TabularPrior
+
         pool = self.load_pool(case, data_path=None)
-        schema = pool.schema
         names = {id(p): n for n, p in model.named_parameters()}
         last = model.last
-        if prior_kind == "tabular":
-            from .attack import TabularPrior
+        cat, hist = pool.marginals()
+        return TabularPrior(
+            schema=pool.schema, forward=lambda p, x: functional_call(model, p, (x,)),
+            penultimate=lambda x: model.penultimate(x),
+            last_weight=names[id(last.weight)], last_bias=names[id(last.bias)], marginals=cat, histograms=hist)
 
-            cat, hist = pool.marginals()
-            return TabularPrior(
-                schema=schema, forward=lambda p, x: functional_call(model, p, (x,)),
-                penultimate=lambda x: model.penultimate(x),
-                last_weight=names[id(last.weight)], last_bias=names[id(last.bias)], marginals=cat, histograms=hist)
-        if prior_kind != "continuous":
-            raise ValueError(f"the tabular kit cannot build a {prior_kind!r} prior (known: tabular, continuous)")
+    def _continuous_prior(self, case: Case, model: nn.Module, *, device) -> ContinuousPrior:
+        schema = self.load_pool(case, data_path=None).schema
+        names = {id(p): n for n, p in model.named_parameters()}
+        last = model.last
         lo, hi = schema.bounds()
         return ContinuousPrior(
             input_shape=(schema.dim,), num_classes=len(schema.classes),
@@ -160,6 +163,12 @@ class TabularKit:
             lower=lo.to(device), upper=hi.to(device),
             sample_inputs=lambda n, g: (torch.rand((n, schema.dim), generator=g) * 2 - 1).to(device),
         )
+
+    #: prior kind (an attack's ``info.prior``) -> builder
+    priors: ClassVar[Mapping[str, Callable[..., Any]]] = {"tabular": _tabular_prior, "continuous": _continuous_prior}
+
+    def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> Any:
+        return build_prior(self, case, model, prior_kind, device=device)
 
     def score(self, reconstruction: Reconstruction, truth: Any, *, case: Case) -> tuple[dict[str, float], str]:
         schema: TabularSchema = truth["schema"]
@@ -179,9 +188,9 @@ class TabularKit:
             lo, hi = entropy_quartiles(m[:, nc:], np.asarray(ex["entropy_cont"])[perm])
             metrics["cont_acc_low_entropy"], metrics["cont_acc_high_entropy"] = lo, hi
         if reconstruction.labels is not None:
-            p = sorted(reconstruction.labels.tolist())
-            t = sorted(truth["labels"].tolist())
-            metrics["label_accuracy"] = float(np.mean(np.array(p) == np.array(t)))
+            acc = label_accuracy(reconstruction.labels.tolist(), truth["labels"].tolist())
+            if acc is not None:
+                metrics["label_accuracy"] = acc
         return metrics, "hungarian:tabular-feature-error"
 
     def truth_from_file(self, case: Case, path, *, model=None) -> dict[str, Any]:

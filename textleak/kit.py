@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from common.case import Case
+from common.kit import build_prior
+from common.labels import label_accuracy
 from common.matching import assignment
 from common.types import Batch, Reconstruction
 
@@ -88,6 +90,7 @@ def text_loss(model: nn.Module, batch: Batch) -> Tensor:
 
 class TextKit:
     modality = "text"
+    optional: ClassVar[frozenset[str]] = frozenset({"truth_from_file", "save_artifacts"})
 
     # -- model and data ------------------------------------------------------------------------
     def load_model(self, case: Case, *, device: torch.device, generator: torch.Generator) -> nn.Module:
@@ -144,9 +147,7 @@ class TextKit:
                 "token_ids": [tok(t)["input_ids"] for t in texts], "kind": info_of(model).kind}
 
     # -- prior ---------------------------------------------------------------------------------
-    def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> TextPrior:
-        if prior_kind not in ("text", "", "none"):
-            raise ValueError(f"the text kit cannot build a {prior_kind!r} prior (it builds 'text')")
+    def _text_prior(self, case: Case, model: nn.Module, *, device) -> TextPrior:
         info = info_of(model)
         tok = info.tokenizer
         emb = input_embedding(model).weight.detach().clone()
@@ -161,6 +162,12 @@ class TextKit:
             label_bias=param_name(model, head.bias) if head is not None and head.bias is not None else None,
             lm_name=case.options.get("lm_prior", "smollm2") or None, device=str(device),
         )
+
+    #: prior kind (an attack's ``info.prior``) -> builder; "" / "none" (no declared prior) get the text prior too
+    priors: ClassVar[Mapping[str, Callable[..., Any]]] = {"text": _text_prior, "": _text_prior, "none": _text_prior}
+
+    def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> TextPrior:
+        return build_prior(self, case, model, prior_kind, device=device)
 
     # -- scoring -------------------------------------------------------------------------------
     @staticmethod
@@ -183,10 +190,9 @@ class TextKit:
         metrics.update(token_accuracy(predictions=preds, references=refs))
         metrics.update(exact_match(predictions=preds, references=refs))
         if reconstruction.labels is not None and truth["kind"] == "encoder":
-            p = sorted(int(x) for x in reconstruction.labels.flatten().tolist())
-            t = sorted(int(x) for x in truth["labels"].tolist())
-            if len(p) == len(t):
-                metrics["label_accuracy"] = sum(a == b for a, b in zip(p, t)) / len(t)
+            acc = label_accuracy(reconstruction.labels.flatten().tolist(), truth["labels"].tolist())
+            if acc is not None:
+                metrics["label_accuracy"] = acc
         return metrics, "hungarian:1-rouge1"
 
     def save_artifacts(self, rec: Reconstruction, truth: Any, *, case: Case, directory: str | Path) -> dict[str, str]:

@@ -34,6 +34,72 @@ def test_observe_strips_ungranted_fields():
     assert HONEST.missing([Capability.LABELS]) == {Capability.LABELS}
 
 
+#: what each capability lets through (fields of the Observation; "protocol.batch_size" is nested)
+_FIELDS = {
+    Capability.BATCH_SIZE: ("num_examples", "protocol.batch_size"),
+    Capability.LABELS: ("labels",),
+    Capability.SEQUENCE_LENGTHS: ("seq_lens",),
+    Capability.LOCAL_HPARAMS: ("protocol",),
+    Capability.PUBLIC_PRIOR: (),  # the prior is built by the kit, never part of the observation
+}
+
+
+def _get(obs, path):
+    v = obs
+    for part in path.split("."):
+        v = None if v is None else getattr(v, part)
+    return v
+
+
+def _leaks(obs, update, path) -> bool:
+    v, truth = _get(obs, path), _get(update, path)
+    if v is None:
+        return False
+    return torch.equal(v, truth) if isinstance(v, torch.Tensor) else v == truth
+
+
+@pytest.mark.parametrize("kind", ["gradient", "delta"])
+@pytest.mark.parametrize("withheld", [c for c in Capability if c not in (Capability.GRADIENTS, Capability.WEIGHT_DELTA)])
+def test_observe_never_leaks_a_withheld_capability(withheld, kind):
+    """Everything granted but one capability: none of that capability's facts reach the server
+    (in particular the batch size does not travel inside the protocol), and the others do."""
+    model, batch, lf = setup()
+    proto = FLProtocol("fedsgd" if kind == "gradient" else "fedavg", batch_size=3, local_batch_size=2)
+    upd = client_update(model, batch, lf, proto, generator=make_generator(0))
+    everything = ThreatModel("all", frozenset(Capability))
+    obs = observe(upd, everything.without(withheld))
+    for path in _FIELDS[withheld]:
+        assert not _leaks(obs, upd, path), f"{path} leaked although {withheld.value} was withheld"
+    for cap, paths in _FIELDS.items():
+        if cap is withheld or (withheld is Capability.LOCAL_HPARAMS and cap is Capability.BATCH_SIZE):
+            continue
+        for path in paths:
+            if withheld is Capability.BATCH_SIZE and path == "protocol":
+                assert obs.protocol is not None and obs.protocol.local_lr == proto.local_lr
+                continue
+            assert _leaks(obs, upd, path), f"{path} missing although {cap.value} was granted"
+    full = observe(upd, everything)
+    assert all(_leaks(full, upd, p) for paths in _FIELDS.values() for p in paths)
+
+
+@pytest.mark.parametrize("kind, needed", [("gradient", Capability.GRADIENTS), ("delta", Capability.WEIGHT_DELTA)])
+def test_observe_refuses_an_update_kind_that_is_not_granted(kind, needed):
+    model, batch, lf = setup()
+    proto = FLProtocol("fedsgd" if kind == "gradient" else "fedavg", batch_size=3)
+    upd = client_update(model, batch, lf, proto, generator=make_generator(0))
+    with pytest.raises(PermissionError, match=needed.value):
+        observe(upd, ThreatModel("all", frozenset(Capability)).without(needed))
+
+
+def test_withheld_batch_size_is_not_recoverable_from_the_local_steps():
+    model, batch, lf = setup()
+    upd = client_update(model, batch, lf, FLProtocol("fedavg", batch_size=3, local_batch_size=2),
+                        generator=make_generator(0))
+    obs = observe(upd, HONEST.without(Capability.BATCH_SIZE))
+    with pytest.raises(ValueError, match="BATCH_SIZE"):
+        obs.protocol.steps_per_epoch
+
+
 def test_observation_tensors_are_copies():
     model, batch, lf = setup()
     upd = client_update(model, batch, lf, FLProtocol(batch_size=3), generator=make_generator(0))

@@ -81,6 +81,8 @@ def test_flower_federation_capture_and_audit_recovers_tabular_rows(tmp_path):
     assert len(caps) == 3
     cap = read_capture(caps[0].parent)
     assert cap.header["protocol"]["local_lr"] == 0.01 and cap.header["kind"] == "delta"
+    # the client's ground truth (a file elsewhere) is copied into its capture folder: captures are self-contained
+    assert cap.header["truth"] == "truth.csv" and cap.truth_path == (caps[0].parent / "truth.csv").resolve()
     out = tmp_path / "audit"
     code = main(["audit", str(tmp_path / "captures"), "--attack", "idlg", "--case", "tabular/adult-fc/fedsgd",
                  "--data", str(public), "--label", "income", "--out", str(out)])

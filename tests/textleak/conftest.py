@@ -21,9 +21,8 @@ def observe_case(case_name: str, b: int, *, seed: int = 0, data: str | None = No
     """(kit, case, model, obs, prior, truth) for one client batch of a text case."""
     from dataclasses import replace
 
-    from common.fl import client_update
-    from common.observe import observe
     from common.seed import make_generator
+    from eval.pipeline import simulate
     from textleak.cases import CASES
     from textleak.kit import TextKit
 
@@ -31,10 +30,10 @@ def observe_case(case_name: str, b: int, *, seed: int = 0, data: str | None = No
     case = CASES[case_name].with_batch_size(b)
     if options:
         case = replace(case, options={**case.options, **options})
-    model = kit.load_model(case, device=torch.device("cpu"), generator=make_generator(seed))
+    cpu = torch.device("cpu")
+    model = kit.load_model(case, device=cpu, generator=make_generator(seed))
     pool = kit.load_pool(case, data_path=data)
-    batch, truth = kit.sample(pool, case, model=model, device=torch.device("cpu"), generator=make_generator(seed + 1))
-    upd = client_update(model, batch, kit.loss_fn, case.protocol, generator=make_generator(seed + 2))
-    obs = observe(upd, case.threat)
-    prior = kit.make_prior(case, model, "text", device="cpu")
+    t = simulate(case, kit, model=model, pool=pool, prior_kind="text", device=cpu, keep_batch=True,
+                 data_generator=make_generator(seed + 1), client_generator=make_generator(seed + 2))
+    obs, prior, truth, batch = t.attacker.observation, t.attacker.prior, t.truth, t.batch
     return kit, case, model, obs, prior, truth, batch
