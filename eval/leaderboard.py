@@ -46,7 +46,7 @@ def summarize(values: Sequence[float]) -> tuple[float, float, float]:
     if n == 0:
         return (float("nan"),) * 3
     m = fmean(values)
-    if n < 2:
+    if n < 2 or not all(math.isfinite(v) for v in values):  # an Inf (a metric's worst value) has no spread
         return m, float("nan"), float("nan")
     s = stdev(values)
     return m, _t95(n) * s / math.sqrt(n), s

@@ -21,13 +21,13 @@ def label_accuracy(*, predictions: Sequence, references: Sequence) -> dict[str, 
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if len(references) == 0:
         raise ValueError("no references to score")
-    p = sorted(_label(x) for x in predictions)
+    p = sorted(as_label(x) for x in predictions)
     r = sorted(int(x) for x in references)
     return {"label_accuracy": fmean(1.0 if a == b else 0.0 for a, b in zip(p, r))}
 
 
-def _label(x) -> int | float:
-    """An integer label, or +inf (sorts last, equals nothing) for None / NaN / Inf."""
+def as_label(x) -> int | float:
+    """An integer label, or +inf (sorts last, equals no label) for None / NaN / Inf / garbage."""
     try:
         v = float(x)
     except (TypeError, ValueError):
