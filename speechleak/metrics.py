@@ -46,9 +46,9 @@ def _finite(a: np.ndarray) -> bool:
 
 
 def _db(ratio: float) -> float:
-    """10 log10 of a power ratio, floored at DB_FLOOR (NaN, 0 and tiny ratios too)."""
+    """10 log10 of a power ratio; DB_FLOOR where that is undefined (NaN, 0: an infinite error)."""
     ratio = float(ratio)
-    if not ratio > 10 ** (DB_FLOOR / 10):  # also catches NaN
+    if not ratio > 0:  # also catches NaN
         return DB_FLOOR
     return 10 * math.log10(ratio)
 
