@@ -19,7 +19,6 @@ by every kit as ``label_accuracy``. ``metric_info(key, modality=...)`` picks the
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -196,19 +195,3 @@ def worst_value(output_key: str, *, modality: str | None = None) -> float:
         raise KeyError(f"metric key {output_key!r} is not registered")
     return info.worst
 
-
-def is_finite(x) -> bool:
-    """True when ``x`` is a finite number or an array/tensor of finite numbers (False for None)."""
-    if x is None:
-        return False
-    if isinstance(x, (int, float)):
-        return math.isfinite(x)
-    import numpy as np
-
-    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
-        x = x.detach().cpu().double().numpy()
-    try:
-        a = np.asarray(x, dtype=float)
-    except (TypeError, ValueError):
-        return False
-    return bool(np.all(np.isfinite(a)))
