@@ -1,9 +1,21 @@
 """gradleak common layer: FL client simulation, threat model, defenses, matching, metrics,
 and the generic gradient-matching baselines. Importing it never imports transformers."""
-from .attack import AttackInfo, Preset
-from .case import Case
-from .threat import HONEST, HONEST_WITH_LABELS, Capability, ThreatModel
-from .types import Batch, ClientUpdate, FLProtocol, Observation, Reconstruction
+from .preset import Preset
+
+# The rest is imported on first use (PEP 562): the package's plain tables (ATTACKS, PRESETS,
+# metrics) stay readable without importing torch, e.g. by the leaderboard.
+_LAZY = {"AttackInfo": "attack", "Case": "case", "HONEST": "threat", "HONEST_WITH_LABELS": "threat",
+         "Capability": "threat", "ThreatModel": "threat", "Batch": "types", "ClientUpdate": "types",
+         "FLProtocol": "types", "Observation": "types", "Reconstruction": "types"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AttackInfo", "Preset", "Case", "Capability", "ThreatModel", "HONEST", "HONEST_WITH_LABELS",

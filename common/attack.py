@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from .preset import Preset  # noqa: F401 - re-exported; plain data, importable without torch
 from .threat import Capability
 from .types import Observation, Reconstruction
 
@@ -29,15 +30,6 @@ class Attack(Protocol):
 
     def reconstruct(self, obs: Observation, model: nn.Module, prior: Any, *,
                     generator: torch.Generator) -> Reconstruction: ...
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named, frozen configuration of an attack (a paper's flag bundle made explicit)."""
-
-    attack: str
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    description: str = ""
 
 
 def _coerce(value: str, typ: Any, key: str) -> Any:

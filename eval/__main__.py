@@ -31,7 +31,7 @@ def cmd_list(args) -> int:
     elif what == "metrics":
         for name in cat.metrics.names():
             m = cat.metrics.get(name)
-            arrow = "higher" if m.higher_is_better else "lower"
+            arrow = {True: "higher", False: "lower"}.get(m.higher_is_better, "-")
             print(f"{name:18s} {m.modality:8s} {arrow:6s} {','.join(m.outputs):30s} {m.description}")
     elif what == "cases":
         for name in cat.cases.names():

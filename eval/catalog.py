@@ -14,7 +14,7 @@ from typing import Any
 from common.attack import Preset
 from common.case import Case
 from common.kit import check_kit
-from common.metrics import METRICS, MetricInfo
+from common.metrics import MetricTable, metric_table
 from common.registry import Registry
 
 PACKAGES = ("common", "tableak", "textleak", "speechleak")
@@ -32,7 +32,7 @@ class Catalog:
         self.presets: Registry[Preset] = Registry("preset")
         self.kits: Registry[type] = Registry("modality kit", check=check_kit)  # the Kit contract, checked on load
         self.cases: Registry[Case] = Registry("case")
-        self.metrics: Registry[MetricInfo] = METRICS
+        self.metrics: MetricTable = metric_table(_packages())  # pure: built from the packages' METRICS
         for pkg in _packages():
             mod = importlib.import_module(pkg)
             for name, target in getattr(mod, "ATTACKS", {}).items():
@@ -41,9 +41,6 @@ class Catalog:
                 self.presets.add(name, preset)
             for modality, target in getattr(mod, "KITS", {}).items():
                 self.kits.add(modality, target)
-            for info in getattr(mod, "METRICS", ()):
-                if info.name not in self.metrics:
-                    self.metrics.add(info.name, info)
             for case_module in getattr(mod, "CASE_MODULES", ()):
                 for name, case in importlib.import_module(case_module).CASES.items():
                     self.cases.add(name, case)

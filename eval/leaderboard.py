@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from statistics import fmean, stdev
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from common.metrics import higher_is_better
 
@@ -46,7 +46,7 @@ def summarize(values: Sequence[float]) -> tuple[float, float, float]:
     if n == 0:
         return (float("nan"),) * 3
     m = fmean(values)
-    if n < 2:
+    if n < 2 or not all(math.isfinite(v) for v in values):  # an Inf (a metric's worst value) has no spread
         return m, float("nan"), float("nan")
     s = stdev(values)
     return m, _t95(n) * s / math.sqrt(n), s
@@ -153,6 +153,10 @@ def _metric_keys(rows: Sequence[Row], primary: str | None) -> list[str]:
     return keys
 
 
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def render_markdown(rows: Sequence[Row], primary: str | None = None) -> str:
     out = ["# gradleak leaderboard", "",
            "Mean ± 95% CI (t) over ok trials. Each table is one setting; rows are ranked only within it.", ""]
@@ -162,12 +166,12 @@ def render_markdown(rows: Sequence[Row], primary: str | None = None) -> str:
         out.append("")
         out.append(describe_case(case))
         out.append("")
-        out.append("| rank | attack | " + " | ".join(keys) + " | n ok | n failed | s/trial |")
-        out.append("|---|---|" + "---|" * len(keys) + "---|---|---|")
+        out.append(_md_row(["rank", "attack", *keys, "n ok", "n failed", "s/trial"]))
+        out.append("|" + "---|" * (len(keys) + 5))
         for i, r in enumerate(rs, 1):
             cells = [_fmt(r.metrics.get(k)) for k in keys]
             wall = "–" if r.wall_s is None else f"{r.wall_s:.1f}"
-            out.append(f"| {i} | {r.preset} | " + " | ".join(cells) + f" | {r.n_ok} | {r.n_failed} | {wall} |")
+            out.append(_md_row([str(i), r.preset, *cells, str(r.n_ok), str(r.n_failed), wall]))
         out.append("")
     return "\n".join(out)
 
@@ -200,10 +204,33 @@ def _family_key(case: dict, drop: str) -> str:
     return canonical_json(c)
 
 
-def defense_strength(case: dict) -> float:
-    from common.defenses import build_defense
+#: One number per defense for plots of quality versus defense strength, read from the record's
+#: ``case.defenses`` dicts (the same formulas as ``common.defenses.*.strength``, without building
+#: the defense, which would import torch). A defense not listed uses its first numeric parameter.
+DEFENSE_STRENGTH: dict[str, Callable[[dict], float]] = {
+    "gaussian": lambda d: d["sigma"],
+    "dpsgd": lambda d: d["noise_multiplier"],
+    "topk": lambda d: 1.0 - d["keep"],
+    "mask": lambda d: d["p"],
+    "quantize": lambda d: 1.0 / d["bits"],
+}
 
-    return sum(build_defense(d).strength for d in case["defenses"])
+
+def _one_strength(d: dict) -> float:
+    fn = DEFENSE_STRENGTH.get(d.get("name", ""))
+    if fn is not None:
+        try:
+            return float(fn(d))
+        except (KeyError, TypeError, ZeroDivisionError):
+            pass
+    for k, v in d.items():
+        if k != "name" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return 0.0
+
+
+def defense_strength(case: dict) -> float:
+    return sum(_one_strength(d) for d in case["defenses"])
 
 
 def plot_series(rows: Sequence[Row], metric: str, axis: str) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
@@ -276,7 +303,3 @@ def render_html(rows: Sequence[Row], primary: str | None = None) -> str:
 
 
 RENDERERS = {"md": render_markdown, "csv": render_csv, "html": render_html}
-
-
-def artifact_links(records: Iterable[dict]) -> list[tuple[str, dict]]:
-    return [(r["run_id"], r["artifacts"]) for r in dedupe(records) if r.get("artifacts")]

@@ -2,7 +2,7 @@
 
 Plain tables only: nothing heavy is imported here.
 """
-from common.attack import Preset
+from common.preset import Preset
 from common.metrics import MetricInfo
 
 KITS = {"speech": "speechleak.kit:SpeechKit"}
@@ -26,32 +26,46 @@ PRESETS = {
 }
 
 _S = "speechleak.metrics:"
+_INF = float("inf")
+# Every key SpeechKit.score writes into a record. ``*_original`` keys score the original audio
+# (the ceiling an attack is compared with); ``*_n`` keys and ``speakers_enrolled`` are counts
+# (no direction). Non-finite reconstructions get the bad end of ``range`` (see common.metrics).
 METRICS = (
     MetricInfo("feature_similarity", _S + "feature_similarity", "speech", ("feature_mse", "feature_cosine"),
-               range=None, description="feature-map MSE (lower is better) and cosine (higher is better)"),
+               higher_is_better=None, range=None,
+               description="feature-map MSE (lower is better) and cosine (higher is better)"),
     MetricInfo("feature_mse", _S + "feature_similarity", "speech", ("feature_mse",), higher_is_better=False,
-               range=(0.0, float("inf")), description="feature-map mean squared error"),
+               range=(0.0, _INF), description="feature-map mean squared error"),
     MetricInfo("feature_cosine", _S + "feature_similarity", "speech", ("feature_cosine", "mel_cosine"),
                range=(-1.0, 1.0), description="cosine of the feature map / of the mel power spectrogram"),
-    MetricInfo("snr", _S + "snr", "speech", ("snr", "si_sdr"), range=None,
-               description="waveform SNR and SI-SDR in dB (Griffin-Lim phase makes these low)"),
-    MetricInfo("mel_snr", _S + "spectral_snr", "speech", ("mel_snr",), range=None,
+    MetricInfo("snr", _S + "snr", "speech", ("snr", "si_sdr"), range=(-300.0, _INF),
+               description="waveform SNR and SI-SDR in dB (Griffin-Lim phase makes these low; floor -300 dB)"),
+    MetricInfo("mel_snr", _S + "spectral_snr", "speech", ("mel_snr",), range=(-300.0, _INF),
                description="SNR in dB of the recovered mel power spectrogram"),
-    MetricInfo("logmel_snr", _S + "db_spectral_snr", "speech", ("logmel_snr",), range=None,
+    MetricInfo("logmel_snr", _S + "db_spectral_snr", "speech", ("logmel_snr",), range=(-300.0, _INF),
                description="SNR in dB of the recovered dB-scaled mel spectrogram (10 log10(mel + 1e-5))"),
     MetricInfo("pesq_wb", _S + "pesq_wb", "speech", ("pesq_wb", "oracle_pesq_wb"), range=(-0.5, 4.5),
                description="wide-band PESQ (pesq package)"),
-    MetricInfo("stoi", _S + "stoi", "speech", ("stoi", "oracle_stoi"), range=(0.0, 1.0),
+    MetricInfo("pesq_wb_n", _S + "pesq_wb", "speech", ("pesq_wb_n", "oracle_pesq_wb_n"), higher_is_better=None,
+               range=(0.0, _INF), description="number of examples PESQ was defined for (a count)"),
+    MetricInfo("stoi", _S + "stoi", "speech", ("stoi", "oracle_stoi"), range=(-1.0, 1.0),
                description="STOI (pystoi); only where defined (>= 30 non-silent frames)"),
-    MetricInfo("mcd", _S + "mcd", "speech", ("mcd",), higher_is_better=False, range=(0.0, float("inf")),
+    MetricInfo("stoi_n", _S + "stoi", "speech", ("stoi_n", "oracle_stoi_n"), higher_is_better=None,
+               range=(0.0, _INF), description="number of examples STOI was defined for (a count)"),
+    MetricInfo("mcd", _S + "mcd", "speech", ("mcd",), higher_is_better=False, range=(0.0, _INF),
                description="mel-cepstral distortion in dB (c1..c24, no DTW)"),
-    MetricInfo("asr_wer", _S + "word_error", "speech", ("asr_wer", "asr_cer", "asr_vs_original_wer"),
-               higher_is_better=False, range=(0.0, float("inf")),
-               description="pocketsphinx WER/CER of the reconstruction against the reference / original's transcript"),
-    MetricInfo("keyword_accuracy", _S + "keyword_accuracy", "speech", ("keyword_accuracy",),
-               description="accuracy of a separately trained keyword classifier on the reconstruction"),
-    MetricInfo("speaker_top1", _S + "speaker_reid", "speech", ("speaker_top1",),
-               description="top-1 speaker re-identification among the enrolled voices"),
+    MetricInfo("asr_wer", _S + "word_error", "speech",
+               ("asr_wer", "asr_cer", "asr_vs_original_wer", "asr_vs_original_cer", "asr_original_wer",
+                "asr_original_cer"), higher_is_better=False, range=(0.0, _INF),
+               description="pocketsphinx WER/CER of the reconstruction (asr_original_: of the original) "
+                           "against the reference / original's transcript"),
+    MetricInfo("keyword_accuracy", _S + "keyword_accuracy", "speech", ("keyword_accuracy", "keyword_accuracy_original"),
+               description="accuracy of a separately trained keyword classifier on the reconstruction (_original: on "
+                           "the original)"),
+    MetricInfo("speaker_top1", _S + "speaker_reid", "speech", ("speaker_top1", "speaker_top1_original"),
+               description="top-1 speaker re-identification among the enrolled voices (_original: of the original)"),
+    MetricInfo("speakers_enrolled", _S + "speaker_reid", "speech", ("speakers_enrolled",), higher_is_better=None,
+               range=(0.0, _INF), description="number of enrolled voices for speaker re-id (chance = 1 / that)"),
     MetricInfo("speech_label_accuracy", _S + "label_accuracy", "speech", ("label_accuracy",),
                description="recovered keyword labels (multiset)"),
     MetricInfo("char_histogram", _S + "char_histogram", "speech", ("char_hist_cosine", "char_set_recall"),

@@ -346,7 +346,7 @@ class SpeechKit:
         if truth["task"] == "kws" and all(lab >= 0 for lab in truth["labels"]) and case.data == "synthetic-keywords":
             clf, cfe = self.keyword_classifier(case)
             with torch.no_grad():
-                pred = clf(cfe(rec_w)).argmax(-1).tolist()
+                pred = M.predicted_labels(clf(cfe(rec_w)))  # None for a NaN/Inf reconstruction: a miss
                 pred_o = clf(cfe(tw)).argmax(-1).tolist()
             out.update(M.keyword_accuracy(predictions=pred, references=truth["labels"]))
             out["keyword_accuracy_original"] = M.keyword_accuracy(predictions=pred_o, references=truth["labels"])["keyword_accuracy"]

@@ -5,6 +5,11 @@ feature MSE). Each metric scores every example and then takes the plain mean; a 
 is undefined for an example (PESQ on a silent clip, STOI on < 30 non-silent frames) skips
 it and reports how many examples it scored in ``<name>_n``; if none, the key is absent
 (never a silent 0).
+
+A non-finite reconstruction (NaN or Inf anywhere in an example) never crashes a metric and
+never scores well: it gets the metric's worst value (the bad end of its registered range:
+cosine -1, PESQ -0.5, STOI -1, SNRs the -300 dB floor, MSE and MCD +inf, a miss for speaker
+re-identification and classification), wherever the metric is defined for the reference.
 """
 from __future__ import annotations
 
@@ -18,7 +23,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common.metrics.classification import as_label
+
 SAMPLE_RATE = 16000
+DB_FLOOR = -300.0  # SNR of a hopeless (or non-finite) reconstruction
+PESQ_WORST, STOI_WORST, COSINE_WORST = -0.5, -1.0, -1.0
 
 
 def _check(predictions: Sequence, references: Sequence) -> None:
@@ -32,12 +41,28 @@ def _np(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float64)
 
 
+def _finite(a: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(a)))
+
+
+def _db(ratio: float) -> float:
+    """10 log10 of a power ratio; DB_FLOOR where that is undefined (NaN, 0: an infinite error)."""
+    ratio = float(ratio)
+    if not ratio > 0:  # also catches NaN
+        return DB_FLOOR
+    return 10 * math.log10(ratio)
+
+
 def feature_similarity(*, predictions: Sequence, references: Sequence) -> dict[str, float]:
     """Feature-map MSE and cosine similarity (flattened), per example then mean."""
     _check(predictions, references)
     mse, cos = [], []
     for p, r in zip(predictions, references):
         p, r = _np(p).ravel(), _np(r).ravel()
+        if not _finite(p):
+            mse.append(math.inf)
+            cos.append(COSINE_WORST)
+            continue
         mse.append(float(np.mean((p - r) ** 2)))
         cos.append(float(p @ r / (np.linalg.norm(p) * np.linalg.norm(r) + 1e-12)))
     return {"feature_mse": fmean(mse), "feature_cosine": fmean(cos)}
@@ -51,10 +76,15 @@ def snr(*, predictions: Sequence, references: Sequence) -> dict[str, float]:
         p, r = _np(p).ravel(), _np(r).ravel()
         n = min(len(p), len(r))
         p, r = p[:n], r[:n]
-        s.append(10 * math.log10((r @ r + 1e-20) / (((r - p) @ (r - p)) + 1e-20)))
-        alpha = (p @ r) / (r @ r + 1e-20)
-        target = alpha * r
-        sd.append(10 * math.log10((target @ target + 1e-20) / (((p - target) @ (p - target)) + 1e-20)))
+        if not _finite(p):
+            s.append(DB_FLOOR)
+            sd.append(DB_FLOOR)
+            continue
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            s.append(_db((r @ r + 1e-20) / (((r - p) @ (r - p)) + 1e-20)))
+            alpha = (p @ r) / (r @ r + 1e-20)
+            target = alpha * r
+            sd.append(_db((target @ target + 1e-20) / (((p - target) @ (p - target)) + 1e-20)))
     return {"snr": fmean(s), "si_sdr": fmean(sd)}
 
 
@@ -64,6 +94,9 @@ def spectral_snr(*, predictions: Sequence, references: Sequence) -> dict[str, fl
     out = []
     for p, r in zip(predictions, references):
         p, r = _np(p).ravel(), _np(r).ravel()
+        if not _finite(p):
+            out.append(DB_FLOOR)
+            continue
         with np.errstate(over="ignore", invalid="ignore"):
             ratio = (r @ r + 1e-20) / (((r - p) @ (r - p)) + 1e-20)
         out.append(10 * math.log10(max(float(np.nan_to_num(ratio, nan=1e-30)), 1e-30)))  # floor: -300 dB
@@ -76,7 +109,10 @@ def db_spectral_snr(*, predictions: Sequence, references: Sequence, floor: float
     higher than the SNR of the power spectrogram (``spectral_snr``) for the same reconstruction
     and depends on ``floor`` (the front end's log epsilon), so the two are reported side by side."""
     def db(x):
-        return 10 * np.log10(np.clip(_np(x), 0, None) + floor)
+        a = _np(x)
+        if not _finite(a):
+            return a  # stays non-finite: scored DB_FLOOR
+        return 10 * np.log10(np.clip(a, 0, None) + floor)
 
     snr = spectral_snr(predictions=[db(p) for p in predictions], references=[db(r) for r in references])
     return {"logmel_snr": snr["mel_snr"]}
@@ -91,10 +127,12 @@ def pesq_wb(*, predictions: Sequence, references: Sequence, rate: int = SAMPLE_R
     for p, r in zip(predictions, references):
         p, r = _np(p).ravel(), _np(r).ravel()
         n = min(len(p), len(r))
-        try:
-            vals.append(float(pesq(rate, r[:n], p[:n], "wb")))
+        broken = not _finite(p[:n])
+        try:  # a broken reconstruction: worst score where PESQ is defined for the reference
+            v = float(pesq(rate, r[:n], r[:n] if broken else p[:n], "wb"))
         except Exception:  # noqa: BLE001 - pesq raises NoUtterancesError etc. where undefined
             continue
+        vals.append(PESQ_WORST if broken else v)
     return {"pesq_wb": fmean(vals), "pesq_wb_n": float(len(vals))} if vals else {"pesq_wb_n": 0.0}
 
 
@@ -107,12 +145,13 @@ def stoi(*, predictions: Sequence, references: Sequence, rate: int = SAMPLE_RATE
     for p, r in zip(predictions, references):
         p, r = _np(p).ravel(), _np(r).ravel()
         n = min(len(p), len(r))
+        broken = not _finite(p[:n])  # worst score where STOI is defined (that depends on the reference only)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            v = float(_stoi(r[:n], p[:n], rate, extended=False))
+            v = float(_stoi(r[:n], r[:n] if broken else p[:n], rate, extended=False))
         if any("Not enough STFT frames" in str(w.message) for w in caught):
             continue
-        vals.append(v)
+        vals.append(STOI_WORST if broken else v)
     return {"stoi": fmean(vals), "stoi_n": float(len(vals))} if vals else {"stoi_n": 0.0}
 
 
@@ -139,12 +178,16 @@ def mcd(*, predictions: Sequence, references: Sequence) -> dict[str, float]:
         r = torch.as_tensor(_np(r), dtype=torch.float32).flatten()
         n = min(len(p), len(r))
         with torch.no_grad():
-            # log *amplitude* cepstra, rescaled from the orthonormal DCT to the (2/N) convention
-            cp, cr = (fe(p[:n]) * _MCD_SCALE, fe(r[:n]) * _MCD_SCALE)  # [25, T]
             energy = fe.log_mel(r[:n]).exp().sum(0)
         keep = energy > energy.max() * 1e-4
         if not bool(keep.any()):
             continue
+        if not bool(torch.isfinite(p[:n]).all()):  # worst distortion (MCD is defined for this reference)
+            vals.append(math.inf)
+            continue
+        with torch.no_grad():
+            # log *amplitude* cepstra, rescaled from the orthonormal DCT to the (2/N) convention
+            cp, cr = (fe(p[:n]) * _MCD_SCALE, fe(r[:n]) * _MCD_SCALE)  # [25, T]
         d = (cp[1:, keep] - cr[1:, keep]).pow(2).sum(0).mul(2).sqrt() * (10 / math.log(10))
         vals.append(float(d.mean()))
     return {"mcd": fmean(vals)} if vals else {}
@@ -155,7 +198,7 @@ def word_error(*, predictions: Sequence[str], references: Sequence[str], prefix:
     import jiwer
 
     _check(predictions, references)
-    pairs = [(p, r) for p, r in zip(predictions, references) if r.strip()]
+    pairs = [(p if isinstance(p, str) else "", r) for p, r in zip(predictions, references) if r.strip()]
     if not pairs:
         return {}
     preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
@@ -163,9 +206,18 @@ def word_error(*, predictions: Sequence[str], references: Sequence[str], prefix:
 
 
 def keyword_accuracy(*, predictions: Sequence[int], references: Sequence[int]) -> dict[str, float]:
-    """Fraction of reconstructions a separately trained keyword classifier labels correctly."""
+    """Fraction of reconstructions a separately trained keyword classifier labels correctly
+    (a missing prediction, None or NaN, e.g. for a non-finite reconstruction, is wrong)."""
     _check(predictions, references)
-    return {"keyword_accuracy": fmean(1.0 if int(p) == int(r) else 0.0 for p, r in zip(predictions, references))}
+    return {"keyword_accuracy": fmean(1.0 if as_label(p) == int(r) else 0.0 for p, r in zip(predictions, references))}
+
+
+def predicted_labels(logits: Tensor) -> list[int | None]:
+    """argmax per row of classifier logits; None for a row with a NaN/Inf logit (a broken
+    reconstruction), so that it can never hit the true class by accident."""
+    ok = torch.isfinite(logits).flatten(1).all(1).tolist()
+    idx = logits.argmax(-1).tolist()
+    return [i if good else None for i, good in zip(idx, ok)]
 
 
 def speaker_reid(*, predictions: Sequence, references: Sequence[str], enrolled: dict) -> dict[str, float]:
@@ -179,15 +231,18 @@ def speaker_reid(*, predictions: Sequence, references: Sequence[str], enrolled: 
     hits = []
     for p, r in zip(predictions, references):
         e = _np(p)
+        if not _finite(e):  # a broken reconstruction identifies nobody
+            hits.append(0.0)
+            continue
         e = e / (np.linalg.norm(e) + 1e-12)
         hits.append(1.0 if names[int(np.argmax(bank @ e))] == r else 0.0)
     return {"speaker_top1": fmean(hits), "speakers_enrolled": float(len(names))}
 
 
 def label_accuracy(*, predictions: Sequence[int], references: Sequence[int]) -> dict[str, float]:
-    """Recovered labels as a multiset (order-free) against the true labels."""
+    """Recovered labels as a multiset (order-free) against the true labels (None/NaN: wrong)."""
     _check(predictions, references)
-    p, r = sorted(int(x) for x in predictions), sorted(int(x) for x in references)
+    p, r = sorted(as_label(x) for x in predictions), sorted(int(x) for x in references)
     return {"label_accuracy": fmean(1.0 if a == b else 0.0 for a, b in zip(p, r))}
 
 
@@ -199,6 +254,8 @@ def char_histogram(*, predictions: Sequence, references: Sequence[str]) -> dict[
     if len(predictions) != 1:
         raise ValueError("char_histogram takes one batch-level occupancy vector")
     occ = _np(predictions[0])[1:]
+    if not _finite(occ):  # a broken occupancy vector recovers nothing
+        return {"char_hist_cosine": 0.0, "char_set_recall": 0.0}
     counts = np.zeros(len(VOCAB) - 1)
     for text in references:
         for i in encode_text(text):

@@ -18,9 +18,15 @@ def _cep_frontend():
 def speaker_embedding(wave: Tensor) -> np.ndarray:
     """Mean and standard deviation of cepstra c1..c19 over the loudest 60 % of frames, plus
     the mean log-mel spectral shape (40 bins, level-normalised): a simple, training-free
-    speaker/voice embedding (stated as such next to every speaker re-id number)."""
+    speaker/voice embedding (stated as such next to every speaker re-id number).
+
+    A non-finite waveform (NaN/Inf) has no voice: its embedding is all NaN, which
+    ``speechleak.metrics.speaker_reid`` scores as a miss."""
     fe = _cep_frontend()
     w = wave.detach().float().flatten()
+    if not bool(torch.isfinite(w).all()):
+        c = fe.config
+        return np.full(2 * (c.n_mfcc - 1) + c.n_mels, np.nan)
     with torch.no_grad():
         lm = fe.log_mel(w)  # [40, T]
         cep = fe.logmel_to_features(lm)[1:]  # [19, T]
@@ -41,8 +47,12 @@ def _decoder():
 
 
 def transcribe(wave: Tensor) -> str:
-    """pocketsphinx (CMU en-US model shipped in the wheel) transcript of a 16 kHz waveform."""
-    w = wave.detach().float().flatten().clamp(-1, 1)
+    """pocketsphinx (CMU en-US model shipped in the wheel) transcript of a 16 kHz waveform;
+    empty for a non-finite waveform (NaN/Inf: nothing was reconstructed to be heard)."""
+    w = wave.detach().float().flatten()
+    if not bool(torch.isfinite(w).all()):
+        return ""
+    w = w.clamp(-1, 1)
     peak = float(w.abs().max())
     if peak > 0:
         w = w / peak * 0.9

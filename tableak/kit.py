@@ -83,7 +83,7 @@ def _scores(pc, pn, tc, tn, schema) -> tuple[dict[str, float], np.ndarray, np.nd
         out["cat_accuracy"] = float(1 - m[:, :nc].mean())
     if tn.shape[1]:
         out["cont_accuracy"] = float(1 - m[:, nc:].mean())
-        err = (pn[perm] - tn) / schema.cont_std
+        err = np.where(np.isfinite(pn[perm]), pn[perm] - tn, np.inf) / schema.cont_std  # NaN/Inf: worst
         out["nrmse"] = float(np.sqrt((err ** 2).mean(0)).mean())  # per-feature RMSE / σ, averaged
     return out, m, perm
 

@@ -37,6 +37,11 @@ class Feature:
         return len(self.categories) if self.kind == "categorical" else 1
 
 
+def _missing(v) -> bool:
+    """A missing cell (None, NaN): never a category, even one spelled "None" or "nan"."""
+    return v is None or (isinstance(v, float) and v != v)
+
+
 def _clean_label(s: pd.Series) -> pd.Series:
     return s.astype(str).str.strip().str.rstrip(".")
 
@@ -172,12 +177,21 @@ class TabularSchema:
 
     def decode_arrays(self, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Standardised rows [..., d] -> (category index [..., n_cat], raw continuous [..., n_cont])
-        after argmax, clamping to bounds and rounding."""
+        after argmax, clamping to bounds and rounding.
+
+        A non-finite input never decodes to a value: a categorical block holding NaN/Inf gives
+        index -1 (no category) and a NaN/Inf continuous cell stays NaN (no clamping of Inf to a
+        bound), so scoring counts such cells as wrong."""
         raw = self.destandardize(x)
-        cats = [raw[..., sl].argmax(-1) for _, sl in self.categorical]
+        cats = []
+        for _, sl in self.categorical:
+            block = raw[..., sl]
+            ok = np.isfinite(block).all(-1)
+            cats.append(np.where(ok, np.where(np.isfinite(block), block, 0.0).argmax(-1), -1))
         conts = []
         for f, sl in self.continuous:
-            v = np.clip(raw[..., sl.start], f.lower, f.upper)
+            v = raw[..., sl.start]
+            v = np.where(np.isfinite(v), np.clip(v, f.lower, f.upper), np.nan)
             conts.append(np.floor(v + 0.5) if f.integer else v)
         lead = raw.shape[:-1]
         c = np.stack(cats, -1) if cats else np.zeros((*lead, 0), dtype=int)
@@ -185,13 +199,18 @@ class TabularSchema:
         return c, n
 
     def encode_arrays(self, cat: np.ndarray, cont: np.ndarray) -> np.ndarray:
-        """Inverse of ``decode_arrays``: hard one-hot + raw continuous, standardised."""
+        """Inverse of ``decode_arrays``: hard one-hot + raw continuous, standardised
+        (category index -1, i.e. none, encodes as a NaN block)."""
         lead = cat.shape[:-1]
         raw = np.zeros((*lead, self.dim))
         ci = ni = 0
         for f, sl in self.blocks():
             if f.kind == "categorical":
-                np.put_along_axis(raw[..., sl], cat[..., ci:ci + 1], 1.0, axis=-1)
+                code = cat[..., ci:ci + 1]
+                block = raw[..., sl]
+                np.put_along_axis(block, np.maximum(code, 0), 1.0, axis=-1)
+                block[code[..., 0] < 0] = np.nan
+                raw[..., sl] = block
                 ci += 1
             else:
                 raw[..., sl.start] = cont[..., ni]
@@ -207,7 +226,7 @@ class TabularSchema:
         data, ci, ni = {}, 0, 0
         for f in self.features:
             if f.kind == "categorical":
-                data[f.name] = [f.categories[i] for i in cat[:, ci]]
+                data[f.name] = [f.categories[i] if i >= 0 else None for i in cat[:, ci]]
                 ci += 1
             else:
                 data[f.name] = cont[:, ni]
@@ -218,7 +237,7 @@ class TabularSchema:
         cats = []
         for f, _ in self.categorical:
             idx = {c: i for i, c in enumerate(f.categories)}
-            cats.append([idx.get(str(v).strip(), -1) for v in df[f.name]])
+            cats.append([-1 if _missing(v) else idx.get(str(v).strip(), -1) for v in df[f.name]])
         conts = [pd.to_numeric(df[f.name], errors="coerce").to_numpy(float) for f, _ in self.continuous]
         c = np.array(cats, dtype=int).T if cats else np.zeros((len(df), 0), dtype=int)
         n = np.array(conts, dtype=float).T if conts else np.zeros((len(df), 0))
@@ -244,7 +263,11 @@ class TabularSchema:
     def feature_errors(self, cat_a: np.ndarray, cont_a: np.ndarray, cat_b: np.ndarray, cont_b: np.ndarray,
                        tol: float = CONT_TOL) -> np.ndarray:
         """Pairwise 0/1 feature errors [..., n_a, n_b, n_features] (categorical block first,
-        then continuous): exact category match, continuous within ``tol`` σ."""
-        ce = cat_a[..., :, None, :] != cat_b[..., None, :, :]
-        ne = np.abs(cont_a[..., :, None, :] - cont_b[..., None, :, :]) > tol * self.cont_std
+        then continuous): exact category match, continuous within ``tol`` σ. A NaN/Inf value or
+        a category index outside the feature's list (e.g. -1) is always an error."""
+        n_cats = np.array([len(f.categories) for f, _ in self.categorical], dtype=int)
+        va = (cat_a >= 0) & (cat_a < n_cats)
+        ce = (cat_a[..., :, None, :] != cat_b[..., None, :, :]) | ~va[..., :, None, :]
+        # written as "not within tol" so that NaN (any comparison False) counts as wrong
+        ne = ~(np.abs(cont_a[..., :, None, :] - cont_b[..., None, :, :]) <= tol * self.cont_std)
         return np.concatenate([ce, ne], axis=-1).astype(float)

@@ -1,5 +1,5 @@
 """textleak: TAG, LAMP and DAGER on Hugging Face transformers (plain tables only, no heavy imports)."""
-from common.attack import Preset
+from common.preset import Preset
 
 KITS = {"text": "textleak.kit:TextKit", "text-lora": "textleak.lora:LoraTextKit"}
 CASE_MODULES: tuple[str, ...] = ("textleak.cases", "textleak.cases_dager")
@@ -19,3 +19,5 @@ PRESETS = {
     "dager-fedavg": Preset("dager", {"l1_span_thresh": 5e-3, "l2_span_thresh": 5e-3, "adaptive_tau": False},
                            "DAGER with the fixed thresholds of the reference fed_avg.sh"),
 }
+#: TextKit.score writes rouge1/2/L, token_accuracy, exact_match and label_accuracy: all common entries.
+METRICS: tuple = ()

@@ -87,3 +87,97 @@ def test_unknown_primary_metric_is_a_user_error(tmp_path, capsys):
         append_record(tmp_path / "records.jsonl", r)
     assert main(["leaderboard", str(tmp_path), "--primary", "nope"]) == 2
     assert "unknown metric 'nope'" in capsys.readouterr().err
+
+
+def _speech_records(values: dict[str, list[float]], key: str = "mcd") -> list[dict]:
+    out = []
+    for preset, vals in values.items():
+        for i, v in enumerate(vals):
+            r = rec(i, 1, preset, None)
+            r["case"] = dict(r["case"], name="speech/toy", modality="speech")
+            r["metrics"] = {key: v, "stoi": 0.5}
+            out.append(r)
+    return out
+
+
+def _ranked(md: str) -> list[str]:
+    return [line.split("|")[2].strip() for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+
+
+@pytest.mark.parametrize("key", ["mcd", "nrmse", "feature_mse", "asr_wer"])
+def test_primary_lower_is_better_metric_ranks_lowest_first(key, tmp_path, capsys):
+    """Without building the catalog (the CLI path): mcd / nrmse used to rank highest first."""
+    rs = _speech_records({"worst": [9.0, 11.0], "best": [1.0, 1.5], "middle": [4.0, 5.0]}, key)
+    assert _ranked(render_markdown(aggregate(rs), key)) == ["best", "middle", "worst"]
+    for r in rs:
+        append_record(tmp_path / "records.jsonl", r)
+    assert main(["leaderboard", str(tmp_path), "--format", "md", "--primary", key]) == 0
+    assert _ranked(capsys.readouterr().out) == ["best", "middle", "worst"]
+    # a higher-is-better metric of the same records still ranks highest first
+    rs = _speech_records({"low": [0.1], "high": [0.9]}, "stoi")
+    assert _ranked(render_markdown(aggregate(rs), "stoi")) == ["high", "low"]
+
+
+def _well_formed(md: str) -> None:
+    tables: list[list[str]] = [[]]
+    for line in md.splitlines():
+        if line.startswith("|"):
+            tables[-1].append(line)
+        elif tables[-1]:
+            tables.append([])
+    tables = [t for t in tables if t]
+    assert tables, md
+    for t in tables:
+        assert all(line.endswith("|") for line in t), t
+        widths = {line.count("|") for line in t}
+        assert len(widths) == 1, t  # header, separator and every row have the same number of cells
+        assert set(t[1].replace("|", "").replace("-", "")) <= {""}, t[1]
+        assert all(cell.strip() for line in t for cell in line.strip("|").split("|")), t  # no empty cells
+
+
+def test_all_failed_table_is_well_formed_markdown(tmp_path, capsys):
+    rs = [rec(i, 1, p, None, status="failed") for p in ("tableak", "random") for i in range(2)]
+    md = render_markdown(aggregate(rs))
+    _well_formed(md)
+    assert "| rank | attack | n ok | n failed | s/trial |" in md and "| 0 | 2 | – |" in md
+    _well_formed(render_markdown(aggregate(records())))  # the usual table, too
+    for r in rs:
+        append_record(tmp_path / "records.jsonl", r)
+    assert main(["leaderboard", str(tmp_path), "--format", "md"]) == 0
+    _well_formed(capsys.readouterr().out)
+
+
+def test_defense_strength_is_read_from_the_record_as_the_defense_defines_it():
+    from common.defenses import build_defense
+    from eval.leaderboard import defense_strength
+
+    specs = [{"name": "gaussian", "sigma": 0.01}, {"name": "dpsgd", "clip": 1.0, "noise_multiplier": 0.7,
+                                                    "method": "vmap"},
+             {"name": "topk", "keep": 0.9}, {"name": "mask", "p": 0.3}, {"name": "quantize", "bits": 4,
+                                                                          "stochastic": False}]
+    for d in specs:
+        assert defense_strength({"defenses": [d]}) == build_defense(d).strength, d
+    assert defense_strength({"defenses": specs[:2]}) == 0.01 + 0.7
+    assert defense_strength({"defenses": [{"name": "plugin-defense", "flag": True, "level": 3}]}) == 3.0
+    assert defense_strength({"defenses": []}) == 0.0
+
+
+def test_leaderboard_never_imports_torch(tmp_path):
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(records() + _speech_records({"a": [1.0, 2.0], "b": [3.0]})))
+    code = (
+        "import sys, json\n"
+        "import eval.leaderboard as L\n"
+        f"rows = L.aggregate(json.loads(open({str(data)!r}).read()))\n"
+        "for fmt in ('md', 'csv', 'html'):\n"
+        "    for primary in (None, 'mcd', 'accuracy'):\n"
+        "        assert L.RENDERERS[fmt](rows, primary)\n"
+        "assert L.defense_strength({'defenses': [{'name': 'topk', 'keep': 0.5}]}) == 0.5\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(root))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)

@@ -98,3 +98,42 @@ def test_package_tables_import_nothing_heavy():
 
     code = "import sys, speechleak; assert 'torchaudio' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_broken_example_gets_the_worst_score_and_the_good_ones_keep_theirs(bad):
+    """NaN/Inf in one reconstruction of a batch: no crash (inf used to raise in snr's log10), no
+    credit (NaN used to give NaN means or, for speaker re-id, a hit on the first voice)."""
+    g = torch.Generator().manual_seed(1)
+    refs = [torch.randn(16000, generator=g) * 0.3 for _ in range(2)]
+    good = refs[0] + 0.1 * torch.randn(16000, generator=g)
+    broken = refs[1].clone()
+    broken[::1000] = bad
+    one = M.snr(predictions=[good], references=refs[:1])
+    both = M.snr(predictions=[good, broken], references=refs)
+    assert both["snr"] == pytest.approx((one["snr"] + M.DB_FLOOR) / 2)
+    fs = M.feature_similarity(predictions=[good, broken], references=refs)
+    assert fs["feature_mse"] == float("inf") and fs["feature_cosine"] < 0.5
+    assert M.mcd(predictions=[good, broken], references=refs)["mcd"] == float("inf")
+
+
+def test_finite_extreme_reconstruction_scores_as_before():
+    x = torch.linspace(-1, 1, 16000)
+    r = M.snr(predictions=[x * 1e12], references=[x])  # finite: the plain formula, no floor
+    assert r["snr"] == pytest.approx(-240.0, abs=1e-3)
+
+
+def test_every_key_the_speech_kit_emits_is_registered_with_a_direction():
+    from common.metrics import higher_is_better, metric_info
+
+    emitted = {  # SpeechKit.score's keys
+        "feature_mse", "feature_cosine", "mel_cosine", "mel_snr", "logmel_snr", "snr", "si_sdr", "pesq_wb", "stoi",
+        "mcd", "oracle_pesq_wb", "oracle_stoi", "label_accuracy", "char_hist_cosine", "char_set_recall",
+        "speaker_top1", "speaker_top1_original", "keyword_accuracy", "keyword_accuracy_original", "asr_wer",
+        "asr_cer", "asr_original_wer", "asr_original_cer", "asr_vs_original_wer", "asr_vs_original_cer"}
+    for key in emitted:
+        assert metric_info(key, modality="speech") is not None, key
+        assert higher_is_better(key) is (False if ("wer" in key or "cer" in key or key in ("mcd", "feature_mse"))
+                                         else True), key
+    for key in ("pesq_wb_n", "stoi_n", "oracle_pesq_wb_n", "oracle_stoi_n", "speakers_enrolled"):
+        assert metric_info(key) is not None and higher_is_better(key) is None, key  # counts: no direction

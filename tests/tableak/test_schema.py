@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from tableak.data import HEALTH_HELP, LAWSCHOOL_HELP, load_table, read_csv_table
 from tableak.schema import TabularSchema
@@ -115,3 +116,33 @@ def test_kit_reads_csv_with_case_options(tmp_path):
     assert pool.x.shape == (4, pool.schema.dim) and pool.y.tolist() == [1, 1, 1, 0]
     with pytest.raises(ValueError, match="--label"):
         TabularKit().load_pool(Case("t", "tabular", "fc", str(p)), data_path=None)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_reconstruction_cells_are_wrong(tmp_path, bad):
+    """A NaN/Inf reconstructed cell is always wrong: it used to pass `abs(nan - x) > tol` (False ->
+    "correct"), decode Inf to the column's bound, and argmax a NaN block to the first category."""
+    from tableak.kit import tabular_scores
+
+    df, schema = read_csv_table(_mixed_csv(tmp_path), label="label", categorical=["zip"])
+    truth = df.drop(columns="label").reset_index(drop=True)
+    x = schema.encode(truth).numpy().astype(float)
+    assert tabular_scores(schema.decode(torch.tensor(x)), truth, schema)["accuracy"] == 1.0
+    x[0, :] = bad  # row 0 broken entirely
+    (_, city), (_, zip_) = schema.categorical
+    x[1, city] = bad  # row 1: one categorical block
+    x[2, schema.continuous_index[0]] = bad  # row 2: one continuous cell
+    pc, pn = schema.decode_arrays(x)
+    assert (pc[0] == -1).all() and np.isnan(pn[0]).all()
+    assert pc[1, 0] == -1 and pc[1, 1] >= 0 and np.isnan(pn[2, 0]) and np.isfinite(pn[2, 1])
+    tc, tn = schema.frame_to_arrays(truth)
+    n_feat = pc.shape[1] + pn.shape[1]
+    err = schema.feature_errors(pc, pn, tc, tn)
+    assert err[0].min() == 1.0  # the broken row matches no true row on any feature
+    m = tabular_scores(schema.decode(torch.tensor(x)), truth, schema)
+    assert m["accuracy"] == pytest.approx(1 - (n_feat + 2) / (len(truth) * n_feat))
+    assert m["exact_row"] == pytest.approx(1 / len(truth)) and m["nrmse"] == float("inf")
+    # the projection keeps a broken cell broken instead of repairing it into a valid value
+    proj = schema.project(torch.tensor(x, dtype=torch.float32)).numpy()
+    assert np.isnan(proj[0]).all() and np.isfinite(proj[3]).all()
+    assert schema.decode(torch.tensor(x))["city"].isna().tolist()[:3] == [True, True, False]  # missing, not a category

@@ -1,7 +1,8 @@
 """gradleak 'rouge' as a local Hugging Face `evaluate` module.
 
 Load it offline by path: `evaluate.load("<repo>/common/metrics/hf/rouge")`. It calls the same
-pure function as the rest of gradleak (`common.metrics.text.rouge`), so both paths give identical numbers.
+pure function as the rest of gradleak (`common.metrics.text.rouge`, Unicode-aware tokens: an exact
+reconstruction in any script scores 1), so both paths give identical numbers.
 """
 import datasets
 import evaluate
