@@ -1,5 +1,6 @@
 """gradleak common layer: FL client simulation, threat model, defenses, matching, metrics,
-and the generic gradient-matching baselines. Importing it never imports transformers."""
+the gradient-matching core (grads, functional, optim); the generic baselines live in
+``common.baselines``. Importing it never imports transformers."""
 from .attack import AttackInfo, Preset
 from .case import Case
 from .threat import HONEST, HONEST_WITH_LABELS, Capability, ThreatModel
@@ -12,9 +13,9 @@ __all__ = [
 
 #: The generic continuous-input baselines (usable by any kit that builds a ContinuousPrior).
 ATTACKS = {
-    "dlg": "common.baselines:DLG",
-    "idlg": "common.baselines:IDLG",
-    "inverting-gradients": "common.baselines:InvertingGradients",
+    "dlg": "common.baselines.gradient_matching:DLG",
+    "idlg": "common.baselines.gradient_matching:IDLG",
+    "inverting-gradients": "common.baselines.gradient_matching:InvertingGradients",
 }
 PRESETS = {
     "dlg": Preset("dlg", {}, "DLG: L2 matching, L-BFGS, joint soft labels (Zhu et al. 2019)"),

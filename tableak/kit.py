@@ -143,7 +143,7 @@ class TabularKit:
         names = {id(p): n for n, p in model.named_parameters()}
         last = model.last
         if prior_kind == "tabular":
-            from .attack import TabularPrior
+            from .prior import TabularPrior
 
             cat, hist = pool.marginals()
             return TabularPrior(
