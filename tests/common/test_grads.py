@@ -131,4 +131,4 @@ def test_lbfgs_solves_a_quadratic():
     x = torch.tensor([3.0, -2.0], dtype=torch.float64, requires_grad=True)
     lbfgs([x], lambda: ((x - torch.tensor([1.0, 0.5], dtype=torch.float64)) ** 2).sum(), iterations=50)
     assert torch.allclose(x.detach(), torch.tensor([1.0, 0.5], dtype=torch.float64), atol=1e-8)
-    assert math.isfinite(float(x.sum()))
+    assert math.isfinite(float(x.detach().sum()))
