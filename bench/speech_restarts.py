@@ -28,7 +28,8 @@ def main() -> None:
     from common.observe import observe
     from common.threat import HONEST
     from common.types import Batch, FLProtocol
-    from speechleak.attack import SpeechGradientInversion, SpeechInversionConfig, SpeechPrior
+    from speechleak.attack import SpeechGradientInversion, SpeechInversionConfig
+    from speechleak.prior import SpeechPrior
     from speechleak.frontend import FrontEnd, FrontEndConfig
     from speechleak.kit import kws_loss
     from speechleak.models import KWSCNN

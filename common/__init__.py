@@ -1,5 +1,6 @@
 """gradleak common layer: FL client simulation, threat model, defenses, matching, metrics,
-and the generic gradient-matching baselines. Importing it never imports transformers."""
+the gradient-matching core (grads, functional, optim); the generic baselines live in
+``common.baselines``. Importing it never imports transformers (nor torch, until a name is used)."""
 from .preset import Preset
 
 # The rest is imported on first use (PEP 562): the package's plain tables (ATTACKS, PRESETS,
@@ -24,9 +25,9 @@ __all__ = [
 
 #: The generic continuous-input baselines (usable by any kit that builds a ContinuousPrior).
 ATTACKS = {
-    "dlg": "common.baselines:DLG",
-    "idlg": "common.baselines:IDLG",
-    "inverting-gradients": "common.baselines:InvertingGradients",
+    "dlg": "common.baselines.gradient_matching:DLG",
+    "idlg": "common.baselines.gradient_matching:IDLG",
+    "inverting-gradients": "common.baselines.gradient_matching:InvertingGradients",
 }
 PRESETS = {
     "dlg": Preset("dlg", {}, "DLG: L2 matching, L-BFGS, joint soft labels (Zhu et al. 2019)"),

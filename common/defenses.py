@@ -13,7 +13,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor
 
-from .fl import LossFn, per_example_gradients
+from .functional import LossFn, per_example_gradients
 from .registry import Registry
 from .types import Batch
 

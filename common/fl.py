@@ -3,6 +3,8 @@
 Every update is a dict keyed by ``model.named_parameters()`` names (trainable parameters
 only). The model passed in is never mutated: FedSGD uses ``torch.autograd.grad`` and
 FedAvg trains functional copies of the parameters through ``torch.func.functional_call``.
+The functional pieces (losses and gradients with substituted parameters) live in
+``common.functional`` and are re-exported here.
 
 A loss function has the signature ``loss_fn(model, batch) -> Tensor[B]``: one loss per
 example, so that the reduction (mean or sum) is a protocol choice made here, and
@@ -14,93 +16,16 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from .functional import (LossFn, batch_gradient, functional_gradient, functional_losses, per_example_gradients,
+                         reduce_loss, trainable_params)
 from .types import Batch, ClientUpdate, FLProtocol
 
-if TYPE_CHECKING:  # defenses import this module
+if TYPE_CHECKING:  # type only: defenses build on common.functional, not on this module
     from .defenses import Defense
 
-LossFn = Callable[[nn.Module, Batch], Tensor]
-
-
-class _Bound(nn.Module):
-    """Binds a loss function to a model so ``functional_call`` can swap its parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self._loss_fn = loss_fn
-
-    def forward(self, batch: Batch) -> Tensor:
-        return self._loss_fn(self.model, batch)
-
-
-def trainable_params(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def functional_losses(model: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
-    """Per-example losses of ``model`` with ``params`` substituted (differentiable in both)."""
-    bound = _Bound(model, loss_fn)
-    return functional_call(bound, {f"model.{k}": v for k, v in params.items()}, (batch,), strict=False)
-
-
-def reduce_loss(losses: Tensor, reduction: str) -> Tensor:
-    if losses.dim() != 1:
-        raise ValueError(f"loss_fn must return one loss per example (shape [B]), got shape {tuple(losses.shape)}")
-    return losses.mean() if reduction == "mean" else losses.sum()
-
-
-def batch_gradient(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Batch,
-    *,
-    reduction: str = "mean",
-    params: Mapping[str, Tensor] | None = None,
-    create_graph: bool = False,
-) -> dict[str, Tensor]:
-    """Gradient of the reduced loss w.r.t. ``params`` (default: the model's trainable ones)."""
-    if params is None:
-        params = trainable_params(model)
-        loss = reduce_loss(loss_fn(model, batch), reduction)
-    else:
-        loss = reduce_loss(functional_losses(model, loss_fn, params, batch), reduction)
-    names = list(params)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True)
-    return {n: (torch.zeros_like(params[n]) if g is None else g) for n, g in zip(names, grads, strict=True)}
-
-
-def per_example_gradients(
-    model: nn.Module, loss_fn: LossFn, batch: Batch, *, method: str = "vmap", randomness: str = "different"
-) -> dict[str, Tensor]:
-    """Per-example gradients ``{name: Tensor[B, *shape]}``.
-
-    ``method="vmap"`` uses ``torch.func.vmap(torch.func.grad(...))`` over a functional copy
-    (Opacus's functorch path, no hooks); ``method="loop"`` is the obviously-correct oracle.
-    """
-    params = {k: v.detach() for k, v in trainable_params(model).items()}
-    if method == "loop":
-        per: dict[str, list[Tensor]] = {k: [] for k in params}
-        for i in range(len(batch)):
-            one = batch.select(torch.tensor([i]))
-            g = batch_gradient(model, loss_fn, one, reduction="sum")
-            for k in per:
-                per[k].append(g[k].detach())
-        return {k: torch.stack(v) for k, v in per.items()}
-    if method != "vmap":
-        raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
-
-    def one_loss(p: dict[str, Tensor], inputs: dict[str, Tensor], labels: Tensor | None) -> Tensor:
-        single = Batch({k: v.unsqueeze(0) for k, v in inputs.items()},
-                       None if labels is None else labels.unsqueeze(0), batch.meta)
-        return functional_losses(model, loss_fn, p, single).sum()
-
-    in_dims = (None, {k: 0 for k in batch.inputs}, None if batch.labels is None else 0)
-    fn = torch.func.vmap(torch.func.grad(one_loss), in_dims=in_dims, randomness=randomness)
-    return fn(params, batch.inputs, batch.labels)
-
+__all__ = ["LossFn", "batch_gradient", "functional_gradient", "functional_losses", "per_example_gradients",
+           "reduce_loss", "trainable_params", "local_training", "client_update", "GradientHook"]
 
 GradientHook = Callable[[dict[str, Tensor], Batch], dict[str, Tensor]]
 
@@ -108,13 +33,14 @@ GradientHook = Callable[[dict[str, Tensor], Batch], dict[str, Tensor]]
 def local_training(
     model: nn.Module,
     loss_fn: LossFn,
-    batch: Batch,
+    batch: Batch | Sequence[Batch],
     protocol: FLProtocol,
     *,
     generator: torch.Generator | None = None,
     params: Mapping[str, Tensor] | None = None,
     orders: Sequence[Tensor] | None = None,
     create_graph: bool = False,
+    functional: bool = False,
     gradient_hook: GradientHook | None = None,
 ) -> dict[str, Tensor]:
     """Run the client's local SGD functionally; return the final parameters.
@@ -122,14 +48,22 @@ def local_training(
     ``orders`` gives, per epoch, the permutation of example indices (drawn from
     ``generator`` when not given, or identity when ``protocol.shuffle`` is False). With
     ``create_graph=True`` the result is differentiable w.r.t. the batch inputs, which is
-    what FedAvg attacks (Dimitrov et al. 2022; TabLeak) simulate.
+    what FedAvg attacks (Dimitrov et al. 2022; TabLeak) simulate. ``functional=True`` takes
+    each step's gradient with ``torch.func.grad`` (:func:`functional_gradient`), so the whole
+    simulation runs under ``torch.func.vmap`` (an attack's restarts or ensemble members as one
+    tensor). ``batch`` may be a sequence with one batch per local epoch (attacks that keep one
+    copy of the client data per epoch, TabLeak's FedAvg).
     """
     if params is None:
         params = {k: v.detach().clone().requires_grad_(True) for k, v in trainable_params(model).items()}
+    per_epoch = not isinstance(batch, Batch)
+    if per_epoch and len(batch) != protocol.local_epochs:
+        raise ValueError(f"{len(batch)} per-epoch batches for {protocol.local_epochs} local epochs")
     current = dict(params)
-    n = len(batch)
+    n = len(batch[0]) if per_epoch else len(batch)
     lb = protocol.local_batch_size or n
     for epoch in range(protocol.local_epochs):
+        data = batch[epoch] if per_epoch else batch
         if orders is not None:
             order = orders[epoch]
         elif protocol.shuffle:
@@ -137,9 +71,12 @@ def local_training(
         else:
             order = torch.arange(n)
         for start in range(0, n, lb):
-            mb = batch.select(order[start : start + lb])
-            grads = batch_gradient(model, loss_fn, mb, reduction=protocol.loss_reduction,
-                                   params=current, create_graph=create_graph)
+            mb = data.select(order[start : start + lb])
+            if functional:
+                grads = functional_gradient(model, loss_fn, current, mb, reduction=protocol.loss_reduction)
+            else:
+                grads = batch_gradient(model, loss_fn, mb, reduction=protocol.loss_reduction,
+                                       params=current, create_graph=create_graph)
             if gradient_hook is not None:
                 grads = gradient_hook(grads, mb)
             current = {k: current[k] - protocol.local_lr * grads[k] for k in current}

@@ -20,6 +20,7 @@ import torch
 
 from common.attack import config_dict
 from common.case import Case
+from common.grads import delta_to_gradient
 from common.observe import observe
 from common.seed import derive_seed, make_generator
 from common.threat import Capability
@@ -53,7 +54,7 @@ def delta_as_gradient(obs: Observation) -> Observation:
     p = obs.protocol
     if p is None or p.local_epochs != 1 or p.steps_per_epoch != 1:
         return obs
-    return replace(obs, kind="gradient", tensors={k: v / p.local_lr for k, v in obs.tensors.items()})
+    return replace(obs, kind="gradient", tensors=delta_to_gradient(obs.tensors, p))
 
 
 def capture_update(cap: Capture) -> ClientUpdate:

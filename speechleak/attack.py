@@ -11,8 +11,9 @@ simulation, and CTC targets through the log-space CTC of ``speechleak.ctc``.
 Deviations (all documented in docs/speechleak.md):
 * Li et al. run 8,000 Adam iterations; the default here is 2,000 and the committed runs use
   fewer (2 shared CPU cores).
-* Restarts run as one tensor through ``torch.func.vmap(torch.func.grad(...))`` (as in
-  ``common.baselines``); the lowest final gradient distance wins.
+* Restarts run as one tensor through ``torch.func.vmap(torch.func.grad(...))``; distances,
+  layer weights, FedAvg simulation and the Adam / L-BFGS loop are the gradient-matching core's
+  (``common.grads``, ``common.fl``, ``common.optim``); the lowest final gradient distance wins.
 * For CTC targets the transcript is taken as observed (as Dang et al. 2022 assume); the
   bag-of-characters estimate from the output-bias gradient is reported alongside, not used.
 * FedAvg: the client's local SGD is simulated with the observed hyper-parameters and the
@@ -22,36 +23,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from common.attack import AttackInfo
-from common.fl import functional_losses, reduce_loss, trainable_params
+from common.fl import local_training
+from common.functional import functional_gradient, trainable_params
+from common.grads import delta_scale, delta_to_gradient, gradient_distance, layer_weights, total_variation
 from common.labels import recover_labels
+from common.optim import optimise, step_decay
 from common.threat import Capability
-from common.types import Batch, Observation, Reconstruction
+from common.types import Observation, Reconstruction
 
-from .frontend import FrontEnd, refine_waveform
+from .frontend import refine_waveform
+from .prior import SpeechPrior
 
-
-@dataclass(frozen=True)
-class SpeechPrior:
-    """Public knowledge the attack uses (built by the kit; never holds the client's data)."""
-
-    task: str  # "kws" | "ctc"
-    frontend: FrontEnd
-    num_samples: int  # clip length in samples (public protocol fact: fixed-length clips)
-    input_shape: tuple[int, int]  # feature map (F, T)
-    num_classes: int
-    build_batch: Callable[[Tensor, Tensor | None], Batch]  # (features [B,F,T], labels) -> Batch
-    loss_fn: Callable[[nn.Module, Batch], Tensor]
-    label_weight: str | None = None
-    label_bias: str | None = None
-    lower: float | None = None  # lower bound of the feature values (mel: log of the floor)
-    upper: float | None = None  # upper bound of the (mel) feature values
+__all__ = ["SpeechGradientInversion", "SpeechInversionConfig", "SpeechPrior", "char_occupancy", "time_smoothness"]
 
 
 @dataclass(frozen=True)
@@ -78,37 +68,6 @@ class SpeechInversionConfig:
     mel_inversion: Literal["nnls", "lstsq"] = "nnls"  # mel -> linear before Griffin-Lim (see FrontEnd.mel_to_linear)
     refine_iterations: int = 0  # waveform refinement through the front end after Griffin-Lim
     batched: bool = True
-
-
-def layer_weights(kind: str, target: dict[str, Tensor], names: list[str], decay: float) -> dict[str, float]:
-    if kind == "uniform":
-        return {k: 1.0 for k in names}
-    if kind == "inverse-norm":
-        return {k: 1.0 / float(target[k].pow(2).sum().clamp(min=1e-20)) for k in names}
-    if kind == "depth-decay":
-        return {k: decay ** i for i, k in enumerate(names)}
-    raise ValueError(f"unknown layer weighting {kind!r}; use uniform, inverse-norm or depth-decay")
-
-
-def weighted_distance(kind: str, pred: dict[str, Tensor], target: dict[str, Tensor], names: list[str],
-                      weights: dict[str, float]) -> Tensor:
-    if kind == "l2":
-        return sum(weights[k] * (pred[k] - target[k]).pow(2).sum() for k in names)
-    if kind == "cosine":
-        dot = sum(weights[k] * (pred[k] * target[k]).sum() for k in names)
-        pn = sum(weights[k] * pred[k].pow(2).sum() for k in names)
-        tn = sum(weights[k] * target[k].pow(2).sum() for k in names)
-        return 1.0 - dot / (pn.clamp(min=1e-30).sqrt() * tn.sqrt() + 1e-12)
-    if kind == "layer-cosine":
-        terms = [weights[k] * (1.0 - nn.functional.cosine_similarity(pred[k].flatten(), target[k].flatten(), dim=0, eps=1e-12))
-                 for k in names]
-        return torch.stack(terms).sum() / sum(weights[k] for k in names)
-    raise ValueError(f"unknown gradient distance {kind!r}; use l2, cosine or layer-cosine")
-
-
-def anisotropic_tv(x: Tensor) -> Tensor:
-    """Mean |Δ| along frequency plus mean |Δ| along time of [..., F, T]."""
-    return x.diff(dim=-1).abs().mean() + x.diff(dim=-2).abs().mean()
 
 
 def time_smoothness(x: Tensor) -> Tensor:
@@ -164,9 +123,7 @@ class SpeechGradientInversion:
         tensors = obs.tensors
         if obs.kind == "delta":
             # FedAvg: delta = lr * sum of step gradients ~ lr * epochs * steps * (mean gradient)
-            p = obs.require_protocol()
-            scale = p.local_lr * p.local_epochs * p.steps_per_epoch
-            tensors = {k: v / scale for k, v in tensors.items()}
+            tensors = delta_to_gradient(tensors, obs.require_protocol())
         return recover_labels(tensors, num_examples=b, weight=prior.label_weight, bias=prior.label_bias,
                               mean_probs=mean_probs.cpu(), reduction=obs.protocol.loss_reduction if obs.protocol else "mean")
 
@@ -181,7 +138,7 @@ class SpeechGradientInversion:
         device = next(iter(target.values())).device
         params = {k: v.detach().to(dtype) for k, v in trainable_params(model).items()}
         names = [k for k in params if k in target]
-        weights = layer_weights(cfg.layer_weights, target, names, cfg.layer_decay)
+        weights = layer_weights(cfg.layer_weights, target, names, decay=cfg.layer_decay)
         labels = self._labels(obs, prior, model, b, generator).to(device)
         extras: dict[str, Any] = {}
         if prior.task == "ctc":
@@ -214,30 +171,28 @@ class SpeechGradientInversion:
                 return lower + nn.functional.softplus(4.0 * xr) / 4.0
             return xr
 
+        orders = [torch.arange(b)] * protocol.local_epochs if obs.kind == "delta" else None  # shuffle is private
+
         def simulated_update(feats: Tensor) -> dict[str, Tensor]:
             batch = prior.build_batch(feats, labels)
             if obs.kind == "gradient":
-                return torch.func.grad(lambda p: reduce_loss(functional_losses(model, prior.loss_fn, p, batch), reduction))(params)
-            lb = protocol.local_batch_size or b
-            cur = dict(params)
-            for _ in range(protocol.local_epochs):
-                for s in range(0, b, lb):
-                    mb = prior.build_batch(feats[s:s + lb], labels[s:s + lb])
-                    g = torch.func.grad(lambda p: reduce_loss(functional_losses(model, prior.loss_fn, p, mb), reduction))(cur)
-                    cur = {k: cur[k] - protocol.local_lr * g[k] for k in cur}
+                return functional_gradient(model, prior.loss_fn, params, batch, reduction=reduction)
+            cur = local_training(model, prior.loss_fn, batch, protocol, params=params, orders=orders,
+                                 create_graph=True, functional=True)
             return {k: params[k] - cur[k] for k in params}
 
         # FedAvg deltas are ~lr * steps times smaller than gradients: rescale the L2 term so the
         # prior weights mean the same for both observation kinds (cosine is scale-free).
         d_scale = 1.0
         if obs.kind == "delta" and cfg.distance == "l2":
-            d_scale = 1.0 / (protocol.local_lr * protocol.local_epochs * protocol.steps_per_epoch) ** 2
+            d_scale = 1.0 / delta_scale(protocol) ** 2
 
         def objective(xr: Tensor) -> Tensor:
             feats = to_feats(xr)
-            d = d_scale * weighted_distance(cfg.distance, simulated_update(feats), target, names, weights)
+            d = d_scale * gradient_distance(cfg.distance, simulated_update(feats), target, names=names,
+                                            weights=weights, min_norm_sq=1e-30)
             if cfg.tv_weight > 0:
-                d = d + cfg.tv_weight * anisotropic_tv(feats)
+                d = d + cfg.tv_weight * total_variation(feats, dims=(-1, -2))  # anisotropic, over (time, freq)
             if cfg.smooth_weight > 0:
                 d = d + cfg.smooth_weight * time_smoothness(feats)
             return d
@@ -247,35 +202,17 @@ class SpeechGradientInversion:
                 return vmap(objective)(xv)
             return torch.stack([objective(xv[r]) for r in range(xv.shape[0])])
 
-        if cfg.optimizer == "lbfgs":
-            opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.iterations, history_size=50, line_search_fn="strong_wolfe",
-                                    tolerance_grad=1e-12, tolerance_change=1e-14)
+        def clamp(_: int) -> None:
+            with torch.no_grad():
+                if cfg.domain == "waveform":
+                    x.clamp_(-1.0, 1.0)
+                elif lower is not None:
+                    x.clamp_(min=lower, max=prior.upper)
 
-            def closure():
-                opt.zero_grad()
-                total = losses(x).sum()
-                total.backward()
-                return total
-
-            opt.step(closure)
-        else:
-            opt = torch.optim.Adam([x], lr=cfg.lr)
-            n = cfg.iterations
-            sched = (torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3 * n // 8, 5 * n // 8, 7 * n // 8], gamma=0.1)
-                     if cfg.lr_schedule else None)
-            for _ in range(n):
-                opt.zero_grad()
-                losses(x).sum().backward()
-                if cfg.signed_grad:
-                    x.grad.sign_()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                with torch.no_grad():
-                    if cfg.domain == "waveform":
-                        x.clamp_(-1.0, 1.0)
-                    elif lower is not None:
-                        x.clamp_(min=lower, max=prior.upper)
+        lbfgs = cfg.optimizer == "lbfgs"
+        optimise([x], lambda: losses(x).sum(), optimizer=cfg.optimizer, lr=1.0 if lbfgs else cfg.lr,
+                 iterations=cfg.iterations, history_size=50, signed=cfg.signed_grad,
+                 schedule=step_decay(cfg.iterations) if cfg.lr_schedule else None, after_step=clamp)
         with torch.no_grad():
             final = losses(x).detach()
         best = int(torch.argmin(torch.nan_to_num(final, nan=float("inf"))).item())

@@ -26,7 +26,7 @@ from common.types import Batch, Reconstruction
 
 from . import data as D
 from . import metrics as M
-from .attack import SpeechPrior
+from .prior import SpeechPrior
 from .ctc import ctc_nll
 from .frontend import FrontEnd, FrontEndConfig
 from .models import KWSCNN, CTCRecognizer, encode_text

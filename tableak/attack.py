@@ -6,7 +6,8 @@ config 52), ``attacks/restore_labels.py`` (label counts) and ``attacks/random_ba
 
 FedSGD, per ensemble member (all members run as ONE tensor ``[E, B, d]``; the per-member
 gradient distance is ``torch.func.vmap`` of a ``torch.func.grad`` over a functional copy of
-the model, as in ``common.baselines``):
+the model; distances, local training and the Adam loop come from the gradient-matching core
+``common.grads`` / ``common.fl`` / ``common.optim``):
 
 1. uniform init on [-1, 1] in standardised space;
 2. each step relaxes the candidate out of place: softmax over every categorical block
@@ -43,33 +44,27 @@ from typing import Any, Callable, ClassVar, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from common.attack import AttackInfo
-from common.fl import trainable_params
+from common.fl import local_training
+from common.functional import functional_gradient, trainable_params
+from common.grads import delta_scale, gradient_distance
 from common.matching import assignment
+from common.optim import adam
 from common.seed import numpy_rng
 from common.threat import Capability
-from common.types import Observation, Reconstruction
+from common.types import Batch, Observation, Reconstruction
 
+from .prior import TabularPrior, tabular_loss
 from .relax import Relaxer
 from .schema import TabularSchema
 
+__all__ = ["TabLeak", "TabLeakConfig", "TabularPrior", "TabularRandom", "RandomBaselineConfig", "counts_to_labels",
+           "restore_label_counts", "tabular_loss"]
+
 CITATION = ("Vero, Balunović, Dimitrov, Vechev. TabLeak: Tabular Data Leakage in Federated Learning. "
             "ICML 2023 (arXiv 2210.01785)")
-
-
-@dataclass(frozen=True)
-class TabularPrior:
-    """Public knowledge the tabular attacks get from the kit (never the client's rows)."""
-
-    schema: TabularSchema
-    forward: Callable[[dict[str, Tensor], Tensor], Tensor]  # functional logits f(params, x)
-    penultimate: Callable[[Tensor], Tensor]  # last layer's input for x (label-count rule)
-    last_weight: str
-    last_bias: str
-    marginals: dict[str, np.ndarray]  # categorical: probabilities over categories
-    histograms: dict[str, tuple[np.ndarray, np.ndarray]]  # continuous: (bin edges, probabilities), ≤ 100 bins
 
 
 @dataclass(frozen=True)
@@ -96,17 +91,6 @@ class TabLeakConfig:
     epoch_prior: float = 0.01  # λ of the epoch-matching prior (paper sweeps {0, .5, .1, .05, .01, .005, .001})
     batched: bool = True  # False: sequential loop over members (benchmark only)
     save_heatmap: bool = False  # ask the kit to save an entropy heat map per trial
-
-
-def _cosine(pred: dict[str, Tensor], target: dict[str, Tensor], names: list[str]) -> Tensor:
-    dot = sum((pred[k] * target[k]).sum() for k in names)
-    pn = sum(pred[k].pow(2).sum() for k in names)
-    tn = sum(target[k].pow(2).sum() for k in names)
-    return 1.0 - dot / (pn.sqrt() * tn.sqrt() + 1e-12)
-
-
-def _l2(pred: dict[str, Tensor], target: dict[str, Tensor], names: list[str]) -> Tensor:
-    return sum((pred[k] - target[k]).pow(2).mean() for k in names)
 
 
 def restore_label_counts(obs_tensors: dict[str, Tensor], prior: TabularPrior, params: dict[str, Tensor], b: int,
@@ -167,26 +151,23 @@ class TabLeak:
         return rx.sigmoid(x, self.config.sigmoid_temperature) if self.config.sigmoid else x
 
     def _distance(self, g: dict[str, Tensor], target: dict[str, Tensor], names: list[str]) -> Tensor:
-        return _cosine(g, target, names) if self.config.loss == "cosine" else _l2(g, target, names)
+        # the reference code's l2 averages each tensor's squared entries (reduction="mean")
+        return gradient_distance(self.config.loss, g, target, names=names, reduction="mean")
 
     def _optimise(self, loss_one: Callable[[Tensor, Tensor], Tensor], x0: Tensor, ys: Tensor, rx: Relaxer,
                   iterations: int) -> Tensor:
         """Adam on the sign of ∇x over all members at once; returns the final bounded points."""
         cfg = self.config
         x = x0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=cfg.lr)
         fn = lambda xr, yr: loss_one(self._relax(rx, xr), yr)  # noqa: E731
         batched = vmap(fn)
-        for _ in range(iterations):
-            opt.zero_grad(set_to_none=True)
+
+        def objective() -> Tensor:
             if cfg.batched:
-                total = batched(x, ys).sum()
-            else:
-                total = sum(fn(x[e], ys[e]) for e in range(x.shape[0]))
-            total.backward()
-            if cfg.sign:
-                x.grad.sign_()
-            opt.step()
+                return batched(x, ys).sum()
+            return sum(fn(x[e], ys[e]) for e in range(x.shape[0]))
+
+        adam([x], objective, lr=cfg.lr, iterations=iterations, signed=cfg.sign)
         return self._final(rx, x.detach())
 
     def _projected_losses(self, loss_one, cands: Tensor, ys: Tensor, schema: TabularSchema) -> Tensor:
@@ -270,10 +251,7 @@ class TabLeak:
         rx = Relaxer(schema, device)
 
         def loss_one(x: Tensor, y: Tensor) -> Tensor:
-            def train_loss(p):
-                ce = nn.functional.cross_entropy(prior.forward(p, x), y, reduction="sum")
-                return ce / x.shape[0] if reduction == "mean" else ce
-            g = torch.func.grad(train_loss)(params)
+            g = functional_gradient(model, prior.loss_fn, params, Batch({"x": x}, y), reduction=reduction)
             return self._distance(g, target, names)
 
         labels, counts = self._labels(obs, prior, params, b, generator)
@@ -315,22 +293,13 @@ class TabLeak:
         params = {k: v.detach() for k, v in trainable_params(model).items()}
         names = [k for k in target if k in params]
         rx = Relaxer(schema, device)
-        n_ep, lb, lr = proto.local_epochs, proto.local_batch_size or b, proto.local_lr
-        steps = n_ep * proto.steps_per_epoch
+        n_ep = proto.local_epochs
+        orders = [torch.arange(b)] * n_ep  # the client's shuffle order is private: identity
 
         def simulate(xc: Tensor, y: Tensor) -> Tensor:
-            """xc [n_ep, B, d] (already relaxed) -> distance of the simulated delta."""
-            p = params
-            for ep in range(n_ep):
-                xe = xc[ep]
-                for s in range(0, b, lb):
-                    xb, yb = xe[s:s + lb], y[s:s + lb]
-
-                    def train_loss(q, xb=xb, yb=yb):
-                        ce = nn.functional.cross_entropy(prior.forward(q, xb), yb, reduction="sum")
-                        return ce / xb.shape[0] if proto.loss_reduction == "mean" else ce
-                    g = torch.func.grad(train_loss)(p)
-                    p = {k: p[k] - lr * g[k] for k in p}
+            """xc [n_ep, B, d] (already relaxed, one copy per epoch) -> distance of the simulated delta."""
+            p = local_training(model, prior.loss_fn, [Batch({"x": xc[ep]}, y) for ep in range(n_ep)], proto,
+                               params=params, orders=orders, create_graph=True, functional=True)
             delta = {k: params[k] - p[k] for k in names}
             return self._distance(delta, target, names)
 
@@ -342,7 +311,7 @@ class TabLeak:
             return d
 
         # a delta ≈ lr·Σ gradients: read it as one gradient of the whole dataset for the label rule
-        labels, _ = self._labels(obs, prior, params, b, generator, scale=1.0 / (lr * steps))
+        labels, _ = self._labels(obs, prior, params, b, generator, scale=1.0 / delta_scale(proto))
         labels = labels.to(device)
         e = cfg.fedavg_ensemble if cfg.pooling != "none" else 1
         x0 = torch.rand((e, n_ep, b, schema.dim), generator=generator).to(device) * 2 - 1

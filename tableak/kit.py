@@ -140,7 +140,7 @@ class TabularKit:
         return nn.functional.cross_entropy(model(batch.inputs["x"]), batch.labels, reduction="none")
 
     def _tabular_prior(self, case: Case, model: nn.Module, *, device) -> Any:
-        from .attack import TabularPrior
+        from .prior import TabularPrior
 
         pool = self.load_pool(case, data_path=None)
         names = {id(p): n for n, p in model.named_parameters()}

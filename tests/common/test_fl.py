@@ -100,3 +100,62 @@ def test_batch_size_mismatch_is_an_error():
 def test_loss_fn_must_be_per_example():
     with pytest.raises(ValueError, match="one loss per example"):
         batch_gradient(make_model(), lambda m, b: loss_fn(m, b).mean(), make_batch(2))
+
+
+def _params(model):
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def test_functional_local_training_equals_autograd_path_in_value_and_input_gradient():
+    """functional=True (torch.func.grad, vmappable) is the same simulation as the autograd path."""
+    model, batch = make_model(), make_batch(4)
+    proto = FLProtocol("fedavg", batch_size=4, local_epochs=2, local_batch_size=2, local_lr=0.1)
+    orders = [torch.tensor([2, 0, 3, 1]), torch.tensor([1, 3, 0, 2])]
+    out = {}
+    for functional in (False, True):
+        x = batch.inputs["x"].clone().requires_grad_(True)
+        params = {k: v.clone().requires_grad_(not functional) for k, v in _params(model).items()}
+        after = local_training(model, loss_fn, Batch({"x": x}, batch.labels), proto, params=params, orders=orders,
+                               create_graph=True, functional=functional)
+        loss = sum((v ** 2).sum() for v in after.values())
+        out[functional] = ({k: v.detach() for k, v in after.items()}, torch.autograd.grad(loss, x)[0])
+    for k in out[True][0]:
+        torch.testing.assert_close(out[True][0][k], out[False][0][k], atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-7, rtol=1e-5)
+    assert out[True][1].abs().sum() > 0
+
+
+def test_local_training_per_epoch_batches_and_vmap():
+    """One batch per epoch: with identical copies it is the single-batch run; it runs under vmap
+    (restarts as one tensor); different copies give a different result."""
+    model, batch = make_model(), make_batch(4)
+    proto = FLProtocol("fedavg", batch_size=4, local_epochs=3, local_batch_size=2, local_lr=0.1, shuffle=False)
+    params = _params(model)
+    one = local_training(model, loss_fn, batch, proto, params=params, create_graph=True, functional=True)
+    copies = local_training(model, loss_fn, [batch] * 3, proto, params=params, create_graph=True, functional=True)
+    for k in one:
+        assert torch.equal(one[k], copies[k])
+    xs = torch.stack([batch.inputs["x"], batch.inputs["x"] + 0.5])  # [R, B, d]
+
+    def run(x):
+        after = local_training(model, loss_fn, [Batch({"x": x}, batch.labels)] * 3, proto, params=params,
+                               create_graph=True, functional=True)
+        return after["2.bias"]
+
+    vm = torch.func.vmap(run)(xs)
+    torch.testing.assert_close(vm[0], one["2.bias"], atol=1e-7, rtol=1e-6)
+    assert not torch.allclose(vm[0], vm[1])
+    with pytest.raises(ValueError, match="per-epoch"):
+        local_training(model, loss_fn, [batch] * 2, proto, params=params, functional=True)
+
+
+def test_defenses_do_not_import_the_fl_module():
+    """common.defenses builds on common.functional; common.fl imports defenses for types only (no cycle)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, common.defenses; assert 'common.fl' not in sys.modules, 'defenses imported fl'; "
+            "import ast, inspect, common.fl as fl; tree = ast.parse(inspect.getsource(fl)); "
+            "top = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == 'defenses']; "
+            "assert not top, 'fl imports defenses at module level'")
+    subprocess.run([sys.executable, "-c", code], check=True)

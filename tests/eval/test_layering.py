@@ -22,9 +22,6 @@ ALLOWED = {
     "speechleak": {"common", "speechleak"},
     "eval": set(PACKAGES),
 }
-# Module-level cycles known to be fixed on another branch (common/fl.py imports common.defenses
-# under TYPE_CHECKING); the coordinator removes this allow-list at merge (it must end up empty).
-TODO_MERGE: set[frozenset[str]] = {frozenset({"common.fl", "common.defenses"})}
 
 
 def _modules() -> dict[str, Path]:
@@ -126,11 +123,7 @@ def _cycles() -> list[list[str]]:
 
 
 def test_no_import_cycles_among_our_modules():
-    cycles = []
-    for comp in _cycles():
-        if frozenset(comp) in TODO_MERGE:
-            continue
-        cycles.append(comp)
+    cycles = _cycles()
     assert not cycles, f"module-level import cycles: {cycles}"
 
 

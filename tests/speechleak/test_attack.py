@@ -8,8 +8,9 @@ from common.fl import batch_gradient, client_update
 from common.observe import observe
 from common.threat import HONEST, HONEST_WITH_LABELS
 from common.types import Batch, FLProtocol
-from speechleak.attack import (SpeechGradientInversion, SpeechInversionConfig, SpeechPrior, anisotropic_tv,
-                               weighted_distance)
+from common.grads import gradient_distance, total_variation
+from speechleak.attack import SpeechGradientInversion, SpeechInversionConfig
+from speechleak.prior import SpeechPrior
 from speechleak.frontend import FrontEnd, FrontEndConfig
 from speechleak.kit import ctc_loss, kws_loss, pad_targets
 from speechleak.models import CTCRecognizer, KWSCNN
@@ -58,14 +59,14 @@ def test_fixed_point_at_true_features():
 
     pred = torch.func.grad(lambda p: functional_losses(model, kws_loss, p, Batch({"feats": x}, batch.labels)).mean())(params)
     for kind in ("l2", "cosine", "layer-cosine"):
-        d = weighted_distance(kind, pred, target, names, w)
+        d = gradient_distance(kind, pred, target, names=names, weights=w, min_norm_sq=1e-30)
         gx, = torch.autograd.grad(d, x, retain_graph=True)
         assert float(d) < 1e-6, kind
         if kind == "l2":
             assert float(gx.abs().max()) < 1e-6  # stationary at the truth
     # perturbing the features moves away from the fixed point
     pred2 = torch.func.grad(lambda p: functional_losses(model, kws_loss, p, Batch({"feats": feats + 0.1}, batch.labels)).mean())(params)
-    assert float(weighted_distance("l2", pred2, target, names, w)) > 1e-6
+    assert float(gradient_distance("l2", pred2, target, names=names, weights=w)) > 1e-6
 
 
 def test_keyword_label_recovery_single_and_batch():
@@ -143,7 +144,7 @@ def test_ctc_attack_runs_through_log_space_ctc_and_has_fixed_point():
     from common.fl import functional_losses
 
     g_true = torch.func.grad(lambda p: functional_losses(model, ctc_loss, p, prior.build_batch(feats, tg)).mean())(params)
-    assert float(weighted_distance("l2", g_true, obs.tensors, list(params), {k: 1.0 for k in params})) < 1e-8
+    assert float(gradient_distance("l2", g_true, obs.tensors, names=list(params), weights={k: 1.0 for k in params})) < 1e-8
     losses = []
     for iters in (0, 40):
         cfg = SpeechInversionConfig(iterations=iters, restarts=2, griffin_lim_iters=1, tv_weight=0.0, lr=0.05)
@@ -176,7 +177,7 @@ def test_waveform_domain_attack_optimises_samples_end_to_end(flite_keyword):
 def test_tv_prior_is_anisotropic():
     x = torch.zeros(4, 6)
     x[:, 3:] = 1.0  # an edge along time only
-    assert float(anisotropic_tv(x)) == pytest.approx(1 / 5)
+    assert float(total_variation(x, dims=(-1, -2))) == pytest.approx(1 / 5)
 
 
 def test_fedavg_label_recovery_from_weight_delta():

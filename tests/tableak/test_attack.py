@@ -36,7 +36,7 @@ def _prior(data, model):
     kit = TabularKit()
     pool = TabularPool(None, df, schema)
     cat, hist = pool.marginals()
-    from tableak.attack import TabularPrior
+    from tableak.prior import TabularPrior
 
     names = {id(p): n for n, p in model.named_parameters()}
     return TabularPrior(schema, lambda p, x: functional_call(model, p, (x,)), model.penultimate,

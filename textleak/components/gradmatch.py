@@ -14,6 +14,13 @@ Two ways to get the dummy gradient:
 
 The word-embedding matrix never enters the dummy graph (the dummy input *is* embeddings),
 so its observed gradient is not matched; it is used for token-support filtering instead.
+
+This is the text specialisation of the gradient-matching core (``common.grads``): the
+config's ``loss`` names map to the core's distance kinds (``cos`` = ``layer-cosine``, ``tag``,
+``l2``), :meth:`GradMatcher.reference_distance` *is* the core's ``gradient_distance`` (vmapped
+over a candidate axis), and the fused :meth:`GradMatcher.distance` computes the same values
+with a hand-written backward (faster on the continuous step: ``bench/textleak_lamp.py``).
+FedAvg deltas are read as gradients by the core's ``observed_gradient``.
 """
 from __future__ import annotations
 
@@ -21,33 +28,30 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from common.fl import reduce_loss
-from common.types import Batch, Observation
+from common.functional import functional_losses, reduce_loss
+from common.grads import gradient_distance, observed_gradient
 
 from ..prior import TextPrior
 
+__all__ = ["GradMatcher", "Loss", "DISTANCE_OF_LOSS", "observed_gradient"]
+
 Loss = Literal["cos", "tag", "l2"]
-
-
-def observed_gradient(obs: Observation) -> dict[str, Tensor]:
-    """The observed update as a gradient: FedSGD as is; a FedAvg delta divided by
-    ``local_lr · number of local steps`` (a one-step approximation of the mean gradient)."""
-    if obs.kind == "gradient":
-        return {k: v for k, v in obs.tensors.items()}
-    p = obs.require_protocol()
-    steps = p.local_epochs * p.steps_per_epoch
-    return {k: v / (p.local_lr * steps) for k, v in obs.tensors.items()}
+#: the text configs' loss names -> the core's distance kinds (``common.grads.gradient_distance``)
+DISTANCE_OF_LOSS: dict[str, str] = {"cos": "layer-cosine", "tag": "tag", "l2": "l2"}
 
 
 class GradMatcher:
     def __init__(self, model: nn.Module, prior: TextPrior, target: Mapping[str, Tensor], *, loss: Loss,
                  tag_factor: float = 0.01, reduction: str = "mean", batch_size: int = 1,
                  chunk: int = 16) -> None:
+        if loss not in DISTANCE_OF_LOSS:
+            raise ValueError(f"unknown text gradient loss {loss!r}; use {', '.join(DISTANCE_OF_LOSS)}")
         self.model = model
         self.prior = prior
         self.loss = loss
+        self.kind = DISTANCE_OF_LOSS[loss]  # the core's name for this distance
         self.tag_factor = tag_factor
         self.reduction = reduction
         self.batch_size = batch_size
@@ -106,27 +110,20 @@ class GradMatcher:
         return (s.mean(0) if self.loss == "cos" else s.sum(0)), saved
 
     def reference_distance(self, grads: Mapping[str, Tensor], lead: int = 0) -> Tensor:
-        """The distance as a plain autograd formula (tests check ``distance`` against it)."""
-        terms = []
-        for n in self.names:
-            g, t = grads[n].flatten(lead), self.target[n].flatten()
-            if self.loss == "cos":
-                terms.append(1.0 - (g * t).sum(-1) / (g.norm(dim=-1) * t.norm()).clamp_min(1e-30))
-            elif self.loss == "tag":
-                d = g - t
-                terms.append(d.pow(2).sum(-1) + self.tag_factor * d.abs().sum(-1))
-            else:
-                terms.append((g - t).pow(2).sum(-1))
-        s = torch.stack(terms)
-        return s.mean(0) if self.loss == "cos" else s.sum(0)
+        """The core's ``gradient_distance`` (plain autograd; vmapped over the candidate axis when
+        ``lead=1``): the tests check the fused ``distance`` against it."""
+        def one(g: Mapping[str, Tensor]) -> Tensor:
+            return gradient_distance(self.kind, g, self.target, names=self.names, alpha=self.tag_factor)
+
+        if lead == 0:
+            return one(grads)
+        return vmap(one)({n: grads[n] for n in self.names})
 
     # -- batch (continuous step) ------------------------------------------------------------
     def _batch_grads(self, x: Tensor, mask: Tensor, labels: Tensor | None, targets: Tensor | None,
                      create_graph: bool) -> dict[str, Tensor]:
         batch = self.prior.build_batch(x, mask, labels, targets)
-        losses = functional_call(_LossModule(self.model, self.prior.loss_fn), _prefixed(self.params), (batch,),
-                                 strict=False)
-        loss = reduce_loss(losses, self.reduction)
+        loss = reduce_loss(functional_losses(self.model, self.prior.loss_fn, self.params, batch), self.reduction)
         gs = torch.autograd.grad(loss, [self.params[n] for n in self.names], create_graph=create_graph)
         return dict(zip(self.names, gs))
 
@@ -158,13 +155,12 @@ class GradMatcher:
     def _grad_chunks(self, x: Tensor, labels: Tensor | None, targets: Tensor | None, batched: bool):
         params = {n: self.params[n].detach() for n in self.names}
         frozen = {n: p for n, p in self.params.items() if n not in params}
-        module = _LossModule(self.model, self.prior.loss_fn)
         scale = self.scale
 
         def one(p: dict[str, Tensor], xe: Tensor, y: Tensor | None, tg: Tensor | None) -> Tensor:
             b = self.prior.build_batch(xe.unsqueeze(0), None, None if y is None else y.unsqueeze(0),
                                        None if tg is None else tg.unsqueeze(0))
-            return functional_call(module, _prefixed({**frozen, **p}), (b,), strict=False).sum() * scale
+            return functional_losses(self.model, self.prior.loss_fn, {**frozen, **p}, b).sum() * scale
 
         c = x.shape[0]
         if batched:
@@ -214,26 +210,3 @@ class _Distance(torch.autograd.Function):
             out.append(gr.view(shape))
         ctx.saved = None
         return (None, *out)
-
-
-def _prefixed(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {f"model.{k}": v for k, v in params.items()}
-
-
-class _LossModule(nn.Module):
-    def __init__(self, model: nn.Module, loss_fn) -> None:
-        super().__init__()
-        self.model = model
-        self._loss_fn = loss_fn
-
-    def forward(self, batch: Batch) -> Tensor:
-        return self._loss_fn(self.model, batch)
-
-
-def add_grads(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: a[k] + b[k] for k in a}
-
-
-def zero_like(grads: Mapping[str, Tensor], lead: Sequence[int] = ()) -> dict[str, Tensor]:
-    return {k: torch.zeros(*lead, *v.shape[1:] if lead else v.shape, dtype=v.dtype, device=v.device)
-            for k, v in grads.items()}

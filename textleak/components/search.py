@@ -1,6 +1,6 @@
 """The optimisation engine shared by TAG and LAMP (LAMP's ``attack.py``; TAG is its ``--baseline``).
 
-Continuous part: Adam on the dummy input embeddings of every sentence body (special tokens and
+Continuous part (the core's Adam loop, ``common.optim.adam``): Adam on the dummy input embeddings of every sentence body (special tokens and
 padding pinned, LAMP's ``fix_special_tokens``), loss = gradient distance + ``coeff_reg`` ·
 (mean body-token norm − ``init_size``)², StepLR every ``lr_step`` steps.
 Discrete part (LAMP only): every ``swap_every`` steps after ``swap_burnin``, for each sentence,
@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from common.grads import observed_gradient
 from common.labels import recover_labels
+from common.optim import adam, step_lr
 from common.seed import numpy_rng
 from common.types import Observation, Reconstruction
 
 from ..prior import TextPrior
-from .gradmatch import GradMatcher, observed_gradient
+from .gradmatch import GradMatcher
 from .tokens import Filter, nearest_tokens, token_support
 
 
@@ -306,39 +308,42 @@ class TextSearch:
         t0 = time.perf_counter()
         x = self.initialise().requires_grad_(True)
         variables = [x] + ([self.label_logits] if self.label_logits is not None else [])
-        opt = torch.optim.Adam(variables, lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_decay)
-        best_loss, best_x = float("inf"), x.detach().clone()
-        swaps = changed = 0
+        best = {"loss": float("inf"), "x": x.detach().clone()}
+        rounds = {"swaps": 0, "changed": 0}
         body = self.body.unsqueeze(-1)
-        for it in range(cfg.n_steps):
+
+        def objective() -> Tensor:
             xe = self.pin(x)
             targets = self.targets_of(self.ids_of(xe.detach())) if self.prior.kind == "decoder" else None
-            rec = self.matcher.batch_distance(xe, self.mask, self._soft_labels(), targets, create_graph=True)
-            loss = rec
+            loss = self.matcher.batch_distance(xe, self.mask, self._soft_labels(), targets, create_graph=True)
             if cfg.coeff_reg > 0:
                 mean_norm = xe.norm(dim=-1)[self.body].mean()
                 loss = loss + cfg.coeff_reg * (mean_norm - self.init_size) ** 2
-            gs = torch.autograd.grad(loss, variables)
+            return loss
+
+        def on_gradient(it: int, loss: Tensor) -> None:
             if cfg.grad_clip is not None:
-                gn = gs[0].norm()
+                gn = x.grad.norm()
                 if gn > cfg.grad_clip:
-                    gs = (gs[0] * (cfg.grad_clip / (gn + 1e-6)),) + tuple(gs[1:])
+                    x.grad = x.grad * (cfg.grad_clip / (gn + 1e-6))
             lv = float(loss.detach())
-            if lv <= best_loss:
-                best_loss, best_x = lv, x.detach().clone()
-            for v, g in zip(variables, gs):
-                v.grad = g.detach()
-            opt.step()
-            sched.step()
+            if lv <= best["loss"]:  # the point before this step
+                best["loss"], best["x"] = lv, x.detach().clone()
+
+        def after_step(it: int) -> None:
             with torch.no_grad():
                 x.data = torch.where(body, x.data, self.pinned)
             if cfg.use_swaps and it >= cfg.swap_burnin * cfg.n_steps and it % cfg.swap_every == 1:
                 new_x, ch = self.discrete_step(x.detach())
-                swaps += 1
-                changed += ch
+                rounds["swaps"] += 1
+                rounds["changed"] += ch
                 with torch.no_grad():
                     x.data = new_x
+
+        adam(variables, objective, lr=cfg.lr, iterations=cfg.n_steps, schedule=step_lr(cfg.lr_step, cfg.lr_decay),
+             on_gradient=on_gradient, after_step=after_step)
+        best_loss, best_x = best["loss"], best["x"]
+        swaps, changed = rounds["swaps"], rounds["changed"]
         x_final = self.pin(best_x)
         ids = self.ids_of(x_final)
         texts = self.texts(ids)

@@ -1,5 +1,8 @@
 """Generic gradient-matching baselines for continuous inputs: DLG, iDLG, Inverting Gradients.
 
+Built on the gradient-matching core: ``common.grads`` (distances), ``common.functional``
+(gradients of substituted parameters) and ``common.optim`` (the Adam / L-BFGS loop).
+
 All restarts of an attack run as one tensor: the per-restart gradient distance is computed
 with ``torch.func.vmap(torch.func.grad(...))`` over a functional copy of the model, so R
 restarts cost one vectorised pass instead of R Python-level ones (``batched=False`` keeps
@@ -15,13 +18,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .attack import AttackInfo
-from .fl import functional_losses, reduce_loss, trainable_params
-from .grads import gradient_distance, total_variation
-from .kit import ContinuousPrior
-from .labels import recover_labels
-from .threat import Capability
-from .types import Observation, Reconstruction
+from ..attack import AttackInfo
+from ..functional import functional_gradient, trainable_params
+from ..grads import gradient_distance, total_variation
+from ..kit import ContinuousPrior
+from ..labels import recover_labels
+from ..optim import optimise, step_decay
+from ..threat import Capability
+from ..types import Observation, Reconstruction
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,7 @@ class GradientMatchingAttack:
 
         def distance_one(xr: Tensor, yr: Tensor | None) -> Tensor:
             y = labels if yr is None else yr.softmax(-1)
-            batch = prior.build_batch(xr, y)
-            g = torch.func.grad(lambda p: reduce_loss(functional_losses(model, prior.loss_fn, p, batch), reduction))(params)
+            g = functional_gradient(model, prior.loss_fn, params, prior.build_batch(xr, y), reduction=reduction)
             d = gradient_distance(cfg.distance, g, target, names=names)
             if cfg.tv_weight > 0:
                 d = d + cfg.tv_weight * total_variation(xr, dims=cfg.tv_dims)
@@ -124,35 +127,14 @@ class GradientMatchingAttack:
                 return vmap(distance_one)(xv, yv)
             return torch.stack([distance_one(xv[r], None if yv is None else yv[r]) for r in range(xv.shape[0])])
 
-        if cfg.optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(variables, lr=cfg.lr, max_iter=cfg.iterations, history_size=100,
-                                    line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-14)
+        def clamp(_: int) -> None:
+            with torch.no_grad():
+                x.data = torch.max(torch.min(x.data, prior.upper.to(device)), prior.lower.to(device))
 
-            def closure():
-                opt.zero_grad()
-                total = losses(x, y_logits).sum()
-                total.backward()
-                return total
-
-            opt.step(closure)
-        else:
-            opt = torch.optim.Adam(variables, lr=cfg.lr)
-            sched = None
-            if cfg.lr_schedule:
-                n = cfg.iterations
-                sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3 * n // 8, 5 * n // 8, 7 * n // 8], gamma=0.1)
-            for _ in range(cfg.iterations):
-                opt.zero_grad()
-                losses(x, y_logits).sum().backward()
-                if cfg.signed_grad:
-                    for v in variables:
-                        v.grad.sign_()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                if cfg.clamp_to_bounds and prior.lower is not None:
-                    with torch.no_grad():
-                        x.data = torch.max(torch.min(x.data, prior.upper.to(device)), prior.lower.to(device))
+        optimise(variables, lambda: losses(x, y_logits).sum(), optimizer=cfg.optimizer, lr=cfg.lr,
+                 iterations=cfg.iterations, signed=cfg.signed_grad,
+                 schedule=step_decay(cfg.iterations) if cfg.lr_schedule else None,
+                 after_step=clamp if cfg.clamp_to_bounds and prior.lower is not None else None)
         with torch.no_grad():
             final = losses(x, y_logits).detach()
         best = int(torch.argmin(torch.nan_to_num(final, nan=float("inf"))).item())
