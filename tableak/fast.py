@@ -55,71 +55,64 @@ def mlp_layers(model: nn.Module) -> list[nn.Linear] | None:
 
 
 class FusedRelax:
-    """:class:`Relaxer`'s ``softmax`` then ``sigmoid`` as a few fused ops on a permuted, padded
-    column layout, with a hand-written backward.
+    """:class:`Relaxer`'s ``softmax`` then ``sigmoid`` as a few fused ops on a permuted column
+    layout, with a hand-written backward.
 
-    The layout (``to_layout`` / ``from_layout``) puts every one-hot group of width > 1 into a
-    ``[G, K]`` block (narrower groups padded with constant columns whose softmax weight is exactly
-    0 and whose relaxed value is 0), then the continuous columns, then the rest; the first layer's
-    weight and the observed gradient are mapped the same way (zero columns at the pads), so the
-    relaxations are contiguous slices and the distance is unchanged."""
+    The layout (``to_layout`` / ``from_layout``) puts the one-hot groups of width > 1 first,
+    sorted by width, so the groups of one width are a contiguous slice viewed as ``[n_w, w]``
+    (one softmax per distinct width), then the continuous columns, then the rest. The first
+    layer's weight and the observed gradient are permuted the same way, so the distance is
+    unchanged and no step gathers or scatters columns."""
 
     def __init__(self, rx: Relaxer, *, softmax: bool, temperature: float, sigmoid: bool,
                  sigmoid_temperature: float) -> None:
         dev = rx.mean.device
         d = rx.mean.numel()
         groups = [sl for kind, sl in rx.blocks if kind == "categorical" and sl.stop - sl.start > 1] if softmax else []
+        groups.sort(key=lambda sl: sl.stop - sl.start)
         conts = [sl.start for kind, sl in rx.blocks if kind == "continuous"] if sigmoid else []
         self.tau, self.temp = float(temperature), float(sigmoid_temperature)
-        k = max((sl.stop - sl.start for sl in groups), default=0)
-        self.g, self.k = len(groups), k
-        self.gk, self.nc = len(groups) * k, len(conts)
-        layout: list[int] = []  # original column per layout position, -1 = pad
+        layout: list[int] = []  # original column per layout position
+        self.buckets: list[tuple[int, int, int]] = []  # (start, number of groups, width)
         for sl in groups:
-            layout += list(range(sl.start, sl.stop)) + [-1] * (k - (sl.stop - sl.start))
+            w = sl.stop - sl.start
+            if self.buckets and self.buckets[-1][2] == w:
+                st, n, _ = self.buckets[-1]
+                self.buckets[-1] = (st, n + 1, w)
+            else:
+                self.buckets.append((len(layout), 1, w))
+            layout += list(range(sl.start, sl.stop))
+        self.gk, self.nc = len(layout), len(conts)
         layout += conts
         used = set(layout)
         layout += [c for c in range(d) if c not in used]
-        lay = torch.tensor(layout, dtype=torch.long)
-        self.width = len(layout)
-        self.pos = (lay >= 0).nonzero().squeeze(1).to(dev)  # layout positions of real columns
-        self.cols = lay[lay >= 0].to(dev)  # their original columns
+        self.perm = torch.tensor(layout, dtype=torch.long, device=dev)  # layout position -> column
+        self.inv = torch.argsort(self.perm)  # column -> layout position
         if self.gk:
-            c = lay[:self.gk]
-            real = c >= 0
-            cc = c.clamp(min=0).to(dev)
-            real_d = real.to(dev)
-            zero, one = torch.zeros((), device=dev), torch.ones((), device=dev)
-            self.s_in = torch.where(real_d, rx.scale[cc], zero)  # raw = x·s_in + m_in (pads: −inf)
-            self.m_in = torch.where(real_d, rx.mean[cc], torch.full((), float("-inf"), device=dev))
-            self.s_out = torch.where(real_d, rx.scale[cc], one)  # out = (softmax − m_out) / s_out (pads: 0)
-            self.m_out = torch.where(real_d, rx.mean[cc], zero)
+            cc = self.perm[:self.gk]
+            self.s_cat, self.m_cat = rx.scale[cc], rx.mean[cc]
         if self.nc:
-            cc = torch.tensor(conts, dtype=torch.long, device=dev)
+            cc = self.perm[self.gk:self.gk + self.nc]
             self.lo, self.span = rx.lo[cc], rx.hi[cc] - rx.lo[cc]
 
     def to_layout(self, x: Tensor) -> Tensor:
-        """[..., d] -> [..., width] (pads 0)."""
-        out = x.new_zeros((*x.shape[:-1], self.width))
-        out[..., self.pos] = x[..., self.cols]
-        return out
+        return x.index_select(-1, self.perm)
 
     def from_layout(self, x: Tensor) -> Tensor:
-        out = x.new_empty((*x.shape[:-1], self.cols.numel()))
-        out[..., self.cols] = x[..., self.pos]
-        return out
+        return x.index_select(-1, self.inv)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
-        """Relaxed copy of ``x`` [..., width] (layout) and what :meth:`backward` needs."""
+        """Relaxed copy of ``x`` [..., d] (layout) and what :meth:`backward` needs."""
         sm = sg = None
         parts = []
         gk, nc = self.gk, self.nc
         if gk:
-            raw = torch.addcmul(self.m_in, x[..., :gk], self.s_in)
+            raw = torch.addcmul(self.m_cat, x[..., :gk], self.s_cat)
             if self.tau != 1.0:
                 raw = raw / self.tau
-            sm = raw.unflatten(-1, (self.g, self.k)).softmax(-1).flatten(-2)
-            parts.append((sm - self.m_out) / self.s_out)
+            sm = torch.cat([raw[..., st:st + n * w].unflatten(-1, (n, w)).softmax(-1).flatten(-2)
+                            for st, n, w in self.buckets], -1)
+            parts.append((sm - self.m_cat) / self.s_cat)
         if nc:
             xc = x[..., gk:gk + nc]
             sg = torch.sigmoid(xc / self.temp if self.temp != 1.0 else xc)
@@ -132,12 +125,14 @@ class FusedRelax:
         sm, sg = saved
         gk, nc = self.gk, self.nc
         if gk:
-            prod = sm * out_bar[..., :gk] / self.s_out
-            tot = prod.unflatten(-1, (self.g, self.k)).sum(-1, keepdim=True)
-            raw_bar = (prod.unflatten(-1, (self.g, self.k)) - sm.unflatten(-1, (self.g, self.k)) * tot).flatten(-2)
+            prod = sm * out_bar[..., :gk] / self.s_cat
+            for st, n, w in self.buckets:
+                pv = prod[..., st:st + n * w].unflatten(-1, (n, w))
+                tot = pv.sum(-1, keepdim=True)
+                pv.sub_(sm[..., st:st + n * w].unflatten(-1, (n, w)) * tot)
             if self.tau != 1.0:
-                raw_bar = raw_bar / self.tau
-            out_bar[..., :gk] = raw_bar * self.s_in
+                prod = prod / self.tau
+            out_bar[..., :gk] = prod.mul_(self.s_cat)
         if nc:
             g = out_bar[..., gk:gk + nc] * self.span * sg * (1 - sg)
             out_bar[..., gk:gk + nc] = g / self.temp if self.temp != 1.0 else g
@@ -162,62 +157,94 @@ class MLPGradientMatch:
         self.tnorm = torch.sqrt(sum(t.pow(2).sum() for t in self.tw + self.tb))
         self.numel_w = [t.numel() for t in self.tw]  # l2's per-tensor mean (before any column padding)
 
+    def set_first_layer(self, w: Tensor, t: Tensor) -> None:
+        """Replace the first layer's weight and observed gradient (the relaxation's column layout)."""
+        self.w[0], self.tw[0] = w.contiguous(), t.contiguous()
+        self._wt = None
+
+    def _stacked(self) -> list[Tensor]:
+        if getattr(self, "_wt", None) is None:  # [W_i; T_i]: forward and ⟨·, T_i⟩ in one GEMM
+            self._wt = [torch.cat([w, t]).t().contiguous() for w, t in zip(self.w, self.tw)]
+        return self._wt
+
     def __call__(self, x: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` [E, B, d] relaxed candidates, ``onehot`` [E, B, C] labels -> (distance [E], ∂/∂x [E, B, d])."""
+        """``x`` [E, B, d] relaxed candidates, ``onehot`` [E, B, C] labels -> (distance [E], ∂/∂x [E, B, d]).
+
+        The per-member weight gradients gW_i = dz_iᵀ a_i are never formed: with Gram matrices
+        A_i = a_i a_iᵀ, D_i = dz_i dz_iᵀ ([B, B]) and a_i T_iᵀ (one shared GEMM with the forward),
+        ⟨gW_i, T_i⟩ = Σ dz_i ⊙ a_i T_iᵀ, ‖gW_i‖² = Σ A_i ⊙ D_i, and for ∂L/∂gW_i = α T_i + c gW_i:
+        ∂/∂dz_i = α a_i T_iᵀ + c A_i dz_i, ∂/∂a_i = α dz_i T_i + c D_i a_i."""
         e, b, _ = x.shape
         n = len(self.w)
         s = 1.0 / b if self.reduction == "mean" else 1.0
-        # forward (shared weights: one GEMM over all members' rows)
-        acts, masks = [x], []
+        wt = self._stacked()
+        # forward (shared weights: one GEMM over all members' rows, also giving a_i T_iᵀ)
+        acts, masks, at = [x], [], []
         h = x.reshape(e * b, -1)
         for i in range(n):
-            z = torch.addmm(self.b[i], h, self.w[i].t())
+            k = self.w[i].shape[0]
+            zt = h @ wt[i]
+            at.append(zt[:, k:].view(e, b, k))
+            z = zt[:, :k].add_(self.b[i])
             if i < n - 1:
-                m = z > 0
+                m = (z > 0).to(z.dtype)
                 masks.append(m)
-                h = z.mul_(m)  # relu (z is not needed again)
+                h = z * m
                 acts.append(h.view(e, b, -1))
             else:
                 logits = z
         p = logits.softmax(-1)
-        # backward: per-member parameter gradients
+        # backward: the per-row output gradients dz_i and the bias gradients
         dz = [None] * n
         dz[n - 1] = (p.view(e, b, -1) - onehot).mul_(s)
         for i in range(n - 1, 0, -1):
             dz[i - 1] = (dz[i].reshape(e * b, -1) @ self.w[i]).mul_(masks[i - 1]).view(e, b, -1)
-        gw = [torch.bmm(dz[i].transpose(1, 2), acts[i]) for i in range(n)]
-        gb = [dz[i].sum(1) for i in range(n)]
-        # the distance and its gradient w.r.t. every parameter gradient
+        gb = [d.sum(1) for d in dz]
+        ga = [torch.bmm(a, a.transpose(1, 2)) for a in acts]  # A_i
+        gd = [torch.bmm(d, d.transpose(1, 2)) for d in dz]  # D_i
+        dots = [(d * t).sum((1, 2)) + g @ tb for d, t, g, tb in zip(dz, at, gb, self.tb)]  # ⟨g_i, t_i⟩
+        pns = [(A * D).sum((1, 2)) + (g * g).sum(1) for A, D, g in zip(ga, gd, gb)]  # ‖g_i‖²
         if self.loss == "cosine":
-            gwf = [g.view(e, -1) for g in gw]
-            dot = sum(g @ t.view(-1) for g, t in zip(gwf, self.tw)) + sum(g @ t for g, t in zip(gb, self.tb))
-            pn = sum(torch.bmm(g.unsqueeze(1), g.unsqueeze(2)).view(e) for g in gwf + gb)
+            dot, pn = sum(dots), sum(pns)
             gn = pn.sqrt()
             den = gn * self.tnorm + 1e-12
             dist = 1.0 - dot / den
-            a = -1.0 / den  # ∂L/∂g = a·t + c·g
-            c = dot * self.tnorm / (den * den * gn.clamp(min=1e-30))
-            gw_bar = [g.mul_(c.view(e, 1, 1)).addcmul_(a.view(e, 1, 1), t) for g, t in zip(gw, self.tw)]
-            gb_bar = [g.mul_(c.view(e, 1)).addcmul_(a.view(e, 1), t) for g, t in zip(gb, self.tb)]
-        else:  # TabLeak's l2: Σ_l mean((g_l − t_l)²)
-            dw = [g.sub_(t) for g, t in zip(gw, self.tw)]
-            db = [g.sub_(t) for g, t in zip(gb, self.tb)]
-            dist = sum(d.pow(2).sum((1, 2)) / n for d, n in zip(dw, self.numel_w)) + sum(d.pow(2).mean(1) for d in db)
-            gw_bar = [d.mul_(2.0 / n) for d, n in zip(dw, self.numel_w)]
-            gb_bar = [d.mul_(2.0 / d.shape[1]) for d in db]
-        # double backward by hand: parameter gradients -> dz (via the backward chain) -> logits -> x
-        dz_bar = [torch.baddbmm(gb_bar[i].unsqueeze(1), acts[i], gw_bar[i].transpose(1, 2)) for i in range(n)]
-        a_bar = [torch.bmm(dz[i], gw_bar[i]) for i in range(n)]  # ∂/∂acts[i] through gW_i = dz_iᵀ acts[i]
+            alpha = [-1.0 / den] * n  # ∂L/∂g = α·t + c·g
+            coef = [dot * self.tnorm / (den * den * gn.clamp(min=1e-30))] * n
+        else:  # TabLeak's l2: Σ_l mean((g_l − t_l)²), weight and bias tensors separately
+            tw2 = [t.pow(2).sum() for t in self.tw]
+            tb2 = [t.pow(2).sum() for t in self.tb]
+            dist = 0.0
+            alpha, coef = [], []
+            for i in range(n):  # the weight term; the bias term is added below
+                nw, nb = self.numel_w[i], self.tb[i].numel()
+                dw = dots[i] - gb[i] @ self.tb[i]
+                pw = pns[i] - (gb[i] * gb[i]).sum(1)
+                dist = dist + (pw - 2 * dw + tw2[i]) / nw + ((gb[i] - self.tb[i]).pow(2).sum(1)) / nb
+                alpha.append(torch.full((e,), -2.0 / nw, dtype=x.dtype, device=x.device))
+                coef.append(torch.full((e,), 2.0 / nw, dtype=x.dtype, device=x.device))
+        # double backward by hand
+        dz_bar, a_gd = [], []
+        for i in range(n):
+            al, c = alpha[i].view(e, 1, 1), coef[i].view(e, 1, 1)
+            if self.loss == "cosine":
+                gb_bar = alpha[i].view(e, 1) * self.tb[i] + coef[i].view(e, 1) * gb[i]
+            else:
+                gb_bar = (gb[i] - self.tb[i]) * (2.0 / self.tb[i].numel())
+            dz_bar.append(torch.baddbmm(torch.addcmul(gb_bar.unsqueeze(1), at[i], al), ga[i].mul_(c), dz[i]))
+            a_gd.append(gd[i].mul_(c))
         for i in range(n - 1):  # dz_i = (dz_{i+1} W_{i+1}) ⊙ mask_i
-            da = dz_bar[i].reshape(e * b, -1).mul_(masks[i])
+            da = dz_bar[i].view(e * b, -1).mul_(masks[i])
             dz_bar[i + 1].view(e * b, -1).addmm_(da, self.w[i + 1].t())
-        pb = dz_bar[n - 1].reshape(e * b, -1).mul_(s)  # dz_n = s (p − y)
+        pb = dz_bar[n - 1].view(e * b, -1).mul_(s)  # dz_n = s (p − y)
         z_bar = p * (pb - (p * pb).sum(-1, keepdim=True))
-        for i in range(n - 1, -1, -1):  # forward chain: z_i = acts[i] W_iᵀ + b_i
-            ab = a_bar[i].view(e * b, -1).addmm_(z_bar, self.w[i])
+        for i in range(n - 1, -1, -1):  # z_i = a_i W_iᵀ + b_i and gW_i = dz_iᵀ a_i
+            adz = (dz[i] * alpha[i].view(e, 1, 1)).view(e * b, -1)
+            ab = torch.addmm(torch.mm(z_bar, self.w[i]), adz, self.tw[i]).view(e, b, -1)
+            ab = ab.baddbmm_(a_gd[i], acts[i])
             if i > 0:
-                z_bar = ab.mul_(masks[i - 1])
-        return dist, a_bar[0]
+                z_bar = ab.view(e * b, -1).mul_(masks[i - 1])
+        return dist, ab
 
 
 def run_adam(step_grad, x0: Tensor, *, lr: float, iterations: int, signed: bool,
@@ -261,8 +288,7 @@ class FastEngine:
         self.relax = FusedRelax(rx, softmax=cfg.softmax, temperature=cfg.temperature, sigmoid=cfg.sigmoid,
                                 sigmoid_temperature=cfg.sigmoid_temperature)
         # the first layer's weight and observed gradient in the relaxation's column layout
-        self.obj.w[0] = self.relax.to_layout(self.obj.w[0]).contiguous()
-        self.obj.tw[0] = self.relax.to_layout(self.obj.tw[0]).contiguous()
+        self.obj.set_first_layer(self.relax.to_layout(self.obj.w[0]), self.relax.to_layout(self.obj.tw[0]))
 
     def _onehot(self, ys: Tensor, like: Tensor) -> Tensor:
         return torch.nn.functional.one_hot(ys.long(), self.num_classes).to(like.dtype)
