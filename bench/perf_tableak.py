@@ -5,7 +5,8 @@ Variants, each in a fresh subprocess (its own peak RSS = ``ru_maxrss``), same ba
 
 * ``fast``: the closed-form engine (``TabLeakConfig(engine="fast")``, ``tableak/fast.py``);
 * ``vmap``: all members as one ``torch.func.vmap`` program (``engine="vmap"``), the baseline;
-* ``loop``: the sequential loop over members (``batched=False``);
+* ``loop``: the sequential loop over members (``batched=False``; ``PERF_TABLEAK_VARIANTS=fast,vmap``
+  leaves it out: at 1500 steps it takes several times the vmap engine's time);
 * ``reference``: the original eth-sri/tableak code (``time_one_attack.py`` of the reference
   harness, experiment 46), when ``TABLEAK_REF`` (patched work tree) and ``TABLEAK_REF_PYTHON``
   (its venv's python) are set; it runs CONCURRENTLY with our variants (the harness's side-by-side
@@ -98,8 +99,12 @@ def _start_reference(iterations: int, batch: int, core: int | None) -> tuple[sub
         return None, "reference skipped: set TABLEAK_REF (patched eth-sri/tableak tree) and TABLEAK_REF_PYTHON"
     if not HARNESS.exists():
         return None, f"reference skipped: harness {HARNESS} not found (TABLEAK_REF_HARNESS)"
-    cmd = _pin(core) + [py, str(HARNESS), "--repo", ref, "--batch_size", str(batch), "--threads", "1",
-                        "--max_iterations", str(iterations)]
+    # a thin wrapper reports the reference process's peak RSS (its only child's ru_maxrss) on stderr
+    wrap = ("import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+            "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}), "
+            "file=sys.stderr); sys.exit(r.returncode)")
+    cmd = _pin(core) + [sys.executable, "-c", wrap, py, str(HARNESS), "--repo", ref, "--batch_size", str(batch),
+                        "--threads", "1", "--max_iterations", str(iterations)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), ""
@@ -113,37 +118,41 @@ def measure(*, quick: bool, device: str) -> list[dict]:
     ref_core = cores[0] if len(cores) >= 2 else None
     setting = f"Adult B=32, FC[100,100,2], 30 members x {iterations} it, 1 thread, {device}"
     proc, ref_note = (None, "reference is CPU-only") if device != "cpu" else _start_reference(iterations, 32, ref_core)
-    res = {v: _run_ours(v, ours_core, **kw) for v in ("fast", "vmap", "loop")}
+    variants = [v for v in os.environ.get("PERF_TABLEAK_VARIANTS", "fast,vmap,loop").split(",") if v]
+    if "fast" not in variants or "vmap" not in variants:
+        raise ValueError("PERF_TABLEAK_VARIANTS must include fast and vmap (loop is optional)")
+    res = {v: _run_ours(v, ours_core, **kw) for v in variants}
     ref = None
     if proc is not None:
         out, err = proc.communicate()
         if proc.returncode == 0:
             ref = json.loads(out.strip().splitlines()[-1])
+            ref["peak_rss_mb"] = json.loads(err.strip().splitlines()[-1])["peak_rss_mb"]
         else:
             ref_note = f"reference failed (rc {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}"
     concurrent = "reference ran concurrently on another core" if ref is not None else "no concurrent reference"
     rows = []
 
     def row(variant, baseline, wall, rss, acc, notes):
-        base = {"fast": res["vmap"]["wall_s"], "vmap": res["vmap"]["wall_s"], "loop": res["vmap"]["wall_s"]}
         return {"attack": "tableak", "setting": setting, "variant": variant, "baseline": baseline, "wall_s": wall,
                 "ratio": None, "peak_rss_mb": rss, "metric_name": "accuracy", "metric": acc, "notes": notes}
 
-    for v, note in [("fast", "closed-form engine (tableak/fast.py)"), ("vmap", "torch.func.vmap engine (previous default)"),
-                    ("loop", "sequential loop over members (batched=False)")]:
+    notes = {"fast": "closed-form engine (tableak/fast.py)", "vmap": "torch.func.vmap engine (previous default)",
+             "loop": "sequential loop over members (batched=False)"}
+    for v in variants:
+        note = notes[v]
         r = row(v, "vmap", res[v]["wall_s"], res[v]["peak_rss_mb"], res[v]["accuracy"],
                 f"{note}; seed 42; {concurrent}")
         r["ratio"] = res["vmap"]["wall_s"] / res[v]["wall_s"]
         rows.append(r)
     if ref is not None:
-        rr = row("reference", "reference", ref["attack_seconds"], ref.get("peak_rss_mb"), ref["accuracy"],
+        rr = row("reference", "reference", ref["attack_seconds"], ref.get("peak_rss_mb"), ref["accuracy"] / 100,
                  f"eth-sri/tableak experiment 46 via time_one_attack.py, its own sample of Adult "
                  f"(cat {ref.get('cat_accuracy')}, cont {ref.get('cont_accuracy')}); concurrent with ours")
         rr["ratio"] = 1.0
         rows.append(rr)
-        for v in ("fast", "vmap", "loop"):
-            rows.append({**rows[["fast", "vmap", "loop"].index(v)], "baseline": "reference",
-                         "ratio": ref["attack_seconds"] / res[v]["wall_s"]})
+        for i, v in enumerate(variants):
+            rows.append({**rows[i], "baseline": "reference", "ratio": ref["attack_seconds"] / res[v]["wall_s"]})
     else:
         rows.append({"attack": "tableak", "setting": setting, "variant": "reference", "baseline": "reference",
                      "wall_s": None, "ratio": None, "peak_rss_mb": None, "metric_name": "accuracy", "metric": None,

@@ -91,9 +91,25 @@ class FusedRelax:
         if self.gk:
             cc = self.perm[:self.gk]
             self.s_cat, self.m_cat = rx.scale[cc], rx.mean[cc]
+            # block-diagonal ones: (row of exps) @ same = every column's group sum, in one GEMM
+            self.same = torch.zeros((self.gk, self.gk), dtype=rx.mean.dtype, device=dev)
+            for st, n, w in self.buckets:
+                for g in range(n):
+                    a = st + g * w
+                    self.same[a:a + w, a:a + w] = 1.0
         if self.nc:
             cc = self.perm[self.gk:self.gk + self.nc]
             self.lo, self.span = rx.lo[cc], rx.hi[cc] - rx.lo[cc]
+
+    def _group_softmax(self, raw: Tensor) -> Tensor:
+        """Softmax within every group: exp(raw − row max) normalised by group sums (one GEMM); if
+        a whole group underflows (it lies ≳ 69 below the row's max), the exact per-group softmax."""
+        e = (raw - raw.amax(-1, keepdim=True)).exp_()
+        tot = e @ self.same
+        if bool((tot < 1e-30).any()):
+            return torch.cat([raw[..., st:st + n * w].unflatten(-1, (n, w)).softmax(-1).flatten(-2)
+                              for st, n, w in self.buckets], -1)
+        return e.div_(tot)
 
     def to_layout(self, x: Tensor) -> Tensor:
         return x.index_select(-1, self.perm)
@@ -110,8 +126,7 @@ class FusedRelax:
             raw = torch.addcmul(self.m_cat, x[..., :gk], self.s_cat)
             if self.tau != 1.0:
                 raw = raw / self.tau
-            sm = torch.cat([raw[..., st:st + n * w].unflatten(-1, (n, w)).softmax(-1).flatten(-2)
-                            for st, n, w in self.buckets], -1)
+            sm = self._group_softmax(raw)
             parts.append((sm - self.m_cat) / self.s_cat)
         if nc:
             xc = x[..., gk:gk + nc]
@@ -126,10 +141,7 @@ class FusedRelax:
         gk, nc = self.gk, self.nc
         if gk:
             prod = sm * out_bar[..., :gk] / self.s_cat
-            for st, n, w in self.buckets:
-                pv = prod[..., st:st + n * w].unflatten(-1, (n, w))
-                tot = pv.sum(-1, keepdim=True)
-                pv.sub_(sm[..., st:st + n * w].unflatten(-1, (n, w)) * tot)
+            prod = prod.sub_(sm * (prod @ self.same))  # softmax Jacobian, group sums by one GEMM
             if self.tau != 1.0:
                 prod = prod / self.tau
             out_bar[..., :gk] = prod.mul_(self.s_cat)
@@ -187,9 +199,9 @@ class MLPGradientMatch:
             at.append(zt[:, k:].view(e, b, k))
             z = zt[:, :k].add_(self.b[i])
             if i < n - 1:
-                m = (z > 0).to(z.dtype)
+                h = z.clamp_min(0)  # relu
+                m = torch.sign(h)  # its derivative as a float mask (1 where z > 0)
                 masks.append(m)
-                h = z * m
                 acts.append(h.view(e, b, -1))
             else:
                 logits = z
