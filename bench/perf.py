@@ -5,7 +5,8 @@
 Each section is a module ``bench/perf_<name>.py`` exposing ``measure(*, quick: bool, device: str)
 -> list[dict]``; a row has the keys of :data:`ROW_KEYS` (``ratio`` = baseline seconds / variant
 seconds, ``peak_rss_mb`` the variant's own peak resident memory where the section measures it in a
-fresh process). A section whose file is missing is skipped with a note. The suite prints one
+fresh process); optional keys ``cpu_s`` and ``ratio_cpu`` give the same on process CPU time,
+which a shared machine distorts far less than the wall clock. A section whose file is missing is skipped with a note. The suite prints one
 Markdown table and writes ``perf-<stamp>.md`` and ``perf-<stamp>.jsonl`` under ``--out``; every
 JSONL line carries the git commit, the dirty flag, the device, the CPU threads and the host.
 """
@@ -78,12 +79,13 @@ def _fmt(v, nd=2) -> str:
 def markdown(rows: list[dict], prov: dict) -> str:
     head = (f"commit `{prov['commit'][:10]}`{' (dirty)' if prov['dirty'] else ''}, device {prov['device']}, "
             f"OMP threads {prov['cpu_threads']}, {prov['cpus_available']} CPUs, load {prov['load_avg_1m_at_start']}")
-    lines = [head, "", "| attack | setting | variant | vs | wall s | ratio | peak RSS MB | metric | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "", "| attack | setting | variant | vs | wall s | ratio | CPU s | CPU ratio | peak RSS MB | metric | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         metric = f"{r.get('metric_name') or ''} {_fmt(r.get('metric'), 3)}".strip()
         lines.append(f"| {r['attack']} | {r['setting']} | {r['variant']} | {r['baseline']} | {_fmt(r['wall_s'])} | "
-                     f"{_fmt(r['ratio'])}{'x' if r.get('ratio') is not None else ''} | {_fmt(r['peak_rss_mb'], 0)} | "
+                     f"{_fmt(r['ratio'])}{'x' if r.get('ratio') is not None else ''} | {_fmt(r.get('cpu_s'))} | "
+                     f"{_fmt(r.get('ratio_cpu'))}{'x' if r.get('ratio_cpu') is not None else ''} | {_fmt(r['peak_rss_mb'], 0)} | "
                      f"{metric} | {r.get('notes', '')} |")
     return "\n".join(lines) + "\n"
 

@@ -172,12 +172,17 @@ class MLPGradientMatch:
     def set_first_layer(self, w: Tensor, t: Tensor) -> None:
         """Replace the first layer's weight and observed gradient (the relaxation's column layout)."""
         self.w[0], self.tw[0] = w.contiguous(), t.contiguous()
-        self._wt = None
+        self._wt = self._wtt = None
 
     def _stacked(self) -> list[Tensor]:
         if getattr(self, "_wt", None) is None:  # [W_i; T_i]: forward and ⟨·, T_i⟩ in one GEMM
             self._wt = [torch.cat([w, t]).t().contiguous() for w, t in zip(self.w, self.tw)]
         return self._wt
+
+    def _stacked_rows(self) -> list[Tensor]:
+        if getattr(self, "_wtt", None) is None:
+            self._wtt = [torch.cat([w, t]).contiguous() for w, t in zip(self.w, self.tw)]
+        return self._wtt
 
     def __call__(self, x: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` [E, B, d] relaxed candidates, ``onehot`` [E, B, C] labels -> (distance [E], ∂/∂x [E, B, d]).
@@ -250,10 +255,13 @@ class MLPGradientMatch:
             dz_bar[i + 1].view(e * b, -1).addmm_(da, self.w[i + 1].t())
         pb = dz_bar[n - 1].view(e * b, -1).mul_(s)  # dz_n = s (p − y)
         z_bar = p * (pb - (p * pb).sum(-1, keepdim=True))
-        for i in range(n - 1, -1, -1):  # z_i = a_i W_iᵀ + b_i and gW_i = dz_iᵀ a_i
-            adz = (dz[i] * alpha[i].view(e, 1, 1)).view(e * b, -1)
-            ab = torch.addmm(torch.mm(z_bar, self.w[i]), adz, self.tw[i]).view(e, b, -1)
-            ab = ab.baddbmm_(a_gd[i], acts[i])
+        wtt = self._stacked_rows()
+        for i in range(n - 1, -1, -1):  # z_i = a_i W_iᵀ + b_i and gW_i = dz_iᵀ a_i: one GEMM on [z̄ | α dz]
+            k = self.w[i].shape[0]
+            lhs = torch.empty((e * b, 2 * k), dtype=x.dtype, device=x.device)
+            lhs[:, :k] = z_bar
+            torch.mul(dz[i], alpha[i].view(e, 1, 1), out=lhs[:, k:].view(e, b, k))
+            ab = torch.baddbmm((lhs @ wtt[i]).view(e, b, -1), a_gd[i], acts[i])
             if i > 0:
                 z_bar = ab.view(e * b, -1).mul_(masks[i - 1])
         return dist, ab
