@@ -4,10 +4,13 @@ Mirrors eth-sri/tableak ``attacks/gradient_inversion_attack.py`` (FedSGD, config
 ``attacks/ensembling.py`` (pooling), ``attacks/fed_avg_inversion_attack.py`` (FedAvg,
 config 52), ``attacks/restore_labels.py`` (label counts) and ``attacks/random_baseline.py``.
 
-FedSGD, per ensemble member (all members run as ONE tensor ``[E, B, d]``; the per-member
-gradient distance is ``torch.func.vmap`` of a ``torch.func.grad`` over a functional copy of
-the model; distances, local training and the Adam loop come from the gradient-matching core
-``common.grads`` / ``common.fl`` / ``common.optim``):
+FedSGD, per ensemble member (all members run as ONE tensor ``[E, B, d]``). Two engines compute
+the same optimisation: ``engine="vmap"`` takes the per-member gradient distance as
+``torch.func.vmap`` of a ``torch.func.grad`` over a functional copy of the model (distances, local
+training and the Adam loop from the gradient-matching core ``common.grads`` / ``common.fl`` /
+``common.optim``; any model and loss); ``engine="fast"`` (``tableak.fast``) is the closed form for
+a plain Linear/ReLU MLP with cross-entropy (hand-written double backward, no autograd), equal
+within float rounding; ``engine="auto"`` (default) takes the fast one where it applies:
 
 1. uniform init on [-1, 1] in standardised space;
 2. each step relaxes the candidate out of place: softmax over every categorical block
@@ -56,7 +59,7 @@ from common.seed import numpy_rng
 from common.threat import Capability
 from common.types import Batch, Observation, Reconstruction
 
-from .fast import FastEngine, mlp_layers
+from .fast import FastEngine, select_engine
 from .prior import TabularPrior, tabular_loss
 from .relax import Relaxer
 from .schema import TabularSchema
@@ -127,12 +130,6 @@ def restore_label_counts(obs_tensors: dict[str, Tensor], prior: TabularPrior, pa
 
 def counts_to_labels(counts: np.ndarray) -> Tensor:
     return torch.tensor(np.repeat(np.arange(len(counts)), counts), dtype=torch.long)
-
-
-def _ce_losses() -> tuple:
-    from .kit import TabularKit  # the kit's loss is the same per-row cross-entropy
-
-    return (tabular_loss, TabularKit.loss_fn)
 
 
 class TabLeak:
@@ -227,20 +224,6 @@ class TabLeak:
             aligned = rx.softmax(aligned, 1.0)
         return aligned.median(0).values, aligned, ref
 
-    def _fast_engine(self, model, prior: TabularPrior, target, names, rx, reduction) -> FastEngine | None:
-        """The closed-form engine for this observation, or None for the vmap engine."""
-        cfg = self.config
-        if cfg.engine == "vmap" or (cfg.engine == "auto" and not cfg.batched):
-            return None
-        ok = (prior.loss_fn in _ce_losses() and cfg.loss in ("cosine", "l2")
-              and reduction in ("mean", "sum") and mlp_layers(model) is not None)
-        if not ok:
-            if cfg.engine == "fast":
-                raise ValueError("engine='fast' needs a plain Linear/ReLU MLP with the tabular cross-entropy "
-                                 "and the cosine or l2 loss; use engine='vmap'")
-            return None
-        return FastEngine(model, target, names, rx, cfg=cfg, reduction=reduction)
-
     # -- labels -------------------------------------------------------------------------
     def _labels(self, obs: Observation, prior: TabularPrior, params, b: int, generator, *, scale: float = 1.0):
         if obs.labels is not None:
@@ -285,7 +268,7 @@ class TabLeak:
             g = functional_gradient(model, prior.loss_fn, params, Batch({"x": x}, y), reduction=reduction)
             return self._distance(g, target, names)
 
-        fast = self._fast_engine(model, prior, target, names, rx, reduction)
+        fast = select_engine(self.config, model, prior.loss_fn, target, names, rx, reduction=reduction)
         labels, counts = self._labels(obs, prior, params, b, generator)
         stats: dict[str, float] = {"fast_engine": float(fast is not None)}
         if counts is not None and cfg.label_search:

@@ -329,3 +329,27 @@ class FastEngine:
         """Distance per member of the candidates ``x`` [E, B, d] taken as they are (no relaxation)."""
         with torch.no_grad():
             return self.obj(self.relax.to_layout(x), self._onehot(ys, x))[0]
+
+
+def _cross_entropy_losses() -> tuple:
+    from .kit import TabularKit  # the kit's loss is the same per-row cross-entropy
+    from .prior import tabular_loss
+
+    return (tabular_loss, TabularKit.loss_fn)
+
+
+def select_engine(cfg, model: nn.Module, loss_fn, target: dict[str, Tensor], names: list[str], rx: Relaxer, *,
+                  reduction: str) -> FastEngine | None:
+    """The fast engine for this observation under ``cfg.engine`` (``auto``: where it applies and
+    ``cfg.batched``), or None for the vmap engine; ``engine="fast"`` where it cannot apply is a
+    ValueError."""
+    if cfg.engine == "vmap" or (cfg.engine == "auto" and not cfg.batched):
+        return None
+    ok = (loss_fn in _cross_entropy_losses() and cfg.loss in ("cosine", "l2") and reduction in ("mean", "sum")
+          and mlp_layers(model) is not None)
+    if not ok:
+        if cfg.engine == "fast":
+            raise ValueError("engine='fast' needs a plain Linear/ReLU MLP with the tabular cross-entropy "
+                             "and the cosine or l2 loss; use engine='vmap'")
+        return None
+    return FastEngine(model, target, names, rx, cfg=cfg, reduction=reduction)
