@@ -248,7 +248,7 @@ class MLPGradientMatch:
                 gb_bar = alpha[i].view(e, 1) * self.tb[i] + coef[i].view(e, 1) * gb[i]
             else:
                 gb_bar = (gb[i] - self.tb[i]) * (2.0 / self.tb[i].numel())
-            dz_bar.append(torch.baddbmm(torch.addcmul(gb_bar.unsqueeze(1), at[i], al), ga[i].mul_(c), dz[i]))
+            dz_bar.append(torch.addcmul(gb_bar.unsqueeze(1), at[i], al).baddbmm_(ga[i].mul_(c), dz[i]))
             a_gd.append(gd[i].mul_(c))
         for i in range(n - 1):  # dz_i = (dz_{i+1} W_{i+1}) ⊙ mask_i
             da = dz_bar[i].view(e * b, -1).mul_(masks[i])
@@ -261,7 +261,7 @@ class MLPGradientMatch:
             lhs = torch.empty((e * b, 2 * k), dtype=x.dtype, device=x.device)
             lhs[:, :k] = z_bar
             torch.mul(dz[i], alpha[i].view(e, 1, 1), out=lhs[:, k:].view(e, b, k))
-            ab = torch.baddbmm((lhs @ wtt[i]).view(e, b, -1), a_gd[i], acts[i])
+            ab = (lhs @ wtt[i]).view(e, b, -1).baddbmm_(a_gd[i], acts[i])
             if i > 0:
                 z_bar = ab.view(e * b, -1).mul_(masks[i - 1])
         return dist, ab
