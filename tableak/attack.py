@@ -4,10 +4,13 @@ Mirrors eth-sri/tableak ``attacks/gradient_inversion_attack.py`` (FedSGD, config
 ``attacks/ensembling.py`` (pooling), ``attacks/fed_avg_inversion_attack.py`` (FedAvg,
 config 52), ``attacks/restore_labels.py`` (label counts) and ``attacks/random_baseline.py``.
 
-FedSGD, per ensemble member (all members run as ONE tensor ``[E, B, d]``; the per-member
-gradient distance is ``torch.func.vmap`` of a ``torch.func.grad`` over a functional copy of
-the model; distances, local training and the Adam loop come from the gradient-matching core
-``common.grads`` / ``common.fl`` / ``common.optim``):
+FedSGD, per ensemble member (all members run as ONE tensor ``[E, B, d]``). Two engines compute
+the same optimisation: ``engine="vmap"`` takes the per-member gradient distance as
+``torch.func.vmap`` of a ``torch.func.grad`` over a functional copy of the model (distances, local
+training and the Adam loop from the gradient-matching core ``common.grads`` / ``common.fl`` /
+``common.optim``; any model and loss); ``engine="fast"`` (``tableak.fast``) is the closed form for
+a plain Linear/ReLU MLP with cross-entropy (hand-written double backward, no autograd), equal
+within float rounding; ``engine="auto"`` (default) takes the fast one where it applies:
 
 1. uniform init on [-1, 1] in standardised space;
 2. each step relaxes the candidate out of place: softmax over every categorical block
@@ -56,6 +59,7 @@ from common.seed import numpy_rng
 from common.threat import Capability
 from common.types import Batch, Observation, Reconstruction
 
+from .fast import FastEngine, select_engine
 from .prior import TabularPrior, tabular_loss
 from .relax import Relaxer
 from .schema import TabularSchema
@@ -90,6 +94,10 @@ class TabLeakConfig:
     fedavg_ensemble: int = 15
     epoch_prior: float = 0.01  # λ of the epoch-matching prior (paper sweeps {0, .5, .1, .05, .01, .005, .001})
     batched: bool = True  # False: sequential loop over members (benchmark only)
+    # FedSGD optimisation engine: "fast" = closed-form batched program (tableak.fast; plain
+    # Linear/ReLU MLP + cross-entropy, cosine/l2), "vmap" = torch.func over the model, "auto" =
+    # fast where it applies (and batched=True), vmap otherwise
+    engine: Literal["auto", "fast", "vmap"] = "auto"
     save_heatmap: bool = False  # ask the kit to save an entropy heat map per trial
 
 
@@ -155,9 +163,12 @@ class TabLeak:
         return gradient_distance(self.config.loss, g, target, names=names, reduction="mean")
 
     def _optimise(self, loss_one: Callable[[Tensor, Tensor], Tensor], x0: Tensor, ys: Tensor, rx: Relaxer,
-                  iterations: int) -> Tensor:
-        """Adam on the sign of ∇x over all members at once; returns the final bounded points."""
+                  iterations: int, fast: FastEngine | None = None) -> Tensor:
+        """Adam on the sign of ∇x over all members at once; returns the final bounded points.
+        ``fast``, when given, is the closed-form engine (the same values within float rounding)."""
         cfg = self.config
+        if fast is not None:
+            return self._final(rx, fast.optimise(x0, ys, iterations))
         x = x0.clone().requires_grad_(True)
         fn = lambda xr, yr: loss_one(self._relax(rx, xr), yr)  # noqa: E731
         batched = vmap(fn)
@@ -170,8 +181,11 @@ class TabLeak:
         adam([x], objective, lr=cfg.lr, iterations=iterations, signed=cfg.sign)
         return self._final(rx, x.detach())
 
-    def _projected_losses(self, loss_one, cands: Tensor, ys: Tensor, schema: TabularSchema) -> Tensor:
+    def _projected_losses(self, loss_one, cands: Tensor, ys: Tensor, schema: TabularSchema,
+                          fast: FastEngine | None = None) -> Tensor:
         proj = schema.project(cands)
+        if fast is not None:
+            return fast.losses(proj, ys)
         with torch.no_grad():
             return torch.stack([loss_one(proj[e], ys[e]).detach() for e in range(cands.shape[0])])
 
@@ -254,15 +268,16 @@ class TabLeak:
             g = functional_gradient(model, prior.loss_fn, params, Batch({"x": x}, y), reduction=reduction)
             return self._distance(g, target, names)
 
+        fast = select_engine(self.config, model, prior.loss_fn, target, names, rx, reduction=reduction)
         labels, counts = self._labels(obs, prior, params, b, generator)
-        stats: dict[str, float] = {}
+        stats: dict[str, float] = {"fast_engine": float(fast is not None)}
         if counts is not None and cfg.label_search:
             cands = self._label_candidates(counts, b)
             r = cfg.search_restarts
             ys = torch.stack([counts_to_labels(c) for c in cands for _ in range(r)]).to(device)
             x0 = torch.rand((len(ys), b, schema.dim), generator=generator).to(device) * 2 - 1
-            xs = self._optimise(loss_one, x0, ys, rx, cfg.search_iterations)
-            pl = self._projected_losses(loss_one, xs, ys, schema).view(len(cands), r).min(1).values
+            xs = self._optimise(loss_one, x0, ys, rx, cfg.search_iterations, fast)
+            pl = self._projected_losses(loss_one, xs, ys, schema, fast).view(len(cands), r).min(1).values
             counts = cands[int(torch.argmin(pl))]
             labels = counts_to_labels(counts)
             stats["label_search_candidates"] = float(len(cands))
@@ -270,12 +285,15 @@ class TabLeak:
         e = cfg.ensemble if cfg.pooling != "none" else 1
         x0 = torch.rand((e, b, schema.dim), generator=generator).to(device) * 2 - 1
         ys = labels.unsqueeze(0).expand(e, b)
-        cands = self._optimise(loss_one, x0, ys, rx, cfg.iterations)
-        proj = self._projected_losses(loss_one, cands, ys, schema)
+        cands = self._optimise(loss_one, x0, ys, rx, cfg.iterations, fast)
+        proj = self._projected_losses(loss_one, cands, ys, schema, fast)
         pooled, aligned, ref = self._pool(rx, schema, cands, proj, cfg.pooling)
         pooled = rx.clamp(pooled)
         extras = self._entropy(rx, schema, pooled, aligned)
-        final = float(loss_one(schema.project(pooled), labels).detach())
+        if fast is not None:
+            final = float(fast.losses(schema.project(pooled)[None], labels[None])[0])
+        else:
+            final = float(loss_one(schema.project(pooled), labels).detach())
         stats.update(final_projected_loss=final, best_member_projected_loss=float(proj[ref]),
                      ensemble=float(e), iterations=float(cfg.iterations))
         conf = (1.0 - extras["entropy_cat"].mean(1)).tolist() if extras["entropy_cat"].size else None
