@@ -147,7 +147,7 @@ class DAGER:
             keep = decoder.select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
             sents, scores = [sents[i] for i in keep], [scores[i] for i in keep]
             if sents:
-                sents = last_token.complete_last(obs, model, sents)
+                sents = last_token.complete_last(obs, model, sents, batched=run.fast)
             order = decoder.select(sents, scores, l1, position_free, b)
         return _finish(run, tok, sents, scores, order, b)
 
