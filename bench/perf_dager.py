@@ -76,7 +76,6 @@ def measure(*, quick: bool, device: str) -> list[dict]:
     """Seconds per batch of the original and the optimised DAGER paths (same process, same batches)."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows: list[dict] = []
     for case_name, b in QUICK if quick else FULL:
         setup = _setup(case_name, b, device)
@@ -105,6 +104,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     keys = ["setting", "variant", "wall_s", "ratio", "peak_rss_mb", "metric_name", "metric", "notes"]
     print(" | ".join(keys))
     for row in measure(quick=args.quick, device=args.device):
