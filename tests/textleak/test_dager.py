@@ -433,3 +433,94 @@ def test_minilm_exact_recovery(b):
     rec = _attack(obs, model, prior)
     metrics, _ = kit.score(rec, truth, case=case)
     assert metrics["exact_match"] == 1.0, (rec.data, truth["sentences"], rec.stats)
+
+
+# -- speed-ups (issue 18): the optimised paths return what the original paths return ---------------
+def _scan_both(obs, model, prior):
+    from textleak.attacks.dager import DAGER
+    from textleak.attacks.dager.attack import _scan_l1
+    from textleak.attacks.dager.run import Run
+    from textleak.attacks.dager.span import LayerInputs
+    from textleak.models import max_length
+
+    atk = DAGER()
+    model.eval()
+    taps, spans, stats = atk.spans(obs, model, torch.tensor([[0, 1, 2]]))
+    li1 = LayerInputs(model, taps[0])
+    out = {}
+    for fast in (True, False):
+        run = Run(atk.config, atk._taus(stats), stats=dict(stats), fast=fast)
+        out[fast] = (_scan_l1(run, li1, spans[0], min(128, max_length(model)), False), run.stats)
+    return out, li1, spans[0]
+
+
+def test_affine_scan_equals_plain_scan_tiny_gpt2():
+    """The LayerNorm-algebra scan (``scan.AffineScan``) is used on GPT-2 and keeps exactly the
+    candidates (and distances) of the full-vocabulary scan through the model."""
+    _, _, model, obs, prior, _, _ = _setup("text/tiny-gpt2/dager", 3)
+    out, _, _ = _scan_both(obs, model, prior)
+    (fast, st_fast), (plain, _) = out[True], out[False]
+    assert st_fast["fast_scan"] == 1.0
+    assert len(fast) == len(plain) > 3
+    for (cf, df), (cp, dp) in zip(fast, plain):
+        assert sorted(cf) == sorted(cp)
+        assert torch.allclose(df.sort().values, dp.sort().values, rtol=0, atol=1e-8)
+
+
+def test_affine_scan_lower_bound_is_below_the_span_distance():
+    from textleak.attacks.dager.scan import AffineScan
+    from textleak.attacks.dager.span import first_layer_vectors, span_distance
+
+    _, _, model, obs, prior, _, _ = _setup("text/tiny-gpt2/dager", 3)
+    _, li1, span1 = _scan_both(obs, model, prior)
+    scan = AffineScan.build(li1, 32)
+    assert scan is not None
+    comp = scan.complement(span1.basis)
+    ids = torch.arange(0, model.get_input_embeddings().num_embeddings, 7)
+    lb = scan.lower_bound(comp, [0, 5, 31])
+    for j, p in enumerate([0, 5, 31]):
+        d = span_distance(span1.basis, first_layer_vectors(li1, ids, p))
+        assert (lb[ids, j] <= d + 1e-5).all()
+        assert float(lb[ids, j].median()) > 0.2  # a useful bound: most tokens are filtered out
+
+
+def test_affine_scan_not_used_without_a_feeding_layernorm():
+    """Rotary Llama-style models (RMSNorm) keep the plain scan."""
+    from textleak.attacks.dager import DAGER
+    from textleak.attacks.dager.scan import AffineScan
+    from textleak.attacks.dager.span import LayerInputs
+
+    _, _, model, obs, _, _, _ = _setup("text/tiny-llama/dager", 2)
+    model.eval()
+    taps, _, _ = DAGER().spans(obs, model, torch.tensor([[0, 1, 2]]))
+    assert AffineScan.build(LayerInputs(model, taps[0]), 16) is None
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_fast_and_original_paths_reconstruct_the_same_tokens(name):
+    from common.seed import make_generator
+    from textleak.attacks.dager import DAGER
+
+    _, _, model, obs, prior, _, _ = _setup(f"text/{name}/dager", 3)
+    recs = [DAGER(fast=f).reconstruct(obs, model, prior, generator=make_generator(7)) for f in (True, False)]
+    assert recs[0].extras["token_ids"] == recs[1].extras["token_ids"]
+    assert recs[0].data == recs[1].data and recs[0].confidence == pytest.approx(recs[1].confidence, rel=1e-6)
+
+
+def test_batched_last_token_terms_equal_one_backward_per_candidate():
+    from textleak.attacks.dager import last_token
+
+    _, _, model, obs, _, _, batch = _setup("text/tiny-gpt2/dager", 2)
+    model.eval()
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    sents = [ids[i, :int(mask[i].sum()) - 1].tolist() for i in range(ids.shape[0])]
+    w = model.get_output_embeddings().weight
+    e = model.get_input_embeddings()(torch.tensor([sents[0]])).detach().requires_grad_(True)
+    h = model(inputs_embeds=e, output_hidden_states=True).hidden_states[-1][0, -1]
+    cand = [5, 17, 300, 1000]
+    got = last_token._input_terms(h, e, w, cand, True)
+    want = last_token._input_terms(h, e, w, cand, False)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7 * float(b.abs().max()))
+    outs = [last_token.complete_last(obs, model, sents, batched=bt) for bt in (True, False)]
+    assert outs[0] == outs[1]

@@ -64,7 +64,9 @@ Deviations from the reference, all deliberate:
 Modules: ``config`` (DagerConfig and the fixed constants), ``run`` (the per-call state: thresholds,
 statistics, deadline), ``attack`` (DAGER: spans, layer-1 scan, orchestration), ``span`` (span
 machinery), ``block`` (incremental post-LN first block), ``decoder`` and ``last_token`` (decoder
-search), ``encoder`` and ``beam`` (encoder search), ``prior`` (embedding prior), ``peel``.
+search), ``encoder`` and ``beam`` (encoder search), ``prior`` (embedding prior), ``peel``, ``scan``
+(the exact fast layer-1 scan for LayerNorm-fed first layers; ``DAGER(fast=False)`` keeps the
+original code paths for benchmarks and equivalence tests).
 """
 from .attack import DAGER
 from .config import DagerConfig

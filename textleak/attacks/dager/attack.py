@@ -18,6 +18,7 @@ from . import decoder, last_token, peel
 from .block import PostLNBlock
 from .config import CHUNK, MAX_LEN, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig
 from .run import Run, declared_sigma
+from .scan import EXACT_MAX, SCAN_BLOCK, AffineScan
 from .span import (
     DagerPreconditionError,
     LayerInputs,
@@ -46,8 +47,11 @@ class DAGER:
     def default_config(cls) -> DagerConfig:
         return DagerConfig()
 
-    def __init__(self, config: DagerConfig | None = None) -> None:
+    def __init__(self, config: DagerConfig | None = None, *, fast: bool = True) -> None:
+        """``fast=False`` selects the original (pre-optimisation) code paths: same results, slower;
+        kept for ``bench/perf_dager.py`` and the equivalence tests."""
         self.config = config or DagerConfig()
+        self.fast = fast
 
     # ------------------------------------------------------------------------------------------
     def reconstruct(self, obs: Observation, model: nn.Module, prior: Any, *,
@@ -119,7 +123,7 @@ class DAGER:
         vocab = int(model.get_input_embeddings().num_embeddings)
         probe = torch.tensor([[tok.eos_token_id or 0, 1, 2]], device=dev) % vocab
         taps, spans, stats = self.spans(obs, model, probe)
-        run = Run(self.config, self._taus(stats), t0=t0, stats=stats)
+        run = Run(self.config, self._taus(stats), t0=t0, stats=stats, fast=self.fast)
         stats["tau_l1"], stats["tau_l2"] = run.tau
         li1, li2 = LayerInputs(model, taps[0]), LayerInputs(model, taps[1])
         b = obs.num_examples
@@ -143,7 +147,7 @@ class DAGER:
             keep = decoder.select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
             sents, scores = [sents[i] for i in keep], [scores[i] for i in keep]
             if sents:
-                sents = last_token.complete_last(obs, model, sents)
+                sents = last_token.complete_last(obs, model, sents, batched=run.fast)
             order = decoder.select(sents, scores, l1, position_free, b)
         return _finish(run, tok, sents, scores, order, b)
 
@@ -155,11 +159,21 @@ def _scan_l1(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_fre
     all_ids = torch.arange(vocab)
     l1: list[tuple[list[int], Tensor]] = []
     t_scan = time.perf_counter()
+    scan, block = None, []
+    if run.fast and not position_free and run.tau[0] < EXACT_MAX:
+        scan = AffineScan.build(li1, max_len)
+    comp = scan.complement(span1.basis) if scan is not None else None
+    run.stats["fast_scan"] = float(scan is not None)
     for p in range(max_len):
         if position_free and p > 0:
             l1.append(l1[0])
             continue
-        d = span_distance(span1.basis, first_layer_vectors(li1, all_ids, p, chunk=CHUNK))
+        if scan is not None and comp is not None:
+            if p % SCAN_BLOCK == 0:  # positions in blocks: the lower bounds share matrix products
+                block = scan.scan(li1, span1.basis, comp, list(range(p, min(p + SCAN_BLOCK, max_len))))
+            d = block[p % SCAN_BLOCK]
+        else:
+            d = span_distance(span1.basis, first_layer_vectors(li1, all_ids, p, chunk=CHUNK))
         keep = torch.nonzero(d < run.gap_threshold(d, 0)).flatten()
         keep = keep[d[keep].argsort()]
         if keep.numel() == 0:

@@ -55,7 +55,10 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
     """Extend every live path by every passing candidate; paths with no passing extension are
     finished (appended to ``finished``). Returns the extensions sorted by score."""
     xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
-    ds = [span_distance(span2.basis, x) for x in xs]
+    if run.fast:  # one span-distance call over every path's extensions (same distances)
+        ds = list(span_distance(span2.basis, torch.cat(xs)).split([x.shape[0] for x in xs]))
+    else:
+        ds = [span_distance(span2.basis, x) for x in xs]
     thr = run.gap_threshold(torch.cat(ds), 1)
     nxt: list[_Path] = []
     for path, d in zip(live, ds):
@@ -67,11 +70,14 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
             if path.ids:
                 finished.append(path)
             continue
+        # a path made of one repeated token of length >= MAX_RUN may not take that token again
+        run_tok = path.ids[0] if position_free and len(path.ids) >= MAX_RUN and len(set(path.ids)) == 1 else None
+        dl = d.tolist()
         for j in ok:
             c = cands[j]
-            if position_free and len(path.ids) >= MAX_RUN and all(t == c for t in path.ids):
+            if c == run_tok:
                 continue
-            nxt.append(_Path(path.ids + [cands[j]], max(path.score, float(d[j]))))
+            nxt.append(_Path(path.ids + [c], max(path.score, dl[j])))
     nxt.sort(key=lambda x: x.score)
     return nxt
 

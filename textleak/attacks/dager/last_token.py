@@ -24,9 +24,10 @@ from .span import _Stop, model_device
 Terms = dict[int, Tensor]  # row of the output-embedding update -> the term's contribution
 
 
-def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]]) -> list[list[int]]:
+def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
+                  batched: bool = True) -> list[list[int]]:
     """Append the last token to every sentence (unchanged when the output embedding's update is
-    not observed)."""
+    not observed). ``batched``: the candidates' input-side terms in one backward per sentence."""
     out_emb = getattr(model, "get_output_embeddings", lambda: None)()
     if out_emb is None or not hasattr(out_emb, "weight"):
         return sents
@@ -48,7 +49,7 @@ def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]]) ->
         cand = (-(gn @ v)).topk(min(k, gn.shape[0])).indices.tolist()
         cand = cand + [c for c in by_norm if c not in cand]
         if exact and len(cand) > 1:
-            cand, rows = _rank_last(model, w, s, cand, g, dev)
+            cand, rows = _rank_last(model, w, s, cand, g, dev, batched=batched)
             terms.append([{r: t / (denom * len(s)) for r, t in rr.items()} for rr in rows])
         cands.append(cand)
     if not exact or not terms:
@@ -103,7 +104,7 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
 
 
 def _rank_last(model: nn.Module, w: Tensor, s: list[int], cand: list[int], resid: Tensor,
-               dev: torch.device) -> tuple[list[int], list[Terms]]:
+               dev: torch.device, *, batched: bool = True) -> tuple[list[int], list[Terms]]:
     """Order candidate last tokens by how well their exact gradient term explains the residual.
 
     The term of target ``y`` in the update of ``w`` is ``-d logit_y / d w``: ``-h`` in row ``y``
@@ -135,10 +136,11 @@ def _rank_last(model: nn.Module, w: Tensor, s: list[int], cand: list[int], resid
     h64 = h.detach().to(torch.float64).cpu()
     r_norm = float(resid.norm())
     scores, terms = [], []
+    ges = _input_terms(h, e, w, cand, batched) if tied else None
     for j, y in enumerate(cand):
         rows: Terms = {int(y): -h64.clone()}
-        if tied:
-            (ge,) = torch.autograd.grad(h @ w[y].detach(), [e], retain_graph=j < len(cand) - 1)
+        if ges is not None:
+            ge = ges[j]
             for t, tokid in enumerate(s):
                 g = -ge[0, t].detach().to(torch.float64).cpu()
                 rows[int(tokid)] = rows[int(tokid)] + g if int(tokid) in rows else g
@@ -148,6 +150,20 @@ def _rank_last(model: nn.Module, w: Tensor, s: list[int], cand: list[int], resid
         scores.append(dot / (r_norm * nrm + 1e-30))
     order = sorted(range(len(cand)), key=lambda j: -scores[j])
     return [cand[j] for j in order], [terms[j] for j in order]
+
+
+def _input_terms(h: Tensor, e: Tensor, w: Tensor, cand: list[int], batched: bool) -> list[Tensor]:
+    """``d(w_y . h) / d e`` [1, L, d] for every candidate ``y``: one backward with the candidates'
+    rows as a batch of cotangents (``batched``; the same vector-Jacobian products as one backward
+    per candidate, in larger matrix products), else one backward per candidate (the original)."""
+    if batched:
+        try:
+            (ge,) = torch.autograd.grad(h, [e], grad_outputs=w[cand].detach(), is_grads_batched=True,
+                                        retain_graph=True)
+            return list(ge)
+        except RuntimeError:  # an operation without a batching rule: one backward per candidate
+            pass
+    return [torch.autograd.grad(h @ w[y].detach(), [e], retain_graph=True)[0] for y in cand]
 
 
 def _joint_fit(g: Tensor, cands: list[list[int]], terms: list[list[Terms]], n: int) -> list[int]:

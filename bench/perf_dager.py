@@ -1,0 +1,117 @@
+"""DAGER per batch: the original code path vs the optimised one, in the same process, on the same
+batches (issue 18).
+
+    python bench/perf_dager.py [--quick] [--device cpu]
+
+``measure`` is also loaded by file path from ``bench/perf.py``. For each setting (case, batch size)
+one FedSGD observation is built (seed 0) and attacked twice: ``DAGER(fast=False)`` (the code paths
+of commit 56f2af4: full-vocabulary layer-1 scan through the model at every position, one backward
+per last-token candidate, one span-distance call per decoder path) and ``DAGER()`` (the exact
+speed-ups: ``scan.AffineScan``, the batched last-token backward, batched span checks). Both get the
+same ``time_budget_s`` (``BUDGET_S``); a row whose run timed out says so in ``notes``, and then its
+reconstruction depends on the speed. ``notes`` also says whether the two runs returned the same
+token ids. ``peak_rss_mb`` is the process's peak resident memory so far (``ru_maxrss``), so it is
+cumulative over the rows of one call.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BUDGET_S = 600.0
+QUICK = [("text/gpt2/dager", 4)]
+FULL = [("text/gpt2/dager", 8), ("text/gpt2/dager", 16), ("text/smollm2/dager", 8), ("text/smollm2/dager", 16),
+        ("text/minilm-bert/dager", 4), ("text/minilm-bert/dager", 8)]
+METRIC = "rouge1"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _setup(case_name: str, b: int, device: str, seed: int = 0) -> tuple[Any, ...]:
+    """Kit, case, model, prior, observation and ground truth of one FedSGD batch."""
+    import torch
+
+    from common.fl import client_update
+    from common.observe import observe
+    from common.seed import make_generator
+    from textleak.cases_dager import CASES
+    from textleak.kit import TextKit
+
+    dev = torch.device(device)
+    kit = TextKit()
+    case = CASES[case_name].with_batch_size(b)
+    model = kit.load_model(case, device=dev, generator=make_generator(seed))
+    pool = kit.load_pool(case, data_path=None)
+    prior = kit.make_prior(case, model, "text", device=device)
+    batch, truth = kit.sample(pool, case, model=model, device=dev, generator=make_generator(seed + 1))
+    obs = observe(client_update(model, batch, kit.loss_fn, case.protocol, generator=make_generator(seed + 2)),
+                  case.threat)
+    return kit, case, model, prior, obs, truth
+
+
+def _attack(fast: bool, kit, case, model, prior, obs, truth) -> dict[str, Any]:
+    from common.seed import make_generator
+    from textleak.attacks.dager import DAGER, DagerConfig
+
+    atk = DAGER(DagerConfig(time_budget_s=BUDGET_S), fast=fast)
+    t = time.perf_counter()
+    rec = atk.reconstruct(obs, model, prior, generator=make_generator(7))
+    wall = time.perf_counter() - t
+    metrics, _ = kit.score(rec, truth, case=case)
+    return {"wall_s": wall, "metric": float(metrics[METRIC]), "ids": rec.extras.get("token_ids"),
+            "timed_out": bool(rec.stats.get("timed_out", 0.0)), "stats": rec.stats}
+
+
+def measure(*, quick: bool, device: str) -> list[dict]:
+    """Seconds per batch of the original and the optimised DAGER paths (same process, same batches)."""
+    import torch
+
+    rows: list[dict] = []
+    for case_name, b in QUICK if quick else FULL:
+        setup = _setup(case_name, b, device)
+        old = _attack(False, *setup)
+        rss_old = _peak_rss_mb()
+        new = _attack(True, *setup)
+        same = old["ids"] == new["ids"]
+        setting = f"{case_name} B={b} ({device}, {torch.get_num_threads()} threads)"
+        for variant, r, rss in (("original (DAGER(fast=False))", old, rss_old), ("optimised (DAGER())", new, _peak_rss_mb())):
+            notes = [f"timed out at {BUDGET_S:.0f} s" if r["timed_out"] else "finished"]
+            if r is new:
+                notes.append("same token ids as the original path" if same else "token ids DIFFER from the original path")
+                notes.append(f"fast_scan={int(r['stats'].get('fast_scan', 0))}")
+            rows.append({"attack": "dager", "setting": setting, "variant": variant,
+                         "baseline": "original (DAGER(fast=False)), same process and batch",
+                         "wall_s": round(r["wall_s"], 2), "ratio": round(old["wall_s"] / max(r["wall_s"], 1e-9), 2),
+                         "peak_rss_mb": round(rss, 1), "metric_name": METRIC, "metric": round(r["metric"], 4),
+                         "notes": "; ".join(notes)})
+    return rows
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    keys = ["setting", "variant", "wall_s", "ratio", "peak_rss_mb", "metric_name", "metric", "notes"]
+    print(" | ".join(keys))
+    for row in measure(quick=args.quick, device=args.device):
+        print(" | ".join(str(row[k]) for k in keys))
+
+
+if __name__ == "__main__":
+    main()
