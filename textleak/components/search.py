@@ -64,7 +64,7 @@ class TextAttackConfig:
     batched: bool = True  # vectorised candidate scoring (False: one candidate at a time)
     chunk: int = 16  # candidates per vectorised call
     ghost: bool = True  # score candidates from layer inputs/output gradients (False: vmap per-candidate gradients)
-    ghost_chunk: int = 64  # candidates per ghost call
+    ghost_chunk: int = 32  # candidates per ghost call
 
 
 class TextSearch:
