@@ -177,6 +177,48 @@ def worker(name: str, quick: bool, device: str) -> dict:
         out["attack_s"] = time.perf_counter() - t0
         m, _ = score(kit, rec, truth, case=case)
         out.update(rouge1=float(m["rouge1"]), rouge2=float(m["rouge2"]), text=rec.data[0], n_steps=cfg.n_steps)
+    elif name.startswith("sentences-"):  # 5 sentences, a mid-size attack without the LM (the part that changed)
+        from eval.pipeline import score
+        from eval.pipeline import simulate
+        cfg = replace(preset("lamp-cos"), ghost=name.endswith("-new"), coeff_perplexity=0.0, n_steps=150,
+                      init_candidates=100, init_permutations=100, swap_every=25, swap_candidates=64)
+        res = []
+        for seed in range(5):
+            ts = simulate(case, kit, model=model, pool=kit.load_pool(case, data_path=None), prior_kind="text",
+                          device=torch.device(device), keep_batch=True, data_generator=make_generator(100 + seed),
+                          client_generator=make_generator(200 + seed))
+            t0 = time.perf_counter()
+            rec = TextSearch(cfg, ts.attacker.observation, model, ts.attacker.prior, make_generator(3)).run()
+            m, _ = score(kit, rec, ts.truth, case=case)
+            res.append({"attack_s": time.perf_counter() - t0, "rouge1": float(m["rouge1"]), "rouge2": float(m["rouge2"]),
+                        "text": rec.data[0], "truth": ts.truth["sentences"][0]})
+        out["sentences"] = res
+    elif name == "full":  # the paper's lamp-cos (2,000 steps) on the sentence, floor steps before and after
+        from eval.pipeline import score
+        cfg = preset("lamp-cos")
+        s = TextSearch(cfg, obs, model, prior, make_generator(3))
+        params = dict(model.named_parameters())
+
+        def floor():
+            x = x0.clone().requires_grad_(True)
+            logits = model(inputs_embeds=x, attention_mask=s.mask).logits
+            loss = torch.nn.functional.cross_entropy(logits, s.labels)
+            gs = torch.autograd.grad(loss, [params[n] for n in s.matcher.names], create_graph=True)
+            d = sum((g * s.matcher.target[n]).sum() for g, n in zip(gs, s.matcher.names))
+            d.backward(inputs=[x])
+            _sync(device)
+        t0 = time.perf_counter()
+        prior.lm()
+        out["lm_load_s"] = time.perf_counter() - t0
+        fl = [_timed(floor, 20)]
+        t0 = time.perf_counter()
+        rec = s.run()
+        out["attack_s"] = time.perf_counter() - t0
+        fl.append(_timed(floor, 20))
+        out["floor_s"] = fl
+        m, _ = score(kit, rec, truth, case=case)
+        out.update(rouge1=float(m["rouge1"]), rouge2=float(m["rouge2"]), text=rec.data[0], truth=truth["sentences"][0],
+                   n_steps=cfg.n_steps, stats={k: float(v) for k, v in rec.stats.items()})
     else:
         raise ValueError(f"unknown worker {name!r}")
     out["peak_rss_mb"] = _rss_mb()
@@ -200,8 +242,9 @@ def _row(attack, setting, variant, baseline, wall_s, ratio, rss, metric_name="",
     return dict(zip(FIELDS, (attack, setting, variant, baseline, wall_s, ratio, rss, metric_name, metric, notes)))
 
 
-def measure(*, quick: bool, device: str, threads: int = 1) -> list[dict]:
-    """All rows of this benchmark (see the module docstring); ``threads``: torch threads per worker."""
+def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -> list[dict]:
+    """All rows of this benchmark (see the module docstring); ``threads``: torch threads per worker;
+    ``full`` adds the paper's 2,000-step lamp-cos run on the sentence (minutes to tens of minutes)."""
     w = {n: _run_worker(n, quick=quick, device=device, threads=threads) for n in (
         "steps", "init-new", "init-old", "swap-new", "swap-old", "round-new",
         "round-old", "quality-new", "quality-old")}
@@ -228,6 +271,14 @@ def measure(*, quick: bool, device: str, threads: int = 1) -> list[dict]:
         rows.append(_row("lamp-cos", f"{CASE} 2000 steps (projected: 2000 steps + 1000 init candidates + 24 rounds)",
                          variant, "2000 floor steps", total, total / (2000 * fl), w[f"round-{variant}"]["peak_rss_mb"],
                          notes=f"{dev}; of which LM prior {24 * (rd - sw):.0f} s"))
+    if full:
+        f = _run_worker("full", quick=quick, device=device, threads=threads)
+        fl = sum(f["floor_s"]) / 2
+        rows.append(_row("lamp-cos", f"{CASE} the paper's {f['n_steps']} steps, one sentence", "new",
+                         f"{f['n_steps']} floor steps", f["attack_s"], f["attack_s"] / (f["n_steps"] * fl),
+                         f["peak_rss_mb"], "rouge1", f["rouge1"],
+                         f"{device}, {threads} thread(s); floor {f['floor_s'][0] * 1e3:.0f}/{f['floor_s'][1] * 1e3:.0f} ms "
+                         f"per step before/after; rouge2 {f['rouge2']:.3f}; LM load {f['lm_load_s']:.1f} s (not timed)"))
     qn, qo = w["quality-new"], w["quality-old"]
     for variant, q in (("new", qn), ("old", qo)):
         rows.append(_row("lamp-cos", f"{CASE} short attack ({q['n_steps']} steps)", variant, "-", q["attack_s"], None,
@@ -241,6 +292,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--full", action="store_true", help="add the 2,000-step lamp-cos run")
     ap.add_argument("--worker")
     args = ap.parse_args()
     if args.worker:
@@ -249,7 +301,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(worker(args.worker, args.quick, args.device)))
         return
-    rows = measure(quick=args.quick, device=args.device, threads=args.threads)
+    rows = measure(quick=args.quick, device=args.device, threads=args.threads, full=args.full)
     print(" | ".join(FIELDS))
     for r in rows:
         print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in FIELDS))
