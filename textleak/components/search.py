@@ -6,9 +6,11 @@ padding pinned, LAMP's ``fix_special_tokens``), loss = gradient distance + ``coe
 Discrete part (LAMP only): every ``swap_every`` steps after ``swap_burnin``, for each sentence,
 ``swap_candidates`` sequence transformations (swap two tokens, move a token, move a span, move a
 prefix to the end; candidate 0 = identity) are scored by gradient distance + ``coeff_perplexity``
-· LM NLL of the decoded text, and the best is kept. Candidates are scored in one vectorised call
-(see :mod:`textleak.components.gradmatch`) and reduced to distances chunk by chunk; LM NLLs come
-from one padded forward with a per-text cache.
+· LM NLL of the decoded text, and the best is kept. Candidates are scored from one batched forward
++ backward without forming their gradients (:mod:`textleak.components.ghost`; ``ghost``), or else
+in one vectorised per-candidate-gradient call (:mod:`textleak.components.gradmatch`) reduced to
+distances chunk by chunk; LM NLLs come from padded forwards with a per-text cache. With B = 1 and
+ghost scoring no gradient is materialised in the discrete step at all.
 Initialisation: ``init_candidates`` random Gaussian batches, the best by gradient distance, then
 ``init_permutations`` random permutations of its body positions, then rescaling to
 ``init_size``.
