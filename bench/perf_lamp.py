@@ -1,0 +1,311 @@
+"""Performance of LAMP (``lamp-cos``) and TAG next to their floor: a bare forward + double backward.
+
+    python bench/perf_lamp.py [--quick] [--device cpu] [--threads 1]
+
+``measure(quick=..., device=...)`` returns rows (attack, setting, variant, baseline, wall_s, ratio,
+peak_rss_mb, metric_name, metric, notes); ``bench/perf.py`` loads this module by path. Every row
+comes from its own subprocess (``--worker NAME``), so ``peak_rss_mb`` is that process's peak
+resident set (``ru_maxrss``; importing torch alone is ~0.7 GB in this venv). All on the MiniLM BERT
+case ``text/minilm-bert/fedsgd-short`` (B=1, one client sentence), the paper's settings:
+
+* ``floor``: the model's own forward on the dummy embeddings, ``autograd.grad`` w.r.t. every
+  matched parameter with ``create_graph``, ``Σ <g, g*>`` and its backward to the embeddings;
+* ``lamp-cos`` / ``tag`` continuous step: the attack's objective (distance + regulariser) and its
+  backward, as the Adam loop runs it; ratio = step / floor;
+* candidate scoring (init: 1,000 candidate batches; swaps: 200 candidates per round): the ghost
+  products (``ghost=True``, :mod:`textleak.components.ghost`) vs the previous vmap per-candidate
+  gradients (``ghost=False``, the code of commit 56f2af4), ratio = new / old;
+* one discrete round with the SmolLM2 LM prior, new vs old;
+* the projected 2,000-step attack (2000 continuous steps + 1,000 init candidates + 24 rounds)
+  against 2,000 floor steps;
+* quality: a short attack (``--quick``: 80 steps) with ``ghost`` on and off on the same seed:
+  ROUGE-1 of both and whether the reconstructions are equal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = "text/minilm-bert/fedsgd-short"
+FIELDS = ("attack", "setting", "variant", "baseline", "wall_s", "ratio", "peak_rss_mb", "metric_name", "metric",
+          "notes")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- workers (run in a subprocess each) ------------------------------------------------------------
+def _setup(device: str):
+    import torch
+
+    from common.seed import make_generator
+    from eval.catalog import catalog
+    from eval.pipeline import simulate
+    from textleak.cases import CASES
+    from textleak.kit import TextKit
+
+    kit = TextKit()
+    case = CASES[CASE].with_batch_size(1)
+    dev = torch.device(device)
+    model = kit.load_model(case, device=dev, generator=make_generator(0))
+    pool = kit.load_pool(case, data_path=None)
+    t = simulate(case, kit, model=model, pool=pool, prior_kind="text", device=dev, keep_batch=True,
+                 data_generator=make_generator(1), client_generator=make_generator(2))
+    cat = catalog()
+
+    def preset(name: str):
+        _, cls, over = cat.resolve(name)
+        return replace(cls.default_config(), **over)
+
+    return kit, case, model, t, preset
+
+
+def _timed(fn, reps: int, warm: int = 2) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs after ``warm`` warm-ups (a shared machine: medians)."""
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def _sync(device: str) -> None:
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _step_fn(s, x0, device: str):
+    """One continuous step as ``TextSearch.run`` takes it: objective (distance + regulariser) and backward."""
+    cfg = s.cfg
+
+    def step():
+        x = x0.clone().requires_grad_(True)
+        xe = s.pin(x)
+        loss = s.matcher.batch_distance(xe, s.mask, s._soft_labels(), None, create_graph=True)
+        if cfg.coeff_reg > 0:
+            loss = loss + cfg.coeff_reg * (xe.norm(dim=-1)[s.body].mean() - s.init_size) ** 2
+        loss.backward(inputs=[x])
+        _sync(device)
+    return step
+
+
+def worker(name: str, quick: bool, device: str) -> dict:
+    import torch
+
+    from common.seed import make_generator
+    from textleak.components.search import TextSearch
+
+    kit, case, model, t, preset = _setup(device)
+    obs, prior, truth = t.attacker.observation, t.attacker.prior, t.truth
+    ids = t.batch.inputs["input_ids"]
+    x0 = prior.embedding[ids].to(ids.device) + 0.05 * torch.randn(
+        ids.shape + (prior.embedding.shape[1],), generator=make_generator(5)).to(ids.device)
+    reps = 5 if quick else 20
+    out: dict = {"seq_len": int(obs.seq_lens[0])}
+    if name == "steps":  # floor, lamp-cos and tag continuous steps, interleaved (medians)
+        params = dict(model.named_parameters())
+        fns = {}
+        for attack in ("lamp-cos", "tag"):
+            s = TextSearch(replace(preset(attack), coeff_perplexity=0.0), obs, model, prior, make_generator(3))
+            fns[attack] = _step_fn(s, x0, device)
+        names, target = s.matcher.names, s.matcher.target
+
+        def floor():
+            x = x0.clone().requires_grad_(True)
+            logits = model(inputs_embeds=x, attention_mask=s.mask).logits
+            loss = torch.nn.functional.cross_entropy(logits, s.labels)
+            gs = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+            d = sum((g * target[n]).sum() for g, n in zip(gs, names))
+            d.backward(inputs=[x])
+            _sync(device)
+        fns["floor"] = floor
+        ts: dict = {k: [] for k in fns}
+        for i in range(reps + 2):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                if i >= 2:
+                    ts[k].append(time.perf_counter() - t0)
+        out.update({f"{k}_s": sorted(v)[len(v) // 2] for k, v in ts.items()})
+    elif name.startswith("init-") or name.startswith("swap-") or name.startswith("round-"):
+        ghost = name.endswith("-new")
+        cfg = replace(preset("lamp-cos"), ghost=ghost)
+        if not name.startswith("round-"):
+            cfg = replace(cfg, coeff_perplexity=0.0)
+        s = TextSearch(cfg, obs, model, prior, make_generator(3))
+        n_cand = 64 if quick else 200
+        if name.startswith("init-"):
+            xs = torch.randn((n_cand,) + tuple(x0.shape), generator=make_generator(6)).to(x0.device)
+            xs = torch.where(s.body.unsqueeze(-1), xs, s.pinned.unsqueeze(0))
+            out["per_candidate_s"] = _timed(lambda: s.score_batches(xs), 1 if quick else 3, warm=1) / n_cand
+            out["choice"] = int(s.score_batches(xs).argmin())
+        else:
+            if name.startswith("round-"):
+                prior.lm()  # load the LM prior outside the timing
+            s.cfg = replace(s.cfg, swap_candidates=200)
+            res = []
+
+            def one():
+                s.rng = __import__("numpy").random.default_rng(11)  # the same 200 proposals each time
+                s._nll_cache.clear()  # score every text each time
+                res.append(s.discrete_step(x0)[0])
+            out["round_s"] = _timed(one, 1 if quick else 3, warm=1)
+            out["choice_sum"] = float(res[-1].sum())
+    elif name.startswith("quality-"):
+        from eval.pipeline import score
+        cfg = replace(preset("lamp-cos"), ghost=name.endswith("-new"))
+        if quick:
+            cfg = replace(cfg, n_steps=80, init_candidates=16, init_permutations=16, swap_every=20,
+                          swap_candidates=32)
+        else:
+            cfg = replace(cfg, n_steps=300, init_candidates=100, init_permutations=100, swap_every=25)
+        t0 = time.perf_counter()
+        rec = TextSearch(cfg, obs, model, prior, make_generator(3)).run()
+        out["attack_s"] = time.perf_counter() - t0
+        m, _ = score(kit, rec, truth, case=case)
+        out.update(rouge1=float(m["rouge1"]), rouge2=float(m["rouge2"]), text=rec.data[0], n_steps=cfg.n_steps)
+    elif name.startswith("sentences-"):  # 5 sentences, a mid-size attack without the LM (the part that changed)
+        from eval.pipeline import score
+        from eval.pipeline import simulate
+        cfg = replace(preset("lamp-cos"), ghost=name.endswith("-new"), coeff_perplexity=0.0, n_steps=150,
+                      init_candidates=100, init_permutations=100, swap_every=25, swap_candidates=64)
+        res = []
+        for seed in range(5):
+            ts = simulate(case, kit, model=model, pool=kit.load_pool(case, data_path=None), prior_kind="text",
+                          device=torch.device(device), keep_batch=True, data_generator=make_generator(100 + seed),
+                          client_generator=make_generator(200 + seed))
+            t0 = time.perf_counter()
+            rec = TextSearch(cfg, ts.attacker.observation, model, ts.attacker.prior, make_generator(3)).run()
+            m, _ = score(kit, rec, ts.truth, case=case)
+            res.append({"attack_s": time.perf_counter() - t0, "rouge1": float(m["rouge1"]), "rouge2": float(m["rouge2"]),
+                        "text": rec.data[0], "truth": ts.truth["sentences"][0]})
+        out["sentences"] = res
+    elif name == "full":  # the paper's lamp-cos (2,000 steps) on the sentence, floor steps before and after
+        from eval.pipeline import score
+        cfg = preset("lamp-cos")
+        s = TextSearch(cfg, obs, model, prior, make_generator(3))
+        params = dict(model.named_parameters())
+
+        def floor():
+            x = x0.clone().requires_grad_(True)
+            logits = model(inputs_embeds=x, attention_mask=s.mask).logits
+            loss = torch.nn.functional.cross_entropy(logits, s.labels)
+            gs = torch.autograd.grad(loss, [params[n] for n in s.matcher.names], create_graph=True)
+            d = sum((g * s.matcher.target[n]).sum() for g, n in zip(gs, s.matcher.names))
+            d.backward(inputs=[x])
+            _sync(device)
+        t0 = time.perf_counter()
+        prior.lm()
+        out["lm_load_s"] = time.perf_counter() - t0
+        fl = [_timed(floor, 20)]
+        t0 = time.perf_counter()
+        rec = s.run()
+        out["attack_s"] = time.perf_counter() - t0
+        fl.append(_timed(floor, 20))
+        out["floor_s"] = fl
+        m, _ = score(kit, rec, truth, case=case)
+        out.update(rouge1=float(m["rouge1"]), rouge2=float(m["rouge2"]), text=rec.data[0], truth=truth["sentences"][0],
+                   n_steps=cfg.n_steps, stats={k: float(v) for k, v in rec.stats.items()})
+    else:
+        raise ValueError(f"unknown worker {name!r}")
+    out["peak_rss_mb"] = _rss_mb()
+    if device.startswith("cuda"):
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def _run_worker(name: str, *, quick: bool, device: str, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--device", device,
+           "--threads", str(threads)] + (["--quick"] if quick else [])
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {name} failed ({p.returncode}): {p.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def _row(attack, setting, variant, baseline, wall_s, ratio, rss, metric_name="", metric=None, notes="") -> dict:
+    return dict(zip(FIELDS, (attack, setting, variant, baseline, wall_s, ratio, rss, metric_name, metric, notes)))
+
+
+def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -> list[dict]:
+    """All rows of this benchmark (see the module docstring); ``threads``: torch threads per worker;
+    ``full`` adds the paper's 2,000-step lamp-cos run on the sentence (minutes to tens of minutes)."""
+    w = {n: _run_worker(n, quick=quick, device=device, threads=threads) for n in (
+        "steps", "init-new", "init-old", "swap-new", "swap-old", "round-new",
+        "round-old", "quality-new", "quality-old")}
+    st = w["steps"]
+    dev = f"{device}, {threads} thread(s), L={st['seq_len']} tokens"
+    fl = st["floor_s"]
+    rows = [_row("floor", f"{CASE} one step", "forward + double backward", "-", fl, 1.0, st["peak_rss_mb"],
+                 notes=f"{dev}; steps interleaved with the rows below, medians")]
+    for attack in ("lamp-cos", "tag"):
+        rows.append(_row(attack, f"{CASE} continuous step", "new", "floor", st[f"{attack}_s"], st[f"{attack}_s"] / fl,
+                         st["peak_rss_mb"], notes=f"{dev}; same process as the floor"))
+    for what, key, unit in (("init scoring, per candidate", "init", "per_candidate_s"),
+                            ("discrete round, 200 candidates, no LM", "swap", "round_s"),
+                            ("discrete round, 200 candidates + LM prior", "round", "round_s")):
+        new, old = w[f"{key}-new"], w[f"{key}-old"]
+        same_key = "choice" if key == "init" else "choice_sum"
+        same = new[same_key] == old[same_key]
+        for variant, r in (("new (ghost)", new), ("old (vmap, ghost=False)", old)):
+            rows.append(_row("lamp-cos", f"{CASE} {what}", variant, "old" if r is new else "-", r[unit],
+                             r[unit] / old[unit], r["peak_rss_mb"], "same choice as old", float(same), dev))
+    for variant in ("new", "old"):
+        r, sw, rd = st["lamp-cos_s"], w[f"swap-{variant}"]["round_s"], w[f"round-{variant}"]["round_s"]
+        total = 2000 * r + 1000 * w[f"init-{variant}"]["per_candidate_s"] + 24 * rd
+        rows.append(_row("lamp-cos", f"{CASE} 2000 steps (projected: 2000 steps + 1000 init candidates + 24 rounds)",
+                         variant, "2000 floor steps", total, total / (2000 * fl), w[f"round-{variant}"]["peak_rss_mb"],
+                         notes=f"{dev}; of which LM prior {24 * (rd - sw):.0f} s"))
+    if full:
+        f = _run_worker("full", quick=quick, device=device, threads=threads)
+        fl = sum(f["floor_s"]) / 2
+        rows.append(_row("lamp-cos", f"{CASE} the paper's {f['n_steps']} steps, one sentence", "new",
+                         f"{f['n_steps']} floor steps", f["attack_s"], f["attack_s"] / (f["n_steps"] * fl),
+                         f["peak_rss_mb"], "rouge1", f["rouge1"],
+                         f"{device}, {threads} thread(s); floor {f['floor_s'][0] * 1e3:.0f}/{f['floor_s'][1] * 1e3:.0f} ms "
+                         f"per step before/after; rouge2 {f['rouge2']:.3f}; LM load {f['lm_load_s']:.1f} s (not timed)"))
+    qn, qo = w["quality-new"], w["quality-old"]
+    for variant, q in (("new", qn), ("old", qo)):
+        rows.append(_row("lamp-cos", f"{CASE} short attack ({q['n_steps']} steps)", variant, "-", q["attack_s"], None,
+                         q["peak_rss_mb"], "rouge1", q["rouge1"],
+                         f"{dev}; rouge2 {q['rouge2']:.3f}; same text as old: {qn['text'] == qo['text']}"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--full", action="store_true", help="add the 2,000-step lamp-cos run")
+    ap.add_argument("--worker")
+    args = ap.parse_args()
+    if args.worker:
+        sys.path.insert(0, str(ROOT))
+        import torch
+        torch.set_num_threads(args.threads)
+        print(json.dumps(worker(args.worker, args.quick, args.device)))
+        return
+    rows = measure(quick=args.quick, device=args.device, threads=args.threads, full=args.full)
+    print(" | ".join(FIELDS))
+    for r in rows:
+        print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in FIELDS))
+
+
+if __name__ == "__main__":
+    main()

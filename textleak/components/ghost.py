@@ -1,0 +1,129 @@
+"""Candidate gradient distances without materialising per-candidate gradients ("ghost" products).
+
+Scoring a candidate needs, per parameter tensor, only scalars of its gradient ``G_c``: ``<G_c, M>``
+for one or two fixed tensors ``M`` (the observed gradient, the other sentences' contribution) and
+``|G_c|²``. For the modules a BERT-style encoder is made of these come from one batched forward and
+backward of all candidates, from the layer inputs ``a`` and output gradients ``δ`` alone:
+
+* ``nn.Linear`` (``G = Σ_t δ_t a_tᵀ``): ``<G, M> = Σ_t δ_t · (M a_t)`` and
+  ``|G|² = Σ_{t,s} (δ_t·δ_s)(a_t·a_s)``; the bias gradient ``Σ_t δ_t`` is small and formed;
+* ``nn.LayerNorm``: ``Σ_t δ_t ⊙ â_t`` and ``Σ_t δ_t`` are formed (``d`` floats per candidate);
+* ``nn.Embedding`` (``G = Σ_t e_{i_t} δ_tᵀ``): ``<G, M> = Σ_t δ_t · M[i_t]`` and
+  ``|G|² = Σ_{t,s} [i_t = i_s] δ_t·δ_s``.
+
+Per candidate this costs about one forward + backward of the sentence and a few matrix products
+per layer, against a ``C × parameter-count`` buffer (11 M floats per MiniLM candidate) for
+``torch.func.vmap(grad)``. The values equal the materialised ones up to float rounding (tested).
+Models with other parametrised modules (GPT-2's ``Conv1D``, Llama's RMSNorm) or a module called
+more than once per forward are not handled (:meth:`GhostScorer.build` returns ``None`` or
+:class:`Unsupported` is raised, and the caller keeps the vmap path). Examples must not interact in
+the forward (no batch norm), which holds for transformers in eval mode.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GhostScorer", "Unsupported"]
+
+_KINDS = {nn.Linear: "linear", nn.LayerNorm: "layernorm", nn.Embedding: "embedding"}
+
+
+class GhostScorer:
+    """Per-candidate ``<G_c, M_k>`` and ``|G_c|²`` for every named tensor, from one batched pass."""
+
+    def __init__(self, model: nn.Module, plan: dict[str, tuple[nn.Module, str, list[tuple[str, str]]]]) -> None:
+        self.model = model
+        self.plan = plan  # module name -> (module, kind, [(param attr, param name)])
+
+    @classmethod
+    def build(cls, model: nn.Module, names: Sequence[str]) -> "GhostScorer | None":
+        mods = dict(model.named_modules())
+        plan: dict[str, tuple[nn.Module, str, list[tuple[str, str]]]] = {}
+        for n in names:
+            mod_name, _, attr = n.rpartition(".")
+            mod = mods.get(mod_name)
+            kind = _KINDS.get(type(mod)) if mod is not None else None
+            if kind is None or attr not in ("weight", "bias"):
+                return None
+            if kind == "layernorm" and len(getattr(mod, "normalized_shape", ())) != 1:
+                return None
+            plan.setdefault(mod_name, (mod, kind, []))[2].append((attr, n))
+        return cls(model, plan)
+
+    def products(self, forward: Callable[[], Tensor], count: int, group: int,
+                 mats: Sequence[Mapping[str, Tensor]]) -> tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
+        """Run ``forward()`` (the scaled per-example losses of ``count · group`` examples, shape
+        ``[count · group]``, candidate-major) with hooks on the planned modules; candidate ``c`` is
+        the sum over its ``group`` examples. Returns ``({name: [<G_c, M_k>]_k}, {name: |G_c|²})``,
+        each ``[count]``."""
+        cap: dict[str, list] = {m: [] for m in self.plan}
+        handles = []
+        for m, (mod, kind, _) in self.plan.items():
+            handles.append(mod.register_forward_hook(_capture(cap[m], count * group)))
+        try:
+            with torch.enable_grad():
+                losses = forward()
+                outs = []
+                for m in self.plan:
+                    if len(cap[m]) != 1:
+                        raise Unsupported(f"module {m} ran {len(cap[m])} times in one forward")
+                    outs.append(cap[m][0][1])
+                deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        dots: dict[str, list[Tensor]] = {}
+        sq: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for (m, (mod, kind, params)), delta in zip(self.plan.items(), deltas):
+                inp, out = cap[m][0]
+                if delta is None:
+                    delta = torch.zeros_like(out)
+                d = _grouped(delta, count)  # [C, N, out]
+                a = _grouped(inp, count) if kind != "embedding" else inp.reshape(count, -1)
+                for attr, name in params:
+                    if kind == "linear" and attr == "weight":
+                        flat = a.reshape(-1, a.shape[-1])
+                        dots[name] = [(torch.mm(flat, mat[name].reshape(d.shape[-1], -1).T).view_as(d) * d).sum((1, 2))
+                                      for mat in mats]
+                        sq[name] = (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+                    elif kind == "embedding":
+                        dots[name] = [(mat[name][a] * d).sum((1, 2)) for mat in mats]
+                        same = (a.unsqueeze(2) == a.unsqueeze(1)).to(d.dtype)
+                        sq[name] = (same * torch.bmm(d, d.transpose(1, 2))).sum((1, 2))
+                    else:  # small per-candidate gradients, formed
+                        if attr == "bias":
+                            g = d.sum(1)
+                        else:  # layernorm weight: Σ_t δ_t ⊙ â_t
+                            xhat = nn.functional.layer_norm(a, mod.normalized_shape, None, None, mod.eps)
+                            g = (d * xhat).sum(1)
+                        dots[name] = [g @ mat[name].reshape(-1) for mat in mats]
+                        sq[name] = (g * g).sum(1)
+        return dots, sq
+
+
+class Unsupported(RuntimeError):
+    """The model does something the ghost products do not cover (the caller falls back)."""
+
+
+def _grouped(t: Tensor, count: int) -> Tensor:
+    """``[count · group, L, f]`` or ``[count · group, f]`` -> ``[count, group · L, f]``."""
+    return t.reshape(count, -1, t.shape[-1])
+
+
+def _capture(store: list, n: int):
+    def hook(mod: nn.Module, args: tuple, out: Tensor):
+        inp = args[0]
+        if out.shape[0] != n:  # a broadcast output (BERT's position embeddings [1, L, d]): one per example
+            if out.shape[0] != 1:
+                raise Unsupported(f"{type(mod).__name__} output of batch {out.shape[0]} for {n} examples")
+            out = out.expand(n, *out.shape[1:])
+            inp = inp.expand(n, *inp.shape[1:])
+        # a differentiable identity, so the captured tensor is this module's own output node
+        out = out.view_as(out)
+        store.append((inp.detach(), out))
+        return out
+    return hook
