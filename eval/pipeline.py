@@ -17,6 +17,7 @@ import resource
 import time
 import traceback
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -122,20 +123,29 @@ def check_threat(case: Case, attack: Any) -> None:
 
 def data_digest(path: str | Path) -> str | None:
     """SHA-256 of a data file's contents, or of every file under a folder (relative paths in
-    sorted order, each with its contents' digest); None when ``path`` is not a local file or folder."""
+    sorted order, each with its contents' digest); None when ``path`` is not a local file or folder.
+
+    A file is read once per process for each (path, size, mtime): a suite's trials on the same
+    data hash it once, and an edited file is hashed again."""
     p = Path(path)
     if p.is_file():
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        st = p.stat()
+        return _file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns)
     if not p.is_dir():
         return None
     files = sorted((f.relative_to(p).as_posix(), f) for f in p.rglob("*") if f.is_file())
     h = hashlib.sha256()
     for rel, f in files:
         h.update(rel.encode() + b"\0" + (data_digest(f) or "").encode() + b"\n")
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 
