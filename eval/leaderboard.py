@@ -52,12 +52,27 @@ def summarize(values: Sequence[float]) -> tuple[float, float, float]:
     return m, _t95(n) * s / math.sqrt(n), s
 
 
+# Config fields that change what a trial writes, never what it computes: a re-run of the same batch
+# that differs only in these is the same trial (counted once, the latest kept).
+OUTPUT_ONLY_CONFIG = frozenset({"save_heatmap", "save_artifacts", "progress"})
+
+
+def content_key(r: dict) -> str:
+    """The trial's content: case (data digest included), preset, computing config, seed, trial."""
+    cfg = {k: v for k, v in (r.get("attack", {}).get("config") or {}).items() if k not in OUTPUT_ONLY_CONFIG}
+    return canonical_json({"case": r.get("case"), "preset": r.get("attack", {}).get("preset"), "config": cfg,
+                           "seed": r.get("seed"), "trial": r.get("trial")})
+
+
 def dedupe(records: Iterable[dict]) -> list[dict]:
+    """One record per trial content (see ``content_key``), the latest created kept; records that
+    lack the fields (hand-made tables) fall back to their run id."""
     latest: dict[str, dict] = {}
     for r in records:
-        prev = latest.get(r["run_id"])
+        key = content_key(r) if "seed" in r and "trial" in r else r["run_id"]
+        prev = latest.get(key)
         if prev is None or r.get("created", "") >= prev.get("created", ""):
-            latest[r["run_id"]] = r
+            latest[key] = r
     return list(latest.values())
 
 

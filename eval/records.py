@@ -31,17 +31,45 @@ def run_id(*, case: dict, attack: str, config: dict, seed: int, trial: int) -> s
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+# What counts as code for provenance: the packages and the dependency pins. Edits to results/,
+# docs/ or the README do not make a record dirty (they cannot change what a trial computes).
+CODE_PATHS = ("common", "eval", "tableak", "textleak", "speechleak", "requirements.txt",
+              "requirements-assets.txt", "pyproject.toml")
+
+
+def _run_git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout
+
+
+def code_state(root: Path) -> tuple[str | None, bool | None, str | None]:
+    """(commit, dirty, diff hash) of the code at ``root``: dirty only when a package or dependency
+    file differs from HEAD (tracked edits or new untracked files there); the hash covers that diff
+    and the untracked files' bytes, so two dirty records with the same hash ran the same code."""
+    commit = _run_git(root, "rev-parse", "--short=12", "HEAD").strip() or None
+    paths = [p for p in CODE_PATHS if (root / p).exists()]
+    status = _run_git(root, "status", "--porcelain", "--untracked-files=all", "--", *paths).strip()
+    if not status:
+        return commit, False, None
+    h = hashlib.sha256(_run_git(root, "diff", "HEAD", "--binary", "--", *paths).encode())
+    for line in sorted(status.splitlines()):
+        if line.startswith("??"):
+            f = root / line[3:].strip()
+            if f.is_file() and "__pycache__" not in f.parts:
+                h.update(line[3:].encode() + b"\0" + f.read_bytes())
+    return commit, True, "sha256:" + h.hexdigest()[:32]
+
+
 @lru_cache(maxsize=1)
 def _git() -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, timeout=5).stdout.strip())
+        commit, dirty, diff = code_state(root)
     except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {"version": CODE_VERSION, "git": commit, "dirty": dirty}
+        commit, dirty, diff = None, None, None
+    out: dict[str, Any] = {"version": CODE_VERSION, "git": commit, "dirty": dirty}
+    if diff is not None:
+        out["diff_sha256"] = diff
+    return out
 
 
 def provenance(device: str) -> dict[str, Any]:

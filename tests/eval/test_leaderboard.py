@@ -181,3 +181,20 @@ def test_leaderboard_never_imports_torch(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=str(root))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
+def test_same_batch_with_another_output_option_counts_once():
+    """A re-run of one batch that differs only in an output option (save_heatmap) is one trial."""
+    from eval.leaderboard import aggregate
+
+    base = {"status": "ok", "case": {"name": "c", "modality": "tabular", "data": "adult"}, "seed": 0,
+            "attack": {"preset": "tableak", "name": "tableak", "config": {"iterations": 10}}}
+    a = {**base, "trial": 0, "run_id": "sha256:a", "created": "2026-01-01T00:00:00Z", "metrics": {"accuracy": 0.5}}
+    b = {**base, "trial": 0, "run_id": "sha256:b", "created": "2026-01-02T00:00:00Z", "metrics": {"accuracy": 0.7},
+         "attack": {**base["attack"], "config": {"iterations": 10, "save_heatmap": True}}}
+    c = {**base, "trial": 1, "run_id": "sha256:c", "created": "2026-01-01T00:00:00Z", "metrics": {"accuracy": 0.9}}
+    d = {**base, "trial": 1, "run_id": "sha256:d", "created": "2026-01-01T00:00:00Z", "metrics": {"accuracy": 0.1},
+         "attack": {**base["attack"], "config": {"iterations": 20}}}  # another computation: a second trial
+    (row,) = aggregate([a, b, c, d])
+    assert row.n_ok == 3
+    assert abs(row.metrics["accuracy"][0] - (0.7 + 0.9 + 0.1) / 3) < 1e-12

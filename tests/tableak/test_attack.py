@@ -194,12 +194,18 @@ def test_label_counts_recovered_from_gradient(adult):
 
 
 def test_unknown_labels_attack_and_search(adult):
-    model, rows, batch, obs = _setup(adult, 8, threat=HONEST)
-    rec = TabLeak(TabLeakConfig(iterations=30, ensemble=2, label_search=True, search_iterations=20,
-                                search_restarts=1)).reconstruct(obs, model, _prior(adult, model),
-                                                                generator=make_generator(0))
-    assert rec.labels.shape == (8,) and rec.stats["label_search_candidates"] >= 3
-    assert rec.data.shape == (8, adult[1].dim)
+    """Labels not granted: the searched label counts land within one of the truth on batches that hold
+    both classes (seeds 2 and 3 have 2 and 5 positives of 8), never the all-majority fallback."""
+    for seed in (2, 3):
+        model, rows, batch, obs = _setup(adult, 8, seed=seed, threat=HONEST)
+        assert obs.labels is None
+        rec = TabLeak(TabLeakConfig(iterations=30, ensemble=2, label_search=True, search_iterations=20,
+                                    search_restarts=1)).reconstruct(obs, model, _prior(adult, model),
+                                                                    generator=make_generator(0))
+        assert rec.labels.shape == (8,) and rec.stats["label_search_candidates"] >= 3
+        assert rec.data.shape == (8, adult[1].dim)
+        truth_pos, got_pos = int(batch.labels.sum()), int(rec.labels.sum())
+        assert truth_pos in (2, 5) and abs(got_pos - truth_pos) <= 1
 
 
 def test_random_baseline_draws_continuous_per_row(adult):

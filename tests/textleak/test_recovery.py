@@ -1,4 +1,6 @@
 """Real (short) attacks: a tiny model's gradient gives back a short sentence."""
+import json
+
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ def test_lamp_recovers_a_short_sentence_on_tiny_gpt2(short_file, tmp_path):
                     out_dir=tmp_path)
     assert rec["status"] == "ok", rec.get("error")
     assert rec["metrics"]["rouge1"] > 0.9
-    assert (tmp_path / "records.jsonl").exists() or True
+    assert rec["metrics"]["rouge2"] > 0.6  # word order recovered too, not only the bag of words
+    json.dumps(rec)  # the record is plain JSON, as run_many appends it
 
 
 def test_label_recovery_without_granted_labels():

