@@ -206,7 +206,7 @@ def cmd_audit(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m eval", description="gradleak: gradient-inversion attacks, runs and "
+    ap = argparse.ArgumentParser(prog=_prog(), description="gradleak: gradient-inversion attacks, runs and "
                                  "leaderboards. Exit codes: 0 all trials ok, 1 some trial failed, 2 bad input.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -282,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="write to this file, creating its folder (default: stdout)")
     p.set_defaults(fn=cmd_leaderboard)
     return ap
+
+
+def _prog() -> str:
+    """``gradleak`` when started as the installed console command, else ``python -m eval``."""
+    return "gradleak" if Path(sys.argv[0]).name == "gradleak" else "python -m eval"
+
+
+def console() -> None:
+    """Entry point of the ``gradleak`` console command (``pip install .``)."""
+    sys.exit(main())
 
 
 def main(argv: list[str] | None = None) -> int:
