@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--primary", help="metric to rank by (default: rouge2, accuracy, ... whichever the records have)")
     p.add_argument("--output", "-o", help="write to this file, creating its folder (default: stdout)")
     p.set_defaults(fn=cmd_leaderboard)
+
+    from .report import add_parser as add_report
+
+    add_report(sub)
     return ap
 
 

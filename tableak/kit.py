@@ -1,6 +1,8 @@
 """The tabular kit: loads tables and models, samples client batches, builds priors, scores."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -200,19 +202,34 @@ class TabularKit:
         return {"frame": frame, "schema": schema, "labels": schema.encode_labels(frame), "x": schema.encode(frame)}
 
     def save_artifacts(self, rec: Reconstruction, truth: Any, *, case: Case, directory) -> dict[str, str]:
+        """``cells.json``: the batch's rows decoded, matched to the truth, with the wrong cells marked
+        (the report's table view); with ``save_heatmap``, also the entropy heat map and the CSV."""
         ex = rec.extras or {}
-        if not ex.get("save_heatmap") or "entropy_cat" not in ex:
-            return {}
-        from .entropy import save_heatmap
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         schema: TabularSchema = truth["schema"]
         pc, pn = schema.decode_arrays(rec.data)
         tc, tn = schema.frame_to_arrays(truth["frame"])
         m, perm = matched_errors(pc, pn, tc, tn, schema)
+        names = [f.name for f, _ in schema.categorical] + [f.name for f, _ in schema.continuous]
+
+        def rows(c, n):
+            out = []
+            for i in range(c.shape[0]):
+                cat = [f.categories[j] if j >= 0 else None for (f, _), j in zip(schema.categorical, c[i])]
+                out.append(cat + [None if not np.isfinite(v) else round(float(v), 4) for v in n[i]])
+            return out
+
+        cells = {"columns": names, "reconstruction": rows(pc[perm], pn[perm]), "truth": rows(tc, tn),
+                 "wrong": m.astype(bool).tolist()}
+        (directory / "cells.json").write_text(json.dumps(cells), encoding="utf-8")
+        out = {"cells": str(directory / "cells.json")}
+        if not ex.get("save_heatmap") or "entropy_cat" not in ex:
+            return out
+        from .entropy import save_heatmap
+
         path = directory / "entropy_heatmap.png"
         save_heatmap(path, schema, np.asarray(ex["entropy_cat"])[perm], np.asarray(ex["entropy_cont"])[perm], m)
         schema.arrays_to_frame(pc[perm], pn[perm]).to_csv(directory / "reconstruction.csv", index=False)
-        return {"heatmap": str(path), "reconstruction": str(directory / "reconstruction.csv")}
+        return {**out, "heatmap": str(path), "reconstruction": str(directory / "reconstruction.csv")}
 
