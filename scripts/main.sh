@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Main job: set up (idempotent), run the main suite on real models and data, print the leaderboard.
+# Main job: set up (idempotent), run the main suite on real models and data (text, tabular, speech),
+# print the leaderboard and write the report (one self-contained HTML page).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,5 +11,6 @@ rc=0  # bench exits 1 when a trial failed: still write the leaderboard, then exi
 [ "$rc" -le 1 ] || exit "$rc"
 .venv/bin/python -m eval leaderboard "$OUT" --format html -o "$OUT/leaderboard.html"
 .venv/bin/python -m eval leaderboard "$OUT" --format md | tee "$OUT/leaderboard.md"
-echo "records: $OUT/records.jsonl  html: $OUT/leaderboard.html" >&2
+.venv/bin/python -m eval report "$OUT" -o "$OUT/report.html" --title "gradleak main job"
+echo "records: $OUT/records.jsonl  report: $OUT/report.html  leaderboard: $OUT/leaderboard.html" >&2
 exit "$rc"
