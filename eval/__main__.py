@@ -156,6 +156,10 @@ def cmd_bench(args) -> int:
     _check_out(args.out)
     device = _device(args.device)
     specs = load_suite(args.suite)
+    if args.seed_offset:
+        if args.seed_offset < 0:
+            raise UserError(f"--seed-offset {args.seed_offset}: give an offset >= 0 (evaluation runs use 1000)")
+        specs = [replace(s, seed=s.seed + args.seed_offset) for s in specs]
     if args.limit is not None:
         specs = specs[: args.limit]
     records = run_many(specs, out_dir=args.out, device=device, resume=args.resume, progress=not args.quiet,
@@ -245,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="skip trials whose run id is already recorded (default: off)")
     p.add_argument("--limit", type=int, help="run only the first N >= 1 trials of the suite (default: all)")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="add this to every seed of the suite; published tables use 1000 (evaluation seeds, see "
+                   "python -m eval tables) (default: %(default)s)")
     p.add_argument("--executor", choices=["local", "process", "ray"], default="local",
                    help="local: in this process; process: a local worker pool; ray: one Ray task per trial "
                    "(default: %(default)s)")
@@ -283,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_leaderboard)
 
     from .report import add_parser as add_report
+    from .tables import add_parser as add_tables
 
     add_report(sub)
+    add_tables(sub)
     return ap
 
 
