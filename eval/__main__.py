@@ -291,9 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .report import add_parser as add_report
     from .tables import add_parser as add_tables
+    from .utility import add_parser as add_utility
 
     add_report(sub)
     add_tables(sub)
+    add_utility(sub)
     return ap
 
 

@@ -9,6 +9,7 @@ a pure function of the records and the artifacts the runs wrote (``--out`` folde
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -123,6 +124,60 @@ def _plots(rows: Sequence[lb.Row]) -> list[str]:
     return out
 
 
+def load_utility(paths: Sequence[str | Path]) -> list[dict]:
+    """``utility.jsonl`` lines (``python -m eval utility``) under the run folders."""
+    out = []
+    for p in map(Path, paths):
+        for f in (sorted(p.rglob("utility.jsonl")) if p.is_dir() else []):
+            for ln in f.read_text(encoding="utf-8").splitlines():
+                try:
+                    out.append(json.loads(ln))
+                except json.JSONDecodeError:
+                    continue
+    return out
+
+
+def _join_key(case: dict) -> str:
+    return json.dumps([case["name"], case["protocol"]["batch_size"], case.get("defenses") or []], sort_keys=True)
+
+
+def frontier_series(rows: Sequence[lb.Row], utility: Sequence[dict]) -> list[tuple[str, str, dict]]:
+    """[(setting name, defense family, {attack preset: [(utility, attack metric)]})]: one point per
+    defense strength (the undefended model in every family), sorted by utility."""
+    util = {_join_key(u["case"]): u["utility"]["test_accuracy"] for u in utility}
+    primary = lb.default_primary(rows)
+    fams: dict[tuple[str, int, str], dict[str, list[tuple[float, float]]]] = {}
+    for r in rows:
+        u, m = util.get(_join_key(r.case)), _mean(r, primary) if primary else None
+        if u is None or m is None:
+            continue
+        defs = r.case.get("defenses") or []
+        if len(defs) == 1:
+            families = [defs[0]["name"]]
+        elif not defs:  # the undefended point joins every family measured for this setting
+            families = sorted({u2["case"]["defenses"][0]["name"] for u2 in utility
+                               if u2["case"]["name"] == r.case["name"] and len(u2["case"].get("defenses") or []) == 1})
+        else:
+            continue  # a stack of several defenses belongs to no single family
+        for fam in families:
+            key = (r.case["name"], r.case["protocol"]["batch_size"], fam)
+            fams.setdefault(key, {}).setdefault(r.preset, []).append((u, m))
+    return [(f"{n} (B={b})", fam, series) for (n, b, fam), series in sorted(fams.items())]
+
+
+def _frontier_plots(rows: Sequence[lb.Row], utility: Sequence[dict]) -> list[str]:
+    primary = lb.default_primary(rows)
+    out = []
+    for name, fam, series in frontier_series(rows, utility):
+        uri = rp.line_plot(series, title=f"{name}, {fam}: {primary} vs held-out accuracy (defense strength varies)",
+                           xlabel="defended model's held-out accuracy (utility)", metric=primary, logx=False,
+                           bounded_x=True)
+        out.append(f"<figure><img alt='frontier {rp.esc(name)} {rp.esc(fam)}' src='{uri}'><figcaption>"
+                   f"privacy-utility frontier, {rp.esc(name)}, defense family {rp.esc(fam)}: each point is one "
+                   "defense strength; up = more leakage, right = more useful model</figcaption></figure>")
+    return out
+
+
 def build_report(paths: Sequence[str | Path], *, title: str = "gradleak report") -> str:
     trials = load_runs(paths)
     rows = lb.aggregate(t.record for t in trials)
@@ -142,6 +197,11 @@ def build_report(paths: Sequence[str | Path], *, title: str = "gradleak report")
     if failed:
         h.append(f"<p><strong>{failed} trial(s) failed</strong>; their errors are in the records.</p>")
     h.append("</section>")
+    frontier = _frontier_plots(rows, load_utility(paths))
+    if frontier:
+        h.append("<section id='frontier'><h2>Privacy-utility frontier</h2>"
+                 "<p class='note'>Attack success against the utility of the model trained under the same defense "
+                 "(python -m eval utility).</p>" + "".join(frontier) + "</section>")
     plots = _plots(rows)
     if plots:
         h.append("<section id='plots'><h2>Trends</h2>" + "".join(plots) + "</section>")

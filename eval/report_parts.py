@@ -11,6 +11,7 @@ import html
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -114,7 +115,7 @@ def speech_examples(artifacts: dict[str, Path], *, max_clips: int = 2) -> str:
 
 # ---------------------------------------------------------------- plots
 def line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str, metric: str,
-              logx: bool) -> str:
+              logx: bool, bounded_x: bool = False) -> str:
     """A PNG data URI; a bounded metric is drawn on its full [0, 1] range."""
     import matplotlib
 
@@ -129,7 +130,9 @@ def line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, xlabe
         ax.set_xscale("log", base=2)
     if metric in BOUNDED:
         ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title, fontsize=9)
+    if bounded_x:
+        ax.set_xlim(-0.02, 1.02)
+    ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
