@@ -38,8 +38,9 @@ def run_config(context) -> dict:
 def make_model(input_dim: int = WIDTH, hidden: int = 64, num_classes: int = 2) -> nn.Module:
     """The federation's model: an MLP of its own width. Parameter names (what a capture is keyed
     by) are ``named_parameters()``: encoder.weight, encoder.bias, head.weight, head.bias."""
-    torch.manual_seed(0)  # the same initial model on the server in every run (example only)
-    return _MLP(input_dim, hidden, num_classes)
+    with torch.random.fork_rng():  # the same initial model in every run, the caller's RNG untouched
+        torch.manual_seed(0)
+        return _MLP(input_dim, hidden, num_classes)
 
 
 class _MLP(nn.Module):
@@ -80,4 +81,4 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epoc
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
-    return float(loss)
+    return float(loss.detach())
