@@ -184,7 +184,12 @@ def cmd_leaderboard(args) -> int:
     if args.primary and not any(args.primary in r.metrics for r in rows):
         known = sorted({k for r in rows for k in r.metrics})
         raise UserError(f"unknown metric {args.primary!r} for --primary; these records have: {', '.join(known)}")
-    text = RENDERERS[args.format](rows, args.primary)
+    if args.format == "md" and not args.primary and all("capture" in r["case"] for r in records):
+        from .audit_report import render  # audit records: one table per (round, case), a client column
+
+        text = render(records)
+    else:
+        text = RENDERERS[args.format](rows, args.primary)
     if args.output:
         out = Path(args.output)
         try:

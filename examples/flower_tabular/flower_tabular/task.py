@@ -32,6 +32,10 @@ def run_config(context) -> dict:
     cfg = dict(base["tool"]["flwr"]["app"]["config"])
     cfg.update(dict(context.run_config))
     cfg.update(json.loads(os.environ.get(CONFIG_ENV, "{}")))
+    here = Path(__file__).resolve().parents[1]  # relative paths: from the example's folder
+    for key in ("schema", "capture-dir"):
+        if not Path(str(cfg[key])).is_absolute():
+            cfg[key] = str(here / str(cfg[key]))
     return cfg
 
 
