@@ -120,3 +120,45 @@ def test_the_example_runs_on_flowers_simulation_engine_and_tableak_recovers_the_
     recs = records(out)
     assert all(r["status"] == "ok" and r["baseline"]["verdict"] == "leaks" for r in recs)
     assert min(r["metrics"]["accuracy"] for r in recs) > 0.8
+
+
+def test_legacy_strategy_maps_fit_config_spellings_and_keys_truth_by_partition(tmp_path):
+    """Legacy ``flwr.server.strategy.FedAvg``: ``learning_rate``/``epochs`` become the protocol,
+    an unknown shuffle stays unknown, ``truth_for_client`` gets the reported partition id."""
+    import numpy as np
+    import torch
+
+    from eval.capture import read_capture
+    from eval.flower import CapturingStrategy, run_inprocess
+
+    model = torch.nn.Linear(3, 2)
+    init = [p.detach().numpy().copy() for p in model.parameters()]
+
+    class Client(flwr.client.NumPyClient):
+        def __init__(self, pid):
+            self.pid = pid
+
+        def fit(self, parameters, config):
+            return [a - 0.1 for a in parameters], 5, {"partition-id": self.pid}
+
+    asked = []
+
+    def truth(key):
+        asked.append(key)
+        path = tmp_path / f"truth{key}.csv"
+        path.write_text("a,b\n1,2\n")
+        return str(path)
+
+    strategy = CapturingStrategy(
+        flwr.server.strategy.FedAvg(min_fit_clients=2, min_available_clients=2, fraction_evaluate=0.0,
+                                    initial_parameters=flwr.common.ndarrays_to_parameters(init),
+                                    on_fit_config_fn=lambda r: {"learning_rate": 0.05, "epochs": 2}),
+        param_names=[n for n, _ in model.named_parameters()], capture_dir=tmp_path / "caps", truth_for_client=truth)
+    run_inprocess({"node-a": Client(7), "node-b": Client(3)}, strategy, rounds=1)
+    assert sorted(asked) == ["3", "7"]
+    caps = {c.header["client_id"]: c for c in map(read_capture, sorted(p.parent for p in (tmp_path / "caps").rglob("header.json")))}
+    c = caps["node-a"]
+    assert c.header["protocol"] == {"kind": "fedavg", "batch_size": 5, "local_epochs": 2, "local_batch_size": None,
+                                    "local_lr": 0.05, "loss_reduction": "mean", "shuffle": None}
+    assert c.header["meta"]["partition_id"] == "7" and c.header["truth"] == "truth.csv"
+    assert np.allclose(c.update["weight"].numpy(), 0.1) and set(c.before) == {"weight", "bias"}
