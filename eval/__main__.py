@@ -235,6 +235,10 @@ def cmd_schema(args) -> int:
 def _schema_option(args) -> None:
     """``--schema FILE`` becomes the tabular case option ``schema`` (an absolute path)."""
     if getattr(args, "schema", None):
+        modality = getattr(_catalog().cases.get(args.case), "modality", None) if args.case in _catalog().cases.names() \
+            else None
+        if modality not in (None, "tabular"):
+            raise UserError(f"--schema is a tabular encoding; case {args.case!r} is {modality}: drop --schema")
         if not Path(args.schema).is_file():
             raise UserError(f"--schema {args.schema!r}: no such file; write one with "
                             f"`python -m eval schema export CASE > schema.json`")

@@ -169,3 +169,13 @@ def test_an_unknown_protocol_is_refused_until_given(tmp_path, adult, capsys):
     assert rec["protocol_source"] == "--protocol" and rec["case"]["protocol"]["local_lr"] == 0.01
     assert rec["case"]["protocol"]["kind"] == "fedavg" and rec["shuffle"] is None
     assert main(cmd + ["--protocol", "fedavg lr=0.01"]) == 2  # epochs missing: refused, not assumed
+
+
+def test_bad_schema_flags_are_refused_with_one_line(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text('{"format": "something"}')
+    for args, needle in ((["--case", CASE, "--schema", str(tmp_path / "nope.json")], "no such file"),
+                         (["--case", "text/tiny-gpt2/dager", "--schema", str(tmp_path / "bad.json")], "tabular"),
+                         (["--case", CASE, "--schema", str(tmp_path / "bad.json")], "not a tabular schema")):
+        assert main(["run", "--attack", "idlg", *args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
