@@ -179,3 +179,22 @@ def test_bad_schema_flags_are_refused_with_one_line(tmp_path, capsys):
         assert main(["run", "--attack", "idlg", *args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_truth_labels_come_from_the_schema(tmp_path, adult, capsys):
+    schema, _, rows = adult
+    cap = gradient_captures(tmp_path / "c", adult, encode=lambda r, s: s.encode(r))
+    truths = sorted(cap.rglob("truth.csv"))
+    df = pd.read_csv(truths[0])
+    df.drop(columns=["salary"]).to_csv(truths[0], index=False)
+    cmd = ["audit", str(cap), "--attack", "idlg", "--case", CASE, "--out", str(tmp_path / "o")]
+    assert main(cmd) == 2  # refused before any attack, naming the schema's label column
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'salary'" in err[0] and "label" in err[0], err
+    df.assign(salary=[schema.classes.index(v) for v in df["salary"]]).to_csv(truths[0], index=False)  # class ids
+    h = json.loads((truths[0].parent / "header.json").read_text())
+    h["labels"] = list(df["salary"])  # labels in the header as class names
+    (truths[0].parent / "header.json").write_text(json.dumps(h))
+    assert main(cmd) == 0
+    rec = next(r for r in records(tmp_path / "o") if r["case"]["capture"]["path"] == str(truths[0].parent))
+    assert rec["status"] == "ok" and rec["metrics"]["accuracy"] == 1.0
