@@ -172,7 +172,7 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
                 net = user_tabular_model(model, dim=schema.dim, num_classes=len(schema.classes)).to(dev)
             else:
                 net = kit.load_model(case, device=dev, generator=make_generator(derive_seed(seed, "model")))
-            load_into(net, cap.before)
+            cap = load_into(net, cap)  # state_dict-only entries (buffers, tied copies) loaded, then set aside
             update = client_update(cap, proto, classes=None if schema is None else schema.classes)
             obs = observe(update, case.threat)
             runs = [(atk, obs, "attack")]

@@ -238,9 +238,27 @@ def user_tabular_model(spec: str, *, dim: int, num_classes: int) -> nn.Module:
     return model.eval()
 
 
-def load_into(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    """Copy captured parameters into ``model`` by name (all trainable parameters must be present)."""
+def load_into(model: nn.Module, capture):
+    """Copy captured parameters into ``model`` by name (all trainable parameters must be present).
+
+    ``capture`` is a ``Capture`` or a plain ``{name: tensor}`` of the parameters before. Entries
+    of the model's ``state_dict()`` that are not parameters (buffers such as BatchNorm statistics,
+    tied copies such as GPT-2's ``lm_head.weight``; Flower's ``ArrayRecord(model.state_dict())``
+    sends them) are loaded (buffers) or skipped (tied copies) and left out of the returned
+    capture, whose tensors are then keyed exactly by ``named_parameters()``."""
+    from .capture import Capture
+
+    before = capture.before if isinstance(capture, Capture) else capture
     params = dict(model.named_parameters())
+    state = model.state_dict()
+    side = [n for n in before if n not in params and n in state]
+    if side:
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for n in side:
+                if n in buffers and buffers[n].shape == before[n].shape:
+                    buffers[n].copy_(before[n].to(buffers[n].dtype))
+        before = {k: v for k, v in before.items() if k not in side}
     missing = [n for n, p in params.items() if p.requires_grad and n not in before]
     extra = [n for n in before if n not in params]
     if missing or extra:
@@ -261,3 +279,8 @@ def load_into(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
                 raise UserError(f"capture tensor {n!r} has shape {tuple(t.shape)}, the model expects "
                                 f"{tuple(params[n].shape)}{hint}")
             params[n].copy_(t.to(params[n].dtype))
+    if isinstance(capture, Capture) and side:
+        from dataclasses import replace as _replace
+
+        return _replace(capture, before=before, update={k: v for k, v in capture.update.items() if k not in side})
+    return capture

@@ -162,3 +162,30 @@ def test_legacy_strategy_maps_fit_config_spellings_and_keys_truth_by_partition(t
                                     "local_lr": 0.05, "loss_reduction": "mean", "shuffle": None}
     assert c.header["meta"]["partition_id"] == "7" and c.header["truth"] == "truth.csv"
     assert np.allclose(c.update["weight"].numpy(), 0.1) and set(c.before) == {"weight", "bias"}
+
+
+def test_state_dict_extras_buffers_and_tied_copies_are_set_aside(tmp_path):
+    """``ArrayRecord(model.state_dict())`` also carries buffers and tied copies: loaded or skipped,
+    and left out of the update the attack sees."""
+    import torch
+
+    from eval.audit_inputs import load_into
+    from eval.capture import read_capture, write_capture
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 3)
+            self.norm = torch.nn.BatchNorm1d(3)
+            self.head = torch.nn.Linear(3, 5, bias=False)
+            self.head.weight = self.emb.weight  # tied: state_dict has both names
+
+    src, dst = Tied(), Tied()
+    src.norm.running_mean.fill_(0.5)
+    state = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    assert "head.weight" in state and "head.weight" not in dict(src.named_parameters())
+    d = write_capture(tmp_path, round=1, client_id="a", kind="delta", num_examples=1, before=state,
+                      update={k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()})
+    cap = load_into(dst, read_capture(d))
+    assert set(cap.update) == set(cap.before) == {n for n, _ in dst.named_parameters()}
+    assert torch.equal(dst.emb.weight, src.emb.weight) and torch.allclose(dst.norm.running_mean, torch.full((3,), 0.5))
