@@ -47,7 +47,8 @@ def render(records: Iterable[dict]) -> str:
             m = r.get("metrics", {}).get(metric) if metric else None
             b = (r.get("baseline") or {}).get("value")
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"[:80]
-            v = (r.get("baseline") or {}).get("verdict") or ("no ground truth" if not r.get("ground_truth") else "–")
+            v = (r.get("baseline") or {}).get("verdict") or ("no ground truth" if not r.get("ground_truth") else
+                                                              "no baseline for this modality")
             out.append("| " + " | ".join([str(r["case"]["capture"].get("client_id")), r["attack"]["preset"],
                                           _fmt(m), _fmt(b), v, status]) + " |")
         out.append("")
