@@ -106,6 +106,7 @@ def cmd_run(args) -> int:
     from .suite import check_user_data
 
     _check_counts(args)
+    _schema_option(args)
     case = _case_from_args(args)
     if args.batch_size is not None:
         case = case.with_batch_size(args.batch_size)
@@ -131,14 +132,18 @@ def _device(name: str) -> str:
     return name
 
 
-def _finish(out: str, records: list[dict]) -> int:
+def _finish(out: str, records: list[dict], *, audit: bool = False) -> int:
     """Print the leaderboard of ``out``; exit 0 when every trial of this invocation is ok, else 1."""
     from .leaderboard import aggregate, render_markdown
     from .records import RECORDS_FILE, load_records
 
     n_fail = sum(r["status"] == "failed" for r in records)
     all_records = load_records([Path(out) / RECORDS_FILE])
-    if all_records:
+    if all_records and audit:
+        from .audit_report import render
+
+        print(render(all_records))
+    elif all_records:
         print(render_markdown(aggregate(all_records)))
     print(f"{len(records)} trials run ({n_fail} failed); records in {Path(out) / RECORDS_FILE}", file=sys.stderr)
     if n_fail:
@@ -183,7 +188,12 @@ def cmd_leaderboard(args) -> int:
     if args.primary and not any(args.primary in r.metrics for r in rows):
         known = sorted({k for r in rows for k in r.metrics})
         raise UserError(f"unknown metric {args.primary!r} for --primary; these records have: {', '.join(known)}")
-    text = RENDERERS[args.format](rows, args.primary)
+    if args.format == "md" and not args.primary and all("capture" in r["case"] for r in records):
+        from .audit_report import render  # audit records: one table per (round, case), a client column
+
+        text = render(records)
+    else:
+        text = RENDERERS[args.format](rows, args.primary)
     if args.output:
         out = Path(args.output)
         try:
@@ -198,15 +208,45 @@ def cmd_leaderboard(args) -> int:
 
 def cmd_audit(args) -> int:
     from .audit import audit
+    from .audit_inputs import is_factory, parse_protocol
 
     _check_counts(args)
+    factory = None
+    if is_factory(args.model):  # the user's own model: package.module:factory (architecture only)
+        factory, args.model = args.model, None
+    _schema_option(args)
     case = _case_from_args(args)
     if args.data:
         case = replace(case, data=args.data)
     _check_out(args.out)
+    protocol = parse_protocol(args.protocol) if args.protocol else None
     records = audit(args.captures, attack=args.attack, case=case, out_dir=args.out, overrides=_parse_set(args.set),
-                    device=_device(args.device), seed=args.seed, resume=args.resume)
-    return _finish(args.out, records)
+                    device=_device(args.device), seed=args.seed, resume=args.resume, protocol=protocol,
+                    model=factory)
+    return _finish(args.out, records, audit=True)
+
+
+def cmd_schema(args) -> int:
+    from .schema_cli import export
+
+    case = _case_from_args(args)
+    if args.data:
+        case = replace(case, data=args.data)
+    export(case)
+    return 0
+
+
+def _schema_option(args) -> None:
+    """``--schema FILE`` becomes the tabular case option ``schema`` (an absolute path)."""
+    if getattr(args, "schema", None):
+        modality = getattr(_catalog().cases.get(args.case), "modality", None) if args.case in _catalog().cases.names() \
+            else None
+        if modality not in (None, "tabular"):
+            raise UserError(f"--schema is a tabular encoding; case {args.case!r} is {modality}: drop --schema")
+        if not Path(args.schema).is_file():
+            raise UserError(f"--schema {args.schema!r}: no such file; write one with "
+                            f"`python -m eval schema export CASE > schema.json`")
+        args.option = [*(args.option or []), f"schema={Path(args.schema).resolve()}"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the case's options)")
     p.add_argument("--model", help="text cases: kit model name, HF model id (cached) or local model directory "
                    "(default: the case's model)")
+    p.add_argument("--schema", help="tabular cases: the encoding as JSON (python -m eval schema export CASE); "
+                   "fixes columns, categories and scaling whatever --data holds (default: inferred from the data)")
     p.add_argument("--batch-size", type=int, help="client batch size, >= 1 (default: the case's batch size)")
     p.add_argument("--trials", type=int, default=1, help="trials per seed, >= 1 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed, >= 0 (default: %(default)s)")
@@ -271,8 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="label column when --data is a CSV (default: none)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="case option for the kit, repeatable (default: the case's options)")
-    p.add_argument("--model", help="text cases: HF model id or local directory (architecture; weights come from the "
-                   "capture) (default: the case's model)")
+    p.add_argument("--model", help="text cases: HF model id or local directory; tabular cases: your own model as "
+                   "package.module:factory (a callable returning an nn.Module; architecture only, weights come from "
+                   "the capture) (default: the case's model)")
+    p.add_argument("--schema", help="tabular cases: the encoding the federation used, as JSON (python -m eval schema "
+                   "export CASE) (default: the case's encoding, assumed with a warning)")
+    p.add_argument("--protocol", help="how clients trained, when the capture does not say: fedsgd, or e.g. "
+                   "'fedavg lr=0.01 epochs=1 batch_size=32' (default: the capture's header)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an attack config field, repeatable (default: the preset's config)")
     p.add_argument("--seed", type=int, default=0, help="seed, >= 0 (default: %(default)s)")
@@ -281,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="skip clients whose run id is already recorded (default: off)")
     p.set_defaults(fn=cmd_audit)
+
+    p = sub.add_parser("schema", help="export a tabular case's encoding (columns, categories, scaling) as JSON")
+    p.add_argument("action", choices=["export"])
+    p.add_argument("case", help="tabular case name (python -m eval list cases); required")
+    p.add_argument("--data", help="CSV or table the schema is built from (default: the case's data)")
+    p.add_argument("--label", help="label column when --data is a CSV (default: none)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="case option, repeatable, e.g. categorical=col1,col2 (default: the case's options)")
+    p.set_defaults(fn=cmd_schema, model=None)
 
     p = sub.add_parser("leaderboard", help="aggregate records into a leaderboard")
     p.add_argument("paths", nargs="+", help="records.jsonl files or directories (searched recursively); required")

@@ -7,9 +7,10 @@ One directory per client update::
                               "round": 1, "client_id": "<id>", "num_examples": 32,
                               "protocol": {"kind": "fedavg", "batch_size": 32, "local_epochs": 1,
                                            "local_batch_size": 32, "local_lr": 0.01,
-                                           "loss_reduction": "mean", "shuffle": true} | null,
-                              "labels": [0, 1, ...] | null,         (only if the server knows them)
+                                           "loss_reduction": "mean", "shuffle": true | null} | null,
+                              "labels": [0, 1, ...] | ["<=50K", ...] | null,  (only if the server knows them)
                               "truth": "truth.csv" | null,          (optional ground truth, for scoring)
+                              "schema": "schema.json" | null,       (tabular: the encoding the client used)
                               "before": "before.safetensors", "update": "update.safetensors"}
         before.safetensors   parameters the client received, keyed by parameter name
         update.safetensors   θ_before − θ_after (kind "delta") or the gradient (kind "gradient")
@@ -19,6 +20,14 @@ unpickled, so captures from untrusted parties are safe to load. ``before``, ``up
 ``truth`` name files inside the client's folder (nothing outside it is ever opened); header
 fields are type-checked and tensors must be finite before any attack runs. The format is
 plain enough to write by hand from any FL framework: see ``write_capture``.
+
+``protocol`` says how the client trained. ``null`` means unknown: a ``delta`` capture without
+it is refused by the audit until ``--protocol`` says how the clients trained (a ``gradient``
+capture is FedSGD with B = ``num_examples``). ``shuffle: null`` records that the client's
+shuffle flag is unknown. ``protocol_from_config`` maps a server's fit config to the protocol
+(``lr``/``learning_rate``, ``epochs``/``local_epochs``, ``batch_size``/``local_batch_size`` ...).
+Parameter names in ``before``/``update`` are the model's ``named_parameters()`` names
+(e.g. ``net.0.weight``, ``net.0.bias``, ... for the tabular cases' FC network).
 """
 from __future__ import annotations
 
@@ -37,7 +46,15 @@ from common.types import first_nonfinite
 
 FORMAT = "gradleak-capture/1"
 PROTOCOL_KEYS = {"kind", "batch_size", "local_epochs", "local_batch_size", "local_lr", "loss_reduction", "shuffle"}
-_FILE_FIELDS = ("before", "update", "truth")
+_FILE_FIELDS = ("before", "update", "truth", "schema")
+#: fit-config spellings -> protocol field (first match wins)
+FIT_CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
+    "local_lr": ("local_lr", "lr", "learning_rate", "learning-rate", "client_lr", "eta"),
+    "local_epochs": ("local_epochs", "epochs", "local-epochs", "num_epochs", "num-epochs", "n_epochs", "E"),
+    "local_batch_size": ("local_batch_size", "batch_size", "local-batch-size", "batch-size", "bs", "B"),
+    "shuffle": ("shuffle",),
+    "loss_reduction": ("loss_reduction", "reduction"),
+}
 
 
 class CaptureError(ValueError):
@@ -55,6 +72,11 @@ class Capture:
     def truth_path(self) -> Path | None:
         t = self.header.get("truth")
         return inside(self.path, t, field="truth") if t else None
+
+    @property
+    def schema_path(self) -> Path | None:
+        t = self.header.get("schema")
+        return inside(self.path, t, field="schema") if t else None
 
 
 def inside(directory: Path, name: Any, *, field: str) -> Path:
@@ -111,24 +133,69 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def write_capture(root: str | Path, *, round: int, client_id: str, kind: str, before: Mapping[str, Any],
                   update: Mapping[str, Any], num_examples: int, protocol: Mapping[str, Any] | None = None,
-                  labels: list[int] | None = None, truth: str | None = None, meta: Mapping[str, Any] | None = None) -> Path:
+                  labels: list[int] | list[str] | None = None, truth: str | Path | None = None,
+                  schema: str | Path | None = None, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write one client's capture. ``truth`` (the client's rows, for scoring) and ``schema``
+    (the encoding it used) are files anywhere: they are copied into the client's folder and
+    named relative to it, so a capture folder is self-contained."""
     if kind not in ("delta", "gradient"):
         raise CaptureError("kind must be 'delta' or 'gradient'")
     d = Path(root) / f"round-{round:04d}" / f"client-{client_id}"
     d.mkdir(parents=True, exist_ok=True)
     _save_tensors(d / "before.safetensors", before)
     _save_tensors(d / "update.safetensors", update)
-    if truth is not None and Path(truth).is_file() and not (d / truth).resolve().is_relative_to(d.resolve()):
-        # a ground-truth file elsewhere is copied in: a capture is read only from inside its folder
-        name = "truth" + Path(truth).suffix
-        shutil.copyfile(truth, d / name)
-        truth = name
+    truth = _copy_in(d, truth, "truth")
+    schema = _copy_in(d, schema, "schema")
     header = {"format": FORMAT, "kind": kind, "round": round, "client_id": str(client_id),
               "num_examples": int(num_examples), "protocol": dict(protocol) if protocol else None,
               "labels": labels, "truth": truth, "before": "before.safetensors", "update": "update.safetensors",
               "meta": dict(meta or {})}
+    if schema is not None:
+        header["schema"] = schema
     (d / "header.json").write_text(json.dumps(header, indent=1, sort_keys=True))
     return d
+
+
+def _copy_in(d: Path, path: str | Path | None, stem: str) -> str | None:
+    """A file for the header: copied into ``d`` unless already there; its name relative to ``d``."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_absolute() and (d / p).is_file():
+        p = d / p
+    if not p.is_file():
+        raise CaptureError(f"{stem} file {str(path)!r} does not exist")
+    root = d.resolve()
+    if p.resolve().is_relative_to(root):
+        return str(p.resolve().relative_to(root))
+    name = stem + p.suffix
+    shutil.copyfile(p, d / name)
+    return name
+
+
+def protocol_from_config(config: Mapping[str, Any], *, num_examples: int,
+                         loss_reduction: str | None = "mean") -> tuple[dict | None, list[str]]:
+    """A FedAvg protocol from a server's fit config in any common spelling, and the fields it
+    lacks. The learning rate and the local epochs must be known, else ``(None, missing)``: the
+    audit then asks for ``--protocol`` rather than assume defaults. A missing batch size means
+    one local batch of the whole client data; a missing ``shuffle`` is recorded as ``null``."""
+    found: dict[str, Any] = {}
+    for field_, names in FIT_CONFIG_ALIASES.items():
+        for n in names:
+            if n in config and config[n] is not None:
+                found[field_] = config[n]
+                break
+    missing = [f for f in ("local_lr", "local_epochs") if f not in found]
+    if missing:
+        return None, missing
+    shuffle = found.get("shuffle")
+    if isinstance(shuffle, str):
+        shuffle = {"true": True, "false": False, "1": True, "0": False}.get(shuffle.strip().lower())
+    lb = found.get("local_batch_size")
+    return {"kind": "fedavg", "batch_size": int(num_examples), "local_epochs": int(found["local_epochs"]),
+            "local_batch_size": int(lb) if lb is not None else None, "local_lr": float(found["local_lr"]),
+            "loss_reduction": str(found.get("loss_reduction", loss_reduction or "mean")),
+            "shuffle": bool(shuffle) if shuffle is not None else None}, []
 
 
 def read_capture(directory: str | Path) -> Capture:
@@ -173,7 +240,7 @@ _PROTOCOL_TYPES = {
     "local_lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
                  "a finite number > 0"),
     "loss_reduction": (lambda v: v in ("mean", "sum"), "'mean' or 'sum'"),
-    "shuffle": (lambda v: isinstance(v, bool), "true or false"),
+    "shuffle": (lambda v: v is None or isinstance(v, bool), "true, false or null (unknown)"),
 }
 
 
@@ -185,8 +252,13 @@ def check_header(header: dict, *, where: str) -> None:
     if not _is_int(n) or n < 1:
         raise CaptureError(f"{where}: num_examples must be an integer >= 1, got {n!r}")
     labels = header.get("labels")
-    if labels is not None and (not isinstance(labels, list) or not all(_is_int(v) and v >= 0 for v in labels)):
-        raise CaptureError(f"{where}: labels must be a list of class ids (integers >= 0) or null, got {labels!r}")
+    if labels is not None and (not isinstance(labels, list) or not (all(_is_int(v) and v >= 0 for v in labels)
+                                                                     or all(isinstance(v, str) for v in labels))):
+        raise CaptureError(f"{where}: labels must be a list of class ids (integers >= 0) or of class names, "
+                           f"or null, got {labels!r}")
+    for key in ("truth", "schema"):
+        if header.get(key) is not None and not isinstance(header[key], str):
+            raise CaptureError(f"{where}: {key} must be a file name or null, got {header[key]!r}")
     for key in ("round",):
         if header.get(key) is not None and not _is_int(header[key]):
             raise CaptureError(f"{where}: {key} must be an integer, got {header[key]!r}")

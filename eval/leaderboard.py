@@ -146,6 +146,9 @@ def _defense_text(case: dict) -> str:
 
 def title(case: dict) -> str:
     t = f"{case['name']} (B={case['protocol']['batch_size']}"
+    cap = case.get("capture")  # an audit record: which capture (python -m eval audit prints its own report)
+    if cap:
+        t += f", round {cap.get('round')}, client {cap.get('client_id')}"
     return t + (f", defense {_defense_text(case)})" if case["defenses"] else ")")
 
 

@@ -6,7 +6,7 @@ from common.types import FLProtocol
 from .models import SIZE_LADDER
 
 #: Case options the tabular kit reads (``--option KEY=VALUE``; ``--label`` sets ``label``).
-OPTIONS = frozenset({"label", "categorical", "continuous", "drop", "layout", "train_epochs"})
+OPTIONS = frozenset({"label", "categorical", "continuous", "drop", "layout", "train_epochs", "schema"})
 #: The tabular kit builds its FC network from ``layout``; ``--model`` would be ignored.
 TAKES_MODEL = False
 

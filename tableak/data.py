@@ -247,3 +247,15 @@ def load_table(source: str, *, label: str | None = None, categorical: Sequence[s
             raise FileNotFoundError(HEALTH_HELP)
         return health_heritage(path)
     return read_csv_table(source, label=label, categorical=categorical, continuous=continuous, drop=drop)
+
+
+def read_rows(source: str) -> pd.DataFrame:
+    """The raw rows of a source (a bundled table's frame or a CSV read as is), for encoding
+    with a declared schema (``tableak.schema.frame_for_schema``)."""
+    if source in ("adult", "german") or source.startswith(("lawschool", "health")):
+        return load_table(source)[0]
+    p = Path(source)
+    if not p.is_file():
+        raise FileNotFoundError(f"tabular data {source!r}: no such CSV file (or use adult, german, "
+                                f"lawschool:PATH, health:PATH)")
+    return _read_csv(p)

@@ -29,6 +29,12 @@ __all__ = ["CONT_TOL", "TabularKit", "TabularPool", "tabular_scores", "entropy_q
 def _read_table(case: Case, data_path: str | None) -> tuple[pd.DataFrame, TabularSchema]:
     source = str(data_path or case.data)
     opts = case.options
+    if opts.get("schema"):  # a declared encoding (python -m eval schema export): the data never changes it
+        from .data import read_rows
+        from .schema import frame_for_schema, load_schema
+
+        schema = load_schema(opts["schema"])
+        return frame_for_schema(read_rows(source), schema, source=Path(source).name), schema
     return load_table(source, label=opts.get("label"), categorical=_names(opts.get("categorical", ())),
                       continuous=_names(opts.get("continuous", ())), drop=_names(opts.get("drop", ())))
 

@@ -271,3 +271,109 @@ class TabularSchema:
         # written as "not within tol" so that NaN (any comparison False) counts as wrong
         ne = ~(np.abs(cont_a[..., :, None, :] - cont_b[..., None, :, :]) <= tol * self.cont_std)
         return np.concatenate([ce, ne], axis=-1).astype(float)
+
+
+# -- export / import (``python -m eval schema export CASE``, ``--schema FILE``) ------------------
+SCHEMA_FORMAT = "gradleak-tabular-schema/1"
+
+
+def schema_to_dict(schema: TabularSchema) -> dict:
+    """The whole encoding as plain JSON: feature order, kinds, category order, bounds, and the
+    per-encoded-column standardisation (``mean``/``scale``). A federation that encodes its rows
+    with ``encode_frame`` produces exactly the inputs the case's model expects."""
+    return {
+        "format": SCHEMA_FORMAT,
+        "label": schema.label,
+        "classes": list(schema.classes),
+        "dim": schema.dim,
+        "features": [{"name": f.name, "kind": f.kind, "categories": list(f.categories), "lower": f.lower,
+                      "upper": f.upper, "std": f.std, "integer": f.integer} for f in schema.features],
+        "mean": [float(v) for v in schema.mean],
+        "scale": [float(v) for v in schema.scale],
+        "dropped": list(schema.dropped),
+    }
+
+
+def schema_from_dict(d: Mapping) -> TabularSchema:
+    """Inverse of ``schema_to_dict``; ValueError naming the field when the file is not a schema."""
+    if not isinstance(d, Mapping) or d.get("format") != SCHEMA_FORMAT:
+        raise ValueError(f"not a tabular schema (format must be {SCHEMA_FORMAT!r}); "
+                         f"write one with `python -m eval schema export CASE > schema.json`")
+    try:
+        feats = tuple(Feature(str(f["name"]), str(f["kind"]), tuple(str(c) for c in f.get("categories", ())),
+                              float(f.get("lower", 0.0)), float(f.get("upper", 0.0)), float(f.get("std", 1.0)),
+                              bool(f.get("integer", True))) for f in d["features"])
+        s = TabularSchema(feats, str(d["label"]), tuple(str(c) for c in d["classes"]),
+                          np.asarray(d["mean"], dtype=float), np.asarray(d["scale"], dtype=float),
+                          tuple(d.get("dropped", ())))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"tabular schema: missing or malformed field {e}") from None
+    for f in feats:
+        if f.kind not in ("categorical", "continuous") or (f.kind == "categorical" and not f.categories):
+            raise ValueError(f"tabular schema: feature {f.name!r} must be continuous or categorical with categories")
+    if len(s.mean) != s.dim or len(s.scale) != s.dim or not np.all(np.isfinite(s.scale)) or np.any(s.scale == 0):
+        raise ValueError(f"tabular schema: mean/scale must hold {s.dim} finite numbers (scale != 0)")
+    if "dim" in d and int(d["dim"]) != s.dim:
+        raise ValueError(f"tabular schema: dim {d['dim']} does not match its features (width {s.dim})")
+    return s
+
+
+def load_schema(path) -> TabularSchema:
+    """Read a schema JSON written by ``python -m eval schema export``."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"schema file {str(path)!r} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"schema file {str(path)!r} is not JSON ({e})") from None
+    return schema_from_dict(d)
+
+
+def schema_fingerprint(schema: TabularSchema) -> str:
+    """A short hash of the encoding (rounded statistics): equal for the same encoding."""
+    import hashlib
+    import json
+
+    d = schema_to_dict(schema)
+    d["mean"] = [round(v, 6) for v in d["mean"]]
+    d["scale"] = [round(v, 6) for v in d["scale"]]
+    d["features"] = [{**f, "lower": round(f["lower"], 6), "upper": round(f["upper"], 6), "std": round(f["std"], 6)}
+                     for f in d["features"]]
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def encode_frame(df: pd.DataFrame, schema: TabularSchema) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A federation's rows -> (model inputs [n, dim], class ids [n] or None when the label column
+    is absent), encoded exactly as the schema's case encodes them (``TabularSchema.encode``)."""
+    x = schema.encode(df)
+    y = schema.encode_labels(df) if schema.label in df.columns else None
+    return x, y
+
+
+def frame_for_schema(df: pd.DataFrame, schema: TabularSchema, *, source: str = "the table") -> pd.DataFrame:
+    """The rows of ``df`` restricted to the schema's columns (+ its label), rows with an empty
+    cell dropped, categories stripped; ValueError naming a missing column or an unknown
+    category. The schema, not the table, fixes the encoding: a category absent from the table
+    keeps its column, so the model width never depends on the data given."""
+    need = [f.name for f in schema.features] + [schema.label]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ValueError(f"{source} lacks the schema's column{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(repr, missing))} (the label column is {schema.label!r})")
+    out = df[need].dropna().reset_index(drop=True)
+    for f in schema.features:
+        if f.kind == "categorical":
+            out[f.name] = out[f.name].astype(str).str.strip()
+    out[schema.label] = _clean_label(out[schema.label])
+    ids = [str(i) for i in range(len(schema.classes))]
+    if not set(out[schema.label]) & set(schema.classes) and set(out[schema.label]) <= set(ids):
+        out[schema.label] = [schema.classes[int(v)] for v in out[schema.label]]  # class ids -> class names
+    bad = sorted(set(out[schema.label]) - set(schema.classes))
+    if bad:
+        raise ValueError(f"{source}: label values {bad[:3]} are not the schema's classes {list(schema.classes)}")
+    schema._onehot(out)  # raises on a category outside the schema's list
+    return out

@@ -1,0 +1,1 @@
+"""A 2-client Flower federation on Adult rows, captured for ``python -m eval audit`` (see README.md)."""
