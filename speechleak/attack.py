@@ -198,7 +198,7 @@ class SpeechGradientInversion:
             return d
 
         def losses(xv: Tensor) -> Tensor:
-            if cfg.batched:
+            if cfg.batched and prior.task != "ctc":  # the native CTC (kit.ctc_loss) has no vmap rule
                 return vmap(objective)(xv)
             return torch.stack([objective(xv[r]) for r in range(xv.shape[0])])
 

@@ -27,7 +27,7 @@ from common.types import Batch, Reconstruction
 from . import data as D
 from . import metrics as M
 from .prior import SpeechPrior
-from .ctc import ctc_nll
+from .ctc import ctc_nll_fast
 from .frontend import FrontEnd, FrontEndConfig
 from .models import KWSCNN, CTCRecognizer, encode_text
 
@@ -78,7 +78,7 @@ def ctc_loss(model: nn.Module, batch: Batch) -> Tensor:
     lp = model(batch.inputs["feats"])
     b, t, _ = lp.shape
     in_len = torch.full((b,), t, dtype=torch.long, device=lp.device)
-    return ctc_nll(lp, batch.labels, in_len, batch.inputs["target_lengths"])
+    return ctc_nll_fast(lp, batch.labels, in_len, batch.inputs["target_lengths"])
 
 
 def pad_targets(texts: list[str]) -> tuple[Tensor, Tensor]:
