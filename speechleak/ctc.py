@@ -82,7 +82,9 @@ def _occupancy(lp: Tensor, targets: Tensor, in_len: Tensor, tg_len: Tensor, blan
     t = torch.arange(lp.shape[1], device=lp.device)
     mask = (t.unsqueeze(0) < in_len.to(lp.device).unsqueeze(1)).unsqueeze(-1)
     gamma = torch.where(mask, gamma, torch.zeros_like(gamma))
-    nll = torch.where(torch.isfinite(nll), nll, torch.full_like(nll, -NEG))  # unreachable: ~1e5 as ctc_nll
+    ok = torch.isfinite(nll)  # unreachable (transcript longer than the frames allow): ~1e5 as ctc_nll, γ = 0
+    gamma = torch.where(ok.view(-1, 1, 1), torch.nan_to_num(gamma), torch.zeros_like(gamma))
+    nll = torch.where(ok, nll, torch.full_like(nll, -NEG))
     return nll, gamma
 
 

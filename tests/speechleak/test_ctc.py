@@ -102,3 +102,15 @@ def test_fast_ctc_under_func_grad_inside_autograd():
         out.append((gp.detach(), torch.autograd.grad(gp.pow(2).sum(), x)[0]))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-6, atol=1e-7)
+
+
+def test_fast_ctc_unreachable_transcript_is_finite():
+    """A transcript longer than the frames allow: ~1e5 (as ctc_nll) and finite derivatives, not NaN."""
+    from speechleak.ctc import ctc_nll_fast
+
+    x = torch.randn(1, 3, 6, dtype=torch.double, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    nll = ctc_nll_fast(x.log_softmax(-1), torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor([3]), torch.tensor([5]))
+    assert float(nll) > 1e4
+    g, = torch.autograd.grad(nll.sum(), x, create_graph=True)
+    gg, = torch.autograd.grad(g.pow(2).sum(), x)
+    assert torch.isfinite(g).all() and torch.isfinite(gg).all()
