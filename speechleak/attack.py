@@ -16,6 +16,9 @@ Deviations (all documented in docs/speechleak.md):
   (``common.grads``, ``common.fl``, ``common.optim``); the lowest final gradient distance wins.
 * For CTC targets the transcript is taken as observed (as Dang et al. 2022 assume); the
   bag-of-characters estimate from the output-bias gradient is reported alongside, not used.
+  ``ctc_targets="free"`` drops the transcript and optimises a per-frame alignment jointly (our
+  addition); ``init_seconds_per_char`` starts from silence outside a centred speech block (our
+  addition: breaks the time-shift symmetry of padded clips, see docs/speechleak.md).
 * FedAvg: the client's local SGD is simulated with the observed hyper-parameters and the
   identity minibatch order (the shuffle order is private).
 """
