@@ -21,6 +21,16 @@ PRESETS = {
                                                 "tv_weight": 1e-5, "iterations": 300, "restarts": 1},
                            "Li et al. 2023 objective (L2 + TV) solved to high accuracy: zero init, TV 1e-5, float64 "
                            "L-BFGS (as Zeng & Rudzicz 2025), 300 iterations; NNLS mel inversion + Griffin-Lim"),
+    "speech-ctc-lbfgs": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
+                                                    "tv_weight": 1e-5, "iterations": 300, "restarts": 1,
+                                                    "init_seconds_per_char": 0.066},
+                               "speech-lbfgs for CTC recognisers (transcript known): silence start outside a centred "
+                               "block of 0.066 s per transcript character (the public pool's mean TTS rate)"),
+    "speech-ctc-free": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
+                                                   "tv_weight": 1e-5, "iterations": 300, "restarts": 1,
+                                                   "ctc_targets": "free", "init_block_seconds": 2.9},
+                              "CTC without the transcript: features and per-frame alignment optimised jointly "
+                              "(soft-target loss), silence start outside a centred 2.9 s block (public pool mean)"),
     "speech-waveform": Preset("speech-inversion", {"domain": "waveform", "lr": 0.01, "tv_weight": 0.0},
                               "end-to-end: optimise the raw waveform through the front end against the gradient"),
 }
@@ -59,6 +69,8 @@ METRICS = (
                 "asr_original_cer"), higher_is_better=False, range=(0.0, _INF),
                description="pocketsphinx WER/CER of the reconstruction (asr_original_: of the original) "
                            "against the reference / original's transcript"),
+    MetricInfo("transcript_wer", _S + "word_error", "speech", ("transcript_wer", "transcript_cer"), higher_is_better=False,
+               range=(0.0, _INF), description="WER/CER of the transcript recovered by the transcript-free CTC attack"),
     MetricInfo("keyword_accuracy", _S + "keyword_accuracy", "speech", ("keyword_accuracy", "keyword_accuracy_original"),
                description="accuracy of a separately trained keyword classifier on the reconstruction (_original: on "
                            "the original)"),

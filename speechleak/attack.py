@@ -16,6 +16,9 @@ Deviations (all documented in docs/speechleak.md):
   (``common.grads``, ``common.fl``, ``common.optim``); the lowest final gradient distance wins.
 * For CTC targets the transcript is taken as observed (as Dang et al. 2022 assume); the
   bag-of-characters estimate from the output-bias gradient is reported alongside, not used.
+  ``ctc_targets="free"`` drops the transcript and optimises a per-frame alignment jointly (our
+  addition); ``init_seconds_per_char`` starts from silence outside a centred speech block (our
+  addition: breaks the time-shift symmetry of padded clips, see docs/speechleak.md).
 * FedAvg: the client's local SGD is simulated with the observed hyper-parameters and the
   identity minibatch order (the shuffle order is private).
 """
@@ -36,7 +39,7 @@ from common.grads import delta_scale, delta_to_gradient, gradient_distance, laye
 from common.labels import recover_labels
 from common.optim import optimise, step_decay
 from common.threat import Capability
-from common.types import Observation, Reconstruction
+from common.types import Batch, Observation, Reconstruction
 
 from .frontend import refine_waveform
 from .prior import SpeechPrior
@@ -48,7 +51,7 @@ __all__ = ["SpeechGradientInversion", "SpeechInversionConfig", "SpeechPrior", "c
 class SpeechInversionConfig:
     RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
         "layer_decay": "(0,1]", "lr": ">0", "iterations": ">=1", "restarts": ">=1",
-        "griffin_lim_iters": ">=1"}
+        "griffin_lim_iters": ">=1", "init_seconds_per_char": ">=0"}
     distance: Literal["l2", "cosine", "layer-cosine"] = "l2"
     layer_weights: Literal["uniform", "inverse-norm", "depth-decay"] = "uniform"
     layer_decay: float = 0.8  # depth-decay: weight of layer l is decay**l (input layers heaviest)
@@ -63,6 +66,15 @@ class SpeechInversionConfig:
     tv_weight: float = 1e-2  # anisotropic TV over (freq, time), Li et al. (weight not published; 1e-2 measured best of 1e-4, 1e-3, 1e-2)
     smooth_weight: float = 0.0  # squared first differences over time (smoothness prior)
     init_scale: float = 0.5
+    # CTC, transcript known: start from the mel floor (silence) outside a centred block of
+    # len(transcript) * init_seconds_per_char (clips are centred, a public protocol fact); breaks
+    # the time-shift symmetry of silence-padded clips (the model has no positional encoding). 0 = off.
+    init_seconds_per_char: float = 0.0
+    # CTC transcript: "observed" (granted, Dang et al.) or "free" (not granted: the per-frame
+    # alignment γ = softmax(a) is optimised jointly with the features through the soft-target loss
+    # −Σ γ·log p, whose logit gradient p − γ equals CTC's at the true occupancy; decoded greedily).
+    ctc_targets: Literal["observed", "free"] = "observed"
+    init_block_seconds: float = 0.0  # free transcript: centred speech block of this length (0 = off)
     labels: Literal["observed", "recover"] = "recover"
     griffin_lim_iters: int = 100
     mel_inversion: Literal["nnls", "lstsq"] = "nnls"  # mel -> linear before Griffin-Lim (see FrontEnd.mel_to_linear)
@@ -72,6 +84,27 @@ class SpeechInversionConfig:
 
 def time_smoothness(x: Tensor) -> Tensor:
     return x.diff(dim=-1).pow(2).mean()
+
+
+def centred_block_init(x0: Tensor, n_chars: Tensor, frames_per_char: float, floor: float) -> Tensor:
+    """x0 [R, B, F, T] with every frame outside a centred block of n_chars[b] * frames_per_char
+    frames set just above the mel floor (silence); the block keeps x0."""
+    t = x0.shape[-1]
+    out = x0.clone()
+    for k, n in enumerate(n_chars.tolist()):
+        w = min(t, max(1, int(round(n * frames_per_char))))
+        a = (t - w) // 2
+        out[:, k, :, :a] = floor + 0.02
+        out[:, k, :, a + w:] = floor + 0.02
+    return out
+
+
+def greedy_decode(align: Tensor) -> str:
+    """Best-path CTC decoding of one utterance's alignment [T', V]: argmax, collapse, drop blanks."""
+    from .models import decode_ids
+
+    ids = align.argmax(-1).tolist()
+    return decode_ids([c for k, c in enumerate(ids) if c != 0 and (k == 0 or c != ids[k - 1])])
 
 
 def char_occupancy(obs: Observation, prior: SpeechPrior, model: nn.Module, b: int, generator: torch.Generator) -> Tensor | None:
@@ -110,6 +143,8 @@ class SpeechGradientInversion:
     # -- labels -------------------------------------------------------------------------
     def _labels(self, obs: Observation, prior: SpeechPrior, model: nn.Module, b: int,
                 generator: torch.Generator) -> Tensor:
+        if prior.task == "ctc" and self.config.ctc_targets == "free":
+            return torch.zeros((b, 1), dtype=torch.long)  # no transcript: the alignment is optimised
         if obs.labels is not None:
             return obs.labels.clone()
         if prior.task == "ctc":
@@ -155,12 +190,23 @@ class SpeechGradientInversion:
             x0 = torch.randn((cfg.restarts, b, prior.num_samples), generator=generator) * 0.05
         else:
             x0 = torch.randn((cfg.restarts, b, f, t), generator=generator) * cfg.init_scale
+            fc = prior.frontend.config
+            if prior.task == "ctc" and prior.lower is not None and cfg.ctc_targets == "free" and cfg.init_block_seconds > 0:
+                x0 = centred_block_init(x0, torch.ones(b), cfg.init_block_seconds * fc.sample_rate / fc.hop, prior.lower)
+            elif cfg.init_seconds_per_char > 0 and prior.task == "ctc" and prior.lower is not None:
+                x0 = centred_block_init(x0, (labels != 0).sum(-1).cpu(), cfg.init_seconds_per_char * fc.sample_rate / fc.hop,
+                                        prior.lower)
         lower = prior.lower if (cfg.domain == "features" and prior.lower is not None and prior.frontend.config.kind == "mel") else None
         # L-BFGS cannot project onto the bounds: it optimises z with x = lower + softplus(4 z) / 4 instead
         bounded = cfg.optimizer == "lbfgs" and lower is not None
         if bounded:
             x0 = torch.where(x0 - lower > 5.0, 4.0 * (x0 - lower), torch.log(torch.expm1((4.0 * (x0 - lower)).clamp(min=1e-4)))) / 4.0
         x = x0.to(device, dtype).requires_grad_(True)
+        align = None  # free-transcript CTC: alignment logits [R, B, T', V]
+        if prior.task == "ctc" and cfg.ctc_targets == "free":
+            with torch.no_grad():
+                t_out = functional_call(model, dict(model.named_parameters()), (torch.zeros((1, f, t), device=device),)).shape[1]
+            align = torch.zeros((cfg.restarts, b, t_out, prior.num_classes), device=device, dtype=dtype, requires_grad=True)
         if cfg.domain == "waveform":
             frontend = frontend.to(dtype)
 
@@ -173,8 +219,8 @@ class SpeechGradientInversion:
 
         orders = [torch.arange(b)] * protocol.local_epochs if obs.kind == "delta" else None  # shuffle is private
 
-        def simulated_update(feats: Tensor) -> dict[str, Tensor]:
-            batch = prior.build_batch(feats, labels)
+        def simulated_update(feats: Tensor, ar: Tensor | None = None) -> dict[str, Tensor]:
+            batch = prior.build_batch(feats, labels) if ar is None else Batch({"feats": feats, "soft_targets": ar.softmax(-1)}, None)
             if obs.kind == "gradient":
                 return functional_gradient(model, prior.loss_fn, params, batch, reduction=reduction)
             cur = local_training(model, prior.loss_fn, batch, protocol, params=params, orders=orders,
@@ -187,9 +233,9 @@ class SpeechGradientInversion:
         if obs.kind == "delta" and cfg.distance == "l2":
             d_scale = 1.0 / delta_scale(protocol) ** 2
 
-        def objective(xr: Tensor) -> Tensor:
+        def objective(xr: Tensor, ar: Tensor | None = None) -> Tensor:
             feats = to_feats(xr)
-            d = d_scale * gradient_distance(cfg.distance, simulated_update(feats), target, names=names,
+            d = d_scale * gradient_distance(cfg.distance, simulated_update(feats, ar), target, names=names,
                                             weights=weights, min_norm_sq=1e-30)
             if cfg.tv_weight > 0:
                 d = d + cfg.tv_weight * total_variation(feats, dims=(-1, -2))  # anisotropic, over (time, freq)
@@ -198,9 +244,9 @@ class SpeechGradientInversion:
             return d
 
         def losses(xv: Tensor) -> Tensor:
-            if cfg.batched:
+            if cfg.batched and prior.task != "ctc":  # the native CTC (kit.ctc_loss) has no vmap rule
                 return vmap(objective)(xv)
-            return torch.stack([objective(xv[r]) for r in range(xv.shape[0])])
+            return torch.stack([objective(xv[r], None if align is None else align[r]) for r in range(xv.shape[0])])
 
         def clamp(_: int) -> None:
             with torch.no_grad():
@@ -210,13 +256,16 @@ class SpeechGradientInversion:
                     x.clamp_(min=lower, max=prior.upper)
 
         lbfgs = cfg.optimizer == "lbfgs"
-        optimise([x], lambda: losses(x).sum(), optimizer=cfg.optimizer, lr=1.0 if lbfgs else cfg.lr,
+        optimise([x] if align is None else [x, align], lambda: losses(x).sum(), optimizer=cfg.optimizer, lr=1.0 if lbfgs else cfg.lr,
                  iterations=cfg.iterations, history_size=50, signed=cfg.signed_grad,
                  schedule=step_decay(cfg.iterations) if cfg.lr_schedule else None, after_step=clamp)
         with torch.no_grad():
             final = losses(x).detach()
         best = int(torch.argmin(torch.nan_to_num(final, nan=float("inf"))).item())
         xb = x.detach()[best]
+        if align is not None:
+            extras["transcript"] = [greedy_decode(a) for a in align.detach()[best]]
+            extras["alignment"] = align.detach()[best].softmax(-1).float().cpu()
         with torch.no_grad():
             feats = to_feats(xb).float()
             if cfg.domain == "features":  # a diverged run (e.g. on heavily noised gradients) must still score

@@ -39,4 +39,14 @@ CASES = {
         HONEST_WITH_LABELS, options={"task": "ctc", "features": "mel", "seconds": 4.0, "stage": "init"},
         description="CTC recogniser (2 strided convs + 1 attention block) on Rotten Tomatoes sentences "
                     "(flite, <= 60 characters), 4 s, transcripts granted (Dang et al. 2022 setting)"),
+    "speech/ctc-mel/fedsgd-notext": Case(
+        "speech/ctc-mel/fedsgd-notext", "speech", "ctc-conformer-lite", "rt-sentences", FLProtocol("fedsgd", batch_size=1),
+        HONEST, options={"task": "ctc", "features": "mel", "seconds": 4.0, "stage": "init"},
+        description="CTC recogniser, 4 s Rotten Tomatoes sentences, transcripts NOT granted (use speech-ctc-free)"),
+    "speech/ctc-mel/fedavg": Case(
+        "speech/ctc-mel/fedavg", "speech", "ctc-conformer-lite", "rt-sentences",
+        FLProtocol("fedavg", batch_size=2, local_epochs=1, local_batch_size=1, local_lr=0.01, shuffle=False),
+        HONEST_WITH_LABELS, options={"task": "ctc", "features": "mel", "seconds": 4.0, "stage": "init"},
+        description="CTC recogniser, FedAvg (2 local SGD steps of one utterance each, lr 0.01), 4 s Rotten Tomatoes "
+                    "sentences, transcripts granted"),
 }

@@ -27,7 +27,7 @@ from common.types import Batch, Reconstruction
 from . import data as D
 from . import metrics as M
 from .prior import SpeechPrior
-from .ctc import ctc_nll
+from .ctc import ctc_nll_fast
 from .frontend import FrontEnd, FrontEndConfig
 from .models import KWSCNN, CTCRecognizer, encode_text
 
@@ -78,7 +78,13 @@ def ctc_loss(model: nn.Module, batch: Batch) -> Tensor:
     lp = model(batch.inputs["feats"])
     b, t, _ = lp.shape
     in_len = torch.full((b,), t, dtype=torch.long, device=lp.device)
-    return ctc_nll(lp, batch.labels, in_len, batch.inputs["target_lengths"])
+    return ctc_nll_fast(lp, batch.labels, in_len, batch.inputs["target_lengths"])
+
+
+def soft_alignment_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """−Σ_t Σ_c γ_tc log p_tc per utterance for a given per-frame alignment γ (rows summing to 1):
+    its logit gradient p − γ equals CTC's when γ is the CTC occupancy (transcript-free attack)."""
+    return -(batch.inputs["soft_targets"] * model(batch.inputs["feats"])).sum((1, 2))
 
 
 def pad_targets(texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -241,6 +247,7 @@ class SpeechKit:
         return batch, truth
 
     loss_fn = staticmethod(lambda model, batch: ctc_loss(model, batch) if "target_lengths" in batch.inputs
+                           else soft_alignment_loss(model, batch) if "soft_targets" in batch.inputs
                            else kws_loss(model, batch))
 
     def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> Any:
@@ -330,6 +337,9 @@ class SpeechKit:
             acc = label_accuracy(reconstruction.labels.tolist(), truth["labels"])
             if acc is not None:
                 out["label_accuracy"] = acc
+        if "transcript" in reconstruction.extras:  # transcript-free CTC attack: the recovered text
+            out.update(M.word_error(predictions=[reconstruction.extras["transcript"][k] for k in perm],
+                                    references=truth["texts"], prefix="transcript_"))
         if "char_occupancy" in reconstruction.extras:
             out.update(M.char_histogram(predictions=[reconstruction.extras["char_occupancy"]], references=truth["texts"]))
         # speaker re-identification among the enrolled voices
