@@ -84,5 +84,7 @@ if not ctc.exists():
 print("speech clips:", out)
 EOF
 
+# the commit the device run measures (the copy there has no .git); run this right before the device run
+echo "$(git rev-parse HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo '-dirty')" > "$G/COMMIT"
 du -sh "$G" "$G"/*
 echo "tracked repo: $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) bytes; .gpu: $(du -sb $G | cut -f1) bytes (64 MiB = 67108864 together)"
