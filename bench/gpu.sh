@@ -13,7 +13,7 @@
 # Writes (at most 8 files, the device tool's limit): $OUT/gpu.log (everything), $OUT/env.txt,
 # $OUT/tests.log (pytest -m gpu), $OUT/perf.md and $OUT/perf.jsonl (every line carries its device).
 # Each stage has its own time limit; a failed or timed-out stage is reported and the next one runs.
-# Stage limits (seconds; defaults 150+80+110+90+70, < 9 min even if every stage runs to its limit) can
+# Stage limits (seconds; defaults 150+90+150+90+60 = 540 s, < 9.5 min even if every stage runs to its limit) can
 # be changed with T_TESTS, T_TABLEAK, T_DAGER, T_LAMP, T_SPEECH; sizes with PERF_TABLEAK_ITERATIONS,
 # PERF_DAGER_SETTINGS, PERF_SPEECH_KWS_ITERS, PERF_SPEECH_CTC_ITERS (see bench/perf_*.py);
 # STAGES="tests tableak dager lamp speech" picks stages.
@@ -139,13 +139,13 @@ stage tests "${T_TESTS:-150}" "$OUT/tests.log" env OMP_NUM_THREADS=1 \
 
 # -- 2. performance suite: device and CPU columns in the same run -----------------------------------
 BENCH=$(mktemp -d)
-stage tableak "${T_TABLEAK:-80}" - env PERF_TABLEAK_VARIANTS=fast,vmap "$PY" bench/perf.py --device "$DEVICE" --only tableak --out "$BENCH"
-stage dager "${T_DAGER:-110}" - env OMP_NUM_THREADS="$CPU_THREADS" PERF_DAGER_SETTINGS="${PERF_DAGER_SETTINGS:-text/gpt2/dager:16}" \
-  PERF_DAGER_BUDGET="${PERF_DAGER_BUDGET:-90}" \
+stage tableak "${T_TABLEAK:-90}" - env PERF_TABLEAK_VARIANTS=fast,vmap "$PY" bench/perf.py --device "$DEVICE" --only tableak --out "$BENCH"
+stage dager "${T_DAGER:-150}" - env OMP_NUM_THREADS="$CPU_THREADS" PERF_DAGER_SETTINGS="${PERF_DAGER_SETTINGS:-text/gpt2/dager:16}" \
+  PERF_DAGER_BUDGET="${PERF_DAGER_BUDGET:-60}" \
   "$PY" bench/perf.py --device "$DEVICE" --only dager --out "$BENCH"
 stage lamp "${T_LAMP:-90}" - env PERF_LAMP_RANDOM_MINILM=1 PERF_LAMP_LM=gpt2 PERF_LAMP_THREADS="$CPU_THREADS" \
   "$PY" bench/perf.py --quick --device "$DEVICE" --only lamp --out "$BENCH"
-stage speech "${T_SPEECH:-70}" - env OMP_NUM_THREADS="$CPU_THREADS" PERF_SPEECH_KWS_ITERS="${PERF_SPEECH_KWS_ITERS:-100}" \
+stage speech "${T_SPEECH:-60}" - env OMP_NUM_THREADS="$CPU_THREADS" PERF_SPEECH_KWS_ITERS="${PERF_SPEECH_KWS_ITERS:-100}" \
   PERF_SPEECH_CTC_ITERS="${PERF_SPEECH_CTC_ITERS:-10}" \
   "$PY" bench/perf.py --device "$DEVICE" --only speech --out "$BENCH"
 cat "$BENCH"/*.md > "$OUT/perf.md" 2>/dev/null
