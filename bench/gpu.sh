@@ -13,7 +13,7 @@
 # Writes (at most 8 files, the device tool's limit): $OUT/gpu.log (everything), $OUT/env.txt,
 # $OUT/tests.log (pytest -m gpu), $OUT/perf.md and $OUT/perf.jsonl (every line carries its device).
 # Each stage has its own time limit; a failed or timed-out stage is reported and the next one runs.
-# Stage limits (seconds; defaults 150+90+150+90+60 = 540 s, < 9.5 min even if every stage runs to its limit) can
+# Stage limits (seconds; defaults 180+90+130+90+60 = 550 s, < 9.5 min even if every stage runs to its limit) can
 # be changed with T_TESTS, T_TABLEAK, T_DAGER, T_LAMP, T_SPEECH; sizes with PERF_TABLEAK_ITERATIONS,
 # PERF_DAGER_SETTINGS, PERF_SPEECH_KWS_ITERS, PERF_SPEECH_CTC_ITERS (see bench/perf_*.py);
 # STAGES="tests tableak dager lamp speech" picks stages.
@@ -134,14 +134,14 @@ stage() {  # stage NAME LIMIT_S LOG(- for none) COMMAND...
 }
 
 # -- 1. every attack on the device next to the CPU ------------------------------------------------
-stage tests "${T_TESTS:-150}" "$OUT/tests.log" env OMP_NUM_THREADS=1 \
+stage tests "${T_TESTS:-180}" "$OUT/tests.log" env OMP_NUM_THREADS=1 \
   "$PY" -m pytest -v -m gpu tests/eval/test_gpu_attacks.py -rA --tb=short --durations=0
 
 # -- 2. performance suite: device and CPU columns in the same run -----------------------------------
 BENCH=$(mktemp -d)
 stage tableak "${T_TABLEAK:-90}" - env PERF_TABLEAK_VARIANTS=fast,vmap "$PY" bench/perf.py --device "$DEVICE" --only tableak --out "$BENCH"
-stage dager "${T_DAGER:-150}" - env OMP_NUM_THREADS="$CPU_THREADS" PERF_DAGER_SETTINGS="${PERF_DAGER_SETTINGS:-text/gpt2/dager:16}" \
-  PERF_DAGER_BUDGET="${PERF_DAGER_BUDGET:-60}" \
+stage dager "${T_DAGER:-130}" - env OMP_NUM_THREADS="$CPU_THREADS" PERF_DAGER_SETTINGS="${PERF_DAGER_SETTINGS:-text/gpt2/dager:16}" \
+  PERF_DAGER_BUDGET="${PERF_DAGER_BUDGET:-55}" \
   "$PY" bench/perf.py --device "$DEVICE" --only dager --out "$BENCH"
 stage lamp "${T_LAMP:-90}" - env PERF_LAMP_RANDOM_MINILM=1 PERF_LAMP_LM=gpt2 PERF_LAMP_THREADS="$CPU_THREADS" \
   "$PY" bench/perf.py --quick --device "$DEVICE" --only lamp --out "$BENCH"
