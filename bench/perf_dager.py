@@ -113,7 +113,15 @@ def measure(*, quick: bool, device: str) -> list[dict]:
         if device != "cpu":
             _attack(True, *_setup(case_name, 1, device))  # warm-up (kernel loading, cuBLAS): not timed
             new = _attack(True, *setup)
-            rows += _device_rows(case_name, b, device, new, setup)
+            try:
+                rows += _device_rows(case_name, b, device, new, setup)
+            except KeyboardInterrupt:  # a time limit during the CPU run: keep the device's row
+                rows.append({"attack": "dager", "setting": f"{case_name} B={b}", "variant": f"optimised (DAGER()) on {device}",
+                             "baseline": "-", "wall_s": round(new["wall_s"], 2), "ratio": None,
+                             "peak_rss_mb": round(_peak_rss_mb(), 1), "metric_name": METRIC,
+                             "metric": round(new["metric"], 4), "device": device,
+                             "notes": "the CPU run was interrupted (time limit)"})
+                return rows
             if os.environ.get("PERF_DAGER_OLD") != "1":
                 continue
         old = _attack(False, *setup)

@@ -50,27 +50,40 @@ def _one(case_name: str, sub: str, iterations: int, device: str) -> dict:
 
 
 def measure(*, quick: bool, device: str) -> list[dict]:
-    import torch
-
     settings = [("speech/kws-mel/fedsgd", "kws", int(os.environ.get("PERF_SPEECH_KWS_ITERS", 30 if quick else 300))),
                 ("speech/ctc-mel/fedsgd", "ctc", int(os.environ.get("PERF_SPEECH_CTC_ITERS", 5 if quick else 30)))]
     devices = [device] if device == "cpu" else [device, "cpu"]
     rows = []
     for case_name, sub, iters in settings:
-        if device != "cpu":  # warm-up on the device (kernels, cuBLAS/cuFFT plans): not timed
-            _one(case_name, sub, 2, device)
-        res = {d: _one(case_name, sub, iters, d) for d in devices}
-        for d in devices:
-            r = res[d]
-            ratio = res["cpu"]["feature_s"] / r["feature_s"] if d != "cpu" and "cpu" in res else None
-            rows.append({"attack": "speech-lbfgs", "setting": f"{case_name} B=1, {iters} L-BFGS iterations (float64), "
-                         f"{r['frames']} frames", "variant": f"ours on {d}", "baseline": "ours on cpu" if ratio else "-",
-                         "wall_s": round(r["feature_s"], 2), "ratio": None if ratio is None else round(ratio, 2),
-                         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                         "metric_name": "feature cosine", "metric": round(r["cosine"], 4), "device": d,
-                         "notes": f"{torch.get_num_threads()} CPU threads; final gradient loss {r['loss']:.3g}; "
-                                  f"features only (no Griffin-Lim); clips {'carried' if _data(sub) else 'flite'}"})
+        res = {}
+        try:
+            if device != "cpu":  # warm-up on the device (kernels, cuBLAS/cuFFT plans): not timed
+                _one(case_name, sub, 2, device)
+            for d in devices:
+                res[d] = _one(case_name, sub, iters, d)
+        except KeyboardInterrupt:  # a time limit: return what was measured
+            rows.append({"attack": "speech-lbfgs", "setting": case_name, "variant": "-", "baseline": "-", "wall_s": None,
+                         "ratio": None, "peak_rss_mb": None, "metric_name": None, "metric": None,
+                         "notes": f"interrupted (time limit); measured: {sorted(res)}"})
+            _rows(rows, res, case_name, sub, iters)
+            return rows
+        _rows(rows, res, case_name, sub, iters)
     return rows
+
+
+def _rows(rows: list[dict], res: dict, case_name: str, sub: str, iters: int) -> None:
+    import torch
+
+    for d in res:
+        r = res[d]
+        ratio = res["cpu"]["feature_s"] / r["feature_s"] if d != "cpu" and "cpu" in res else None
+        rows.append({"attack": "speech-lbfgs", "setting": f"{case_name} B=1, {iters} L-BFGS iterations (float64), "
+                     f"{r['frames']} frames", "variant": f"ours on {d}", "baseline": "ours on cpu" if ratio else "-",
+                     "wall_s": round(r["feature_s"], 2), "ratio": None if ratio is None else round(ratio, 2),
+                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                     "metric_name": "feature cosine", "metric": round(r["cosine"], 4), "device": d,
+                     "notes": f"{torch.get_num_threads()} CPU threads; final gradient loss {r['loss']:.3g}; "
+                              f"features only (no Griffin-Lim); clips {'carried' if _data(sub) else 'flite'}"})
 
 
 def main() -> None:
