@@ -269,6 +269,21 @@ class MLPGradientMatch:
         return dist, ab
 
 
+def _fused_adam(x: Tensor):
+    """torch's fused Adam kernel if it exists and runs for ``x``'s device and dtype (probed on one element), else None."""
+    fused = getattr(torch, "_fused_adam_", None)
+    if fused is None or x.dtype not in (torch.float32, torch.float64) or x.device.type not in ("cpu", "cuda"):
+        return None
+    try:
+        p, g, m, v = (torch.zeros(1, dtype=x.dtype, device=x.device) for _ in range(4))
+        fused([p], [g.add_(1)], [m], [v], [], [torch.ones((), dtype=torch.float32, device=x.device)], lr=0.1,
+              beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+        ok = bool(torch.isclose(p, torch.full_like(p, -0.1)).all())  # one step on a unit gradient moves by lr
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
+    return fused if ok else None
+
+
 def run_adam(step_grad, x0: Tensor, *, lr: float, iterations: int, signed: bool,
              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Tensor:
     """``torch.optim.Adam``'s update (default hyper-parameters) on ``x0``'s copy, with
@@ -279,8 +294,8 @@ def run_adam(step_grad, x0: Tensor, *, lr: float, iterations: int, signed: bool,
     x = x0.detach().clone()
     m = torch.zeros_like(x)
     v = torch.zeros_like(x)
-    fused = getattr(torch, "_fused_adam_", None)
-    if fused is not None and x.dtype in (torch.float32, torch.float64) and x.device.type in ("cpu", "cuda"):
+    fused = _fused_adam(x)
+    if fused is not None:
         # torch.optim.Adam(fused=True)'s kernel: the same update in one pass (the step count is a tensor)
         step = torch.zeros((), dtype=torch.float32, device=x.device)
         with torch.no_grad():
