@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = {"tableak": "perf_tableak.py", "lamp": "perf_lamp.py", "dager": "perf_dager.py"}
+SECTIONS = {"tableak": "perf_tableak.py", "lamp": "perf_lamp.py", "dager": "perf_dager.py", "speech": "perf_speech.py"}
 ROW_KEYS = ("attack", "setting", "variant", "baseline", "wall_s", "ratio", "peak_rss_mb", "metric_name", "metric",
             "notes")
 
@@ -52,7 +52,11 @@ def provenance(device: str) -> dict:
     except AttributeError:
         ncpu = os.cpu_count() or 0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    if not commit:  # a copy without .git (a device machine): the commit bench/gpu_prepare.sh recorded
+        commit = os.environ.get("GRADLEAK_COMMIT", "")
+    return {"commit": commit, "dirty": dirty,
             "device": dev, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or None,
             "cpus_available": ncpu, "host": platform.node(), "load_avg_1m_at_start": load}
 
@@ -77,13 +81,14 @@ def _fmt(v, nd=2) -> str:
 
 
 def markdown(rows: list[dict], prov: dict) -> str:
-    head = (f"commit `{prov['commit'][:10]}`{' (dirty)' if prov['dirty'] else ''}, device {prov['device']}, "
+    head = (f"commit `{prov['commit'][:10] or '?'}`{' (dirty)' if prov['dirty'] else ''}, device {prov['device']}, "
             f"OMP threads {prov['cpu_threads']}, {prov['cpus_available']} CPUs, load {prov['load_avg_1m_at_start']}")
-    lines = [head, "", "| attack | setting | variant | vs | wall s | ratio | CPU s | CPU ratio | peak RSS MB | metric | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "", "| attack | device | setting | variant | vs | wall s | ratio | CPU s | CPU ratio | peak RSS MB | metric | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         metric = f"{r.get('metric_name') or ''} {_fmt(r.get('metric'), 3)}".strip()
-        lines.append(f"| {r['attack']} | {r['setting']} | {r['variant']} | {r['baseline']} | {_fmt(r['wall_s'])} | "
+        dev = r.get("device") or prov["device"]
+        lines.append(f"| {r['attack']} | {dev} | {r['setting']} | {r['variant']} | {r['baseline']} | {_fmt(r['wall_s'])} | "
                      f"{_fmt(r['ratio'])}{'x' if r.get('ratio') is not None else ''} | {_fmt(r.get('cpu_s'))} | "
                      f"{_fmt(r.get('ratio_cpu'))}{'x' if r.get('ratio_cpu') is not None else ''} | {_fmt(r['peak_rss_mb'], 0)} | "
                      f"{metric} | {r.get('notes', '')} |")
@@ -93,11 +98,14 @@ def markdown(rows: list[dict], prov: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations / smaller settings (a smoke run)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu:0: the device code paths on the CPU, a dry run)")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--out", default=str(ROOT / "results" / "bench"))
     a = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not a.device.split(":")[0] in ("cpu", "cuda"):
+        print(f"error: --device {a.device!r}: use cpu or cuda", file=sys.stderr)
+        return 2
     wanted = [s.strip() for s in a.only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS]
     if unknown:
@@ -116,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[perf] {name}: measuring ({'quick' if a.quick else 'full'}, {a.device}) ...", flush=True)
         try:
             got = mod.measure(quick=a.quick, device=a.device)
+        except KeyboardInterrupt:  # a time limit (bench/gpu.sh sends SIGINT): keep what the other sections measured
+            rows.append({k: None for k in ROW_KEYS} | {"attack": name, "setting": "–", "variant": "–", "baseline": "–",
+                                                      "notes": "interrupted (time limit)"})
+            print(f"[perf] {name}: interrupted", flush=True)
+            break
         except Exception as exc:  # noqa: BLE001 - one failing section must not hide the others
             traceback.print_exc()
             got = [{k: None for k in ROW_KEYS} | {"attack": name, "setting": "–", "variant": "–", "baseline": "–",
@@ -130,11 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if a.quick else "") + f"-{a.device}"
+    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if a.quick else "") + f"-{a.device.replace(':', '')}"
     (out / f"perf-{stamp}.md").write_text(md)
     with open(out / f"perf-{stamp}.jsonl", "w") as f:
         for r in rows:
-            f.write(json.dumps(prov | {"quick": a.quick} | r) + "\n")
+            # a row measured on another device than --device (e.g. the CPU baseline of a cuda run) says so
+            dev = r.get("device")
+            line = prov | {"quick": a.quick} | r | ({"device": prov["device"]} if dev in (None, a.device) else {})
+            f.write(json.dumps(line) + "\n")
     print(f"[perf] wrote {out / f'perf-{stamp}.md'} and .jsonl")
     return 0
 

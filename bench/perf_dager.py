@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-BUDGET_S = 600.0
+BUDGET_S = float(os.environ.get("PERF_DAGER_BUDGET", 600.0))
 QUICK = [("text/gpt2/dager", 4)]
 FULL = [("text/gpt2/dager", 8), ("text/gpt2/dager", 16), ("text/smollm2/dager", 8), ("text/smollm2/dager", 16),
         ("text/minilm-bert/dager", 4), ("text/minilm-bert/dager", 8)]
@@ -72,13 +72,58 @@ def _attack(fast: bool, kit, case, model, prior, obs, truth) -> dict[str, Any]:
             "timed_out": bool(rec.stats.get("timed_out", 0.0)), "stats": rec.stats}
 
 
+def _settings(quick: bool) -> list[tuple[str, int]]:
+    """``PERF_DAGER_SETTINGS="text/gpt2/dager:16,..."`` overrides the list (a device run's short list)."""
+    env = os.environ.get("PERF_DAGER_SETTINGS")
+    if env:
+        return [(c, int(b)) for c, b in (item.rsplit(":", 1) for item in env.split(",") if item)]
+    return QUICK if quick else FULL
+
+
+def _device_rows(case_name: str, b: int, device: str, new: dict, setup) -> list[dict]:
+    """On an accelerator: the optimised path again on the CPU (same batch, same process), and the ratio."""
+    import torch
+
+    cpu_setup = _setup(case_name, b, "cpu")
+    cpu = _attack(True, *cpu_setup)
+    same = cpu["ids"] == new["ids"]
+    threads = torch.get_num_threads()
+    out = []
+    for variant, r, dev, base, ratio in (
+            (f"optimised (DAGER()) on cpu, {threads} threads", cpu, "cpu", "-", None),
+            (f"optimised (DAGER()) on {device}", new, device, "optimised on cpu, same batch",
+             cpu["wall_s"] / max(new["wall_s"], 1e-9))):
+        out.append({"attack": "dager", "setting": f"{case_name} B={b}", "variant": variant, "baseline": base,
+                    "wall_s": round(r["wall_s"], 2), "ratio": None if ratio is None else round(ratio, 2),
+                    "peak_rss_mb": round(_peak_rss_mb(), 1), "metric_name": METRIC, "metric": round(r["metric"], 4),
+                    "device": dev, "notes": ("timed out" if r["timed_out"] else "finished")
+                    + f"; same token ids on cpu and {device}: {same}"})
+    return out
+
+
 def measure(*, quick: bool, device: str) -> list[dict]:
-    """Seconds per batch of the original and the optimised DAGER paths (same process, same batches)."""
+    """Seconds per batch of the original and the optimised DAGER paths (same process, same batches);
+    on an accelerator (``device`` not cpu) the optimised path on the device and on the CPU instead
+    (``PERF_DAGER_OLD=1`` adds the original path on the device)."""
     import torch
 
     rows: list[dict] = []
-    for case_name, b in QUICK if quick else FULL:
+    for case_name, b in _settings(quick):
         setup = _setup(case_name, b, device)
+        if device != "cpu":
+            _attack(True, *_setup(case_name, 1, device))  # warm-up (kernel loading, cuBLAS): not timed
+            new = _attack(True, *setup)
+            try:
+                rows += _device_rows(case_name, b, device, new, setup)
+            except KeyboardInterrupt:  # a time limit during the CPU run: keep the device's row
+                rows.append({"attack": "dager", "setting": f"{case_name} B={b}", "variant": f"optimised (DAGER()) on {device}",
+                             "baseline": "-", "wall_s": round(new["wall_s"], 2), "ratio": None,
+                             "peak_rss_mb": round(_peak_rss_mb(), 1), "metric_name": METRIC,
+                             "metric": round(new["metric"], 4), "device": device,
+                             "notes": "the CPU run was interrupted (time limit)"})
+                return rows
+            if os.environ.get("PERF_DAGER_OLD") != "1":
+                continue
         old = _attack(False, *setup)
         rss_old = _peak_rss_mb()
         new = _attack(True, *setup)

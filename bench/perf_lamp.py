@@ -44,7 +44,22 @@ def _rss_mb() -> float:
 
 
 # -- workers (run in a subprocess each) ------------------------------------------------------------
+def _random_minilm(generator):
+    """MiniLM-L6's architecture (6 layers, hidden 384, its WordPiece) with random weights: the same
+    per-step cost as the pretrained model where its weights cannot travel (a device machine)."""
+    import transformers as tf
+
+    from textleak.models import TextModelInfo, _finish, _fresh_head, _random_init, minilm_dir, minilm_tokenizer
+
+    cfg = tf.BertConfig.from_pretrained(str(minilm_dir()), num_labels=2, attn_implementation="eager")
+    model = _random_init(lambda: tf.BertForSequenceClassification(cfg), generator)
+    _fresh_head(model, generator)
+    return _finish(model, TextModelInfo("minilm-config-random", "encoder", minilm_tokenizer(), 2))
+
+
 def _setup(device: str):
+    """``PERF_LAMP_RANDOM_MINILM=1``: MiniLM's architecture with random weights; ``PERF_LAMP_LM=NAME``:
+    the LM prior (case option ``lm_prior``, e.g. ``gpt2``: GPT-2-small's configuration, random)."""
     import torch
 
     from common.seed import make_generator
@@ -55,8 +70,13 @@ def _setup(device: str):
 
     kit = TextKit()
     case = CASES[CASE].with_batch_size(1)
+    if os.environ.get("PERF_LAMP_LM"):
+        case = replace(case, options={**case.options, "lm_prior": os.environ["PERF_LAMP_LM"]})
     dev = torch.device(device)
-    model = kit.load_model(case, device=dev, generator=make_generator(0))
+    if os.environ.get("PERF_LAMP_RANDOM_MINILM") == "1":
+        model = _random_minilm(make_generator(0)).to(dev)
+    else:
+        model = kit.load_model(case, device=dev, generator=make_generator(0))
     pool = kit.load_pool(case, data_path=None)
     t = simulate(case, kit, model=model, pool=pool, prior_kind="text", device=dev, keep_batch=True,
                  data_generator=make_generator(1), client_generator=make_generator(2))
@@ -242,9 +262,45 @@ def _row(attack, setting, variant, baseline, wall_s, ratio, rss, metric_name="",
     return dict(zip(FIELDS, (attack, setting, variant, baseline, wall_s, ratio, rss, metric_name, metric, notes)))
 
 
+def _model_note() -> str:
+    m = "MiniLM architecture, random weights" if os.environ.get("PERF_LAMP_RANDOM_MINILM") == "1" else "MiniLM pretrained"
+    return f"{m}; LM prior {os.environ.get('PERF_LAMP_LM') or 'smollm2'}"
+
+
+def measure_device(*, quick: bool, device: str, threads: int) -> list[dict]:
+    """On an accelerator: the continuous step (floor, lamp-cos, tag) and one discrete round with the
+    LM prior, each on ``device`` and on the CPU (``threads`` threads) in the same run, and a short attack on the device."""
+    w = {(n, d): _run_worker(n, quick=quick, device=d, threads=threads)
+         for d in (device, "cpu") for n in ("steps", "round-new")}
+    q = _run_worker("quality-new", quick=True, device=device, threads=threads)
+    rows = []
+    for d in (device, "cpu"):
+        st, rd = w[("steps", d)], w[("round-new", d)]
+        note = f"{d}, {threads} CPU thread(s), L={st['seq_len']} tokens; {_model_note()}"
+        rows.append(_row("floor", f"{CASE} one step", "forward + double backward", "-", st["floor_s"], 1.0,
+                         st["peak_rss_mb"], notes=note) | {"device": d})
+        for attack in ("lamp-cos", "tag"):
+            rows.append(_row(attack, f"{CASE} continuous step", "new", "floor", st[f"{attack}_s"],
+                             st[f"{attack}_s"] / st["floor_s"], st["peak_rss_mb"], notes=note) | {"device": d})
+        rows.append(_row("lamp-cos", f"{CASE} discrete round, 200 candidates + LM prior", "new (ghost)", "-",
+                         rd["round_s"], None, rd["peak_rss_mb"], notes=note) | {"device": d})
+    for key, unit, what in (("steps", "lamp-cos_s", "continuous step"), ("steps", "floor_s", "floor step"),
+                            ("round-new", "round_s", "discrete round + LM")):
+        c, g = w[(key, "cpu")][unit], w[(key, device)][unit]
+        rows.append(_row("lamp-cos", f"{CASE} {what}: {device} vs cpu", f"{device}", "cpu, same run", g, c / g, None,
+                         notes=f"ratio = cpu seconds / {device} seconds; {_model_note()}") | {"device": device})
+    rows.append(_row("lamp-cos", f"{CASE} short attack ({q['n_steps']} steps)", "new", "-", q["attack_s"], None,
+                     q["peak_rss_mb"], "rouge1", q["rouge1"], f"{device}; rouge2 {q['rouge2']:.3f}; {_model_note()}")
+                | {"device": device})
+    return rows
+
+
 def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -> list[dict]:
     """All rows of this benchmark (see the module docstring); ``threads``: torch threads per worker;
-    ``full`` adds the paper's 2,000-step lamp-cos run on the sentence (minutes to tens of minutes)."""
+    ``full`` adds the paper's 2,000-step lamp-cos run on the sentence (minutes to tens of minutes).
+    On an accelerator, :func:`measure_device` (device next to the CPU)."""
+    if device != "cpu":
+        return measure_device(quick=quick, device=device, threads=int(os.environ.get("PERF_LAMP_THREADS", threads)))
     w = {n: _run_worker(n, quick=quick, device=device, threads=threads) for n in (
         "steps", "init-new", "init-old", "swap-new", "swap-old", "round-new",
         "round-old", "quality-new", "quality-old")}

@@ -63,6 +63,10 @@ def _worker(variant: str, *, iterations: int, ensemble: int, batch: int, seed: i
            "loop": replace(cfg, engine="vmap", batched=False)}[variant]
     atk = TabLeak(cfg)
     import torch._dynamo  # noqa: F401 - torch.func's first call imports it (seconds): a per-process cost, not timed
+    if dev.type == "cuda":  # CUDA context, cuBLAS handles and kernel loading: once per process, not timed
+        TabLeak(replace(cfg, iterations=5)).reconstruct(t.attacker.observation, model, t.attacker.prior,
+                                                        generator=make_generator(seed + 1))
+        torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
     rec = atk.reconstruct(t.attacker.observation, model, t.attacker.prior, generator=make_generator(seed + 1))
     if dev.type == "cuda":
@@ -70,7 +74,8 @@ def _worker(variant: str, *, iterations: int, ensemble: int, batch: int, seed: i
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     m = score(kit, rec, t.truth, case=case)[0]
     return {"wall_s": secs, "cpu_s": cpu, "accuracy": m["accuracy"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "fast_engine": rec.stats.get("fast_engine")}
+            "fast_engine": rec.stats.get("fast_engine"),
+            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None}
 
 
 def _cores() -> list[int]:
@@ -85,7 +90,8 @@ def _pin(core: int | None) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep carried packages
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def _run_ours(variant: str, core: int | None, **kw) -> dict:
@@ -123,10 +129,24 @@ def measure(*, quick: bool, device: str) -> list[dict]:
     ref_core = cores[0] if len(cores) >= 2 else None
     setting = f"Adult B=32, FC[100,100,2], 30 members x {iterations} it, 1 thread, {device}"
     proc, ref_note = (None, "reference is CPU-only") if device != "cpu" else _start_reference(iterations, 32, ref_core)
-    variants = [v for v in os.environ.get("PERF_TABLEAK_VARIANTS", "fast,vmap,loop").split(",") if v]
-    if "fast" not in variants or "vmap" not in variants:
-        raise ValueError("PERF_TABLEAK_VARIANTS must include fast and vmap (loop is optional)")
-    res = {v: _run_ours(v, ours_core, **kw) for v in variants}
+    default = "fast,vmap" if device != "cpu" else "fast,vmap,loop"  # the loop is minutes of kernel launches on a GPU
+    variants = [v for v in os.environ.get("PERF_TABLEAK_VARIANTS", default).split(",") if v]
+    if "fast" not in variants or (device == "cpu" and "vmap" not in variants):
+        raise ValueError("PERF_TABLEAK_VARIANTS must include fast and (on the CPU) vmap; loop is optional")
+    res: dict = {}
+    cpu_fast = None
+    interrupted = ""
+    try:
+        res["fast"] = _run_ours("fast", ours_core, **kw)
+        # on an accelerator, the same fast engine on the CPU (1 thread) in the same run: the device's speed-up
+        cpu_fast = _run_ours("fast", ours_core, **(kw | {"device": "cpu"})) if device != "cpu" else None
+        for v in variants[1:] if variants[0] == "fast" else [v for v in variants if v != "fast"]:
+            res[v] = _run_ours(v, ours_core, **kw)
+    except KeyboardInterrupt:  # a time limit (bench/gpu.sh): the rows measured so far
+        if device == "cpu":
+            raise
+        interrupted = f"; interrupted (time limit) after {', '.join(res)}"
+    variants = [v for v in variants if v in res]
     ref = None
     if proc is not None:
         out, err = proc.communicate()
@@ -146,11 +166,22 @@ def measure(*, quick: bool, device: str) -> list[dict]:
              "loop": "sequential loop over members (batched=False)"}
     for v in variants:
         note = notes[v]
-        r = row(v, "vmap", res[v]["wall_s"], res[v]["cpu_s"], res[v]["peak_rss_mb"], res[v]["accuracy"],
-                f"{note}; seed 42; {concurrent}")
-        r["ratio"] = res["vmap"]["wall_s"] / res[v]["wall_s"]
-        r["ratio_cpu"] = res["vmap"]["cpu_s"] / res[v]["cpu_s"]
+        r = row(v, "vmap" if "vmap" in res else "-", res[v]["wall_s"], res[v]["cpu_s"], res[v]["peak_rss_mb"],
+                res[v]["accuracy"], f"{note}; seed 42; {concurrent}{interrupted}")
+        if "vmap" in res:
+            r["ratio"] = res["vmap"]["wall_s"] / res[v]["wall_s"]
+            r["ratio_cpu"] = res["vmap"]["cpu_s"] / res[v]["cpu_s"]
+        r["device"] = device
+        if res[v].get("cuda_peak_mb") is not None:
+            r["notes"] += f"; CUDA peak {res[v]['cuda_peak_mb']:.0f} MB"
         rows.append(r)
+    if cpu_fast is not None:
+        rows.append(row("fast (cpu, 1 thread)", "-", cpu_fast["wall_s"], cpu_fast["cpu_s"],
+                        cpu_fast["peak_rss_mb"], cpu_fast["accuracy"],
+                        "the same closed-form engine on the CPU in the same run, seed 42") | {"device": "cpu"})
+        rows.append(row(f"fast ({device})", "fast (cpu, 1 thread)", res["fast"]["wall_s"], res["fast"]["cpu_s"],
+                        res["fast"]["peak_rss_mb"], res["fast"]["accuracy"], f"speed-up of {device} over one CPU thread")
+                    | {"ratio": cpu_fast["wall_s"] / res["fast"]["wall_s"], "device": device})
     if ref is not None:
         rr = row("reference", "reference", ref["attack_seconds"], ref.get("process_cpu_s"), ref.get("peak_rss_mb"),
                  ref["accuracy"] / 100,

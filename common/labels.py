@@ -20,9 +20,9 @@ from torch import Tensor
 
 def _class_signal(tensors: Mapping[str, Tensor], weight: str | None, bias: str | None) -> Tensor:
     if bias is not None and bias in tensors:
-        return tensors[bias].detach().double().flatten()
+        return tensors[bias].detach().double().flatten().cpu()  # counts are numpy: work on the CPU
     if weight is not None and weight in tensors:
-        return tensors[weight].detach().double().sum(dim=1)
+        return tensors[weight].detach().double().sum(dim=1).cpu()
     raise ValueError("label recovery needs the last layer's gradient: the observation has neither its weight nor its bias")
 
 
@@ -45,7 +45,7 @@ def label_counts(
     c = g.numel()
     if mean_probs is None:
         mean_probs = torch.full((c,), 1.0 / c, dtype=torch.double)
-    mean_probs = mean_probs.detach().double().flatten()
+    mean_probs = mean_probs.detach().double().flatten().cpu()
     if bias is None or bias not in tensors:
         # weight-row sums are scaled by the (unknown) activations: use only the sign pattern
         neg = (g < 0).double()

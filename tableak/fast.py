@@ -91,6 +91,7 @@ class FusedRelax:
         if self.gk:
             cc = self.perm[:self.gk]
             self.s_cat, self.m_cat = rx.scale[cc], rx.mean[cc]
+            self.inv_s, self.neg_ms = 1.0 / self.s_cat, -self.m_cat / self.s_cat  # (p − m)/s as one addcmul
             # block-diagonal ones: (row of exps) @ same = every column's group sum, in one GEMM
             self.same = torch.zeros((self.gk, self.gk), dtype=rx.mean.dtype, device=dev)
             for st, n, w in self.buckets:
@@ -106,7 +107,7 @@ class FusedRelax:
         a whole group underflows (it lies ≳ 69 below the row's max), the exact per-group softmax."""
         e = (raw - raw.amax(-1, keepdim=True)).exp_()
         tot = e @ self.same
-        if bool((tot < 1e-30).any()):
+        if bool(tot.amin() < 1e-30):
             return torch.cat([raw[..., st:st + n * w].unflatten(-1, (n, w)).softmax(-1).flatten(-2)
                               for st, n, w in self.buckets], -1)
         return e.div_(tot)
@@ -120,27 +121,28 @@ class FusedRelax:
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
         """Relaxed copy of ``x`` [..., d] (layout) and what :meth:`backward` needs."""
         sm = sg = None
-        parts = []
         gk, nc = self.gk, self.nc
+        out = torch.empty_like(x)  # every piece is written into its slice (no concatenation pass)
         if gk:
             raw = torch.addcmul(self.m_cat, x[..., :gk], self.s_cat)
             if self.tau != 1.0:
-                raw = raw / self.tau
+                raw = raw.div_(self.tau)
             sm = self._group_softmax(raw)
-            parts.append((sm - self.m_cat) / self.s_cat)
+            torch.addcmul(self.neg_ms, sm, self.inv_s, out=out[..., :gk])
         if nc:
             xc = x[..., gk:gk + nc]
             sg = torch.sigmoid(xc / self.temp if self.temp != 1.0 else xc)
-            parts.append(torch.addcmul(self.lo, sg, self.span))
-        parts.append(x[..., gk + nc:])
-        return torch.cat(parts, -1), (sm, sg)
+            torch.addcmul(self.lo, sg, self.span, out=out[..., gk:gk + nc])
+        if gk + nc < x.shape[-1]:
+            out[..., gk + nc:] = x[..., gk + nc:]
+        return out, (sm, sg)
 
     def backward(self, out_bar: Tensor, saved: tuple[Tensor | None, Tensor | None]) -> Tensor:
         """∂/∂x given ∂/∂(relaxed x) (in place on ``out_bar``)."""
         sm, sg = saved
         gk, nc = self.gk, self.nc
         if gk:
-            prod = sm * out_bar[..., :gk] / self.s_cat
+            prod = torch.mul(sm, out_bar[..., :gk]).mul_(self.inv_s)
             prod = prod.sub_(sm * (prod @ self.same))  # softmax Jacobian, group sums by one GEMM
             if self.tau != 1.0:
                 prod = prod / self.tau
@@ -267,14 +269,44 @@ class MLPGradientMatch:
         return dist, ab
 
 
+def _fused_adam(x: Tensor):
+    """torch's fused Adam kernel if it exists and runs for ``x``'s device and dtype (probed on one element), else None."""
+    fused = getattr(torch, "_fused_adam_", None)
+    if fused is None or x.dtype not in (torch.float32, torch.float64) or x.device.type not in ("cpu", "cuda"):
+        return None
+    try:
+        p, g, m, v = (torch.zeros(1, dtype=x.dtype, device=x.device) for _ in range(4))
+        fused([p], [g.add_(1)], [m], [v], [], [torch.ones((), dtype=torch.float32, device=x.device)], lr=0.1,
+              beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+        ok = bool(torch.isclose(p, torch.full_like(p, -0.1)).all())  # one step on a unit gradient moves by lr
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
+    return fused if ok else None
+
+
 def run_adam(step_grad, x0: Tensor, *, lr: float, iterations: int, signed: bool,
              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> Tensor:
-    """``torch.optim.Adam``'s single-tensor update (default hyper-parameters) on ``x0``'s copy,
-    with ``step_grad(x) -> ∂/∂x``, optionally on the gradient's sign; returns the final ``x``."""
+    """``torch.optim.Adam``'s update (default hyper-parameters) on ``x0``'s copy, with
+    ``step_grad(x) -> ∂/∂x``, optionally on the gradient's sign; returns the final ``x``. Uses the
+    fused Adam kernel (``torch.optim.Adam(fused=True)``: one pass instead of eight) where torch has
+    it, else the single-tensor update written out; the two agree to float rounding."""
     b1, b2 = betas
     x = x0.detach().clone()
     m = torch.zeros_like(x)
     v = torch.zeros_like(x)
+    fused = _fused_adam(x)
+    if fused is not None:
+        # torch.optim.Adam(fused=True)'s kernel: the same update in one pass (the step count is a tensor)
+        step = torch.zeros((), dtype=torch.float32, device=x.device)
+        with torch.no_grad():
+            for _ in range(iterations):
+                g = step_grad(x)
+                if signed:
+                    g = g.sign_()
+                step += 1
+                fused([x], [g], [m], [v], [], [step], lr=lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=eps,
+                      amsgrad=False, maximize=False)
+        return x
     with torch.no_grad():
         for t in range(1, iterations + 1):
             g = step_grad(x)

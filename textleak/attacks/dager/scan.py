@@ -60,7 +60,7 @@ class AffineScan:
         positions; None otherwise."""
         model = li1.model
         emb = model.get_input_embeddings()
-        word = emb.weight.detach()
+        word = emb.weight.detach().cpu()  # the probes below compare with _ln_inputs (CPU) on any device
         vocab = word.shape[0]
         toks = torch.tensor([t % vocab for t in _PROBE_TOKENS]).unique()
         probe_pos = sorted({0, 1, positions // 2, positions - 1})
