@@ -52,10 +52,12 @@ def provenance(device: str) -> dict:
     except AttributeError:
         ncpu = os.cpu_count() or 0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    commit = _git("rev-parse", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
-    if not commit:  # a copy without .git (a device machine): the commit bench/gpu_prepare.sh recorded
-        commit = os.environ.get("GRADLEAK_COMMIT", "")
+    recorded = os.environ.get("GRADLEAK_COMMIT", "")
+    if recorded:  # a copy on a device machine: the commit bench/gpu_prepare.sh recorded (its git metadata,
+        commit, dirty = recorded, recorded.endswith("-dirty")  # if any, can be older than the tree)
+    else:
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
     return {"commit": commit, "dirty": dirty,
             "device": dev, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or None,
             "cpus_available": ncpu, "host": platform.node(), "load_avg_1m_at_start": load}
