@@ -4,7 +4,8 @@ from common.preset import Preset
 
 KITS = {"tabular": "tableak.kit:TabularKit"}
 CASE_MODULES = ("tableak.cases",)
-ATTACKS: dict[str, str] = {"tableak": "tableak.attack:TabLeak", "tabular-random": "tableak.attack:TabularRandom"}
+ATTACKS: dict[str, str] = {"tableak": "tableak.attack:TabLeak", "tabular-random": "tableak.attack:TabularRandom",
+                           "tabular-exact": "tableak.exact:TabularExact"}
 PRESETS: dict = {
     "tableak-no-pooling": Preset("tableak", {"ensemble": 1, "pooling": "none"},
                                  "TabLeak without ensembling/pooling (paper config 47)"),
