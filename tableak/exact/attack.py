@@ -21,7 +21,7 @@ from ..attack import TabLeak, TabLeakConfig
 from ..prior import TabularPrior
 from ..schema import TabularSchema
 from .layer2 import gauss_newton_roots, spread_targets
-from .span import enumerate_rows, free_continuous, project, row_span
+from .span import FREE_TOL, enumerate_rows, free_continuous, project, row_span
 from .verify import find_layers, fit_counts, layer2_residual, second_inputs
 
 CITATION = ("Exact tabular row recovery from the first-layer gradient span (this suite, issue 19), after "
@@ -137,11 +137,15 @@ class TabularExact:
         if span.rank == 0:
             return None, empty
         tol = cfg.span_tol + (cfg.noise_factor * floor / span.singular[span.rank - 1] * math.sqrt(d) if sigma else 0)
-        cand = enumerate_rows(schema, span, present, tol=tol, max_half=cfg.max_half,
+        # declared noise tilts the span by about floor / s_r: a continuous direction inside it looks that far out
+        free_tol = max(FREE_TOL, 2 * floor / span.singular[span.rank - 1])
+        cand = enumerate_rows(schema, span, present, tol=tol, free_tol=free_tol, max_half=cfg.max_half,
                               max_candidates=cfg.max_candidates)
         stats.update(combinations=float(cand.combos), layer1_candidates=float(len(cand.rows)),
                      truncated=float(cand.truncated), continuous_identified=float(span.cont_identified))
-        free = free_continuous(schema, span)
+        if cand.truncated:  # rank limit: too many valid rows in the span to identify the batch
+            return None, empty
+        free = free_continuous(schema, span, free_tol=free_tol)
         stats["free_continuous"] = float(free.shape[1])
         span2, tol2 = None, 0.0
         if len(cand.rows) and layers.second is not None and layers.second_weight in tensors:
@@ -174,7 +178,9 @@ class TabularExact:
         stats["layer2_candidates"] = float(len(rows))
         stats["layer2_used"] = float(layer2)
         sound = (span.cont_identified or layer2) and not cand.truncated
-        partial = rows if (sound and layer2) else empty
+        # rows passing both span checks are certified one by one only without noise and when they
+        # are not more than B (under declared noise only the whole-gradient certificate counts)
+        partial = rows if (sound and layer2 and not sigma and len(rows) <= b) else empty
         if not sound or len(rows) == 0 or len(rows) > cfg.max_fit:
             return None, partial
         params = trainable_params(model)

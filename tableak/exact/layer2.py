@@ -44,8 +44,9 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
                 live, on = live[moving], on[moving]
             if len(live) == 0:
                 break
-            m = on[:, :, None] * a[None]  # [n, h, f]
-            pm = np.matmul(comp[None], m)  # [n, h - r2, f]
+            n = len(live)
+            m = on[:, None, :] * a.T[None]  # [n, f, h]
+            pm = (m.reshape(n * f, h) @ comp.T).reshape(n, f, -1).transpose(0, 2, 1)  # one GEMM: [n, h - r2, f]
             jtj = np.matmul(pm.transpose(0, 2, 1), pm) + 1e-12 * np.eye(f)
             r0 = (on * z0[live]) @ comp.T  # [n, h - r2]
             jtr = np.matmul(pm.transpose(0, 2, 1), r0[..., None])  # [n, f, 1]

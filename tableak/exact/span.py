@@ -79,7 +79,7 @@ def _combos(blocks: list[np.ndarray], vecs: list[np.ndarray], dim: int) -> tuple
     return idx, tot
 
 
-def enumerate_rows(schema: TabularSchema, span: Span, present: np.ndarray, *, tol: float,
+def enumerate_rows(schema: TabularSchema, span: Span, present: np.ndarray, *, tol: float, free_tol: float = FREE_TOL,
                    max_half: int, max_candidates: int) -> Candidates:
     """Every valid row (categories restricted to ``present`` columns) within ``tol`` of the span."""
     d = schema.dim
@@ -89,7 +89,7 @@ def enumerate_rows(schema: TabularSchema, span: Span, present: np.ndarray, *, to
     pt = proj[ci] if len(ci) else np.zeros((0, d))
     if len(ci):
         u, sv, vt = np.linalg.svd(pt, full_matrices=False)
-        span.cont_identified = bool(sv.size == len(ci) and sv.min() > FREE_TOL)
+        span.cont_identified = bool(sv.size == len(ci) and sv.min() > free_tol)
         span.cont_singular = sv
         rt = np.eye(d) - np.linalg.pinv(pt) @ pt
     else:
@@ -121,34 +121,31 @@ def enumerate_rows(schema: TabularSchema, span: Span, present: np.ndarray, *, to
         return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, True)
     ia, sa = _combos([blocks[i] for i in ha], [vecs[i] for i in ha], m)
     ib, sb = _combos([blocks[i] for i in hb], [vecs[i] for i in hb], m)
-    if m == 0:
-        pairs = [(i, j) for i in range(len(sa)) for j in range(len(sb))]
-    else:
-        k = min(m, 8)
-        tree = cKDTree(sa[:, :k])
-        hits = tree.query_ball_point(-sb[:, :k], r=tol)
-        pairs = [(i, j) for j, lst in enumerate(hits) for i in lst]
-    truncated = len(pairs) > max_candidates
-    pairs = pairs[:max_candidates]
-    rows, res = [], []
-    pinv_t = np.linalg.pinv(pt) if len(ci) else None
-    for i, j in pairs:
-        r = float(np.linalg.norm(sa[i] + sb[j]))
-        if r > tol:
-            continue
-        cols = np.concatenate([ia[i], ib[j]])
-        raw = np.zeros(d)
-        raw[cols] = 1.0
-        y = np.where(np.isin(np.arange(d), ci), 0.0, (raw - mean) / scale)
-        if len(ci):
-            t = -(y @ proj) @ pinv_t  # best continuous values (standardised)
-            y[ci] = t
-        rows.append(y)
-        res.append(r)
-    if not rows:
+    if m == 0:  # the span holds every valid row of the present categories: nothing to identify
+        return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, True)
+    k = min(m, 8)
+    tree = cKDTree(sa[:, :k])
+    if int(tree.query_ball_point(-sb[:, :k], r=tol, return_length=True).sum()) > 4 * max_candidates:
+        return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, True)
+    hits = tree.query_ball_point(-sb[:, :k], r=tol)
+    pj = np.repeat(np.arange(len(sb)), [len(x) for x in hits])
+    pi = np.fromiter((i for lst in hits for i in lst), dtype=np.int64, count=len(pj))
+    keep = np.linalg.norm(sa[pi] + sb[pj], axis=1) <= tol
+    pi, pj = pi[keep], pj[keep]
+    truncated = len(pi) > max_candidates
+    pi, pj = pi[:max_candidates], pj[:max_candidates]
+    if len(pi) == 0:
         return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, truncated)
-    raw_rows = np.stack(rows)
-    return Candidates(project(schema, raw_rows), raw_rows, np.array(res), na * nb, truncated)
+    res = np.linalg.norm(sa[pi] + sb[pj], axis=1)
+    cols = np.concatenate([ia[pi], ib[pj]], 1)  # [n, n_blocks] chosen one-hot columns
+    raw = np.zeros((len(pi), d))
+    np.put_along_axis(raw, cols, 1.0, axis=1)
+    y = (raw - mean) / scale
+    if len(ci):
+        y[:, ci] = 0.0
+        y[:, ci] = -(y @ proj) @ np.linalg.pinv(pt)  # best continuous values (standardised)
+    raw_rows = y
+    return Candidates(project(schema, raw_rows), raw_rows, res, na * nb, truncated)
 
 
 def project(schema: TabularSchema, rows: np.ndarray) -> np.ndarray:
@@ -156,7 +153,7 @@ def project(schema: TabularSchema, rows: np.ndarray) -> np.ndarray:
     return schema.encode_arrays(*schema.decode_arrays(rows))
 
 
-def free_continuous(schema: TabularSchema, span: Span) -> np.ndarray:
+def free_continuous(schema: TabularSchema, span: Span, *, free_tol: float = FREE_TOL) -> np.ndarray:
     """Orthonormal basis [d, f] of the span's directions that touch only continuous columns (rows
     sharing a categorical pattern put their continuous differences there): along them the first
     layer cannot tell continuous values apart."""
@@ -167,7 +164,7 @@ def free_continuous(schema: TabularSchema, span: Span) -> np.ndarray:
     cat = np.setdiff1d(np.arange(d), ci)
     _, s, vt = np.linalg.svd(span.basis[:, cat].T, full_matrices=True)  # null space of the categorical part
     s = np.concatenate([s, np.zeros(span.rank - len(s))]) if len(s) < span.rank else s
-    a = vt[s[:span.rank] < FREE_TOL] if len(s) else vt
+    a = vt[s[:span.rank] < free_tol] if len(s) else vt
     u = a @ span.basis  # [f, d]
     u[:, cat] = 0.0
     q, _ = np.linalg.qr(u.T) if len(u) else (np.zeros((d, 0)), None)
