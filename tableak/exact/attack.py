@@ -20,7 +20,7 @@ from ..attack import CITATION as TABLEAK_CITATION
 from ..attack import TabLeak, TabLeakConfig
 from ..prior import TabularPrior
 from ..schema import TabularSchema
-from .layer2 import gauss_newton_roots, spread_targets
+from .layer2 import gauss_newton_roots, w_box_starts
 from .span import FREE_TOL, enumerate_rows, free_continuous, project, row_span
 from .verify import find_layers, fit_counts, layer2_residual, second_inputs
 
@@ -36,7 +36,7 @@ class TabularExactConfig:
 
     RANGES: ClassVar[dict[str, str]] = {
         "rank_tol": "(0,1)", "present_tol": "(0,1)", "span_tol": ">0", "layer2_tol": ">0", "fit_tol": ">0",
-        "integer_tol": "(0,0.5)", "max_half": ">=1", "max_candidates": ">=1", "max_fit": ">=1", "starts": ">=1",
+        "integer_tol": "(0,0.5)", "max_half": ">=1", "max_candidates": ">=1", "max_fit": ">=1", "starts": ">=1", "pass1_starts": ">=1",
         "fallback_iterations": ">=1", "fallback_ensemble": ">=1", "noise_factor": ">0"}
     rank_tol: float = 1e-5  # singular values below rank_tol * s_1 are float round-off
     present_tol: float = 1e-4  # a category is absent when its raw-space gradient column is this small (relative)
@@ -47,7 +47,8 @@ class TabularExactConfig:
     max_half: int = 400_000  # combinations per meet-in-the-middle half (beyond: rank limit, fall back)
     max_candidates: int = 100_000  # valid rows in the first-layer span kept for the second-layer filter
     max_fit: int = 400  # distinct candidate rows for the whole-gradient fit
-    starts: int = 32  # Gauss-Newton starts for continuous values the first layer leaves open
+    starts: int = 32  # Gauss-Newton starts per pattern that has a root (continuous values layer 1 leaves open)
+    pass1_starts: int = 2  # Gauss-Newton starts for every candidate pattern (the least-squares point first)
     noise_factor: float = 4.0  # declared Gaussian noise: thresholds widened by this many noise standard deviations
     fallback: Literal["tableak", "none"] = "tableak"  # rows not certified: TabLeak (rows overwritten by certified ones)
     fallback_iterations: int = 1500
@@ -161,13 +162,16 @@ class TabularExact:
             b1 = layers.first.bias.detach().double().cpu().numpy() if layers.first.bias is not None else np.zeros(h)
             lo, hi = (v.double().numpy()[ci] for v in schema.bounds())
             y0 = cand.raw_rows
-            # pass 1, every candidate pattern: the least-squares point and the box centre
-            found = [gauss_newton_roots(y0[i:i + 2000], free, w1, b1, span2.basis, targets=spread_targets(lo, hi, 1),
-                                        ci=ci, tol=tol2) for i in range(0, len(y0), 2000)]
+            # pass 1, every candidate pattern: the least-squares point and one point of its w box
+            found = []
+            for i in range(0, len(y0), 2000):
+                yc = y0[i:i + 2000]
+                st = w_box_starts(yc, free, lo, hi, ci, cfg.pass1_starts)
+                found.append(gauss_newton_roots(yc, free, w1, b1, span2.basis, starts=st, tol=tol2))
             hit = np.unique(np.concatenate([idx + i * 2000 for i, (_, idx) in enumerate(found)]))
             # pass 2, the patterns with a root (a pattern shared by k rows has k roots): many starts
-            more, _ = gauss_newton_roots(y0[hit], free, w1, b1, span2.basis, targets=spread_targets(lo, hi, cfg.starts),
-                                         ci=ci, tol=tol2)
+            more, _ = gauss_newton_roots(y0[hit], free, w1, b1, span2.basis, tol=tol2,
+                                         starts=w_box_starts(y0[hit], free, lo, hi, ci, cfg.starts))
             rows = _unique_rows(schema, project(schema, np.concatenate([r for r, _ in found] + [more])))
             stats["layer2_patterns"] = float(len(hit))
         else:

@@ -17,14 +17,12 @@ import numpy as np
 
 
 def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.ndarray, basis2: np.ndarray, *,
-                       targets: np.ndarray, ci: np.ndarray, tol: float,
-                       iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
+                       starts: np.ndarray, tol: float, iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
     """Roots ``y = y0[k] + u w`` of ``P2perp ReLU(W1 y + b1) = 0``.
 
-    y0 [K, d] candidate rows, u [d, f] (zero outside the continuous columns ``ci``), w1 [h, d],
-    b1 [h], basis2 [r2, h] orthonormal rows of the second weight gradient's row space, targets
-    [S, n_cont] standardised continuous values to start from (each projected onto ``u``; the
-    least-squares point itself is always the first start). Returns (rows [n, d], candidate index [n])."""
+    y0 [K, d] candidate rows, u [d, f] (zero outside the continuous columns), w1 [h, d], b1 [h],
+    basis2 [r2, h] orthonormal rows of the second weight gradient's row space, starts [S, K, f]
+    (``w_box_starts``). Returns (rows [n, d], candidate index [n])."""
     k, f = len(y0), u.shape[1]
     h = w1.shape[0]
     proj = np.eye(h) - basis2.T @ basis2
@@ -32,9 +30,9 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
     comp = uq[:, sq > 0.5].T  # [h - r2, h] orthonormal basis of the complement
     z0 = y0 @ w1.T + b1  # [K, h]
     a = w1 @ u  # [h, f]
-    starts = [np.zeros((k, f))] + [(t[None] - y0[:, ci]) @ u[ci] for t in targets]
     out_rows, out_idx = [], []
     for w in starts:
+        w = np.array(w, copy=True)
         live = np.arange(k)
         prev = None
         for _ in range(iterations):
@@ -72,10 +70,17 @@ def _halton(i: int, base: int) -> float:
     return r
 
 
-def spread_targets(lo: np.ndarray, hi: np.ndarray, count: int) -> np.ndarray:
-    """``count`` deterministic continuous start points [count, n_cont] spread over the standardised
-    box [lo, hi] (a Halton sequence: the library never draws from a global RNG; the first point is
-    the box centre)."""
-    n = len(lo)
-    pts = [[0.5] * n] + [[_halton(i, _PRIMES[j % len(_PRIMES)]) for j in range(n)] for i in range(1, count)]
-    return lo + np.asarray(pts[:count], dtype=float).reshape(count, n) * (hi - lo)
+def w_box_starts(y0: np.ndarray, u: np.ndarray, lo: np.ndarray, hi: np.ndarray, ci: np.ndarray,
+                 count: int) -> np.ndarray:
+    """Starts [count, K, f]: w = 0 (the least-squares point) and then a deterministic Halton
+    sequence over the box of w values that the continuous bounds allow along ``u`` (per candidate:
+    the range of u_j^T (t - y0) over t in [lo, hi]; the library draws from no RNG)."""
+    uc = u[ci]  # [n_cont, f]
+    a, b = (lo[None] - y0[:, ci])[..., None] * uc[None], (hi[None] - y0[:, ci])[..., None] * uc[None]
+    wlo, whi = np.minimum(a, b).sum(1), np.maximum(a, b).sum(1)  # [K, f]
+    f = u.shape[1]
+    out = [np.zeros_like(wlo)]
+    for i in range(1, count):
+        q = np.array([_halton(i, _PRIMES[j % len(_PRIMES)]) for j in range(f)])
+        out.append(wlo + q[None] * (whi - wlo))
+    return np.stack(out)

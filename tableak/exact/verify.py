@@ -21,7 +21,6 @@ import torch
 from scipy.optimize import nnls
 from torch import nn
 
-from common.functional import per_example_gradients
 from common.types import Batch
 
 
@@ -68,6 +67,18 @@ def layer2_residual(a: np.ndarray, basis: np.ndarray) -> np.ndarray:
     return np.linalg.norm(res, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-12)
 
 
+def _per_example(model: nn.Module, loss_fn, names: list[str], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per-example gradients as columns [P, n], one small backward pass each (cheaper than a
+    ``torch.func.vmap`` program for the few hundred rows a fit needs)."""
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    cols = []
+    for i in range(len(x)):
+        loss = loss_fn(model, Batch({"x": x[i:i + 1]}, y[i:i + 1])).sum()
+        cols.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(cols, 1).detach().numpy()
+
+
 @dataclass
 class Fit:
     rows: np.ndarray  # [n, d] one entry per example (duplicates repeated)
@@ -85,8 +96,7 @@ def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, to
     k = len(cands)
     x = torch.as_tensor(np.repeat(cands, n_classes, 0), dtype=torch.float64)
     y = torch.arange(n_classes).repeat(k)
-    per = per_example_gradients(m64, loss_fn, Batch({"x": x}, y))
-    gam = torch.cat([per[n].reshape(len(x), -1) for n in names], 1).T.numpy()  # [P, 2K]
+    gam = _per_example(m64, loss_fn, names, x, y)  # [P, 2K]
     obs = torch.cat([target[n].double().reshape(-1) for n in names]).numpy() * scale
     norms = np.linalg.norm(gam, axis=0)
     norms[norms == 0] = 1.0
