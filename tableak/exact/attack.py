@@ -37,7 +37,7 @@ class TabularExactConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "rank_tol": "(0,1)", "present_tol": "(0,1)", "span_tol": ">0", "layer2_tol": ">0", "fit_tol": ">0",
         "integer_tol": "(0,0.5)", "max_half": ">=1", "max_candidates": ">=1", "max_fit": ">=1", "starts": ">=1", "pass1_starts": ">=1",
-        "fallback_iterations": ">=1", "fallback_ensemble": ">=1", "noise_factor": ">0"}
+        "fallback_iterations": ">=1", "fallback_ensemble": ">=1", "noise_factor": ">0", "cond_ref": ">=1"}
     rank_tol: float = 1e-5  # singular values below rank_tol * s_1 are float round-off
     present_tol: float = 1e-4  # a category is absent when its raw-space gradient column is this small (relative)
     span_tol: float = 1e-5  # distance of a valid row to the first-layer span (standardised units)
@@ -49,6 +49,7 @@ class TabularExactConfig:
     max_fit: int = 400  # distinct candidate rows for the whole-gradient fit
     starts: int = 32  # Gauss-Newton starts per pattern that has a root (continuous values layer 1 leaves open)
     pass1_starts: int = 2  # Gauss-Newton starts for every candidate pattern (the least-squares point first)
+    cond_ref: float = 300.0  # span conditioning s_1/s_r up to which span_tol / layer2_tol apply unscaled
     noise_factor: float = 4.0  # declared Gaussian noise: thresholds widened by this many noise standard deviations
     fallback: Literal["tableak", "none"] = "tableak"  # rows not certified: TabLeak (rows overwritten by certified ones)
     fallback_iterations: int = 1500
@@ -137,7 +138,10 @@ class TabularExact:
         stats.update(rank=float(span.rank), present_categories=float(present.sum() - len(ci)))
         if span.rank == 0:
             return None, empty
-        tol = cfg.span_tol + (cfg.noise_factor * floor / span.singular[span.rank - 1] * math.sqrt(d) if sigma else 0)
+        # float rounding tilts weakly determined span directions by about eps * s_1 / s_r: tolerances
+        # grow with the conditioning beyond ``cond_ref`` (trained models: confident rows have tiny gradients)
+        cond1 = max(1.0, span.singular[0] / span.singular[span.rank - 1] / cfg.cond_ref)
+        tol = cfg.span_tol * cond1 + (cfg.noise_factor * floor / span.singular[span.rank - 1] * math.sqrt(d) if sigma else 0)
         # declared noise tilts the span by about floor / s_r: a continuous direction inside it looks that far out
         free_tol = max(FREE_TOL, 2 * floor / span.singular[span.rank - 1])
         cand = enumerate_rows(schema, span, present, tol=tol, free_tol=free_tol, max_half=cfg.max_half,
@@ -148,12 +152,13 @@ class TabularExact:
             return None, empty
         free = free_continuous(schema, span, free_tol=free_tol)
         stats["free_continuous"] = float(free.shape[1])
-        span2, tol2 = None, 0.0
+        span2, tol2, strict2 = None, 0.0, 0.0
         if len(cand.rows) and layers.second is not None and layers.second_weight in tensors:
             dw2 = tensors[layers.second_weight].detach().double().cpu().numpy()
             floor2 = cfg.noise_factor * sigma * (math.sqrt(dw2.shape[0]) + math.sqrt(dw2.shape[1]))
             span2 = row_span(dw2, max_rank=b, rel_tol=cfg.rank_tol, floor=floor2)
-            tol2 = cfg.layer2_tol + (cfg.noise_factor * floor2 / span2.singular[span2.rank - 1] if sigma else 0)
+            strict2 = cfg.layer2_tol + (cfg.noise_factor * floor2 / span2.singular[span2.rank - 1] if sigma else 0)
+            tol2 = strict2 + cfg.layer2_tol * (max(1.0, span2.singular[0] / span2.singular[span2.rank - 1] / cfg.cond_ref) - 1)
             if not 0 < span2.rank < dw2.shape[1]:
                 span2 = None  # the second layer's span is not informative (e.g. it is the 2-class output)
         layer2 = span2 is not None
@@ -176,22 +181,24 @@ class TabularExact:
             stats["layer2_patterns"] = float(len(hit))
         else:
             rows = _unique_rows(schema, cand.rows)
+        strict = np.ones(len(rows), dtype=bool)
         if len(rows) and layer2:
-            a = second_inputs(model, layers.second, rows)
-            rows = rows[layer2_residual(a, span2.basis) <= tol2]
+            res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
+            rows, strict = rows[res2 <= tol2], res2[res2 <= tol2] <= strict2
         stats["layer2_candidates"] = float(len(rows))
         stats["layer2_used"] = float(layer2)
         sound = (span.cont_identified or layer2) and not cand.truncated
         # rows passing both span checks are certified one by one only without noise and when they
         # are not more than B (under declared noise only the whole-gradient certificate counts)
-        partial = rows if (sound and layer2 and not sigma and len(rows) <= b) else empty
+        # (and within the unscaled second-layer tolerance)
+        partial = rows[strict] if (sound and layer2 and not sigma and len(rows) <= b) else empty
         if not sound or len(rows) == 0 or len(rows) > cfg.max_fit:
             return None, partial
         params = trainable_params(model)
         names = [k for k in tensors if k in params]
         reduction = obs.protocol.loss_reduction if obs.protocol else "mean"
         n_cls = len(schema.classes)
-        fit = fit_counts(model, prior.loss_fn, names, dict(tensors), rows, n_cls,
+        fit = fit_counts(model, prior.loss_fn, names, dict(tensors), rows, n_cls, batch_size=b,
                          scale=float(b) if reduction == "mean" else 1.0, integer_tol=cfg.integer_tol)
         n_params = sum(int(tensors[k].numel()) for k in names)
         obs_norm = float(torch.sqrt(sum((tensors[k].double() ** 2).sum() for k in names))) * (b if reduction == "mean" else 1)

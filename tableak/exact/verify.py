@@ -90,7 +90,7 @@ class Fit:
 
 
 def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, torch.Tensor], cands: np.ndarray,
-               n_classes: int, *, scale: float, integer_tol: float) -> Fit:
+               n_classes: int, *, batch_size: int, scale: float, integer_tol: float) -> Fit:
     """Non-negative least squares of the observed gradient on per-example candidate gradients."""
     m64 = copy.deepcopy(model).double().eval()
     k = len(cands)
@@ -110,6 +110,8 @@ def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, to
     # minus one-hot sums to 0), so uniqueness is checked on labels 0..n-2 of every candidate
     gn = (gam / norms).reshape(gam.shape[0], k, n_classes)[:, :, :max(n_classes - 1, 1)].reshape(gam.shape[0], -1)
     full_rank = bool(np.linalg.eigvalsh(gn.T @ gn).min() > 1e-10)
+    if counts.sum() != batch_size:  # not a decomposition into B rows (e.g. a huge count on a tiny gradient)
+        return Fit(np.zeros((0, cands.shape[1])), np.zeros(0, dtype=int), resid, False, full_rank, int(counts.sum()))
     rows = np.repeat(cands[used // n_classes], counts[used], 0) if len(used) else np.zeros((0, cands.shape[1]))
     labels = np.repeat(used % n_classes, counts[used]) if len(used) else np.zeros(0, dtype=int)
     return Fit(rows, labels, resid, integral, full_rank, int(counts.sum()))
