@@ -48,7 +48,7 @@ def find_layers(model: nn.Module, dim: int) -> Layers:
 
 def second_inputs(model: nn.Module, layer: nn.Linear, x: np.ndarray) -> np.ndarray:
     """The input of ``layer`` when ``model`` runs on rows ``x`` (float64 copy; forward hook)."""
-    m64 = copy.deepcopy(model).double().eval()
+    m64 = copy.deepcopy(model).cpu().double().eval()
     target = dict(model.named_modules())
     key = next(k for k, v in target.items() if v is layer)
     box: list[torch.Tensor] = []
@@ -92,7 +92,7 @@ class Fit:
 def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, torch.Tensor], cands: np.ndarray,
                n_classes: int, *, batch_size: int, scale: float, integer_tol: float) -> Fit:
     """Non-negative least squares of the observed gradient on per-example candidate gradients."""
-    m64 = copy.deepcopy(model).double().eval()
+    m64 = copy.deepcopy(model).cpu().double().eval()
     k = len(cands)
     x = torch.as_tensor(np.repeat(cands, n_classes, 0), dtype=torch.float64)
     y = torch.arange(n_classes).repeat(k)
