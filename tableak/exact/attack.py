@@ -144,23 +144,29 @@ class TabularExact:
         tol = cfg.span_tol * cond1 + (cfg.noise_factor * floor / span.singular[span.rank - 1] * math.sqrt(d) if sigma else 0)
         # declared noise tilts the span by about floor / s_r: a continuous direction inside it looks that far out
         free_tol = max(FREE_TOL, 2 * floor / span.singular[span.rank - 1])
+        free = free_continuous(schema, span, free_tol=free_tol)
+        stats["free_continuous"] = float(free.shape[1])
+        span2, tol2, strict2 = None, 0.0, 0.0
+        if layers.second is not None and layers.second_weight in tensors:
+            dw2 = tensors[layers.second_weight].detach().double().cpu().numpy()
+            floor2 = cfg.noise_factor * sigma * (math.sqrt(dw2.shape[0]) + math.sqrt(dw2.shape[1]))
+            span2 = row_span(dw2, max_rank=b, rel_tol=cfg.rank_tol, floor=floor2)
+            if 0 < span2.rank < dw2.shape[1]:
+                strict2 = cfg.layer2_tol + (cfg.noise_factor * floor2 / span2.singular[span2.rank - 1] if sigma else 0)
+                cond2 = max(1.0, span2.singular[0] / span2.singular[span2.rank - 1] / cfg.cond_ref)
+                tol2 = strict2 + cfg.layer2_tol * (cond2 - 1)
+            else:
+                span2 = None  # the second layer's span is not informative (e.g. it is the 2-class output)
+        accept = None
+        if span2 is not None and not free.shape[1]:  # continuous values pinned: filter on layer 2 while enumerating
+            def accept(rows: np.ndarray) -> np.ndarray:
+                return layer2_residual(second_inputs(model, layers.second, rows), span2.basis) <= tol2
         cand = enumerate_rows(schema, span, present, tol=tol, free_tol=free_tol, max_half=cfg.max_half,
-                              max_candidates=cfg.max_candidates)
+                              max_candidates=cfg.max_candidates, accept=accept)
         stats.update(combinations=float(cand.combos), layer1_candidates=float(len(cand.rows)),
                      truncated=float(cand.truncated), continuous_identified=float(span.cont_identified))
         if cand.truncated:  # rank limit: too many valid rows in the span to identify the batch
             return None, empty
-        free = free_continuous(schema, span, free_tol=free_tol)
-        stats["free_continuous"] = float(free.shape[1])
-        span2, tol2, strict2 = None, 0.0, 0.0
-        if len(cand.rows) and layers.second is not None and layers.second_weight in tensors:
-            dw2 = tensors[layers.second_weight].detach().double().cpu().numpy()
-            floor2 = cfg.noise_factor * sigma * (math.sqrt(dw2.shape[0]) + math.sqrt(dw2.shape[1]))
-            span2 = row_span(dw2, max_rank=b, rel_tol=cfg.rank_tol, floor=floor2)
-            strict2 = cfg.layer2_tol + (cfg.noise_factor * floor2 / span2.singular[span2.rank - 1] if sigma else 0)
-            tol2 = strict2 + cfg.layer2_tol * (max(1.0, span2.singular[0] / span2.singular[span2.rank - 1] / cfg.cond_ref) - 1)
-            if not 0 < span2.rank < dw2.shape[1]:
-                span2 = None  # the second layer's span is not informative (e.g. it is the 2-class output)
         layer2 = span2 is not None
         if free.shape[1] and layer2:  # rows share categorical patterns: continuous values from layer 2
             w1 = layers.first.weight.detach().double().cpu().numpy()

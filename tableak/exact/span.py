@@ -16,6 +16,7 @@ and are excluded first; this replaces the probe's big-M integer program (issue 1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -80,8 +81,11 @@ def _combos(blocks: list[np.ndarray], vecs: list[np.ndarray], dim: int) -> tuple
 
 
 def enumerate_rows(schema: TabularSchema, span: Span, present: np.ndarray, *, tol: float, free_tol: float = FREE_TOL,
-                   max_half: int, max_candidates: int) -> Candidates:
-    """Every valid row (categories restricted to ``present`` columns) within ``tol`` of the span."""
+                   max_half: int, max_candidates: int,
+                   accept: Callable[[np.ndarray], np.ndarray] | None = None) -> Candidates:
+    """Every valid row (categories restricted to ``present`` columns) within ``tol`` of the span;
+    ``accept`` (least-squares rows [n, d] -> bool mask), when given, filters each chunk as it is found,
+    so that ``max_candidates`` counts the accepted rows only."""
     d = schema.dim
     mean, scale = np.asarray(schema.mean, float), np.asarray(schema.scale, float)
     proj = np.eye(d) - span.basis.T @ span.basis  # onto the complement of the span
@@ -123,30 +127,46 @@ def enumerate_rows(schema: TabularSchema, span: Span, present: np.ndarray, *, to
     ib, sb = _combos([blocks[i] for i in hb], [vecs[i] for i in hb], m)
     if m == 0:  # the span holds every valid row of the present categories: nothing to identify
         return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, True)
-    k = min(m, 8)
+    k = min(m, 16)
     tree = cKDTree(sa[:, :k])
-    if int(tree.query_ball_point(-sb[:, :k], r=tol, return_length=True).sum()) > 4 * max_candidates:
-        return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, True)
-    hits = tree.query_ball_point(-sb[:, :k], r=tol)
-    pj = np.repeat(np.arange(len(sb)), [len(x) for x in hits])
-    pi = np.fromiter((i for lst in hits for i in lst), dtype=np.int64, count=len(pj))
-    keep = np.linalg.norm(sa[pi] + sb[pj], axis=1) <= tol
-    pi, pj = pi[keep], pj[keep]
-    truncated = len(pi) > max_candidates
-    pi, pj = pi[:max_candidates], pj[:max_candidates]
-    if len(pi) == 0:
-        return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, truncated)
-    res = np.linalg.norm(sa[pi] + sb[pj], axis=1)
-    cols = np.concatenate([ia[pi], ib[pj]], 1)  # [n, n_blocks] chosen one-hot columns
-    raw = np.zeros((len(pi), d))
-    np.put_along_axis(raw, cols, 1.0, axis=1)
-    y = (raw - mean) / scale
-    if len(ci):
-        y[:, ci] = 0.0
-        y[:, ci] = -(y @ proj) @ np.linalg.pinv(pt)  # best continuous values (standardised)
-    raw_rows = y
-    return Candidates(project(schema, raw_rows), raw_rows, res, na * nb, truncated)
+    # near-zero sums in the first k residual coordinates, checked in full chunk by chunk; a flood of
+    # projected hits (the span holds almost every combination) is the rank limit
+    pinv_t = np.linalg.pinv(pt) if len(ci) else None
 
+    def build(pi: np.ndarray, pj: np.ndarray) -> np.ndarray:
+        cols = np.concatenate([ia[pi], ib[pj]], 1)  # [n, n_blocks] chosen one-hot columns
+        raw = np.zeros((len(pi), d))
+        np.put_along_axis(raw, cols, 1.0, axis=1)
+        y = (raw - mean) / scale
+        if len(ci):
+            y[:, ci] = 0.0
+            y[:, ci] = -(y @ proj) @ pinv_t  # best continuous values (standardised)
+        return y
+
+    budget, found, kept = 50 * max_candidates, [], 0
+    for s0 in range(0, len(sb), 4096):
+        q = -sb[s0:s0 + 4096, :k]
+        budget -= int(tree.query_ball_point(q, r=tol, return_length=True).sum())
+        if budget < 0:
+            return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, True)
+        hits = tree.query_ball_point(q, r=tol)
+        pj = s0 + np.repeat(np.arange(len(q)), [len(x) for x in hits])
+        pi = np.fromiter((i for lst in hits for i in lst), dtype=np.int64, count=len(pj))
+        res = np.linalg.norm(sa[pi] + sb[pj], axis=1)
+        keep = res <= tol
+        if not keep.any():
+            continue
+        pi, pj, res = pi[keep], pj[keep], res[keep]
+        for c0 in range(0, len(pi), 65536):  # bounded memory; projection only for accepted rows
+            y = build(pi[c0:c0 + 65536], pj[c0:c0 + 65536])
+            ok = accept(y) if accept is not None else np.ones(len(y), dtype=bool)
+            found.append((project(schema, y[ok]), y[ok], res[c0:c0 + 65536][ok]))
+            kept += int(ok.sum())
+            if kept > max_candidates:
+                return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, True)
+    if not found:
+        return Candidates(np.zeros((0, d)), np.zeros((0, d)), np.zeros(0), na * nb, False)
+    return Candidates(*(np.concatenate(parts) for parts in zip(*found)), na * nb, False)
 
 def project(schema: TabularSchema, rows: np.ndarray) -> np.ndarray:
     """TabLeak's projection (argmax, clamp, round) of standardised rows, in float64."""
