@@ -4,7 +4,8 @@ from common.preset import Preset
 
 KITS = {"tabular": "tableak.kit:TabularKit"}
 CASE_MODULES = ("tableak.cases",)
-ATTACKS: dict[str, str] = {"tableak": "tableak.attack:TabLeak", "tabular-random": "tableak.attack:TabularRandom"}
+ATTACKS: dict[str, str] = {"tableak": "tableak.attack:TabLeak", "tabular-random": "tableak.attack:TabularRandom",
+                           "tabular-exact": "tableak.exact:TabularExact"}
 PRESETS: dict = {
     "tableak-no-pooling": Preset("tableak", {"ensemble": 1, "pooling": "none"},
                                  "TabLeak without ensembling/pooling (paper config 47)"),
@@ -29,6 +30,8 @@ METRICS = (
                            "continuous within 0.319 std); exact_row: fraction of rows with every cell right"),
     MetricInfo("nrmse", _K + "tabular_scores", "tabular", ("nrmse",), higher_is_better=False, range=(0.0, float("inf")),
                description="continuous features: RMSE / std per feature after row matching, averaged"),
+    MetricInfo("certified_rows", "tableak.exact.attack:certified_fraction", "tabular", ("certified_rows",),
+               description="tabular-exact: fraction of rows certified exact by its whole-gradient / span checks"),
     MetricInfo("entropy_quartiles", _K + "entropy_quartiles", "tabular",
                ("cat_acc_low_entropy", "cat_acc_high_entropy", "cont_acc_low_entropy", "cont_acc_high_entropy"),
                description="cell accuracy of the lowest / highest-entropy 25 % of cells (TabLeak's uncertainty)"),

@@ -195,6 +195,8 @@ class TabularKit:
         if "entropy_cont" in ex and tn.shape[1] and np.asarray(ex["entropy_cont"]).std() > 0:
             lo, hi = entropy_quartiles(m[:, nc:], np.asarray(ex["entropy_cont"])[perm])
             metrics["cont_acc_low_entropy"], metrics["cont_acc_high_entropy"] = lo, hi
+        if "certified" in ex:  # tabular-exact: fraction of rows certified exact
+            metrics["certified_rows"] = float(np.mean(ex["certified"])) if len(ex["certified"]) else 0.0
         if reconstruction.labels is not None:
             acc = label_accuracy(reconstruction.labels.tolist(), truth["labels"].tolist())
             if acc is not None:

@@ -1,0 +1,86 @@
+"""Continuous values the first layer leaves open, solved on the second layer.
+
+When rows share a whole categorical pattern their continuous differences lie in the first-layer
+span, so every candidate row is only known up to ``y0 + U w`` (``U``: the free continuous
+directions, ``w`` in R^f, f <= number of continuous features). The second-layer input of a true
+row, ``ReLU(W1 y + b1)``, lies in the row space of the second weight gradient (rank <= B < width);
+for a fixed ReLU on/off pattern that is a linear least-squares problem in ``w``. We iterate
+(Gauss-Newton on the piecewise-linear residual: fix the pattern, solve, recompute the pattern) for
+all candidates at once, from a few deterministic starts (the least-squares point and points spread
+over the continuous bounds), and keep every distinct root with a near-zero residual. A pattern
+shared by k rows has k roots; a start that misses one leaves that row to the fallback, and the
+whole-gradient certificate then fails, so no missing root is ever certified by accident.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.ndarray, basis2: np.ndarray, *,
+                       starts: np.ndarray, tol: float, iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Roots ``y = y0[k] + u w`` of ``P2perp ReLU(W1 y + b1) = 0``.
+
+    y0 [K, d] candidate rows, u [d, f] (zero outside the continuous columns), w1 [h, d], b1 [h],
+    basis2 [r2, h] orthonormal rows of the second weight gradient's row space, starts [S, K, f]
+    (``w_box_starts``). Returns (rows [n, d], candidate index [n])."""
+    k, f = len(y0), u.shape[1]
+    h = w1.shape[0]
+    proj = np.eye(h) - basis2.T @ basis2
+    uq, sq, _ = np.linalg.svd(proj)
+    comp = uq[:, sq > 0.5].T  # [h - r2, h] orthonormal basis of the complement
+    z0 = y0 @ w1.T + b1  # [K, h]
+    a = w1 @ u  # [h, f]
+    out_rows, out_idx = [], []
+    for w in starts:
+        w = np.array(w, copy=True)
+        live = np.arange(k)
+        prev = None
+        for _ in range(iterations):
+            on = (z0[live] + w[live] @ a.T) > 0
+            if prev is not None:
+                moving = (on != prev).any(1)
+                live, on = live[moving], on[moving]
+            if len(live) == 0:
+                break
+            n = len(live)
+            m = on[:, None, :] * a.T[None]  # [n, f, h]
+            pm = (m.reshape(n * f, h) @ comp.T).reshape(n, f, -1).transpose(0, 2, 1)  # one GEMM: [n, h - r2, f]
+            jtj = np.matmul(pm.transpose(0, 2, 1), pm) + 1e-12 * np.eye(f)
+            r0 = (on * z0[live]) @ comp.T  # [n, h - r2]
+            jtr = np.matmul(pm.transpose(0, 2, 1), r0[..., None])  # [n, f, 1]
+            w[live] = -np.linalg.solve(jtj, jtr)[..., 0]
+            prev = on
+        act = np.maximum(z0 + w @ a.T, 0.0)
+        res = np.linalg.norm(act @ comp.T, axis=1) / np.maximum(np.linalg.norm(act, axis=1), 1e-12)
+        good = np.flatnonzero(res <= tol)
+        out_rows.append(y0[good] + w[good] @ u.T)
+        out_idx.append(good)
+    return np.concatenate(out_rows), np.concatenate(out_idx)
+
+
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53)
+
+
+def _halton(i: int, base: int) -> float:
+    f, r = 1.0, 0.0
+    while i > 0:
+        f /= base
+        r += f * (i % base)
+        i //= base
+    return r
+
+
+def w_box_starts(y0: np.ndarray, u: np.ndarray, lo: np.ndarray, hi: np.ndarray, ci: np.ndarray,
+                 count: int) -> np.ndarray:
+    """Starts [count, K, f]: w = 0 (the least-squares point) and then a deterministic Halton
+    sequence over the box of w values that the continuous bounds allow along ``u`` (per candidate:
+    the range of u_j^T (t - y0) over t in [lo, hi]; the library draws from no RNG)."""
+    uc = u[ci]  # [n_cont, f]
+    a, b = (lo[None] - y0[:, ci])[..., None] * uc[None], (hi[None] - y0[:, ci])[..., None] * uc[None]
+    wlo, whi = np.minimum(a, b).sum(1), np.maximum(a, b).sum(1)  # [K, f]
+    f = u.shape[1]
+    out = [np.zeros_like(wlo)]
+    for i in range(1, count):
+        q = np.array([_halton(i, _PRIMES[j % len(_PRIMES)]) for j in range(f)])
+        out.append(wlo + q[None] * (whi - wlo))
+    return np.stack(out)
