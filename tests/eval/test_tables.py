@@ -45,7 +45,7 @@ def test_every_declared_table_has_a_suite_and_the_committed_tables_are_current(c
     assert len({s.name for s in specs}) == len(specs)
     for s in specs:
         assert (root / s.suite).is_file(), s.suite
-        assert s.results.startswith("results/published/"), s.results
+        assert s.results.startswith("results/"), s.results
     assert main(["tables", "--check"]) == 0, capsys.readouterr().out
 
 
