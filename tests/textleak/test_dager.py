@@ -367,13 +367,14 @@ def test_lora_adapter_update_end_to_end():
 
 # -- preconditions ----------------------------------------------------------------------------------
 def test_clear_error_when_token_count_exceeds_rank():
+    """The reference's behaviour, kept as ``rank_limit="refuse"`` (the default is the ranked search)."""
     from textleak.attacks.dager.span import DagerPreconditionError
 
     _, _, model, obs, prior, _, batch = _setup("text/tiny-gpt2/dager", 8)  # ~8 x 11 tokens > width 64
     assert int(batch.inputs["attention_mask"].sum()) > 64
     with pytest.raises(DagerPreconditionError, match="rank saturated"):
-        _attack(obs, model, prior, on_failure="raise")
-    rec = _attack(obs, model, prior)  # default: report, not garbage
+        _attack(obs, model, prior, on_failure="raise", rank_limit="refuse")
+    rec = _attack(obs, model, prior, rank_limit="refuse")  # report, not garbage
     assert rec.stats["precondition_failed"] == 1.0 and rec.data == [""] * 8
     assert "rank saturated" in rec.extras["status"] and rec.confidence == [0.0] * 8
 
