@@ -11,12 +11,15 @@ Here the attack keeps going, in the spirit of the continuous / sparse relaxation
 gradient subspace instead of a brittle discrete test) and SOMP (Li & Li, arXiv 2603.16761:
 greedy pursuit over a token-by-position dictionary, the strongest atoms first):
 
-* **Span.** The basis keeps the strongest singular directions only: those above a declared
-  Gaussian noise floor ``sigma (sqrt(m) + sqrt(d))`` (the noise matrix's largest singular value,
-  Marchenko-Pastur edge), and at most ``max_rank - cutoff`` of them when the rank is saturated.
-  True inputs then lie *near* (not in) the span: their distance is the norm of their components
-  along the discarded weak directions, which is small compared with a non-batch token's.
-* **Layer 1, ranked.** Every vocabulary token at every position gets its span distance and the
+* **Span.** Under a declared Gaussian noise the basis keeps the directions above the noise
+  floor ``sigma (sqrt(m) + sqrt(d))`` (the noise matrix's largest singular value); when the rank
+  is saturated it drops the weakest ``max(2, FRONTIER_CUT * max_rank)`` directions past the
+  reference's cutoff (layer 2), and layer 1 weighs every direction by ``s^2 / (s^2 + s_c^2)``
+  (``s_c``: the first dropped one) instead of cutting it. True inputs then lie *near* (not in)
+  the span: their distance is the norm of their components along the weak directions, small
+  compared with a non-batch token's.
+* **Layer 1, ranked.** Every vocabulary token at every position gets its span distance (in
+  closed form for LayerNorm-fed first layers, ``AffineScan.ranked``) and the
   ``FRONTIER_L1_KEEP`` nearest are kept (no threshold); positions are scanned up to the length
   the position-embedding update shows (rows of unused positions carry no gradient), else until
   the nearest distance stops standing out.
@@ -28,14 +31,21 @@ greedy pursuit over a token-by-position dictionary, the strongest atoms first):
   tolerance, not a cut).
 * **Decoders** (``search_decoder``): a beam over positions; every path is extended by every
   layer-1 candidate and the extensions are ranked by their layer-2 distance. Most extensions
-  are wrong, so the median distance of a step is its baseline: an extension is kept when it lies
-  below ``FRONTIER_ACCEPT`` times that median (a self-calibrated cut; on the 64-wide GPT-2 at
-  B=8, 81 tokens, true extensions sit at 0.002-0.06 and the median at ~0.08 with 3 directions
-  dropped), the ``4 B + 16`` best paths by mean squared distance survive, and a path with no
-  kept extension ends. ``decoder.select`` then picks B sentences by set cover.
-* **Encoders**: the existing encoder search (prior-guided beam) runs on the ranked layer-1
-  lists with tau_2 set to the calibrated tolerance; it ranks sequences by their layer-2 distances
-  as before, and the B best are returned.
+  are wrong, so the median distance of a step is its baseline and an extension's score is its
+  ratio to it (a self-calibrated scale; on the 64-wide GPT-2 at B=8, 81 tokens, true extensions
+  sit at 0.02-0.6 of the median with 3 directions dropped, the unobservable last token at ~1.5).
+  A path takes its best extension while its ratio is under ``FRONTIER_CONTINUE`` and up to
+  ``FRONTIER_CHILDREN - 1`` more under ``FRONTIER_ACCEPT``; the ``4 B + 16`` best paths by mean
+  squared ratio survive, a path with no extension ends, and a finished path loses its trailing
+  tokens above ``FRONTIER_ACCEPT`` (it went astray there). ``decoder.select`` then picks B
+  sentences by set cover.
+* **Encoders**: the existing encoder search (embedding-prior-guided beam) runs on the ranked
+  layer-1 lists (``FRONTIER_L1_KEEP_ENC``) with "clearly accepted" meaning a max layer-2
+  distance under ``FRONTIER_CLEAR`` times the calibrated tolerance, near-duplicates (same
+  length, ``FRONTIER_DUPLICATE`` of the tokens shared) dropped, and the B best by max layer-2
+  distance returned.
+* **Under declared noise** the exact search runs first and this search fills the sentences it
+  leaves missing (or replaces it when it finds no token at all).
 
 No sentence of this mode is certified (``extras["certified"]`` False): certification is
 reserved to sentences that passed the exact test of the reference (below tau_2 with an
@@ -44,7 +54,7 @@ unsaturated, noise-free rank).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +62,8 @@ from torch import Tensor, nn
 from common.types import Observation
 from textleak.models import max_length
 
-from .config import CHUNK, FRONTIER_ACCEPT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL
+from .config import (CHUNK, FRONTIER_ACCEPT, FRONTIER_CHILDREN, FRONTIER_CONTINUE, FRONTIER_L1_KEEP,
+                     FRONTIER_MIN_TOL)
 from .run import Run, declared_sigma
 from .scan import SCAN_BLOCK, AffineScan
 from .span import LayerInputs, Span, decoder_last_inputs, first_layer_vectors, span_distance
@@ -61,7 +72,8 @@ from .span import LayerInputs, Span, decoder_last_inputs, first_layer_vectors, s
 @dataclass
 class _Path:
     ids: list[int]
-    total: float  # sum of squared layer-2 distances
+    total: float  # sum of squared distance ratios (layer-2 distance / the step's median)
+    ratios: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -103,8 +115,12 @@ def used_positions(obs: Observation, model: nn.Module, limit: int) -> int | None
 
 
 def ranked_scan(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_free: bool,
-                n_pos: int | None, keep: int = FRONTIER_L1_KEEP) -> list[tuple[list[int], Tensor]]:
-    """Per position, the ``keep`` vocabulary tokens nearest to the layer-1 span (nearest first)."""
+                n_pos: int | None, keep: int = FRONTIER_L1_KEEP, *, soft: Tensor | None = None
+                ) -> list[tuple[list[int], Tensor]]:
+    """Per position, the ``keep`` vocabulary tokens nearest to the layer-1 span (nearest first);
+    ``soft`` [d, r] (weighted columns) replaces the span's basis in the distance when given."""
+    if soft is not None:
+        span1 = Span(soft, soft.shape[1], span1.max_rank, span1.singular_values, span1.tol)
     vocab = int(li1.model.get_input_embeddings().num_embeddings)
     all_ids = torch.arange(vocab)
     limit = min(max_len, n_pos) if n_pos is not None else max_len
@@ -138,9 +154,9 @@ def ranked_scan(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_
     return out
 
 
-def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, tol: float) -> tuple[list[list[int]], list[float]]:
+def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None) -> tuple[list[list[int]], list[float]]:
     """The ranked beam over positions (see the module docstring); returns every finished path
-    and its root-mean-square layer-2 distance."""
+    (trailing weak tokens trimmed) and its root-mean-square distance ratio."""
     cap = 4 * (b or 8) + 16
     live = [_Path([], 0.0)]
     finished: list[_Path] = []
@@ -150,21 +166,39 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, t
         cands = l1[p][0]
         xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
         ds = span_distance(span2.basis, torch.cat(xs), exact_below=1.01).split([x.shape[0] for x in xs])
-        # most extensions are wrong: their median distance is the step's baseline, and a true
-        # extension stands well below it (a self-calibrated, ranked cut)
-        lim = FRONTIER_ACCEPT * float(torch.cat(ds).median())
+        # most extensions are wrong: the median distance of the step is its baseline
+        med = max(float(torch.cat(ds).median()), 1e-12)
         nxt: list[_Path] = []
         for path, d in zip(live, ds):
-            ok = torch.nonzero(d < lim).flatten()
-            if ok.numel() == 0:
+            r = d / med
+            order = r.argsort()[: FRONTIER_CHILDREN if path.ids else cap].tolist()  # the root: every start
+            kids = [j for k, j in enumerate(order)
+                    if float(r[j]) < (FRONTIER_CONTINUE if k == 0 else FRONTIER_ACCEPT)]
+            if not kids:
                 if path.ids:
                     finished.append(path)
                 continue
-            ok = ok[d[ok].argsort()][: max(2, cap // max(1, len(live)) + 2)]
-            for j in ok.tolist():
-                nxt.append(_Path(path.ids + [cands[j]], path.total + float(d[j]) ** 2))
+            for j in kids:
+                nxt.append(_Path(path.ids + [cands[j]], path.total + float(r[j]) ** 2, path.ratios + [float(r[j])]))
         nxt.sort(key=lambda x: x.mean)
-        live = nxt[:cap]
+        # diversity: at most FRONTIER_CHILDREN live descendants of one path two steps back (else the
+        # variants of the strongest sentence fill the beam)
+        groups: dict[tuple[int, ...], int] = {}
+        live = []
+        for x in nxt:
+            g = tuple(x.ids[: max(1, len(x.ids) - 2)])
+            if groups.get(g, 0) < FRONTIER_CHILDREN:
+                groups[g] = groups.get(g, 0) + 1
+                live.append(x)
+        live = live[:cap]
     finished.extend(x for x in live if x.ids)
-    finished = [f for f in finished if len(f.ids) >= 2] or finished
-    return [f.ids for f in finished], [math.sqrt(f.mean) for f in finished]
+    out: dict[tuple[int, ...], float] = {}
+    for f in finished:
+        n = len(f.ids)
+        while n > 1 and f.ratios[n - 1] > FRONTIER_ACCEPT:  # a weak tail: the path went astray
+            n -= 1
+        key = tuple(f.ids[:n])
+        score = math.sqrt(sum(x * x for x in f.ratios[:n]) / n)
+        out[key] = min(score, out.get(key, math.inf))
+    keys = [k for k in out if len(k) >= 2] or list(out)
+    return [list(k) for k in keys], [out[k] for k in keys]
