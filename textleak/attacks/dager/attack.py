@@ -306,6 +306,7 @@ def _finish(run: Run, tok: Any, sents: list[list[int]], scores: list[float], ord
     conf = [float(math.exp(-scores[i] / max(run.tau[1], 1e-12))) for i in order]
     cert = list(certified[: len(chosen)])
     stats["found"] = float(len(sents))
+    stats.pop("missing", None)  # (an exact search before the ranked one may have set it)
     if b is not None and len(chosen) < b:
         stats["missing"] = float(b - len(chosen))
         conf += [0.0] * (b - len(chosen))
