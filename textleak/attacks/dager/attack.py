@@ -228,8 +228,11 @@ class DAGER:
         stats["used_positions"] = float(n_pos or 0)
         keep = FRONTIER_L1_KEEP_ENC if c.kind == "encoder" else FRONTIER_L1_KEEP
         t_scan = time.perf_counter()
-        soft = getattr(self, "_soft1", None) if stats.get("saturated_l1") else None
-        l1 = frontier.ranked_scan(run, c.li1, c.spans[0], c.max_len, c.position_free, n_pos, keep, soft=soft)
+        if stats.get("saturated_l1") or declared_sigma(c.obs) > 0:
+            soft = getattr(self, "_soft1", None) if stats.get("saturated_l1") else None
+            l1 = frontier.ranked_scan(run, c.li1, c.spans[0], c.max_len, c.position_free, n_pos, keep, soft=soft)
+        else:  # only layer 2 is saturated: layer 1's exact test still holds (its candidate lists are exact)
+            l1 = _scan_l1(run, c.li1, c.spans[0], c.max_len, c.position_free)
         stats["scan_seconds"] = time.perf_counter() - t_scan
         if not l1:
             raise DagerPreconditionError("the ranked layer-1 scan found no position")

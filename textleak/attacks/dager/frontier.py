@@ -34,7 +34,8 @@ greedy pursuit over a token-by-position dictionary, the strongest atoms first):
   are wrong, so the median distance of a step is its baseline and an extension's score is its
   ratio to it (a self-calibrated scale; on the 64-wide GPT-2 at B=8, 81 tokens, true extensions
   sit at 0.02-0.6 of the median with 3 directions dropped, the unobservable last token at ~1.5).
-  A path takes its best extension while its ratio is under ``FRONTIER_CONTINUE`` and up to
+  The root takes the 2 B best first tokens; a path then takes its best extension while its
+  ratio is under ``FRONTIER_CONTINUE`` and up to
   ``FRONTIER_CHILDREN - 1`` more under ``FRONTIER_ACCEPT``; the ``4 B + 16`` best paths by mean
   squared ratio survive, a path with no extension ends, and a finished path loses its trailing
   tokens above ``FRONTIER_ACCEPT`` (it went astray there). ``decoder.select`` then picks B
@@ -171,9 +172,12 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None) -
         nxt: list[_Path] = []
         for path, d in zip(live, ds):
             r = d / med
-            order = r.argsort()[: FRONTIER_CHILDREN if path.ids else cap].tolist()  # the root: every start
-            kids = [j for k, j in enumerate(order)
-                    if float(r[j]) < (FRONTIER_CONTINUE if k == 0 else FRONTIER_ACCEPT)]
+            if path.ids:
+                order = r.argsort()[:FRONTIER_CHILDREN].tolist()
+                kids = [j for k, j in enumerate(order)
+                        if float(r[j]) < (FRONTIER_CONTINUE if k == 0 else FRONTIER_ACCEPT)]
+            else:  # the root: the 2 B best starts (B sentences are returned even when weak)
+                kids = r.argsort()[: 2 * (b or 8)].tolist()
             if not kids:
                 if path.ids:
                     finished.append(path)
