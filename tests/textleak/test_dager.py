@@ -367,13 +367,14 @@ def test_lora_adapter_update_end_to_end():
 
 # -- preconditions ----------------------------------------------------------------------------------
 def test_clear_error_when_token_count_exceeds_rank():
+    """The reference's behaviour, kept as ``rank_limit="refuse"`` (the default is the ranked search)."""
     from textleak.attacks.dager.span import DagerPreconditionError
 
     _, _, model, obs, prior, _, batch = _setup("text/tiny-gpt2/dager", 8)  # ~8 x 11 tokens > width 64
     assert int(batch.inputs["attention_mask"].sum()) > 64
     with pytest.raises(DagerPreconditionError, match="rank saturated"):
-        _attack(obs, model, prior, on_failure="raise")
-    rec = _attack(obs, model, prior)  # default: report, not garbage
+        _attack(obs, model, prior, on_failure="raise", rank_limit="refuse")
+    rec = _attack(obs, model, prior, rank_limit="refuse")  # report, not garbage
     assert rec.stats["precondition_failed"] == 1.0 and rec.data == [""] * 8
     assert "rank saturated" in rec.extras["status"] and rec.confidence == [0.0] * 8
 
@@ -524,3 +525,46 @@ def test_batched_last_token_terms_equal_one_backward_per_candidate():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7 * float(b.abs().max()))
     outs = [last_token.complete_last(obs, model, sents, batched=bt) for bt in (True, False)]
     assert outs[0] == outs[1]
+
+
+# -- past the exact regime (issue 20): ranked search, certified flags -------------------------------
+def test_rank_limit_returns_best_effort_sentences_not_certified():
+    """~81 tokens in width 64 (the refused case above): the default ``rank_limit="best_effort"``
+    returns B non-empty sentences from the ranked search, none certified, with real recovery
+    (every sentence's first token is right: layer 2 separates them by a ratio of ~3 to the rest)."""
+    kit, case, model, obs, prior, truth, batch = _setup("text/tiny-gpt2/dager", 8)
+    assert int(batch.inputs["attention_mask"].sum()) > 64
+    rec = _attack(obs, model, prior, on_failure="raise")  # no exception
+    assert rec.stats["precondition_failed"] == 0.0 and rec.stats["frontier"] == 1.0
+    assert len(rec.data) == 8 and all(rec.data) and rec.extras["status"] == "ok"
+    assert rec.extras["certified"] == [False] * 8 and rec.stats["certified"] == 0.0
+    metrics, _ = kit.score(rec, truth, case=case)
+    assert metrics["rouge1"] >= 0.25, (rec.data, truth["sentences"])
+    firsts = sorted(s.split()[0] for s in rec.data)
+    assert sum(s.split()[0] in firsts for s in truth["sentences"]) >= 6, (rec.data, truth["sentences"])
+
+
+def test_exact_recovery_is_certified():
+    kit, case, model, obs, prior, truth, _ = _setup("text/tiny-gpt2/dager", 3)
+    rec = _attack(obs, model, prior)
+    assert rec.extras["certified"] == [True] * 3 and rec.stats["certified"] == 1.0
+    assert "frontier" not in rec.stats
+
+
+def test_noise_aware_search_recovers_what_the_exact_test_misses():
+    """A declared Gaussian noise (sigma=1e-6) on the tiny float64 BERT (spectrum 1e-2 .. 1e-8) buries
+    the span's weak directions: the exact test finds no layer-1 token (nothing recovered); the
+    noise-aware ranked search (tolerance from sigma, ranked distances) recovers part of both sentences."""
+    from dataclasses import replace as dc_replace
+
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(2)
+    sigma = 1e-6
+    g = torch.Generator().manual_seed(5)
+    noisy = {k: v + sigma * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in obs.tensors.items()}
+    obs = dc_replace(obs, tensors=noisy, defenses=({"name": "gaussian", "sigma": sigma},))
+    exact = _attack(obs, model, prior, noise_aware=False)
+    assert exact.stats["precondition_failed"] == 1.0
+    rec = _attack(obs, model, prior)
+    assert rec.stats["frontier"] == 1.0 and rec.stats["tol_l1"] > 1e-3 and rec.extras["certified"] == [False] * 2
+    metrics, _ = kit.score(rec, truth, case=case)
+    assert metrics["rouge1"] >= 0.4, (rec.data, truth["sentences"])

@@ -55,16 +55,20 @@ Deviations from the reference, all deliberate:
   discarded singular value (float32 round-off), so tau_1/tau_2 never drop below the precision the
   observed spectrum allows (the reference instead tunes ``rank_tol`` per batch size, and filters
   outliers with ``p1_std_thrs`` / ``l2_std_thrs``).
-* Precondition failures (rank saturated: token count too close to the width; all-zero update;
-  projections not observed) raise :class:`DagerPreconditionError` (``on_failure="raise"``) or
-  return empty sentences with ``stats["precondition_failed"] = 1`` and the reason in
-  ``extras["status"]`` (``"report"``, the default, so that leaderboards score such trials as 0,
-  as the reference README does for ``batch_tokens > embedding_dim``).
+* Precondition failures (all-zero update; projections not observed) raise
+  :class:`DagerPreconditionError` (``on_failure="raise"``) or return empty sentences with
+  ``stats["precondition_failed"] = 1`` and the reason in ``extras["status"]`` (``"report"``, the
+  default). A saturated rank (token count too close to the width) is such a failure only with
+  ``rank_limit="refuse"`` (the reference); by default the ranked search of ``frontier.py`` (an
+  addition, after TIGER arXiv 2606.18312 and SOMP arXiv 2603.16761) returns a best-effort
+  reconstruction, and under a declared Gaussian noise it fills what the exact search misses.
+  ``extras["certified"]`` flags the sentences that passed the exact tests on a noise-free,
+  unsaturated update; ``stats["certified"]`` is their fraction of the B slots.
 
 Modules: ``config`` (DagerConfig and the fixed constants), ``run`` (the per-call state: thresholds,
 statistics, deadline), ``attack`` (DAGER: spans, layer-1 scan, orchestration), ``span`` (span
 machinery), ``block`` (incremental post-LN first block), ``decoder`` and ``last_token`` (decoder
-search), ``encoder`` and ``beam`` (encoder search), ``prior`` (embedding prior), ``peel``, ``scan``
+search), ``frontier`` (the ranked search past the exact regime), ``encoder`` and ``beam`` (encoder search), ``prior`` (embedding prior), ``peel``, ``scan``
 (the exact fast layer-1 scan for LayerNorm-fed first layers; ``DAGER(fast=False)`` keeps the
 original code paths for benchmarks and equivalence tests).
 """

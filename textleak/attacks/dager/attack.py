@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -14,9 +15,10 @@ from common.threat import Capability
 from common.types import Observation, Reconstruction
 from textleak.models import max_length
 
-from . import decoder, last_token, peel
+from . import decoder, encoder, frontier, last_token, peel
 from .block import PostLNBlock
-from .config import CHUNK, MAX_LEN, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig
+from .config import (CHUNK, FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
+                     FRONTIER_PRIOR_PENALTY, MAX_LEN, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
 from .run import Run, declared_sigma
 from .scan import EXACT_MAX, SCAN_BLOCK, AffineScan
 from .span import (
@@ -32,6 +34,22 @@ from .span import (
     span_of,
     weight_as_out_in,
 )
+
+
+@dataclass
+class _Ctx:
+    """What the exact and the ranked searches share (built once per reconstruction)."""
+    obs: Observation
+    model: nn.Module
+    prior: Any
+    run: Run
+    spans: list[Span]
+    li1: LayerInputs
+    li2: LayerInputs
+    max_len: int
+    position_free: bool
+    kind: str
+    b: int | None
 
 
 class DAGER:
@@ -75,6 +93,7 @@ class DAGER:
     def spans(self, obs: Observation, model: nn.Module, probe: Tensor) -> tuple[list[Tap], list[Span], dict]:
         """Taps and spans of blocks 0 and 1, with saturation / degeneracy checks."""
         taps = [find_tap(model, i, probe) for i in (0, 1)]
+        self._soft1: Tensor | None = None  # saturated layer 1: the weighted basis of the ranked scan
         sigma = declared_sigma(obs)
         spans, stats = [], {}
         for k, tap in enumerate(taps):
@@ -91,12 +110,26 @@ class DAGER:
             sp = span_of(mat, noise_floor=floor, eps=eps)
             stats[f"rank_l{k + 1}"] = float(sp.rank)
             stats[f"max_rank_l{k + 1}"] = float(sp.max_rank)
+            stats[f"edge_l{k + 1}"] = floor
             cutoff = min(RANK_CUTOFF, max(1, sp.max_rank // 10))
-            if sp.rank > sp.max_rank - cutoff:
+            if sp.rank > sp.max_rank - cutoff and self.config.rank_limit == "best_effort":
+                # past the exact regime: keep the strongest directions, ranked search (frontier.py)
+                stats[f"saturated_l{k + 1}"] = 1.0
+                full = sp
+                drop = max(2, round(FRONTIER_CUT[k] * sp.max_rank))
+                keep = max(1, min(sp.rank, sp.max_rank - cutoff) - drop)
+                sp = span_of(mat, noise_floor=floor, eps=eps, max_rank=keep)
+            elif sp.rank > sp.max_rank - cutoff:
                 raise DagerPreconditionError(
                     f"rank saturated at layer {k + 1}: the update has numerical rank {sp.rank} of at most "
                     f"{sp.max_rank} (cutoff {cutoff}), so the batch has too many tokens for this width "
                     f"(DAGER needs total tokens < hidden size, or < LoRA rank); use a smaller batch")
+            if stats.get(f"saturated_l{k + 1}") and k == 0:
+                # the ranked layer-1 scan weighs every direction by s^2 / (s^2 + s_r^2) (s_r: the first
+                # dropped one) instead of cutting: tokens along weak directions keep partial credit
+                s_all = full.singular_values[: full.rank].double()
+                lam = float(full.singular_values[sp.rank])
+                self._soft1 = full.basis * (s_all.pow(2) / (s_all.pow(2) + lam * lam)).sqrt()
             spans.append(sp)
             # a noisy span tilts every direction by ~ noise / singular value: widen tau accordingly
             # the basis direction of singular value s is tilted by ~ noise / s, so a true input lies
@@ -132,14 +165,44 @@ class DAGER:
         position_free = bool(torch.allclose(first_layer_vectors(li1, few, 0), first_layer_vectors(li1, few, 3),
                                             rtol=1e-6, atol=1e-7))
         max_len = min(MAX_LEN, max_length(model))
-        l1 = _scan_l1(run, li1, spans[0], max_len, position_free)
         kind = getattr(prior, "kind", "decoder")
         run.li1 = li1
         if kind == "encoder" and self.config.fast_block:
             run.block = PostLNBlock.build(model, li1, li2, torch.arange(1000, 1024, device=dev).unsqueeze(0) % vocab)
         stats["fast_block"] = float(run.block is not None)
+        ctx = _Ctx(obs, model, prior, run, spans, li1, li2, max_len, position_free, kind, b)
+        if self._use_frontier(obs, stats):
+            return self._frontier(ctx, None)
+        try:
+            exact = self._exact(ctx)
+        except DagerPreconditionError:
+            if not (self.config.noise_aware and declared_sigma(obs) > 0):
+                raise
+            exact = None  # nothing passed the noise-widened exact test: the ranked search alone
+        if exact is not None and (not (self.config.noise_aware and declared_sigma(obs) > 0)
+                                  or b is None or exact.stats.get("missing", 0.0) == 0.0):
+            return exact
+        # declared noise and sentences missing: the ranked search fills the missing slots
+        return self._frontier(ctx, exact)
+
+    @staticmethod
+    def _use_frontier(obs: Observation, stats: dict[str, float]) -> bool:
+        """Saturated rank (``rank_limit="best_effort"``) goes to the ranked search directly. Under a
+        declared Gaussian noise the exact search runs first (with its noise-widened tau it stays
+        exact on small noise: on the 64-wide GPT-2 at B=3 and sigma=1e-5 it recovers every
+        sentence while the ranked search gets ROUGE-1 0.86), and the ranked search fills the
+        sentences it leaves missing (``noise_aware``)."""
+        return bool(stats.get("saturated_l1") or stats.get("saturated_l2"))
+
+    def _exact(self, c: _Ctx) -> Reconstruction:
+        """The reference's search (thresholded span tests); its sentences are certified when the
+        update is noise-free."""
+        run, b = c.run, c.b
+        l1 = _scan_l1(run, c.li1, c.spans[0], c.max_len, c.position_free)
+        obs, model, prior, li2, kind = c.obs, c.model, c.prior, c.li2, c.kind
+        position_free, max_len, spans = c.position_free, c.max_len, c.spans
         if kind == "encoder":
-            sents, scores = peel.search(run, obs, model, li2, spans[1], l1, prior, b, taps[0])
+            sents, scores = peel.search(run, obs, model, li2, spans[1], l1, prior, b, c.li1.tap)
             # as the reference: the lowest layer-2 scores
             order = sorted(range(len(sents)), key=lambda i: scores[i])[: b if b is not None else None]
         else:
@@ -149,7 +212,54 @@ class DAGER:
             if sents:
                 sents = last_token.complete_last(obs, model, sents, batched=run.fast)
             order = decoder.select(sents, scores, l1, position_free, b)
-        return _finish(run, tok, sents, scores, order, b)
+        certified = declared_sigma(obs) == 0.0
+        return _finish(run, prior.tokenizer, sents, scores, order, b, certified=[certified] * len(order))
+
+    def _frontier(self, c: _Ctx, exact: Reconstruction | None) -> Reconstruction:
+        """The ranked search past the exact regime (``frontier.py``); with ``exact`` (the exact search's
+        result under declared noise), its sentences are kept and the ranked search fills the rest."""
+        run, stats, b = c.run, c.run.stats, c.b
+        stats["frontier"] = 1.0
+        run.ranked = True
+        run.prior_penalty = FRONTIER_PRIOR_PENALTY
+        tol = [frontier.tolerance(sp, stats[f"edge_l{k + 1}"]) for k, sp in enumerate(c.spans)]
+        stats["tol_l1"], stats["tol_l2"] = tol
+        n_pos = frontier.used_positions(c.obs, c.model, c.max_len)
+        stats["used_positions"] = float(n_pos or 0)
+        keep = FRONTIER_L1_KEEP_ENC if c.kind == "encoder" else FRONTIER_L1_KEEP
+        t_scan = time.perf_counter()
+        if stats.get("saturated_l1") or declared_sigma(c.obs) > 0:
+            soft = getattr(self, "_soft1", None) if stats.get("saturated_l1") else None
+            l1 = frontier.ranked_scan(run, c.li1, c.spans[0], c.max_len, c.position_free, n_pos, keep, soft=soft)
+        else:  # only layer 2 is saturated: layer 1's exact test still holds (its candidate lists are exact)
+            l1 = _scan_l1(run, c.li1, c.spans[0], c.max_len, c.position_free)
+        stats["scan_seconds"] = time.perf_counter() - t_scan
+        if not l1:
+            raise DagerPreconditionError("the ranked layer-1 scan found no position")
+        if c.kind == "encoder":
+            run.tau = (tol[0], 10.0 * FRONTIER_CLEAR * tol[1])  # "clear" = max distance <= FRONTIER_CLEAR tol
+            sents, scores = encoder.search(run, c.obs, c.model, c.li2, c.spans[1], l1, c.prior, b)
+            order = sorted(range(len(sents)), key=lambda i: scores[i])
+        else:
+            sents, scores = frontier.search_decoder(run, c.li2, c.spans[1], l1, b)
+            keep_i = decoder.select(sents, scores, l1, c.position_free, b)
+            sents, scores = [sents[i] for i in keep_i], [scores[i] for i in keep_i]
+            if sents:
+                sents = last_token.complete_last(c.obs, c.model, sents, batched=run.fast)
+            order = decoder.select(sents, scores, l1, c.position_free, b)
+        run.tau = (tol[0], tol[1])  # confidences relative to the tolerance
+        prev: list[list[int]] = []
+        if exact is not None:  # keep the exact search's sentences, fill the missing slots
+            prev = [list(t) for t in exact.extras["token_ids"] if t]
+            stats["exact_found"] = float(len(prev))
+        seen = {tuple(s) for s in prev}
+        order = [i for i in order if tuple(sents[i]) not in seen]
+        if b is not None:
+            order = order[: max(0, b - len(prev))]
+        all_sents = prev + [sents[i] for i in order]
+        all_scores = [0.0] * len(prev) + [scores[i] for i in order]
+        return _finish(run, c.prior.tokenizer, all_sents, all_scores, list(range(len(all_sents))), b,
+                       certified=[False] * len(all_sents))
 
 
 def _scan_l1(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_free: bool):
@@ -191,19 +301,24 @@ def _scan_l1(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_fre
 
 
 def _finish(run: Run, tok: Any, sents: list[list[int]], scores: list[float], order: list[int],
-            b: int | None) -> Reconstruction:
-    """The chosen sentences (padded to B with empty ones), decoded, with confidences and stats."""
+            b: int | None, *, certified: list[bool]) -> Reconstruction:
+    """The chosen sentences (padded to B with empty ones), decoded, with confidences, the
+    per-sentence ``certified`` flags (``extras``; their fraction in ``stats["certified"]``) and stats."""
     stats = run.stats
     chosen = [sents[i] for i in order]
     conf = [float(math.exp(-scores[i] / max(run.tau[1], 1e-12))) for i in order]
+    cert = list(certified[: len(chosen)])
     stats["found"] = float(len(sents))
+    stats.pop("missing", None)  # (an exact search before the ranked one may have set it)
     if b is not None and len(chosen) < b:
         stats["missing"] = float(b - len(chosen))
         conf += [0.0] * (b - len(chosen))
+        cert += [False] * (b - len(chosen))
         chosen += [[] for _ in range(b - len(chosen))]
+    stats["certified"] = sum(cert) / len(cert) if cert else 0.0
     texts = [tok.decode([int(t) for t in s], skip_special_tokens=True).strip() for s in chosen]
     stats["seconds"] = time.perf_counter() - run.t0
     stats["precondition_failed"] = 0.0
     stats["timed_out"] = float(run.timed_out)
     return Reconstruction(data=texts, stats=stats, confidence=conf,
-                          extras={"token_ids": chosen, "status": "ok"})
+                          extras={"token_ids": chosen, "status": "ok", "certified": cert})

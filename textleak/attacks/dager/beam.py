@@ -56,7 +56,7 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
         w = torch.tensor([weight(p, t) for t in c], dtype=word.dtype, device=dev)
         rows.append((w[:, None] * word[torch.tensor(c, device=dev)]).sum(0) / w.sum())
     suffix = torch.stack(rows)  # [L, d]
-    lam = PRIOR_PENALTY if penalise else 0.0
+    lam = (PRIOR_PENALTY if run.prior_penalty is None else run.prior_penalty) if penalise else 0.0
     pen = [{t: -math.log(weight(p, t)) for t in c} for p, c in enumerate(per)] if lam > 0 else None
     basis = span2.basis.to(device=dev, dtype=word.dtype)
     xtab, pos_of = None, None

@@ -21,6 +21,9 @@ class DagerConfig:
     # best at the new position); 0: all
     on_failure: Literal["report", "raise"] = "report"
     time_budget_s: float = 0.0  # > 0: stop the sequence search after this many seconds (stats timed_out)
+    rank_limit: Literal["best_effort", "refuse"] = "best_effort"  # saturated rank: the ranked search of
+    # frontier.py (sentences not certified), or refuse as the reference (precondition failure)
+    noise_aware: bool = True  # declared Gaussian noise that swamps the span: the ranked search (frontier.py)
 
 
 # -- spans and thresholds (attack.py, run.py) ---------------------------------------------------------
@@ -32,6 +35,20 @@ CHUNK = 4096  # tokens per forward chunk in the vocabulary scan
 NOISE_TAU_FACTOR = 3.0  # tau >= factor * noise / smallest kept singular value
 NOISE_TAU_CAP = 0.05  # never widen beyond this (the reference's loosest tau, lora.sh)
 GAP_RATIO = 30.0  # cut a widened tau at a distance gap this large (layer-1 scan, decoder steps)
+
+# -- past the exact regime (frontier.py) ---------------------------------------------------------------
+FRONTIER_L1_KEEP = 64  # decoders: layer-1 candidates kept per position (nearest first)
+FRONTIER_L1_KEEP_ENC = 96  # encoders: more (the embedding prior narrows them to the batch token set)
+FRONTIER_ACCEPT = 0.3  # decoders: extra extensions of a path below this x the step's median layer-2 distance
+FRONTIER_CONTINUE = 0.75  # decoders: a path's best extension below this x the median continues it
+FRONTIER_CHILDREN = 3  # decoders: extensions per path at most
+FRONTIER_CUT = (0.03, 0.03)  # saturated rank: drop the weakest max(2, this x max_rank) directions (layer 1, 2;
+# single-token layer-1 inputs separate best with more dropped: measured on the 64-wide GPT-2 at B=8)
+FRONTIER_MIN_TOL = 1e-3  # the calibrated tolerance never below this
+FRONTIER_DUPLICATE = 0.5  # encoders: a same-length sentence sharing this fraction of tokens is a variant
+FRONTIER_PRIOR_PENALTY = 1e-3  # encoders: the beam's prior weight (0.05 measured worse on MiniLM)
+FRONTIER_CLEAR = 1.0  # encoders: a sentence whose max layer-2 distance is <= this x the tolerance is
+# clearly accepted (the search's "tau_2 / 10"); every length's best is kept and the B best returned
 
 # -- decoders (decoder.py) ------------------------------------------------------------------------------
 MAX_RUN = 4  # rotary decoders: longest run of one token allowed at the start (see decoder.search)

@@ -38,7 +38,7 @@ from torch import nn
 from common.types import Observation
 
 from .beam import beam, repair, score_seqs
-from .config import ENCODER_EXHAUSTIVE_MAX
+from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run
 from .span import LayerInputs, Span
@@ -167,6 +167,8 @@ class _EncoderSearch:
         """Record a passing sequence; a clear pass (<= tau_2 / 10) also feeds the non-overlap filter."""
         if tuple(seq) in self.exclude:  # already peeled
             return False
+        if self.r.ranked and self._duplicate(seq, mx):
+            return False
         if mx < self.results.get(tuple(seq), math.inf):
             self.results[tuple(seq)] = mx
         if mx > 0.1 * self.r.tau[1]:
@@ -174,6 +176,17 @@ class _EncoderSearch:
         for p, t in enumerate(seq):
             self.removed.setdefault(p, set()).add(t)
         return True
+
+    def _duplicate(self, seq: list[int], mx: float) -> bool:
+        """Ranked search (``Run.ranked``): True when a sentence of the same length sharing at least
+        ``FRONTIER_DUPLICATE`` of its tokens (same positions) is recorded with a lower score; such a
+        sentence recorded with a higher score is dropped (a variant of one sentence is not another)."""
+        for k in list(self.results):
+            if len(k) == len(seq) and sum(a == b for a, b in zip(k, seq)) >= FRONTIER_DUPLICATE * len(seq):
+                if self.results[k] <= mx:
+                    return True
+                del self.results[k]
+        return False
 
     def _done(self) -> bool:
         b, tau2 = self.b, self.r.tau[1]

@@ -28,6 +28,8 @@ class Run:
     li1: LayerInputs | None = None  # layer-1 inputs (encoders: the beam's and the repair's token vectors)
     block: PostLNBlock | None = None  # the incremental first block (post-LN encoders with fast_block)
     fast: bool = True  # the exact speed-ups (False: the original code paths, for benchmarks and tests)
+    ranked: bool = False  # the ranked search past the exact regime (frontier.py): encoders drop near-duplicates
+    prior_penalty: float | None = None  # the encoder beam's prior weight (None: config.PRIOR_PENALTY)
 
     def over_budget(self) -> bool:
         """True (and ``timed_out`` set) once ``time_budget_s`` > 0 has passed since ``t0``."""

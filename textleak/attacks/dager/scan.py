@@ -124,13 +124,33 @@ class AffineScan:
         x = torch.randn(d, k, generator=gen, dtype=torch.float64)
         for _ in range(2):  # project out the span twice (re-orthogonalisation)
             x = x - r64 @ (r64.t() @ x)
-        c = torch.linalg.qr(x).Q
+        return self.columns(torch.linalg.qr(x).Q)
+
+    def columns(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        """``(C, (gamma * W) C)`` for orthonormal columns ``C`` [d, k] (float64), caching the
+        per-token products that :meth:`lower_bound` needs."""
+        c = c.to(torch.float64).cpu()
         wc = (self.w * self.gamma.float()) @ c.float()
         w64 = wc.double()
         self.wc2 = w64.pow(2).sum(1)
         self.wcg = w64 @ (c.t() @ self.gamma)
         self.wch = w64 @ (c.t() @ self.beta)
         return c, wc
+
+    def ranked(self, li1: LayerInputs, basis: Tensor, positions: list[int], keep: int,
+               proj: tuple[Tensor, Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """The ``keep`` tokens nearest to span(basis) at each of ``positions`` (ids, distances;
+        nearest first). ``proj`` is :meth:`columns` of ``basis``: then :meth:`lower_bound` is the
+        norm of the projection onto the span, and ``sqrt(1 - proj^2)`` the distance itself (its
+        float32 products make it approximate); the ``4 keep`` nearest by it are measured exactly."""
+        near = (1.0 - self.lower_bound(proj, positions).pow(2)).clamp_min(0.0).sqrt()  # [V, P]
+        out = []
+        for j, p in enumerate(positions):
+            ids = near[:, j].topk(min(4 * keep, near.shape[0]), largest=False).indices
+            d = span_distance(basis, first_layer_vectors(li1, ids, p), exact_below=1.01)
+            v, i = d.topk(min(keep, d.numel()), largest=False)
+            out.append((ids[i], v))
+        return out
 
     def scan(self, li1: LayerInputs, basis: Tensor, comp: tuple[Tensor, Tensor], positions: list[int]) -> list[Tensor]:
         """Span distances [V] at each of ``positions``: exact (as ``span_distance``) for the tokens

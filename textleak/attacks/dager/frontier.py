@@ -1,0 +1,208 @@
+"""DAGER past its exact regime: best-effort recovery with ranked span distances (an addition).
+
+DAGER's span test is exact only while the batch's token count ``n`` stays below the width ``d``
+of the attention input (or the LoRA rank) and the update is noise-free. Past that the observed
+update of the first block's Q/K/V projections has (numerically) full rank, or its weak
+directions are buried under the defense's noise, and a hard threshold on the span distance
+either accepts everything or nothing. The reference refuses (its README scores such batches 0).
+
+Here the attack keeps going, in the spirit of the continuous / sparse relaxations of TIGER
+(Kalikman, Petrov, Dimitrov, Vechev, arXiv 2606.18312: rank candidates by their distance to the
+gradient subspace instead of a brittle discrete test) and SOMP (Li & Li, arXiv 2603.16761:
+greedy pursuit over a token-by-position dictionary, the strongest atoms first):
+
+* **Span.** Under a declared Gaussian noise the basis keeps the directions above the noise
+  floor ``sigma (sqrt(m) + sqrt(d))`` (the noise matrix's largest singular value); when the rank
+  is saturated it drops the weakest ``max(2, FRONTIER_CUT * max_rank)`` directions past the
+  reference's cutoff (layer 2), and layer 1 weighs every direction by ``s^2 / (s^2 + s_c^2)``
+  (``s_c``: the first dropped one) instead of cutting it. True inputs then lie *near* (not in)
+  the span: their distance is the norm of their components along the weak directions, small
+  compared with a non-batch token's.
+* **Layer 1, ranked.** Every vocabulary token at every position gets its span distance (in
+  closed form for LayerNorm-fed first layers, ``AffineScan.ranked``) and the
+  ``FRONTIER_L1_KEEP`` nearest are kept (no threshold); positions are scanned up to the length
+  the position-embedding update shows (rows of unused positions carry no gradient), else until
+  the nearest distance stops standing out.
+* **Noise-aware tolerance.** Under a declared Gaussian noise (sigma), the distance a true input
+  can have is calibrated from the spectrum: a unit input spread over the ``r`` kept and ``d - r``
+  discarded directions in proportion to their signal has expected squared distance
+  ``sum_{k > r} s_k^2 / sum_k s_k^2`` of the *noise-free* spectrum, estimated here as
+  ``sum_k max(s_k^2 - e^2, 0)`` with ``e`` the noise edge. Scores are ranked against it (a
+  tolerance, not a cut).
+* **Decoders** (``search_decoder``): a beam over positions; every path is extended by every
+  layer-1 candidate and the extensions are ranked by their layer-2 distance. Most extensions
+  are wrong, so the median distance of a step is its baseline and an extension's score is its
+  ratio to it (a self-calibrated scale; on the 64-wide GPT-2 at B=8, 81 tokens, true extensions
+  sit at 0.02-0.6 of the median with 3 directions dropped, the unobservable last token at ~1.5).
+  The root takes the 2 B best first tokens; a path then takes its best extension while its
+  ratio is under ``FRONTIER_CONTINUE`` and up to
+  ``FRONTIER_CHILDREN - 1`` more under ``FRONTIER_ACCEPT``; the ``4 B + 16`` best paths by mean
+  squared ratio survive, a path with no extension ends, and a finished path loses its trailing
+  tokens above ``FRONTIER_ACCEPT`` (it went astray there). ``decoder.select`` then picks B
+  sentences by set cover.
+* **Encoders**: the existing encoder search (embedding-prior-guided beam) runs on the ranked
+  layer-1 lists (``FRONTIER_L1_KEEP_ENC``) with "clearly accepted" meaning a max layer-2
+  distance under ``FRONTIER_CLEAR`` times the calibrated tolerance, near-duplicates (same
+  length, ``FRONTIER_DUPLICATE`` of the tokens shared) dropped, and the B best by max layer-2
+  distance returned.
+* **Under declared noise** the exact search runs first and this search fills the sentences it
+  leaves missing (or replaces it when it finds no token at all).
+
+No sentence of this mode is certified (``extras["certified"]`` False): certification is
+reserved to sentences that passed the exact test of the reference (below tau_2 with an
+unsaturated, noise-free rank).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from common.types import Observation
+from textleak.models import max_length
+
+from .config import (CHUNK, FRONTIER_ACCEPT, FRONTIER_CHILDREN, FRONTIER_CONTINUE, FRONTIER_L1_KEEP,
+                     FRONTIER_MIN_TOL)
+from .run import Run, declared_sigma
+from .scan import SCAN_BLOCK, AffineScan
+from .span import LayerInputs, Span, decoder_last_inputs, first_layer_vectors, span_distance
+
+
+@dataclass
+class _Path:
+    ids: list[int]
+    total: float  # sum of squared distance ratios (layer-2 distance / the step's median)
+    ratios: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(1, len(self.ids))
+
+
+def tolerance(sp: Span, edge: float) -> float:
+    """Expected span distance of a true input given the kept rank and the noise edge ``edge``
+    (``sqrt(discarded signal energy / total signal energy)``, at least ``FRONTIER_MIN_TOL``)."""
+    s2 = (sp.singular_values.double().pow(2) - edge * edge).clamp_min(0.0)
+    tot = float(s2.sum())
+    if tot <= 0.0:
+        return 1.0
+    lost = float(s2[sp.rank:].sum())
+    # the kept directions are also tilted by the noise: ~ edge / s per direction
+    tilt = float((edge / sp.singular_values[: sp.rank].double().clamp_min(1e-300)).pow(2).mean()) if edge > 0 else 0.0
+    return max(FRONTIER_MIN_TOL, math.sqrt(lost / tot + tilt))
+
+
+def used_positions(obs: Observation, model: nn.Module, limit: int) -> int | None:
+    """How many positions the batch uses, read from the learned position-embedding update (the
+    rows of unused positions get no gradient; under a declared Gaussian noise a used row stands
+    above ``3 sigma sqrt(d)``); None without a learned position table in the observation."""
+    word = model.get_input_embeddings()
+    n_pos = max_length(model)
+    pos = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m is not word
+                and m.num_embeddings == n_pos and m.embedding_dim == word.embedding_dim), None)
+    if pos is None:
+        return None
+    name = next((n for n, p in model.named_parameters() if p is pos.weight), None)
+    g = obs.tensors.get(name or "")
+    if g is None:
+        return None
+    norms = g.detach().double().cpu().norm(dim=1)[:limit]
+    sigma = declared_sigma(obs)
+    floor = 3.0 * sigma * math.sqrt(g.shape[1]) if sigma > 0 else 1e-6 * float(norms.max().clamp_min(1e-300))
+    used = torch.nonzero(norms > floor).flatten()
+    return int(used.max()) + 1 if used.numel() else None
+
+
+def ranked_scan(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_free: bool,
+                n_pos: int | None, keep: int = FRONTIER_L1_KEEP, *, soft: Tensor | None = None
+                ) -> list[tuple[list[int], Tensor]]:
+    """Per position, the ``keep`` vocabulary tokens nearest to the layer-1 span (nearest first);
+    ``soft`` [d, r] (weighted columns) replaces the span's basis in the distance when given."""
+    if soft is not None:
+        span1 = Span(soft, soft.shape[1], span1.max_rank, span1.singular_values, span1.tol)
+    vocab = int(li1.model.get_input_embeddings().num_embeddings)
+    all_ids = torch.arange(vocab)
+    limit = min(max_len, n_pos) if n_pos is not None else max_len
+    out: list[tuple[list[int], Tensor]] = []
+    base = None
+    scan = AffineScan.build(li1, limit) if run.fast and not position_free and n_pos is not None else None
+    if scan is not None:  # every position in closed form (scan.py), blocks of SCAN_BLOCK positions
+        proj = scan.columns(span1.basis)
+        for s in range(0, limit, SCAN_BLOCK):
+            for ids, v in scan.ranked(li1, span1.basis, list(range(s, min(s + SCAN_BLOCK, limit))), keep, proj):
+                out.append((ids.tolist(), v))
+            if run.over_budget():
+                break
+        return out
+    for p in range(limit):
+        if position_free and p > 0:
+            out.append(out[0])
+            continue
+        d = span_distance(span1.basis, first_layer_vectors(li1, all_ids, p, chunk=CHUNK), exact_below=1.01)
+        v, i = d.topk(min(keep, vocab), largest=False)
+        if n_pos is None and not position_free:
+            # no position table: stop where the nearest token no longer stands out of the bulk
+            med = float(d.median())
+            if base is None:
+                base = med
+            if float(v[0]) > 0.8 * med:
+                break
+        out.append((i.tolist(), v))
+        if run.over_budget():
+            break
+    return out
+
+
+def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None) -> tuple[list[list[int]], list[float]]:
+    """The ranked beam over positions (see the module docstring); returns every finished path
+    (trailing weak tokens trimmed) and its root-mean-square distance ratio."""
+    cap = 4 * (b or 8) + 16
+    live = [_Path([], 0.0)]
+    finished: list[_Path] = []
+    for p in range(len(l1)):
+        if not live or run.over_budget():
+            break
+        cands = l1[p][0]
+        xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
+        ds = span_distance(span2.basis, torch.cat(xs), exact_below=1.01).split([x.shape[0] for x in xs])
+        # most extensions are wrong: the median distance of the step is its baseline
+        med = max(float(torch.cat(ds).median()), 1e-12)
+        nxt: list[_Path] = []
+        for path, d in zip(live, ds):
+            r = d / med
+            if path.ids:
+                order = r.argsort()[:FRONTIER_CHILDREN].tolist()
+                kids = [j for k, j in enumerate(order)
+                        if float(r[j]) < (FRONTIER_CONTINUE if k == 0 else FRONTIER_ACCEPT)]
+            else:  # the root: the 2 B best starts (B sentences are returned even when weak)
+                kids = r.argsort()[: 2 * (b or 8)].tolist()
+            if not kids:
+                if path.ids:
+                    finished.append(path)
+                continue
+            for j in kids:
+                nxt.append(_Path(path.ids + [cands[j]], path.total + float(r[j]) ** 2, path.ratios + [float(r[j])]))
+        nxt.sort(key=lambda x: x.mean)
+        # diversity: at most FRONTIER_CHILDREN live descendants of one path two steps back (else the
+        # variants of the strongest sentence fill the beam)
+        groups: dict[tuple[int, ...], int] = {}
+        live = []
+        for x in nxt:
+            g = tuple(x.ids[: max(1, len(x.ids) - 2)])
+            if groups.get(g, 0) < FRONTIER_CHILDREN:
+                groups[g] = groups.get(g, 0) + 1
+                live.append(x)
+        live = live[:cap]
+    finished.extend(x for x in live if x.ids)
+    out: dict[tuple[int, ...], float] = {}
+    for f in finished:
+        n = len(f.ids)
+        while n > 1 and f.ratios[n - 1] > FRONTIER_ACCEPT:  # a weak tail: the path went astray
+            n -= 1
+        key = tuple(f.ids[:n])
+        score = math.sqrt(sum(x * x for x in f.ratios[:n]) / n)
+        out[key] = min(score, out.get(key, math.inf))
+    keys = [k for k in out if len(k) >= 2] or list(out)
+    return [list(k) for k in keys], [out[k] for k in keys]
