@@ -87,7 +87,8 @@ def summary_lines(rows: Sequence[lb.Row], trials: Sequence[Trial]) -> dict[str, 
                 line += f" and {round(ex * n_rows)} of {n_rows} rows entirely"
             line += f" at B={b} ({best.n_ok} batches) on {where}"
         else:
-            parts = [f"{k} {_mean(best, k):.2f}" for k in ("pesq_wb", "stoi_n", "mel_cosine", "feature_cosine") if _mean(best, k) is not None]
+            names = {"pesq_wb": "PESQ-wb", "stoi": "STOI", "mel_cosine": "mel cosine", "feature_cosine": "feature cosine"}
+            parts = [f"{label} {_mean(best, k):.2f}" for k, label in names.items() if _mean(best, k) is not None]
             line = f"{best.preset}: reconstructed clips reach {', '.join(parts) or f'{primary} {_mean(best, primary):.2f}'}" \
                    f" at B={b} ({best.n_ok} trials) on {where}"
         out.setdefault(mod, []).append(line)

@@ -46,7 +46,7 @@ def test_report_shows_every_modality_with_its_reconstructions(runs, tmp_path):
     summary = page[page.index("id='summary'"):page.index("</section>")]
     assert "dager recovered 2 of 2 sentences exactly at B=2" in summary
     assert re.search(r"tableak recovered \d+ % of cells and \d+ of 4 rows entirely at B=4", summary)
-    assert "speech-lbfgs: reconstructed clips reach pesq_wb" in summary
+    assert "speech-lbfgs: reconstructed clips reach PESQ-wb" in summary and "_n " not in summary
     # text: originals beside reconstructions, exact rows marked
     sents = json.loads(next((runs["text"] / "artifacts").rglob("sentences.json")).read_text())
     for s in sents:
