@@ -160,10 +160,10 @@ def cmd_bench(args) -> int:
     _check_counts(args)
     _check_out(args.out)
     device = _device(args.device)
+    if args.seed_offset < 0:
+        raise UserError(f"--seed-offset {args.seed_offset}: give an offset >= 0 (evaluation runs use 1000)")
     specs = load_suite(args.suite)
     if args.seed_offset:
-        if args.seed_offset < 0:
-            raise UserError(f"--seed-offset {args.seed_offset}: give an offset >= 0 (evaluation runs use 1000)")
         specs = [replace(s, seed=s.seed + args.seed_offset) for s in specs]
     if args.limit is not None:
         specs = specs[: args.limit]

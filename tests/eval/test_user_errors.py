@@ -84,6 +84,11 @@ def files(tmp_path):
     (["run", *TAB, "--out", "UNDER"], "lies under the file"),
     (["bench", "no.toml", "--out", "FILE"], "is an existing file"),
     (["audit", "nocap", *TAB, "--out", "UNDER"], "lies under the file"),
+    # report / tables / utility / bench --seed-offset
+    (["report", "OUT", "-o", "OUT/r.html"], "does not exist"),
+    (["tables", "--only", "no_such_table", "--out", "OUT"], "no table named no_such_table"),
+    (["utility", "no.toml", "--rounds", "0", "--out", "OUT"], "--rounds and --clients must be >= 1"),
+    (["bench", "no.toml", "--seed-offset", "-1", "--out", "OUT"], "--seed-offset -1"),
 ])
 def test_refused_up_front(argv, needle, files, capsys):
     argv = [files.get(a, a) for a in argv]
