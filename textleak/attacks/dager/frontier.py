@@ -61,10 +61,10 @@ import torch
 from torch import Tensor, nn
 
 from common.types import Observation
-from textleak.models import max_length
 
 from .config import (CHUNK, FRONTIER_ACCEPT, FRONTIER_CHILDREN, FRONTIER_CONTINUE, FRONTIER_L1_KEEP,
                      FRONTIER_MIN_TOL)
+from .prior import learned_position_table
 from .run import Run, declared_sigma
 from .scan import SCAN_BLOCK, AffineScan
 from .span import LayerInputs, Span, decoder_last_inputs, first_layer_vectors, span_distance
@@ -98,10 +98,7 @@ def used_positions(obs: Observation, model: nn.Module, limit: int) -> int | None
     """How many positions the batch uses, read from the learned position-embedding update (the
     rows of unused positions get no gradient; under a declared Gaussian noise a used row stands
     above ``3 sigma sqrt(d)``); None without a learned position table in the observation."""
-    word = model.get_input_embeddings()
-    n_pos = max_length(model)
-    pos = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m is not word
-                and m.num_embeddings == n_pos and m.embedding_dim == word.embedding_dim), None)
+    pos = learned_position_table(model)
     if pos is None:
         return None
     name = next((n for n, p in model.named_parameters() if p is pos.weight), None)

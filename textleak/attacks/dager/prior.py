@@ -16,6 +16,15 @@ from .run import declared_sigma
 PriorFit = tuple[list[int], Tensor]  # (batch token ids, coefficients C[position, token])
 
 
+
+def learned_position_table(model: nn.Module) -> nn.Embedding | None:
+    """The model's learned position-embedding table (an Embedding beside the word table with one row
+    per position and the same width), found by identity; None for models without one (RoPE)."""
+    word = model.get_input_embeddings()
+    n_pos = max_length(model)
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding) and m is not word
+                 and m.num_embeddings == n_pos and m.embedding_dim == word.embedding_dim), None)
+
 def embedding_prior(obs: Observation, model: nn.Module, positions: int) -> PriorFit | None:
     """Least-squares position coefficients of every batch token from the embedding updates.
 
@@ -31,10 +40,7 @@ def embedding_prior(obs: Observation, model: nn.Module, positions: int) -> Prior
     Under a declared Gaussian noise (sigma), the batch rows are those whose norm exceeds
     ``PRIOR_NOISE_FACTOR * sigma * sqrt(d)`` (a noise-only row has norm ~ sigma sqrt(d)).
     """
-    word = model.get_input_embeddings()
-    n_pos = max_length(model)
-    pos = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m is not word
-                and m.num_embeddings == n_pos and m.embedding_dim == word.embedding_dim), None)
+    word, pos = model.get_input_embeddings(), learned_position_table(model)
     if pos is None:
         return None
     names = {id(p): n for n, p in model.named_parameters()}
