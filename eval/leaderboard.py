@@ -7,7 +7,6 @@ Duplicate run ids (a failed trial re-run with ``--resume``) keep the latest reco
 """
 from __future__ import annotations
 
-import base64
 import io
 import json
 import math
@@ -270,31 +269,26 @@ def plot_series(rows: Sequence[Row], metric: str, axis: str) -> list[tuple[str, 
     return out
 
 
-def _png(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str, logx: bool) -> str:
-    import matplotlib
+def html_table(rows: Sequence[Row], keys: Sequence[str], *, cls: str = "") -> str:
+    """One setting's ranked rows as an HTML table (metric columns ``keys``, then counts and cost)."""
+    import html
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for preset, pts in series.items():
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=preset)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    attr = f" class='{cls}'" if cls else ""
+    out = [f"<table{attr}><tr><th>rank</th><th>attack</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+           + "<th>n ok</th><th>n failed</th><th>s/trial</th></tr>"]
+    for i, r in enumerate(rows, 1):
+        wall = "–" if r.wall_s is None else f"{r.wall_s:.1f}"
+        out.append(f"<tr><td>{i}</td><td>{html.escape(r.preset)}</td>"
+                   + "".join(f"<td>{_fmt(r.metrics.get(k))}</td>" for k in keys)
+                   + f"<td>{r.n_ok}</td><td>{r.n_failed}</td><td>{wall}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
 
 
 def render_html(rows: Sequence[Row], primary: str | None = None) -> str:
     import html
+
+    from .report_parts import line_plot
 
     parts = ["<!doctype html><meta charset='utf-8'><title>gradleak leaderboard</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
@@ -304,19 +298,12 @@ def render_html(rows: Sequence[Row], primary: str | None = None) -> str:
     if p_all:
         for axis, xlabel, logx in (("batch_size", "batch size", True), ("defense", "defense strength", False)):
             for name, series in plot_series(rows, p_all, axis):
-                img = _png(series, f"{name}: {p_all} vs {xlabel}", xlabel, p_all, logx)
-                parts.append(f"<h3>{html.escape(name)}: {p_all} vs {xlabel}</h3><img src='data:image/png;base64,{img}'>")
+                uri = line_plot(series, title=f"{name}: {p_all} vs {xlabel}", xlabel=xlabel, metric=p_all, logx=logx)
+                parts.append(f"<h3>{html.escape(name)}: {p_all} vs {xlabel}</h3><img src='{uri}'>")
     for case, rs, p in tables(rows, primary):
         keys = _metric_keys(rs, p)
-        parts.append(f"<h2>{html.escape(title(case))}</h2>"
-                     f"<p>{html.escape(describe_case(case))}</p><table><tr><th>rank</th><th>attack</th>"
-                     + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "<th>n ok</th><th>n failed</th><th>s/trial</th></tr>")
-        for i, r in enumerate(rs, 1):
-            wall = "–" if r.wall_s is None else f"{r.wall_s:.1f}"
-            parts.append(f"<tr><td>{i}</td><td>{html.escape(r.preset)}</td>"
-                         + "".join(f"<td>{_fmt(r.metrics.get(k))}</td>" for k in keys)
-                         + f"<td>{r.n_ok}</td><td>{r.n_failed}</td><td>{wall}</td></tr>")
-        parts.append("</table>")
+        parts.append(f"<h2>{html.escape(title(case))}</h2><p>{html.escape(describe_case(case))}</p>"
+                     + html_table(rs, keys))
     return "\n".join(parts)
 
 

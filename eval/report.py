@@ -209,15 +209,7 @@ def build_report(paths: Sequence[str | Path], *, title: str = "gradleak report")
     for case, rs, primary in lb.tables(rows):
         keys = lb._metric_keys(rs, primary)
         h.append(f"<section class='setting' data-modality='{case['modality']}'><h2>{rp.esc(lb.title(case))}</h2>"
-                 f"<p>{rp.esc(lb.describe_case(case))}</p><div class='wide'><table class='lb'><tr><th>rank</th><th>attack</th>"
-                 + "".join(f"<th>{rp.esc(k)}</th>" for k in keys)
-                 + "<th>n ok</th><th>n failed</th><th>s/trial</th></tr>")
-        for i, r in enumerate(rs, 1):
-            wall = "–" if r.wall_s is None else f"{r.wall_s:.1f}"
-            h.append(f"<tr><td>{i}</td><td>{rp.esc(r.preset)}</td>"
-                     + "".join(f"<td>{lb._fmt(r.metrics.get(k))}</td>" for k in keys)
-                     + f"<td>{r.n_ok}</td><td>{r.n_failed}</td><td>{wall}</td></tr>")
-        h.append("</table></div>")
+                 f"<p>{rp.esc(lb.describe_case(case))}</p><div class='wide'>{lb.html_table(rs, keys, cls='lb')}</div>")
         for r in rs:
             mine = [t for t in trials if lb.setting_key(t.record["case"]) == r.setting
                     and t.record["attack"]["preset"] == r.preset and t.record["status"] == "ok"]
