@@ -50,6 +50,12 @@ def load_runs(paths: Sequence[str | Path]) -> list[Trial]:
     return [t for t in trials if id(t.record) in keep]
 
 
+def ok_trials(trials: Sequence[Trial], row: lb.Row) -> list[Trial]:
+    """The successful trials behind one leaderboard row (same setting, same preset)."""
+    return [t for t in trials if t.record["status"] == "ok" and t.record["attack"]["preset"] == row.preset
+            and lb.setting_key(t.record["case"]) == row.setting]
+
+
 def _bsz(case: dict) -> int:
     return int(case["protocol"]["batch_size"])
 
@@ -66,8 +72,7 @@ def summary_lines(rows: Sequence[lb.Row], trials: Sequence[Trial]) -> dict[str, 
         if not rs or primary is None or _mean(rs[0], primary) is None:
             continue
         best, mod, b = rs[0], case["modality"], _bsz(case)
-        mine = [t for t in trials if lb.setting_key(t.record["case"]) == best.setting
-                and t.record["attack"]["preset"] == best.preset and t.record["status"] == "ok"]
+        mine = ok_trials(trials, best)
         where = lb.title(case)
         if mod == "text":
             sents = [s for t in mine if "sentences" in t.artifacts for s in rp.load_json(t.artifacts["sentences"])]
@@ -211,8 +216,7 @@ def build_report(paths: Sequence[str | Path], *, title: str = "gradleak report")
         h.append(f"<section class='setting' data-modality='{case['modality']}'><h2>{rp.esc(lb.title(case))}</h2>"
                  f"<p>{rp.esc(lb.describe_case(case))}</p><div class='wide'>{lb.html_table(rs, keys, cls='lb')}</div>")
         for r in rs:
-            mine = [t for t in trials if lb.setting_key(t.record["case"]) == r.setting
-                    and t.record["attack"]["preset"] == r.preset and t.record["status"] == "ok"]
+            mine = ok_trials(trials, r)
             ex = _examples(case, mine)
             if ex:
                 h.append(f"<h4>{rp.esc(r.preset)}: reconstructions beside the originals</h4><div class='wide'>{ex}</div>")
