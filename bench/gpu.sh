@@ -94,6 +94,7 @@ export GRADLEAK_ASSETS=$ROOT/.gpu/assets GRADLEAK_SPEECH_DATA=$ROOT/.gpu/speech
 export GRADLEAK_CACHE=$(mktemp -d) GRADLEAK_GPU_DEVICE=$DEVICE
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 [ -f .gpu/COMMIT ] && export GRADLEAK_COMMIT=$(cat .gpu/COMMIT)
+[ -f .gpu/MANIFEST.json ] && export GRADLEAK_CODE_MANIFEST=$ROOT/.gpu/MANIFEST.json
 NCPU=$(nproc)
 CPU_THREADS=${CPU_THREADS:-$(( NCPU < 8 ? NCPU : 8 ))}
 
@@ -150,6 +151,23 @@ stage lamp "${T_LAMP:-80}" - env PERF_LAMP_RANDOM_MINILM=1 PERF_LAMP_LM=gpt2 PER
 stage speech "${T_SPEECH:-90}" - env OMP_NUM_THREADS="$CPU_THREADS" PERF_SPEECH_KWS_ITERS="${PERF_SPEECH_KWS_ITERS:-30}" \
   PERF_SPEECH_CTC_ITERS="${PERF_SPEECH_CTC_ITERS:-5}" \
   "$PY" bench/perf.py --device "$DEVICE" --only speech --out "$BENCH"
+
+# -- 3. published tables on evaluation seeds (STAGES=tables): TABLES="suite:name ..." ----------------
+# Each suite runs with --seed-offset 1000 on a pool of CPU workers (TABLES_DEVICE=cuda for the GPU), all
+# of them within T_TABLES_END seconds of the script's start (default 520);
+# the records come back as $OUT/tables.tar.gz holding results/published/<name>/ (extract at the root).
+if [[ " $STAGES " == *" tables "* ]]; then
+  RES=$(mktemp -d)
+  for t in ${TABLES:-}; do
+    suite=${t%%:*}; name=${t##*:}
+    left=$(( T0 + ${T_TABLES_END:-520} - $(date +%s) ))  # one deadline for all tables, from the script's start
+    [ "$left" -lt 30 ] && { say "no time left for $name"; status=1; continue; }
+    stage tables "$left" - "$PY" -m eval bench "eval/suites/$suite.toml" --out "$RES/results/published/$name" \
+      --seed-offset 1000 --device "${TABLES_DEVICE:-cpu}" --executor process --workers "${TABLES_WORKERS:-$NCPU}" --quiet
+    tar -czf "$OUT/tables.tar.gz" -C "$RES" results
+    say "$name: $(wc -l < "$RES/results/published/$name/records.jsonl" 2>/dev/null || echo 0) records"
+  done
+fi
 cat "$BENCH"/*.md > "$OUT/perf.md" 2>/dev/null
 cat "$BENCH"/*.jsonl > "$OUT/perf.jsonl" 2>/dev/null
 say "done (status $status); files: $(ls "$OUT" | tr '\n' ' ')"

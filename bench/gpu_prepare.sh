@@ -86,5 +86,10 @@ EOF
 
 # the commit the device run measures (the copy there has no .git); run this right before the device run
 echo "$(git rev-parse HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo '-dirty')" > "$G/COMMIT"
+# the manifest of that commit's code files: records made there are stamped with this commit, clean
+# only when every code file there has exactly these bytes (eval/records.py, $GRADLEAK_CODE_MANIFEST)
+"$PY" -c "import sys; from pathlib import Path; from eval.records import write_manifest; write_manifest(Path('.'), Path(sys.argv[1]))" "$G/MANIFEST.json"
+git status --porcelain --untracked-files=all -- common eval tableak textleak speechleak requirements.txt requirements-assets.txt pyproject.toml | grep -q . \
+  && echo "WARNING: uncommitted code changes: records made on the device will be marked dirty"
 du -sh "$G" "$G"/*
 echo "tracked repo: $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1) bytes; .gpu: $(du -sb $G | cut -f1) bytes (64 MiB = 67108864 together)"

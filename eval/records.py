@@ -41,10 +41,63 @@ def _run_git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout
 
 
+#: A manifest of the code at one commit (``write_manifest``): where a copy of the tree has no
+#: trustworthy git metadata (the device machine gets the files with the session's stale ``.git``),
+#: ``code_state`` verifies the files' contents against it instead of asking git.
+MANIFEST_ENV = "GRADLEAK_CODE_MANIFEST"
+
+
+def _blob_sha1(data: bytes) -> str:
+    """git's blob id of ``data`` (what ``git hash-object`` prints), computed without git."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _code_files(root: Path) -> dict[str, str]:
+    """{relative path: blob id} of every file under CODE_PATHS (bytecode and build folders excluded)."""
+    out: dict[str, str] = {}
+    for top in CODE_PATHS:
+        base = root / top
+        files = [base] if base.is_file() else sorted(f for f in base.rglob("*") if f.is_file()) if base.is_dir() else []
+        for f in files:
+            if "__pycache__" in f.parts or f.suffix == ".pyc" or any(x.endswith(".egg-info") for x in f.parts):
+                continue
+            out[f.relative_to(root).as_posix()] = _blob_sha1(f.read_bytes())
+    return out
+
+
+def write_manifest(root: Path, path: Path) -> dict[str, Any]:
+    """Record HEAD's commit and the blob ids of its code files (from git, i.e. the committed bytes)."""
+    commit = _run_git(root, "rev-parse", "--short=12", "HEAD").strip()
+    listing = _run_git(root, "ls-tree", "-r", "HEAD", "--", *CODE_PATHS)
+    files = {}
+    for line in listing.splitlines():
+        meta, name = line.split("\t", 1)
+        files[name] = meta.split()[2]
+    manifest = {"commit": commit, "files": files}
+    path.write_text(json.dumps(manifest, sort_keys=True, indent=0))
+    return manifest
+
+
+def manifest_state(root: Path, manifest: dict[str, Any]) -> tuple[str | None, bool, str | None]:
+    """(commit, dirty, diff hash) from a manifest: clean iff the code files at ``root`` are exactly
+    the manifest's (same paths, same bytes); otherwise the hash covers the differing entries."""
+    actual = _code_files(root)
+    expected = manifest["files"]
+    if actual == expected:
+        return manifest["commit"], False, None
+    diff = sorted((k, expected.get(k), actual.get(k)) for k in set(actual) | set(expected)
+                  if expected.get(k) != actual.get(k))
+    return manifest["commit"], True, "sha256:" + hashlib.sha256(canonical_json(diff).encode()).hexdigest()[:32]
+
+
 def code_state(root: Path) -> tuple[str | None, bool | None, str | None]:
     """(commit, dirty, diff hash) of the code at ``root``: dirty only when a package or dependency
     file differs from HEAD (tracked edits or new untracked files there); the hash covers that diff
-    and the untracked files' bytes, so two dirty records with the same hash ran the same code."""
+    and the untracked files' bytes, so two dirty records with the same hash ran the same code.
+    With ``$GRADLEAK_CODE_MANIFEST`` set, the files are checked against that manifest instead."""
+    manifest = os.environ.get(MANIFEST_ENV)
+    if manifest:
+        return manifest_state(root, json.loads(Path(manifest).read_text()))
     commit = _run_git(root, "rev-parse", "--short=12", "HEAD").strip() or None
     paths = [p for p in CODE_PATHS if (root / p).exists()]
     status = _run_git(root, "status", "--porcelain", "--untracked-files=all", "--", *paths).strip()
@@ -67,6 +120,8 @@ def _git() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit, dirty, diff = None, None, None
     out: dict[str, Any] = {"version": CODE_VERSION, "git": commit, "dirty": dirty}
+    if os.environ.get(MANIFEST_ENV):
+        out["verified_by"] = "manifest"
     if diff is not None:
         out["diff_sha256"] = diff
     return out

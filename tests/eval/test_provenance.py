@@ -56,3 +56,29 @@ def test_new_module_and_pin_change_are_dirty(repo: Path):
     (repo / "common" / "new.py").unlink()
     (repo / "requirements.txt").write_text("torch==2.9.2\n")
     assert code_state(repo)[1] is True
+
+
+def test_manifest_verifies_a_copy_without_git(repo: Path, tmp_path_factory, monkeypatch):
+    """A copy of the tree with no (or stale) git metadata: the manifest written at the commit makes
+    its records clean exactly when every code file has the committed bytes, and dirty otherwise."""
+    import shutil
+
+    from eval.records import MANIFEST_ENV, write_manifest
+
+    manifest = tmp_path_factory.mktemp("m") / "MANIFEST.json"
+    written = write_manifest(repo, manifest)
+    commit = code_state(repo)[0]
+    assert written["commit"] == commit and set(written["files"]) == {"common/a.py", "requirements.txt"}
+    copy = tmp_path_factory.mktemp("copy") / "tree"
+    shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".git"))
+    (copy / "common" / "__pycache__").mkdir()
+    (copy / "common" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    (copy / "docs" / "d.md").write_text("a doc edit is not code\n")
+    monkeypatch.setenv(MANIFEST_ENV, str(manifest))
+    assert code_state(copy) == (commit, False, None)
+    (copy / "common" / "a.py").write_text("x = 2\n")
+    _, dirty, h1 = code_state(copy)
+    assert dirty is True and h1.startswith("sha256:")
+    (copy / "common" / "a.py").write_text("x = 1\n")
+    (copy / "common" / "extra.py").write_text("z = 0\n")   # an untracked module is code too
+    assert code_state(copy)[1] is True
