@@ -157,7 +157,7 @@ stage speech "${T_SPEECH:-90}" - env OMP_NUM_THREADS="$CPU_THREADS" PERF_SPEECH_
 # of them within T_TABLES_END seconds of the script's start (default 520);
 # the records come back as $OUT/tables.tar.gz holding results/published/<name>/ (extract at the root).
 if [[ " $STAGES " == *" tables "* ]]; then
-  RES=$(mktemp -d)
+  RES=$(mktemp -d); mkdir -p "$RES/results/published"
   for t in ${TABLES:-}; do
     suite=${t%%:*}; name=${t##*:}
     left=$(( T0 + ${T_TABLES_END:-520} - $(date +%s) ))  # one deadline for all tables, from the script's start
