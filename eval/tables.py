@@ -117,9 +117,12 @@ METRIC_LABELS = {"logmel_snr": "SNR dB-mel (dB)", "mel_snr": "SNR power mel (dB)
 
 
 def _threat(case: dict) -> str:
+    """What the threat model grants beyond the update and public facts (labels, sequence lengths)."""
     grants = set(case["threat"]["grants"])
-    said = [g for g in ("labels", "lengths") if g in grants]
-    return ", ".join(f"{g} granted" for g in said) or "labels not granted"
+    said = [name for g, name in (("labels", "labels"), ("seq_lens", "lengths")) if g in grants]
+    if said:
+        return f"{' and '.join(said)} granted"
+    return "labels and lengths not granted" if case.get("modality") == "text" else "labels not granted"
 
 
 def summary(spec: TableSpec, records: Sequence[dict], *, metrics: Sequence[str] | None = None,

@@ -74,3 +74,25 @@ def test_every_suite_named_in_tables_readme_and_docs_exists():
     for p, t in texts.items():  # any other mention of a suite file, except the git-history ones (REV:path)
         for suite in re.findall(r"(?<![:\w/])eval/suites/[\w-]+\.toml", t):
             assert (ROOT / suite).is_file(), f"{p.name}: names missing suite {suite}"
+
+
+def test_block_rows_state_the_grants_and_speech_snr_in_three_domains():
+    from eval.tables import summary
+
+    recs = []
+    for i, (db, power, wave) in enumerate(((36.0, 13.0, -3.0), (38.0, 15.0, -2.0))):
+        r = _rec(1000 + i)
+        r["case"] = {**r["case"], "name": "speech/kws-mel/fedsgd", "modality": "speech",
+                     "threat": {"name": "hbc", "grants": ["gradients", "batch_size"]}}
+        r["metrics"] = {"logmel_snr": db, "mel_snr": power, "snr": wave}
+        recs.append(r)
+    spec = TableSpec("s", "eval/suites/s.toml", "results/s", "Speech", "logmel_snr", ("logmel_snr", "mel_snr", "snr"))
+    md = summary(spec, recs)
+    assert "| SNR dB-mel (dB) | SNR power mel (dB) | SNR waveform (dB) |" in md
+    assert "| labels not granted | tableak | 2 | 0 | 37.000 ± 12.706 | 14.000 ± 12.706 | -2.500 ± 6.353 |" in md
+    text = _rec(1000)
+    text["case"] = {**text["case"], "modality": "text",
+                    "threat": {"name": "hbc+labels+seq_lens", "grants": ["gradients", "labels", "seq_lens"]}}
+    assert "| labels and lengths granted |" in summary(spec, [text], metrics=["accuracy"])
+    text["case"]["threat"] = {"name": "hbc", "grants": ["gradients"]}
+    assert "| labels and lengths not granted |" in summary(spec, [text], metrics=["accuracy"])
