@@ -96,3 +96,12 @@ def test_block_rows_state_the_grants_and_speech_snr_in_three_domains():
     assert "| labels and lengths granted |" in summary(spec, [text], metrics=["accuracy"])
     text["case"]["threat"] = {"name": "hbc", "grants": ["gradients"]}
     assert "| labels and lengths not granted |" in summary(spec, [text], metrics=["accuracy"])
+
+
+def test_every_suite_in_eval_suites_loads():
+    from eval.suite import load_suite
+
+    suites = sorted((ROOT / "eval" / "suites").glob("*.toml"))
+    assert suites
+    for p in suites:
+        assert load_suite(p), p.name  # parses, names known cases/attacks, and expands to trials
