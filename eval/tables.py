@@ -37,7 +37,7 @@ SPEC_FILE = ROOT / "eval" / "tables.toml"
 OUT_DIR = ROOT / "docs" / "tables"
 #: Files whose marked blocks the generator fills (relative to the repository root).
 MARKED_FILES = ("README.md", "docs/*.md")
-MARKER = re.compile(r"<!-- table:(?P<name>[\w.-]+)(?P<opts>(?: +[\w-]+=[^\s>]+)*) -->\n"
+MARKER = re.compile(r"(?<!`)<!-- table:(?P<name>[\w.-]+)(?P<opts>(?: +[\w-]+=[^\s>]+)*) -->\n"
                     r"(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
 
 
@@ -204,6 +204,8 @@ def sync_markers(specs: Sequence[TableSpec], files: Sequence[Path], *, check: bo
 
         new, unknown = fill_markers(text, blocks)
         stale += [f"{path}: marker table:{n} names no table in eval/tables.toml" for n in unknown]
+        if len(re.findall(r"(?<!`)<!-- table:", text)) != len(MARKER.findall(text)):  # `quoted` ones are prose
+            stale.append(f"{path}: a <!-- table:NAME --> marker has no matching <!-- /table:NAME --> on a later line")
         if new != text:
             if check:
                 stale.append(f"{path}: a marked block differs from what the records give (run python -m eval tables)")

@@ -49,6 +49,8 @@ def test_unknown_marker_and_dirty_records_are_reported(tmp_path):
     kw = dict(root=tmp_path, out_dir=tmp_path / "docs" / "tables")
     doc.write_text(doc.read_text() + "<!-- table:nosuch -->\nx\n<!-- /table:nosuch -->\n")
     assert any("table:nosuch names no table" in s for s in sync_markers(specs, [doc], check=False, **kw))
+    doc.write_text(doc.read_text().replace("<!-- /table:nosuch -->\n", ""))
+    assert any("no matching" in s for s in sync_markers(specs, [doc], check=True, **kw))
     (tmp_path / "results" / "t" / "records.jsonl").write_text(json.dumps(_rec(1000, dirty=True)) + "\n")
     sync_markers(specs, [doc], check=False, **kw)
     assert "t: awaiting evaluation-seed records (1 record(s) from a dirty" in doc.read_text()
@@ -56,7 +58,7 @@ def test_unknown_marker_and_dirty_records_are_reported(tmp_path):
 
 def test_the_repository_has_marked_blocks_for_the_published_tables():
     names = {s.name for s in load_specs()}
-    blocks = {m for p in marked_files() for m in re.findall(r"<!-- table:([\w.-]+)", p.read_text(encoding="utf-8"))}
+    blocks = {m for p in marked_files() for m in re.findall(r"(?<!`)<!-- table:([\w.-]+)", p.read_text(encoding="utf-8"))}
     assert blocks <= names
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for n in ("tabular_exact", "tabular_exact_vs_tableak"):
