@@ -13,7 +13,7 @@ All in one process, on the same client batch, one torch thread by default:
    ``torch.func.vmap`` over candidates) vs a Python loop over candidates (``batched=False``);
    prints the speed-up and checks both pick the same candidate.
 3. Seconds per sentence of each preset (tag, lamp-cos, lamp-l1l2) at the settings of
-   ``eval/suites/textleak_lamp_table.toml`` (``--steps``; LAMP 8+8 init, ``--candidates`` swap
+   ``eval/suites/textleak_lamp.toml`` (``--steps``; LAMP 8+8 init, ``--candidates`` swap
    candidates every 20 steps, LM on the 8 best), SmolLM2 load excluded (loaded before timing).
 """
 from __future__ import annotations
