@@ -107,3 +107,18 @@ def test_every_suite_in_eval_suites_loads():
     assert suites
     for p in suites:
         assert load_suite(p), p.name  # parses, names known cases/attacks, and expands to trials
+
+
+def test_pivot_layout_has_one_column_per_batch_size(tmp_path):
+    """``layout=pivot``: a row per (threat, defense, attack), a column per B, n said once when uniform."""
+    specs, doc = _setup(tmp_path)
+    big = [{**r, "case": {**r["case"], "protocol": {**r["case"]["protocol"], "batch_size": 32}},
+            "run_id": r["run_id"] + "-b32", "metrics": {"accuracy": 0.25}} for r in map(lambda i: _rec(1000 + i), range(3))]
+    with open(tmp_path / "results" / "t" / "records.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in big))
+    doc.write_text(doc.read_text().replace("<!-- table:t metrics=accuracy -->", "<!-- table:t layout=pivot -->"))
+    assert sync_markers(specs, [doc], check=False, root=tmp_path, out_dir=tmp_path / "docs" / "tables") == []
+    text = doc.read_text()
+    assert "| threat | defense | attack | B=8 | B=32 |" in text
+    assert "| labels granted | none | tableak | 0.700 ± 0.497 | 0.250 ± 0.000 |" in text
+    assert "n = 3 batches per cell, 0 failed" in text
