@@ -212,17 +212,25 @@ def cmd_audit(args) -> int:
 
     _check_counts(args)
     factory = None
-    if is_factory(args.model):  # the user's own model: package.module:factory (architecture only)
+    if is_factory(args.model) or (args.model and Path(args.model).is_dir()):
+        # the user's own model: package.module:factory or a local HF directory (architecture only)
         factory, args.model = args.model, None
     _schema_option(args)
     case = _case_from_args(args)
+    if args.model and case.modality == "text":  # a kit name or a cached HF id: refused up front when unknown
+        from textleak.models import tokenizer_for
+
+        try:
+            tokenizer_for(args.model)
+        except (ValueError, OSError) as e:
+            raise UserError(f"--model: {str(e).strip().splitlines()[0]}") from None
     if args.data:
         case = replace(case, data=args.data)
     _check_out(args.out)
     protocol = parse_protocol(args.protocol) if args.protocol else None
     records = audit(args.captures, attack=args.attack, case=case, out_dir=args.out, overrides=_parse_set(args.set),
                     device=_device(args.device), seed=args.seed, resume=args.resume, protocol=protocol,
-                    model=factory)
+                    model=factory, tokenizer=args.tokenizer)
     return _finish(args.out, records, audit=True)
 
 
@@ -313,11 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="label column when --data is a CSV (default: none)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="case option for the kit, repeatable (default: the case's options)")
-    p.add_argument("--model", help="text cases: HF model id or local directory; tabular cases: your own model as "
-                   "package.module:factory (a callable returning an nn.Module; architecture only, weights come from "
-                   "the capture) (default: the case's model)")
-    p.add_argument("--schema", help="tabular cases: the encoding the federation used, as JSON (python -m eval schema "
-                   "export CASE) (default: the case's encoding, assumed with a warning)")
+    p.add_argument("--model", help="your own model (architecture only, weights come from the capture): "
+                   "package.module:factory (a callable returning an nn.Module; tabular, text, speech) or, for text, "
+                   "a local Hugging Face model directory (save_pretrained) (default: the case's model)")
+    p.add_argument("--tokenizer", help="text cases: the federation's tokenizer, a directory (save_pretrained) or a "
+                   "kit name such as gpt2 (default: the --model directory's, else the case's)")
+    p.add_argument("--schema", help="tabular cases: the encoding, speech cases: the front end the federation used, "
+                   "as JSON (python -m eval schema export CASE) (default: the case's, assumed with a warning)")
     p.add_argument("--protocol", help="how clients trained, when the capture does not say: fedsgd, or e.g. "
                    "'fedavg lr=0.01 epochs=1 batch_size=32' (default: the capture's header)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
