@@ -245,16 +245,27 @@ def cmd_schema(args) -> int:
 
 
 def _schema_option(args) -> None:
-    """``--schema FILE`` becomes the tabular case option ``schema`` (an absolute path)."""
+    """``--schema FILE`` becomes the tabular case option ``schema`` or the speech case option
+    ``frontend`` (an absolute path)."""
     if getattr(args, "schema", None):
         modality = getattr(_catalog().cases.get(args.case), "modality", None) if args.case in _catalog().cases.names() \
             else None
-        if modality not in (None, "tabular"):
-            raise UserError(f"--schema is a tabular encoding; case {args.case!r} is {modality}: drop --schema")
+        if modality not in (None, "tabular", "speech"):
+            raise UserError(f"--schema is a tabular encoding or a speech front end; case {args.case!r} is {modality}: "
+                            f"drop --schema")
         if not Path(args.schema).is_file():
             raise UserError(f"--schema {args.schema!r}: no such file; write one with "
                             f"`python -m eval schema export CASE > schema.json`")
-        args.option = [*(args.option or []), f"schema={Path(args.schema).resolve()}"]
+        key = "schema"
+        if modality == "speech":
+            from speechleak.frontend import load_frontend
+
+            try:
+                load_frontend(args.schema)
+            except ValueError as e:
+                raise UserError(f"--schema {args.schema!r}: {str(e).strip().splitlines()[0]}") from None
+            key = "frontend"
+        args.option = [*(args.option or []), f"{key}={Path(args.schema).resolve()}"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,9 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip clients whose run id is already recorded (default: off)")
     p.set_defaults(fn=cmd_audit)
 
-    p = sub.add_parser("schema", help="export a tabular case's encoding (columns, categories, scaling) as JSON")
+    p = sub.add_parser("schema", help="export a tabular case's encoding (columns, categories, scaling) or a speech "
+                       "case's front end (sample rate, STFT, mel bins, log scaling) as JSON")
     p.add_argument("action", choices=["export"])
-    p.add_argument("case", help="tabular case name (python -m eval list cases); required")
+    p.add_argument("case", help="tabular or speech case name (python -m eval list cases); required")
     p.add_argument("--data", help="CSV or table the schema is built from (default: the case's data)")
     p.add_argument("--label", help="label column when --data is a CSV (default: none)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",

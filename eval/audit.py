@@ -87,6 +87,19 @@ def _save_reconstruction(rec, directory: Path, *, schema=None) -> dict[str, str]
                                        for i in rec.labels.tolist()]
             out["decoded"] = str(directory / "reconstruction.decoded.csv")
             frame.to_csv(out["decoded"], index=False)
+    elif isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        from safetensors.torch import save_file
+
+        path = directory / "reconstruction.safetensors"  # e.g. speech: features and waves
+        save_file({k: v.detach().cpu().float().contiguous() for k, v in data.items()}, str(path))
+        waves = data.get("waves")
+        if waves is not None and waves.dim() == 2:
+            from speechleak.data import write_wav
+
+            files = [directory / f"reconstruction_{k}.wav" for k in range(waves.shape[0])]
+            for f, w in zip(files, waves):
+                write_wav(f, w.detach().cpu().float())
+            out["decoded"] = str(files[0]) if len(files) == 1 else str(directory / "reconstruction_*.wav")
     else:
         path = directory / "reconstruction.json"
         path.write_text(json.dumps(data, default=str, indent=1))
