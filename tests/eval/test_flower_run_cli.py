@@ -6,7 +6,7 @@ Everything stays on this machine: the SuperLink listens on 127.0.0.1 (free ports
 ``FLWR_HOME`` is the test's folder, and the runtime dependency installation (``uv sync`` of the
 app's dependencies from the package index, minutes and gigabytes) is switched off with
 ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: the apps run in this environment, with this
-checkout on ``PYTHONPATH``. ~1.5-3 min on 2 cores (Ray's start dominates)."""
+checkout on ``PYTHONPATH``. 2-5 min on 2 shared cores (Ray's start and the audit dominate)."""
 from __future__ import annotations
 
 import json
