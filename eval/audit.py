@@ -170,6 +170,12 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
         raise UserError(f"--tokenizer is for text cases; case {case.name!r} is {case.modality}: drop it")
     # every capture is checked (paths, header types, finite tensors, protocol, encoding, truth) before any attack
     caps = [_read(d) for d in dirs]
+    if Capability.SEQUENCE_LENGTHS in atk.info.requires:
+        lacking = [c.path for c in caps if not c.header.get("seq_lens")]
+        if lacking:
+            raise UserError(f"{lacking[0]}: attack {atk.info.name!r} needs each example's token count, which the capture "
+                            f"does not record: add \"seq_lens\": [n1, n2, ...] to its header.json (write_capture("
+                            f"seq_lens=...)), or use dager, which needs none")
     protocols = [capture_protocol(c, protocol) for c in caps]
     case, encoding = resolve_encoding(case, caps)
     kit = make_kit(case.modality)

@@ -99,8 +99,10 @@ def client_update(cap: Capture, protocol: FLProtocol, *, classes: tuple[str, ...
             raise UserError(f"{cap.path}: labels must be class ids or the schema's class names {list(classes)}; "
                             f"{unknown[:3]} are neither")
         labels = [classes.index(v) for v in labels]
+    lens = h.get("seq_lens")
     return ClientUpdate(kind=h["kind"], tensors=cap.update, num_examples=int(h["num_examples"]),
-                        labels=torch.tensor(labels) if labels is not None else None, protocol=protocol)
+                        labels=torch.tensor(labels) if labels is not None else None, protocol=protocol,
+                        seq_lens=tuple(int(n) for n in lens) if lens else None)
 
 
 # -- encoding (tabular) ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def gpt2_dir(path: Path, *, width: int, layers: int, with_tokenizer: bool = True
     return model, tok
 
 
-def fedsgd_capture(root: Path, model, tok, texts: list[str]) -> Path:
+def fedsgd_capture(root: Path, model, tok, texts: list[str], *, seq_lens: bool = False) -> Path:
     """One FedSGD client update (mean next-token loss over the batch) with its sentences as truth."""
     from common.types import Batch
     from eval.capture import write_capture
@@ -47,7 +47,7 @@ def fedsgd_capture(root: Path, model, tok, texts: list[str]) -> Path:
     truth.write_text("\n".join(texts) + "\n")
     write_capture(root, round=1, client_id="c0", kind="gradient", num_examples=len(texts),
                   before={n: p.detach() for n, p in model.named_parameters()}, update=dict(zip(names, grads)),
-                  truth=truth)
+                  truth=truth, seq_lens=enc["attention_mask"].sum(1).tolist() if seq_lens else None)
     return root
 
 
@@ -93,6 +93,15 @@ def test_a_user_model_that_does_not_fit_the_attack_is_refused_with_one_line(tmp_
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]  # no bars
     assert len(err) == 1 and err[0].startswith("error: --model") and "two transformer blocks" in err[0], err
     assert not (tmp_path / "out" / "records.jsonl").exists()
+    # TAG needs no second block but each example's token count: refused until the capture records it
+    tag = ["audit", "--attack", "tag", "--case", "text/tiny-gpt2/fedsgd", "--model", str(tmp_path / "one-block"),
+           "--set", "n_steps=2"]
+    assert main([*tag[:1], str(caps), *tag[1:], "--out", out]) == 2
+    assert "needs each example's token count" in capsys.readouterr().err
+    caps_lens = fedsgd_capture(tmp_path / "caps-lens", model, tok, ["a dull and tired plot ."], seq_lens=True)
+    assert main([*tag[:1], str(caps_lens), *tag[1:], "--out", str(tmp_path / "tag")]) == 0
+    (rec,) = records(tmp_path / "tag")
+    assert rec["status"] == "ok" and rec["case"]["model"] == str(tmp_path / "one-block"), rec.get("error")
     (tmp_path / "mytext.py").write_text(
         "import torch, transformers as tf\n"
         "def linear():\n    return torch.nn.Linear(4, 4)\n"
