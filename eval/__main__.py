@@ -218,12 +218,9 @@ def cmd_audit(args) -> int:
     _schema_option(args)
     case = _case_from_args(args)
     if args.model and case.modality == "text":  # a kit name or a cached HF id: refused up front when unknown
-        from textleak.models import tokenizer_for
+        from .audit_models import load_tokenizer
 
-        try:
-            tokenizer_for(args.model)
-        except (ValueError, OSError) as e:
-            raise UserError(f"--model: {str(e).strip().splitlines()[0]}") from None
+        load_tokenizer(args.model, flag="--model")
     if args.data:
         case = replace(case, data=args.data)
     _check_out(args.out)
@@ -245,27 +242,13 @@ def cmd_schema(args) -> int:
 
 
 def _schema_option(args) -> None:
-    """``--schema FILE`` becomes the tabular case option ``schema`` or the speech case option
-    ``frontend`` (an absolute path)."""
+    """``--schema FILE`` becomes a case option (``schema_cli.schema_option``)."""
     if getattr(args, "schema", None):
-        modality = getattr(_catalog().cases.get(args.case), "modality", None) if args.case in _catalog().cases.names() \
-            else None
-        if modality not in (None, "tabular", "speech"):
-            raise UserError(f"--schema is a tabular encoding or a speech front end; case {args.case!r} is {modality}: "
-                            f"drop --schema")
-        if not Path(args.schema).is_file():
-            raise UserError(f"--schema {args.schema!r}: no such file; write one with "
-                            f"`python -m eval schema export CASE > schema.json`")
-        key = "schema"
-        if modality == "speech":
-            from speechleak.frontend import load_frontend
+        from .schema_cli import schema_option
 
-            try:
-                load_frontend(args.schema)
-            except ValueError as e:
-                raise UserError(f"--schema {args.schema!r}: {str(e).strip().splitlines()[0]}") from None
-            key = "frontend"
-        args.option = [*(args.option or []), f"{key}={Path(args.schema).resolve()}"]
+        cases = _catalog().cases
+        modality = getattr(cases.get(args.case), "modality", None) if args.case in cases.names() else None
+        args.option = [*(args.option or []), schema_option(modality, args.schema, case=args.case)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ from common.seed import derive_seed, make_generator
 from common.threat import Capability
 from common.types import Observation
 
-from .audit_inputs import (capture_protocol, check_truth, client_update, load_into, normalised_truth,
+from .audit_inputs import (capture_protocol, check_truth, client_update, is_factory, load_into, normalised_truth,
                            resolve_encoding, shuffle_known, user_tabular_model)
 from .audit_report import verdict
 from .capture import Capture, CaptureError, find_captures, read_capture
@@ -166,6 +166,8 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
     if model is not None and case.modality not in ("tabular", "text", "speech"):
         raise UserError(f"--model: case {case.name!r} is {case.modality}; your own model is audited with tabular, "
                         f"text and speech cases")
+    if model is not None and case.modality == "tabular" and not is_factory(model):
+        raise UserError(f"--model {model!r}: tabular audits take your model as package.module:factory")
     if tokenizer is not None and case.modality != "text":
         raise UserError(f"--tokenizer is for text cases; case {case.name!r} is {case.modality}: drop it")
     # every capture is checked (paths, header types, finite tensors, protocol, encoding, truth) before any attack

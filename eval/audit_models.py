@@ -33,16 +33,16 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, *, flag: str = "--tokenizer"):
     """``--tokenizer``: a kit model name, a local directory or a cached Hugging Face id (offline)."""
     from textleak.models import tokenizer_for
 
     try:
         tok = tokenizer_for(spec)
     except (ValueError, OSError) as e:
-        raise UserError(f"--tokenizer {spec!r}: {_first_line(e)}") from None
+        raise UserError(f"{flag} {spec!r}: {_first_line(e)}") from None
     if not tok("hello world", add_special_tokens=False)["input_ids"]:  # e.g. a directory with a config only
-        raise UserError(f"--tokenizer {spec!r}: the tokenizer found there is empty (no vocabulary files)")
+        raise UserError(f"{flag} {spec!r}: the tokenizer found there is empty (no vocabulary files)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok

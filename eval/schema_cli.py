@@ -63,3 +63,25 @@ def export(case: Case, *, out=None) -> dict:
     d["data"] = str(case.data)
     (out or sys.stdout).write(json.dumps(d, indent=1) + "\n")
     return d
+
+
+def schema_option(modality: str | None, path: str, *, case: str) -> str:
+    """``--schema FILE`` as a case option: ``schema=...`` (tabular) or ``frontend=...`` (speech,
+    read here so a bad file is refused before any work); an absolute path."""
+    from pathlib import Path
+
+    if modality not in (None, "tabular", "speech"):
+        raise UserError(f"--schema is a tabular encoding or a speech front end; case {case!r} is {modality}: "
+                        f"drop --schema")
+    if not Path(path).is_file():
+        raise UserError(f"--schema {path!r}: no such file; write one with "
+                        f"`python -m eval schema export CASE > schema.json`")
+    if modality != "speech":
+        return f"schema={Path(path).resolve()}"
+    from speechleak.frontend import load_frontend
+
+    try:
+        load_frontend(path)
+    except ValueError as e:
+        raise UserError(f"--schema {path!r}: {str(e).strip().splitlines()[0]}") from None
+    return f"frontend={Path(path).resolve()}"
