@@ -8,8 +8,10 @@
   (a callable returning an ``nn.Module`` with ``get_input_embeddings()`` that takes
   ``input_ids``/``attention_mask`` and returns ``.logits``). The tokenizer comes from
   ``--tokenizer`` (a directory, a kit name such as ``gpt2``, or a cached id), else from the model
-  directory. Whether it is a classifier (logits ``[B, C]``, an *encoder* to the attacks) or a
-  causal LM (logits ``[B, T, V]``, a *decoder*) is read from one probe forward pass.
+  directory. A directory is loaded as a sequence classifier when its architecture says so or it
+  holds a bare encoder (``BertModel`` ...), else as a causal LM. Whether the model is a
+  classifier (logits ``[B, C]``, an *encoder* to the attacks) or a causal LM (logits
+  ``[B, T, V]``, a *decoder*) is then read from one probe forward pass.
 * **speech**: ``package.module:factory`` for a keyword model that maps the front end's features
   ``[B, n_features, frames]`` to class logits through a last ``nn.Linear``.
 
@@ -26,6 +28,10 @@ from torch import nn
 
 from .audit_inputs import is_factory, load_factory
 from .errors import UserError
+
+
+#: model types audited as sequence classifiers when the directory holds only the bare encoder
+ENCODERS = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2")
 
 
 def _first_line(e: BaseException) -> str:
@@ -57,7 +63,8 @@ def _hf_directory(path: str):
         raise UserError(f"--model {path!r}: not a Hugging Face model directory ({_first_line(e)}); it needs the "
                         f"config.json and weights that save_pretrained writes") from None
     archs = " ".join(getattr(config, "architectures", None) or [])
-    classifier = "ForSequenceClassification" in archs
+    classifier = "ForSequenceClassification" in archs or (  # a bare encoder (e.g. BertModel): a classifier
+        config.model_type in ENCODERS and not any(k in archs for k in ("ForCausalLM", "LMHeadModel")))
     auto = tf.AutoModelForSequenceClassification if classifier else tf.AutoModelForCausalLM
     try:
         model = auto.from_pretrained(path, local_files_only=True, attn_implementation="eager", dtype=torch.float32)

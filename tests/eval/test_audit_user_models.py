@@ -120,3 +120,47 @@ def test_a_user_model_that_does_not_fit_the_attack_is_refused_with_one_line(tmp_
     net = user_text_model("mytext:lm", tokenizer="gpt2")
     check_text_model(net, "dager", spec="mytext:lm")
     assert isinstance(net, tf.GPT2LMHeadModel) and net.textleak_info.kind == "decoder"
+
+
+@pytest.mark.slow  # ~40-60 s: DAGER at hidden 384
+def test_dager_recovers_sentences_from_a_users_bert_classifier_directory(tmp_path):
+    """BERT-style: the user's classifier (pretrained MiniLM encoder + its own 2-way head) saved
+    with its WordPiece tokenizer; FedSGD B = 3 on real Rotten Tomatoes sentences with labels."""
+    import transformers as tf
+
+    from common.assets import MissingAsset
+    from common.types import Batch
+    from eval.capture import write_capture
+    from textleak.kit import text_loss
+
+    try:
+        from textleak.models import minilm_dir, minilm_tokenizer
+
+        src, tok = minilm_dir(), minilm_tokenizer()
+    except (ValueError, MissingAsset) as e:
+        pytest.skip(str(e))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = tf.AutoModelForSequenceClassification.from_pretrained(
+            str(src), num_labels=2, local_files_only=True, attn_implementation="eager").eval()
+    model.save_pretrained(tmp_path / "my-classifier")
+    tok.save_pretrained(tmp_path / "my-classifier")
+    from textleak.data import rotten_tomatoes as rt
+
+    ds = rt()
+    rows = [(t, y) for t, y in zip(ds["text"], ds["label"]) if len(tok(t)["input_ids"]) <= 16][:3]
+    texts = [t for t, _ in rows]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    batch = Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                  torch.tensor([y for _, y in rows]), {})
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(text_loss(model, batch).mean(), list(model.parameters()))
+    (tmp_path / "truth.txt").write_text("\n".join(texts) + "\n")
+    write_capture(tmp_path / "caps", round=1, client_id="c0", kind="gradient", num_examples=3,
+                  before={n: p.detach() for n, p in model.named_parameters()}, update=dict(zip(names, grads)),
+                  truth=tmp_path / "truth.txt")
+    assert main(["audit", str(tmp_path / "caps"), "--attack", "dager", "--case", "text/minilm-bert/dager",
+                 "--model", str(tmp_path / "my-classifier"), "--out", str(tmp_path / "out")]) == 0
+    (rec,) = records(tmp_path / "out")
+    assert rec["status"] == "ok" and rec["metrics"]["rouge1"] == 1.0, (rec.get("error"), rec.get("metrics"))
+    assert rec["metrics"]["exact_match"] == 1.0
