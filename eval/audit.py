@@ -1,7 +1,9 @@
 """``python -m eval audit``: run attacks on captured client updates (e.g. from a Flower federation).
 
 For each capture (``eval/capture.py`` format) the case's kit builds the model architecture
-(or the user's own, ``--model package.module:factory``), the captured *before* parameters are
+(or the user's own: ``--model package.module:factory``, for text also a local Hugging Face
+directory with ``--tokenizer``, checked against the attack's requirements before any attack:
+``audit_models``), the captured *before* parameters are
 loaded into it by name, the update becomes an ``Observation`` through the case's threat model,
 and the attack runs. The protocol (FedSGD/FedAvg, B, E, lr) comes from the capture (or
 ``--protocol``), never from the case; a delta whose protocol is unknown is refused.
@@ -11,10 +13,11 @@ Honest output:
 * every audit also runs the modality's random/prior baseline (``BASELINES``) on the same
   capture; with ground truth both are scored and a plain warning says when the attack is not
   better than the baseline (``audit_report.MARGIN``), recorded as ``baseline.verdict``;
-* a tabular capture that declares no encoding is audited with the case's, with a warning
-  that it is assumed (``encoding.source`` = assumed | declared | given);
+* a tabular (speech) capture that declares no encoding (front end) is audited with the case's,
+  with a warning that it is assumed (``encoding.source`` = assumed | declared | given);
 * without ground truth the reconstruction is written decoded next to the raw tensors
-  (``reconstruction.decoded.csv`` rows for tabular, ``reconstruction.txt`` lines for text).
+  (``reconstruction.decoded.csv`` rows for tabular, ``reconstruction.txt`` lines for text,
+  ``reconstruction_<k>.wav`` for speech).
 """
 from __future__ import annotations
 
