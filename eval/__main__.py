@@ -212,17 +212,22 @@ def cmd_audit(args) -> int:
 
     _check_counts(args)
     factory = None
-    if is_factory(args.model):  # the user's own model: package.module:factory (architecture only)
+    if is_factory(args.model) or (args.model and Path(args.model).is_dir()):
+        # the user's own model: package.module:factory or a local HF directory (architecture only)
         factory, args.model = args.model, None
     _schema_option(args)
     case = _case_from_args(args)
+    if args.model and case.modality == "text":  # a kit name or a cached HF id: refused up front when unknown
+        from .audit_models import load_tokenizer
+
+        load_tokenizer(args.model, flag="--model")
     if args.data:
         case = replace(case, data=args.data)
     _check_out(args.out)
     protocol = parse_protocol(args.protocol) if args.protocol else None
     records = audit(args.captures, attack=args.attack, case=case, out_dir=args.out, overrides=_parse_set(args.set),
                     device=_device(args.device), seed=args.seed, resume=args.resume, protocol=protocol,
-                    model=factory)
+                    model=factory, tokenizer=args.tokenizer)
     return _finish(args.out, records, audit=True)
 
 
@@ -237,16 +242,13 @@ def cmd_schema(args) -> int:
 
 
 def _schema_option(args) -> None:
-    """``--schema FILE`` becomes the tabular case option ``schema`` (an absolute path)."""
+    """``--schema FILE`` becomes a case option (``schema_cli.schema_option``)."""
     if getattr(args, "schema", None):
-        modality = getattr(_catalog().cases.get(args.case), "modality", None) if args.case in _catalog().cases.names() \
-            else None
-        if modality not in (None, "tabular"):
-            raise UserError(f"--schema is a tabular encoding; case {args.case!r} is {modality}: drop --schema")
-        if not Path(args.schema).is_file():
-            raise UserError(f"--schema {args.schema!r}: no such file; write one with "
-                            f"`python -m eval schema export CASE > schema.json`")
-        args.option = [*(args.option or []), f"schema={Path(args.schema).resolve()}"]
+        from .schema_cli import schema_option
+
+        cases = _catalog().cases
+        modality = getattr(cases.get(args.case), "modality", None) if args.case in cases.names() else None
+        args.option = [*(args.option or []), schema_option(modality, args.schema, case=args.case)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,11 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="label column when --data is a CSV (default: none)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="case option for the kit, repeatable (default: the case's options)")
-    p.add_argument("--model", help="text cases: HF model id or local directory; tabular cases: your own model as "
-                   "package.module:factory (a callable returning an nn.Module; architecture only, weights come from "
-                   "the capture) (default: the case's model)")
-    p.add_argument("--schema", help="tabular cases: the encoding the federation used, as JSON (python -m eval schema "
-                   "export CASE) (default: the case's encoding, assumed with a warning)")
+    p.add_argument("--model", help="your own model (architecture only, weights come from the capture): "
+                   "package.module:factory (a callable returning an nn.Module; tabular, text, speech) or, for text, "
+                   "a local Hugging Face model directory (save_pretrained) (default: the case's model)")
+    p.add_argument("--tokenizer", help="text cases: the federation's tokenizer, a directory (save_pretrained) or a "
+                   "kit name such as gpt2 (default: the --model directory's, else the case's)")
+    p.add_argument("--schema", help="tabular cases: the encoding, speech cases: the front end the federation used, "
+                   "as JSON (python -m eval schema export CASE) (default: the case's, assumed with a warning)")
     p.add_argument("--protocol", help="how clients trained, when the capture does not say: fedsgd, or e.g. "
                    "'fedavg lr=0.01 epochs=1 batch_size=32' (default: the capture's header)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -329,9 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip clients whose run id is already recorded (default: off)")
     p.set_defaults(fn=cmd_audit)
 
-    p = sub.add_parser("schema", help="export a tabular case's encoding (columns, categories, scaling) as JSON")
+    p = sub.add_parser("schema", help="export a tabular case's encoding (columns, categories, scaling) or a speech "
+                       "case's front end (sample rate, STFT, mel bins, log scaling) as JSON")
     p.add_argument("action", choices=["export"])
-    p.add_argument("case", help="tabular case name (python -m eval list cases); required")
+    p.add_argument("case", help="tabular or speech case name (python -m eval list cases); required")
     p.add_argument("--data", help="CSV or table the schema is built from (default: the case's data)")
     p.add_argument("--label", help="label column when --data is a CSV (default: none)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",

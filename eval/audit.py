@@ -1,7 +1,9 @@
 """``python -m eval audit``: run attacks on captured client updates (e.g. from a Flower federation).
 
 For each capture (``eval/capture.py`` format) the case's kit builds the model architecture
-(or the user's own, ``--model package.module:factory``), the captured *before* parameters are
+(or the user's own: ``--model package.module:factory``, for text also a local Hugging Face
+directory with ``--tokenizer``, checked against the attack's requirements before any attack:
+``audit_models``), the captured *before* parameters are
 loaded into it by name, the update becomes an ``Observation`` through the case's threat model,
 and the attack runs. The protocol (FedSGD/FedAvg, B, E, lr) comes from the capture (or
 ``--protocol``), never from the case; a delta whose protocol is unknown is refused.
@@ -11,10 +13,11 @@ Honest output:
 * every audit also runs the modality's random/prior baseline (``BASELINES``) on the same
   capture; with ground truth both are scored and a plain warning says when the attack is not
   better than the baseline (``audit_report.MARGIN``), recorded as ``baseline.verdict``;
-* a tabular capture that declares no encoding is audited with the case's, with a warning
-  that it is assumed (``encoding.source`` = assumed | declared | given);
+* a tabular (speech) capture that declares no encoding (front end) is audited with the case's,
+  with a warning that it is assumed (``encoding.source`` = assumed | declared | given);
 * without ground truth the reconstruction is written decoded next to the raw tensors
-  (``reconstruction.decoded.csv`` rows for tabular, ``reconstruction.txt`` lines for text).
+  (``reconstruction.decoded.csv`` rows for tabular, ``reconstruction.txt`` lines for text,
+  ``reconstruction_<k>.wav`` for speech).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from common.seed import derive_seed, make_generator
 from common.threat import Capability
 from common.types import Observation
 
-from .audit_inputs import (capture_protocol, check_truth, client_update, load_into, normalised_truth,
+from .audit_inputs import (capture_protocol, check_truth, client_update, is_factory, load_into, normalised_truth,
                            resolve_encoding, shuffle_known, user_tabular_model)
 from .audit_report import verdict
 from .capture import Capture, CaptureError, find_captures, read_capture
@@ -87,6 +90,19 @@ def _save_reconstruction(rec, directory: Path, *, schema=None) -> dict[str, str]
                                        for i in rec.labels.tolist()]
             out["decoded"] = str(directory / "reconstruction.decoded.csv")
             frame.to_csv(out["decoded"], index=False)
+    elif isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        from safetensors.torch import save_file
+
+        path = directory / "reconstruction.safetensors"  # e.g. speech: features and waves
+        save_file({k: v.detach().cpu().float().contiguous() for k, v in data.items()}, str(path))
+        waves = data.get("waves")
+        if waves is not None and waves.dim() == 2:
+            from speechleak.data import write_wav
+
+            files = [directory / f"reconstruction_{k}.wav" for k in range(waves.shape[0])]
+            for f, w in zip(files, waves):
+                write_wav(f, w.detach().cpu().float())
+            out["decoded"] = str(files[0]) if len(files) == 1 else str(directory / "reconstruction_*.wav")
     else:
         path = directory / "reconstruction.json"
         path.write_text(json.dumps(data, default=str, indent=1))
@@ -107,11 +123,38 @@ def _schema(kit, case: Case):
     return kit.load_pool(case, data_path=None).schema if case.modality == "tabular" else None
 
 
+def _user_model(case: Case, kit, model: str | None, *, tokenizer: str | None, attack: str):
+    """The user's text or speech model (or a kit text model with another ``--tokenizer``), built
+    and checked against the attack's requirements once, before any attack (``audit_models``)."""
+    from . import audit_models as um
+
+    if case.modality == "speech" and model is not None:
+        if not um.is_factory(model):
+            raise UserError(f"--model {model!r}: speech audits take your model as package.module:factory")
+        from speechleak.kit import frontend_for, num_samples
+
+        fe = frontend_for(case).config
+        return um.user_speech_model(model, input_shape=(fe.n_features, fe.n_frames(num_samples(case))))
+    if case.modality != "text" or (model is None and tokenizer is None):
+        return None
+    if model is not None:
+        net = um.user_text_model(model, tokenizer=tokenizer)
+    else:  # the case's own model read with the federation's tokenizer
+        from textleak.models import attach, info_of
+
+        net = kit.load_model(case, device=torch.device("cpu"), generator=make_generator(0))
+        net = attach(net, replace(info_of(net), tokenizer=um.load_tokenizer(tokenizer)))
+    um.check_text_model(net, attack, spec=model or case.model)
+    return net
+
+
 def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Path, overrides: dict[str, str],
           device: str = "cpu", seed: int = 0, resume: bool = False, protocol: dict | None = None,
-          model: str | None = None, baseline: bool = True) -> list[dict]:
+          model: str | None = None, tokenizer: str | None = None, baseline: bool = True) -> list[dict]:
     """Audit every capture under ``capture_dir``; ``protocol`` (parsed ``--protocol``) fills in
-    captures that do not say how the client trained; ``model`` is a ``package.module:factory``."""
+    captures that do not say how the client trained; ``model`` is the user's own architecture
+    (``package.module:factory``; for text also a local Hugging Face directory) and ``tokenizer``
+    the text tokenizer (``--tokenizer``; default: the model's)."""
     from tqdm import tqdm
 
     try:
@@ -123,11 +166,21 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
     missing = case.threat.missing(atk.info.requires - {Capability.GRADIENTS, Capability.WEIGHT_DELTA})
     if missing:
         raise UserError(f"attack {atk.info.name!r} needs {', '.join(sorted(missing))}, which case {case.name!r} does not grant")
-    if model is not None and case.modality != "tabular":
-        raise UserError(f"--model package.module:factory is for tabular cases; for case {case.name!r} pass a Hugging "
-                        f"Face model id or local model directory")
+    if model is not None and case.modality not in ("tabular", "text", "speech"):
+        raise UserError(f"--model: case {case.name!r} is {case.modality}; your own model is audited with tabular, "
+                        f"text and speech cases")
+    if model is not None and case.modality == "tabular" and not is_factory(model):
+        raise UserError(f"--model {model!r}: tabular audits take your model as package.module:factory")
+    if tokenizer is not None and case.modality != "text":
+        raise UserError(f"--tokenizer is for text cases; case {case.name!r} is {case.modality}: drop it")
     # every capture is checked (paths, header types, finite tensors, protocol, encoding, truth) before any attack
     caps = [_read(d) for d in dirs]
+    if Capability.SEQUENCE_LENGTHS in atk.info.requires:
+        lacking = [c.path for c in caps if not c.header.get("seq_lens")]
+        if lacking:
+            raise UserError(f"{lacking[0]}: attack {atk.info.name!r} needs each example's token count, which the capture "
+                            f"does not record: add \"seq_lens\": [n1, n2, ...] to its header.json (write_capture("
+                            f"seq_lens=...)), or use dager, which needs none")
     protocols = [capture_protocol(c, protocol) for c in caps]
     case, encoding = resolve_encoding(case, caps)
     kit = make_kit(case.modality)
@@ -138,6 +191,7 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
     for c, (proto, _) in zip(caps, protocols):
         client_update(c, proto, classes=None if schema is None else schema.classes)  # labels map to classes
         check_truth(case, c)
+    template = _user_model(case, kit, model, tokenizer=tokenizer, attack=atk.info.name)
     if encoding is not None and encoding.warning:
         print(f"warning: {encoding.warning}", file=sys.stderr)
     base = None
@@ -157,6 +211,8 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
                               "client_id": cap.header.get("client_id"), "partition_id": meta.get("partition_id")}}
         if model is not None:
             case_d["model"] = model
+        if tokenizer is not None:
+            case_d["tokenizer"] = tokenizer
         rid = run_id(case=case_d, attack=preset, config=config_dict(atk.config), seed=seed, trial=0)
         if rid in done:
             continue
@@ -168,7 +224,9 @@ def audit(capture_dir: str | Path, *, attack: str, case: Case, out_dir: str | Pa
             "encoding": None if encoding is None else {"source": encoding.source, "fingerprint": encoding.fingerprint}}
         t0 = time.perf_counter()
         try:
-            if model is not None:
+            if template is not None:
+                net = template.to(dev)  # every trainable parameter is overwritten by the capture's
+            elif model is not None:
                 net = user_tabular_model(model, dim=schema.dim, num_classes=len(schema.classes)).to(dev)
             else:
                 net = kit.load_model(case, device=dev, generator=make_generator(derive_seed(seed, "model")))

@@ -99,8 +99,10 @@ def client_update(cap: Capture, protocol: FLProtocol, *, classes: tuple[str, ...
             raise UserError(f"{cap.path}: labels must be class ids or the schema's class names {list(classes)}; "
                             f"{unknown[:3]} are neither")
         labels = [classes.index(v) for v in labels]
+    lens = h.get("seq_lens")
     return ClientUpdate(kind=h["kind"], tensors=cap.update, num_examples=int(h["num_examples"]),
-                        labels=torch.tensor(labels) if labels is not None else None, protocol=protocol)
+                        labels=torch.tensor(labels) if labels is not None else None, protocol=protocol,
+                        seq_lens=tuple(int(n) for n in lens) if lens else None)
 
 
 # -- encoding (tabular) ---------------------------------------------------------------------------
@@ -112,8 +114,10 @@ class Encoding:
 
 
 def resolve_encoding(case: Case, caps: list[Capture]) -> tuple[Case, Encoding | None]:
-    """The tabular encoding to audit with. ``--schema`` wins; else the schema the captures
-    declare; else the case's own, with a warning that it is assumed."""
+    """The tabular encoding (or speech front end) to audit with. ``--schema`` wins; else the
+    one the captures declare; else the case's own, with a warning that it is assumed."""
+    if case.modality == "speech":
+        return _resolve_frontend(case, caps)
     if case.modality != "tabular":
         return case, None
     from tableak.schema import load_schema, schema_fingerprint
@@ -148,6 +152,40 @@ def resolve_encoding(case: Case, caps: list[Capture]) -> tuple[Case, Encoding | 
                f"the results are meaningless: encode with `python -m eval schema export {case.name}` and pass "
                f"--schema (or CapturingStrategy(schema=...))")
     return case, Encoding("assumed", schema_fingerprint(schema), warning)
+
+
+def _resolve_frontend(case: Case, caps: list[Capture]) -> tuple[Case, Encoding]:
+    """``resolve_encoding`` for speech: the front end (option ``frontend``, a JSON file)."""
+    from speechleak.frontend import load_frontend
+
+    from .schema_cli import case_frontend, frontend_fingerprint
+
+    def fp(path) -> str:
+        try:
+            return frontend_fingerprint(load_frontend(path))
+        except ValueError as e:
+            raise UserError(f"{path}: {str(e).strip().splitlines()[0]}") from None
+
+    declared = {c.path: (c.schema_path, fp(c.schema_path)) for c in caps if c.schema_path is not None}
+    if case.options.get("frontend"):
+        given = fp(case.options["frontend"])
+        bad = [p for p, (_, f) in declared.items() if f != given]
+        if bad:
+            raise UserError(f"{bad[0]}: the capture declares another speech front end than --schema ({declared[bad[0]][1]} "
+                            f"vs {given}); audit with --schema {declared[bad[0]][0]}")
+        return case, Encoding("given", given)
+    if declared:
+        if len({f for _, f in declared.values()}) > 1:
+            raise UserError("the captures declare different speech front ends; audit each group of clients "
+                            "separately with its --schema")
+        path, f = next(iter(declared.values()))
+        return replace(case, options={**case.options, "frontend": str(path)}), Encoding("declared", f)
+    fe = case_frontend(case)
+    warning = (f"the captures declare no speech front end; the case's ({fe.kind}, {fe.sample_rate} Hz, n_fft {fe.n_fft}, "
+               f"hop {fe.hop}, {fe.n_mels} mel bins {fe.f_min:g}-{fe.f_max:g} Hz, natural-log scaling) is assumed. If the "
+               f"federation computed its features otherwise the results are meaningless: export it with `python -m eval "
+               f"schema export {case.name}`, edit it to the federation's, and pass --schema")
+    return case, Encoding("assumed", frontend_fingerprint(fe), warning)
 
 
 def check_truth(case: Case, cap: Capture) -> None:
@@ -275,7 +313,7 @@ def load_into(model: nn.Module, capture):
                 hint = ""
                 if t.dim() == 2 and params[n].dim() == 2 and t.shape[0] == params[n].shape[0]:
                     hint = (f"; the input width differs ({t.shape[1]} vs {params[n].shape[1]}): the federation "
-                            f"encoded its rows otherwise, pass its --schema")
+                            f"encoded its inputs otherwise (tabular encoding, speech front end), pass its --schema")
                 raise UserError(f"capture tensor {n!r} has shape {tuple(t.shape)}, the model expects "
                                 f"{tuple(params[n].shape)}{hint}")
             params[n].copy_(t.to(params[n].dtype))

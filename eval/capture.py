@@ -9,6 +9,7 @@ One directory per client update::
                                            "local_batch_size": 32, "local_lr": 0.01,
                                            "loss_reduction": "mean", "shuffle": true | null} | null,
                               "labels": [0, 1, ...] | ["<=50K", ...] | null,  (only if the server knows them)
+                              "seq_lens": [12, 9, ...] | null,      (text: tokens per example, if known)
                               "truth": "truth.csv" | null,          (optional ground truth, for scoring)
                               "schema": "schema.json" | null,       (tabular: the encoding the client used)
                               "before": "before.safetensors", "update": "update.safetensors"}
@@ -134,7 +135,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def write_capture(root: str | Path, *, round: int, client_id: str, kind: str, before: Mapping[str, Any],
                   update: Mapping[str, Any], num_examples: int, protocol: Mapping[str, Any] | None = None,
                   labels: list[int] | list[str] | None = None, truth: str | Path | None = None,
-                  schema: str | Path | None = None, meta: Mapping[str, Any] | None = None) -> Path:
+                  schema: str | Path | None = None, meta: Mapping[str, Any] | None = None,
+                  seq_lens: list[int] | None = None) -> Path:
     """Write one client's capture. ``truth`` (the client's rows, for scoring) and ``schema``
     (the encoding it used) are files anywhere: they are copied into the client's folder and
     named relative to it, so a capture folder is self-contained."""
@@ -152,6 +154,8 @@ def write_capture(root: str | Path, *, round: int, client_id: str, kind: str, be
               "meta": dict(meta or {})}
     if schema is not None:
         header["schema"] = schema
+    if seq_lens is not None:
+        header["seq_lens"] = [int(n) for n in seq_lens]
     (d / "header.json").write_text(json.dumps(header, indent=1, sort_keys=True))
     return d
 
@@ -256,6 +260,10 @@ def check_header(header: dict, *, where: str) -> None:
                                                                      or all(isinstance(v, str) for v in labels))):
         raise CaptureError(f"{where}: labels must be a list of class ids (integers >= 0) or of class names, "
                            f"or null, got {labels!r}")
+    lens = header.get("seq_lens")
+    if lens is not None and (not isinstance(lens, list) or len(lens) != n or not all(_is_int(v) and v >= 1 for v in lens)):
+        raise CaptureError(f"{where}: seq_lens must be num_examples ({n}) token counts (integers >= 1) or null, "
+                           f"got {lens!r}")
     for key in ("truth", "schema"):
         if header.get(key) is not None and not isinstance(header[key], str):
             raise CaptureError(f"{where}: {key} must be a file name or null, got {header[key]!r}")

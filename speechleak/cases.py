@@ -5,7 +5,8 @@ from common.types import FLProtocol
 
 #: Case options the speech kit reads (``--option KEY=VALUE``).
 OPTIONS = frozenset({"task", "features", "seconds", "stage", "train_epochs", "channels", "hidden", "act",
-                     "num_classes", "dim", "max_chars", "fixed_keywords", "feature_max", "oracle", "score_asr"})
+                     "num_classes", "dim", "max_chars", "fixed_keywords", "feature_max", "oracle", "score_asr",
+                     "frontend"})
 #: The speech kit builds its model from the options (task, channels ...); ``--model`` would be ignored.
 TAKES_MODEL = False
 

@@ -154,3 +154,57 @@ def refine_waveform(frontend: FrontEnd, feats: Tensor, init_wave: Tensor, *, ite
         loss.backward()
         opt.step()
     return w.detach().clamp(-1.0, 1.0)
+
+
+# -- the front end as a file (``python -m eval schema export`` / ``--schema``) --------------------
+#: what the file states besides the config fields: the STFT window and the log of the mel power
+WINDOW, LOG = "hann", "ln"
+
+
+def frontend_dict(config: FrontEndConfig) -> dict:
+    """The front end as JSON-able data: every config field plus the fixed choices (centred STFT,
+    Hann window, power spectrum, natural log of mel power + ``log_eps``, then
+    ``(x - offset) / scale``, DCT-II ortho for MFCC)."""
+    return {"modality": "speech", "frontend": {**config.to_dict(), "window": WINDOW, "log": LOG,
+                                               "stft": "centred, reflect padding, power 2"}}
+
+
+def load_frontend(source) -> FrontEndConfig:
+    """A front end from :func:`frontend_dict`'s data or a JSON file of it (ValueError naming the
+    problem otherwise). ``"log": "db"`` (``10 log10``, as torchaudio's ``AmplitudeToDB``) with
+    its ``offset``/``scale`` in dB is converted to the equivalent natural-log normalisation."""
+    import json
+    import math
+    from dataclasses import fields
+    from pathlib import Path
+
+    d = source
+    if not isinstance(source, dict):
+        try:
+            d = json.loads(Path(source).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"speech front end {str(source)!r}: not a readable JSON file ({e})") from None
+    if not isinstance(d, dict) or d.get("modality") != "speech" or not isinstance(d.get("frontend"), dict):
+        raise ValueError(f"{str(source)!r} is not a speech front end (expected {{\"modality\": \"speech\", "
+                         f"\"frontend\": {{...}}}} as `python -m eval schema export` writes for a speech case)")
+    fe = dict(d["frontend"])
+    window, log = fe.pop("window", WINDOW), str(fe.pop("log", LOG)).lower()
+    fe.pop("stft", None)
+    if window != WINDOW:
+        raise ValueError(f"speech front end: window {window!r} is not supported (the kit's STFT uses a Hann window)")
+    known = {f.name for f in fields(FrontEndConfig)}
+    unknown = sorted(set(fe) - known)
+    if unknown:
+        raise ValueError(f"speech front end: unknown fields {unknown}; known: {sorted(known)}")
+    if log in ("db", "decibel"):  # (10 log10 m - o) / s == (ln m - o ln10/10) / (s ln10/10)
+        k = math.log(10.0) / 10.0
+        fe["offset"], fe["scale"] = float(fe.get("offset", 0.0)) * k, float(fe.get("scale", 1.0)) * k
+    elif log != LOG:
+        raise ValueError(f"speech front end: log {log!r} must be 'ln' or 'db'")
+    if int(fe.get("sample_rate", SAMPLE_RATE)) != SAMPLE_RATE:
+        raise ValueError(f"speech front end: sample_rate {fe['sample_rate']} is not supported (the speech kit works "
+                         f"at {SAMPLE_RATE} Hz); resample the federation's audio to {SAMPLE_RATE} Hz")
+    try:
+        return FrontEndConfig(**fe)
+    except TypeError as e:
+        raise ValueError(f"speech front end: {e}") from None

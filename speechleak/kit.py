@@ -28,7 +28,7 @@ from . import data as D
 from . import metrics as M
 from .prior import SpeechPrior
 from .ctc import ctc_nll_fast
-from .frontend import FrontEnd, FrontEndConfig
+from .frontend import FrontEnd, FrontEndConfig, load_frontend
 from .models import KWSCNN, CTCRecognizer, encode_text
 
 
@@ -37,6 +37,10 @@ def _opt(case: Case, key: str, default):
 
 
 def frontend_for(case: Case) -> FrontEnd:
+    """The case's front end; the option ``frontend`` (a JSON file, ``frontend.load_frontend``)
+    states the federation's own (``eval audit --schema``)."""
+    if _opt(case, "frontend", None):
+        return FrontEnd(load_frontend(case.options["frontend"]))
     return FrontEnd(FrontEndConfig(kind=_opt(case, "features", "mel")))
 
 

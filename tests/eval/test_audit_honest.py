@@ -224,3 +224,27 @@ def test_the_audit_recovers_what_eval_run_recovers_on_the_same_update(tmp_path):
     assert run["status"] == "ok" and rec["status"] == "ok"
     assert abs(rec["metrics"]["accuracy"] - run["metrics"]["accuracy"]) <= 0.1, (rec["metrics"], run["metrics"])
     assert rec["baseline"]["verdict"] == "leaks"
+
+
+def test_the_text_audit_recovers_what_eval_run_recovers_on_the_same_update(tmp_path):
+    """The built-in run's own client update (case text/tiny-gpt2/dager, B = 4, real Rotten Tomatoes
+    sentences), written as a capture and audited: DAGER is exact in both."""
+    from eval.capture import write_capture
+    from eval.catalog import catalog
+    from eval.pipeline import Resources, TrialSpec, make_kit, prepare, prepare_trial, run_trial
+
+    case = catalog().cases.get("text/tiny-gpt2/dager").with_batch_size(4)
+    spec = TrialSpec(case, "dager", seed=0)
+    run = run_trial(spec)
+    t = prepare_trial(prepare(spec), make_kit("text"), Resources(), device=torch.device("cpu"))
+    obs, model = t.attacker.observation, t.attacker.model
+    (tmp_path / "truth.txt").write_text("\n".join(t.truth["raw"]) + "\n")
+    write_capture(tmp_path / "cap", round=1, client_id="c", kind=obs.kind, num_examples=4,
+                  before={n: q.detach() for n, q in model.named_parameters()}, update=obs.tensors,
+                  truth=tmp_path / "truth.txt")
+    assert main(["audit", str(tmp_path / "cap"), "--attack", "dager", "--case", "text/tiny-gpt2/dager",
+                 "--out", str(tmp_path / "o")]) == 0
+    rec = records(tmp_path / "o")[0]
+    assert run["status"] == "ok" and rec["status"] == "ok", rec.get("error")
+    assert run["metrics"]["exact_match"] == rec["metrics"]["exact_match"] == 1.0, (run["metrics"], rec["metrics"])
+    assert rec["metrics"]["rouge1"] == 1.0 and rec["case"]["protocol"]["batch_size"] == 4
