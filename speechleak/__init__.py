@@ -48,6 +48,10 @@ METRICS = (
                range=(0.0, _INF), description="feature-map mean squared error"),
     MetricInfo("feature_cosine", _S + "feature_similarity", "speech", ("feature_cosine", "mel_cosine"),
                range=(-1.0, 1.0), description="cosine of the feature map / of the mel power spectrogram"),
+    MetricInfo("speech_region_similarity", _S + "speech_region_similarity", "speech",
+               ("speech_cosine", "dynamics_cosine", "shift_cosine"), range=(-1.0, 1.0),
+               description="CTC diagnostics: feature cosine over the speech frames, over their time-varying part "
+                           "(per-bin mean removed), and at the best time shift (the headline stays feature_cosine)"),
     MetricInfo("snr", _S + "snr", "speech", ("snr", "si_sdr"), range=(-300.0, _INF),
                description="waveform SNR and SI-SDR in dB (Griffin-Lim phase makes these low; floor -300 dB)"),
     MetricInfo("mel_snr", _S + "spectral_snr", "speech", ("mel_snr",), range=(-300.0, _INF),

@@ -40,6 +40,11 @@ CASES = {
         HONEST_WITH_LABELS, options={"task": "ctc", "features": "mel", "seconds": 4.0, "stage": "init"},
         description="CTC recogniser (2 strided convs + 1 attention block) on Rotten Tomatoes sentences "
                     "(flite, <= 60 characters), 4 s, transcripts granted (Dang et al. 2022 setting)"),
+    "speech/ctc-mel/fedsgd-trained": Case(
+        "speech/ctc-mel/fedsgd-trained", "speech", "ctc-conformer-lite", "rt-sentences", FLProtocol("fedsgd", batch_size=1),
+        HONEST_WITH_LABELS, options={"task": "ctc", "features": "mel", "seconds": 4.0, "stage": "trained", "train_epochs": 500},
+        description="CTC recogniser trained on the sentence pool (500 epochs of Adam: greedy WER ~0 on the pool's "
+                    "originals, i.e. the attacked clips were in its training data), 4 s, transcripts granted"),
     "speech/ctc-mel/fedsgd-notext": Case(
         "speech/ctc-mel/fedsgd-notext", "speech", "ctc-conformer-lite", "rt-sentences", FLProtocol("fedsgd", batch_size=1),
         HONEST, options={"task": "ctc", "features": "mel", "seconds": 4.0, "stage": "init"},

@@ -320,6 +320,9 @@ class SpeechKit:
         fe = frontend_for(case)
         out: dict[str, float] = {}
         out.update(M.feature_similarity(predictions=list(rec_f), references=list(tf)))
+        if truth["task"] == "ctc" and fe.config.kind == "mel":  # where the cosine comes from (diagnostic, issue 21)
+            floor = float((np.log(fe.config.log_eps) - fe.config.offset) / fe.config.scale)
+            out.update(M.speech_region_similarity(predictions=list(rec_f), references=list(tf), floor=floor))
         with torch.no_grad():
             rec_lm, true_lm = fe.features_to_logmel(rec_f), fe.features_to_logmel(tf)
         lm_cos = M.feature_similarity(predictions=list(rec_lm.exp()), references=list(true_lm.exp()))
@@ -379,30 +382,6 @@ class SpeechKit:
 
     def save_artifacts(self, rec: Reconstruction, truth: Any, *, case: Case, directory) -> dict[str, str]:
         """original_k.wav / reconstruction_k.wav side by side plus a spectrogram plot per example."""
-        import matplotlib
+        from .artifacts import save_artifacts
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        perm = truth.get("_perm", np.arange(truth["feats"].shape[0]))
-        rec_f, rec_w = self._unpack(rec, truth, case)
-        rec_f, rec_w = rec_f[perm], rec_w[perm]
-        out = {}
-        for k in range(truth["feats"].shape[0]):
-            o, r = d / f"original_{k}.wav", d / f"reconstruction_{k}.wav"
-            D.write_wav(o, truth["waves"][k])
-            D.write_wav(r, rec_w[k])
-            fig, ax = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-            for a, m, title in ((ax[0], truth["feats"][k], f"original ({truth['texts'][k]!r})"),
-                                (ax[1], rec_f[k], "reconstruction")):
-                a.imshow(m.numpy(), origin="lower", aspect="auto", cmap="magma")
-                a.set_title(title, fontsize=9)
-            ax[1].set_xlabel("frame")
-            fig.tight_layout()
-            png = d / f"spectrogram_{k}.png"
-            fig.savefig(png, dpi=80)
-            plt.close(fig)
-            out.update({f"original_{k}": str(o), f"reconstruction_{k}": str(r), f"spectrogram_{k}": str(png)})
-        return out
+        return save_artifacts(*self._unpack(rec, truth, case), truth, directory=directory)

@@ -68,6 +68,38 @@ def feature_similarity(*, predictions: Sequence, references: Sequence) -> dict[s
     return {"feature_mse": fmean(mse), "feature_cosine": fmean(cos)}
 
 
+def speech_region_similarity(*, predictions: Sequence, references: Sequence, floor: float, margin: float = 0.15,
+                             max_shift: int = 16) -> dict[str, float]:
+    """Where a feature cosine comes from (mel maps [F, T] with silence at ``floor``). The speech
+    frames are the reference's frames whose mean lies more than ``margin`` above the floor
+    (references without such frames are skipped). ``speech_cosine``: cosine over those frames
+    only; ``dynamics_cosine``: the same after removing each mel bin's mean over those frames (the
+    long-term spectrum), i.e. how much of the time-varying content is recovered;
+    ``shift_cosine``: the plain whole-map cosine at the best circular time shift within
+    ±``max_shift`` frames (a diagnostic for the time-shift symmetry; never the headline)."""
+    _check(predictions, references)
+    sp, dyn, sh = [], [], []
+
+    def cos(a: np.ndarray, b: np.ndarray) -> float:
+        return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+    for p, r in zip(predictions, references):
+        p, r = _np(p), _np(r)
+        mask = (r - floor).mean(0) > margin
+        if not mask.any():
+            continue
+        if not _finite(p):
+            sp.append(COSINE_WORST), dyn.append(COSINE_WORST), sh.append(COSINE_WORST)
+            continue
+        ps, rs = p[:, mask], r[:, mask]
+        sp.append(cos(ps, rs))
+        dyn.append(cos(ps - ps.mean(1, keepdims=True), rs - rs.mean(1, keepdims=True)))
+        sh.append(max(cos(np.roll(p, k, axis=1), r) for k in range(-max_shift, max_shift + 1)))
+    if not sp:
+        return {}
+    return {"speech_cosine": fmean(sp), "dynamics_cosine": fmean(dyn), "shift_cosine": fmean(sh)}
+
+
 def snr(*, predictions: Sequence, references: Sequence) -> dict[str, float]:
     """Waveform SNR and scale-invariant SDR (dB), per example then mean."""
     _check(predictions, references)

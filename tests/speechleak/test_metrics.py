@@ -130,10 +130,39 @@ def test_every_key_the_speech_kit_emits_is_registered_with_a_direction():
         "feature_mse", "feature_cosine", "mel_cosine", "mel_snr", "logmel_snr", "snr", "si_sdr", "pesq_wb", "stoi",
         "mcd", "oracle_pesq_wb", "oracle_stoi", "label_accuracy", "char_hist_cosine", "char_set_recall",
         "speaker_top1", "speaker_top1_original", "keyword_accuracy", "keyword_accuracy_original", "asr_wer",
-        "asr_cer", "asr_original_wer", "asr_original_cer", "asr_vs_original_wer", "asr_vs_original_cer"}
+        "asr_cer", "asr_original_wer", "asr_original_cer", "asr_vs_original_wer", "asr_vs_original_cer",
+        "speech_cosine", "dynamics_cosine", "shift_cosine"}
     for key in emitted:
         assert metric_info(key, modality="speech") is not None, key
         assert higher_is_better(key) is (False if ("wer" in key or "cer" in key or key in ("mcd", "feature_mse"))
                                          else True), key
     for key in ("pesq_wb_n", "stoi_n", "oracle_pesq_wb_n", "oracle_stoi_n", "speakers_enrolled"):
         assert metric_info(key) is not None and higher_is_better(key) is None, key  # counts: no direction
+
+
+def _speech_map(seed: int = 0) -> torch.Tensor:
+    """A [16, 60] mel-like map: silence (floor -1) around 30 speech frames with varying content."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.full((16, 60), -1.0)
+    m[:, 15:45] = 0.8 + torch.linspace(1, 0, 16).unsqueeze(1) + torch.randn((16, 30), generator=g) * 0.6
+    return m
+
+
+def test_speech_region_similarity_separates_the_long_term_spectrum_from_the_dynamics():
+    r = _speech_map()
+    same = M.speech_region_similarity(predictions=[r], references=[r], floor=-1.0)
+    assert same["speech_cosine"] == pytest.approx(1.0) and same["dynamics_cosine"] == pytest.approx(1.0)
+    # right silence and right per-bin mean over the speech frames, but other time-varying content
+    wrong = _speech_map(seed=1)
+    wrong[:, 15:45] += r[:, 15:45].mean(1, keepdim=True) - wrong[:, 15:45].mean(1, keepdim=True)
+    w = M.speech_region_similarity(predictions=[wrong], references=[r], floor=-1.0)
+    plain = M.feature_similarity(predictions=[wrong], references=[r])["feature_cosine"]
+    assert plain > 0.8 and w["speech_cosine"] > 0.75 and abs(w["dynamics_cosine"]) < 0.3
+    # a shifted copy: the plain cosine drops, the shift-aligned diagnostic does not
+    shifted = torch.roll(r, 3, dims=1)
+    s = M.speech_region_similarity(predictions=[shifted], references=[r], floor=-1.0)
+    assert s["shift_cosine"] == pytest.approx(1.0)
+    assert M.feature_similarity(predictions=[shifted], references=[r])["feature_cosine"] < 0.95
+    assert M.speech_region_similarity(predictions=[r], references=[torch.full((16, 60), -1.0)], floor=-1.0) == {}
+    bad = M.speech_region_similarity(predictions=[torch.full((16, 60), float("nan"))], references=[r], floor=-1.0)
+    assert bad["speech_cosine"] == -1.0 and bad["shift_cosine"] == -1.0
