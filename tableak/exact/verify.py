@@ -87,6 +87,8 @@ class Fit:
     integral: bool  # every count within the integer tolerance
     full_rank: bool  # the candidate gradients are linearly independent (unique decomposition)
     total: int  # sum of rounded counts
+    coef: np.ndarray | None = None  # [K * n_classes] raw non-negative counts (candidate-major, then label)
+    columns: np.ndarray | None = None  # [P, K * n_classes] the per-example gradients the counts weigh
 
 
 def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, torch.Tensor], cands: np.ndarray,
@@ -111,7 +113,8 @@ def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, to
     gn = (gam / norms).reshape(gam.shape[0], k, n_classes)[:, :, :max(n_classes - 1, 1)].reshape(gam.shape[0], -1)
     full_rank = bool(np.linalg.eigvalsh(gn.T @ gn).min() > 1e-10)
     if counts.sum() != batch_size:  # not a decomposition into B rows (e.g. a huge count on a tiny gradient)
-        return Fit(np.zeros((0, cands.shape[1])), np.zeros(0, dtype=int), resid, False, full_rank, int(counts.sum()))
+        return Fit(np.zeros((0, cands.shape[1])), np.zeros(0, dtype=int), resid, False, full_rank, int(counts.sum()),
+                   coef, gam)
     rows = np.repeat(cands[used // n_classes], counts[used], 0) if len(used) else np.zeros((0, cands.shape[1]))
     labels = np.repeat(used % n_classes, counts[used]) if len(used) else np.zeros(0, dtype=int)
-    return Fit(rows, labels, resid, integral, full_rank, int(counts.sum()))
+    return Fit(rows, labels, resid, integral, full_rank, int(counts.sum()), coef, gam)
