@@ -77,6 +77,21 @@ def _unique_rows(schema: TabularSchema, rows: np.ndarray) -> np.ndarray:
     return rows[np.sort(idx)]
 
 
+def _merge_near(schema: TabularSchema, rows: np.ndarray, score: np.ndarray, *, keep: int, rel: float = 1e-3) -> np.ndarray:
+    """Rows with the same categories and continuous values within ``rel`` standard deviations are one
+    row found twice (rounding of a float root): the one with the lowest ``score`` stays (the first
+    ``keep`` rows, the peeled ones, always stay)."""
+    ci = schema.continuous_index
+    cat = np.setdiff1d(np.arange(schema.dim), ci)
+    order = list(range(keep)) + sorted(range(keep, len(rows)), key=lambda i: score[i])
+    out: list[int] = []
+    for i in order:
+        if not any(np.array_equal(rows[i, cat], rows[j, cat]) and np.abs(rows[i, ci] - rows[j, ci]).max() <= rel
+                   for j in out):
+            out.append(i)
+    return rows[sorted(out)]
+
+
 class TabularExact:
     """Exact whole-row recovery for FedSGD on tabular models whose first layer is ``nn.Linear``.
 
@@ -296,6 +311,10 @@ class TabularExact:
                 cand = np.concatenate([cand, extra])
                 stats["peel_rest_found"] = float(len(extra))
         rows = _unique_rows(schema, np.concatenate([p.rows, cand]))
+        if len(rows) > 1:  # two roots of one row that round to neighbouring values: keep the better one
+            full2 = row_span(t[layers.second_weight].detach().double().cpu().numpy(), max_rank=b, rel_tol=cfg.rank_tol)
+            rows = _merge_near(schema, rows, layer2_residual(second_inputs(model, layers.second, rows), full2.basis),
+                               keep=len(p.rows))
         if not len(rows) or len(rows) > cfg.max_fit:
             return None, p.rows
         fit = fit_counts(model, prior.loss_fn, names, dict(t), rows, n_cls, batch_size=b, scale=scale,
