@@ -58,8 +58,8 @@ class TabularExactConfig:
     act_tol: float = 1e-4  # a first-layer unit is off for a row when its gradient entry is this small (relative)
     peel_tol: float = 1e-2  # relative second-layer residual of a peeled row / of a pattern root
     g_tol: float = 1e-3  # relative error of a peeled row's own first-layer gradient against its category column
-    max_patterns: int = 100_000
-    rest_max: int = 24  # rows the pattern roots miss that the span stage may take as a batch of their own  # categorical patterns left after peeling that the root search tries (beyond: fall back)
+    max_patterns: int = 160_000  # categorical patterns left after peeling that the root search tries (beyond: fall back)
+    rest_max: int = 24  # rows the pattern roots miss that the span stage may take as a batch of their own
     fallback: Literal["tableak", "none"] = "tableak"  # rows not certified: TabLeak (rows overwritten by certified ones)
     fallback_iterations: int = 1500
     fallback_ensemble: int = 30
@@ -280,7 +280,7 @@ class TabularExact:
                 if roots is not None and len(roots):
                     rows = _unique_rows(schema, project(schema, roots))
                     res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
-                    cand = rows[res2 <= cfg.peel_tol]
+                    cand = _merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
             stats["peel_candidates"] = float(len(cand))
         if 0 < len(cand) <= cfg.max_fit and left > 0:
             # a root the search missed (a rare shared pattern): the rows the residual fit counts as whole
@@ -319,8 +319,8 @@ class TabularExact:
             return None, p.rows
         fit = fit_counts(model, prior.loss_fn, names, dict(t), rows, n_cls, batch_size=b, scale=scale,
                          integer_tol=cfg.integer_tol)
-        stats.update(fit_residual=fit.rel_residual, fit_integral=float(fit.integral), fit_full_rank=float(fit.full_rank))
         ok = fit.integral and fit.full_rank and fit.total == b and fit.rel_residual <= cfg.fit_tol
+        stats.update(fit_residual=fit.rel_residual, fit_integral=float(fit.integral), fit_full_rank=float(fit.full_rank))
         if ok and labels is not None:
             ok = sorted(fit.labels.tolist()) == sorted(labels)
         return (fit if ok else None), p.rows
