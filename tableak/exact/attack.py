@@ -24,7 +24,7 @@ from ..schema import TabularSchema
 from .layer2 import gauss_newton_roots, w_box_starts
 from .peel import all_pattern_roots, peel
 from .span import FREE_TOL, enumerate_rows, free_continuous, project, row_span
-from .verify import find_layers, fit_counts, layer2_residual, second_inputs
+from .verify import find_layers, fit_counts, layer2_residual, second_inputs, unit_resolution
 
 CITATION = ("Exact tabular row recovery from the first-layer gradient span (this suite, issue 19), after "
             "Dimitrov, Balunović, Konstantinov, Vechev. SPEAR: Exact Gradient Inversion of Batches in Federated "
@@ -59,6 +59,7 @@ class TabularExactConfig:
     peel_tol: float = 1e-2  # relative second-layer residual of a peeled row / of a pattern root
     g_tol: float = 1e-3  # relative error of a peeled row's own first-layer gradient against its category column
     max_patterns: int = 160_000  # categorical patterns left after peeling that the root search tries (beyond: fall back)
+    resolution: bool = True  # report ``unit_resolved``: certified values the gradient tells from their +-1 neighbour
     rest_max: int = 24  # rows the pattern roots miss that the span stage may take as a batch of their own
     fallback: Literal["tableak", "none"] = "tableak"  # rows not certified: TabLeak (rows overwritten by certified ones)
     fallback_iterations: int = 1500
@@ -346,6 +347,15 @@ class TabularExact:
         stats["exact_s"] = time.perf_counter() - t0
         if fit is not None:
             certified = [True] * b
+            ints = [(j, 1.0 / schema.scale[j]) for (f, sl), j in zip(schema.continuous, schema.continuous_index)
+                    if f.integer]
+            if ints and cfg.resolution:
+                names = [k for k in obs.tensors if k in trainable_params(model)]
+                red = obs.protocol.loss_reduction if obs.protocol else "mean"
+                res = unit_resolution(model, prior.loss_fn, names, dict(obs.tensors), fit.rows, fit.labels,
+                                      np.array([st for _, st in ints]), np.array([j for j, _ in ints]),
+                                      scale=float(b) if red == "mean" else 1.0)
+                stats["unit_resolved"] = float(res.mean())
             labels = torch.as_tensor(fit.labels, dtype=torch.long)  # per row; equal to granted ones as a multiset
             rec = Reconstruction(data=torch.as_tensor(fit.rows, dtype=torch.float32), labels=labels, stats=stats,
                                  confidence=[1.0] * b,
