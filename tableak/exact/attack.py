@@ -193,7 +193,7 @@ class TabularExact:
         if cand.truncated:  # rank limit: too many valid rows in the span to identify the batch
             return None, empty
         layer2 = span2 is not None
-        if free.shape[1] and layer2:  # rows share categorical patterns: continuous values from layer 2
+        if free.shape[1] and layer2 and len(cand.raw_rows):  # rows share categorical patterns: layer 2 solves them
             w1 = layers.first.weight.detach().double().cpu().numpy()
             b1 = layers.first.bias.detach().double().cpu().numpy() if layers.first.bias is not None else np.zeros(h)
             lo, hi = (v.double().numpy()[ci] for v in schema.bounds())
