@@ -58,7 +58,7 @@ class TabularExactConfig:
     act_tol: float = 1e-4  # a first-layer unit is off for a row when its gradient entry is this small (relative)
     peel_tol: float = 1e-2  # relative second-layer residual of a peeled row / of a pattern root
     g_tol: float = 1e-3  # relative error of a peeled row's own first-layer gradient against its category column
-    max_patterns: int = 160_000  # categorical patterns left after peeling that the root search tries (beyond: fall back)
+    max_patterns: int = 160_000  # patterns left after peeling that the root search tries (beyond: fall back)
     resolution: bool = True  # report ``unit_resolved``: certified values the gradient tells from their +-1 neighbour
     rest_max: int = 24  # rows the pattern roots miss that the span stage may take as a batch of their own
     fallback: Literal["tableak", "none"] = "tableak"  # rows not certified: TabLeak (rows overwritten by certified ones)
@@ -286,7 +286,8 @@ class TabularExact:
         if 0 < len(cand) <= cfg.max_fit and left > 0:
             # a root the search missed (a rare shared pattern): the rows the residual fit counts as whole
             # are subtracted and the few rows left go to the span stage as a batch of their own
-            rfit = fit_counts(model, prior.loss_fn, names, {k: torch.as_tensor(v) for k, v in p.target.items()}, cand, n_cls, batch_size=left, scale=1.0,
+            left_t = {k: torch.as_tensor(v) for k, v in p.target.items()}
+            rfit = fit_counts(model, prior.loss_fn, names, left_t, cand, n_cls, batch_size=left, scale=1.0,
                               integer_tol=cfg.integer_tol)
             counts = np.rint(rfit.coef)
             sure = (np.abs(rfit.coef - counts) <= cfg.integer_tol) & (counts >= 1)
@@ -296,12 +297,14 @@ class TabularExact:
                 vec = np.concatenate([p.target[k].reshape(-1) for k in names]) - rfit.columns[:, sure] @ counts[sure]
                 o, sub = 0, {}
                 for k in names:
-                    sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / (rest if reduction == "mean" else 1))
+                    div = rest if reduction == "mean" else 1
+                    sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / div)
                     o += t[k].numel()
                 sub_labels = None
                 if labels is not None:
                     sub_labels = list(labels)
-                    for lab in np.concatenate([p.labels, np.repeat(np.flatnonzero(sure) % n_cls, counts[sure].astype(int))]):
+                    whole = np.repeat(np.flatnonzero(sure) % n_cls, counts[sure].astype(int))
+                    for lab in np.concatenate([p.labels, whole]):
                         if int(lab) in sub_labels:
                             sub_labels.remove(int(lab))
                 sub_obs = dataclasses.replace(obs, tensors=sub, num_examples=rest, labels=None if sub_labels is None
