@@ -1,6 +1,7 @@
 """TabularExact: orchestration (span -> candidates -> second-layer filter -> certificate -> fallback)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from ..attack import TabLeak, TabLeakConfig
 from ..prior import TabularPrior
 from ..schema import TabularSchema
 from .layer2 import gauss_newton_roots, w_box_starts
+from .peel import all_pattern_roots, peel
 from .span import FREE_TOL, enumerate_rows, free_continuous, project, row_span
-from .verify import find_layers, fit_counts, layer2_residual, second_inputs
+from .verify import find_layers, fit_counts, layer2_residual, second_inputs, unit_resolution
 
 CITATION = ("Exact tabular row recovery from the first-layer gradient span (this suite, issue 19), after "
             "Dimitrov, Balunović, Konstantinov, Vechev. SPEAR: Exact Gradient Inversion of Batches in Federated "
@@ -37,7 +39,8 @@ class TabularExactConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "rank_tol": "(0,1)", "present_tol": "(0,1)", "span_tol": ">0", "layer2_tol": ">0", "fit_tol": ">0",
         "integer_tol": "(0,0.5)", "max_half": ">=1", "max_candidates": ">=1", "max_fit": ">=1", "starts": ">=1", "pass1_starts": ">=1",
-        "fallback_iterations": ">=1", "fallback_ensemble": ">=1", "noise_factor": ">0", "cond_ref": ">=1"}
+        "fallback_iterations": ">=1", "fallback_ensemble": ">=1", "noise_factor": ">0", "cond_ref": ">=1",
+        "act_tol": "(0,1)", "peel_tol": ">0", "g_tol": ">0", "max_patterns": ">=1", "rest_max": ">=1"}
     rank_tol: float = 1e-5  # singular values below rank_tol * s_1 are float round-off
     present_tol: float = 1e-4  # a category is absent when its raw-space gradient column is this small (relative)
     span_tol: float = 1e-5  # distance of a valid row to the first-layer span (standardised units)
@@ -51,6 +54,13 @@ class TabularExactConfig:
     pass1_starts: int = 2  # Gauss-Newton starts for every candidate pattern (the least-squares point first)
     cond_ref: float = 300.0  # span conditioning s_1/s_r up to which span_tol / layer2_tol apply unscaled
     noise_factor: float = 4.0  # declared Gaussian noise: thresholds widened by this many noise standard deviations
+    peel: bool = True  # past the first layer's rank: peel rows of categories seen once, then all patterns on layer 2
+    act_tol: float = 1e-4  # a first-layer unit is off for a row when its gradient entry is this small (relative)
+    peel_tol: float = 1e-2  # relative second-layer residual of a peeled row / of a pattern root
+    g_tol: float = 1e-3  # relative error of a peeled row's own first-layer gradient against its category column
+    max_patterns: int = 160_000  # patterns left after peeling that the root search tries (beyond: fall back)
+    resolution: bool = True  # report ``unit_resolved``: certified values the gradient tells from their +-1 neighbour
+    rest_max: int = 24  # rows the pattern roots miss that the span stage may take as a batch of their own
     fallback: Literal["tableak", "none"] = "tableak"  # rows not certified: TabLeak (rows overwritten by certified ones)
     fallback_iterations: int = 1500
     fallback_ensemble: int = 30
@@ -66,6 +76,21 @@ def _unique_rows(schema: TabularSchema, rows: np.ndarray) -> np.ndarray:
     c, n = schema.decode_arrays(rows)
     _, idx = np.unique(np.concatenate([c, n], 1), axis=0, return_index=True)
     return rows[np.sort(idx)]
+
+
+def _merge_near(schema: TabularSchema, rows: np.ndarray, score: np.ndarray, *, keep: int, rel: float = 1e-3) -> np.ndarray:
+    """Rows with the same categories and continuous values within ``rel`` standard deviations are one
+    row found twice (rounding of a float root): the one with the lowest ``score`` stays (the first
+    ``keep`` rows, the peeled ones, always stay)."""
+    ci = schema.continuous_index
+    cat = np.setdiff1d(np.arange(schema.dim), ci)
+    order = list(range(keep)) + sorted(range(keep, len(rows)), key=lambda i: score[i])
+    out: list[int] = []
+    for i in order:
+        if not any(np.array_equal(rows[i, cat], rows[j, cat]) and np.abs(rows[i, ci] - rows[j, ci]).max() <= rel
+                   for j in out):
+            out.append(i)
+    return rows[sorted(out)]
 
 
 class TabularExact:
@@ -168,7 +193,7 @@ class TabularExact:
         if cand.truncated:  # rank limit: too many valid rows in the span to identify the batch
             return None, empty
         layer2 = span2 is not None
-        if free.shape[1] and layer2:  # rows share categorical patterns: continuous values from layer 2
+        if free.shape[1] and layer2 and len(cand.raw_rows):  # rows share categorical patterns: layer 2 solves them
             w1 = layers.first.weight.detach().double().cpu().numpy()
             b1 = layers.first.bias.detach().double().cpu().numpy() if layers.first.bias is not None else np.zeros(h)
             lo, hi = (v.double().numpy()[ci] for v in schema.bounds())
@@ -216,6 +241,94 @@ class TabularExact:
             ok = sorted(fit.labels.tolist()) == sorted(int(v) for v in obs.labels.tolist())
         return (fit if ok else None), partial
 
+    def _peeled(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict) -> tuple:
+        """Past the first layer's rank (``peel.py``): rows of categories seen once are peeled off the
+        gradient, the patterns left are solved on the second layer, and the whole-gradient fit over
+        peeled rows and pattern roots certifies the batch. Without declared noise only."""
+        cfg = self.config
+        schema = prior.schema
+        empty = np.zeros((0, schema.dim))
+        layers = find_layers(model, schema.dim)
+        t = obs.tensors
+        need = (layers.first_weight, layers.first_bias, layers.second_weight)
+        if _gaussian_sigma(obs) or layers.second is None or any(k is None or k not in t for k in need):
+            return None, empty
+        params = trainable_params(model)
+        names = [k for k in t if k in params]
+        reduction = obs.protocol.loss_reduction if obs.protocol else "mean"
+        scale = float(b) if reduction == "mean" else 1.0
+        target = {k: t[k].detach().double().cpu().numpy() * scale for k in names}
+        n_cls = len(schema.classes)
+        labels = None if obs.labels is None else [int(v) for v in obs.labels.tolist()]
+        p = peel(model, layers, prior.loss_fn, names, target, schema, b, n_cls, labels=labels, rank_tol=cfg.rank_tol,
+                 present_tol=cfg.present_tol, act_tol=cfg.act_tol, tol=cfg.peel_tol, layer2_tol=cfg.peel_tol,
+                 g_tol=cfg.g_tol, max_half=cfg.max_half, stop_at=0)
+        stats.update(peeled_rows=float(len(p.rows)), peel_rounds=float(p.rounds))
+        left, cand = b - len(p.rows), empty
+        if left > 0:
+            cur = p.target
+            raw = cur[layers.first_weight] * np.asarray(schema.scale) + np.outer(cur[layers.first_bias], schema.mean)
+            norms = np.linalg.norm(raw, axis=0)
+            norms[schema.continuous_index] = 0.0
+            present = norms > cfg.present_tol * norms.max()
+            span2 = row_span(cur[layers.second_weight], max_rank=left, rel_tol=cfg.rank_tol)
+            h = layers.first.out_features
+            if 0 < span2.rank < h:
+                w1 = layers.first.weight.detach().double().cpu().numpy()
+                b1 = layers.first.bias.detach().double().cpu().numpy()
+                roots = all_pattern_roots(schema, present, w1, b1, span2.basis, starts=cfg.pass1_starts,
+                                          more_starts=cfg.starts, tol=cfg.peel_tol, max_patterns=cfg.max_patterns)
+                if roots is not None and len(roots):
+                    rows = _unique_rows(schema, project(schema, roots))
+                    res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
+                    cand = _merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
+            stats["peel_candidates"] = float(len(cand))
+        if 0 < len(cand) <= cfg.max_fit and left > 0:
+            # a root the search missed (a rare shared pattern): the rows the residual fit counts as whole
+            # are subtracted and the few rows left go to the span stage as a batch of their own
+            left_t = {k: torch.as_tensor(v) for k, v in p.target.items()}
+            rfit = fit_counts(model, prior.loss_fn, names, left_t, cand, n_cls, batch_size=left, scale=1.0,
+                              integer_tol=cfg.integer_tol)
+            counts = np.rint(rfit.coef)
+            sure = (np.abs(rfit.coef - counts) <= cfg.integer_tol) & (counts >= 1)
+            rest = left - int(counts[sure].sum())
+            stats["peel_rest"] = float(rest)
+            if not rfit.integral and 0 < rest <= cfg.rest_max:
+                vec = np.concatenate([p.target[k].reshape(-1) for k in names]) - rfit.columns[:, sure] @ counts[sure]
+                o, sub = 0, {}
+                for k in names:
+                    div = rest if reduction == "mean" else 1
+                    sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / div)
+                    o += t[k].numel()
+                sub_labels = None
+                if labels is not None:
+                    sub_labels = list(labels)
+                    whole = np.repeat(np.flatnonzero(sure) % n_cls, counts[sure].astype(int))
+                    for lab in np.concatenate([p.labels, whole]):
+                        if int(lab) in sub_labels:
+                            sub_labels.remove(int(lab))
+                sub_obs = dataclasses.replace(obs, tensors=sub, num_examples=rest, labels=None if sub_labels is None
+                                              or len(sub_labels) != rest else torch.as_tensor(sub_labels))
+                sub_stats: dict = {}
+                sub_fit, sub_partial = self._exact(sub_obs, model, prior, rest, sub_stats)
+                extra = sub_fit.rows if sub_fit is not None else sub_partial
+                cand = np.concatenate([cand, extra])
+                stats["peel_rest_found"] = float(len(extra))
+        rows = _unique_rows(schema, np.concatenate([p.rows, cand]))
+        if len(rows) > 1:  # two roots of one row that round to neighbouring values: keep the better one
+            full2 = row_span(t[layers.second_weight].detach().double().cpu().numpy(), max_rank=b, rel_tol=cfg.rank_tol)
+            rows = _merge_near(schema, rows, layer2_residual(second_inputs(model, layers.second, rows), full2.basis),
+                               keep=len(p.rows))
+        if not len(rows) or len(rows) > cfg.max_fit:
+            return None, p.rows
+        fit = fit_counts(model, prior.loss_fn, names, dict(t), rows, n_cls, batch_size=b, scale=scale,
+                         integer_tol=cfg.integer_tol)
+        ok = fit.integral and fit.full_rank and fit.total == b and fit.rel_residual <= cfg.fit_tol
+        stats.update(fit_residual=fit.rel_residual, fit_integral=float(fit.integral), fit_full_rank=float(fit.full_rank))
+        if ok and labels is not None:
+            ok = sorted(fit.labels.tolist()) == sorted(labels)
+        return (fit if ok else None), p.rows
+
     # -- main -----------------------------------------------------------------------------
     def reconstruct(self, obs: Observation, model: nn.Module, prior: TabularPrior, *,
                     generator: torch.Generator) -> Reconstruction[Tensor]:
@@ -228,11 +341,24 @@ class TabularExact:
         fit, partial = (None, np.zeros((0, schema.dim)))
         if obs.kind == "gradient":
             fit, partial = self._exact(obs, model, prior, b, stats)
+            if fit is None and cfg.peel:
+                fit2, partial2 = self._peeled(obs, model, prior, b, stats)
+                fit = fit2
+                partial = partial2 if fit is None and len(partial2) > len(partial) else partial
         else:
             stats["exact_status"] = 2.0  # FedAvg delta: no exactness claimed
         stats["exact_s"] = time.perf_counter() - t0
         if fit is not None:
             certified = [True] * b
+            ints = [(j, 1.0 / schema.scale[j]) for (f, sl), j in zip(schema.continuous, schema.continuous_index)
+                    if f.integer]
+            if ints and cfg.resolution:
+                names = [k for k in obs.tensors if k in trainable_params(model)]
+                red = obs.protocol.loss_reduction if obs.protocol else "mean"
+                res = unit_resolution(model, prior.loss_fn, names, dict(obs.tensors), fit.rows, fit.labels,
+                                      np.array([st for _, st in ints]), np.array([j for j, _ in ints]),
+                                      scale=float(b) if red == "mean" else 1.0)
+                stats["unit_resolved"] = float(res.mean())
             labels = torch.as_tensor(fit.labels, dtype=torch.long)  # per row; equal to granted ones as a multiset
             rec = Reconstruction(data=torch.as_tensor(fit.rows, dtype=torch.float32), labels=labels, stats=stats,
                                  confidence=[1.0] * b,

@@ -87,6 +87,8 @@ class Fit:
     integral: bool  # every count within the integer tolerance
     full_rank: bool  # the candidate gradients are linearly independent (unique decomposition)
     total: int  # sum of rounded counts
+    coef: np.ndarray | None = None  # [K * n_classes] raw non-negative counts (candidate-major, then label)
+    columns: np.ndarray | None = None  # [P, K * n_classes] the per-example gradients the counts weigh
 
 
 def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, torch.Tensor], cands: np.ndarray,
@@ -111,7 +113,35 @@ def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, to
     gn = (gam / norms).reshape(gam.shape[0], k, n_classes)[:, :, :max(n_classes - 1, 1)].reshape(gam.shape[0], -1)
     full_rank = bool(np.linalg.eigvalsh(gn.T @ gn).min() > 1e-10)
     if counts.sum() != batch_size:  # not a decomposition into B rows (e.g. a huge count on a tiny gradient)
-        return Fit(np.zeros((0, cands.shape[1])), np.zeros(0, dtype=int), resid, False, full_rank, int(counts.sum()))
+        return Fit(np.zeros((0, cands.shape[1])), np.zeros(0, dtype=int), resid, False, full_rank, int(counts.sum()),
+                   coef, gam)
     rows = np.repeat(cands[used // n_classes], counts[used], 0) if len(used) else np.zeros((0, cands.shape[1]))
     labels = np.repeat(used % n_classes, counts[used]) if len(used) else np.zeros(0, dtype=int)
-    return Fit(rows, labels, resid, integral, full_rank, int(counts.sum()))
+    return Fit(rows, labels, resid, integral, full_rank, int(counts.sum()), coef, gam)
+
+
+def unit_resolution(model: nn.Module, loss_fn, names: list[str], target: dict[str, torch.Tensor], rows: np.ndarray,
+                    labels: np.ndarray, steps: np.ndarray, columns: np.ndarray, *, scale: float,
+                    margin: float = 3.0) -> np.ndarray:
+    """Per row and continuous column: does the gradient tell the value from its neighbour one unit
+    away? The certified decomposition leaves the residual ``r = obs - sum_i grad(x_i, y_i)``; swapping
+    row ``i`` for its neighbour (``x_i`` moved by ``steps[c]`` along column ``columns[c]``,
+    standardised) leaves ``r - (grad(x_i') - grad(x_i))``. The value is resolved when that residual
+    is more than ``margin`` times ``||r||`` (both decompositions have integer counts, so this is the
+    closest single-row alternative); for Adult's fnlwgt one unit is about 1e-5 standard deviations and
+    sits at float32 resolution. Returns bool [n, len(columns)] (both neighbours, +1 and -1)."""
+    m64 = copy.deepcopy(model).cpu().double().eval()
+    obs = torch.cat([target[n].double().reshape(-1) for n in names]).numpy() * scale
+    x = torch.as_tensor(rows, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    base = _per_example(m64, loss_fn, names, x, y)  # [P, n]
+    r = obs - base.sum(1)
+    floor = margin * max(float(np.linalg.norm(r)), 1e-300)
+    out = np.ones((len(rows), len(columns)), dtype=bool)
+    for k, (c, st) in enumerate(zip(columns, steps)):
+        for sign in (1.0, -1.0):
+            xs = x.clone()
+            xs[:, c] += sign * st
+            d = _per_example(m64, loss_fn, names, xs, y) - base
+            out[:, k] &= np.linalg.norm(r[:, None] - d, axis=0) > floor
+    return out

@@ -117,7 +117,7 @@ def test_partial_certificate_overwrites_tableak_rows(adult):
     are certified and replace TabLeak's rows, which can only help (same generator as plain TabLeak)."""
     _, schema = adult
     model, rows, batch, obs, prior = _case(adult, 32, seed=4)
-    weak = TabularExactConfig(fallback_iterations=30, fallback_ensemble=2, pass1_starts=1, starts=1)
+    weak = TabularExactConfig(fallback_iterations=30, fallback_ensemble=2, pass1_starts=1, starts=1, peel=False)
     rec = TabularExact(weak).reconstruct(obs, model, prior, generator=make_generator(7))
     ref = TabLeak(TabLeakConfig(iterations=30, ensemble=2)).reconstruct(obs, model, prior, generator=make_generator(7))
     cert = np.asarray(rec.extras["certified"])
@@ -156,3 +156,28 @@ def test_rank_limit_degrades_to_tableak(adult):
     assert not any(rec.extras["certified"])
     torch.testing.assert_close(rec.data, ref.data)
     assert _score(schema, rec, rows)["accuracy"] == _score(schema, ref, rows)["accuracy"]
+
+
+def test_past_the_first_layers_rank_b64(adult):
+    """Adult B=64 (dev seed 2): the batch uses ~50 of 99 categories, so the first-layer span is
+    rank-deficient (rank < B) and identifies nothing by itself; rows of categories seen once are
+    peeled off and the remaining patterns are solved on the second layer. Every row is certified
+    and equals the truth; with peeling off the attack falls back (the span stage alone fails)."""
+    _, schema = adult
+    model, rows, batch, obs, prior = _case(adult, 64, seed=2)
+    rec = TabularExact(TabularExactConfig(fallback="none")).reconstruct(obs, model, prior, generator=make_generator(1))
+    assert rec.stats["rank"] < 64 and rec.stats["peeled_rows"] >= 8
+    assert _same_rows(schema, rec, rows) and rec.stats["certified_rows"] == 1.0
+    assert sorted(rec.labels.tolist()) == sorted(batch.labels.tolist())
+    off = TabularExact(TabularExactConfig(fallback="none", peel=False)).reconstruct(obs, model, prior,
+                                                                                   generator=make_generator(1))
+    assert off.stats["certified_rows"] == 0.0
+
+
+def test_unit_resolution_reports_fnlwgt_at_float32_resolution(adult):
+    """Certified Adult rows: age, hours, ... are told from their +-1 neighbours by the whole gradient,
+    fnlwgt (one unit ~1e-5 standard deviations) is not; ``unit_resolved`` says so (5 of 6 here)."""
+    model, rows, batch, obs, prior = _case(adult, 8, seed=0)
+    rec = TabularExact(FAST_FALLBACK).reconstruct(obs, model, prior, generator=make_generator(1))
+    assert rec.stats["certified_rows"] == 1.0
+    assert abs(rec.stats["unit_resolved"] - 5 / 6) < 1e-9
