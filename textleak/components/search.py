@@ -67,6 +67,7 @@ class TextAttackConfig:
     chunk: int = 16  # candidates per vectorised call
     ghost: bool = True  # score candidates from layer inputs/output gradients (False: vmap per-candidate gradients)
     ghost_chunk: int = 32  # candidates per ghost call
+    ghost_step: bool = True  # continuous step from the ghost products too (False: autograd through the dummy gradient)
 
 
 class TextSearch:
@@ -202,6 +203,15 @@ class TextSearch:
                 total = g if total is None else {k: total[k] + g[k] for k in g}
             out.append(self.matcher.distance(total, lead=1).detach())
         return torch.cat(out)
+
+    def step_distance(self, xe: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Gradient distance of the dummy batch ``xe``, differentiable (the continuous step): from the
+        ghost products where they apply (``ghost_step``), else autograd through the dummy gradient."""
+        if self.cfg.ghost_step and self.ghost_ok():
+            d = self.matcher.ghost_batch_distance(xe, self.mask, self._soft_labels(), targets)
+            if d is not None:
+                return d
+        return self.matcher.batch_distance(xe, self.mask, self._soft_labels(), targets, create_graph=True)
 
     def ghost_ok(self) -> bool:
         return self.cfg.ghost and self.cfg.batched and self.matcher.ghost_ready()
@@ -366,7 +376,7 @@ class TextSearch:
         def objective() -> Tensor:
             xe = self.pin(x)
             targets = self.targets_of(self.ids_of(xe.detach())) if self.prior.kind == "decoder" else None
-            loss = self.matcher.batch_distance(xe, self.mask, self._soft_labels(), targets, create_graph=True)
+            loss = self.step_distance(xe, targets)
             if cfg.coeff_reg > 0:
                 mean_norm = xe.norm(dim=-1)[self.body].mean()
                 loss = loss + cfg.coeff_reg * (mean_norm - self.init_size) ** 2
