@@ -68,6 +68,7 @@ class TextAttackConfig:
     ghost: bool = True  # score candidates from layer inputs/output gradients (False: vmap per-candidate gradients)
     ghost_chunk: int = 32  # candidates per ghost call
     ghost_step: bool = True  # continuous step from the ghost products too (False: autograd through the dummy gradient)
+    lm_bf16: bool = False  # LM prior under CPU bf16 autocast (about 2x faster on AMX CPUs; NLLs move ~0.01 nats)
 
 
 class TextSearch:
@@ -153,7 +154,13 @@ class TextSearch:
     def nll(self, texts: list[str]) -> Tensor:
         todo = sorted({t for t in texts if t not in self._nll_cache})
         if todo:
-            vals = self.prior.lm().nll(todo)
+            lm = self.prior.lm()
+            if self.cfg.lm_bf16:
+                dev = next(lm.model.parameters()).device.type
+                with torch.autocast(dev, dtype=torch.bfloat16):
+                    vals = lm.nll(todo)
+            else:
+                vals = lm.nll(todo)
             self._nll_cache.update(zip(todo, vals.tolist()))
         return torch.tensor([self._nll_cache[t] for t in texts])
 
