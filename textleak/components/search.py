@@ -9,8 +9,10 @@ prefix to the end; candidate 0 = identity) are scored by gradient distance + ``c
 · LM NLL of the decoded text, and the best is kept. Candidates are scored from one batched forward
 + backward without forming their gradients (:mod:`textleak.components.ghost`; ``ghost``), or else
 in one vectorised per-candidate-gradient call (:mod:`textleak.components.gradmatch`) reduced to
-distances chunk by chunk; LM NLLs come from padded forwards with a per-text cache. With B = 1 and
-ghost scoring no gradient is materialised in the discrete step at all.
+distances chunk by chunk; a proposal drawn twice is scored once; LM NLLs come from padded
+forwards with a per-text cache. With B = 1 and ghost scoring no gradient is materialised in the
+discrete step at all, and with ``ghost_step`` none in the continuous step either
+(:meth:`GradMatcher.ghost_batch_distance`).
 Initialisation: ``init_candidates`` random Gaussian batches, the best by gradient distance, then
 ``init_permutations`` random permutations of its body positions, then rescaling to
 ``init_size``.
