@@ -17,7 +17,10 @@ case ``text/minilm-bert/fedsgd-short`` (B=1, one client sentence), the paper's s
   gradients (``ghost=False``, the code of commit 56f2af4), ratio = new / old;
 * one discrete round with the SmolLM2 LM prior, new vs old;
 * the projected 2,000-step attack (2000 continuous steps + 1,000 init candidates + 24 rounds)
-  against 2,000 floor steps;
+  against 2,000 floor steps, from the rows above and (``project``) from one process that
+  interleaves floor steps, continuous steps, rounds with the LM prior and init scoring;
+* ``--full``: the paper's 2,000-step run itself (``PERF_LAMP_FULL=new,old,bf16`` picks variants),
+  the floor timed at every discrete round of the run;
 * quality: a short attack (``--quick``: 80 steps) with ``ghost`` on and off on the same seed:
   ROUGE-1 of both and whether the reconstructions are equal.
 """
@@ -185,6 +188,45 @@ def worker(name: str, quick: bool, device: str) -> dict:
                 res.append(s.discrete_step(x0)[0])
             out["round_s"] = _timed(one, 1 if quick else 3, warm=1)
             out["choice_sum"] = float(res[-1].sum())
+    elif name == "project":  # one process, interleaved: floor, continuous step, one discrete round with the LM
+        # prior (the paper's 200 candidates), init scoring; the 2,000-step attack projected from these
+        import numpy as np
+        s = TextSearch(preset("lamp-cos"), obs, model, prior, make_generator(3))
+        t0 = time.perf_counter()
+        prior.lm()
+        out["lm_load_s"] = time.perf_counter() - t0
+        params = dict(model.named_parameters())
+
+        def floor():
+            x = x0.clone().requires_grad_(True)
+            logits = model(inputs_embeds=x, attention_mask=s.mask).logits
+            loss = torch.nn.functional.cross_entropy(logits, s.labels)
+            gs = torch.autograd.grad(loss, [params[n] for n in s.matcher.names], create_graph=True)
+            d = sum((g * s.matcher.target[n]).sum() for g, n in zip(gs, s.matcher.names))
+            d.backward(inputs=[x])
+        step = _step_fn(s, x0, device)
+        xs = torch.randn((64,) + tuple(x0.shape), generator=make_generator(6)).to(x0.device)
+        xs = torch.where(s.body.unsqueeze(-1), xs, s.pinned.unsqueeze(0))
+        ts: dict = {"floor": [], "step": [], "round": [], "init": []}
+        for r in range(3 if quick else 4):
+            s.rng = np.random.default_rng(11 + r)
+            s._nll_cache.clear()
+            t0 = time.perf_counter()
+            s.discrete_step(x0)
+            ts["round"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            s.score_batches(xs)
+            ts["init"].append((time.perf_counter() - t0) / 64)
+            for _ in range(5):
+                for k, fn in (("floor", floor), ("step", step)):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts[k].append(time.perf_counter() - t0)
+        print(json.dumps(ts), file=sys.stderr, flush=True)
+        med = {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
+        out.update({f"{k}_s": v for k, v in med.items()}, samples=ts, load=os.getloadavg())
+        total = 2000 * med["step"] + 1000 * med["init"] + 24 * med["round"]
+        out.update(projected_s=total, projected_ratio=total / (2000 * med["floor"]))
     elif name.startswith("quality-"):
         from eval.pipeline import score
         cfg = replace(preset("lamp-cos"), ghost=name.endswith("-new"))
@@ -319,7 +361,7 @@ def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -
         return measure_device(quick=quick, device=device, threads=int(os.environ.get("PERF_LAMP_THREADS", threads)))
     w = {n: _run_worker(n, quick=quick, device=device, threads=threads) for n in (
         "steps", "init-new", "init-old", "swap-new", "swap-old", "round-new",
-        "round-old", "round-bf16", "quality-new", "quality-old")}
+        "round-old", "round-bf16", "project", "quality-new", "quality-old")}
     st = w["steps"]
     dev = f"{device}, {threads} thread(s), L={st['seq_len']} tokens"
     fl = st["floor_s"]
@@ -345,6 +387,12 @@ def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -
         rows.append(_row("lamp-cos", f"{CASE} 2000 steps (projected: 2000 steps + 1000 init candidates + 24 rounds)",
                          variant, "2000 floor steps", total, total / (2000 * fl), w[f"round-{variant}"]["peak_rss_mb"],
                          notes=f"{dev}; of which LM prior {24 * (rd - sw):.0f} s"))
+    pj = w["project"]
+    rows.append(_row("lamp-cos", f"{CASE} 2000 steps (projected in one process, interleaved: step, 200-candidate "
+                     "round with the LM prior, init scoring)", "new", "2000 floor steps", pj["projected_s"],
+                     pj["projected_ratio"], pj["peak_rss_mb"],
+                     notes=f"{dev}; floor {pj['floor_s']:.3f} s, step {pj['step_s']:.3f} s, round {pj['round_s']:.1f} s, "
+                           f"init {pj['init_s']:.3f} s per candidate (medians); load {pj['load']}"))
     rd, rb = w["round-new"], w["round-bf16"]
     rows.append(_row("lamp-cos", f"{CASE} discrete round, 200 candidates + LM prior", "new, lm_bf16 (opt-in)",
                      "new (fp32 LM)", rb["round_s"], rb["round_s"] / rd["round_s"], rb["peak_rss_mb"],
