@@ -191,7 +191,9 @@ def worker(name: str, quick: bool, device: str) -> dict:
     elif name == "project":  # one process, interleaved: floor, continuous step, one discrete round with the LM
         # prior (the paper's 200 candidates), init scoring; the 2,000-step attack projected from these
         import numpy as np
-        s = TextSearch(preset("lamp-cos"), obs, model, prior, make_generator(3))
+        bf16 = os.environ.get("PERF_LAMP_LM_BF16") == "1"  # the opt-in bf16 LM prior
+        s = TextSearch(replace(preset("lamp-cos"), lm_bf16=bf16), obs, model, prior, make_generator(3))
+        out["lm_bf16"] = bf16
         t0 = time.perf_counter()
         prior.lm()
         out["lm_load_s"] = time.perf_counter() - t0
