@@ -39,7 +39,7 @@ Deviations:
   step uses them too (``ghost_step``): the distance is built from each layer's inputs and output
   gradients (``create_graph=True``) and differentiated w.r.t. the embeddings, so the dummy
   parameter gradient is never formed (same value and embedding gradient up to float rounding;
-  0.85x the bare forward + double backward on MiniLM against 1.03x for the plain path). A swap
+  0.85-1.13x the bare forward + double backward on MiniLM, 0.10-0.20x below the plain path). A swap
   proposal drawn more than once in a round is scored once. ``lm_topk`` (default off) limits LM
   scoring to the best candidates by gradient loss, ``lm_bf16`` (default off) runs the LM prior
   under bf16 autocast (NLLs move by ~0.01 nats); both are CPU-budget options.
