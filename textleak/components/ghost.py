@@ -54,15 +54,19 @@ class GhostScorer:
         return cls(model, plan)
 
     def products(self, forward: Callable[[], Tensor], count: int, group: int,
-                 mats: Sequence[Mapping[str, Tensor]]) -> tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
+                 mats: Sequence[Mapping[str, Tensor]], *,
+                 differentiable: bool = False) -> tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
         """Run ``forward()`` (the scaled per-example losses of ``count · group`` examples, shape
         ``[count · group]``, candidate-major) with hooks on the planned modules; candidate ``c`` is
         the sum over its ``group`` examples. Returns ``({name: [<G_c, M_k>]_k}, {name: |G_c|²})``,
-        each ``[count]``."""
+        each ``[count]``. ``differentiable``: the products keep their graph back to whatever
+        ``forward`` depends on (the output gradients come from ``create_graph=True``), so a
+        distance built from them can be differentiated w.r.t. the input embeddings: the
+        continuous step without the parameter gradients (:meth:`GradMatcher.ghost_batch_distance`)."""
         cap: dict[str, list] = {m: [] for m in self.plan}
         handles = []
         for m, (mod, kind, _) in self.plan.items():
-            handles.append(mod.register_forward_hook(_capture(cap[m], count * group)))
+            handles.append(mod.register_forward_hook(_capture(cap[m], count * group, keep_graph=differentiable)))
         try:
             with torch.enable_grad():
                 losses = forward()
@@ -71,13 +75,13 @@ class GhostScorer:
                     if len(cap[m]) != 1:
                         raise Unsupported(f"module {m} ran {len(cap[m])} times in one forward")
                     outs.append(cap[m][0][1])
-                deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+                deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True, create_graph=differentiable)
         finally:
             for h in handles:
                 h.remove()
         dots: dict[str, list[Tensor]] = {}
         sq: dict[str, Tensor] = {}
-        with torch.no_grad():
+        with torch.set_grad_enabled(differentiable):
             for (m, (mod, kind, params)), delta in zip(self.plan.items(), deltas):
                 inp, out = cap[m][0]
                 if delta is None:
@@ -114,7 +118,7 @@ def _grouped(t: Tensor, count: int) -> Tensor:
     return t.reshape(count, -1, t.shape[-1])
 
 
-def _capture(store: list, n: int):
+def _capture(store: list, n: int, *, keep_graph: bool = False):
     def hook(mod: nn.Module, args: tuple, out: Tensor):
         inp = args[0]
         if out.shape[0] != n:  # a broadcast output (BERT's position embeddings [1, L, d]): one per example
@@ -124,6 +128,6 @@ def _capture(store: list, n: int):
             inp = inp.expand(n, *inp.shape[1:])
         # a differentiable identity, so the captured tensor is this module's own output node
         out = out.view_as(out)
-        store.append((inp.detach(), out))
+        store.append((inp if keep_graph else inp.detach(), out))
         return out
     return hook

@@ -133,6 +133,41 @@ class GradMatcher:
                        create_graph: bool = True) -> Tensor:
         return self.distance(self._batch_grads(x, mask, labels, targets, create_graph))
 
+    def ghost_batch_distance(self, x: Tensor, mask: Tensor, labels: Tensor | None = None,
+                             targets: Tensor | None = None) -> Tensor | None:
+        """``batch_distance`` (same value, differentiable w.r.t. ``x`` and soft labels) from the
+        ghost products of :mod:`.ghost` instead of the parameter gradients: the dummy gradient is
+        never formed, only each layer's inputs and output gradients (``create_graph=True``) and,
+        per ``Linear``, ``<G, T> = Σ_t δ_t·(T a_t)`` and ``|G|² = Σ_{t,s} (δ_t·δ_s)(a_t·a_s)``.
+        That drops the weight-gradient products of the first backward and their double backward
+        (one matrix product per ``Linear`` weight of the three the plain path takes) and every
+        parameter-sized temporary. ``None`` where the ghost products do not apply (``tag`` loss,
+        uncovered modules): the caller keeps :meth:`batch_distance`."""
+        if not self.ghost_ready():
+            return None
+        n = x.shape[0]
+
+        def forward() -> Tensor:
+            b = self.prior.build_batch(x, mask, labels, targets)
+            return self.prior.loss_fn(self.model, b) * self.scale
+
+        mats = [self.target] if self.loss == "cos" else [{k: -t for k, t in self.target.items()}]
+        try:
+            dots, sq = self._ghost.products(forward, 1, n, mats, differentiable=True)
+        except Unsupported:
+            self._ghost = False
+            return None
+        terms = []
+        for k in self.names:
+            if self.loss == "cos":
+                # |G| from |G|², with the same 1e-30 floor on |G||T| as the plain formula
+                gn = sq[k][0].clamp_min(0.0).sqrt()
+                terms.append(1.0 - dots[k][0][0] / (gn * self._target_norm[k]).clamp_min(1e-30))
+            else:
+                terms.append(self._target_norm[k] ** 2 + 2.0 * dots[k][0][0] + sq[k][0])
+        s = torch.stack(terms)
+        return s.mean() if self.loss == "cos" else s.sum()
+
     # -- candidates of one sentence (discrete step, initialisation) ---------------------------
     def sentence_grads(self, x: Tensor, labels: Tensor | None = None, targets: Tensor | None = None,
                        *, batched: bool = True) -> dict[str, Tensor]:
