@@ -20,8 +20,6 @@ Initialisation: ``init_candidates`` random Gaussian batches, the best by gradien
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -35,42 +33,11 @@ from common.types import Observation, Reconstruction
 
 from ..prior import TextPrior
 from .gradmatch import GradMatcher
-from .tokens import Filter, nearest_tokens, token_support
+from .moves import first_occurrences as _first_occurrences, propose_moves
+from .text_config import TextAttackConfig
+from .tokens import nearest_tokens, token_support
 
-
-@dataclass(frozen=True)
-class TextAttackConfig:
-    RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
-        "lr": ">0", "lr_decay": "(0,1]", "lr_step": ">=1", "n_steps": ">=1", "grad_clip": ">0",
-        "init_size": ">0", "init_candidates": ">=1", "swap_burnin": "[0,1]",
-        "swap_every": ">=1", "swap_candidates": ">=1", "lm_topk": ">=1", "topk_factor": ">0", "chunk": ">=1",
-        "ghost_chunk": ">=1"}
-    loss: Literal["cos", "tag", "l2"] = "cos"
-    tag_factor: float = 0.01
-    lr: float = 0.01
-    lr_decay: float = 0.9  # StepLR gamma every lr_step steps
-    lr_step: int = 50
-    n_steps: int = 2000
-    grad_clip: float | None = None
-    coeff_reg: float = 0.1  # embedding-norm regulariser
-    init_size: float | None = 1.4  # None: mean norm of the allowed token embeddings
-    coeff_perplexity: float = 0.1  # LM prior weight in the discrete step
-    init_candidates: int = 500
-    init_permutations: int = 500
-    use_swaps: bool = True
-    swap_burnin: float = 0.1
-    swap_every: int = 75
-    swap_candidates: int = 200
-    lm_topk: int | None = None  # score the LM only on the k best candidates by gradient loss (None: all)
-    token_filter: Filter = "auto"
-    topk_factor: float = 3.0
-    labels: Literal["recover", "optimize"] = "recover"  # when the labels are not granted
-    batched: bool = True  # vectorised candidate scoring (False: one candidate at a time)
-    chunk: int = 16  # candidates per vectorised call
-    ghost: bool = True  # score candidates from layer inputs/output gradients (False: vmap per-candidate gradients)
-    ghost_chunk: int = 32  # candidates per ghost call
-    ghost_step: bool = True  # continuous step from the ghost products too (False: autograd through the dummy gradient)
-    lm_bf16: bool = False  # LM prior under CPU bf16 autocast (about 2x faster on AMX CPUs; NLLs move ~0.01 nats)
+__all__ = ["TextAttackConfig", "TextSearch"]
 
 
 class TextSearch:
@@ -296,33 +263,7 @@ class TextSearch:
     # -- discrete step ---------------------------------------------------------------------------
     def propose(self, n: int, count: int) -> np.ndarray:
         """``count`` permutations of ``n`` body positions; row 0 is the identity (LAMP's 4 moves)."""
-        rng = self.rng
-        out = np.tile(np.arange(n), (count, 1))
-        for k in range(1, count):
-            p = np.arange(n)
-            kind = k % 4
-            if n < 2:
-                pass
-            elif kind == 0:  # swap two tokens
-                i, j = rng.integers(n), rng.integers(n)
-                p[i], p[j] = p[j], p[i]
-            elif kind == 1:  # move one token
-                i, j = rng.integers(n), rng.integers(n + 1)
-                tok = p[i]
-                rest = np.delete(p, i)
-                j = j if j <= i else j - 1
-                p = np.insert(rest, min(j, n - 1), tok)
-            elif kind == 2:  # move a span
-                a, e = sorted(rng.integers(n + 1, size=2))
-                if e > a:
-                    span, rest = p[a:e], np.concatenate([p[:a], p[e:]])
-                    q = rng.integers(len(rest) + 1)
-                    p = np.concatenate([rest[:q], span, rest[q:]])
-            else:  # move a prefix to the end
-                i = 1 + rng.integers(n - 1)
-                p = np.concatenate([p[i:], p[:i]])
-            out[k] = p
-        return out
+        return propose_moves(self.rng, n, count)
 
     def discrete_step(self, x: Tensor) -> tuple[Tensor, int]:
         cfg = self.cfg
@@ -432,17 +373,3 @@ class TextSearch:
                 y.detach().cpu() if y is not None else None)
         return Reconstruction(data=texts, labels=labels, stats=self.stats,
                               extras={"token_ids": [ids[b, :n].tolist() for b, n in enumerate(self.lens)]})
-
-
-def _first_occurrences(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the first occurrence of each distinct row, in order, and for every row the
-    position of its row among them (``rows[first][inverse] == rows``)."""
-    seen: dict[bytes, int] = {}
-    first, inverse = [], np.empty(len(rows), dtype=np.int64)
-    for i, r in enumerate(np.ascontiguousarray(rows)):
-        k = r.tobytes()
-        if k not in seen:
-            seen[k] = len(first)
-            first.append(i)
-        inverse[i] = seen[k]
-    return np.asarray(first, dtype=np.int64), inverse

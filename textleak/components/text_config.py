@@ -1,0 +1,42 @@
+"""The configuration shared by TAG and LAMP (their presets are instances with each paper's defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .tokens import Filter
+
+
+@dataclass(frozen=True)
+class TextAttackConfig:
+    RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
+        "lr": ">0", "lr_decay": "(0,1]", "lr_step": ">=1", "n_steps": ">=1", "grad_clip": ">0",
+        "init_size": ">0", "init_candidates": ">=1", "swap_burnin": "[0,1]",
+        "swap_every": ">=1", "swap_candidates": ">=1", "lm_topk": ">=1", "topk_factor": ">0", "chunk": ">=1",
+        "ghost_chunk": ">=1"}
+    loss: Literal["cos", "tag", "l2"] = "cos"
+    tag_factor: float = 0.01
+    lr: float = 0.01
+    lr_decay: float = 0.9  # StepLR gamma every lr_step steps
+    lr_step: int = 50
+    n_steps: int = 2000
+    grad_clip: float | None = None
+    coeff_reg: float = 0.1  # embedding-norm regulariser
+    init_size: float | None = 1.4  # None: mean norm of the allowed token embeddings
+    coeff_perplexity: float = 0.1  # LM prior weight in the discrete step
+    init_candidates: int = 500
+    init_permutations: int = 500
+    use_swaps: bool = True
+    swap_burnin: float = 0.1
+    swap_every: int = 75
+    swap_candidates: int = 200
+    lm_topk: int | None = None  # score the LM only on the k best candidates by gradient loss (None: all)
+    token_filter: Filter = "auto"
+    topk_factor: float = 3.0
+    labels: Literal["recover", "optimize"] = "recover"  # when the labels are not granted
+    batched: bool = True  # vectorised candidate scoring (False: one candidate at a time)
+    chunk: int = 16  # candidates per vectorised call
+    ghost: bool = True  # score candidates from layer inputs/output gradients (False: vmap per-candidate gradients)
+    ghost_chunk: int = 32  # candidates per ghost call
+    ghost_step: bool = True  # continuous step from the ghost products too (False: autograd through the dummy gradient)
+    lm_bf16: bool = False  # LM prior under CPU bf16 autocast (about 2x faster on AMX CPUs; NLLs move ~0.01 nats)
