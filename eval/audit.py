@@ -50,7 +50,8 @@ from .records import RECORDS_FILE, SCHEMA_VERSION, append_record, completed_ids,
 
 #: modality -> (baseline preset, the metric compared); the baseline's metrics are the mean of
 #: ``BASELINE_DRAWS`` independent draws (a single draw on one row is too noisy to compare with)
-BASELINES = {"tabular": ("tableak-random", "accuracy")}
+BASELINES = {"tabular": ("tableak-random", "accuracy"), "text": ("text-prior", "rouge1"),
+             "text-lora": ("text-prior", "rouge1")}
 BASELINE_DRAWS = 8
 
 __all__ = ["audit", "load_into", "delta_as_gradient", "BASELINES"]
