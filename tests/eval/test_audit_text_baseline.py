@@ -110,3 +110,30 @@ def test_a_text_audit_records_the_prior_baseline_and_dager_leaks(tiny, tmp_path,
     table = render([rec])
     assert "| client | attack | rouge1 | baseline | verdict | status |" in table
     assert f"| c0 | dager | 1.000 | {b['value']:.3f} | leaks | ok |" in table
+
+
+def test_a_federation_that_tokenised_with_another_tokenizer_is_flagged_not_better(tiny, tmp_path, capsys):
+    """The clients fed MiniLM WordPiece ids to the GPT-2 model: DAGER recovers the ids, decoded as
+    GPT-2 tokens they are junk, and the audit says the attack is not better than the prior baseline."""
+    from common.types import Batch
+    from eval.capture import write_capture
+    from textleak.kit import text_loss
+    from textleak.models import minilm_tokenizer
+
+    _, _, model, _ = tiny
+    wrong = minilm_tokenizer()
+    enc = wrong(CLIENT, padding=True, return_tensors="pt")
+    batch = Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, None, {})
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(text_loss(model, batch).mean(), list(model.parameters()))
+    (tmp_path / "truth.txt").write_text("\n".join(CLIENT) + "\n")
+    write_capture(tmp_path / "cap", round=1, client_id="c0", kind="gradient", num_examples=len(CLIENT),
+                  before={n: p.detach() for n, p in model.named_parameters()}, update=dict(zip(names, grads)),
+                  truth=tmp_path / "truth.txt")
+    assert main(["audit", str(tmp_path / "cap"), "--attack", "dager", "--case", CASE,
+                 "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    (rec,) = [json.loads(x) for x in (tmp_path / "o" / "records.jsonl").read_text().splitlines()]
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["baseline"]["verdict"] == "NOT better than baseline", (rec["metrics"], rec["baseline"])
+    assert "is not better than the text-prior baseline" in err and "is NOT better than the random baseline" in err
