@@ -49,8 +49,10 @@ from .pipeline import check_modality, make_kit, resolve_attack, resolve_device, 
 from .records import RECORDS_FILE, SCHEMA_VERSION, append_record, completed_ids, now, provenance, run_id
 
 #: modality -> (baseline preset, the metric compared); the baseline's metrics are the mean of
-#: ``BASELINE_DRAWS`` independent draws (a single draw on one row is too noisy to compare with)
-BASELINES = {"tabular": ("tableak-random", "accuracy")}
+#: ``BASELINE_DRAWS`` independent draws (a single draw on one row is too noisy to compare with).
+#: Speech has none: a speech capture has no ground truth to score one with (no ``truth_from_file``).
+BASELINES = {"tabular": ("tableak-random", "accuracy"), "text": ("text-prior", "rouge1"),
+             "text-lora": ("text-prior", "rouge1")}
 BASELINE_DRAWS = 8
 
 __all__ = ["audit", "load_into", "delta_as_gradient", "BASELINES"]

@@ -7,6 +7,7 @@ ATTACKS = {
     "tag": "textleak.attacks.tag:TAG",
     "lamp": "textleak.attacks.lamp:LAMP",
     "dager": "textleak.attacks.dager:DAGER",
+    "text-prior": "textleak.attacks.baseline:TextPriorBaseline",
 }
 PRESETS = {
     "tag": Preset("tag", {}, "TAG (Deng et al. 2021) as LAMP's tag.sh: L2 + 0.01·L1, Adam lr 0.1, 2500 steps"),
@@ -18,6 +19,7 @@ PRESETS = {
     "dager": Preset("dager", {}, "DAGER (Petrov et al. 2024): reference tau1 1e-5 / tau2 1e-3 with spectrum-adaptive widening"),
     "dager-fedavg": Preset("dager", {"l1_span_thresh": 5e-3, "l2_span_thresh": 5e-3, "adaptive_tau": False},
                            "DAGER with the fixed thresholds of the reference fed_avg.sh"),
+    "text-prior": Preset("text-prior", {}, "Baseline, not an attack: B sentences from the public pool (nearest granted lengths)"),
 }
 #: TextKit.score writes rouge1/2/L, token_accuracy, exact_match and label_accuracy: all common entries.
 METRICS: tuple = ()

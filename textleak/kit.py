@@ -14,6 +14,7 @@ from common.labels import label_accuracy
 from common.matching import assignment
 from common.types import Batch, Reconstruction
 
+from .attacks.baseline import sentence_pool_prior
 from .data import load_sentences
 from .models import classifier_head, embedding_param_name, info_of, input_embedding, load_text_model, max_length, param_name
 from .prior import TextPrior
@@ -164,7 +165,8 @@ class TextKit:
         )
 
     #: prior kind (an attack's ``info.prior``) -> builder; "" / "none" (no declared prior) get the text prior too
-    priors: ClassVar[Mapping[str, Callable[..., Any]]] = {"text": _text_prior, "": _text_prior, "none": _text_prior}
+    priors: ClassVar[Mapping[str, Callable[..., Any]]] = {"text": _text_prior, "": _text_prior, "none": _text_prior,
+                                                          "text-pool": sentence_pool_prior}  # the text-prior baseline's
 
     def make_prior(self, case: Case, model: nn.Module, prior_kind: str, *, device) -> TextPrior:
         return build_prior(self, case, model, prior_kind, device=device)
