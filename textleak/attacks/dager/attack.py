@@ -242,7 +242,7 @@ class DAGER:
             order = sorted(range(len(sents)), key=lambda i: scores[i])
         else:
             # the first block's feed-forward input: as discriminative as layer 2 on true prefixes (GPT-2
-            # B=32: the true extension ranks first at 98 % of steps on either) at about a third of the cost
+            # B=32: the true extension ranks first at 98 % of steps on either) at about half the cost
             vocab = int(c.model.get_input_embeddings().num_embeddings)
             probe = torch.tensor([[c.prior.tokenizer.eos_token_id or 0, 1, 2]], device=model_device(c.model)) % vocab
             # only where layer 1's exact lists hold (layer 2 alone saturated, no noise): with layer 1 saturated

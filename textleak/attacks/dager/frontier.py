@@ -47,7 +47,7 @@ greedy pursuit over a token-by-position dictionary, the strongest atoms first):
   noise is declared, extensions are ranked at the first block's *feed-forward input*
   (``ffn_inputs``: GPT-2 ``mlp.c_fc``, found as the block's third group of projections sharing
   one input), whose update's row space is the span of the normalised attention-sublayer outputs,
-  one per token as for layer 2, reached without the feed-forward itself (about a third of the
+  one per token as for layer 2, reached without the feed-forward itself (about half the
   cost per extension). It uses a part of the update DAGER does not read (SOMP's point: more of
   the update than the first layer). On the true prefixes of a GPT-2 B=32 batch the true
   extension ranked first at 98 % of steps with either span (the rest: other sentences' true
@@ -170,7 +170,7 @@ def ffn_inputs(obs: Observation, model: nn.Module, probe: Tensor, sigma: float) 
     """The first block's feed-forward input projections (GPT-2 ``mlp.c_fc``, Llama ``gate/up``) as a
     second test of a decoder extension: their update's row space is the span of the normalised
     attention-sublayer outputs, one per token (as the second block's input), and the input is
-    reached without the feed-forward itself (about a third of the cost of the second block's
+    reached without the feed-forward itself (about half the cost of the second block's
     input). Its rank saturates with layer 2's; the weakest directions are dropped as for layer 2.
     None when the observation lacks the projections (LoRA, frozen blocks)."""
     try:
