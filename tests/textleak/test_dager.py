@@ -590,3 +590,23 @@ def test_noise_aware_search_recovers_what_the_exact_test_misses():
     assert rec.stats["frontier"] == 1.0 and rec.stats["tol_l1"] > 1e-3 and rec.extras["certified"] == [False] * 2
     metrics, _ = kit.score(rec, truth, case=case)
     assert metrics["rouge1"] >= 0.4, (rec.data, truth["sentences"])
+
+
+def test_budget_clock_cpu_counts_this_process_cpu_time_not_the_wall_clock():
+    """A search budget in CPU seconds does not run out while the process waits (a loaded machine),
+    the wall-clock one does; both stop once the budget is really used."""
+    import time
+
+    from textleak.attacks.dager.config import DagerConfig
+    from textleak.attacks.dager.run import Run
+
+    for clock, expect_after_sleep in (("wall", True), ("cpu", False)):
+        run = Run(DagerConfig(time_budget_s=0.2, budget_clock=clock), (1e-5, 1e-3))
+        time.sleep(0.3)  # waiting costs wall time, not CPU time
+        assert run.over_budget() is expect_after_sleep and run.timed_out is expect_after_sleep
+    run = Run(DagerConfig(time_budget_s=0.05, budget_clock="cpu"), (1e-5, 1e-3))
+    t = time.process_time()
+    while time.process_time() - t < 0.1:  # burn CPU
+        sum(i * i for i in range(1000))
+    assert run.over_budget() and run.timed_out
+    assert not Run(DagerConfig(time_budget_s=0.0, budget_clock="cpu"), (1e-5, 1e-3)).over_budget()  # 0: no budget

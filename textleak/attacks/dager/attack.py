@@ -74,11 +74,11 @@ class DAGER:
     # ------------------------------------------------------------------------------------------
     def reconstruct(self, obs: Observation, model: nn.Module, prior: Any, *,
                     generator: torch.Generator) -> Reconstruction:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         was_training = model.training
         model.eval()
         try:
-            return self._run(obs, model, prior, t0)
+            return self._run(obs, model, prior, t0, c0)
         except DagerPreconditionError as e:
             if self.config.on_failure == "raise":
                 raise
@@ -150,13 +150,13 @@ class DAGER:
                   for k, t in enumerate(base))
         return l1, l2
 
-    def _run(self, obs: Observation, model: nn.Module, prior: Any, t0: float) -> Reconstruction:
+    def _run(self, obs: Observation, model: nn.Module, prior: Any, t0: float, c0: float) -> Reconstruction:
         dev = model_device(model)
         tok = prior.tokenizer
         vocab = int(model.get_input_embeddings().num_embeddings)
         probe = torch.tensor([[tok.eos_token_id or 0, 1, 2]], device=dev) % vocab
         taps, spans, stats = self.spans(obs, model, probe)
-        run = Run(self.config, self._taus(stats), t0=t0, stats=stats, fast=self.fast)
+        run = Run(self.config, self._taus(stats), t0=t0, c0=c0, stats=stats, fast=self.fast)
         stats["tau_l1"], stats["tau_l2"] = run.tau
         li1, li2 = LayerInputs(model, taps[0]), LayerInputs(model, taps[1])
         b = obs.num_examples

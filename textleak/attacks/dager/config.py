@@ -21,6 +21,8 @@ class DagerConfig:
     # best at the new position); 0: all
     on_failure: Literal["report", "raise"] = "report"
     time_budget_s: float = 0.0  # > 0: stop the sequence search after this many seconds (stats timed_out)
+    budget_clock: Literal["wall", "cpu"] = "wall"  # what time_budget_s counts: wall-clock seconds, or this
+    # process's CPU seconds (all its threads; load-independent, so published suites on a shared machine use it)
     rank_limit: Literal["best_effort", "refuse"] = "best_effort"  # saturated rank: the ranked search of
     # frontier.py (sentences not certified), or refuse as the reference (precondition failure)
     noise_aware: bool = True  # declared Gaussian noise that swamps the span: the ranked search (frontier.py)

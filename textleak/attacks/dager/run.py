@@ -23,6 +23,7 @@ class Run:
     config: DagerConfig
     tau: tuple[float, float]  # (tau_1, tau_2) after the spectrum-adaptive widening
     t0: float = field(default_factory=time.perf_counter)
+    c0: float = field(default_factory=time.process_time)  # for budget_clock = "cpu"
     stats: dict[str, float] = field(default_factory=dict)
     timed_out: bool = False
     li1: LayerInputs | None = None  # layer-1 inputs (encoders: the beam's and the repair's token vectors)
@@ -32,9 +33,11 @@ class Run:
     prior_penalty: float | None = None  # the encoder beam's prior weight (None: config.PRIOR_PENALTY)
 
     def over_budget(self) -> bool:
-        """True (and ``timed_out`` set) once ``time_budget_s`` > 0 has passed since ``t0``."""
+        """True (and ``timed_out`` set) once ``time_budget_s`` > 0 has passed since ``t0`` (wall clock)
+        or, with ``budget_clock = "cpu"``, once this process has used that many CPU seconds since ``c0``."""
         budget = self.config.time_budget_s
-        if budget > 0 and time.perf_counter() - self.t0 > budget:
+        used = time.process_time() - self.c0 if self.config.budget_clock == "cpu" else time.perf_counter() - self.t0
+        if budget > 0 and used > budget:
             self.timed_out = True
             return True
         return False
