@@ -18,8 +18,9 @@ sentences (40 of the 200 Rotten Tomatoes sentences; accuracy moves in steps of 2
 Text protocol and its CPU reductions (``DEFAULTS``): a classifier (the pretrained MiniLM BERT, a
 fresh 2-class head) is fine-tuned for sentiment in 30 rounds of 4 clients at Adam lr 1e-4, with its
 embedding block (word, position and type tables, their LayerNorm: 12 M of its 23 M parameters)
-frozen; every other tensor is trained. The update defenses act per tensor (noise, pruning, quantisation, masking), so each
-trained tensor's defended update is distributed exactly as the one the attack sees; DP-SGD clips
+frozen; every other tensor is trained. The update defenses act per tensor (noise, pruning,
+quantisation, masking), so each trained tensor's defended update is distributed exactly as the
+one the attack sees; DP-SGD clips
 the whole per-example gradient, embedding tables included, so text under DP-SGD is refused. A
 causal LM of the kit (randomly initialised) is trained whole (100 rounds of 4 clients, lr 1e-3) and
 scored by held-out next-token accuracy (its ``test_accuracy``, the frontier's x axis) and
