@@ -140,8 +140,8 @@ def test_report_in_a_real_browser(runs, frontier, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     assert html.count("<section class=\"setting\"") == 6 and "id=\"summary\"" in html and "id=\"frontier\"" in html
-    # a leaderboard table per setting, example tables for text and tabular (undefended and under noise)
-    assert html.count("<table") == 9
+    # a leaderboard table per setting (6), example tables for text and tabular, undefended and under noise (4)
+    assert html.count("<table") == 10
     assert html.count("<audio") == 4 and html.count("<img") >= 6
     assert _frontier_figures(html, quote='"') == {"text": 1, "tabular": 1, "speech": 1}
     console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
