@@ -196,8 +196,6 @@ def _frontier_plots(rows: Sequence[lb.Row], utility: Sequence[dict]) -> dict[str
     """Frontier figures per modality."""
     out: dict[str, list[str]] = {}
     for name, fam, series, mod, primary in frontier_groups(rows, utility):
-        if sum(len(v) for v in series.values()) < 2:
-            continue  # one point is no trade-off
         ulabel = _utility_label(utility, name.rsplit(" (B=", 1)[0])
         uri = rp.line_plot(series, title=f"{name}, {fam}: {primary} vs {ulabel} (defense strength varies)",
                            xlabel=f"defended model's {ulabel} (utility)", metric=primary, logx=False,
