@@ -11,7 +11,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 rc=0  # bench exits 1 when a trial failed: still write the leaderboard, then exit 1
 .venv/bin/python -m eval bench eval/suites/main.toml --out "$OUT" --resume "$@" > /dev/null || rc=$?
 [ "$rc" -le 1 ] || exit "$rc"
-.venv/bin/python -m eval utility eval/suites/main.toml --out "$OUT" --defended-only --resume
+.venv/bin/python -m eval utility eval/suites/main.toml --out "$OUT" --defended-only --resume \
+  || { echo "[main] eval utility failed: the report is written without frontiers" >&2; rc=1; }
 .venv/bin/python -m eval leaderboard "$OUT" --format html -o "$OUT/leaderboard.html"
 .venv/bin/python -m eval leaderboard "$OUT" --format md | tee "$OUT/leaderboard.md"
 .venv/bin/python -m eval report "$OUT" -o "$OUT/report.html" --title "gradleak main job"
