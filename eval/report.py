@@ -20,6 +20,7 @@ from .errors import UserError
 from .records import RECORDS_FILE, iter_records
 
 MAX_EXAMPLES = 2  # trials shown per (setting, attack)
+MODALITIES = ("text", "tabular", "speech")
 
 
 @dataclass
@@ -115,11 +116,12 @@ def _examples(case: dict, trials: Sequence[Trial]) -> str:
 
 def _plots(rows: Sequence[lb.Row]) -> list[str]:
     out = []
-    primary = lb.default_primary(rows)
-    if primary is None:
-        return out
+    by_mod: dict[str, list[lb.Row]] = {}
+    for r in rows:  # each modality's plots use its own primary metric
+        by_mod.setdefault(r.case["modality"], []).append(r)
     for axis, xlabel, logx in (("batch_size", "batch size", True), ("defense", "defense strength", False)):
-        for name, series in lb.plot_series(rows, primary, axis):
+        for name, series, primary in ((n, s, p) for rs in by_mod.values() if (p := lb.default_primary(rs))
+                                      for n, s in lb.plot_series(rs, p, axis)):
             if max((len(v) for v in series.values()), default=0) < 2:
                 continue
             fixed = "everything else fixed" if axis == "batch_size" else "batch size and protocol fixed"
@@ -149,38 +151,60 @@ def _join_key(case: dict) -> str:
 
 def frontier_series(rows: Sequence[lb.Row], utility: Sequence[dict]) -> list[tuple[str, str, dict]]:
     """[(setting name, defense family, {attack preset: [(utility, attack metric)]})]: one point per
-    defense strength (the undefended model in every family), sorted by utility."""
+    defense strength (the undefended model in every family), sorted by utility. The attack metric
+    is the primary metric of the setting's own rows (each modality has its own)."""
+    return [(name, fam, series) for name, fam, series, _mod, _p in frontier_groups(rows, utility)]
+
+
+def frontier_groups(rows: Sequence[lb.Row], utility: Sequence[dict]) -> list[tuple[str, str, dict, str, str]]:
+    """As :func:`frontier_series`, with the setting's modality and primary metric."""
     util = {_join_key(u["case"]): u["utility"]["test_accuracy"] for u in utility}
-    primary = lb.default_primary(rows)
-    fams: dict[tuple[str, int, str], dict[str, list[tuple[float, float]]]] = {}
+    by_setting: dict[tuple[str, int], list[lb.Row]] = {}
     for r in rows:
-        u, m = util.get(_join_key(r.case)), _mean(r, primary) if primary else None
-        if u is None or m is None:
-            continue
-        defs = r.case.get("defenses") or []
-        if len(defs) == 1:
-            families = [defs[0]["name"]]
-        elif not defs:  # the undefended point joins every family measured for this setting
-            families = sorted({u2["case"]["defenses"][0]["name"] for u2 in utility
-                               if u2["case"]["name"] == r.case["name"] and len(u2["case"].get("defenses") or []) == 1})
-        else:
-            continue  # a stack of several defenses belongs to no single family
-        for fam in families:
-            key = (r.case["name"], r.case["protocol"]["batch_size"], fam)
-            fams.setdefault(key, {}).setdefault(r.preset, []).append((u, m))
-    return [(f"{n} (B={b})", fam, series) for (n, b, fam), series in sorted(fams.items())]
-
-
-def _frontier_plots(rows: Sequence[lb.Row], utility: Sequence[dict]) -> list[str]:
-    primary = lb.default_primary(rows)
+        by_setting.setdefault((r.case["name"], r.case["protocol"]["batch_size"]), []).append(r)
     out = []
-    for name, fam, series in frontier_series(rows, utility):
-        uri = rp.line_plot(series, title=f"{name}, {fam}: {primary} vs held-out accuracy (defense strength varies)",
-                           xlabel="defended model's held-out accuracy (utility)", metric=primary, logx=False,
+    for (name, b), rs in sorted(by_setting.items()):
+        primary = lb.default_primary(rs)
+        fams: dict[str, dict[str, list[tuple[float, float]]]] = {}
+        for r in rs:
+            u, m = util.get(_join_key(r.case)), _mean(r, primary) if primary else None
+            if u is None or m is None:
+                continue
+            defs = r.case.get("defenses") or []
+            if len(defs) == 1:
+                families = [defs[0]["name"]]
+            elif not defs:  # the undefended point joins every family measured for this setting
+                families = sorted({u2["case"]["defenses"][0]["name"] for u2 in utility
+                                   if u2["case"]["name"] == name and len(u2["case"].get("defenses") or []) == 1})
+            else:
+                continue  # a stack of several defenses belongs to no single family
+            for fam in families:
+                fams.setdefault(fam, {}).setdefault(r.preset, []).append((u, m))
+        for fam, series in sorted(fams.items()):
+            series = {k: v for k, v in series.items() if len(v) >= 2}  # an attack run only undefended: no curve
+            if series:
+                out.append((f"{name} (B={b})", fam, series, rs[0].case["modality"], primary or ""))
+    return out
+
+
+def _utility_label(utility: Sequence[dict], name: str) -> str:
+    notes = {u["utility"].get("note", "") for u in utility if u["case"]["name"] == name}
+    return "held-out next-token accuracy" if any("next-token" in n for n in notes) else "held-out accuracy"
+
+
+def _frontier_plots(rows: Sequence[lb.Row], utility: Sequence[dict]) -> dict[str, list[str]]:
+    """Frontier figures per modality."""
+    out: dict[str, list[str]] = {}
+    for name, fam, series, mod, primary in frontier_groups(rows, utility):
+        ulabel = _utility_label(utility, name.rsplit(" (B=", 1)[0])
+        uri = rp.line_plot(series, title=f"{name}, {fam}: {primary} vs {ulabel} (defense strength varies)",
+                           xlabel=f"defended model's {ulabel} (utility)", metric=primary, logx=False,
                            bounded_x=True)
-        out.append(f"<figure><img alt='frontier {rp.esc(name)} {rp.esc(fam)}' src='{uri}'><figcaption>"
-                   f"privacy-utility frontier, {rp.esc(name)}, defense family {rp.esc(fam)}: each point is one "
-                   "defense strength; up = more leakage, right = more useful model</figcaption></figure>")
+        out.setdefault(mod, []).append(
+            f"<figure class='frontier' data-modality='{rp.esc(mod)}'><img alt='frontier {rp.esc(name)} {rp.esc(fam)}' "
+            f"src='{uri}'><figcaption>privacy-utility frontier, {rp.esc(name)}, defense family {rp.esc(fam)}: each "
+            f"point is one defense strength; up = more leakage ({rp.esc(primary)}), right = more useful model "
+            f"({rp.esc(ulabel)})</figcaption></figure>")
     return out
 
 
@@ -195,7 +219,7 @@ def build_report(paths: Sequence[str | Path], *, title: str = "gradleak report")
          "Numbers are means over successful trials with 95 % t-intervals; attacks are ranked only within a "
          "setting. Each setting states what the threat model grants.</p>",
          "<section id='summary'><h2>What leaked</h2>"]
-    for mod in ("text", "tabular", "speech"):
+    for mod in MODALITIES:
         if mod in summary:
             h.append(f"<h3>{mod}</h3><ul class='summary'>" + "".join(f"<li>{rp.esc(s)}</li>" for s in summary[mod])
                      + "</ul>")
@@ -206,8 +230,11 @@ def build_report(paths: Sequence[str | Path], *, title: str = "gradleak report")
     frontier = _frontier_plots(rows, load_utility(paths))
     if frontier:
         h.append("<section id='frontier'><h2>Privacy-utility frontier</h2>"
-                 "<p class='note'>Attack success against the utility of the model trained under the same defense "
-                 "(python -m eval utility).</p>" + "".join(frontier) + "</section>")
+                 "<p class='note'>Attack success against the utility of the model federated-trained under the same "
+                 "defense on the public pool (python -m eval utility), per defense family.</p>")
+        for mod in sorted(frontier, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else 9, m)):
+            h.append(f"<h3>{rp.esc(mod)}</h3>" + "".join(frontier[mod]))
+        h.append("</section>")
     plots = _plots(rows)
     if plots:
         h.append("<section id='plots'><h2>Trends</h2>" + "".join(plots) + "</section>")

@@ -31,6 +31,56 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+FRONTIER_SUITE = """
+[[run]]
+case = "text/tiny-gpt2/dager"
+attacks = ["dager"]
+batch_sizes = [2]
+defenses = [[{ name = "gaussian", sigma = 1e-2 }]]
+
+[[run]]
+case = "tabular/adult-fc/fedsgd-labels"
+attacks = ["tableak"]
+batch_sizes = [4]
+set = { iterations = 30, ensemble = 2 }
+defenses = [[{ name = "gaussian", sigma = 0.1 }]]
+
+[[run]]
+case = "speech/kws-mel/fedsgd"
+attacks = ["speech-lbfgs"]
+batch_sizes = [1]
+set = { iterations = 40 }
+defenses = [[{ name = "gaussian", sigma = 0.01 }]]
+"""
+
+
+@pytest.fixture(scope="module")
+def frontier(tmp_path_factory) -> Path:
+    """The main job's frontier step in small: each modality's attack under one Gaussian noise (the
+    undefended points are the ``runs``) and ``eval utility --defended-only`` on a few rounds."""
+    root = tmp_path_factory.mktemp("frontier")
+    suite = root / "suite.toml"
+    suite.write_text(FRONTIER_SUITE)
+    assert main(["bench", str(suite), "--out", str(root), "--quiet"]) == 0
+    assert main(["utility", str(suite), "--out", str(root), "--defended-only", "--rounds", "3", "--clients", "2"]) == 0
+    return root
+
+
+def _frontier_figures(page: str, quote: str = "'") -> dict[str, int]:
+    q = quote
+    return {m: len(re.findall(f"<figure class={q}frontier{q} data-modality={q}{m}{q}><img [^>]*src={q}data:image/png",
+                              page)) for m in ("text", "tabular", "speech")}
+
+
+def test_report_draws_a_privacy_utility_frontier_per_modality(runs, frontier):
+    util = [json.loads(ln) for ln in (frontier / "utility.jsonl").read_text().splitlines()]
+    assert len(util) == 6 and {u["case"]["modality"] for u in util} == {"text", "tabular", "speech"}
+    page = build_report([*runs.values(), frontier])
+    assert _frontier_figures(page) == {"text": 1, "tabular": 1, "speech": 1}
+    assert "held-out next-token accuracy" in page  # the tiny GPT-2 is a causal LM
+    assert page.count("<section class='setting'") == 6
+
+
 def test_word_diff_marks_only_the_differing_words():
     left, right = word_diff("the cat sat on the mat", "the dog sat on a mat")
     assert left == "the <del>cat</del> sat on <del>the</del> mat"
@@ -75,22 +125,25 @@ def _chromium() -> str | None:
 
 
 @pytest.mark.browser
-def test_report_in_a_real_browser(runs, tmp_path):
-    """Headless Chromium loads the report: every section, table, image and audio element is in the
-    DOM it built, no console errors, and a screenshot is saved beside the report."""
+def test_report_in_a_real_browser(runs, frontier, tmp_path):
+    """Headless Chromium loads the main-job-like report (the three modalities undefended and under
+    noise, with utility): every section, table, image and audio element, a frontier image per
+    modality, is in the DOM it built, no console errors, and a screenshot is saved beside it."""
     exe = _chromium()
     if exe is None:
         pytest.skip("Chromium is not installed (apt-get install chromium; scripts/test.sh installs it)")
     report = tmp_path / "report.html"
-    assert main(["report", *map(str, runs.values()), "-o", str(report)]) == 0
+    assert main(["report", *map(str, runs.values()), str(frontier), "-o", str(report)]) == 0
     common = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
     dom = subprocess.run([*common, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
-    assert html.count("<section class=\"setting\"") == 3 and "id=\"summary\"" in html
-    assert html.count("<table") == 5  # a leaderboard table per setting, example tables for text and tabular
-    assert html.count("<audio") == 2 and html.count("<img") >= 1
+    assert html.count("<section class=\"setting\"") == 6 and "id=\"summary\"" in html and "id=\"frontier\"" in html
+    # a leaderboard table per setting (6), example tables for text and tabular, undefended and under noise (4)
+    assert html.count("<table") == 10
+    assert html.count("<audio") == 4 and html.count("<img") >= 6
+    assert _frontier_figures(html, quote='"') == {"text": 1, "tabular": 1, "speech": 1}
     console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
     assert not console, console
     shot = tmp_path / "report.png"
