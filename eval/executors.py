@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from contextlib import contextmanager
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,6 +22,26 @@ def local_executor(specs: Sequence[Prepared], *, device: torch.device, out_dir, 
                    address=None) -> Iterator[tuple[Prepared, dict]]:
     for p in specs:
         yield p, run_trial(p, device=device, out_dir=out_dir, resources=resources)
+
+
+#: the thread-count variables of the math libraries a worker loads (OpenMP, OpenBLAS, MKL, numexpr)
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+@contextmanager
+def thread_env(threads: int):
+    """Set the thread-count variables while a worker process starts (it inherits the environment),
+    so that n workers use n * threads cores rather than n * all of them; restored afterwards."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update({k: str(threads) for k in THREAD_VARS})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _worker_main(conn, device: str, out_dir: str, threads: int) -> None:
@@ -47,7 +68,8 @@ def process_executor(specs: Sequence[Prepared], *, device: torch.device, out_dir
     def spawn():
         parent, child = ctx.Pipe()
         p = ctx.Process(target=_worker_main, args=(child, str(device), str(out_dir), threads), daemon=True)
-        p.start()
+        with thread_env(threads):  # numpy/scipy's BLAS reads these at import, before _worker_main runs
+            p.start()
         child.close()
         live[parent] = [p, None]
 

@@ -89,3 +89,22 @@ def test_executors_agree_with_local(tmp_path):
     ma = {x["run_id"]: x["metrics"] for x in records(a)}
     mb = {x["run_id"]: x["metrics"] for x in records(b)}
     assert ma == mb and len(ma) == 4
+
+
+
+def test_workers_start_with_their_thread_count_in_the_environment(monkeypatch):
+    """numpy/scipy read the BLAS thread count when imported, before a worker's own code runs: the pool
+    must start each worker with it already set (16 workers x 16 BLAS threads made a device run crawl)."""
+    import os
+    import subprocess
+    import sys
+
+    from eval.executors import thread_env
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    probe = "import os; print(os.environ.get('OMP_NUM_THREADS'), os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('MKL_NUM_THREADS'))"
+    with thread_env(1):  # a process started here (spawn or exec) inherits the variables
+        seen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.split()
+    assert seen == ["1", "1", "1"]
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "OPENBLAS_NUM_THREADS" not in os.environ  # restored
