@@ -122,36 +122,23 @@ def resolve_encoding(case: Case, caps: list[Capture]) -> tuple[Case, Encoding | 
         return case, None
     from tableak.schema import load_schema, schema_fingerprint
 
+    from .schema_cli import case_schema
+
     def fp(path) -> str:
         try:
             return schema_fingerprint(load_schema(path))
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    declared = {c.path: (c.schema_path, fp(c.schema_path)) for c in caps if c.schema_path is not None}
-    if case.options.get("schema"):
-        given = fp(case.options["schema"])
-        bad = [p for p, (_, f) in declared.items() if f != given]
-        if bad:
-            raise UserError(f"{bad[0]}: the capture declares another encoding than --schema (schema {declared[bad[0]][1]} "
-                            f"vs {given}); audit with --schema {declared[bad[0]][0]}")
-        return case, Encoding("given", given)
-    if declared:
-        fps = {f for _, f in declared.values()}
-        if len(fps) > 1:
-            raise UserError(f"the captures declare {len(fps)} different encodings; audit each group of clients "
-                            f"separately with its --schema")
-        path = next(iter(declared.values()))[0]
-        case = replace(case, options={**case.options, "schema": str(path)})
-        return case, Encoding("declared", next(iter(fps)))
-    from eval.schema_cli import case_schema
+    def assumed() -> Encoding:
+        schema = case_schema(case)
+        return Encoding("assumed", schema_fingerprint(schema), (
+            f"the captures declare no encoding; the case's encoding (width {schema.dim}: column order, sorted "
+            f"categories, whole-table standardisation) is assumed. If the federation encoded its rows otherwise "
+            f"the results are meaningless: encode with `python -m eval schema export {case.name}` and pass "
+            f"--schema (or CapturingStrategy(schema=...))"))
 
-    schema = case_schema(case)
-    warning = (f"the captures declare no encoding; the case's encoding (width {schema.dim}: column order, sorted "
-               f"categories, whole-table standardisation) is assumed. If the federation encoded its rows otherwise "
-               f"the results are meaningless: encode with `python -m eval schema export {case.name}` and pass "
-               f"--schema (or CapturingStrategy(schema=...))")
-    return case, Encoding("assumed", schema_fingerprint(schema), warning)
+    return _resolve(case, caps, option="schema", what="encoding", fingerprint=fp, assumed=assumed)
 
 
 def _resolve_frontend(case: Case, caps: list[Capture]) -> tuple[Case, Encoding]:
@@ -166,26 +153,35 @@ def _resolve_frontend(case: Case, caps: list[Capture]) -> tuple[Case, Encoding]:
         except ValueError as e:
             raise UserError(f"{path}: {str(e).strip().splitlines()[0]}") from None
 
-    declared = {c.path: (c.schema_path, fp(c.schema_path)) for c in caps if c.schema_path is not None}
-    if case.options.get("frontend"):
-        given = fp(case.options["frontend"])
+    def assumed() -> Encoding:
+        fe = case_frontend(case)
+        return Encoding("assumed", frontend_fingerprint(fe), (
+            f"the captures declare no speech front end; the case's ({fe.kind}, {fe.sample_rate} Hz, n_fft {fe.n_fft}, "
+            f"hop {fe.hop}, {fe.n_mels} mel bins {fe.f_min:g}-{fe.f_max:g} Hz, natural-log scaling) is assumed. If the "
+            f"federation computed its features otherwise the results are meaningless: export it with `python -m eval "
+            f"schema export {case.name}`, edit it to the federation's, and pass --schema"))
+
+    return _resolve(case, caps, option="frontend", what="speech front end", fingerprint=fp, assumed=assumed)
+
+
+def _resolve(case: Case, caps: list[Capture], *, option: str, what: str, fingerprint, assumed) -> tuple[Case, Encoding]:
+    """given (``case.options[option]``, from --schema) > declared by the captures (all the same) >
+    ``assumed()`` (the case's own, with its warning)."""
+    declared = {c.path: (c.schema_path, fingerprint(c.schema_path)) for c in caps if c.schema_path is not None}
+    if case.options.get(option):
+        given = fingerprint(case.options[option])
         bad = [p for p, (_, f) in declared.items() if f != given]
         if bad:
-            raise UserError(f"{bad[0]}: the capture declares another speech front end than --schema ({declared[bad[0]][1]} "
+            raise UserError(f"{bad[0]}: the capture declares another {what} than --schema ({declared[bad[0]][1]} "
                             f"vs {given}); audit with --schema {declared[bad[0]][0]}")
         return case, Encoding("given", given)
     if declared:
         if len({f for _, f in declared.values()}) > 1:
-            raise UserError("the captures declare different speech front ends; audit each group of clients "
-                            "separately with its --schema")
+            raise UserError(f"the captures declare different {what}s; audit each group of clients separately "
+                            f"with its --schema")
         path, f = next(iter(declared.values()))
-        return replace(case, options={**case.options, "frontend": str(path)}), Encoding("declared", f)
-    fe = case_frontend(case)
-    warning = (f"the captures declare no speech front end; the case's ({fe.kind}, {fe.sample_rate} Hz, n_fft {fe.n_fft}, "
-               f"hop {fe.hop}, {fe.n_mels} mel bins {fe.f_min:g}-{fe.f_max:g} Hz, natural-log scaling) is assumed. If the "
-               f"federation computed its features otherwise the results are meaningless: export it with `python -m eval "
-               f"schema export {case.name}`, edit it to the federation's, and pass --schema")
-    return case, Encoding("assumed", frontend_fingerprint(fe), warning)
+        return replace(case, options={**case.options, option: str(path)}), Encoding("declared", f)
+    return case, assumed()
 
 
 def check_truth(case: Case, cap: Capture) -> None:
