@@ -83,14 +83,13 @@ def test_without_a_pool_the_baseline_draws_random_vocabulary_tokens(tiny, tmp_pa
     assert all(abs(len(x) - n) <= 2 for x, n in zip(ids, [5, 8, 2])), ids  # re-tokenised: about the granted count
 
 
-def test_a_text_audit_records_the_prior_baseline_and_dager_leaks(tiny, tmp_path, capsys):
-    from eval.audit_report import render
+def _audit_client_update(model, enc, tmp_path) -> dict:
+    """Capture the FedSGD update of ``model`` on the tokenised CLIENT batch ``enc``, audit it with
+    DAGER from the CLI, and return the one record."""
+    from common.types import Batch
     from eval.capture import write_capture
     from textleak.kit import text_loss
-    from common.types import Batch
 
-    _, _, model, tok = tiny
-    enc = tok(CLIENT, padding=True, return_tensors="pt")
     batch = Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, None, {})
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(text_loss(model, batch).mean(), list(model.parameters()))
@@ -100,8 +99,17 @@ def test_a_text_audit_records_the_prior_baseline_and_dager_leaks(tiny, tmp_path,
                   truth=tmp_path / "truth.txt")
     assert main(["audit", str(tmp_path / "cap"), "--attack", "dager", "--case", CASE,
                  "--out", str(tmp_path / "o")]) == 0
-    assert "NOT better" not in capsys.readouterr().err
     (rec,) = [json.loads(x) for x in (tmp_path / "o" / "records.jsonl").read_text().splitlines()]
+    return rec
+
+
+def test_a_text_audit_records_the_prior_baseline_and_dager_leaks(tiny, tmp_path, capsys):
+    from eval.audit_report import render
+
+    _, _, model, tok = tiny
+    enc = tok(CLIENT, padding=True, return_tensors="pt")
+    rec = _audit_client_update(model, enc, tmp_path)
+    assert "NOT better" not in capsys.readouterr().err
     assert rec["status"] == "ok", rec.get("error")
     assert rec["metrics"]["rouge1"] == 1.0
     b = rec["baseline"]
@@ -115,25 +123,13 @@ def test_a_text_audit_records_the_prior_baseline_and_dager_leaks(tiny, tmp_path,
 def test_a_federation_that_tokenised_with_another_tokenizer_is_flagged_not_better(tiny, tmp_path, capsys):
     """The clients fed MiniLM WordPiece ids to the GPT-2 model: DAGER recovers the ids, decoded as
     GPT-2 tokens they are junk, and the audit says the attack is not better than the prior baseline."""
-    from common.types import Batch
-    from eval.capture import write_capture
-    from textleak.kit import text_loss
     from textleak.models import minilm_tokenizer
 
     _, _, model, _ = tiny
     wrong = minilm_tokenizer()
     enc = wrong(CLIENT, padding=True, return_tensors="pt")
-    batch = Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, None, {})
-    names = [n for n, _ in model.named_parameters()]
-    grads = torch.autograd.grad(text_loss(model, batch).mean(), list(model.parameters()))
-    (tmp_path / "truth.txt").write_text("\n".join(CLIENT) + "\n")
-    write_capture(tmp_path / "cap", round=1, client_id="c0", kind="gradient", num_examples=len(CLIENT),
-                  before={n: p.detach() for n, p in model.named_parameters()}, update=dict(zip(names, grads)),
-                  truth=tmp_path / "truth.txt")
-    assert main(["audit", str(tmp_path / "cap"), "--attack", "dager", "--case", CASE,
-                 "--out", str(tmp_path / "o")]) == 0
+    rec = _audit_client_update(model, enc, tmp_path)
     err = capsys.readouterr().err
-    (rec,) = [json.loads(x) for x in (tmp_path / "o" / "records.jsonl").read_text().splitlines()]
     assert rec["status"] == "ok", rec.get("error")
     assert rec["baseline"]["verdict"] == "NOT better than baseline", (rec["metrics"], rec["baseline"])
     assert "is not better than the text-prior baseline" in err and "is NOT better than the random baseline" in err
