@@ -125,6 +125,25 @@ def _step_fn(s, x0, device: str):
     return step
 
 
+def _floor_fn(s, model, x0, device: str):
+    """The floor of one step: a bare forward + double backward of the same model and batch (the
+    gradient's inner product with the target, differentiated to the input embeddings)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    names, target = s.matcher.names, s.matcher.target
+
+    def floor():
+        x = x0.clone().requires_grad_(True)
+        logits = model(inputs_embeds=x, attention_mask=s.mask).logits
+        loss = torch.nn.functional.cross_entropy(logits, s.labels)
+        gs = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+        d = sum((g * target[n]).sum() for g, n in zip(gs, names))
+        d.backward(inputs=[x])
+        _sync(device)
+    return floor
+
+
 def worker(name: str, quick: bool, device: str) -> dict:
     import torch
 
@@ -139,23 +158,12 @@ def worker(name: str, quick: bool, device: str) -> dict:
     reps = 5 if quick else 20
     out: dict = {"seq_len": int(obs.seq_lens[0])}
     if name == "steps":  # floor, lamp-cos and tag continuous steps, interleaved (medians)
-        params = dict(model.named_parameters())
         fns = {}
         for attack, over in (("lamp-cos", {}), ("tag", {}), ("lamp-cos-old", {"ghost_step": False})):
             s = TextSearch(replace(preset(attack.removesuffix("-old")), coeff_perplexity=0.0, **over), obs, model, prior,
                            make_generator(3))
             fns[attack] = _step_fn(s, x0, device)
-        names, target = s.matcher.names, s.matcher.target
-
-        def floor():
-            x = x0.clone().requires_grad_(True)
-            logits = model(inputs_embeds=x, attention_mask=s.mask).logits
-            loss = torch.nn.functional.cross_entropy(logits, s.labels)
-            gs = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
-            d = sum((g * target[n]).sum() for g, n in zip(gs, names))
-            d.backward(inputs=[x])
-            _sync(device)
-        fns["floor"] = floor
+        fns["floor"] = _floor_fn(s, model, x0, device)
         ts: dict = {k: [] for k in fns}
         for i in range(reps + 2):
             for k, fn in fns.items():
@@ -197,15 +205,7 @@ def worker(name: str, quick: bool, device: str) -> dict:
         t0 = time.perf_counter()
         prior.lm()
         out["lm_load_s"] = time.perf_counter() - t0
-        params = dict(model.named_parameters())
-
-        def floor():
-            x = x0.clone().requires_grad_(True)
-            logits = model(inputs_embeds=x, attention_mask=s.mask).logits
-            loss = torch.nn.functional.cross_entropy(logits, s.labels)
-            gs = torch.autograd.grad(loss, [params[n] for n in s.matcher.names], create_graph=True)
-            d = sum((g * s.matcher.target[n]).sum() for g, n in zip(gs, s.matcher.names))
-            d.backward(inputs=[x])
+        floor = _floor_fn(s, model, x0, device)
         step = _step_fn(s, x0, device)
         xs = torch.randn((64,) + tuple(x0.shape), generator=make_generator(6)).to(x0.device)
         xs = torch.where(s.body.unsqueeze(-1), xs, s.pinned.unsqueeze(0))
@@ -265,16 +265,7 @@ def worker(name: str, quick: bool, device: str) -> dict:
         over = {"new": {}, "old": {"ghost": False, "ghost_step": False}, "bf16": {"lm_bf16": True}}[variant]
         cfg = replace(preset("lamp-cos"), **over)
         s = TextSearch(cfg, obs, model, prior, make_generator(3))
-        params = dict(model.named_parameters())
-
-        def floor():
-            x = x0.clone().requires_grad_(True)
-            logits = model(inputs_embeds=x, attention_mask=s.mask).logits
-            loss = torch.nn.functional.cross_entropy(logits, s.labels)
-            gs = torch.autograd.grad(loss, [params[n] for n in s.matcher.names], create_graph=True)
-            d = sum((g * s.matcher.target[n]).sum() for g, n in zip(gs, s.matcher.names))
-            d.backward(inputs=[x])
-            _sync(device)
+        floor = _floor_fn(s, model, x0, device)
         t0 = time.perf_counter()
         prior.lm()
         out["lm_load_s"] = time.perf_counter() - t0
