@@ -225,6 +225,12 @@ def sync_markers(specs: Sequence[TableSpec], files: Sequence[Path], *, check: bo
             spec = by_name.get(name)
             if spec is None:
                 return None
+            bad = [f"{k}={opts[k]}" for k in sorted(set(opts) - {"metrics", "layout"})] + (
+                [f"layout={opts['layout']}"] if opts.get("layout", "pivot") != "pivot" else [])
+            if bad:  # left as it is and reported: a misspelt option would silently change the block
+                stale.append(f"{_path}: marker table:{name} has unknown option(s) {', '.join(bad)} "
+                             f"(options: metrics=a,b and layout=pivot)")
+                return body
             if only is not None and name not in only:
                 return body
             if name not in cache:

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from eval.tables import ROOT, TableSpec, load_specs, marked_files, sync_markers
 from tests.eval.test_tables import _rec
 
@@ -122,3 +124,13 @@ def test_pivot_layout_has_one_column_per_batch_size(tmp_path):
     assert "| threat | defense | attack | B=8 | B=32 |" in text
     assert "| labels granted | none | tableak | 0.700 ± 0.497 | 0.250 ± 0.000 |" in text
     assert "n = 3 batches per cell, 0 failed" in text
+
+
+
+@pytest.mark.parametrize("opt", ["layout=pivto", "metric=accuracy"])
+def test_an_unknown_marker_option_is_reported_not_ignored(tmp_path, opt):
+    specs, doc = _setup(tmp_path)
+    doc.write_text(doc.read_text().replace("<!-- table:t metrics=accuracy -->", f"<!-- table:t {opt} -->"))
+    stale = sync_markers(specs, [doc], check=False, root=tmp_path, out_dir=tmp_path / "docs" / "tables")
+    assert any("unknown option" in x and opt in x for x in stale), stale
+    assert "hand-written 0.99" in doc.read_text()  # the block was left as it is

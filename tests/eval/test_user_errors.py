@@ -68,6 +68,8 @@ def files(tmp_path):
     (["bench", "no.toml", "--workers", "0", "--out", "OUT"], "--workers 0: must be >= 1"),
     (["audit", "nocap", *TAB, "--seed", "-4", "--out", "OUT"], "--seed -4: must be >= 0"),
     (["run", *TAB, "--set", "iterations=-5", "--out", "OUT"], "iterations=-5 is out of range"),
+    (["run", "--attack", "dager", "--case", "text/tiny-gpt2/dager", "--set", "budget_clock=foo", "--out", "OUT"],
+     "budget_clock='foo': must be one of wall, cpu"),
     # flags the case's kit would ignore
     (["run", *TAB, "--model", "gpt2", "--out", "OUT"], "builds its own model"),
     (["run", "--attack", "speech-li23", "--case", "speech/kws-mel/fedsgd", "--model", "x", "--out", "OUT"],
