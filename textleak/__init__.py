@@ -11,8 +11,14 @@ ATTACKS = {
 }
 PRESETS = {
     "tag": Preset("tag", {}, "TAG (Deng et al. 2021) as LAMP's tag.sh: L2 + 0.01·L1, Adam lr 0.1, 2500 steps"),
+    "tag-filter": Preset("tag", {"token_filter": "auto"},
+                         "TAG with LAMP's token filter (vocabulary cut to the non-zero embedding-gradient rows), "
+                         "for filter-matched comparisons with LAMP"),
     "lamp-cos": Preset("lamp", {"loss": "cos", "coeff_perplexity": 0.2, "coeff_reg": 1.0, "lr": 0.01, "lr_decay": 0.89},
                        "LAMP_cos (Balunović et al. 2022) as lamp_cos.sh"),
+    "lamp-cos-nofilter": Preset("lamp", {"loss": "cos", "coeff_perplexity": 0.2, "coeff_reg": 1.0, "lr": 0.01,
+                                         "lr_decay": 0.89, "token_filter": "none"},
+                                "LAMP_cos without the token filter (full vocabulary), for filter-matched comparisons with TAG"),
     "lamp-l1l2": Preset("lamp", {"loss": "tag", "tag_factor": 0.01, "coeff_perplexity": 60.0, "coeff_reg": 25.0,
                                  "lr": 0.01, "lr_decay": 0.89},
                         "LAMP_L1+L2 (Balunović et al. 2022) as lamp_l1l2.sh"),
