@@ -153,7 +153,7 @@ stage speech "${T_SPEECH:-90}" - env OMP_NUM_THREADS="$CPU_THREADS" PERF_SPEECH_
   "$PY" bench/perf.py --device "$DEVICE" --only speech --out "$BENCH"
 
 # -- 3. published tables on evaluation seeds (STAGES=tables): TABLES="suite:name ..." ----------------
-# Each suite runs with --seed-offset 1000 on a pool of CPU workers (TABLES_DEVICE=cuda for the GPU), all
+# Each suite runs with --seed-offset TABLES_SEED_OFFSET (default 1000) on a pool of CPU workers (TABLES_DEVICE=cuda for the GPU), all
 # of them within T_TABLES_END seconds of the script's start (default 520);
 # the records come back as $OUT/tables.tar.gz holding results/published/<name>/ (extract at the root).
 if [[ " $STAGES " == *" tables "* ]]; then
@@ -163,7 +163,7 @@ if [[ " $STAGES " == *" tables "* ]]; then
     left=$(( T0 + ${T_TABLES_END:-520} - $(date +%s) ))  # one deadline for all tables, from the script's start
     [ "$left" -lt 30 ] && { say "no time left for $name"; status=1; continue; }
     stage tables "$left" - "$PY" -m eval bench "eval/suites/$suite.toml" --out "$RES/results/published/$name" \
-      --seed-offset 1000 --device "${TABLES_DEVICE:-cpu}" --executor process --workers "${TABLES_WORKERS:-$NCPU}" --quiet
+      --seed-offset "${TABLES_SEED_OFFSET:-1000}" --device "${TABLES_DEVICE:-cpu}" --executor process --workers "${TABLES_WORKERS:-$NCPU}" --quiet
     tar -czf "$OUT/tables.tar.gz" -C "$RES" results
     say "$name: $(wc -l < "$RES/results/published/$name/records.jsonl" 2>/dev/null || echo 0) records"
   done
