@@ -22,7 +22,7 @@ from ..attack import TabLeak, TabLeakConfig
 from ..prior import TabularPrior
 from ..schema import TabularSchema
 from .layer2 import gauss_newton_roots, w_box_starts
-from .peel import all_pattern_roots, peel
+from .peel import all_pattern_roots, peel, residual_labels, rest_counts
 from .span import FREE_TOL, enumerate_rows, free_continuous, project, row_span
 from .verify import find_layers, fit_counts, layer2_residual, second_inputs, unit_resolution
 
@@ -289,31 +289,11 @@ class TabularExact:
             left_t = {k: torch.as_tensor(v) for k, v in p.target.items()}
             rfit = fit_counts(model, prior.loss_fn, names, left_t, cand, n_cls, batch_size=left, scale=1.0,
                               integer_tol=cfg.integer_tol)
-            counts = np.rint(rfit.coef)
-            sure = (np.abs(rfit.coef - counts) <= cfg.integer_tol) & (counts >= 1)
-            rest = left - int(counts[sure].sum())
-            stats["peel_rest"] = float(rest)
-            if not rfit.integral and 0 < rest <= cfg.rest_max:
-                vec = np.concatenate([p.target[k].reshape(-1) for k in names]) - rfit.columns[:, sure] @ counts[sure]
-                o, sub = 0, {}
-                for k in names:
-                    div = rest if reduction == "mean" else 1
-                    sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / div)
-                    o += t[k].numel()
-                sub_labels = None
-                if labels is not None:
-                    sub_labels = list(labels)
-                    whole = np.repeat(np.flatnonzero(sure) % n_cls, counts[sure].astype(int))
-                    for lab in np.concatenate([p.labels, whole]):
-                        if int(lab) in sub_labels:
-                            sub_labels.remove(int(lab))
-                sub_obs = dataclasses.replace(obs, tensors=sub, num_examples=rest, labels=None if sub_labels is None
-                                              or len(sub_labels) != rest else torch.as_tensor(sub_labels))
-                sub_stats: dict = {}
-                sub_fit, sub_partial = self._exact(sub_obs, model, prior, rest, sub_stats)
-                extra = sub_fit.rows if sub_fit is not None else sub_partial
-                cand = np.concatenate([cand, extra])
-                stats["peel_rest_found"] = float(len(extra))
+            if not (rfit.integral and rfit.rel_residual <= cfg.fit_tol):
+                extra = [self._rest(obs, model, prior, names, p, rfit, left, rule, stats)
+                         for rule in ("sure", "round")]
+                cand = np.concatenate([cand] + extra)
+                stats["peel_rest_found"] = float(sum(len(e) for e in extra))
         rows = _unique_rows(schema, np.concatenate([p.rows, cand]))
         if len(rows) > 1:  # two roots of one row that round to neighbouring values: keep the better one
             full2 = row_span(t[layers.second_weight].detach().double().cpu().numpy(), max_rank=b, rel_tol=cfg.rank_tol)
@@ -328,6 +308,33 @@ class TabularExact:
         if ok and labels is not None:
             ok = sorted(fit.labels.tolist()) == sorted(labels)
         return (fit if ok else None), p.rows
+
+    def _rest(self, obs: Observation, model: nn.Module, prior: TabularPrior, names: list[str], p, rfit, left: int,
+              rule: str, stats: dict) -> np.ndarray:
+        """Rows the pattern roots missed: the rows ``peel.rest_counts`` takes as whole are subtracted
+        from the gradient left after peeling and the few rows left (at most ``rest_max``) go through
+        the span stage as a batch of their own. Returns the rows it found (certified or partial)."""
+        cfg, schema, t = self.config, prior.schema, obs.tensors
+        n_cls = len(schema.classes)
+        counts = rest_counts(rfit.coef, n_cls, integer_tol=cfg.integer_tol, rule=rule)
+        rest = left - int(counts.sum())
+        stats[f"peel_rest_{rule}"] = float(rest)
+        if not 0 < rest <= cfg.rest_max:
+            return np.zeros((0, schema.dim))
+        vec = np.concatenate([p.target[k].reshape(-1) for k in names]) - rfit.columns @ counts
+        div = rest if (obs.protocol.loss_reduction if obs.protocol else "mean") == "mean" else 1
+        sub, o = {}, 0
+        for k in names:
+            sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / div)
+            o += t[k].numel()
+        used = np.flatnonzero(counts > 0)
+        taken = np.concatenate([p.labels, np.repeat(used % n_cls, counts[used].astype(int))]).astype(int).tolist()
+        granted = None if obs.labels is None else [int(v) for v in obs.labels.tolist()]
+        sub_labels = residual_labels(granted, taken, rest)
+        sub_obs = dataclasses.replace(obs, tensors=sub, num_examples=rest,
+                                      labels=None if sub_labels is None else torch.as_tensor(sub_labels))
+        sub_fit, sub_partial = self._exact(sub_obs, model, prior, rest, {})
+        return sub_fit.rows if sub_fit is not None else sub_partial
 
     # -- main -----------------------------------------------------------------------------
     def reconstruct(self, obs: Observation, model: nn.Module, prior: TabularPrior, *,

@@ -229,3 +229,30 @@ def all_pattern_roots(schema: TabularSchema, present: np.ndarray, w1: np.ndarray
                                      tol=tol)
         out.append(rows)
     return np.concatenate(out)
+
+
+def rest_counts(coef: np.ndarray, n_classes: int, *, integer_tol: float, rule: str) -> np.ndarray:
+    """Counts of the candidate rows (candidate-major, then label) taken as whole when the residual fit
+    over the root candidates is not a certificate (some rows were missed); the rows not counted are
+    left to the span stage as a small batch of their own.
+
+    ``"sure"``: counts within ``integer_tol`` of an integer (the others are left). ``"round"``: every
+    count rounded (a missed row tilts all counts of a 64-row fit by up to ~0.4), and a row counted
+    twice or more gives one copy back: a pattern shared by two rows whose second root the search
+    missed looks like its first root counted twice (the two rows then go to the span stage together)."""
+    counts = np.rint(coef)
+    if rule == "sure":
+        return np.where((np.abs(coef - counts) <= integer_tol) & (counts >= 1), counts, 0.0)
+    counts = np.maximum(counts, 0.0)
+    return np.where(counts >= 2, counts - 1, counts)
+
+
+def residual_labels(labels: list[int] | None, taken: list[int], rest: int) -> list[int] | None:
+    """The granted label multiset less the labels of rows already taken, when it has ``rest`` entries."""
+    if labels is None:
+        return None
+    left = list(labels)
+    for lab in taken:
+        if lab in left:
+            left.remove(lab)
+    return left if len(left) == rest else None
