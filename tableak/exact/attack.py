@@ -24,7 +24,7 @@ from ..schema import TabularSchema
 from .layer2 import gauss_newton_roots, w_box_starts
 from .peel import all_pattern_roots, peel, residual_labels, rest_counts
 from .span import FREE_TOL, enumerate_rows, free_continuous, project, row_span
-from .verify import find_layers, fit_counts, layer2_residual, second_inputs, unit_resolution
+from .verify import find_layers, fit_counts, layer2_residual, refine_continuous, second_inputs, unit_resolution
 
 CITATION = ("Exact tabular row recovery from the first-layer gradient span (this suite, issue 19), after "
             "Dimitrov, Balunović, Konstantinov, Vechev. SPEAR: Exact Gradient Inversion of Batches in Federated "
@@ -307,6 +307,27 @@ class TabularExact:
         stats.update(fit_residual=fit.rel_residual, fit_integral=float(fit.integral), fit_full_rank=float(fit.full_rank))
         if ok and labels is not None:
             ok = sorted(fit.labels.tolist()) == sorted(labels)
+        if not ok and fit.coef is not None and n_cls == 2 and b <= layers.first.out_features:
+            # categories and labels found, continuous values off (peeled rows and roots carry the
+            # second-layer span's imprecision): re-read them linearly from the first layer
+            counts = np.maximum(np.rint(fit.coef), 0).astype(int)
+            stats["refine_total"] = float(counts.sum())
+            if counts.sum() == b:
+                used = np.flatnonzero(counts)
+                guess = np.repeat(rows[used // n_cls], counts[used], 0)
+                glab = np.repeat(used % n_cls, counts[used])
+                w1t, b1t = (t[k].detach().double().cpu().numpy() * scale for k in (layers.first_weight, layers.first_bias))
+                for _ in range(2):  # the second read starts from the first one's ReLU patterns
+                    guess = refine_continuous(model, layers.first, w1t, b1t, guess, glab, schema,
+                                              project=lambda r: project(schema, r))
+                rows2 = _unique_rows(schema, guess)
+                fit2 = fit_counts(model, prior.loss_fn, names, dict(t), rows2, n_cls, batch_size=b, scale=scale,
+                                  integer_tol=cfg.integer_tol)
+                ok = fit2.integral and fit2.full_rank and fit2.total == b and fit2.rel_residual <= cfg.fit_tol
+                if ok and labels is not None:
+                    ok = sorted(fit2.labels.tolist()) == sorted(labels)
+                stats.update(refined=float(ok), refined_residual=fit2.rel_residual)
+                fit = fit2 if ok else fit
         return (fit if ok else None), p.rows
 
     def _rest(self, obs: Observation, model: nn.Module, prior: TabularPrior, names: list[str], p, rfit, left: int,

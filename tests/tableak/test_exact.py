@@ -181,3 +181,27 @@ def test_unit_resolution_reports_fnlwgt_at_float32_resolution(adult):
     rec = TabularExact(FAST_FALLBACK).reconstruct(obs, model, prior, generator=make_generator(1))
     assert rec.stats["certified_rows"] == 1.0
     assert abs(rec.stats["unit_resolved"] - 5 / 6) < 1e-9
+
+
+def test_refine_continuous_rereads_values_from_the_first_layer(adult):
+    """Adult B=64 (dev seed 13), categories and labels right, fnlwgt up to 4 units and capital gain/loss
+    1 unit off (what the second-layer roots leave): the first layer's categorical columns give each row's
+    g_i = s_i u_i and the continuous columns then give the values back exactly, fnlwgt included."""
+    from tableak.exact.span import project
+    from tableak.exact.verify import find_layers, refine_continuous
+
+    _, schema = adult
+    model, rows, batch, obs, prior = _case(adult, 64, seed=13)
+    layers = find_layers(model, schema.dim)
+    truth = schema.encode_arrays(*schema.frame_to_arrays(rows))
+    ci = np.asarray(schema.continuous_index)
+    rng = np.random.default_rng(0)
+    guess = truth.copy()
+    for col, units in zip(ci, (0, 4, 0, 1, 1, 0)):
+        guess[:, col] += rng.integers(-units, units + 1, len(guess)) / schema.scale[col]
+    guess = project(schema, guess)
+    assert not np.array_equal(guess, truth)
+    w1, b1 = (obs.tensors[k].double().numpy() * 64 for k in (layers.first_weight, layers.first_bias))
+    out = refine_continuous(model, layers.first, w1, b1, guess, batch.labels.numpy(), schema,
+                            project=lambda r: project(schema, r))
+    np.testing.assert_array_equal(out, truth)
