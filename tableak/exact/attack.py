@@ -23,7 +23,7 @@ from ..prior import TabularPrior
 from ..schema import TabularSchema
 from .layer2 import gauss_newton_roots, w_box_starts
 from .peel import all_pattern_roots, peel, residual_labels, rest_counts
-from .span import FREE_TOL, enumerate_rows, free_continuous, project, row_span
+from .span import FREE_TOL, enumerate_rows, free_continuous, merge_near, project, row_span, unique_rows
 from .verify import find_layers, fit_counts, layer2_residual, refine_continuous, second_inputs, unit_resolution
 
 CITATION = ("Exact tabular row recovery from the first-layer gradient span (this suite, issue 19), after "
@@ -66,31 +66,15 @@ class TabularExactConfig:
     fallback_ensemble: int = 30
 
 
+def _certifies(fit, b: int, labels: list[int] | None, tol: float) -> bool:
+    """The whole-gradient certificate: integral counts summing to B, independent candidate gradients,
+    residual within ``tol``, and the granted label multiset (when granted)."""
+    ok = fit.integral and fit.full_rank and fit.total == b and fit.rel_residual <= tol
+    return bool(ok and (labels is None or sorted(fit.labels.tolist()) == sorted(labels)))
+
+
 def _gaussian_sigma(obs: Observation) -> float:
     return float(sum(float(d.get("sigma", 0.0)) for d in obs.defenses if d.get("name") == "gaussian"))
-
-
-def _unique_rows(schema: TabularSchema, rows: np.ndarray) -> np.ndarray:
-    if len(rows) == 0:
-        return rows
-    c, n = schema.decode_arrays(rows)
-    _, idx = np.unique(np.concatenate([c, n], 1), axis=0, return_index=True)
-    return rows[np.sort(idx)]
-
-
-def _merge_near(schema: TabularSchema, rows: np.ndarray, score: np.ndarray, *, keep: int, rel: float = 1e-3) -> np.ndarray:
-    """Rows with the same categories and continuous values within ``rel`` standard deviations are one
-    row found twice (rounding of a float root): the one with the lowest ``score`` stays (the first
-    ``keep`` rows, the peeled ones, always stay)."""
-    ci = schema.continuous_index
-    cat = np.setdiff1d(np.arange(schema.dim), ci)
-    order = list(range(keep)) + sorted(range(keep, len(rows)), key=lambda i: score[i])
-    out: list[int] = []
-    for i in order:
-        if not any(np.array_equal(rows[i, cat], rows[j, cat]) and np.abs(rows[i, ci] - rows[j, ci]).max() <= rel
-                   for j in out):
-            out.append(i)
-    return rows[sorted(out)]
 
 
 class TabularExact:
@@ -208,10 +192,10 @@ class TabularExact:
             # pass 2, the patterns with a root (a pattern shared by k rows has k roots): many starts
             more, _ = gauss_newton_roots(y0[hit], free, w1, b1, span2.basis, tol=tol2,
                                          starts=w_box_starts(y0[hit], free, lo, hi, ci, cfg.starts))
-            rows = _unique_rows(schema, project(schema, np.concatenate([r for r, _ in found] + [more])))
+            rows = unique_rows(schema, project(schema, np.concatenate([r for r, _ in found] + [more])))
             stats["layer2_patterns"] = float(len(hit))
         else:
-            rows = _unique_rows(schema, cand.rows)
+            rows = unique_rows(schema, cand.rows)
         strict = np.ones(len(rows), dtype=bool)
         if len(rows) and layer2:
             res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
@@ -236,9 +220,7 @@ class TabularExact:
         tol_fit = cfg.fit_tol + (cfg.noise_factor * sigma * math.sqrt(n_params) * (b if reduction == "mean" else 1)
                                  / max(obs_norm, 1e-30) if sigma else 0)
         stats.update(fit_residual=fit.rel_residual, fit_integral=float(fit.integral), fit_full_rank=float(fit.full_rank))
-        ok = fit.integral and fit.full_rank and fit.total == b and fit.rel_residual <= tol_fit
-        if ok and obs.labels is not None:
-            ok = sorted(fit.labels.tolist()) == sorted(int(v) for v in obs.labels.tolist())
+        ok = _certifies(fit, b, None if obs.labels is None else [int(v) for v in obs.labels.tolist()], tol_fit)
         return (fit if ok else None), partial
 
     def _peeled(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict) -> tuple:
@@ -279,9 +261,9 @@ class TabularExact:
                 roots = all_pattern_roots(schema, present, w1, b1, span2.basis, starts=cfg.pass1_starts,
                                           more_starts=cfg.starts, tol=cfg.peel_tol, max_patterns=cfg.max_patterns)
                 if roots is not None and len(roots):
-                    rows = _unique_rows(schema, project(schema, roots))
+                    rows = unique_rows(schema, project(schema, roots))
                     res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
-                    cand = _merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
+                    cand = merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
             stats["peel_candidates"] = float(len(cand))
         if 0 < len(cand) <= cfg.max_fit and left > 0:
             # a root the search missed (a rare shared pattern): the rows the residual fit counts as whole
@@ -294,19 +276,17 @@ class TabularExact:
                          for rule in ("sure", "round")]
                 cand = np.concatenate([cand] + extra)
                 stats["peel_rest_found"] = float(sum(len(e) for e in extra))
-        rows = _unique_rows(schema, np.concatenate([p.rows, cand]))
+        rows = unique_rows(schema, np.concatenate([p.rows, cand]))
         if len(rows) > 1:  # two roots of one row that round to neighbouring values: keep the better one
             full2 = row_span(t[layers.second_weight].detach().double().cpu().numpy(), max_rank=b, rel_tol=cfg.rank_tol)
-            rows = _merge_near(schema, rows, layer2_residual(second_inputs(model, layers.second, rows), full2.basis),
-                               keep=len(p.rows))
+            rows = merge_near(schema, rows, layer2_residual(second_inputs(model, layers.second, rows), full2.basis),
+                              keep=len(p.rows))
         if not len(rows) or len(rows) > cfg.max_fit:
             return None, p.rows
         fit = fit_counts(model, prior.loss_fn, names, dict(t), rows, n_cls, batch_size=b, scale=scale,
                          integer_tol=cfg.integer_tol)
-        ok = fit.integral and fit.full_rank and fit.total == b and fit.rel_residual <= cfg.fit_tol
+        ok = _certifies(fit, b, labels, cfg.fit_tol)
         stats.update(fit_residual=fit.rel_residual, fit_integral=float(fit.integral), fit_full_rank=float(fit.full_rank))
-        if ok and labels is not None:
-            ok = sorted(fit.labels.tolist()) == sorted(labels)
         if not ok and fit.coef is not None and n_cls == 2 and b <= layers.first.out_features:
             # categories and labels found, continuous values off (peeled rows and roots carry the
             # second-layer span's imprecision): re-read them linearly from the first layer
@@ -320,12 +300,10 @@ class TabularExact:
                 for _ in range(2):  # the second read starts from the first one's ReLU patterns
                     guess = refine_continuous(model, layers.first, w1t, b1t, guess, glab, schema,
                                               project=lambda r: project(schema, r))
-                rows2 = _unique_rows(schema, guess)
+                rows2 = unique_rows(schema, guess)
                 fit2 = fit_counts(model, prior.loss_fn, names, dict(t), rows2, n_cls, batch_size=b, scale=scale,
                                   integer_tol=cfg.integer_tol)
-                ok = fit2.integral and fit2.full_rank and fit2.total == b and fit2.rel_residual <= cfg.fit_tol
-                if ok and labels is not None:
-                    ok = sorted(fit2.labels.tolist()) == sorted(labels)
+                ok = _certifies(fit2, b, labels, cfg.fit_tol)
                 stats.update(refined=float(ok), refined_residual=fit2.rel_residual)
                 fit = fit2 if ok else fit
         return (fit if ok else None), p.rows

@@ -95,6 +95,8 @@ def _singleton_rows(schema: TabularSchema, col: np.ndarray, j: int, present: np.
     u, s, _ = np.linalg.svd(fc, full_matrices=True)
     rank_c = int((s > 1e-9 * max(s.max(), 1e-30)).sum())
     q = u[:, rank_c:].T  # [m, k] orthonormal complement of the continuous columns' range
+    if q.shape[0] == 0:  # (B >= ~100: the second layer's span leaves no room): no categorical information
+        return np.zeros((0, d))
     blocks, vecs = [], []
     for _, sl in schema.categorical:
         cols = np.arange(sl.start, sl.stop)

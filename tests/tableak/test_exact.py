@@ -205,3 +205,16 @@ def test_refine_continuous_rereads_values_from_the_first_layer(adult):
     out = refine_continuous(model, layers.first, w1, b1, guess, batch.labels.numpy(), schema,
                             project=lambda r: project(schema, r))
     np.testing.assert_array_equal(out, truth)
+
+
+def test_b128_past_the_second_layers_rank_falls_back_to_tableak(adult):
+    """Adult B=128: the second layer's weight gradient leaves no room for the peeling check (it used to
+    raise inside the meet in the middle); the attack runs, certifies nothing and returns TabLeak's rows
+    (same generator, same result)."""
+    _, schema = adult
+    model, rows, batch, obs, prior = _case(adult, 128, seed=0)
+    rec = TabularExact(FAST_FALLBACK).reconstruct(obs, model, prior, generator=make_generator(5))
+    ref = TabLeak(TabLeakConfig(iterations=30, ensemble=2)).reconstruct(obs, model, prior, generator=make_generator(5))
+    assert rec.data.shape == (128, schema.dim) and rec.stats["fallback"] == 1.0
+    assert not any(rec.extras["certified"])
+    torch.testing.assert_close(rec.data, ref.data)
