@@ -192,6 +192,7 @@ def free_continuous(schema: TabularSchema, span: Span, *, free_tol: float = FREE
 
 
 def unique_rows(schema: TabularSchema, rows: np.ndarray) -> np.ndarray:
+    """The distinct rows after decoding (first occurrence of each kept, in order)."""
     if len(rows) == 0:
         return rows
     c, n = schema.decode_arrays(rows)
