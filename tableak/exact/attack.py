@@ -183,16 +183,18 @@ class TabularExact:
             lo, hi = (v.double().numpy()[ci] for v in schema.bounds())
             y0 = cand.raw_rows
             # pass 1, every candidate pattern: the least-squares point and one point of its w box
-            found = []
+            # (float32 when pass 2 repeats its starts on the patterns it finds: it only finds them)
+            found, fast = [], np.float32 if cfg.starts > cfg.pass1_starts else np.float64
             for i in range(0, len(y0), 2000):
                 yc = y0[i:i + 2000]
                 st = w_box_starts(yc, free, lo, hi, ci, cfg.pass1_starts)
-                found.append(gauss_newton_roots(yc, free, w1, b1, span2.basis, starts=st, tol=tol2))
+                found.append(gauss_newton_roots(yc, free, w1, b1, span2.basis, starts=st, tol=tol2, dtype=fast))
             hit = np.unique(np.concatenate([idx + i * 2000 for i, (_, idx) in enumerate(found)]))
             # pass 2, the patterns with a root (a pattern shared by k rows has k roots): many starts
             more, _ = gauss_newton_roots(y0[hit], free, w1, b1, span2.basis, tol=tol2,
                                          starts=w_box_starts(y0[hit], free, lo, hi, ci, cfg.starts))
-            rows = unique_rows(schema, project(schema, np.concatenate([r for r, _ in found] + [more])))
+            first = [r for r, _ in found] if fast is np.float64 else []
+            rows = unique_rows(schema, project(schema, np.concatenate(first + [more])))
             stats["layer2_patterns"] = float(len(hit))
         else:
             rows = unique_rows(schema, cand.rows)

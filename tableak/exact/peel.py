@@ -217,20 +217,24 @@ def all_pattern_roots(schema: TabularSchema, present: np.ndarray, w1: np.ndarray
     u[ci, np.arange(len(ci))] = 1.0
     lo, hi = (v.double().numpy()[ci] for v in schema.bounds())
     out, hit = [], []
+    # pass 1 only finds the patterns with a root when pass 2 (its starts include pass 1's) follows: float32
+    fast = np.float32 if more_starts > starts else np.float64
     for c0 in range(0, len(idx), chunk):
         raw = np.zeros((len(idx[c0:c0 + chunk]), d))
         np.put_along_axis(raw, idx[c0:c0 + chunk], 1.0, axis=1)
         y0 = (raw - mean) / scale
         y0[:, ci] = 0.0
-        rows, k = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, starts), tol=tol)
-        out.append(rows)
+        rows, k = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, starts), tol=tol,
+                                     dtype=fast)
+        if fast is np.float64:
+            out.append(rows)
         hit.append(y0[np.unique(k)])
     y0 = np.concatenate(hit)
     if len(y0) and more_starts > starts:
         rows, _ = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, more_starts),
                                      tol=tol)
         out.append(rows)
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, d))
 
 
 def rest_counts(coef: np.ndarray, n_classes: int, *, integer_tol: float, rule: str) -> np.ndarray:
