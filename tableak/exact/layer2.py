@@ -52,10 +52,10 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
             n = len(live)
             onf = on.astype(dtype)
             pm = (onf @ q).reshape(n, kc, f)  # [n, h - r2, f]
-            jtj = np.einsum("nkf,nkg->nfg", pm, pm) + 1e-12 * np.eye(f, dtype=dtype)
+            pt = pm.transpose(0, 2, 1)
+            jtj = np.matmul(pt, pm) + 1e-12 * np.eye(f, dtype=dtype)
             r0 = (onf * z0d[live]) @ comp_d  # [n, h - r2]
-            jtr = np.einsum("nkf,nk->nf", pm, r0)
-            w[live] = -np.linalg.solve(jtj, jtr[..., None])[..., 0]
+            w[live] = -np.linalg.solve(jtj, np.matmul(pt, r0[..., None]))[..., 0]
             prev = on
         act = np.maximum(z0 + w @ a.T, 0.0)
         res = np.linalg.norm(act @ comp.T, axis=1) / np.maximum(np.linalg.norm(act, axis=1), 1e-12)
