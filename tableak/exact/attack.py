@@ -1,7 +1,6 @@
 """TabularExact: orchestration (span -> candidates -> second-layer filter -> certificate -> fallback)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -20,9 +19,8 @@ from common.types import Observation, Reconstruction
 from ..attack import CITATION as TABLEAK_CITATION
 from ..attack import TabLeak, TabLeakConfig
 from ..prior import TabularPrior
-from ..schema import TabularSchema
 from .layer2 import gauss_newton_roots, w_box_starts
-from .peel import all_pattern_roots, peel, residual_labels, rest_counts
+from .peel import all_pattern_roots, peel, rest_batch, rest_counts
 from .span import FREE_TOL, enumerate_rows, free_continuous, merge_near, project, row_span, unique_rows
 from .verify import find_layers, fit_counts, layer2_residual, refine_continuous, second_inputs, unit_resolution
 
@@ -315,25 +313,14 @@ class TabularExact:
         """Rows the pattern roots missed: the rows ``peel.rest_counts`` takes as whole are subtracted
         from the gradient left after peeling and the few rows left (at most ``rest_max``) go through
         the span stage as a batch of their own. Returns the rows it found (certified or partial)."""
-        cfg, schema, t = self.config, prior.schema, obs.tensors
+        cfg, schema = self.config, prior.schema
         n_cls = len(schema.classes)
         counts = rest_counts(rfit.coef, n_cls, integer_tol=cfg.integer_tol, rule=rule)
         rest = left - int(counts.sum())
         stats[f"peel_rest_{rule}"] = float(rest)
         if not 0 < rest <= cfg.rest_max:
             return np.zeros((0, schema.dim))
-        vec = np.concatenate([p.target[k].reshape(-1) for k in names]) - rfit.columns @ counts
-        div = rest if (obs.protocol.loss_reduction if obs.protocol else "mean") == "mean" else 1
-        sub, o = {}, 0
-        for k in names:
-            sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / div)
-            o += t[k].numel()
-        used = np.flatnonzero(counts > 0)
-        taken = np.concatenate([p.labels, np.repeat(used % n_cls, counts[used].astype(int))]).astype(int).tolist()
-        granted = None if obs.labels is None else [int(v) for v in obs.labels.tolist()]
-        sub_labels = residual_labels(granted, taken, rest)
-        sub_obs = dataclasses.replace(obs, tensors=sub, num_examples=rest,
-                                      labels=None if sub_labels is None else torch.as_tensor(sub_labels))
+        sub_obs = rest_batch(obs, names, p, rfit.columns @ counts, counts, n_cls, rest)
         sub_fit, sub_partial = self._exact(sub_obs, model, prior, rest, {})
         return sub_fit.rows if sub_fit is not None else sub_partial
 

@@ -23,6 +23,7 @@ partially certified (same rule as the span stage).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,6 +252,25 @@ def rest_counts(coef: np.ndarray, n_classes: int, *, integer_tol: float, rule: s
         return np.where((np.abs(coef - counts) <= integer_tol) & (counts >= 1), counts, 0.0)
     counts = np.maximum(counts, 0.0)
     return np.where(counts >= 2, counts - 1, counts)
+
+
+def rest_batch(obs, names: list[str], p: Peeled, whole: np.ndarray, counts: np.ndarray, n_classes: int, rest: int):
+    """The observation of the ``rest`` rows left when the peeled rows and the candidate rows counted
+    whole (``counts``, their summed per-example gradients ``whole`` [P]) are subtracted from the
+    update: averaged over ``rest`` under mean reduction, with the granted labels less theirs."""
+    t = obs.tensors
+    vec = np.concatenate([p.target[k].reshape(-1) for k in names]) - whole
+    div = rest if (obs.protocol.loss_reduction if obs.protocol else "mean") == "mean" else 1
+    sub, o = {}, 0
+    for k in names:
+        sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / div)
+        o += t[k].numel()
+    used = np.flatnonzero(counts > 0)
+    taken = np.concatenate([p.labels, np.repeat(used % n_classes, counts[used].astype(int))]).astype(int).tolist()
+    granted = None if obs.labels is None else [int(v) for v in obs.labels.tolist()]
+    sub_labels = residual_labels(granted, taken, rest)
+    return dataclasses.replace(obs, tensors=sub, num_examples=rest,
+                               labels=None if sub_labels is None else torch.as_tensor(sub_labels))
 
 
 def residual_labels(labels: list[int] | None, taken: list[int], rest: int) -> list[int] | None:
