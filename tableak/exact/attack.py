@@ -154,7 +154,9 @@ class TabularExact:
         free = free_continuous(schema, span, free_tol=free_tol)
         stats["free_continuous"] = float(free.shape[1])
         span2, tol2, strict2 = None, 0.0, 0.0
-        if layers.second is not None and layers.second_weight in tensors:
+        # the second layer's inputs span its weight gradient's row space only when their output-side
+        # factors (B vectors of its width) are independent: B <= its width (not the 2-class output layer)
+        if layers.second is not None and layers.second_weight in tensors and b <= layers.second.out_features:
             dw2 = tensors[layers.second_weight].detach().double().cpu().numpy()
             floor2 = cfg.noise_factor * sigma * (math.sqrt(dw2.shape[0]) + math.sqrt(dw2.shape[1]))
             span2 = row_span(dw2, max_rank=b, rel_tol=cfg.rank_tol, floor=floor2)
@@ -233,7 +235,8 @@ class TabularExact:
         layers = find_layers(model, schema.dim)
         t = obs.tensors
         need = (layers.first_weight, layers.first_bias, layers.second_weight)
-        if _gaussian_sigma(obs) or layers.second is None or any(k is None or k not in t for k in need):
+        if (_gaussian_sigma(obs) or layers.second is None or b > layers.second.out_features
+                or any(k is None or k not in t for k in need)):
             return None, empty
         params = trainable_params(model)
         names = [k for k in t if k in params]

@@ -245,3 +245,14 @@ def test_b64_rows_the_root_search_missed_are_found_by_the_rest_stage(adult, seed
     tc, tn = schema.frame_to_arrays(rows)
     assert ((schema.feature_errors(pc, pn, tc, tn).sum(-1) == 0).any(1)).all()
     assert sorted(rec.labels.tolist()) == sorted(batch.labels.tolist())
+
+
+def test_one_hidden_layer_certifies_from_the_first_layer_alone(adult):
+    """The size ladder's FC [100, 2]: the next Linear is the 2-class output, whose weight gradient has
+    rank 1 and does not contain the rows' hidden activations (the second-layer check needs B <= its
+    width; it used to reject every true row). At B = 8 the first-layer span alone certifies the batch."""
+    _, schema = adult
+    model, rows, batch, obs, prior = _case(adult, 8, seed=0, layout=(100, 2))
+    rec = TabularExact(FAST_FALLBACK).reconstruct(obs, model, prior, generator=make_generator(1))
+    assert _same_rows(schema, rec, rows) and rec.stats["certified_rows"] == 1.0
+    assert rec.stats["layer2_used"] == 0.0
