@@ -27,6 +27,8 @@ DEV_GRID = (
     ("tabular/adult-fc/fedsgd", (32,), 3),
     ("tabular/german-fc/fedsgd", (32,), 2),
     ("tabular/adult-fc/fedsgd-labels", (64,), 2),
+    ("tabular/adult-fc/fedsgd-labels", (128,), 1),  # past the second layer's rank: equals TabLeak
+    ("tabular/adult-fc/fedsgd-trained-labels", (32,), 2),
 )
 
 

@@ -1,7 +1,6 @@
 """TabularExact: orchestration (span -> candidates -> second-layer filter -> certificate -> fallback)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -20,11 +19,10 @@ from common.types import Observation, Reconstruction
 from ..attack import CITATION as TABLEAK_CITATION
 from ..attack import TabLeak, TabLeakConfig
 from ..prior import TabularPrior
-from ..schema import TabularSchema
 from .layer2 import gauss_newton_roots, w_box_starts
-from .peel import all_pattern_roots, peel
-from .span import FREE_TOL, enumerate_rows, free_continuous, project, row_span
-from .verify import find_layers, fit_counts, layer2_residual, second_inputs, unit_resolution
+from .peel import all_pattern_roots, peel, rest_batch, rest_counts
+from .span import FREE_TOL, enumerate_rows, free_continuous, merge_near, project, row_span, unique_rows
+from .verify import find_layers, fit_counts, layer2_residual, refine_continuous, second_inputs, unit_resolution
 
 CITATION = ("Exact tabular row recovery from the first-layer gradient span (this suite, issue 19), after "
             "Dimitrov, Balunović, Konstantinov, Vechev. SPEAR: Exact Gradient Inversion of Batches in Federated "
@@ -66,31 +64,15 @@ class TabularExactConfig:
     fallback_ensemble: int = 30
 
 
+def _certifies(fit, b: int, labels: list[int] | None, tol: float) -> bool:
+    """The whole-gradient certificate: integral counts summing to B, independent candidate gradients,
+    residual within ``tol``, and the granted label multiset (when granted)."""
+    ok = fit.integral and fit.full_rank and fit.total == b and fit.rel_residual <= tol
+    return bool(ok and (labels is None or sorted(fit.labels.tolist()) == sorted(labels)))
+
+
 def _gaussian_sigma(obs: Observation) -> float:
     return float(sum(float(d.get("sigma", 0.0)) for d in obs.defenses if d.get("name") == "gaussian"))
-
-
-def _unique_rows(schema: TabularSchema, rows: np.ndarray) -> np.ndarray:
-    if len(rows) == 0:
-        return rows
-    c, n = schema.decode_arrays(rows)
-    _, idx = np.unique(np.concatenate([c, n], 1), axis=0, return_index=True)
-    return rows[np.sort(idx)]
-
-
-def _merge_near(schema: TabularSchema, rows: np.ndarray, score: np.ndarray, *, keep: int, rel: float = 1e-3) -> np.ndarray:
-    """Rows with the same categories and continuous values within ``rel`` standard deviations are one
-    row found twice (rounding of a float root): the one with the lowest ``score`` stays (the first
-    ``keep`` rows, the peeled ones, always stay)."""
-    ci = schema.continuous_index
-    cat = np.setdiff1d(np.arange(schema.dim), ci)
-    order = list(range(keep)) + sorted(range(keep, len(rows)), key=lambda i: score[i])
-    out: list[int] = []
-    for i in order:
-        if not any(np.array_equal(rows[i, cat], rows[j, cat]) and np.abs(rows[i, ci] - rows[j, ci]).max() <= rel
-                   for j in out):
-            out.append(i)
-    return rows[sorted(out)]
 
 
 class TabularExact:
@@ -172,7 +154,9 @@ class TabularExact:
         free = free_continuous(schema, span, free_tol=free_tol)
         stats["free_continuous"] = float(free.shape[1])
         span2, tol2, strict2 = None, 0.0, 0.0
-        if layers.second is not None and layers.second_weight in tensors:
+        # the second layer's inputs span its weight gradient's row space only when their output-side
+        # factors (B vectors of its width) are independent: B <= its width (not the 2-class output layer)
+        if layers.second is not None and layers.second_weight in tensors and b <= layers.second.out_features:
             dw2 = tensors[layers.second_weight].detach().double().cpu().numpy()
             floor2 = cfg.noise_factor * sigma * (math.sqrt(dw2.shape[0]) + math.sqrt(dw2.shape[1]))
             span2 = row_span(dw2, max_rank=b, rel_tol=cfg.rank_tol, floor=floor2)
@@ -199,19 +183,21 @@ class TabularExact:
             lo, hi = (v.double().numpy()[ci] for v in schema.bounds())
             y0 = cand.raw_rows
             # pass 1, every candidate pattern: the least-squares point and one point of its w box
-            found = []
+            # (float32 when pass 2 repeats its starts on the patterns it finds: it only finds them)
+            found, fast = [], np.float32 if cfg.starts > cfg.pass1_starts else np.float64
             for i in range(0, len(y0), 2000):
                 yc = y0[i:i + 2000]
                 st = w_box_starts(yc, free, lo, hi, ci, cfg.pass1_starts)
-                found.append(gauss_newton_roots(yc, free, w1, b1, span2.basis, starts=st, tol=tol2))
+                found.append(gauss_newton_roots(yc, free, w1, b1, span2.basis, starts=st, tol=tol2, dtype=fast))
             hit = np.unique(np.concatenate([idx + i * 2000 for i, (_, idx) in enumerate(found)]))
             # pass 2, the patterns with a root (a pattern shared by k rows has k roots): many starts
             more, _ = gauss_newton_roots(y0[hit], free, w1, b1, span2.basis, tol=tol2,
                                          starts=w_box_starts(y0[hit], free, lo, hi, ci, cfg.starts))
-            rows = _unique_rows(schema, project(schema, np.concatenate([r for r, _ in found] + [more])))
+            first = [r for r, _ in found] if fast is np.float64 else []
+            rows = unique_rows(schema, project(schema, np.concatenate(first + [more])))
             stats["layer2_patterns"] = float(len(hit))
         else:
-            rows = _unique_rows(schema, cand.rows)
+            rows = unique_rows(schema, cand.rows)
         strict = np.ones(len(rows), dtype=bool)
         if len(rows) and layer2:
             res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
@@ -236,9 +222,7 @@ class TabularExact:
         tol_fit = cfg.fit_tol + (cfg.noise_factor * sigma * math.sqrt(n_params) * (b if reduction == "mean" else 1)
                                  / max(obs_norm, 1e-30) if sigma else 0)
         stats.update(fit_residual=fit.rel_residual, fit_integral=float(fit.integral), fit_full_rank=float(fit.full_rank))
-        ok = fit.integral and fit.full_rank and fit.total == b and fit.rel_residual <= tol_fit
-        if ok and obs.labels is not None:
-            ok = sorted(fit.labels.tolist()) == sorted(int(v) for v in obs.labels.tolist())
+        ok = _certifies(fit, b, None if obs.labels is None else [int(v) for v in obs.labels.tolist()], tol_fit)
         return (fit if ok else None), partial
 
     def _peeled(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict) -> tuple:
@@ -251,7 +235,8 @@ class TabularExact:
         layers = find_layers(model, schema.dim)
         t = obs.tensors
         need = (layers.first_weight, layers.first_bias, layers.second_weight)
-        if _gaussian_sigma(obs) or layers.second is None or any(k is None or k not in t for k in need):
+        if (_gaussian_sigma(obs) or layers.second is None or b > layers.second.out_features
+                or any(k is None or k not in t for k in need)):
             return None, empty
         params = trainable_params(model)
         names = [k for k in t if k in params]
@@ -279,9 +264,9 @@ class TabularExact:
                 roots = all_pattern_roots(schema, present, w1, b1, span2.basis, starts=cfg.pass1_starts,
                                           more_starts=cfg.starts, tol=cfg.peel_tol, max_patterns=cfg.max_patterns)
                 if roots is not None and len(roots):
-                    rows = _unique_rows(schema, project(schema, roots))
+                    rows = unique_rows(schema, project(schema, roots))
                     res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
-                    cand = _merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
+                    cand = merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
             stats["peel_candidates"] = float(len(cand))
         if 0 < len(cand) <= cfg.max_fit and left > 0:
             # a root the search missed (a rare shared pattern): the rows the residual fit counts as whole
@@ -289,45 +274,58 @@ class TabularExact:
             left_t = {k: torch.as_tensor(v) for k, v in p.target.items()}
             rfit = fit_counts(model, prior.loss_fn, names, left_t, cand, n_cls, batch_size=left, scale=1.0,
                               integer_tol=cfg.integer_tol)
-            counts = np.rint(rfit.coef)
-            sure = (np.abs(rfit.coef - counts) <= cfg.integer_tol) & (counts >= 1)
-            rest = left - int(counts[sure].sum())
-            stats["peel_rest"] = float(rest)
-            if not rfit.integral and 0 < rest <= cfg.rest_max:
-                vec = np.concatenate([p.target[k].reshape(-1) for k in names]) - rfit.columns[:, sure] @ counts[sure]
-                o, sub = 0, {}
-                for k in names:
-                    div = rest if reduction == "mean" else 1
-                    sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / div)
-                    o += t[k].numel()
-                sub_labels = None
-                if labels is not None:
-                    sub_labels = list(labels)
-                    whole = np.repeat(np.flatnonzero(sure) % n_cls, counts[sure].astype(int))
-                    for lab in np.concatenate([p.labels, whole]):
-                        if int(lab) in sub_labels:
-                            sub_labels.remove(int(lab))
-                sub_obs = dataclasses.replace(obs, tensors=sub, num_examples=rest, labels=None if sub_labels is None
-                                              or len(sub_labels) != rest else torch.as_tensor(sub_labels))
-                sub_stats: dict = {}
-                sub_fit, sub_partial = self._exact(sub_obs, model, prior, rest, sub_stats)
-                extra = sub_fit.rows if sub_fit is not None else sub_partial
-                cand = np.concatenate([cand, extra])
-                stats["peel_rest_found"] = float(len(extra))
-        rows = _unique_rows(schema, np.concatenate([p.rows, cand]))
+            if not (rfit.integral and rfit.rel_residual <= cfg.fit_tol):
+                extra = [self._rest(obs, model, prior, names, p, rfit, left, rule, stats)
+                         for rule in ("sure", "round")]
+                cand = np.concatenate([cand] + extra)
+                stats["peel_rest_found"] = float(sum(len(e) for e in extra))
+        rows = unique_rows(schema, np.concatenate([p.rows, cand]))
         if len(rows) > 1:  # two roots of one row that round to neighbouring values: keep the better one
             full2 = row_span(t[layers.second_weight].detach().double().cpu().numpy(), max_rank=b, rel_tol=cfg.rank_tol)
-            rows = _merge_near(schema, rows, layer2_residual(second_inputs(model, layers.second, rows), full2.basis),
-                               keep=len(p.rows))
+            rows = merge_near(schema, rows, layer2_residual(second_inputs(model, layers.second, rows), full2.basis),
+                              keep=len(p.rows))
         if not len(rows) or len(rows) > cfg.max_fit:
             return None, p.rows
         fit = fit_counts(model, prior.loss_fn, names, dict(t), rows, n_cls, batch_size=b, scale=scale,
                          integer_tol=cfg.integer_tol)
-        ok = fit.integral and fit.full_rank and fit.total == b and fit.rel_residual <= cfg.fit_tol
+        ok = _certifies(fit, b, labels, cfg.fit_tol)
         stats.update(fit_residual=fit.rel_residual, fit_integral=float(fit.integral), fit_full_rank=float(fit.full_rank))
-        if ok and labels is not None:
-            ok = sorted(fit.labels.tolist()) == sorted(labels)
+        if not ok and fit.coef is not None and n_cls == 2 and b <= layers.first.out_features:
+            # categories and labels found, continuous values off (peeled rows and roots carry the
+            # second-layer span's imprecision): re-read them linearly from the first layer
+            counts = np.maximum(np.rint(fit.coef), 0).astype(int)
+            stats["refine_total"] = float(counts.sum())
+            if counts.sum() == b:
+                used = np.flatnonzero(counts)
+                guess = np.repeat(rows[used // n_cls], counts[used], 0)
+                glab = np.repeat(used % n_cls, counts[used])
+                w1t, b1t = (t[k].detach().double().cpu().numpy() * scale for k in (layers.first_weight, layers.first_bias))
+                for _ in range(2):  # the second read starts from the first one's ReLU patterns
+                    guess = refine_continuous(model, layers.first, w1t, b1t, guess, glab, schema,
+                                              project=lambda r: project(schema, r))
+                rows2 = unique_rows(schema, guess)
+                fit2 = fit_counts(model, prior.loss_fn, names, dict(t), rows2, n_cls, batch_size=b, scale=scale,
+                                  integer_tol=cfg.integer_tol)
+                ok = _certifies(fit2, b, labels, cfg.fit_tol)
+                stats.update(refined=float(ok), refined_residual=fit2.rel_residual)
+                fit = fit2 if ok else fit
         return (fit if ok else None), p.rows
+
+    def _rest(self, obs: Observation, model: nn.Module, prior: TabularPrior, names: list[str], p, rfit, left: int,
+              rule: str, stats: dict) -> np.ndarray:
+        """Rows the pattern roots missed: the rows ``peel.rest_counts`` takes as whole are subtracted
+        from the gradient left after peeling and the few rows left (at most ``rest_max``) go through
+        the span stage as a batch of their own. Returns the rows it found (certified or partial)."""
+        cfg, schema = self.config, prior.schema
+        n_cls = len(schema.classes)
+        counts = rest_counts(rfit.coef, n_cls, integer_tol=cfg.integer_tol, rule=rule)
+        rest = left - int(counts.sum())
+        stats[f"peel_rest_{rule}"] = float(rest)
+        if not 0 < rest <= cfg.rest_max:
+            return np.zeros((0, schema.dim))
+        sub_obs = rest_batch(obs, names, p, rfit.columns @ counts, counts, n_cls, rest)
+        sub_fit, sub_partial = self._exact(sub_obs, model, prior, rest, {})
+        return sub_fit.rows if sub_fit is not None else sub_partial
 
     # -- main -----------------------------------------------------------------------------
     def reconstruct(self, obs: Observation, model: nn.Module, prior: TabularPrior, *,

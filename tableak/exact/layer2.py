@@ -17,12 +17,15 @@ import numpy as np
 
 
 def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.ndarray, basis2: np.ndarray, *,
-                       starts: np.ndarray, tol: float, iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
+                       starts: np.ndarray, tol: float, iterations: int = 12,
+                       dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
     """Roots ``y = y0[k] + u w`` of ``P2perp ReLU(W1 y + b1) = 0``.
 
     y0 [K, d] candidate rows, u [d, f] (zero outside the continuous columns), w1 [h, d], b1 [h],
     basis2 [r2, h] orthonormal rows of the second weight gradient's row space, starts [S, K, f]
-    (``w_box_starts``). Returns (rows [n, d], candidate index [n])."""
+    (``w_box_starts``). Returns (rows [n, d], candidate index [n]). ``dtype=np.float32`` runs the
+    iterations in single precision (about twice as fast; the residual test stays in float64): for
+    finding which candidates have a root, whose rows are then solved again in float64."""
     k, f = len(y0), u.shape[1]
     h = w1.shape[0]
     proj = np.eye(h) - basis2.T @ basis2
@@ -30,6 +33,10 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
     comp = uq[:, sq > 0.5].T  # [h - r2, h] orthonormal basis of the complement
     z0 = y0 @ w1.T + b1  # [K, h]
     a = w1 @ u  # [h, f]
+    kc = comp.shape[0]
+    # J_n = comp diag(on_n) a for every candidate at once: one GEMM on_n @ q, q[h, (k f)] = comp^T (x) a
+    q = (comp.T[:, :, None] * a[:, None, :]).reshape(h, kc * f).astype(dtype)
+    z0d, comp_d = z0.astype(dtype), comp.T.astype(dtype)
     out_rows, out_idx = [], []
     for w in starts:
         w = np.array(w, copy=True)
@@ -43,12 +50,12 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
             if len(live) == 0:
                 break
             n = len(live)
-            m = on[:, None, :] * a.T[None]  # [n, f, h]
-            pm = (m.reshape(n * f, h) @ comp.T).reshape(n, f, -1).transpose(0, 2, 1)  # one GEMM: [n, h - r2, f]
-            jtj = np.matmul(pm.transpose(0, 2, 1), pm) + 1e-12 * np.eye(f)
-            r0 = (on * z0[live]) @ comp.T  # [n, h - r2]
-            jtr = np.matmul(pm.transpose(0, 2, 1), r0[..., None])  # [n, f, 1]
-            w[live] = -np.linalg.solve(jtj, jtr)[..., 0]
+            onf = on.astype(dtype)
+            pm = (onf @ q).reshape(n, kc, f)  # [n, h - r2, f]
+            pt = pm.transpose(0, 2, 1)
+            jtj = np.matmul(pt, pm) + 1e-12 * np.eye(f, dtype=dtype)
+            r0 = (onf * z0d[live]) @ comp_d  # [n, h - r2]
+            w[live] = -np.linalg.solve(jtj, np.matmul(pt, r0[..., None]))[..., 0]
             prev = on
         act = np.maximum(z0 + w @ a.T, 0.0)
         res = np.linalg.norm(act @ comp.T, axis=1) / np.maximum(np.linalg.norm(act, axis=1), 1e-12)

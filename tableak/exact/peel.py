@@ -23,6 +23,7 @@ partially certified (same rule as the span stage).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +96,8 @@ def _singleton_rows(schema: TabularSchema, col: np.ndarray, j: int, present: np.
     u, s, _ = np.linalg.svd(fc, full_matrices=True)
     rank_c = int((s > 1e-9 * max(s.max(), 1e-30)).sum())
     q = u[:, rank_c:].T  # [m, k] orthonormal complement of the continuous columns' range
+    if q.shape[0] == 0:  # (B >= ~100: the second layer's span leaves no room): no categorical information
+        return np.zeros((0, d))
     blocks, vecs = [], []
     for _, sl in schema.categorical:
         cols = np.arange(sl.start, sl.stop)
@@ -215,17 +218,67 @@ def all_pattern_roots(schema: TabularSchema, present: np.ndarray, w1: np.ndarray
     u[ci, np.arange(len(ci))] = 1.0
     lo, hi = (v.double().numpy()[ci] for v in schema.bounds())
     out, hit = [], []
+    # pass 1 only finds the patterns with a root when pass 2 (its starts include pass 1's) follows: float32
+    fast = np.float32 if more_starts > starts else np.float64
     for c0 in range(0, len(idx), chunk):
         raw = np.zeros((len(idx[c0:c0 + chunk]), d))
         np.put_along_axis(raw, idx[c0:c0 + chunk], 1.0, axis=1)
         y0 = (raw - mean) / scale
         y0[:, ci] = 0.0
-        rows, k = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, starts), tol=tol)
-        out.append(rows)
+        rows, k = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, starts), tol=tol,
+                                     dtype=fast)
+        if fast is np.float64:
+            out.append(rows)
         hit.append(y0[np.unique(k)])
     y0 = np.concatenate(hit)
     if len(y0) and more_starts > starts:
         rows, _ = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, more_starts),
                                      tol=tol)
         out.append(rows)
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, d))
+
+
+def rest_counts(coef: np.ndarray, n_classes: int, *, integer_tol: float, rule: str) -> np.ndarray:
+    """Counts of the candidate rows (candidate-major, then label) taken as whole when the residual fit
+    over the root candidates is not a certificate (some rows were missed); the rows not counted are
+    left to the span stage as a small batch of their own.
+
+    ``"sure"``: counts within ``integer_tol`` of an integer (the others are left). ``"round"``: every
+    count rounded (a missed row tilts all counts of a 64-row fit by up to ~0.4), and a row counted
+    twice or more gives one copy back: a pattern shared by two rows whose second root the search
+    missed looks like its first root counted twice (the two rows then go to the span stage together)."""
+    counts = np.rint(coef)
+    if rule == "sure":
+        return np.where((np.abs(coef - counts) <= integer_tol) & (counts >= 1), counts, 0.0)
+    counts = np.maximum(counts, 0.0)
+    return np.where(counts >= 2, counts - 1, counts)
+
+
+def rest_batch(obs, names: list[str], p: Peeled, whole: np.ndarray, counts: np.ndarray, n_classes: int, rest: int):
+    """The observation of the ``rest`` rows left when the peeled rows and the candidate rows counted
+    whole (``counts``, their summed per-example gradients ``whole`` [P]) are subtracted from the
+    update: averaged over ``rest`` under mean reduction, with the granted labels less theirs."""
+    t = obs.tensors
+    vec = np.concatenate([p.target[k].reshape(-1) for k in names]) - whole
+    div = rest if (obs.protocol.loss_reduction if obs.protocol else "mean") == "mean" else 1
+    sub, o = {}, 0
+    for k in names:
+        sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / div)
+        o += t[k].numel()
+    used = np.flatnonzero(counts > 0)
+    taken = np.concatenate([p.labels, np.repeat(used % n_classes, counts[used].astype(int))]).astype(int).tolist()
+    granted = None if obs.labels is None else [int(v) for v in obs.labels.tolist()]
+    sub_labels = residual_labels(granted, taken, rest)
+    return dataclasses.replace(obs, tensors=sub, num_examples=rest,
+                               labels=None if sub_labels is None else torch.as_tensor(sub_labels))
+
+
+def residual_labels(labels: list[int] | None, taken: list[int], rest: int) -> list[int] | None:
+    """The granted label multiset less the labels of rows already taken, when it has ``rest`` entries."""
+    if labels is None:
+        return None
+    left = list(labels)
+    for lab in taken:
+        if lab in left:
+            left.remove(lab)
+    return left if len(left) == rest else None

@@ -189,3 +189,27 @@ def free_continuous(schema: TabularSchema, span: Span, *, free_tol: float = FREE
     u[:, cat] = 0.0
     q, _ = np.linalg.qr(u.T) if len(u) else (np.zeros((d, 0)), None)
     return q
+
+
+def unique_rows(schema: TabularSchema, rows: np.ndarray) -> np.ndarray:
+    """The distinct rows after decoding (first occurrence of each kept, in order)."""
+    if len(rows) == 0:
+        return rows
+    c, n = schema.decode_arrays(rows)
+    _, idx = np.unique(np.concatenate([c, n], 1), axis=0, return_index=True)
+    return rows[np.sort(idx)]
+
+
+def merge_near(schema: TabularSchema, rows: np.ndarray, score: np.ndarray, *, keep: int, rel: float = 1e-3) -> np.ndarray:
+    """Rows with the same categories and continuous values within ``rel`` standard deviations are one
+    row found twice (rounding of a float root): the one with the lowest ``score`` stays (the first
+    ``keep`` rows, the peeled ones, always stay)."""
+    ci = schema.continuous_index
+    cat = np.setdiff1d(np.arange(schema.dim), ci)
+    order = list(range(keep)) + sorted(range(keep, len(rows)), key=lambda i: score[i])
+    out: list[int] = []
+    for i in order:
+        if not any(np.array_equal(rows[i, cat], rows[j, cat]) and np.abs(rows[i, ci] - rows[j, ci]).max() <= rel
+                   for j in out):
+            out.append(i)
+    return rows[sorted(out)]

@@ -145,3 +145,89 @@ def unit_resolution(model: nn.Module, loss_fn, names: list[str], target: dict[st
             d = _per_example(m64, loss_fn, names, xs, y) - base
             out[:, k] &= np.linalg.norm(r[:, None] - d, axis=0) > floor
     return out
+
+
+
+def _unit_directions(model: nn.Module, first: nn.Linear, x: np.ndarray) -> np.ndarray:
+    """``u_i = d(logit_1 - logit_0)/dz1`` per row [B, h] (float64): for two classes and cross-entropy a
+    row's first-layer gradient is ``g_i = (p_1(x_i) - y_i) u_i``, and ``u_i`` depends on ``x_i`` only
+    through its ReLU patterns."""
+    m64 = copy.deepcopy(model).cpu().double().eval()
+    key = next(k for k, v in model.named_modules() if v is first)
+    box: list[torch.Tensor] = []
+
+    def hook(mod, inp, out):
+        out.retain_grad()
+        box.append(out)
+
+    h = dict(m64.named_modules())[key].register_forward_hook(hook)
+    try:
+        out = m64(torch.as_tensor(x, dtype=torch.float64))
+    finally:
+        h.remove()
+    (out[:, 1] - out[:, 0]).sum().backward()
+    return box[0].grad.detach().numpy()
+
+
+
+def _solve_g(u: np.ndarray, c: np.ndarray, schema, raw: np.ndarray, target_b1: np.ndarray,
+             free: np.ndarray) -> tuple[np.ndarray, float]:
+    """First-layer gradients G [B, h] from the raw categorical columns and the bias gradient: ``g_i =
+    s_i u_i`` (one unknown ``s_i``) for rows not in ``free``, a whole unknown vector for rows in
+    ``free`` (their ReLU pattern may be wrong). Returns (G, relative residual)."""
+    n, h = u.shape
+    fixed = np.setdiff1d(np.arange(n), free)
+    members = [np.ones(n, dtype=bool)]
+    rhs = [target_b1]
+    for bi, (_, sl) in enumerate(schema.categorical):
+        for j in np.unique(c[:, bi]):
+            members.append(c[:, bi] == j)
+            rhs.append(raw[:, sl.start + int(j)])
+    mem = np.stack(members).astype(float)  # [m, B]
+    m = len(mem)
+    a_s = (mem[:, None, fixed] * u.T[None, :, fixed]).reshape(m * h, len(fixed))  # [m h, |fixed|]
+    a_g = np.kron(mem[:, free], np.eye(h))  # [m h, |free| h]
+    a = np.concatenate([a_s, a_g], 1)
+    y = np.concatenate(rhs)
+    sol = np.linalg.lstsq(a, y, rcond=None)[0]
+    g = np.zeros((n, h))
+    g[fixed] = sol[:len(fixed), None] * u[fixed]
+    g[free] = sol[len(fixed):].reshape(len(free), h)
+    return g, float(np.linalg.norm(a @ sol - y) / max(np.linalg.norm(y), 1e-300))
+
+
+def refine_continuous(model: nn.Module, first: nn.Linear, target_w1: np.ndarray, target_b1: np.ndarray,
+                      rows: np.ndarray, labels: np.ndarray, schema, *, project,
+                      max_free: int = 8) -> np.ndarray:
+    """Continuous values of a whole-batch guess (B rows with labels, categories right, continuous values
+    close) re-read linearly from the first layer, two classes only.
+
+    With ``g_i = s_i u_i`` (``_unit_directions``; ``s_i = p_1 - y_i`` one scalar per row) every raw
+    categorical column ``sum_{i in category j} g_i`` and the bias gradient ``sum_i g_i`` are linear in
+    ``s`` (h x (present categories + 1) equations, B unknowns), and then each continuous column
+    ``dW1[:, c] = sum_i g_i y_ic`` is linear in the standardised values (h equations, B unknowns,
+    B <= h): both are least squares at the gradient's precision, where the second-layer roots leave
+    fnlwgt tens of units off at B = 64. A row whose guessed values are far off can carry a wrong ReLU
+    pattern (wrong ``u_i``): the rows whose ``s_i`` disagrees with their own ``p_1 - y_i`` by more than
+    1e-3 and 10x the median (at most ``max_free``) get a whole unknown ``g_i`` instead (not identifiable
+    when the row shares its whole categorical pattern with another row). Nothing is certified here: the whole-gradient
+    fit decides. ``target_w1`` [h, d] and ``target_b1`` [h]: summed gradients."""
+    mean, scale = np.asarray(schema.mean, float), np.asarray(schema.scale, float)
+    ci = np.asarray(schema.continuous_index)
+    raw = target_w1 * scale + np.outer(target_b1, mean)
+    c, _ = schema.decode_arrays(rows)
+    u = _unit_directions(model, first, rows)
+    with torch.no_grad():
+        m64 = copy.deepcopy(model).cpu().double().eval()
+        p1 = torch.softmax(m64(torch.as_tensor(rows, dtype=torch.float64)), -1)[:, 1].numpy()
+    none = np.zeros(0, dtype=int)
+    g, _ = _solve_g(u, c, schema, raw, target_b1, none)
+    s_hat = np.einsum("bh,bh->b", g, u) / np.maximum(np.einsum("bh,bh->b", u, u), 1e-300)
+    dev = np.abs(s_hat - (p1 - labels))
+    bad = np.argsort(-dev)[:max_free]
+    bad = np.sort(bad[dev[bad] > max(10 * float(np.median(dev)), 1e-3)])
+    if len(bad):
+        g, _ = _solve_g(u, c, schema, raw, target_b1, bad)
+    out = rows.copy()
+    out[:, ci] = np.linalg.lstsq(g.T, target_w1[:, ci], rcond=None)[0]
+    return project(out)
