@@ -126,6 +126,21 @@ def test_pivot_layout_has_one_column_per_batch_size(tmp_path):
     assert "n = 3 batches per cell, 0 failed" in text
 
 
+def test_pivot_keeps_two_datasets_apart(tmp_path):
+    """Two datasets at the same B and threat are two rows, not one cell overwritten by the other."""
+    specs, doc = _setup(tmp_path)
+    other = [{**r, "case": {**r["case"], "data": "german", "name": r["case"]["name"] + "-german"},
+              "run_id": r["run_id"] + "-german", "metrics": {"accuracy": 0.25}} for r in map(lambda i: _rec(1000 + i), range(3))]
+    with open(tmp_path / "results" / "t" / "records.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in other))
+    doc.write_text(doc.read_text().replace("<!-- table:t metrics=accuracy -->", "<!-- table:t layout=pivot -->"))
+    assert sync_markers(specs, [doc], check=False, root=tmp_path, out_dir=tmp_path / "docs" / "tables") == []
+    text = doc.read_text()
+    assert "| data / model | threat | defense | attack | B=8 |" in text
+    data = _rec(1000)["case"]["data"]
+    assert "| german / " in text and "| 0.250 ± 0.000 |" in text
+    assert f"| {data} / " in text and "| 0.700 ± 0.497 |" in text
+
 
 @pytest.mark.parametrize("opt", ["layout=pivto", "metric=accuracy"])
 def test_an_unknown_marker_option_is_reported_not_ignored(tmp_path, opt):
