@@ -63,6 +63,25 @@ _relu_mask = torch.ops.aten.threshold_backward.grad_input  # grad ⊙ 1[relu out
 _NARROW = 8  # layers with at most this many outputs stack their GEMMs (their column slices are tiny)
 
 
+def _low_rank(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """``t`` [k, d] as ``(V, S Uᵀ, U S, Vᵀ)`` of its numerical rank r (singular values above
+    4·max(k, d)·eps of the largest) when r·(k + d) ≤ 0.7·k·d, else None. An observed FedSGD
+    weight gradient is a sum of B outer products (rank ≤ B), so a·tᵀ = (a V)(S Uᵀ) and dz·t =
+    (dz U S) Vᵀ are two thin GEMMs instead of one wide one; the dropped singular values are
+    rounding noise of t itself (a noised or averaged gradient has full rank and keeps the product)."""
+    k, d = t.shape
+    if k <= _NARROW or not t.dtype.is_floating_point:
+        return None
+    u, sv, vh = torch.linalg.svd(t, full_matrices=False)
+    if sv.numel() == 0 or float(sv[0]) == 0.0:
+        return None
+    r = int((sv > sv[0] * 4 * max(k, d) * torch.finfo(t.dtype).eps).sum())
+    if r * (k + d) > 0.7 * k * d:
+        return None
+    us = u[:, :r] * sv[:r]
+    return vh[:r].t().contiguous(), us.t().contiguous(), us.contiguous(), vh[:r].contiguous()
+
+
 class MLPGradientMatch:
     """Distance between each member's client gradient and the observed one, and its gradient
     w.r.t. the (relaxed) inputs, for a Linear/ReLU MLP with (mean or sum) cross-entropy.
@@ -103,7 +122,7 @@ class MLPGradientMatch:
                 kw, kb = (1.0, 1.0) if cos else (-2.0 / nw, -2.0 / tb.numel())
                 wt, tt = w.t().contiguous(), (t * kw).t().contiguous()
                 per.append({"wt": wt, "tt": tt, "tk": (t * kw).contiguous(), "wtt": torch.cat([wt, tt], 1),
-                            "wtk": torch.cat([w, t * kw]),
+                            "wtk": torch.cat([w, t * kw]), "lr": _low_rank(t * kw),
                             "tbk": tb * kb, "kw": kw, "rw": None if cos else -kw, "rb": None if cos else -kb,
                             "t2": t.pow(2).sum(), "tb2": tb.pow(2).sum()})
             self._built = per
@@ -135,8 +154,10 @@ class MLPGradientMatch:
             if k <= _NARROW:  # a narrow layer (the output): one GEMM for both, the halves are tiny
                 zt = torch.mm(h, per[i]["wtt"])
                 z, at = zt[:, :k].add_(self.b[i]), zt[:, k:]
-            else:  # a wide one: two GEMMs with contiguous outputs
-                z, at = torch.addmm(self.b[i], h, per[i]["wt"]), torch.mm(h, per[i]["tt"])
+            else:  # a wide one: two GEMMs with contiguous outputs (κ a t_Wᵀ through t_W's factors if it has low rank)
+                lr = per[i]["lr"]
+                z = torch.addmm(self.b[i], h, per[i]["wt"])
+                at = torch.mm(h, per[i]["tt"]) if lr is None else torch.mm(torch.mm(h, lr[0]), lr[1])
             ats.append(at)
             if i < n - 1:
                 acts.append(z.clamp_min_(0))
@@ -210,7 +231,9 @@ class MLPGradientMatch:
             if self.w[i].shape[0] <= _NARROW:
                 ab = torch.mm(torch.cat([zb, dz[i]], 1), per[i]["wtk"])
             else:
-                ab = torch.mm(zb, self.w[i]).addmm_(dz[i], per[i]["tk"])
+                lr = per[i]["lr"]
+                ab = torch.mm(zb, self.w[i])
+                ab = ab.addmm_(dz[i], per[i]["tk"]) if lr is None else ab.addmm_(torch.mm(dz[i], lr[2]), lr[3])
             if gram[i]:
                 ab.view(e, b, -1).baddbmm_(mats[i][1], a3[i], alpha=scale[i])
             else:
