@@ -17,6 +17,8 @@ gradient w.r.t. the candidate are written out by hand, batched over all ensemble
   softmax Jacobian;
 * the relaxations as a few fused ops (``tableak.relax.FusedRelax``: group sums by two thin
   GEMMs, one sigmoid) and their backward;
+* a wide layer's observed weight gradient through its numerical-rank factors when that is fewer
+  flops (a FedSGD gradient of B rows has rank ≤ B; ``_low_rank``);
 * Adam on the sign of the gradient with ``torch.optim.Adam``'s update (its fused kernel).
 
 No autograd graph is built and every step is ~130 tensor ops for all members together, every
