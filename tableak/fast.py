@@ -6,28 +6,35 @@ group, sigmoid bounding of every continuous column), take the client's parameter
 the candidate, compare it with the observed gradient (cosine or TabLeak's mean-l2) — and its
 gradient w.r.t. the candidate are written out by hand, batched over all ensemble members:
 
-* forward and parameter gradient of the MLP: shared-weight ``addmm`` over ``[E·B, ·]`` rows,
-  per-member weight gradients as one ``bmm``;
+* forward and parameter gradient of the MLP: shared-weight GEMMs over ``[E·B, ·]`` rows, the
+  wide layers' per-member weight gradients only through ``[B, B]`` Gram matrices (``bmm``),
+  the narrow output layer's formed directly, whichever is fewer flops;
 * the distance's gradient w.r.t. each member's parameter gradient in closed form
-  (``∂L/∂g_l = a·t_l + c·g_l`` for cosine);
+  (``∂L/∂g = α(κ·t + ρ·g)``); the observed gradient enters premultiplied by κ, α is applied
+  once, in the relaxation's backward;
 * the double backward (parameter gradient → candidate) by hand: ReLU masks are constants
   almost everywhere, the softmax-cross-entropy term ``s·(p − y)`` back-propagates through the
   softmax Jacobian;
-* the relaxations as three fused ops (a padded group softmax, one sigmoid) and their backward;
-* Adam on the sign of the gradient with exactly ``torch.optim.Adam``'s single-tensor update.
+* the relaxations as a few fused ops (``tableak.relax.FusedRelax``: group sums by two thin
+  GEMMs, one sigmoid) and their backward;
+* a wide layer's observed weight gradient through its numerical-rank factors when that is fewer
+  flops (a FedSGD gradient of B rows has rank ≤ B; ``_low_rank``);
+* Adam on the sign of the gradient with ``torch.optim.Adam``'s update (its fused kernel).
 
-No autograd graph is built and every step is ~60 tensor ops for all members together, so the
-per-step cost is the arithmetic (dominated by ~12 GEMMs of the first two layers' size), not
-Python dispatch. The values equal the ``vmap`` engine's within float rounding (checked by
-``tests/tableak/test_attack.py``); whole runs are compared by their metrics, since the sign
-trick amplifies rounding of near-zero gradients.
+No autograd graph is built and every step is ~130 tensor ops for all members together, every
+elementwise one on a contiguous tensor (torch's CPU kernels are ~3x slower on a column slice
+of a wider matrix, which is why the wide layers' ``[z | a·tᵀ]`` products are two GEMMs, not one
+stacked GEMM). The per-step cost is the arithmetic: ~100 M multiply-adds in ~10 GEMMs of the
+first two layers' size and ~8 small ``bmm``. The values equal the ``vmap`` engine's within
+float rounding (checked by ``tests/tableak/test_attack.py``); whole runs are compared by their
+metrics, since the sign trick amplifies rounding of near-zero gradients.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .relax import Relaxer
+from .relax import FusedRelax, Relaxer
 
 
 def mlp_layers(model: nn.Module) -> list[nn.Linear] | None:
@@ -54,108 +61,38 @@ def mlp_layers(model: nn.Module) -> list[nn.Linear] | None:
     return layers
 
 
-class FusedRelax:
-    """:class:`Relaxer`'s ``softmax`` then ``sigmoid`` as a few fused ops on a permuted column
-    layout, with a hand-written backward.
+_relu_mask = torch.ops.aten.threshold_backward.grad_input  # grad ⊙ 1[relu output > 0], written into grad_input
+_NARROW = 8  # layers with at most this many outputs stack their GEMMs (their column slices are tiny)
 
-    The layout (``to_layout`` / ``from_layout``) puts the one-hot groups of width > 1 first,
-    sorted by width, so the groups of one width are a contiguous slice viewed as ``[n_w, w]``
-    (one softmax per distinct width), then the continuous columns, then the rest. The first
-    layer's weight and the observed gradient are permuted the same way, so the distance is
-    unchanged and no step gathers or scatters columns."""
 
-    def __init__(self, rx: Relaxer, *, softmax: bool, temperature: float, sigmoid: bool,
-                 sigmoid_temperature: float) -> None:
-        dev = rx.mean.device
-        d = rx.mean.numel()
-        groups = [sl for kind, sl in rx.blocks if kind == "categorical" and sl.stop - sl.start > 1] if softmax else []
-        groups.sort(key=lambda sl: sl.stop - sl.start)
-        conts = [sl.start for kind, sl in rx.blocks if kind == "continuous"] if sigmoid else []
-        self.tau, self.temp = float(temperature), float(sigmoid_temperature)
-        layout: list[int] = []  # original column per layout position
-        self.buckets: list[tuple[int, int, int]] = []  # (start, number of groups, width)
-        for sl in groups:
-            w = sl.stop - sl.start
-            if self.buckets and self.buckets[-1][2] == w:
-                st, n, _ = self.buckets[-1]
-                self.buckets[-1] = (st, n + 1, w)
-            else:
-                self.buckets.append((len(layout), 1, w))
-            layout += list(range(sl.start, sl.stop))
-        self.gk, self.nc = len(layout), len(conts)
-        layout += conts
-        used = set(layout)
-        layout += [c for c in range(d) if c not in used]
-        self.perm = torch.tensor(layout, dtype=torch.long, device=dev)  # layout position -> column
-        self.inv = torch.argsort(self.perm)  # column -> layout position
-        if self.gk:
-            cc = self.perm[:self.gk]
-            self.s_cat, self.m_cat = rx.scale[cc], rx.mean[cc]
-            self.inv_s, self.neg_ms = 1.0 / self.s_cat, -self.m_cat / self.s_cat  # (p − m)/s as one addcmul
-            # block-diagonal ones: (row of exps) @ same = every column's group sum, in one GEMM
-            self.same = torch.zeros((self.gk, self.gk), dtype=rx.mean.dtype, device=dev)
-            for st, n, w in self.buckets:
-                for g in range(n):
-                    a = st + g * w
-                    self.same[a:a + w, a:a + w] = 1.0
-        if self.nc:
-            cc = self.perm[self.gk:self.gk + self.nc]
-            self.lo, self.span = rx.lo[cc], rx.hi[cc] - rx.lo[cc]
-
-    def _group_softmax(self, raw: Tensor) -> Tensor:
-        """Softmax within every group: exp(raw − row max) normalised by group sums (one GEMM); if
-        a whole group underflows (it lies ≳ 69 below the row's max), the exact per-group softmax."""
-        e = (raw - raw.amax(-1, keepdim=True)).exp_()
-        tot = e @ self.same
-        if bool(tot.amin() < 1e-30):
-            return torch.cat([raw[..., st:st + n * w].unflatten(-1, (n, w)).softmax(-1).flatten(-2)
-                              for st, n, w in self.buckets], -1)
-        return e.div_(tot)
-
-    def to_layout(self, x: Tensor) -> Tensor:
-        return x.index_select(-1, self.perm)
-
-    def from_layout(self, x: Tensor) -> Tensor:
-        return x.index_select(-1, self.inv)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
-        """Relaxed copy of ``x`` [..., d] (layout) and what :meth:`backward` needs."""
-        sm = sg = None
-        gk, nc = self.gk, self.nc
-        out = torch.empty_like(x)  # every piece is written into its slice (no concatenation pass)
-        if gk:
-            raw = torch.addcmul(self.m_cat, x[..., :gk], self.s_cat)
-            if self.tau != 1.0:
-                raw = raw.div_(self.tau)
-            sm = self._group_softmax(raw)
-            torch.addcmul(self.neg_ms, sm, self.inv_s, out=out[..., :gk])
-        if nc:
-            xc = x[..., gk:gk + nc]
-            sg = torch.sigmoid(xc / self.temp if self.temp != 1.0 else xc)
-            torch.addcmul(self.lo, sg, self.span, out=out[..., gk:gk + nc])
-        if gk + nc < x.shape[-1]:
-            out[..., gk + nc:] = x[..., gk + nc:]
-        return out, (sm, sg)
-
-    def backward(self, out_bar: Tensor, saved: tuple[Tensor | None, Tensor | None]) -> Tensor:
-        """∂/∂x given ∂/∂(relaxed x) (in place on ``out_bar``)."""
-        sm, sg = saved
-        gk, nc = self.gk, self.nc
-        if gk:
-            prod = torch.mul(sm, out_bar[..., :gk]).mul_(self.inv_s)
-            prod = prod.sub_(sm * (prod @ self.same))  # softmax Jacobian, group sums by one GEMM
-            if self.tau != 1.0:
-                prod = prod / self.tau
-            out_bar[..., :gk] = prod.mul_(self.s_cat)
-        if nc:
-            g = out_bar[..., gk:gk + nc] * self.span * sg * (1 - sg)
-            out_bar[..., gk:gk + nc] = g / self.temp if self.temp != 1.0 else g
-        return out_bar
+def _low_rank(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """``t`` [k, d] as ``(V, S Uᵀ, U S, Vᵀ)`` of its numerical rank r (singular values above
+    4·max(k, d)·eps of the largest) when r·(k + d) ≤ 0.7·k·d, else None. An observed FedSGD
+    weight gradient is a sum of B outer products (rank ≤ B), so a·tᵀ = (a V)(S Uᵀ) and dz·t =
+    (dz U S) Vᵀ are two thin GEMMs instead of one wide one; the dropped singular values are
+    rounding noise of t itself (a noised or averaged gradient has full rank and keeps the product)."""
+    k, d = t.shape
+    if k <= _NARROW or not t.dtype.is_floating_point:
+        return None
+    u, sv, vh = torch.linalg.svd(t, full_matrices=False)
+    if sv.numel() == 0 or float(sv[0]) == 0.0:
+        return None
+    r = int((sv > sv[0] * 4 * max(k, d) * torch.finfo(t.dtype).eps).sum())
+    if r * (k + d) > 0.7 * k * d:
+        return None
+    us = u[:, :r] * sv[:r]
+    return vh[:r].t().contiguous(), us.t().contiguous(), us.contiguous(), vh[:r].contiguous()
 
 
 class MLPGradientMatch:
     """Distance between each member's client gradient and the observed one, and its gradient
-    w.r.t. the (relaxed) inputs, for a Linear/ReLU MLP with (mean or sum) cross-entropy."""
+    w.r.t. the (relaxed) inputs, for a Linear/ReLU MLP with (mean or sum) cross-entropy.
+
+    Both distances are written as ∂L/∂g = α(κ t + ρ g) per parameter tensor, α and ρ per member
+    (cosine: κ = 1, α = −1/(‖g‖‖t‖), ρ = −⟨g,t⟩/‖g‖²; TabLeak's per-tensor mean l2: α = 1,
+    κ = −ρ = −2/|tensor|), so the observed gradient enters every step premultiplied by κ and α
+    is applied once, inside the relaxation's backward. Every elementwise op reads and writes
+    contiguous tensors (torch's CPU kernels run ~3x slower on a column slice of a wider matrix)."""
 
     def __init__(self, layers: list[nn.Linear], names: list[tuple[str, str]], target: dict[str, Tensor], *,
                  loss: str, reduction: str) -> None:
@@ -170,103 +107,142 @@ class MLPGradientMatch:
         self.loss, self.reduction = loss, reduction
         self.tnorm = torch.sqrt(sum(t.pow(2).sum() for t in self.tw + self.tb))
         self.numel_w = [t.numel() for t in self.tw]  # l2's per-tensor mean (before any column padding)
+        self._built: tuple | None = None
 
     def set_first_layer(self, w: Tensor, t: Tensor) -> None:
         """Replace the first layer's weight and observed gradient (the relaxation's column layout)."""
         self.w[0], self.tw[0] = w.contiguous(), t.contiguous()
-        self._wt = self._wtt = None
+        self._built = None
 
-    def _stacked(self) -> list[Tensor]:
-        if getattr(self, "_wt", None) is None:  # [W_i; T_i]: forward and ⟨·, T_i⟩ in one GEMM
-            self._wt = [torch.cat([w, t]).t().contiguous() for w, t in zip(self.w, self.tw)]
-        return self._wt
-
-    def _stacked_rows(self) -> list[Tensor]:
-        if getattr(self, "_wtt", None) is None:
-            self._wtt = [torch.cat([w, t]).contiguous() for w, t in zip(self.w, self.tw)]
-        return self._wtt
+    def _build(self) -> tuple:
+        """Per layer: Wᵀ, (κ t_W)ᵀ (forward), κ t_W (backward), κ_W and the bias's κ_b, ρ_W, ρ_b
+        (None: the per-member cosine ρ) and ‖t_W‖², ‖t_b‖²."""
+        if self._built is None:
+            cos = self.loss == "cosine"
+            per = []
+            for w, t, tb, nw in zip(self.w, self.tw, self.tb, self.numel_w):
+                kw, kb = (1.0, 1.0) if cos else (-2.0 / nw, -2.0 / tb.numel())
+                wt, tt = w.t().contiguous(), (t * kw).t().contiguous()
+                per.append({"wt": wt, "tt": tt, "tk": (t * kw).contiguous(), "wtt": torch.cat([wt, tt], 1),
+                            "wtk": torch.cat([w, t * kw]), "lr": _low_rank(t * kw),
+                            "tbk": tb * kb, "kw": kw, "rw": None if cos else -kw, "rb": None if cos else -kb,
+                            "t2": t.pow(2).sum(), "tb2": tb.pow(2).sum()})
+            self._built = per
+        return self._built
 
     def __call__(self, x: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` [E, B, d] relaxed candidates, ``onehot`` [E, B, C] labels -> (distance [E], ∂/∂x [E, B, d]).
+        """``x`` [E, B, d] relaxed candidates, ``onehot`` [E, B, C] labels -> (distance [E], ∂/∂x [E, B, d])."""
+        dist, bar, alpha = self.run(x, onehot)
+        return dist, bar if alpha is None else bar.mul_(alpha.view(-1, 1, 1))
 
-        The per-member weight gradients gW_i = dz_iᵀ a_i are never formed: with Gram matrices
-        A_i = a_i a_iᵀ, D_i = dz_i dz_iᵀ ([B, B]) and a_i T_iᵀ (one shared GEMM with the forward),
-        ⟨gW_i, T_i⟩ = Σ dz_i ⊙ a_i T_iᵀ, ‖gW_i‖² = Σ A_i ⊙ D_i, and for ∂L/∂gW_i = α T_i + c gW_i:
-        ∂/∂dz_i = α a_i T_iᵀ + c A_i dz_i, ∂/∂a_i = α dz_i T_i + c D_i a_i."""
+    def distance(self, x: Tensor, onehot: Tensor) -> Tensor:
+        return self.run(x, onehot, grad=False)[0]
+
+    def run(self, x: Tensor, onehot: Tensor, *, grad: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(distance [E], ∂/∂x / α [E, B, d], α [E] or None for 1) for ``x`` [E, B, d].
+
+        The per-member weight gradients of the wide layers are never formed: with Gram matrices
+        A = a aᵀ and D = dz dzᵀ ([B, B]), ‖g_W‖² = Σ A ⊙ D, ∂/∂dz = κ a t_Wᵀ + ρ A dz and
+        ∂/∂a = κ dz t_W + ρ D a; a layer with few outputs (the last) forms g_W = dzᵀa itself
+        (∂/∂dz = κ a t_Wᵀ + a (ρ g_W)ᵀ, ∂/∂a = κ dz t_W + dz (ρ g_W)), whichever is fewer flops."""
+        per = self._build()
         e, b, _ = x.shape
-        n = len(self.w)
+        n, r = len(self.w), e * b
         s = 1.0 / b if self.reduction == "mean" else 1.0
-        wt = self._stacked()
-        # forward (shared weights: one GEMM over all members' rows, also giving a_i T_iᵀ)
-        acts, masks, at = [x], [], []
-        h = x.reshape(e * b, -1)
+        # forward: z = a Wᵀ + b (relu in place) and κ a t_Wᵀ
+        acts, ats = [x.reshape(r, -1)], []
         for i in range(n):
-            k = self.w[i].shape[0]
-            zt = h @ wt[i]
-            at.append(zt[:, k:].view(e, b, k))
-            z = zt[:, :k].add_(self.b[i])
+            h, k = acts[i], self.w[i].shape[0]
+            if k <= _NARROW:  # a narrow layer (the output): one GEMM for both, the halves are tiny
+                zt = torch.mm(h, per[i]["wtt"])
+                z, at = zt[:, :k].add_(self.b[i]), zt[:, k:]
+            else:  # a wide one: two GEMMs with contiguous outputs (κ a t_Wᵀ through t_W's factors if it has low rank)
+                lr = per[i]["lr"]
+                z = torch.addmm(self.b[i], h, per[i]["wt"])
+                at = torch.mm(h, per[i]["tt"]) if lr is None else torch.mm(torch.mm(h, lr[0]), lr[1])
+            ats.append(at)
             if i < n - 1:
-                h = z.clamp_min(0)  # relu
-                m = torch.sign(h)  # its derivative as a float mask (1 where z > 0)
-                masks.append(m)
-                acts.append(h.view(e, b, -1))
-            else:
-                logits = z
-        p = logits.softmax(-1)
-        # backward: the per-row output gradients dz_i and the bias gradients
+                acts.append(z.clamp_min_(0))
+        p = (z - z.amax(-1, keepdim=True)).exp_()
+        p = p.div_(p.sum(-1, keepdim=True))
+        # backward: the per-row output gradients dz and the bias gradients
         dz = [None] * n
-        dz[n - 1] = (p.view(e, b, -1) - onehot).mul_(s)
+        dz[n - 1] = torch.sub(p, onehot.reshape(r, -1))
+        if s != 1.0:
+            dz[n - 1].mul_(s)
         for i in range(n - 1, 0, -1):
-            dz[i - 1] = (dz[i].reshape(e * b, -1) @ self.w[i]).mul_(masks[i - 1]).view(e, b, -1)
-        gb = [d.sum(1) for d in dz]
-        ga = [torch.bmm(a, a.transpose(1, 2)) for a in acts]  # A_i
-        gd = [torch.bmm(d, d.transpose(1, 2)) for d in dz]  # D_i
-        dots = [(d * t).sum((1, 2)) + g @ tb for d, t, g, tb in zip(dz, at, gb, self.tb)]  # ⟨g_i, t_i⟩
-        pns = [(A * D).sum((1, 2)) + (g * g).sum(1) for A, D, g in zip(ga, gd, gb)]  # ‖g_i‖²
+            d = torch.mm(dz[i], self.w[i])
+            dz[i - 1] = _relu_mask(d, acts[i], 0, grad_input=d)
+        a3 = [a.view(e, b, -1) for a in acts]
+        d3 = [d.view(e, b, -1) for d in dz]
+        gram = [2 * b * (a.shape[1] + d.shape[1]) <= 3 * a.shape[1] * d.shape[1] for a, d in zip(acts, dz)]
+        gb = [d.sum(1) for d in d3]
+        dots_w, dots_b, pns_w, pns_b, mats = [], [], [], [], []
+        for i in range(n):
+            dw = torch.mul(dz[i], ats[i]).view(e, -1).sum(1)
+            dots_w.append(dw if per[i]["kw"] == 1.0 else dw / per[i]["kw"])  # ⟨g_W, t_W⟩
+            dots_b.append(gb[i] @ self.tb[i])
+            pns_b.append((gb[i] * gb[i]).sum(1))
+            if gram[i]:
+                A, D = torch.bmm(a3[i], a3[i].transpose(1, 2)), torch.bmm(d3[i], d3[i].transpose(1, 2))
+                pns_w.append((A * D).view(e, -1).sum(1))
+                mats.append((A, D))
+            else:
+                g = torch.bmm(d3[i].transpose(1, 2), a3[i])
+                pns_w.append((g * g).view(e, -1).sum(1))
+                mats.append(g)
+        alpha = None
         if self.loss == "cosine":
-            dot, pn = sum(dots), sum(pns)
+            dot, pn = sum(dots_w) + sum(dots_b), sum(pns_w) + sum(pns_b)
             gn = pn.sqrt()
             den = gn * self.tnorm + 1e-12
             dist = 1.0 - dot / den
-            alpha = [-1.0 / den] * n  # ∂L/∂g = α·t + c·g
-            coef = [dot * self.tnorm / (den * den * gn.clamp(min=1e-30))] * n
-        else:  # TabLeak's l2: Σ_l mean((g_l − t_l)²), weight and bias tensors separately
-            tw2 = [t.pow(2).sum() for t in self.tw]
-            tb2 = [t.pow(2).sum() for t in self.tb]
-            dist = 0.0
-            alpha, coef = [], []
-            for i in range(n):  # the weight term; the bias term is added below
-                nw, nb = self.numel_w[i], self.tb[i].numel()
-                dw = dots[i] - gb[i] @ self.tb[i]
-                pw = pns[i] - (gb[i] * gb[i]).sum(1)
-                dist = dist + (pw - 2 * dw + tw2[i]) / nw + ((gb[i] - self.tb[i]).pow(2).sum(1)) / nb
-                alpha.append(torch.full((e,), -2.0 / nw, dtype=x.dtype, device=x.device))
-                coef.append(torch.full((e,), 2.0 / nw, dtype=x.dtype, device=x.device))
-        # double backward by hand
-        dz_bar, a_gd = [], []
+            alpha = -1.0 / den
+            rho = -dot * self.tnorm / (den * gn.clamp(min=1e-30))
+        else:  # TabLeak's l2: Σ_l mean((g_W − t_W)²) + mean((g_b − t_b)²)
+            dist = sum((pns_w[i] - 2 * dots_w[i] + per[i]["t2"]) / self.numel_w[i]
+                       + (pns_b[i] - 2 * dots_b[i] + per[i]["tb2"]) / self.tb[i].numel() for i in range(n))
+        if not grad:
+            return dist, None, None
+        # double backward by hand: ∂/∂dz per layer (in place on κ a t_Wᵀ), then down the dz recursion
+        rho3 = rho.view(e, 1, 1) if alpha is not None else None
+        scale = []
         for i in range(n):
-            al, c = alpha[i].view(e, 1, 1), coef[i].view(e, 1, 1)
-            if self.loss == "cosine":
-                gb_bar = alpha[i].view(e, 1) * self.tb[i] + coef[i].view(e, 1) * gb[i]
+            rb = rho.view(e, 1) if alpha is not None else per[i]["rb"]
+            bvec = torch.add(per[i]["tbk"], gb[i] * rb)  # ∂L/∂g_b / α
+            dzb = ats[i].view(e, b, -1).add_(bvec.unsqueeze(1))
+            sc = 1.0 if alpha is not None else per[i]["rw"]
+            if gram[i]:
+                A, D = mats[i]
+                if rho3 is not None:
+                    A.mul_(rho3), D.mul_(rho3)
+                dzb.baddbmm_(A, d3[i], alpha=sc)
             else:
-                gb_bar = (gb[i] - self.tb[i]) * (2.0 / self.tb[i].numel())
-            dz_bar.append(torch.addcmul(gb_bar.unsqueeze(1), at[i], al).baddbmm_(ga[i].mul_(c), dz[i]))
-            a_gd.append(gd[i].mul_(c))
+                if rho3 is not None:
+                    mats[i].mul_(rho3)
+                dzb.baddbmm_(a3[i], mats[i].transpose(1, 2), alpha=sc)
+            scale.append(sc)
         for i in range(n - 1):  # dz_i = (dz_{i+1} W_{i+1}) ⊙ mask_i
-            da = dz_bar[i].view(e * b, -1).mul_(masks[i])
-            dz_bar[i + 1].view(e * b, -1).addmm_(da, self.w[i + 1].t())
-        pb = dz_bar[n - 1].view(e * b, -1).mul_(s)  # dz_n = s (p − y)
-        z_bar = p * (pb - (p * pb).sum(-1, keepdim=True))
-        wtt = self._stacked_rows()
-        for i in range(n - 1, -1, -1):  # z_i = a_i W_iᵀ + b_i and gW_i = dz_iᵀ a_i: one GEMM on [z̄ | α dz]
-            k = self.w[i].shape[0]
-            lhs = torch.empty((e * b, 2 * k), dtype=x.dtype, device=x.device)
-            lhs[:, :k] = z_bar
-            torch.mul(dz[i], alpha[i].view(e, 1, 1), out=lhs[:, k:].view(e, b, k))
-            ab = (lhs @ wtt[i]).view(e, b, -1).baddbmm_(a_gd[i], acts[i])
+            _relu_mask(ats[i], acts[i + 1], 0, grad_input=ats[i])
+            ats[i + 1].addmm_(ats[i], self.w[i + 1].t())
+        pb = ats[n - 1]  # dz_last = s (p − y): through the softmax Jacobian
+        if s != 1.0:
+            pb = pb.mul_(s)
+        zb = p.mul_(pb - (p * pb).sum(-1, keepdim=True))
+        for i in range(n - 1, -1, -1):  # z_i = a_i W_iᵀ + b_i and g_W = dzᵀ a
+            if self.w[i].shape[0] <= _NARROW:
+                ab = torch.mm(torch.cat([zb, dz[i]], 1), per[i]["wtk"])
+            else:
+                lr = per[i]["lr"]
+                ab = torch.mm(zb, self.w[i])
+                ab = ab.addmm_(dz[i], per[i]["tk"]) if lr is None else ab.addmm_(torch.mm(dz[i], lr[2]), lr[3])
+            if gram[i]:
+                ab.view(e, b, -1).baddbmm_(mats[i][1], a3[i], alpha=scale[i])
+            else:
+                ab.view(e, b, -1).baddbmm_(d3[i], mats[i], alpha=scale[i])
             if i > 0:
-                z_bar = ab.view(e * b, -1).mul_(masks[i - 1])
-        return dist, ab
+                zb = _relu_mask(ab, acts[i], 0, grad_input=ab)
+        return dist, ab.view(e, b, -1), alpha
 
 
 def _fused_adam(x: Tensor):
@@ -351,8 +327,8 @@ class FastEngine:
 
         def step_grad(x: Tensor) -> Tensor:
             xr, saved = relax.forward(x)
-            _, xr_bar = obj(xr, onehot)
-            return relax.backward(xr_bar, saved)
+            _, bar, alpha = obj.run(xr, onehot)
+            return relax.backward(bar, saved, alpha)  # α applied with the relaxation's per-column factors
 
         x = run_adam(step_grad, relax.to_layout(x0), lr=self.cfg.lr, iterations=iterations, signed=self.cfg.sign)
         return relax.from_layout(x)
@@ -360,7 +336,7 @@ class FastEngine:
     def losses(self, x: Tensor, ys: Tensor) -> Tensor:
         """Distance per member of the candidates ``x`` [E, B, d] taken as they are (no relaxation)."""
         with torch.no_grad():
-            return self.obj(self.relax.to_layout(x), self._onehot(ys, x))[0]
+            return self.obj.distance(self.relax.to_layout(x), self._onehot(ys, x))
 
 
 def _cross_entropy_losses() -> tuple:
