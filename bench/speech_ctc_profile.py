@@ -10,10 +10,13 @@ target gradient, backward to the 80 x 501 mel input (4 s at hop 128) of the defa
     OMP_NUM_THREADS=1 python bench/speech_ctc_profile.py --reps 5
     OMP_NUM_THREADS=1 python bench/speech_ctc_profile.py --lbfgs 40          # whole attack, s per L-BFGS iteration
     OMP_NUM_THREADS=1 python bench/speech_ctc_profile.py --delta-oracle 0,1,2 # diagnostic (issue 21)
+    OMP_NUM_THREADS=1 python bench/speech_ctc_profile.py --trials 0,1,2 --variant '{"iterations": 300}'
 
 ``--lbfgs N``: the attack's feature stage (``speech-ctc-lbfgs``, N iterations, development seed 0, trial
 ``--trial``) with the old CTC (``ctc_nll``, float64), the native CTC in float64 (the preset) and in float32;
-seconds per iteration, final distance and cosine. ``--delta-oracle``: after the attack (``--iterations``),
+seconds per iteration, final distance and cosine. ``--variant JSON``: the feature stage of ``speech-ctc-lbfgs``
+with these overrides on development trials (seed 0), one JSON line per trial (feature / speech / dynamics
+cosine, final distance, seconds, chosen TTS voice). ``--delta-oracle``: after the attack (``--iterations``),
 the input solved from the first convolution's weight gradient alone (a linear least-squares problem once
 that layer's output error δ is fixed) with δ from the truth and with δ from the attack's result: how much
 of the remaining error is the error in δ.
@@ -21,6 +24,7 @@ of the remaining error is the error in δ.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -45,7 +49,13 @@ def main() -> None:
     ap.add_argument("--delta-oracle", default="", help="comma-separated development trials for the δ diagnostic")
     ap.add_argument("--iterations", type=int, default=300, help="attack iterations before the δ diagnostic")
     ap.add_argument("--trial", type=int, default=0)
+    ap.add_argument("--variant", default="", help="JSON overrides of speech-ctc-lbfgs: run them on --trials, one JSON line each")
+    ap.add_argument("--trials", default="0", help="comma-separated development trials for --variant")
     args = ap.parse_args()
+    if args.variant:
+        for tr in [int(v) for v in args.trials.split(",")]:
+            print(json.dumps(variant_row(tr, json.loads(args.variant))), flush=True)
+        return
     if args.lbfgs:
         print("\n".join(lbfgs_rows(args.trial, args.lbfgs)))
         return
@@ -108,6 +118,19 @@ def _scores(rec_feats: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     out = M.feature_similarity(predictions=list(rec_feats), references=list(truth))
     out.update(M.speech_region_similarity(predictions=list(rec_feats), references=list(truth), floor=floor))
     return out
+
+
+def variant_row(trial: int, overrides: dict) -> dict:
+    """One development trial of ``speech-ctc-lbfgs`` + ``overrides`` (feature stage only)."""
+    from common.seed import derive_seed, make_generator
+
+    p, t = _trial(trial, overrides)
+    a = t.attacker
+    rec = p.attack.reconstruct(a.observation, a.model, a.prior, generator=make_generator(derive_seed(0, trial, "attack")))
+    out = {"seed": 0, "trial": trial, "overrides": overrides, **_scores(rec.data["features"], t.truth["feats"])}
+    out.update({k: rec.stats[k] for k in ("final_grad_loss", "feature_s")})
+    out.update({k: v for k, v in rec.extras.items() if k in ("init_voice", "init_warp_s")})
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def lbfgs_rows(trial: int, iterations: int) -> list[str]:

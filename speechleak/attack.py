@@ -178,8 +178,8 @@ class SpeechGradientInversion:
         len(transcript) * init_seconds_per_char (the rendering's own length when 0) and aligned by
         ``init_warp_grid`` (width x centre grid) and ``init_warp_iterations`` of L-BFGS on the warp parameters
         (see ``BlockWarp``). With several voices (comma-separated ``init_tts_voice``) the one with the lowest
-        matching objective is kept, one voice for the whole batch: ranked after the grid when it is on (only
-        that voice is refined), else after each voice's L-BFGS. Returns (start, voice)."""
+        matching objective after its alignment is kept (one voice for the whole batch; ranking right after the
+        grid picked worse voices on development clips). Returns (start, voice)."""
         from .ctc import BlockWarp, grid_align, tts_features
         from .models import decode_ids
 
@@ -192,7 +192,7 @@ class SpeechGradientInversion:
         voices = [v.strip() for v in cfg.init_tts_voice.split(",") if v.strip()]
         if not voices:
             raise ValueError("init_tts_voice names no voice; use e.g. 'espeak-ng:en-us'")
-        cands = []  # (score, voice, warps, start)
+        cands = []  # (voice, warps, start)
         for voice in voices:
             warps = []
             for text in texts:
@@ -205,12 +205,11 @@ class SpeechGradientInversion:
             def start(warps: list = warps) -> Tensor:
                 return torch.stack([w() for w in warps]).clamp(min=prior.lower, max=prior.upper)
 
-            score = grid_align(warps, lambda: feature_objective(start()), points=cfg.init_warp_grid) if cfg.init_warp_grid else 0.0
-            cands.append((score, voice, warps, start))
-        if cfg.init_warp_grid:  # the grid ranks the voices: only the best one is refined
-            cands = [min(cands, key=lambda c: c[0])]
+            if cfg.init_warp_grid:
+                grid_align(warps, lambda: feature_objective(start()), points=cfg.init_warp_grid)
+            cands.append((voice, warps, start))
         scored = []
-        for _, voice, warps, start in cands:
+        for voice, warps, start in cands:
             if cfg.init_warp_iterations > 0:
                 optimise([p for w in warps for p in w.parameters()], lambda: feature_objective(start()), optimizer="lbfgs",
                          lr=1.0, iterations=cfg.init_warp_iterations, history_size=50)
