@@ -128,8 +128,8 @@ def variant_row(trial: int, overrides: dict) -> dict:
     a = t.attacker
     rec = p.attack.reconstruct(a.observation, a.model, a.prior, generator=make_generator(derive_seed(0, trial, "attack")))
     out = {"seed": 0, "trial": trial, "overrides": overrides, **_scores(rec.data["features"], t.truth["feats"])}
-    out.update({k: rec.stats[k] for k in ("final_grad_loss", "feature_s")})
-    out.update({k: v for k, v in rec.extras.items() if k in ("init_voice", "init_warp_s")})
+    out.update({k: rec.stats[k] for k in ("final_grad_loss", "feature_s", "init_warp_s") if k in rec.stats})
+    out.update({k: v for k, v in rec.extras.items() if k == "init_voice"})
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 

@@ -31,7 +31,7 @@ PRESETS = {
                                                   "init_seconds_per_char": 0.066,
                                                   "init_tts_voice": "espeak-ng:en-us,espeak-ng:en-gb,espeak-ng:en-us+f3,"
                                                                     "espeak-ng:en-us+m3",
-                                                  "init_warp_grid": 17, "init_warp_iterations": 60, "init_warp_knots": 1},
+                                                  "init_warp_grid": 0, "init_warp_iterations": 60, "init_warp_knots": 1},
                              "speech-ctc-lbfgs started from the attacker's own espeak-ng rendering of the granted "
                              "transcript (4 public voices; the voice, block width, centre, linear time warp and per-band "
                              "offset chosen by the matching objective) instead of a silent block"),

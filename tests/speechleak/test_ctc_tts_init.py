@@ -85,9 +85,10 @@ def test_block_warp_recovers_the_clip_timing_from_the_gradient(setting):
 
 
 def test_tts_start_is_used_and_helps_the_search(setting):
-    """speech-ctc-tts settings on the tiny model: the espeak-ng rendering of the transcript, aligned to the
-    gradient, starts the L-BFGS search closer to the clip than the silence-block start and ends closer
-    after the same (short) number of iterations."""
+    """The TTS start on the tiny model (one espeak-ng voice, aligned by the width x centre grid and 30 warp
+    iterations): it starts the L-BFGS search closer to the clip than the silence-block start and ends
+    closer after the same (short) number of iterations. Without the grid the tiny clip's alignment fails
+    (its warp landscape is rugged); the 4 s preset does without it (see docs/speechleak.md)."""
     fe, feats, model, obs, prior, lower = setting
     base = dict(optimizer="lbfgs", precision="float64", init_scale=0.0, tv_weight=1e-5, restarts=1,
                 griffin_lim_iters=1, init_seconds_per_char=0.066 * 2)  # hop 256: twice the hop-128 rate per frame
