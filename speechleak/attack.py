@@ -258,8 +258,13 @@ class SpeechGradientInversion:
         lower = prior.lower if (cfg.domain == "features" and prior.lower is not None and prior.frontend.config.kind == "mel") else None
         # L-BFGS cannot project onto the bounds: it optimises z with x = lower + softplus(4 z) / 4 instead
         bounded = cfg.optimizer == "lbfgs" and lower is not None
-        if bounded:
-            x0 = torch.where(x0 - lower > 5.0, 4.0 * (x0 - lower), torch.log(torch.expm1((4.0 * (x0 - lower)).clamp(min=1e-4)))) / 4.0
+
+        def from_feats(f: Tensor) -> Tensor:  # inverse of to_feats in the feature domain (softplus bound)
+            if not bounded:
+                return f
+            return torch.where(f - lower > 5.0, 4.0 * (f - lower), torch.log(torch.expm1((4.0 * (f - lower)).clamp(min=1e-4)))) / 4.0
+
+        x0 = from_feats(x0)
         x = x0.to(device, dtype).requires_grad_(True)
         align = None  # free-transcript CTC: alignment logits [R, B, T', V]
         if prior.task == "ctc" and cfg.ctc_targets == "free":
@@ -317,14 +322,14 @@ class SpeechGradientInversion:
                     x.clamp_(min=lower, max=prior.upper)
 
         t_warp = None
-        if cfg.init_tts_voice and prior.task == "ctc" and cfg.ctc_targets == "observed" and cfg.domain == "features":
+        if cfg.init_tts_voice and not (prior.task == "ctc" and cfg.ctc_targets == "observed" and cfg.domain == "features"):
+            raise ValueError("init_tts_voice renders a granted transcript: it needs a CTC case, ctc_targets=observed "
+                             "and domain=features; unset it otherwise")
+        if cfg.init_tts_voice:
             t_w = time.perf_counter()
             feats0, extras["init_voice"] = self._tts_start(labels, prior, feature_objective, device=device, dtype=dtype)
             with torch.no_grad():
-                z0 = feats0 if not bounded else torch.where(
-                    feats0 - lower > 5.0, 4.0 * (feats0 - lower),
-                    torch.log(torch.expm1((4.0 * (feats0 - lower)).clamp(min=1e-4)))) / 4.0
-                x.copy_(z0.unsqueeze(0).expand_as(x))
+                x.copy_(from_feats(feats0).unsqueeze(0).expand_as(x))
             t_warp = time.perf_counter() - t_w
         lbfgs = cfg.optimizer == "lbfgs"
         optimise([x] if align is None else [x, align], lambda: losses(x).sum(), optimizer=cfg.optimizer, lr=1.0 if lbfgs else cfg.lr,

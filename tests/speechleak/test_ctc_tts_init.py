@@ -106,3 +106,11 @@ def test_tts_start_is_used_and_helps_the_search(setting):
                 assert rec.extras["init_voice"] == "espeak-ng:en-us"
     assert out[("tts", 1)] > out[("block", 1)] + 0.05, out
     assert out[("tts", 25)] > out[("block", 25)], out
+
+
+def test_tts_start_without_a_granted_transcript_is_refused(setting):
+    fe, feats, model, obs, prior, lower = setting
+    cfg = SpeechInversionConfig(optimizer="lbfgs", iterations=1, restarts=1, ctc_targets="free",
+                                init_tts_voice="espeak-ng:en-us")
+    with pytest.raises(ValueError, match="init_tts_voice"):
+        SpeechGradientInversion(cfg).reconstruct(obs, model, prior, generator=torch.Generator().manual_seed(0))
