@@ -26,6 +26,15 @@ PRESETS = {
                                                     "init_seconds_per_char": 0.066},
                                "speech-lbfgs for CTC recognisers (transcript known): silence start outside a centred "
                                "block of 0.066 s per transcript character (the public pool's mean TTS rate)"),
+    "speech-ctc-tts": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
+                                                  "tv_weight": 1e-5, "iterations": 300, "restarts": 1,
+                                                  "init_seconds_per_char": 0.066,
+                                                  "init_tts_voice": "espeak-ng:en-us,espeak-ng:en-gb,espeak-ng:en-us+f3,"
+                                                                    "espeak-ng:en-us+m3",
+                                                  "init_warp_grid": 0, "init_warp_iterations": 60, "init_warp_knots": 1},
+                             "speech-ctc-lbfgs started from the attacker's own espeak-ng rendering of the granted "
+                             "transcript (4 public voices; the voice, block width, centre, linear time warp and per-band "
+                             "offset chosen by the matching objective) instead of a silent block"),
     "speech-ctc-free": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
                                                    "tv_weight": 1e-5, "iterations": 300, "restarts": 1,
                                                    "ctc_targets": "free", "init_block_seconds": 2.9},

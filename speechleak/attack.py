@@ -19,6 +19,8 @@ Deviations (all documented in docs/speechleak.md):
   ``ctc_targets="free"`` drops the transcript and optimises a per-frame alignment jointly (our
   addition); ``init_seconds_per_char`` starts from silence outside a centred speech block (our
   addition: breaks the time-shift symmetry of padded clips, see docs/speechleak.md).
+  ``init_tts_voice`` starts instead from the attacker's own TTS rendering of the granted transcript,
+  aligned to the gradient through a few warp parameters (our addition; ``speech-ctc-tts``).
 * FedAvg: the client's local SGD is simulated with the observed hyper-parameters and the
   identity minibatch order (the shuffle order is private).
 """
@@ -51,7 +53,8 @@ __all__ = ["SpeechGradientInversion", "SpeechInversionConfig", "SpeechPrior", "c
 class SpeechInversionConfig:
     RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
         "layer_decay": "(0,1]", "lr": ">0", "iterations": ">=1", "restarts": ">=1",
-        "griffin_lim_iters": ">=1", "init_seconds_per_char": ">=0"}
+        "griffin_lim_iters": ">=1", "init_seconds_per_char": ">=0", "init_warp_iterations": ">=0",
+        "init_warp_knots": ">=1", "init_warp_grid": ">=0"}
     distance: Literal["l2", "cosine", "layer-cosine"] = "l2"
     layer_weights: Literal["uniform", "inverse-norm", "depth-decay"] = "uniform"
     layer_decay: float = 0.8  # depth-decay: weight of layer l is decay**l (input layers heaviest)
@@ -70,6 +73,16 @@ class SpeechInversionConfig:
     # len(transcript) * init_seconds_per_char (clips are centred, a public protocol fact); breaks
     # the time-shift symmetry of silence-padded clips (the model has no positional encoding). 0 = off.
     init_seconds_per_char: float = 0.0
+    # CTC, transcript known: fill that block with the attacker's own TTS rendering of the transcript
+    # ("engine:name", e.g. "espeak-ng:en-us"; "" = off), aligned first by init_warp_iterations of L-BFGS
+    # over a few warp parameters (block centre and width, a monotone time warp of init_warp_knots
+    # segments, a per-band offset) against the same matching objective (our addition, issue 21).
+    init_tts_voice: str = ""
+    init_warp_iterations: int = 0
+    init_warp_knots: int = 1  # 1 = linear (measured >= 8 segments on development clips)
+    # before that L-BFGS: a grid of init_warp_grid block widths (0.6-1.4x the rate prior's) x 5 centres
+    # (within ±5 % of the clip) scored by the objective, the best kept (the warp landscape is rugged); 0 = off
+    init_warp_grid: int = 0
     # CTC transcript: "observed" (granted, Dang et al.) or "free" (not granted: the per-frame
     # alignment γ = softmax(a) is optimised jointly with the features through the soft-target loss
     # −Σ γ·log p, whose logit gradient p − γ equals CTC's at the true occupancy; decoded greedily).
@@ -162,6 +175,52 @@ class SpeechGradientInversion:
         return recover_labels(tensors, num_examples=b, weight=prior.label_weight, bias=prior.label_bias,
                               mean_probs=mean_probs.cpu(), reduction=obs.protocol.loss_reduction if obs.protocol else "mean")
 
+    def _tts_start(self, labels: Tensor, prior: SpeechPrior, feature_objective, *, device, dtype) -> tuple[Tensor, str]:
+        """[B, F, T] start: each transcript rendered by a public TTS voice, placed as a centred block of
+        len(transcript) * init_seconds_per_char (the rendering's own length when 0) and aligned by
+        ``init_warp_grid`` (width x centre grid) and ``init_warp_iterations`` of L-BFGS on the warp parameters
+        (see ``BlockWarp``). With several voices (comma-separated ``init_tts_voice``) the one with the lowest
+        matching objective after its alignment is kept (one voice for the whole batch; ranking right after the
+        grid picked worse voices on development clips). Returns (start, voice)."""
+        from .ctc import BlockWarp, grid_align, tts_features
+        from .models import decode_ids
+
+        cfg = self.config
+        if prior.lower is None:
+            raise ValueError("init_tts_voice needs a mel front end with a known floor (prior.lower)")
+        fc = prior.frontend.config
+        n_frames = prior.input_shape[1]
+        texts = [decode_ids([c for c in row if c != 0]) for row in labels.tolist()]
+        voices = [v.strip() for v in cfg.init_tts_voice.split(",") if v.strip()]
+        if not voices:
+            raise ValueError("init_tts_voice names no voice; use e.g. 'espeak-ng:en-us'")
+        cands = []  # (voice, warps, start)
+        for voice in voices:
+            warps = []
+            for text in texts:
+                tpl = tts_features(text, voice, prior.frontend, floor=prior.lower).to(device, dtype)
+                width = (len(text) * cfg.init_seconds_per_char * fc.sample_rate / fc.hop if cfg.init_seconds_per_char > 0
+                         else tpl.shape[1])
+                warps.append(BlockWarp(tpl, n_frames, width=min(width, n_frames), floor=prior.lower,
+                                       knots=cfg.init_warp_knots))
+
+            def start(warps: list = warps) -> Tensor:
+                return torch.stack([w() for w in warps]).clamp(min=prior.lower, max=prior.upper)
+
+            if cfg.init_warp_grid:
+                grid_align(warps, lambda: feature_objective(start()), points=cfg.init_warp_grid)
+            cands.append((voice, warps, start))
+        scored = []
+        for voice, warps, start in cands:
+            if cfg.init_warp_iterations > 0:
+                optimise([p for w in warps for p in w.parameters()], lambda: feature_objective(start()), optimizer="lbfgs",
+                         lr=1.0, iterations=cfg.init_warp_iterations, history_size=50)
+            with torch.no_grad():
+                feats0 = start()
+                scored.append((float(feature_objective(feats0)), voice, feats0))
+        best = min(scored, key=lambda c: c[0])
+        return best[2], best[1]
+
     # -- main ---------------------------------------------------------------------------
     def reconstruct(self, obs: Observation, model: nn.Module, prior: SpeechPrior, *,
                     generator: torch.Generator) -> Reconstruction[dict]:
@@ -199,8 +258,13 @@ class SpeechGradientInversion:
         lower = prior.lower if (cfg.domain == "features" and prior.lower is not None and prior.frontend.config.kind == "mel") else None
         # L-BFGS cannot project onto the bounds: it optimises z with x = lower + softplus(4 z) / 4 instead
         bounded = cfg.optimizer == "lbfgs" and lower is not None
-        if bounded:
-            x0 = torch.where(x0 - lower > 5.0, 4.0 * (x0 - lower), torch.log(torch.expm1((4.0 * (x0 - lower)).clamp(min=1e-4)))) / 4.0
+
+        def from_feats(f: Tensor) -> Tensor:  # inverse of to_feats in the feature domain (softplus bound)
+            if not bounded:
+                return f
+            return torch.where(f - lower > 5.0, 4.0 * (f - lower), torch.log(torch.expm1((4.0 * (f - lower)).clamp(min=1e-4)))) / 4.0
+
+        x0 = from_feats(x0)
         x = x0.to(device, dtype).requires_grad_(True)
         align = None  # free-transcript CTC: alignment logits [R, B, T', V]
         if prior.task == "ctc" and cfg.ctc_targets == "free":
@@ -234,7 +298,9 @@ class SpeechGradientInversion:
             d_scale = 1.0 / delta_scale(protocol) ** 2
 
         def objective(xr: Tensor, ar: Tensor | None = None) -> Tensor:
-            feats = to_feats(xr)
+            return feature_objective(to_feats(xr), ar)
+
+        def feature_objective(feats: Tensor, ar: Tensor | None = None) -> Tensor:
             d = d_scale * gradient_distance(cfg.distance, simulated_update(feats, ar), target, names=names,
                                             weights=weights, min_norm_sq=1e-30)
             if cfg.tv_weight > 0:
@@ -255,6 +321,16 @@ class SpeechGradientInversion:
                 elif lower is not None:
                     x.clamp_(min=lower, max=prior.upper)
 
+        t_warp = None
+        if cfg.init_tts_voice and not (prior.task == "ctc" and cfg.ctc_targets == "observed" and cfg.domain == "features"):
+            raise ValueError("init_tts_voice renders a granted transcript: it needs a CTC case, ctc_targets=observed "
+                             "and domain=features; unset it otherwise")
+        if cfg.init_tts_voice:
+            t_w = time.perf_counter()
+            feats0, extras["init_voice"] = self._tts_start(labels, prior, feature_objective, device=device, dtype=dtype)
+            with torch.no_grad():
+                x.copy_(from_feats(feats0).unsqueeze(0).expand_as(x))
+            t_warp = time.perf_counter() - t_w
         lbfgs = cfg.optimizer == "lbfgs"
         optimise([x] if align is None else [x, align], lambda: losses(x).sum(), optimizer=cfg.optimizer, lr=1.0 if lbfgs else cfg.lr,
                  iterations=cfg.iterations, history_size=50, signed=cfg.signed_grad,
@@ -287,6 +363,7 @@ class SpeechGradientInversion:
             data={"features": feats.cpu(), "waves": waves.cpu()},
             labels=labels.detach().cpu(),
             stats={"final_grad_loss": float(final[best]), "restarts": float(cfg.restarts),
-                   "feature_s": t_feat, "attack_s": time.perf_counter() - t0},
+                   "feature_s": t_feat, "attack_s": time.perf_counter() - t0,
+                   **({} if t_warp is None else {"init_warp_s": t_warp})},
             extras=extras,
         )

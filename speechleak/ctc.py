@@ -148,3 +148,89 @@ def ctc_nll_fast(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, targ
     if log_probs.dim() != 3:
         raise ValueError(f"log_probs must be [B, T, V], got shape {tuple(log_probs.shape)}")
     return _CTCNLL.apply(log_probs, targets, input_lengths, target_lengths, blank)[0]
+
+
+# -- transcript-granted initialisation: a public TTS rendering of the transcript, time-warped ------
+#: softplus(_UNIT) = 1: a zero warp increment means uniform speed
+_UNIT = 0.5413248546129181
+
+
+def tts_features(text: str, voice: str, frontend, *, floor: float, margin: float = 0.15) -> Tensor:
+    """The attacker's own rendering of a granted transcript: ``voice`` ("engine:name", e.g.
+    "espeak-ng:en-us") synthesises ``text``, the front end maps it to features [F, L], and the frames
+    whose mean lies within ``margin`` of ``floor`` (silence) at either end are dropped."""
+    from .data import Voice, read_wav, synthesize, trim_and_fit
+
+    engine, _, name = voice.partition(":")
+    if not engine or not name:
+        raise ValueError(f"init voice {voice!r}: use 'engine:name', e.g. 'espeak-ng:en-us' or 'flite:rms'")
+    wave = trim_and_fit(read_wav(synthesize(text or " ", Voice(engine, name))), None)
+    with torch.no_grad():
+        m = frontend(wave.unsqueeze(0).to(next(iter(frontend.buffers()), wave).device))[0]
+    loud = ((m - floor).mean(0) > margin).nonzero().flatten()
+    return m[:, int(loud[0]): int(loud[-1]) + 1] if len(loud) > 1 else m
+
+
+class BlockWarp(torch.nn.Module):
+    """A template [F, L] placed as a speech block in silence over ``n_frames`` frames: block centre
+    (offset from the clip's centre, frames), log block width, a monotone piecewise-linear time warp
+    with ``knots`` segments (softplus increments; zero = uniform speed) and a per-band offset. Few
+    parameters, so gradient matching can align the template before the frame-wise search."""
+
+    def __init__(self, template: Tensor, n_frames: int, *, width: float, floor: float, knots: int = 8) -> None:
+        super().__init__()
+        if template.dim() != 2 or template.shape[1] < 2:
+            raise ValueError(f"template must be [F, L] with L >= 2, got {tuple(template.shape)}")
+        dt = template.dtype
+        self.register_buffer("template", template)
+        self.n_frames, self.floor, self.knots = n_frames, floor, knots
+        self.centre = torch.nn.Parameter(torch.zeros((), dtype=dt))
+        self.log_width = torch.nn.Parameter(torch.tensor(float(max(width, 2.0)), dtype=dt).log())
+        self.increments = torch.nn.Parameter(torch.zeros(knots, dtype=dt))
+        self.offset = torch.nn.Parameter(torch.zeros(template.shape[0], 1, dtype=dt))
+
+    def forward(self) -> Tensor:
+        m, t_len, k = self.template, self.template.shape[1], self.knots
+        width = self.log_width.exp()
+        start = (self.n_frames - width) / 2 + self.centre
+        cum = torch.cat([torch.zeros_like(self.increments[:1]), torch.nn.functional.softplus(self.increments + _UNIT).cumsum(0)])
+        cum = cum / cum[-1]
+        tt = torch.arange(self.n_frames, dtype=m.dtype, device=m.device)
+        s = ((tt - start) / width).clamp(0, 1) * k  # position in the block, in warp segments
+        i0 = s.detach().floor().clamp(max=k - 1).long()
+        u = torch.lerp(cum[i0], cum[i0 + 1], s - i0)  # warped position in [0, 1]
+        pos = u * (t_len - 1)
+        j0 = pos.detach().floor().clamp(max=t_len - 2).long()
+        val = torch.lerp(m[:, j0], m[:, j0 + 1], (pos - j0).unsqueeze(0)) + self.offset
+        edge = torch.sigmoid(2 * (tt - start)) * torch.sigmoid(2 * (start + width - tt))  # soft block edges
+        sil = self.floor + 0.02
+        return sil + edge * (val - sil)
+
+
+def grid_align(warps: list[BlockWarp], objective, *, points: int, centres: int = 5,
+               width_range: tuple[float, float] = (0.6, 1.4), centre_fraction: float = 0.05) -> float:
+    """Set every warp's block width and centre to the best point of a grid of ``points`` widths
+    (``width_range`` times each warp's current width) x ``centres`` centres (within ±``centre_fraction``
+    of the clip), the same factors for all warps of a batch, by the value of ``objective()``; returns it.
+    The matching objective is rugged in these two parameters, so L-BFGS alone stalls off the true timing."""
+    if points < 1:
+        raise ValueError(f"grid points must be >= 1, got {points}")
+    widths0 = [float(w.log_width.detach().exp()) for w in warps]
+    factors = torch.linspace(*width_range, points).tolist() if points > 1 else [1.0]
+    spans = [centre_fraction * w.n_frames for w in warps]
+
+    def put(f: float, c: float) -> None:
+        for w, w0, span in zip(warps, widths0, spans):
+            w.log_width.fill_(float(torch.tensor(min(f * w0, float(w.n_frames))).log()))
+            w.centre.fill_(c * span)
+
+    best = (float("inf"), 1.0, 0.0)
+    with torch.no_grad():
+        for f in factors:
+            for c in (torch.linspace(-1.0, 1.0, centres).tolist() if centres > 1 else [0.0]):
+                put(f, c)
+                score = float(objective())
+                if score < best[0]:
+                    best = (score, f, c)
+        put(best[1], best[2])
+    return best[0]
