@@ -49,6 +49,9 @@ FRONTIER_CHILDREN_MAX = 8  # decoders: extensions per path at most (strong ones 
 FRONTIER_CUT = (0.03, 0.03)  # saturated rank: drop the weakest max(2, this x max_rank) directions (layer 1, 2;
 # single-token layer-1 inputs separate best with more dropped: measured on the 64-wide GPT-2 at B=8)
 FRONTIER_FFN = True  # decoders: rank extensions at the first block's feed-forward input (frontier.ffn_inputs)
+TOKEN_SET_GAP = 2.0  # decoders, both layers saturated: the batch token set is the word-embedding rows above
+# the largest norm-ratio gap when that gap is at least this (frontier.batch_token_set)
+ROOT_QUOTA = 1  # decoders with the first tokens read from the embedding updates: beam paths kept per first token
 FRONTIER_MIN_TOL = 1e-3  # the calibrated tolerance never below this
 FRONTIER_DUPLICATE = 0.5  # encoders: a same-length sentence sharing this fraction of tokens is a variant
 FRONTIER_PRIOR_PENALTY = 1e-3  # encoders: the beam's prior weight (0.05 measured worse on MiniLM)
