@@ -17,7 +17,7 @@ from textleak.models import max_length
 
 from . import decoder, encoder, frontier, last_token, peel
 from .block import PostLNBlock
-from .dec_block import PreLNDecoderBlock
+from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .config import (CHUNK, FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
                      FRONTIER_FFN, FRONTIER_PRIOR_PENALTY, MAX_LEN, ROOT_QUOTA, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
 from .run import Run, declared_sigma
@@ -207,6 +207,8 @@ class DAGER:
             # as the reference: the lowest layer-2 scores
             order = sorted(range(len(sents)), key=lambda i: scores[i])[: b if b is not None else None]
         else:
+            run.ffn_prefilter = self._ffn_prefilter(c, l1) if run.fast and not position_free else None
+            run.stats["ffn_prefilter"] = float(run.ffn_prefilter is not None)
             sents, scores = decoder.search(run, li2, spans[1], l1, b, max_len, position_free)
             keep = decoder.select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
             sents, scores = [sents[i] for i in keep], [scores[i] for i in keep]
@@ -215,6 +217,23 @@ class DAGER:
             order = decoder.select(sents, scores, l1, position_free, b)
         certified = declared_sigma(obs) == 0.0
         return _finish(run, prior.tokenizer, sents, scores, order, b, certified=[certified] * len(order))
+
+    @staticmethod
+    def _ffn_prefilter(c: _Ctx, l1) -> tuple[PreLNDecoderBlock, ComplementDistance] | None:
+        """The exact decoder search's prefilter (GPT-2, noise-free, unsaturated feed-forward input): the
+        incremental first block and the distance to the feed-forward input's span; None otherwise."""
+        if declared_sigma(c.obs) > 0 or not l1 or not l1[0][0]:
+            return None
+        probe = torch.tensor([[c.prior.tokenizer.eos_token_id or 0, 1, 2]], device=model_device(c.model))
+        ffn = frontier.ffn_inputs(c.obs, c.model, probe % int(c.model.get_input_embeddings().num_embeddings), 0.0)
+        if ffn is None:
+            return None
+        li, sp = ffn
+        cutoff = min(RANK_CUTOFF, max(1, sp.max_rank // 10))
+        if sp.rank > sp.max_rank - cutoff - max(2, round(FRONTIER_CUT[1] * sp.max_rank)) - 1:
+            return None  # saturated (ffn_inputs cut it): not an exact test
+        blk = PreLNDecoderBlock.build(c.model, li, [l1[p][0][0] for p in range(min(4, len(l1)))])
+        return (blk, ComplementDistance(sp.basis)) if blk is not None else None
 
     def _frontier(self, c: _Ctx, exact: Reconstruction | None) -> Reconstruction:
         """The ranked search past the exact regime (``frontier.py``); with ``exact`` (the exact search's
@@ -271,7 +290,8 @@ class DAGER:
                 blk = PreLNDecoderBlock.build(c.model, li_t, [l1[p][0][0] for p in range(min(4, len(l1)))])
             stats["fast_decoder_block"] = float(blk is not None)
             sents, scores = frontier.search_decoder(run, li_t, span_t, l1, b, block=blk,
-                                                    root_quota=ROOT_QUOTA if stats.get("first_tokens") else 0)
+                                                    root_quota=ROOT_QUOTA if stats.get("first_tokens") else 0,
+                                                    rerank=(c.li2, c.spans[1]) if tokset and blk is not None else None)
             # with the token set the set cover counts batch tokens (each true sentence brings its own ones)
             cover_free = c.position_free or bool(tokset)
             keep_i = decoder.select(sents, scores, l1, cover_free, b)

@@ -51,6 +51,8 @@ FRONTIER_CUT = (0.03, 0.03)  # saturated rank: drop the weakest max(2, this x ma
 FRONTIER_FFN = True  # decoders: rank extensions at the first block's feed-forward input (frontier.ffn_inputs)
 TOKEN_SET_GAP = 2.0  # decoders, both layers saturated: the batch token set is the word-embedding rows above
 # the largest norm-ratio gap when that gap is at least this (frontier.batch_token_set)
+FRONTIER_SHORTLIST = 32  # decoders with the token set: extensions per path (nearest at the feed-forward input)
+# ranked again at layer 2's span through the model
 ROOT_QUOTA = 1  # decoders with the first tokens read from the embedding updates: beam paths kept per first token
 FRONTIER_MIN_TOL = 1e-3  # the calibrated tolerance never below this
 FRONTIER_DUPLICATE = 0.5  # encoders: a same-length sentence sharing this fraction of tokens is a variant
@@ -59,6 +61,8 @@ FRONTIER_CLEAR = 1.0  # encoders: a sentence whose max layer-2 distance is <= th
 # clearly accepted (the search's "tau_2 / 10"); every length's best is kept and the B best returned
 
 # -- decoders (decoder.py) ------------------------------------------------------------------------------
+FFN_PREFILTER = 0.05  # exact decoder search on GPT-2 (fast path): an extension goes to the layer-2 test only when
+# its distance to the first block's feed-forward-input span is below this (true ones: ~1e-6; NOISE_TAU_CAP)
 MAX_RUN = 4  # rotary decoders: longest run of one token allowed at the start (see decoder.search)
 LAST_TOKEN_CANDIDATES = 6  # last-token completion: candidates re-ranked by their exact gradient term
 

@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from common.types import Observation
 
 from .config import (CHUNK, FRONTIER_ACCEPT, FRONTIER_BEAM_PER_SENTENCE, FRONTIER_CHILDREN, FRONTIER_CHILDREN_MAX, FRONTIER_CONTINUE,
-                     FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL, RANK_CUTOFF, TOKEN_SET_GAP)
+                     FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL, RANK_CUTOFF, TOKEN_SET_GAP, FRONTIER_SHORTLIST)
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .prior import learned_position_table
 from .run import Run, declared_sigma
@@ -125,6 +125,33 @@ def used_positions(obs: Observation, model: nn.Module, limit: int) -> int | None
     floor = 3.0 * sigma * math.sqrt(g.shape[1]) if sigma > 0 else 1e-6 * float(norms.max().clamp_min(1e-300))
     used = torch.nonzero(norms > floor).flatten()
     return int(used.max()) + 1 if used.numel() else None
+
+
+def _rerank(rerank: tuple[LayerInputs, Span], live: list[_Path], cands: list[int], ds: list[Tensor]
+            ) -> tuple[list[Tensor], float]:
+    """Each path's ``FRONTIER_SHORTLIST`` nearest extensions (by ``ds``) re-measured at ``rerank``'s span,
+    the rest set to inf; and the step's baseline: the median at that span of ``FRONTIER_SHORTLIST // 2``
+    further extensions per path spread evenly over the remaining order (the population's median; the
+    shortlist's own median is that of the nearest few)."""
+    li, sp = rerank
+    n_s = FRONTIER_SHORTLIST
+    short, extra = [], []
+    for d in ds:
+        o = d.argsort()
+        short.append(o[:n_s])
+        rest = o[n_s:]
+        extra.append(rest[torch.linspace(0, rest.numel() - 1, min(n_s // 2, rest.numel())).long()] if rest.numel() else rest)
+    idx = [torch.cat([a, e]) for a, e in zip(short, extra)]
+    xs = decoder_last_inputs(li, [x.ids for x in live], [[cands[j] for j in i.tolist()] for i in idx])
+    d2 = span_distance(sp.basis, torch.cat(xs), exact_below=1.01).split([x.shape[0] for x in xs])
+    out, base = [], []
+    for i, a, d in zip(idx, short, d2):
+        full = torch.full((len(cands),), math.inf, dtype=torch.float64)
+        full[i[: a.numel()]] = d[: a.numel()]
+        base.append(d[a.numel():])
+        out.append(full)
+    b = torch.cat(base)
+    return out, (float(b.median()) if b.numel() else float(torch.cat(d2).median()))
 
 
 def batch_token_set(obs: Observation, model: nn.Module) -> list[int] | None:
@@ -247,12 +274,15 @@ def ffn_inputs(obs: Observation, model: nn.Module, probe: Tensor, sigma: float) 
 
 
 def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *,
-                   block: PreLNDecoderBlock | None = None, root_quota: int = 0) -> tuple[list[list[int]], list[float]]:
+                   block: PreLNDecoderBlock | None = None, root_quota: int = 0,
+                   rerank: tuple[LayerInputs, Span] | None = None) -> tuple[list[list[int]], list[float]]:
     """The ranked beam over positions (see the module docstring); returns every finished path
     (trailing weak tokens trimmed) and its root-mean-square distance ratio. ``block`` (the incremental
     first block, for the feed-forward-input test of GPT-2) replaces the model forward: same inputs;
     ``root_quota`` > 0: every first token keeps its best ``root_quota`` paths in the beam (used when the
-    first tokens were read from the embedding updates, ``first_tokens``)."""
+    first tokens were read from the embedding updates, ``first_tokens``). ``rerank`` (with ``block``):
+    each path's ``FRONTIER_SHORTLIST`` extensions nearest at the block's span are ranked at this
+    (layer-2) span instead, through the model; the others are out (distance inf)."""
     cap = FRONTIER_BEAM_PER_SENTENCE * (b or 8) + 16
     live = [_Path([], 0.0)]
     finished: list[_Path] = []
@@ -261,14 +291,18 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
         if not live or run.over_budget():
             break
         cands = l1[p][0]
+        med0 = None
         if block is not None and dist is not None:
             block.table(p, cands)
             ds = list(block.extend([x.ids for x in live], p, cands, reduce=dist))
+            if rerank is not None and len(cands) > 2 * (b or 8):
+                ds, med0 = _rerank(rerank, live, cands, ds)
         else:
             xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
             ds = span_distance(span2.basis, torch.cat(xs), exact_below=1.01).split([x.shape[0] for x in xs])
         # most extensions are wrong: the median distance of the step is its baseline
-        med = max(float(torch.cat(ds).median()), 1e-12)
+        dc = torch.cat(ds)
+        med = max(med0 if med0 is not None else float(dc[torch.isfinite(dc)].median()), 1e-12)
         nxt: list[tuple[_Path, bool]] = []
         for path, d in zip(live, ds):
             r = d / med
