@@ -42,6 +42,7 @@ GAP_RATIO = 30.0  # cut a widened tau at a distance gap this large (layer-1 scan
 FRONTIER_L1_KEEP = 64  # decoders: layer-1 candidates kept per position (nearest first)
 FRONTIER_L1_KEEP_ENC = 96  # encoders: more (the embedding prior narrows them to the batch token set)
 FRONTIER_ACCEPT = 0.3  # decoders: extra extensions of a path below this x the step's median layer-2 distance
+FRONTIER_TRIM = FRONTIER_ACCEPT  # decoders: a finished path loses its trailing tokens above this x the median
 FRONTIER_CONTINUE = 0.75  # decoders: a path's best extension below this x the median continues it
 FRONTIER_CHILDREN = 3  # decoders: weak extensions (ratio >= FRONTIER_ACCEPT) per path two steps back at most
 FRONTIER_BEAM_PER_SENTENCE = 2  # decoders: live paths at most this x B + 16

@@ -75,7 +75,7 @@ from torch import Tensor, nn
 
 from common.types import Observation
 
-from .config import (CHUNK, FRONTIER_ACCEPT, FRONTIER_BEAM_PER_SENTENCE, FRONTIER_CHILDREN, FRONTIER_CHILDREN_MAX, FRONTIER_CONTINUE,
+from .config import (CHUNK, FRONTIER_TRIM, FRONTIER_ACCEPT, FRONTIER_BEAM_PER_SENTENCE, FRONTIER_CHILDREN, FRONTIER_CHILDREN_MAX, FRONTIER_CONTINUE,
                      FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL, RANK_CUTOFF, TOKEN_SET_GAP, FRONTIER_SHORTLIST)
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .prior import learned_position_table
@@ -348,7 +348,7 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
     out: dict[tuple[int, ...], float] = {}
     for f in finished:
         n = len(f.ids)
-        while n > 1 and f.ratios[n - 1] > FRONTIER_ACCEPT:  # a weak tail: the path went astray
+        while n > 1 and f.ratios[n - 1] > FRONTIER_TRIM:  # a weak tail: the path went astray
             n -= 1
         key = tuple(f.ids[:n])
         score = math.sqrt(sum(x * x for x in f.ratios[:n]) / n)
