@@ -54,7 +54,7 @@ def main() -> None:
         overrides[k] = float(v) if v.replace(".", "", 1).replace("e-", "", 1).isdigit() else v
     p, kit, t = trial(a.case, a.batch_size, a.seed, a.trial, overrides)
     view = t.attacker
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     prof = cProfile.Profile() if a.profile else None
     if prof:
         prof.enable()
@@ -63,10 +63,10 @@ def main() -> None:
     if prof:
         prof.disable()
         prof.dump_stats(a.profile)
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     metrics, _ = kit.score(rec, t.truth, case=p.case)
     st = {k: round(v, 4) for k, v in rec.stats.items()}
-    print(f"case={a.case} B={a.batch_size} seed={a.seed} trial={a.trial} attack_s={secs:.1f} "
+    print(f"case={a.case} B={a.batch_size} seed={a.seed} trial={a.trial} attack_s={secs:.1f} cpu_s={cpu:.1f} "
           f"torch_threads={torch.get_num_threads()} load={os.getloadavg()[0]:.2f}")
     print("metrics", {k: round(float(v), 4) for k, v in metrics.items()})
     print("stats", st)

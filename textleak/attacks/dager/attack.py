@@ -17,8 +17,9 @@ from textleak.models import max_length
 
 from . import decoder, encoder, frontier, last_token, peel
 from .block import PostLNBlock
+from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .config import (CHUNK, FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
-                     FRONTIER_FFN, FRONTIER_PRIOR_PENALTY, MAX_LEN, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
+                     FRONTIER_FFN, FRONTIER_PRIOR_PENALTY, MAX_LEN, ROOT_QUOTA, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
 from .run import Run, declared_sigma
 from .scan import EXACT_MAX, SCAN_BLOCK, AffineScan
 from .span import (
@@ -206,6 +207,8 @@ class DAGER:
             # as the reference: the lowest layer-2 scores
             order = sorted(range(len(sents)), key=lambda i: scores[i])[: b if b is not None else None]
         else:
+            run.ffn_prefilter = self._ffn_prefilter(c, l1) if run.fast and not position_free else None
+            run.stats["ffn_prefilter"] = float(run.ffn_prefilter is not None)
             sents, scores = decoder.search(run, li2, spans[1], l1, b, max_len, position_free)
             keep = decoder.select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
             sents, scores = [sents[i] for i in keep], [scores[i] for i in keep]
@@ -214,6 +217,23 @@ class DAGER:
             order = decoder.select(sents, scores, l1, position_free, b)
         certified = declared_sigma(obs) == 0.0
         return _finish(run, prior.tokenizer, sents, scores, order, b, certified=[certified] * len(order))
+
+    @staticmethod
+    def _ffn_prefilter(c: _Ctx, l1) -> tuple[PreLNDecoderBlock, ComplementDistance] | None:
+        """The exact decoder search's prefilter (GPT-2, noise-free, unsaturated feed-forward input): the
+        incremental first block and the distance to the feed-forward input's span; None otherwise."""
+        if declared_sigma(c.obs) > 0 or not l1 or not l1[0][0]:
+            return None
+        probe = torch.tensor([[c.prior.tokenizer.eos_token_id or 0, 1, 2]], device=model_device(c.model))
+        ffn = frontier.ffn_inputs(c.obs, c.model, probe % int(c.model.get_input_embeddings().num_embeddings), 0.0)
+        if ffn is None:
+            return None
+        li, sp = ffn
+        cutoff = min(RANK_CUTOFF, max(1, sp.max_rank // 10))
+        if sp.rank > sp.max_rank - cutoff - max(2, round(FRONTIER_CUT[1] * sp.max_rank)) - 1:
+            return None  # saturated (ffn_inputs cut it): not an exact test
+        blk = PreLNDecoderBlock.build(c.model, li, [l1[p][0][0] for p in range(min(4, len(l1)))])
+        return (blk, ComplementDistance(sp.basis)) if blk is not None else None
 
     def _frontier(self, c: _Ctx, exact: Reconstruction | None) -> Reconstruction:
         """The ranked search past the exact regime (``frontier.py``); with ``exact`` (the exact search's
@@ -228,7 +248,19 @@ class DAGER:
         stats["used_positions"] = float(n_pos or 0)
         keep = FRONTIER_L1_KEEP_ENC if c.kind == "encoder" else FRONTIER_L1_KEEP
         t_scan = time.perf_counter()
-        if stats.get("saturated_l1") or declared_sigma(c.obs) > 0:
+        # decoders with both layers saturated: every position's candidates are the batch's token set (read
+        # from the tied embedding's update), the layer-1 ranking dropped (it held the true token within its 64
+        # nearest at 37 % of the pairs of a GPT-2 B=64 batch)
+        tokset = (frontier.batch_token_set(c.obs, c.model)
+                  if c.kind != "encoder" and stats.get("saturated_l1") and n_pos else None)
+        stats["token_set"] = float(len(tokset)) if tokset else 0.0
+        if tokset and n_pos:
+            l1 = [(tokset, torch.zeros(len(tokset), dtype=torch.float64))] * n_pos
+            firsts = frontier.first_tokens(c.obs, c.model, tokset, b or 8)
+            if firsts:
+                l1[0] = (firsts, torch.zeros(len(firsts), dtype=torch.float64))
+            stats["first_tokens"] = float(len(firsts or ()))
+        elif stats.get("saturated_l1") or declared_sigma(c.obs) > 0:
             soft = getattr(self, "_soft1", None) if stats.get("saturated_l1") else None
             l1 = frontier.ranked_scan(run, c.li1, c.spans[0], c.max_len, c.position_free, n_pos, keep, soft=soft)
         else:  # only layer 2 is saturated: layer 1's exact test still holds (its candidate lists are exact)
@@ -247,16 +279,26 @@ class DAGER:
             probe = torch.tensor([[c.prior.tokenizer.eos_token_id or 0, 1, 2]], device=model_device(c.model)) % vocab
             # only where layer 1's exact lists hold (layer 2 alone saturated, no noise): with layer 1 saturated
             # too (the 64-wide GPT-2 at B=8) it ranked worse than layer 2 (ROUGE-1 0.29 vs 0.36)
-            use = FRONTIER_FFN and not stats.get("saturated_l1") and declared_sigma(c.obs) == 0.0
+            # (with the token set, every candidate is a batch token and the feed-forward input, evaluated on
+            # the incremental block, is the test that is cheap enough for all of them)
+            use = FRONTIER_FFN and (not stats.get("saturated_l1") or tokset) and declared_sigma(c.obs) == 0.0
             ffn = frontier.ffn_inputs(c.obs, c.model, probe, 0.0) if use else None
             stats["ffn_test"] = float(ffn is not None)
             li_t, span_t = ffn if ffn is not None else (c.li2, c.spans[1])
-            sents, scores = frontier.search_decoder(run, li_t, span_t, l1, b)
-            keep_i = decoder.select(sents, scores, l1, c.position_free, b)
+            blk = None
+            if ffn is not None and run.fast:
+                blk = PreLNDecoderBlock.build(c.model, li_t, [l1[p][0][0] for p in range(min(4, len(l1)))])
+            stats["fast_decoder_block"] = float(blk is not None)
+            sents, scores = frontier.search_decoder(run, li_t, span_t, l1, b, block=blk,
+                                                    root_quota=ROOT_QUOTA if stats.get("first_tokens") else 0,
+                                                    rerank=(c.li2, c.spans[1]) if tokset and blk is not None else None)
+            # with the token set the set cover counts batch tokens (each true sentence brings its own ones)
+            cover_free = c.position_free or bool(tokset)
+            keep_i = decoder.select(sents, scores, l1, cover_free, b)
             sents, scores = [sents[i] for i in keep_i], [scores[i] for i in keep_i]
             if sents:
                 sents = last_token.complete_last(c.obs, c.model, sents, batched=run.fast)
-            order = decoder.select(sents, scores, l1, c.position_free, b)
+            order = decoder.select(sents, scores, l1, cover_free, b)
         run.tau = (tol[0], tol[1])  # confidences relative to the tolerance
         prev: list[list[int]] = []
         if exact is not None:  # keep the exact search's sentences, fill the missing slots

@@ -42,6 +42,7 @@ GAP_RATIO = 30.0  # cut a widened tau at a distance gap this large (layer-1 scan
 FRONTIER_L1_KEEP = 64  # decoders: layer-1 candidates kept per position (nearest first)
 FRONTIER_L1_KEEP_ENC = 96  # encoders: more (the embedding prior narrows them to the batch token set)
 FRONTIER_ACCEPT = 0.3  # decoders: extra extensions of a path below this x the step's median layer-2 distance
+FRONTIER_TRIM = FRONTIER_ACCEPT  # decoders: a finished path loses its trailing tokens above this x the median
 FRONTIER_CONTINUE = 0.75  # decoders: a path's best extension below this x the median continues it
 FRONTIER_CHILDREN = 3  # decoders: weak extensions (ratio >= FRONTIER_ACCEPT) per path two steps back at most
 FRONTIER_BEAM_PER_SENTENCE = 2  # decoders: live paths at most this x B + 16
@@ -49,6 +50,11 @@ FRONTIER_CHILDREN_MAX = 8  # decoders: extensions per path at most (strong ones 
 FRONTIER_CUT = (0.03, 0.03)  # saturated rank: drop the weakest max(2, this x max_rank) directions (layer 1, 2;
 # single-token layer-1 inputs separate best with more dropped: measured on the 64-wide GPT-2 at B=8)
 FRONTIER_FFN = True  # decoders: rank extensions at the first block's feed-forward input (frontier.ffn_inputs)
+TOKEN_SET_GAP = 2.0  # decoders, both layers saturated: the batch token set is the word-embedding rows above
+# the largest norm-ratio gap when that gap is at least this (frontier.batch_token_set)
+FRONTIER_SHORTLIST = 32  # decoders with the token set: extensions per path (nearest at the feed-forward input)
+# ranked again at layer 2's span through the model
+ROOT_QUOTA = 1  # decoders with the first tokens read from the embedding updates: beam paths kept per first token
 FRONTIER_MIN_TOL = 1e-3  # the calibrated tolerance never below this
 FRONTIER_DUPLICATE = 0.5  # encoders: a same-length sentence sharing this fraction of tokens is a variant
 FRONTIER_PRIOR_PENALTY = 1e-3  # encoders: the beam's prior weight (0.05 measured worse on MiniLM)
@@ -56,6 +62,8 @@ FRONTIER_CLEAR = 1.0  # encoders: a sentence whose max layer-2 distance is <= th
 # clearly accepted (the search's "tau_2 / 10"); every length's best is kept and the B best returned
 
 # -- decoders (decoder.py) ------------------------------------------------------------------------------
+FFN_PREFILTER = 0.05  # exact decoder search on GPT-2 (fast path): an extension goes to the layer-2 test only when
+# its distance to the first block's feed-forward-input span is below this (true ones: ~1e-6; NOISE_TAU_CAP)
 MAX_RUN = 4  # rotary decoders: longest run of one token allowed at the start (see decoder.search)
 LAST_TOKEN_CANDIDATES = 6  # last-token completion: candidates re-ranked by their exact gradient term
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from .config import MAX_RUN
+from .config import FFN_PREFILTER, MAX_RUN
 from .run import Run
 from .span import LayerInputs, Span, decoder_last_inputs, span_distance
 
@@ -54,14 +55,26 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
           finished: list[_Path], position_free: bool) -> list[_Path]:
     """Extend every live path by every passing candidate; paths with no passing extension are
     finished (appended to ``finished``). Returns the extensions sorted by score."""
-    xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
+    per_path = [cands] * len(live)
+    cols: list[list[int]] | None = None
+    if run.ffn_prefilter is not None:
+        # the first block's feed-forward input (exact below the rank limit as well) on the incremental block:
+        # only extensions under FFN_PREFILTER there go through the model to layer 2
+        blk, dist = run.ffn_prefilter
+        blk.table(len(live[0].ids), cands)
+        dpre = blk.extend([x.ids for x in live], len(live[0].ids), cands, reduce=dist)
+        cols = [torch.nonzero(r < FFN_PREFILTER).flatten().tolist() for r in dpre]
+        per_path = [[cands[j] for j in c] for c in cols]
+        run.stats["prefilter_kept"] = run.stats.get("prefilter_kept", 0.0) + sum(map(len, cols))
+        run.stats["prefilter_total"] = run.stats.get("prefilter_total", 0.0) + len(cands) * len(live)
+    xs = decoder_last_inputs(li2, [x.ids for x in live], per_path) if cols is None else _inputs(li2, live, per_path)
     if run.fast:  # one span-distance call over every path's extensions (same distances)
         ds = list(span_distance(span2.basis, torch.cat(xs)).split([x.shape[0] for x in xs]))
     else:
         ds = [span_distance(span2.basis, x) for x in xs]
     thr = run.gap_threshold(torch.cat(ds), 1)
     nxt: list[_Path] = []
-    for path, d in zip(live, ds):
+    for pi, (path, d) in enumerate(zip(live, ds)):
         ok = torch.nonzero(d < thr).flatten().tolist()
         if path.ids:
             lim = run.tail_limit(path.score)
@@ -73,13 +86,25 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
         # a path made of one repeated token of length >= MAX_RUN may not take that token again
         run_tok = path.ids[0] if position_free and len(path.ids) >= MAX_RUN and len(set(path.ids)) == 1 else None
         dl = d.tolist()
+        row = per_path[pi]
         for j in ok:
-            c = cands[j]
+            c = row[j]
             if c == run_tok:
                 continue
             nxt.append(_Path(path.ids + [c], max(path.score, dl[j])))
     nxt.sort(key=lambda x: x.score)
     return nxt
+
+
+def _inputs(li2: LayerInputs, live: list[_Path], per_path: list[list[int]]) -> list[Tensor]:
+    """Layer-2 inputs of the prefiltered extensions (paths with none get an empty [0, d] tensor)."""
+    d = int(li2.model.get_input_embeddings().embedding_dim)
+    idx = [i for i, c in enumerate(per_path) if c]
+    got = decoder_last_inputs(li2, [live[i].ids for i in idx], [per_path[i] for i in idx]) if idx else []
+    out = [torch.zeros(0, d, dtype=torch.float64) for _ in live]
+    for i, x in zip(idx, got):
+        out[i] = x
+    return out
 
 
 def select(sents: list[list[int]], scores: list[float], l1, position_free: bool, b: int | None) -> list[int]:

@@ -75,8 +75,9 @@ from torch import Tensor, nn
 
 from common.types import Observation
 
-from .config import (CHUNK, FRONTIER_ACCEPT, FRONTIER_BEAM_PER_SENTENCE, FRONTIER_CHILDREN, FRONTIER_CHILDREN_MAX, FRONTIER_CONTINUE,
-                     FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL, RANK_CUTOFF)
+from .config import (CHUNK, FRONTIER_TRIM, FRONTIER_ACCEPT, FRONTIER_BEAM_PER_SENTENCE, FRONTIER_CHILDREN, FRONTIER_CHILDREN_MAX, FRONTIER_CONTINUE,
+                     FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL, RANK_CUTOFF, TOKEN_SET_GAP, FRONTIER_SHORTLIST)
+from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .prior import learned_position_table
 from .run import Run, declared_sigma
 from .scan import SCAN_BLOCK, AffineScan
@@ -124,6 +125,87 @@ def used_positions(obs: Observation, model: nn.Module, limit: int) -> int | None
     floor = 3.0 * sigma * math.sqrt(g.shape[1]) if sigma > 0 else 1e-6 * float(norms.max().clamp_min(1e-300))
     used = torch.nonzero(norms > floor).flatten()
     return int(used.max()) + 1 if used.numel() else None
+
+
+def _rerank(rerank: tuple[LayerInputs, Span], live: list[_Path], cands: list[int], ds: list[Tensor]
+            ) -> tuple[list[Tensor], float]:
+    """Each path's ``FRONTIER_SHORTLIST`` nearest extensions (by ``ds``) re-measured at ``rerank``'s span,
+    the rest set to inf; and the step's baseline: the median at that span of ``FRONTIER_SHORTLIST // 2``
+    further extensions per path spread evenly over the remaining order (the population's median; the
+    shortlist's own median is that of the nearest few)."""
+    li, sp = rerank
+    n_s = FRONTIER_SHORTLIST
+    short, extra = [], []
+    for d in ds:
+        o = d.argsort()
+        short.append(o[:n_s])
+        rest = o[n_s:]
+        extra.append(rest[torch.linspace(0, rest.numel() - 1, min(n_s // 2, rest.numel())).long()] if rest.numel() else rest)
+    idx = [torch.cat([a, e]) for a, e in zip(short, extra)]
+    xs = decoder_last_inputs(li, [x.ids for x in live], [[cands[j] for j in i.tolist()] for i in idx])
+    d2 = span_distance(sp.basis, torch.cat(xs), exact_below=1.01).split([x.shape[0] for x in xs])
+    out, base = [], []
+    for i, a, d in zip(idx, short, d2):
+        full = torch.full((len(cands),), math.inf, dtype=torch.float64)
+        full[i[: a.numel()]] = d[: a.numel()]
+        base.append(d[a.numel():])
+        out.append(full)
+    b = torch.cat(base)
+    return out, (float(b.median()) if b.numel() else float(torch.cat(d2).median()))
+
+
+def batch_token_set(obs: Observation, model: nn.Module) -> list[int] | None:
+    """The batch's distinct tokens, read from the word-embedding update of a decoder with a tied output
+    embedding (GPT-2): every batch token's row gets its input-side gradient and, as a next-token
+    target, ``-sum h_i / N`` over the positions predicting it; every other row only the softmax's
+    ``p_i[t] h_i`` (``~1/V`` of it at random init). The rows sort into two groups with a clear ratio
+    gap (5.5x on a GPT-2 B=64 batch: its 862 largest rows are exactly the batch's 862 tokens); the set
+    is the rows above the largest gap, if that gap is at least ``TOKEN_SET_GAP``. None without the
+    word-embedding update, under declared noise, or without a clear gap."""
+    if declared_sigma(obs) > 0:
+        return None
+    word = model.get_input_embeddings()
+    name = next((n for n, p in model.named_parameters() if p is word.weight), None)
+    g = obs.tensors.get(name or "")
+    if g is None:
+        return None
+    v, i = g.detach().double().cpu().norm(dim=1).sort(descending=True)
+    top = min(v.numel() - 1, 64 * g.shape[1])
+    r = v[:top] / v[1:top + 1].clamp_min(1e-300)
+    k = int(r[1:].argmax()) + 1  # (not the very first row: at least two tokens)
+    if float(r[k]) < TOKEN_SET_GAP:
+        return None
+    return sorted(i[: k + 1].tolist())
+
+
+def first_tokens(obs: Observation, model: nn.Module, tokset: list[int], b: int) -> list[int] | None:
+    """The sentences' first tokens among ``tokset``: orthogonal matching pursuit (``b`` atoms) of the
+    position-0 row of the position-embedding update over the token set's word-embedding rows.
+
+    A first token is an input only at position 0 (no earlier position predicts it), so the position-0
+    row is the sum of the first tokens' input-side gradients, which are also (most of) their word rows;
+    on a GPT-2 B=64 batch the 64-atom pursuit held all 47 distinct first tokens (residual 5 %), while
+    rows of later positions are mixed with the output-side terms of the tied embedding (recall ~10 %).
+    None without the two tables in the observation."""
+    word, pos = model.get_input_embeddings(), learned_position_table(model)
+    if pos is None:
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    gw, gp = obs.tensors.get(names.get(id(word.weight), "")), obs.tensors.get(names.get(id(pos.weight), ""))
+    if gw is None or gp is None:
+        return None
+    a = gw.detach().double().cpu()[tokset].t()  # [d, T]
+    an = a / a.norm(dim=0, keepdim=True).clamp_min(1e-300)
+    y = gp[0].detach().double().cpu()
+    r, sup = y.clone(), []
+    for _ in range(min(b, len(tokset))):
+        k = int((an.t() @ r).abs().argmax())
+        if k in sup:
+            break
+        sup.append(k)
+        c = torch.linalg.lstsq(a[:, sup], y.unsqueeze(1)).solution
+        r = y - (a[:, sup] @ c).squeeze(1)
+    return sorted(tokset[k] for k in sup)
 
 
 def ranked_scan(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_free: bool,
@@ -191,20 +273,36 @@ def ffn_inputs(obs: Observation, model: nn.Module, probe: Tensor, sigma: float) 
     return LayerInputs(model, tap), sp
 
 
-def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None) -> tuple[list[list[int]], list[float]]:
+def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *,
+                   block: PreLNDecoderBlock | None = None, root_quota: int = 0,
+                   rerank: tuple[LayerInputs, Span] | None = None) -> tuple[list[list[int]], list[float]]:
     """The ranked beam over positions (see the module docstring); returns every finished path
-    (trailing weak tokens trimmed) and its root-mean-square distance ratio."""
+    (trailing weak tokens trimmed) and its root-mean-square distance ratio. ``block`` (the incremental
+    first block, for the feed-forward-input test of GPT-2) replaces the model forward: same inputs;
+    ``root_quota`` > 0: every first token keeps its best ``root_quota`` paths in the beam (used when the
+    first tokens were read from the embedding updates, ``first_tokens``). ``rerank`` (with ``block``):
+    each path's ``FRONTIER_SHORTLIST`` extensions nearest at the block's span are ranked at this
+    (layer-2) span instead, through the model; the others are out (distance inf)."""
     cap = FRONTIER_BEAM_PER_SENTENCE * (b or 8) + 16
     live = [_Path([], 0.0)]
     finished: list[_Path] = []
+    dist = ComplementDistance(span2.basis) if block is not None else None
     for p in range(len(l1)):
         if not live or run.over_budget():
             break
         cands = l1[p][0]
-        xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
-        ds = span_distance(span2.basis, torch.cat(xs), exact_below=1.01).split([x.shape[0] for x in xs])
+        med0 = None
+        if block is not None and dist is not None:
+            block.table(p, cands)
+            ds = list(block.extend([x.ids for x in live], p, cands, reduce=dist))
+            if rerank is not None and len(cands) > 2 * (b or 8):
+                ds, med0 = _rerank(rerank, live, cands, ds)
+        else:
+            xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
+            ds = span_distance(span2.basis, torch.cat(xs), exact_below=1.01).split([x.shape[0] for x in xs])
         # most extensions are wrong: the median distance of the step is its baseline
-        med = max(float(torch.cat(ds).median()), 1e-12)
+        dc = torch.cat(ds)
+        med = max(med0 if med0 is not None else float(dc[torch.isfinite(dc)].median()), 1e-12)
         nxt: list[tuple[_Path, bool]] = []
         for path, d in zip(live, ds):
             r = d / med
@@ -235,12 +333,22 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None) -
             if strong or groups.get(g, 0) < FRONTIER_CHILDREN:
                 groups[g] = groups.get(g, 0) + (not strong)
                 live.append(x)
-        live = live[:cap]
+        if root_quota and live:
+            # every first token keeps its best ROOT_QUOTA paths: else the variants of the strongest sentences
+            # (strong extensions are not limited) push whole sentences out of the beam
+            per: dict[int, int] = {}
+            head, rest = [], []
+            for x in live:
+                per[x.ids[0]] = per.get(x.ids[0], 0) + 1
+                (head if per[x.ids[0]] <= root_quota else rest).append(x)
+            live = head[:cap] + rest[: max(0, cap - len(head))]
+        else:
+            live = live[:cap]
     finished.extend(x for x in live if x.ids)
     out: dict[tuple[int, ...], float] = {}
     for f in finished:
         n = len(f.ids)
-        while n > 1 and f.ratios[n - 1] > FRONTIER_ACCEPT:  # a weak tail: the path went astray
+        while n > 1 and f.ratios[n - 1] > FRONTIER_TRIM:  # a weak tail: the path went astray
             n -= 1
         key = tuple(f.ids[:n])
         score = math.sqrt(sum(x * x for x in f.ratios[:n]) / n)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ class Run:
     fast: bool = True  # the exact speed-ups (False: the original code paths, for benchmarks and tests)
     ranked: bool = False  # the ranked search past the exact regime (frontier.py): encoders drop near-duplicates
     prior_penalty: float | None = None  # the encoder beam's prior weight (None: config.PRIOR_PENALTY)
+    ffn_prefilter: Any = None  # exact decoder search: (PreLNDecoderBlock, ComplementDistance) of the feed-forward input
 
     def over_budget(self) -> bool:
         """True (and ``timed_out`` set) once ``time_budget_s`` > 0 has passed since ``t0`` (wall clock)

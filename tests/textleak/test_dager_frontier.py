@@ -1,0 +1,72 @@
+"""DAGER past its rank limit: the incremental GPT-2 first block, the batch token set and first tokens read
+from the embedding updates, and the best-effort search that uses them (issue 20)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+pytest.importorskip("transformers")
+
+from .test_dager import _attack, _setup  # noqa: E402
+
+
+def test_incremental_decoder_block_equals_model_forward():
+    """``PreLNDecoderBlock.extend`` gives the model's own feed-forward inputs of ``prefix + [c]`` for
+    many prefixes and candidates (float32 round-off), and ``ComplementDistance`` the same span distance
+    as ``span_distance``."""
+    from textleak.attacks.dager import frontier
+    from textleak.attacks.dager.dec_block import ComplementDistance, PreLNDecoderBlock
+    from textleak.attacks.dager.span import decoder_last_inputs, span_distance
+
+    _, _, model, obs, _, _, batch = _setup("text/tiny-gpt2/dager", 8)
+    model.eval()
+    li, sp = frontier.ffn_inputs(obs, model, torch.tensor([[1, 2, 3]]), 0.0)
+    ids = batch.inputs["input_ids"]
+    blk = PreLNDecoderBlock.build(model, li, ids[0, :4].tolist())
+    assert blk is not None
+    rows = [ids[i].tolist() for i in range(8)]
+    cands = sorted(set(range(200, 260)) | {r[5] for r in rows})
+    for p in range(6):
+        blk.table(p, sorted(set(cands) | {r[p] for r in rows}))
+    prefixes = [r[:5] for r in rows]
+    got = blk.extend(prefixes, 5, cands).double()
+    want = torch.stack(decoder_last_inputs(li, prefixes, [cands] * 8))
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    dist = ComplementDistance(sp.basis)
+    d_fast = blk.extend(prefixes, 5, cands, reduce=dist)
+    d_ref = span_distance(sp.basis, want.reshape(-1, want.shape[-1]), exact_below=1.01).view(8, -1)
+    assert d_fast.shape == (8, len(cands)) and (d_fast - d_ref).abs().max() < 1e-5
+    root = blk.extend([[]] * 3, 0, cands)  # position 0: the candidate attends to itself only
+    want0 = decoder_last_inputs(li, [[]], [cands])[0]
+    assert (root[1].double() - want0).abs().max() < 1e-5 * want0.abs().max()
+
+
+def test_batch_token_set_and_first_tokens_from_the_embedding_updates():
+    """Past the rank limit (tiny GPT-2, 81 tokens in width 64) the tied word-embedding update still
+    names the batch's distinct tokens exactly (norm gap), and the pursuit over the position-0 row finds
+    every sentence's first token."""
+    from textleak.attacks.dager import frontier
+
+    _, _, model, obs, _, truth, _ = _setup("text/tiny-gpt2/dager", 8)
+    tids = [list(map(int, t)) for t in truth["token_ids"]]
+    want = sorted({t for s in tids for t in s})
+    assert frontier.batch_token_set(obs, model) == want
+    firsts = frontier.first_tokens(obs, model, want, 8)
+    assert {s[0] for s in tids} <= set(firsts) and len(firsts) <= 8
+
+
+def test_token_set_search_past_the_rank_limit_recovers_first_tokens():
+    """With the token set and first tokens (both layers saturated), the best-effort search on the
+    incremental block returns B sentences, none certified, with at least 6 of the 8 true first
+    tokens and part of the text (ROUGE-1 >= 0.25); without the token set's first tokens the beam
+    collapsed onto one sentence's variants (2 distinct first tokens)."""
+    kit, case, model, obs, prior, truth, _ = _setup("text/tiny-gpt2/dager", 8)
+    rec = _attack(obs, model, prior, on_failure="raise")
+    assert rec.stats["token_set"] == 68.0 and rec.stats["fast_decoder_block"] == 1.0
+    assert rec.extras["certified"] == [False] * 8 and all(rec.data)
+    got = [t[0] for t in rec.extras["token_ids"] if t]
+    want = [int(t[0]) for t in truth["token_ids"]]
+    assert sum(min(got.count(t), want.count(t)) for t in set(want)) >= 6, (rec.data, truth["sentences"])
+    metrics, _ = kit.score(rec, truth, case=case)
+    assert metrics["rouge1"] >= 0.25, (rec.data, truth["sentences"])

@@ -1,0 +1,157 @@
+"""Incremental first block for GPT-2-family (pre-LayerNorm, learned positions) decoders: the
+feed-forward input of ``prefix + [c]`` for many prefixes and candidates at once (an addition for speed).
+
+The ranked decoder search (``frontier.search_decoder``) scores every (live path, candidate) pair at
+the first block's feed-forward input ``LN_2(x + Attn(LN_1(x)))`` of the appended position. In the
+first block everything before the attention is position-local: the query, key and value of token
+``t`` at position ``p`` depend on ``(t, p)`` only. So they are computed once per position for the
+candidate list (``PositionTable``) and every path's prefix keys and values are gathered from the
+tables of earlier positions; only the attention of each candidate's query over its path's prefix,
+the output projection and ``LN_2`` are computed per pair. The model forward instead recomputes
+``Q/K/V`` of every prefix and candidate for every path (``span.decoder_last_inputs``).
+
+The block is built only for modules with GPT-2's layout (``ln_1``, ``attn.c_attn``, ``attn.c_proj``,
+``ln_2``, ``mlp.c_fc``) and only when it reproduces the model's own feed-forward inputs on a
+probe (``build``); otherwise the search uses the model forward. Distances to a span whose
+complement is small (the saturated rank of the ranked search) are measured against the
+complement (``ComplementDistance``: ``|C^T y| / |y|`` equals ``sqrt(1 - |B^T y|^2 / |y|^2)``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .prior import learned_position_table
+from .span import LayerInputs, decoder_last_inputs, transformer_blocks
+
+PAIR_CHUNK = 4_000_000  # attention weights (paths x heads x candidates x prefix) per chunk
+
+
+@dataclass
+class PositionTable:
+    """The candidates of one position: token ids, their row index, and their block-0 inputs."""
+    ids: list[int]
+    row: dict[int, int]
+    x: Tensor  # [K, d] word + position embedding (the residual)
+    q: Tensor  # [H, K, dh]
+    k: Tensor  # [K, H, dh]
+    v: Tensor  # [K, H, dh]
+
+
+class PreLNDecoderBlock:
+    """GPT-2's first block up to its feed-forward input, evaluated incrementally (module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        blk = transformer_blocks(model)[0]
+        self.wte = model.get_input_embeddings().weight.detach()
+        self.wpe = learned_position_table(model).weight.detach()  # type: ignore[union-attr]
+        self.ln1, self.ln2 = blk.ln_1, blk.ln_2
+        self.w_attn, self.b_attn = blk.attn.c_attn.weight.detach(), blk.attn.c_attn.bias.detach()
+        self.w_proj, self.b_proj = blk.attn.c_proj.weight.detach(), blk.attn.c_proj.bias.detach()
+        self.d = int(self.wte.shape[1])
+        self.h = int(getattr(model.config, "n_head", 0) or model.config.num_attention_heads)
+        self.dh = self.d // self.h
+        self.tables: dict[int, PositionTable] = {}
+
+    @classmethod
+    def build(cls, model: nn.Module, li: LayerInputs, probe: list[int]) -> PreLNDecoderBlock | None:
+        """The block when ``li`` taps GPT-2's first ``mlp.c_fc`` and the block reproduces the model's
+        feed-forward inputs on ``probe`` (prefixes of it, with other candidates), else None."""
+        try:
+            blk = transformer_blocks(model)[0]
+            if li.tap.first is not blk.mlp.c_fc or learned_position_table(model) is None:
+                return None
+            if getattr(blk.attn, "is_cross_attention", False) or getattr(blk.attn, "scale_attn_by_inverse_layer_idx", False):
+                return None
+            self = cls(model)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        if not getattr(blk.attn, "scale_attn_weights", True) or self.h * self.dh != self.d:
+            return None
+        vocab = int(self.wte.shape[0])
+        others = [(t * 7919 + 13) % vocab for t in range(5)]
+        prefixes = [probe[:k] for k in range(len(probe))]
+        cands = [[probe[k]] + others for k in range(len(probe))]
+        for p, c in enumerate(cands):
+            self.table(p, sorted(set(c) | {probe[p]}))
+        want = decoder_last_inputs(li, prefixes, cands)
+        for p, (pre, c) in enumerate(zip(prefixes, cands)):
+            got = self.extend([pre], p, c)[0].double()
+            w = want[p]
+            if not torch.allclose(got, w, rtol=1e-4, atol=1e-4 * float(w.abs().max())):
+                return None
+        self.tables.clear()
+        return self
+
+    @torch.no_grad()
+    def table(self, pos: int, ids: list[int]) -> PositionTable:
+        """Cache the block-0 query, key and value of ``ids`` at ``pos`` (replacing an earlier table)."""
+        idx = torch.tensor(ids, dtype=torch.long, device=self.wte.device)
+        x = self.wte[idx] + self.wpe[pos]
+        qkv = F.layer_norm(x, (self.d,), self.ln1.weight, self.ln1.bias, self.ln1.eps) @ self.w_attn + self.b_attn
+        q, k, v = qkv.split(self.d, dim=1)
+        n = len(ids)
+        t = PositionTable(list(ids), {int(a): i for i, a in enumerate(ids)}, x,
+                          q.reshape(n, self.h, self.dh).transpose(0, 1).contiguous() / math.sqrt(self.dh),
+                          k.reshape(n, self.h, self.dh), v.reshape(n, self.h, self.dh))
+        self.tables[pos] = t
+        return t
+
+    @torch.no_grad()
+    def extend(self, prefixes: list[list[int]], pos: int, cands: list[int], *,
+               reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Feed-forward inputs [P, K, d] of ``prefix + [c]`` (``c`` in ``cands``, placed at ``pos`` =
+        every prefix's length) for every prefix; the tables of positions ``< pos`` must hold the
+        prefixes' tokens and the table of ``pos`` every candidate. ``reduce`` maps each chunk's
+        [p, K, d] inputs to [p, K] (a span distance) so that only the reduced values are kept."""
+        tab = self.tables[pos]
+        rows = torch.tensor([tab.row[c] for c in cands], dtype=torch.long)
+        q, kc, vc, x = tab.q[:, rows], tab.k[rows], tab.v[rows], tab.x[rows]  # [H,K,dh], [K,H,dh], .., [K,d]
+        n_p, n_k = len(prefixes), len(cands)
+        ss = (q * kc.transpose(0, 1)).sum(-1)  # [H, K] the candidate's own key
+        fin = (lambda o: self._finish(o, x)) if reduce is None else (lambda o: reduce(self._finish(o, x)))
+        if pos == 0:
+            y = fin(vc.reshape(1, n_k, self.d))
+            return y.expand(n_p, *y.shape[1:])
+        out: list[Tensor] = []
+        kp = torch.stack([self.tables[j].k[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        vp = torch.stack([self.tables[j].v[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        kp, vp = kp.permute(0, 2, 3, 1), vp.permute(0, 2, 1, 3)  # [P, H, dh, L], [P, H, L, dh]
+        step = max(1, PAIR_CHUNK // max(1, self.h * n_k * pos))
+        for s in range(0, n_p, step):
+            sc = torch.matmul(q.unsqueeze(0), kp[s:s + step])  # [p, H, K, L]
+            m = torch.maximum(sc.amax(-1), ss.unsqueeze(0))
+            e = torch.exp(sc - m.unsqueeze(-1))
+            es = torch.exp(ss.unsqueeze(0) - m)  # [p, H, K]
+            o = torch.matmul(e, vp[s:s + step]) + es.unsqueeze(-1) * vc.transpose(0, 1).unsqueeze(0)
+            o = o / (e.sum(-1) + es).unsqueeze(-1)
+            out.append(fin(o.permute(0, 2, 1, 3).reshape(-1, n_k, self.d)))
+        return torch.cat(out, 0)
+
+    def _finish(self, o: Tensor, x: Tensor) -> Tensor:
+        h = torch.matmul(o, self.w_proj) + self.b_proj + x
+        return F.layer_norm(h, (self.d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+
+
+class ComplementDistance:
+    """Span distance ``|C^T y| / |y|`` with ``C`` the orthonormal complement of ``basis`` [d, r]
+    (float64 result; the same quantity as ``span.span_distance``, cheaper when ``d - r`` is small)."""
+
+    def __init__(self, basis: Tensor) -> None:
+        d, r = basis.shape
+        b = basis.double().cpu()
+        u, s, _ = torch.linalg.svd(torch.eye(d, dtype=torch.float64) - b @ b.t())
+        self.comp = u[:, : d - r].contiguous()
+        self.comp32 = self.comp.float()
+
+    def __call__(self, y: Tensor) -> Tensor:
+        lead = y.shape[:-1]
+        y = y.reshape(-1, y.shape[-1])
+        c = self.comp32 if y.dtype == torch.float32 else self.comp.to(y.dtype)
+        num = (y @ c).double().norm(dim=1)
+        return (num / y.double().norm(dim=1).clamp_min(1e-300)).view(lead)
