@@ -6,18 +6,10 @@ import shutil
 import pytest
 import torch
 
-from common.fl import client_update
 from common.functional import functional_gradient, trainable_params
-from common.observe import observe
-from common.threat import HONEST_WITH_LABELS
-from common.types import Batch, FLProtocol
-from speechleak import data as D
 from speechleak.attack import SpeechGradientInversion, SpeechInversionConfig
 from speechleak.ctc import BlockWarp, grid_align, tts_features
-from speechleak.frontend import FrontEnd, FrontEndConfig
-from speechleak.kit import ctc_loss, pad_targets
-from speechleak.models import CTCRecognizer
-from speechleak.prior import SpeechPrior
+from speechleak.kit import ctc_loss
 
 TEXT = "go on now and then come back"
 
@@ -27,26 +19,12 @@ def _cos(a, b):
 
 
 @pytest.fixture(scope="module")
-def setting():
+def setting(ctc_case):
     """A 2 s flite clip (1.6 s of speech centred in silence), 16 mel bins at hop 256, a random-init
     recogniser (dim 32), its FedSGD gradient with the transcript granted."""
-    if shutil.which("flite") is None or shutil.which("espeak-ng") is None:
-        pytest.skip("flite and espeak-ng are needed (apt-get install flite espeak-ng)")
-    fe = FrontEnd(FrontEndConfig(n_mels=16, hop=256))
-    n = 32000
-    wave = D.trim_and_fit(D.read_wav(D.synthesize(TEXT, D.Voice("flite", "slt"))), n)
-    feats = fe(wave).unsqueeze(0)  # [1, 16, 126]
-    model = CTCRecognizer(16, dim=32, heads=2, generator=torch.Generator().manual_seed(6))
-    tg, tl = pad_targets([TEXT])
-    batch = Batch({"feats": feats, "target_lengths": tl}, tg)
-    upd = client_update(model, batch, ctc_loss, FLProtocol("fedsgd", batch_size=1), generator=torch.Generator().manual_seed(1))
-    obs = observe(upd, HONEST_WITH_LABELS)
-    names = {id(p): k for k, p in model.named_parameters()}
-    lower = float((torch.log(torch.tensor(fe.config.log_eps)) - fe.config.offset) / fe.config.scale)
-    prior = SpeechPrior("ctc", fe, n, tuple(feats.shape[1:]), int(model.head.out_features),
-                        lambda x, y: Batch({"feats": x, "target_lengths": (y != 0).sum(-1)}, y), ctc_loss,
-                        names[id(model.head.weight)], names[id(model.head.bias)], lower=lower, upper=4.0)
-    return fe, feats, model, obs, prior, lower
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is needed for the attacker's rendering (apt-get install espeak-ng)")
+    return ctc_case(TEXT, 32000)  # feats [1, 16, 126]
 
 
 def test_block_warp_recovers_the_clip_timing_from_the_gradient(setting):

@@ -78,7 +78,7 @@ from common.types import Observation
 from .config import (CHUNK, FRONTIER_TRIM, FRONTIER_ACCEPT, FRONTIER_BEAM_PER_SENTENCE, FRONTIER_CHILDREN, FRONTIER_CHILDREN_MAX, FRONTIER_CONTINUE,
                      FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL, RANK_CUTOFF, TOKEN_SET_GAP, FRONTIER_SHORTLIST)
 from .dec_block import ComplementDistance, PreLNDecoderBlock
-from .prior import learned_position_table
+from .prior import embedding_updates, learned_position_table
 from .run import Run, declared_sigma
 from .scan import SCAN_BLOCK, AffineScan
 from .span import (DagerPreconditionError, LayerInputs, Span, decoder_last_inputs, find_tap, first_layer_vectors,
@@ -187,16 +187,13 @@ def first_tokens(obs: Observation, model: nn.Module, tokset: list[int], b: int) 
     on a GPT-2 B=64 batch the 64-atom pursuit held all 47 distinct first tokens (residual 5 %), while
     rows of later positions are mixed with the output-side terms of the tied embedding (recall ~10 %).
     None without the two tables in the observation."""
-    word, pos = model.get_input_embeddings(), learned_position_table(model)
-    if pos is None:
+    tables = embedding_updates(obs, model)
+    if tables is None:
         return None
-    names = {id(p): n for n, p in model.named_parameters()}
-    gw, gp = obs.tensors.get(names.get(id(word.weight), "")), obs.tensors.get(names.get(id(pos.weight), ""))
-    if gw is None or gp is None:
-        return None
-    a = gw.detach().double().cpu()[tokset].t()  # [d, T]
+    gw, gp = tables
+    a = gw[tokset].t()  # [d, T]
     an = a / a.norm(dim=0, keepdim=True).clamp_min(1e-300)
-    y = gp[0].detach().double().cpu()
+    y = gp[0]
     r, sup = y.clone(), []
     for _ in range(min(b, len(tokset))):
         k = int((an.t() @ r).abs().argmax())

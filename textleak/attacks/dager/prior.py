@@ -25,6 +25,20 @@ def learned_position_table(model: nn.Module) -> nn.Embedding | None:
     return next((m for m in model.modules() if isinstance(m, nn.Embedding) and m is not word
                  and m.num_embeddings == n_pos and m.embedding_dim == word.embedding_dim), None)
 
+
+def embedding_updates(obs: Observation, model: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """The observed updates of the word and learned position tables (float64, cpu), found by
+    identity; None when the model has no learned position table or either update is not observed."""
+    word, pos = model.get_input_embeddings(), learned_position_table(model)
+    if pos is None:
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    gw, gp = obs.tensors.get(names.get(id(word.weight), "")), obs.tensors.get(names.get(id(pos.weight), ""))
+    if gw is None or gp is None:
+        return None
+    return gw.detach().double().cpu(), gp.detach().double().cpu()
+
+
 def embedding_prior(obs: Observation, model: nn.Module, positions: int) -> PriorFit | None:
     """Least-squares position coefficients of every batch token from the embedding updates.
 
@@ -40,14 +54,10 @@ def embedding_prior(obs: Observation, model: nn.Module, positions: int) -> Prior
     Under a declared Gaussian noise (sigma), the batch rows are those whose norm exceeds
     ``PRIOR_NOISE_FACTOR * sigma * sqrt(d)`` (a noise-only row has norm ~ sigma sqrt(d)).
     """
-    word, pos = model.get_input_embeddings(), learned_position_table(model)
-    if pos is None:
+    tables = embedding_updates(obs, model)
+    if tables is None:
         return None
-    names = {id(p): n for n, p in model.named_parameters()}
-    gw, gp = obs.tensors.get(names.get(id(word.weight), "")), obs.tensors.get(names.get(id(pos.weight), ""))
-    if gw is None or gp is None:
-        return None
-    gw, gp = gw.detach().double().cpu(), gp[:positions].detach().double().cpu()
+    gw, gp = tables[0], tables[1][:positions]
     sigma = declared_sigma(obs)
     # a declared Gaussian noise fills every row, with norm ~ sigma sqrt(d) (relative spread
     # ~ 1 / sqrt(2d)); the batch's rows are those standing out above it
