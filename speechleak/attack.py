@@ -49,6 +49,15 @@ from .prior import SpeechPrior
 __all__ = ["SpeechGradientInversion", "SpeechInversionConfig", "SpeechPrior", "char_occupancy", "time_smoothness"]
 
 
+#: speech synthesisers an attacker's TTS start may name (``init_tts_voice``)
+TTS_ENGINES = ("espeak-ng", "flite")
+
+
+def tts_voices(spec: str) -> list[str]:
+    """The voices of a comma-separated ``init_tts_voice`` ("" = none)."""
+    return [v.strip() for v in spec.split(",") if v.strip()]
+
+
 @dataclass(frozen=True)
 class SpeechInversionConfig:
     RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
@@ -93,6 +102,15 @@ class SpeechInversionConfig:
     mel_inversion: Literal["nnls", "lstsq"] = "nnls"  # mel -> linear before Griffin-Lim (see FrontEnd.mel_to_linear)
     refine_iterations: int = 0  # waveform refinement through the front end after Griffin-Lim
     batched: bool = True
+
+    def __post_init__(self) -> None:
+        if self.init_tts_voice and not tts_voices(self.init_tts_voice):
+            raise ValueError(f"init_tts_voice {self.init_tts_voice!r} names no voice; use e.g. init_tts_voice=espeak-ng:en-us")
+        for voice in tts_voices(self.init_tts_voice):  # refused when the config is made, not mid-attack
+            engine, _, name = voice.partition(":")
+            if engine not in TTS_ENGINES or not name:
+                raise ValueError(f"init_tts_voice {voice!r}: use comma-separated 'engine:name' voices with engine one of "
+                                 f"{', '.join(TTS_ENGINES)}, e.g. init_tts_voice=espeak-ng:en-us")
 
 
 def time_smoothness(x: Tensor) -> Tensor:
@@ -191,11 +209,8 @@ class SpeechGradientInversion:
         fc = prior.frontend.config
         n_frames = prior.input_shape[1]
         texts = [decode_ids([c for c in row if c != 0]) for row in labels.tolist()]
-        voices = [v.strip() for v in cfg.init_tts_voice.split(",") if v.strip()]
-        if not voices:
-            raise ValueError("init_tts_voice names no voice; use e.g. 'espeak-ng:en-us'")
-        cands = []  # (voice, warps, start)
-        for voice in voices:
+        scored = []  # (objective after alignment, voice, start)
+        for voice in tts_voices(cfg.init_tts_voice):
             warps = []
             for text in texts:
                 tpl = tts_features(text, voice, prior.frontend, floor=prior.lower).to(device, dtype)
@@ -204,14 +219,11 @@ class SpeechGradientInversion:
                 warps.append(BlockWarp(tpl, n_frames, width=min(width, n_frames), floor=prior.lower,
                                        knots=cfg.init_warp_knots))
 
-            def start(warps: list = warps) -> Tensor:
+            def start() -> Tensor:
                 return torch.stack([w() for w in warps]).clamp(min=prior.lower, max=prior.upper)
 
             if cfg.init_warp_grid:
                 grid_align(warps, lambda: feature_objective(start()), points=cfg.init_warp_grid)
-            cands.append((voice, warps, start))
-        scored = []
-        for voice, warps, start in cands:
             if cfg.init_warp_iterations > 0:
                 optimise([p for w in warps for p in w.parameters()], lambda: feature_objective(start()), optimizer="lbfgs",
                          lr=1.0, iterations=cfg.init_warp_iterations, history_size=50)

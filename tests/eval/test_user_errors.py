@@ -70,6 +70,8 @@ def files(tmp_path):
     (["run", *TAB, "--set", "iterations=-5", "--out", "OUT"], "iterations=-5 is out of range"),
     (["run", "--attack", "dager", "--case", "text/tiny-gpt2/dager", "--set", "budget_clock=foo", "--out", "OUT"],
      "budget_clock='foo': must be one of wall, cpu"),
+    (["run", "--attack", "speech-ctc-tts", "--case", "speech/ctc-mel/fedsgd", "--set", "init_tts_voice=foo",
+      "--out", "OUT"], "init_tts_voice 'foo': use comma-separated 'engine:name' voices"),
     # flags the case's kit would ignore
     (["run", *TAB, "--model", "gpt2", "--out", "OUT"], "builds its own model"),
     (["run", "--attack", "speech-li23", "--case", "speech/kws-mel/fedsgd", "--model", "x", "--out", "OUT"],
