@@ -51,6 +51,13 @@ class _Ctx:
     position_free: bool
     kind: str
     b: int | None
+    probe: Tensor  # a 3-token input whose forward finds the taps (``find_tap``, ``frontier.ffn_inputs``)
+
+
+def _decoder_block(model: nn.Module, li: LayerInputs, l1) -> PreLNDecoderBlock | None:
+    """The incremental first block at ``li``'s tap, checked on the first candidates of the first four
+    positions (None where it does not reproduce the model)."""
+    return PreLNDecoderBlock.build(model, li, [l1[p][0][0] for p in range(min(4, len(l1)))])
 
 
 class DAGER:
@@ -171,7 +178,7 @@ class DAGER:
         if kind == "encoder" and self.config.fast_block:
             run.block = PostLNBlock.build(model, li1, li2, torch.arange(1000, 1024, device=dev).unsqueeze(0) % vocab)
         stats["fast_block"] = float(run.block is not None)
-        ctx = _Ctx(obs, model, prior, run, spans, li1, li2, max_len, position_free, kind, b)
+        ctx = _Ctx(obs, model, prior, run, spans, li1, li2, max_len, position_free, kind, b, probe)
         if self._use_frontier(obs, stats):
             return self._frontier(ctx, None)
         try:
@@ -224,15 +231,14 @@ class DAGER:
         incremental first block and the distance to the feed-forward input's span; None otherwise."""
         if declared_sigma(c.obs) > 0 or not l1 or not l1[0][0]:
             return None
-        probe = torch.tensor([[c.prior.tokenizer.eos_token_id or 0, 1, 2]], device=model_device(c.model))
-        ffn = frontier.ffn_inputs(c.obs, c.model, probe % int(c.model.get_input_embeddings().num_embeddings), 0.0)
+        ffn = frontier.ffn_inputs(c.obs, c.model, c.probe, 0.0)
         if ffn is None:
             return None
         li, sp = ffn
         cutoff = min(RANK_CUTOFF, max(1, sp.max_rank // 10))
         if sp.rank > sp.max_rank - cutoff - max(2, round(FRONTIER_CUT[1] * sp.max_rank)) - 1:
             return None  # saturated (ffn_inputs cut it): not an exact test
-        blk = PreLNDecoderBlock.build(c.model, li, [l1[p][0][0] for p in range(min(4, len(l1)))])
+        blk = _decoder_block(c.model, li, l1)
         return (blk, ComplementDistance(sp.basis)) if blk is not None else None
 
     def _frontier(self, c: _Ctx, exact: Reconstruction | None) -> Reconstruction:
@@ -275,19 +281,17 @@ class DAGER:
         else:
             # the first block's feed-forward input: as discriminative as layer 2 on true prefixes (GPT-2
             # B=32: the true extension ranks first at 98 % of steps on either) at about half the cost
-            vocab = int(c.model.get_input_embeddings().num_embeddings)
-            probe = torch.tensor([[c.prior.tokenizer.eos_token_id or 0, 1, 2]], device=model_device(c.model)) % vocab
             # only where layer 1's exact lists hold (layer 2 alone saturated, no noise): with layer 1 saturated
             # too (the 64-wide GPT-2 at B=8) it ranked worse than layer 2 (ROUGE-1 0.29 vs 0.36)
             # (with the token set, every candidate is a batch token and the feed-forward input, evaluated on
             # the incremental block, is the test that is cheap enough for all of them)
             use = FRONTIER_FFN and (not stats.get("saturated_l1") or tokset) and declared_sigma(c.obs) == 0.0
-            ffn = frontier.ffn_inputs(c.obs, c.model, probe, 0.0) if use else None
+            ffn = frontier.ffn_inputs(c.obs, c.model, c.probe, 0.0) if use else None
             stats["ffn_test"] = float(ffn is not None)
             li_t, span_t = ffn if ffn is not None else (c.li2, c.spans[1])
             blk = None
             if ffn is not None and run.fast:
-                blk = PreLNDecoderBlock.build(c.model, li_t, [l1[p][0][0] for p in range(min(4, len(l1)))])
+                blk = _decoder_block(c.model, li_t, l1)
             stats["fast_decoder_block"] = float(blk is not None)
             sents, scores = frontier.search_decoder(run, li_t, span_t, l1, b, block=blk,
                                                     root_quota=ROOT_QUOTA if stats.get("first_tokens") else 0,

@@ -74,6 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from common.types import Observation
+from textleak.models import embedding_param_name
 
 from .config import (CHUNK, FRONTIER_TRIM, FRONTIER_ACCEPT, FRONTIER_BEAM_PER_SENTENCE, FRONTIER_CHILDREN, FRONTIER_CHILDREN_MAX, FRONTIER_CONTINUE,
                      FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL, RANK_CUTOFF, TOKEN_SET_GAP, FRONTIER_SHORTLIST)
@@ -164,9 +165,10 @@ def batch_token_set(obs: Observation, model: nn.Module) -> list[int] | None:
     word-embedding update, under declared noise, or without a clear gap."""
     if declared_sigma(obs) > 0:
         return None
-    word = model.get_input_embeddings()
-    name = next((n for n, p in model.named_parameters() if p is word.weight), None)
-    g = obs.tensors.get(name or "")
+    try:
+        g = obs.tensors.get(embedding_param_name(model))
+    except ValueError:  # the word table is not a parameter of the model
+        return None
     if g is None:
         return None
     v, i = g.detach().double().cpu().norm(dim=1).sort(descending=True)
