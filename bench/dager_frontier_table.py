@@ -1,6 +1,6 @@
 """Markdown table of DAGER frontier records (issue 20): one row per trial with the model, B, the
 declared defense, ROUGE-1/2, seconds per batch, the certified fraction and whether the ranked
-search ran. ``python bench/dager_frontier_table.py results/dager/frontier_dev/*/records.jsonl``."""
+search ran. ``python bench/dager_frontier_table.py RUN_DIR/*/records.jsonl``."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """Compact DAGER tables (one row per case x preset x defense x B, averaged over the batches run) from
 records.jsonl files.
 
-    python bench/dager_summary.py results/dager/main [results/dager/defenses ...] > results/dager/summary.md
+    python bench/dager_summary.py RUN_DIR [RUN_DIR ...] > summary.md
 
 Columns: mean ROUGE-1 / ROUGE-2 / exact match over the batches (trials) of the cell, how many batches
 reached ROUGE-1 and ROUGE-2 >= 0.99, mean attack seconds per batch, mean layer-1 rank (~ distinct

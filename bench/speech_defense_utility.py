@@ -10,7 +10,8 @@ attacked setting), send a FedSGD gradient passed through the defense (common.def
 the server averages them and takes an Adam step (lr 1e-3). Train: keyword clips of rate/pitch
 variants 0 and 1 (160 clips); test: variant 2 (80 clips, same voices and words, another
 speaking rate/pitch). Prints test accuracy per defense next to the no-defense baseline; the
-attack's reconstruction quality under the same defenses is in results/speechleak/sweeps2.
+attack's reconstruction quality under the same defenses was the development sweep ``sweeps2``
+(records in git history at fdf13c2; docs/speechleak.md).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Quality vs clip length: segment-based reconstruction of 1 s, 5 s and 30 s utterances.
 
     OMP_NUM_THREADS=1 python bench/speech_long.py --lengths 1,5,30 --clips 4,2,1 \
-        --out results/speechleak/length [--iterations 300] [--features mel]
+        --out runs/speech_length [--iterations 300] [--features mel]
 
 Setting (after Zeng & Rudzicz 2025, who reconstruct long clips segment by segment): the
 client trains the fixed-input 1 s KWS CNN of ``speech/kws-mel/fedsgd`` (conv8-conv16-fc64,
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--clips", default="4,2,1", help="clips per length")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--features", default="mel", choices=["mel", "mfcc"])
-    ap.add_argument("--out", default="results/speechleak/length")
+    ap.add_argument("--out", default="runs/speech_length")
     args = ap.parse_args()
     torch.set_num_threads(1)
 

@@ -1,6 +1,6 @@
 """Render TabLeak's paper tables (layouts of Tables 1, 2, 4, 6) from run records.
 
-    python bench/tableak_tables.py results/tableak > results/tableak/tables.md
+    python bench/tableak_tables.py RUN_DIR [RUN_DIR ...] > tables.md   # e.g. results/published
 
 Every cell is the mean ± 95 % t-interval half-width of the accuracy (%) over the trials found,
 with the trial count n; a batch re-run with another output option counts once (the leaderboard's
@@ -157,4 +157,4 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["results/tableak"])
+    main(sys.argv[1:] or ["results/published"])

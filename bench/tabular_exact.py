@@ -7,7 +7,7 @@ certified fraction and attack seconds per batch, with the seconds ratio TabLeak 
 measured in the same run) is printed and written to ``OUT/summary.md``. Seeds < 1000 only: this is
 a development run; evaluation numbers come from ``eval/suites/tabular_exact.toml`` (seed 1000).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/tabular_exact.py --out results/tableak/exact/dev
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tabular_exact.py --out runs/tabular_exact_dev
 """
 from __future__ import annotations
 
