@@ -13,7 +13,10 @@ STOI, pocketsphinx WER); one JSON line per trial and row, seconds as measured in
 
 ``--diagnose`` adds, per trial: the cosine of the output error e = ∂loss/∂logits, and of the errors at the
 conv2 / conv1 outputs, at the result vs at the clip; and the first-layer solve with the clip's own conv1
-error (the oracle: what the update holds once that error is known).
+error (the oracle: what the update holds once that error is known); and two partial oracles of the fixed
+point from the result (ridge 0.3): with the clip's conv2 output error (conv1's GELU mask from the estimate,
+20 steps), and with the clip's error at the attention block's input (both GELU masks from the estimate,
+30 steps). They locate what the fixed point lacks: the error signal through the attention block.
 """
 from __future__ import annotations
 
@@ -48,6 +51,51 @@ def _errors(model, x: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
         for h in hooks:
             h.remove()
     return [g.detach() for g in torch.autograd.grad(loss, [box["head"], box["conv2"], box["conv1"]])]
+
+
+def _attention_input_error(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """∂loss/∂h2 at x, h2 = the second activation's output (after conv2: the attention block's input)."""
+    from common.types import Batch
+    from speechleak.kit import ctc_loss
+
+    outs: list[torch.Tensor] = []
+    hook = model.act.register_forward_hook(lambda m, i, o: outs.append(o))
+    try:
+        loss = ctc_loss(model, Batch({"feats": x, "target_lengths": (labels != 0).sum(-1)}, labels)).sum()
+    finally:
+        hook.remove()
+    return torch.autograd.grad(loss, outs[1])[0].detach()
+
+
+def _partial_oracles(model, x: torch.Tensor, xs: torch.Tensor, labels, weight_grad, *, block, floor) -> dict:
+    """The fixed point from x with the clip's conv2 output error / attention-input error plugged in."""
+    import math
+
+    from speechleak.ctc import first_layer_refine
+
+    c1, c2 = model.conv1, model.conv2
+
+    def gelu_d(z):
+        return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+    d2_true = _errors(model, xs, labels)[1]
+    gh2_true = _attention_input_error(model, xs, labels)
+
+    def from_d2(xx):
+        return gelu_d(c1(xx)) * torch.nn.functional.conv_transpose1d(d2_true, c2.weight, stride=2, padding=2)
+
+    def from_gh2(xx):
+        z1 = c1(xx)
+        d2 = gelu_d(c2(torch.nn.functional.gelu(z1))) * gh2_true
+        return gelu_d(z1) * torch.nn.functional.conv_transpose1d(d2, c2.weight, stride=2, padding=2)
+
+    kw = dict(kernel=5, stride=2, padding=2, blocks=[block], floor=floor, upper=4.0, ridge=0.3)
+    with torch.no_grad():
+        a = first_layer_refine(from_d2, x, weight_grad, steps=20, **kw)
+        b = first_layer_refine(from_gh2, x, weight_grad, steps=30, **kw)
+    return {"fixed_point_with_true_conv2_error_cosine": round(_cos(a, xs), 4),
+            "fixed_point_with_true_attention_input_error_cosine": round(_cos(b, xs), 4),
+            "attention_input_error_cosine_at_result": round(_cos(_attention_input_error(model, x, labels), gh2_true), 4)}
 
 
 def run(trial: int, *, steps: int, ridge: float, margin: int, diagnose: bool) -> list[dict]:
@@ -94,7 +142,10 @@ def run(trial: int, *, steps: int, ridge: float, margin: int, diagnose: bool) ->
         rows.append({"seed": 0, "trial": trial, "diagnostic": True,
                      **{f"{n}_error_cosine_at_result": round(_cos(u, v), 4)
                         for n, u, v in zip(("output", "conv2", "conv1"), res_err, true_err)},
-                     "oracle_conv1_solve_feature_cosine": round(_cos(oracle, xs), 6)})
+                     "oracle_conv1_solve_feature_cosine": round(_cos(oracle, xs), 6),
+                     **_partial_oracles(model, feats_old, xs, labels, a.observation.tensors["conv1.weight"].double(),
+                                        block=tuple(v + s for v, s in zip(rec.extras["speech_block"][0], (-margin, margin))),
+                                        floor=a.prior.lower)})
     return rows
 
 
