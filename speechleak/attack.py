@@ -21,6 +21,9 @@ Deviations (all documented in docs/speechleak.md):
   addition: breaks the time-shift symmetry of padded clips, see docs/speechleak.md).
   ``init_tts_voice`` starts instead from the attacker's own TTS rendering of the granted transcript,
   aligned to the gradient through a few warp parameters (our addition; ``speech-ctc-tts``).
+  ``refine_first_layer_steps`` adds, after the search, a fixed point on the first convolution's weight
+  gradient (linear in the input once that layer's output error is fixed; solved in closed form, silence
+  outside the start's speech block held at the floor): our addition, off by default (issue 21).
 * FedAvg: the client's local SGD is simulated with the observed hyper-parameters and the
   identity minibatch order (the shuffle order is private).
 """
@@ -43,6 +46,7 @@ from common.optim import optimise, step_decay
 from common.threat import Capability
 from common.types import Batch, Observation, Reconstruction
 
+from .ctc import first_layer_refine, output_error, speech_block
 from .frontend import refine_waveform
 from .prior import SpeechPrior
 
@@ -63,7 +67,8 @@ class SpeechInversionConfig:
     RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
         "layer_decay": "(0,1]", "lr": ">0", "iterations": ">=1", "restarts": ">=1",
         "griffin_lim_iters": ">=1", "init_seconds_per_char": ">=0", "init_warp_iterations": ">=0",
-        "init_warp_knots": ">=1", "init_warp_grid": ">=0"}
+        "init_warp_knots": ">=1", "init_warp_grid": ">=0", "refine_first_layer_steps": ">=0",
+        "refine_first_layer_ridge": ">0", "refine_first_layer_margin": ">=0"}
     distance: Literal["l2", "cosine", "layer-cosine"] = "l2"
     layer_weights: Literal["uniform", "inverse-norm", "depth-decay"] = "uniform"
     layer_decay: float = 0.8  # depth-decay: weight of layer l is decay**l (input layers heaviest)
@@ -97,6 +102,12 @@ class SpeechInversionConfig:
     # −Σ γ·log p, whose logit gradient p − γ equals CTC's at the true occupancy; decoded greedily).
     ctc_targets: Literal["observed", "free"] = "observed"
     init_block_seconds: float = 0.0  # free transcript: centred speech block of this length (0 = off)
+    # CTC, FedSGD: after the search, steps of the first-layer fixed point (ctc.first_layer_refine): the input
+    # solved in closed form from conv1's weight gradient with its output error taken at the current estimate,
+    # frames outside the start's speech block (± margin frames) held at the floor; 0 = off (our addition, issue 21)
+    refine_first_layer_steps: int = 0
+    refine_first_layer_ridge: float = 1.0
+    refine_first_layer_margin: int = 8
     labels: Literal["observed", "recover"] = "recover"
     griffin_lim_iters: int = 100
     mel_inversion: Literal["nnls", "lstsq"] = "nnls"  # mel -> linear before Griffin-Lim (see FrontEnd.mel_to_linear)
@@ -233,6 +244,30 @@ class SpeechGradientInversion:
         best = min(scored, key=lambda c: c[0])
         return best[2], best[1]
 
+    def _refine_first_layer(self, feats: Tensor, blocks, obs: Observation, model: nn.Module, prior: SpeechPrior,
+                            params: dict[str, Tensor], labels: Tensor, reduction: str) -> Tensor:
+        """``refine_first_layer_steps`` of :func:`speechleak.ctc.first_layer_refine` on feats [B, F, T]."""
+        from common.functional import functional_losses, reduce_loss
+
+        cfg = self.config
+        conv = getattr(model, "conv1", None)
+        if not (prior.task == "ctc" and obs.kind == "gradient" and cfg.domain == "features" and prior.lower is not None
+                and isinstance(conv, nn.Conv1d) and "conv1.weight" in obs.tensors):
+            raise ValueError("refine_first_layer_steps needs a CTC case with a FedSGD gradient, mel features and a model "
+                             "whose first layer is a Conv1d named conv1; set refine_first_layer_steps=0 otherwise")
+        if blocks is None:
+            blocks = [speech_block(f, prior.lower) for f in feats]
+        mg = cfg.refine_first_layer_margin
+
+        def error_fn(x: Tensor) -> Tensor:  # ∂loss/∂(conv1 output) at x
+            return output_error(conv, lambda xx: reduce_loss(functional_losses(model, prior.loss_fn, params,
+                                                                               prior.build_batch(xx, labels)), reduction), x)
+
+        return first_layer_refine(error_fn, feats, obs.tensors["conv1.weight"].to(feats.dtype), kernel=conv.kernel_size[0],
+                                  stride=conv.stride[0], padding=int(conv.padding[0]), blocks=[(a - mg, b + mg) for a, b in blocks],
+                                  floor=prior.lower, upper=prior.upper, steps=cfg.refine_first_layer_steps,
+                                  ridge=cfg.refine_first_layer_ridge)
+
     # -- main ---------------------------------------------------------------------------
     def reconstruct(self, obs: Observation, model: nn.Module, prior: SpeechPrior, *,
                     generator: torch.Generator) -> Reconstruction[dict]:
@@ -340,6 +375,7 @@ class SpeechGradientInversion:
         if cfg.init_tts_voice:
             t_w = time.perf_counter()
             feats0, extras["init_voice"] = self._tts_start(labels, prior, feature_objective, device=device, dtype=dtype)
+            extras["speech_block"] = [speech_block(f0, prior.lower) for f0 in feats0]
             with torch.no_grad():
                 x.copy_(from_feats(feats0).unsqueeze(0).expand_as(x))
             t_warp = time.perf_counter() - t_w
@@ -354,6 +390,11 @@ class SpeechGradientInversion:
         if align is not None:
             extras["transcript"] = [greedy_decode(a) for a in align.detach()[best]]
             extras["alignment"] = align.detach()[best].softmax(-1).float().cpu()
+        if cfg.refine_first_layer_steps > 0:
+            t_r = time.perf_counter()
+            xb = from_feats(self._refine_first_layer(to_feats(xb).detach(), extras.get("speech_block"), obs, model, prior,
+                                                     params, labels, reduction))
+            extras["refine_first_layer_s"] = time.perf_counter() - t_r
         with torch.no_grad():
             feats = to_feats(xb).float()
             if cfg.domain == "features":  # a diverged run (e.g. on heavily noised gradients) must still score

@@ -234,3 +234,71 @@ def grid_align(warps: list[BlockWarp], objective, *, points: int, centres: int =
                     best = (score, f, c)
         put(best[1], best[2])
     return best[0]
+
+
+# -- first-layer refinement: the input solved from the first convolution's weight gradient ----------
+def speech_block(feats: Tensor, floor: float, *, margin: float = 0.05) -> tuple[int, int]:
+    """(first, last) frame of feats [F, T] whose band mean lies more than ``margin`` above ``floor``
+    (the whole clip when none does)."""
+    loud = ((feats - floor).mean(0) > margin).nonzero().flatten()
+    return (int(loud[0]), int(loud[-1])) if len(loud) else (0, feats.shape[-1] - 1)
+
+
+def output_error(layer: torch.nn.Module, loss_of, x: Tensor) -> Tensor:
+    """∂loss_of(x)/∂(layer's output) at x (the loss's parameters may be detached: x carries the graph)."""
+    box: dict[str, Tensor] = {}
+    hook = layer.register_forward_hook(lambda m, i, o: box.__setitem__("z", o))
+    try:
+        loss = loss_of(x.detach().requires_grad_(True))
+    finally:
+        hook.remove()
+    return torch.autograd.grad(loss, box["z"])[0]
+
+
+def patch_operator(delta: Tensor, n_frames: int, *, kernel: int, stride: int, padding: int) -> Tensor:
+    """A [(o, k), T] with A @ x_f = (Σ_t δ_{o,t} x_f[stride·t + k − padding])_{o,k}: the first 1-D
+    convolution's weight gradient for one input band x_f [T], given its output error δ [O, T']."""
+    o, t_out = delta.shape
+    a = torch.zeros(o, kernel, n_frames + 2 * padding + kernel, dtype=delta.dtype, device=delta.device)
+    idx = stride * torch.arange(t_out, device=delta.device)
+    for k in range(kernel):
+        a[:, k].index_add_(1, idx + k, delta)
+    return a[:, :, padding: padding + n_frames].reshape(o * kernel, n_frames)
+
+
+def first_layer_refine(error_fn, feats: Tensor, weight_grad: Tensor, *, kernel: int, stride: int, padding: int,
+                       blocks: list[tuple[int, int]], floor: float, upper: float | None, steps: int,
+                       ridge: float) -> Tensor:
+    """Fixed-point refinement of feats [B, F, T] from the first convolution's observed weight gradient
+    [O, F, k] (our addition, issue 21). That gradient is Σ_b Σ_t δ_{b,t} ⊗ patch_t(x_b): linear in the
+    input once the convolution's output error δ (``error_fn(feats)`` -> [B, O, T']) is fixed, and the same
+    linear map for every mel band. Each step takes δ at the current estimate and solves, in closed form,
+    min_x ||A(δ) x − G||² + ridge·mean(diag AᵀA)·||x − x_k||² for the frames inside ``blocks`` (one
+    (first, last) per utterance), every other frame held at the silence ``floor`` (which makes the
+    system overdetermined). With the true δ this returns the clip (cosine > 0.999); with δ from a
+    gradient-matching result it moves the speech frames towards the clip (bench/speech_ctc_fixedpoint.py)."""
+    if steps < 0 or ridge <= 0:
+        raise ValueError(f"first-layer refinement needs steps >= 0 and ridge > 0, got {steps}, {ridge}")
+    b, f, t = feats.shape
+    if len(blocks) != b:
+        raise ValueError(f"one speech block per utterance: {len(blocks)} blocks for {b} utterances")
+    mask = torch.zeros(b, t, dtype=torch.bool, device=feats.device)
+    for i, (lo, hi) in enumerate(blocks):
+        mask[i, max(0, lo): min(t, hi + 1)] = True
+    m = mask.flatten()
+    g = weight_grad.detach().permute(0, 2, 1).reshape(-1, f).to(feats.dtype)  # [(o, k), F]
+    x = torch.where(mask.unsqueeze(1), feats.detach(), torch.full_like(feats, floor))
+    for _ in range(steps):
+        delta = error_fn(x).detach()
+        a = torch.cat([patch_operator(delta[i], t, kernel=kernel, stride=stride, padding=padding) for i in range(b)], 1)
+        xf = x.permute(1, 0, 2).reshape(f, b * t)
+        a_s = a[:, m]
+        rhs = g - a[:, ~m] @ xf[:, ~m].T
+        gram = a_s.T @ a_s
+        lam = ridge * gram.diagonal().mean().clamp(min=1e-300)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        sol = torch.linalg.solve(gram + lam * eye, a_s.T @ rhs + lam * xf[:, m].T)
+        xf = xf.clone()
+        xf[:, m] = sol.T
+        x = xf.reshape(f, b, t).permute(1, 0, 2).clamp(min=floor, max=upper)
+    return x
