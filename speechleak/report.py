@@ -1,6 +1,6 @@
 """Paper-layout tables from run records (Li et al. 2023 and Zeng & Rudzicz 2025 columns).
 
-    python -m speechleak.report results/speechleak > results/speechleak/paper_tables.md
+    python -m speechleak.report results/published/speech_zeng > paper_tables.md
 
 Means over the trials with status ok; ``n`` is the number of clips; a metric that was
 undefined on every clip (STOI on 1 s keywords) prints ``n/a``.
