@@ -19,8 +19,9 @@ from common.types import Observation, Reconstruction
 from ..attack import CITATION as TABLEAK_CITATION
 from ..attack import TabLeak, TabLeakConfig
 from ..prior import TabularPrior
-from .layer2 import gauss_newton_roots, w_box_starts
-from .peel import all_pattern_roots, peel, rest_batch, rest_counts
+from .budget import NEVER, Deadline, OutOfTime
+from .layer2 import two_pass_roots
+from .peel import Peeled, all_pattern_roots, peel, rest_batch, rest_counts
 from .span import FREE_TOL, enumerate_rows, free_continuous, merge_near, project, row_span, unique_rows
 from .verify import find_layers, fit_counts, layer2_residual, refine_continuous, second_inputs, unit_resolution
 
@@ -38,7 +39,8 @@ class TabularExactConfig:
         "rank_tol": "(0,1)", "present_tol": "(0,1)", "span_tol": ">0", "layer2_tol": ">0", "fit_tol": ">0",
         "integer_tol": "(0,0.5)", "max_half": ">=1", "max_candidates": ">=1", "max_fit": ">=1", "starts": ">=1", "pass1_starts": ">=1",
         "fallback_iterations": ">=1", "fallback_ensemble": ">=1", "noise_factor": ">0", "cond_ref": ">=1",
-        "act_tol": "(0,1)", "peel_tol": ">0", "g_tol": ">0", "max_patterns": ">=1", "rest_max": ">=1"}
+        "act_tol": "(0,1)", "peel_tol": ">0", "g_tol": ">0", "max_patterns": ">=1", "rest_max": ">=1",
+        "time_budget": ">0"}
     rank_tol: float = 1e-5  # singular values below rank_tol * s_1 are float round-off
     present_tol: float = 1e-4  # a category is absent when its raw-space gradient column is this small (relative)
     span_tol: float = 1e-5  # distance of a valid row to the first-layer span (standardised units)
@@ -59,6 +61,7 @@ class TabularExactConfig:
     max_patterns: int = 160_000  # patterns left after peeling that the root search tries (beyond: fall back)
     resolution: bool = True  # report ``unit_resolved``: certified values the gradient tells from their +-1 neighbour
     rest_max: int = 24  # rows the pattern roots miss that the span stage may take as a batch of their own
+    time_budget: float = 300.0  # seconds of exact stage; past them: the fallback, seeded with the rows certified so far
     fallback: Literal["tableak", "none"] = "tableak"  # rows not certified: TabLeak (rows overwritten by certified ones)
     fallback_iterations: int = 1500
     fallback_ensemble: int = 30
@@ -116,7 +119,8 @@ class TabularExact:
         return TabularExactConfig()
 
     # -- exact stage ------------------------------------------------------------------------
-    def _exact(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict) -> tuple:
+    def _exact(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict,
+               deadline: Deadline = NEVER) -> tuple:
         """(all rows certified: Fit or None, partially certified distinct rows [n, d])."""
         cfg = self.config
         schema = prior.schema
@@ -171,7 +175,7 @@ class TabularExact:
             def accept(rows: np.ndarray) -> np.ndarray:
                 return layer2_residual(second_inputs(model, layers.second, rows), span2.basis) <= tol2
         cand = enumerate_rows(schema, span, present, tol=tol, free_tol=free_tol, max_half=cfg.max_half,
-                              max_candidates=cfg.max_candidates, accept=accept)
+                              max_candidates=cfg.max_candidates, accept=accept, deadline=deadline)
         stats.update(combinations=float(cand.combos), layer1_candidates=float(len(cand.rows)),
                      truncated=float(cand.truncated), continuous_identified=float(span.cont_identified))
         if cand.truncated:  # rank limit: too many valid rows in the span to identify the batch
@@ -182,20 +186,11 @@ class TabularExact:
             b1 = layers.first.bias.detach().double().cpu().numpy() if layers.first.bias is not None else np.zeros(h)
             lo, hi = (v.double().numpy()[ci] for v in schema.bounds())
             y0 = cand.raw_rows
-            # pass 1, every candidate pattern: the least-squares point and one point of its w box
-            # (float32 when pass 2 repeats its starts on the patterns it finds: it only finds them)
-            found, fast = [], np.float32 if cfg.starts > cfg.pass1_starts else np.float64
-            for i in range(0, len(y0), 2000):
-                yc = y0[i:i + 2000]
-                st = w_box_starts(yc, free, lo, hi, ci, cfg.pass1_starts)
-                found.append(gauss_newton_roots(yc, free, w1, b1, span2.basis, starts=st, tol=tol2, dtype=fast))
-            hit = np.unique(np.concatenate([idx + i * 2000 for i, (_, idx) in enumerate(found)]))
-            # pass 2, the patterns with a root (a pattern shared by k rows has k roots): many starts
-            more, _ = gauss_newton_roots(y0[hit], free, w1, b1, span2.basis, tol=tol2,
-                                         starts=w_box_starts(y0[hit], free, lo, hi, ci, cfg.starts))
-            first = [r for r, _ in found] if fast is np.float64 else []
-            rows = unique_rows(schema, project(schema, np.concatenate(first + [more])))
-            stats["layer2_patterns"] = float(len(hit))
+            found, n_hit = two_pass_roots((y0[i:i + 2000] for i in range(0, len(y0), 2000)), free, w1, b1,
+                                          span2.basis, lo, hi, ci, starts=cfg.pass1_starts, more_starts=cfg.starts,
+                                          tol=tol2, deadline=deadline)
+            rows = unique_rows(schema, project(schema, found))
+            stats["layer2_patterns"] = float(n_hit)
         else:
             rows = unique_rows(schema, cand.rows)
         strict = np.ones(len(rows), dtype=bool)
@@ -225,7 +220,8 @@ class TabularExact:
         ok = _certifies(fit, b, None if obs.labels is None else [int(v) for v in obs.labels.tolist()], tol_fit)
         return (fit if ok else None), partial
 
-    def _peeled(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict) -> tuple:
+    def _peeled(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict,
+                deadline: Deadline = NEVER) -> tuple:
         """Past the first layer's rank (``peel.py``): rows of categories seen once are peeled off the
         gradient, the patterns left are solved on the second layer, and the whole-gradient fit over
         peeled rows and pattern roots certifies the batch. Without declared noise only."""
@@ -247,9 +243,21 @@ class TabularExact:
         labels = None if obs.labels is None else [int(v) for v in obs.labels.tolist()]
         p = peel(model, layers, prior.loss_fn, names, target, schema, b, n_cls, labels=labels, rank_tol=cfg.rank_tol,
                  present_tol=cfg.present_tol, act_tol=cfg.act_tol, tol=cfg.peel_tol, layer2_tol=cfg.peel_tol,
-                 g_tol=cfg.g_tol, max_half=cfg.max_half, stop_at=0)
+                 g_tol=cfg.g_tol, max_half=cfg.max_half, stop_at=0, deadline=deadline)
         stats.update(peeled_rows=float(len(p.rows)), peel_rounds=float(p.rounds))
-        left, cand = b - len(p.rows), empty
+        try:
+            return self._after_peel(obs, model, prior, b, stats, p, names, scale, labels, deadline), p.rows
+        except OutOfTime:
+            stats["exact_timeout"] = 1.0
+            return None, p.rows
+
+    def _after_peel(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict, p: Peeled,
+                    names: list[str], scale: float, labels: list[int] | None, deadline: Deadline):
+        """The patterns left after peeling, solved on the second layer; the whole-gradient fit (or None)."""
+        cfg, schema, t = self.config, prior.schema, obs.tensors
+        layers = find_layers(model, schema.dim)
+        n_cls = len(schema.classes)
+        left, cand = b - len(p.rows), np.zeros((0, schema.dim))
         if left > 0:
             cur = p.target
             raw = cur[layers.first_weight] * np.asarray(schema.scale) + np.outer(cur[layers.first_bias], schema.mean)
@@ -262,7 +270,8 @@ class TabularExact:
                 w1 = layers.first.weight.detach().double().cpu().numpy()
                 b1 = layers.first.bias.detach().double().cpu().numpy()
                 roots = all_pattern_roots(schema, present, w1, b1, span2.basis, starts=cfg.pass1_starts,
-                                          more_starts=cfg.starts, tol=cfg.peel_tol, max_patterns=cfg.max_patterns)
+                                          more_starts=cfg.starts, tol=cfg.peel_tol, max_patterns=cfg.max_patterns,
+                                          deadline=deadline)
                 if roots is not None and len(roots):
                     rows = unique_rows(schema, project(schema, roots))
                     res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
@@ -275,7 +284,7 @@ class TabularExact:
             rfit = fit_counts(model, prior.loss_fn, names, left_t, cand, n_cls, batch_size=left, scale=1.0,
                               integer_tol=cfg.integer_tol)
             if not (rfit.integral and rfit.rel_residual <= cfg.fit_tol):
-                extra = [self._rest(obs, model, prior, names, p, rfit, left, rule, stats)
+                extra = [self._rest(obs, model, prior, names, p, rfit, left, rule, stats, deadline)
                          for rule in ("sure", "round")]
                 cand = np.concatenate([cand] + extra)
                 stats["peel_rest_found"] = float(sum(len(e) for e in extra))
@@ -285,7 +294,7 @@ class TabularExact:
             rows = merge_near(schema, rows, layer2_residual(second_inputs(model, layers.second, rows), full2.basis),
                               keep=len(p.rows))
         if not len(rows) or len(rows) > cfg.max_fit:
-            return None, p.rows
+            return None
         fit = fit_counts(model, prior.loss_fn, names, dict(t), rows, n_cls, batch_size=b, scale=scale,
                          integer_tol=cfg.integer_tol)
         ok = _certifies(fit, b, labels, cfg.fit_tol)
@@ -309,10 +318,10 @@ class TabularExact:
                 ok = _certifies(fit2, b, labels, cfg.fit_tol)
                 stats.update(refined=float(ok), refined_residual=fit2.rel_residual)
                 fit = fit2 if ok else fit
-        return (fit if ok else None), p.rows
+        return fit if ok else None
 
     def _rest(self, obs: Observation, model: nn.Module, prior: TabularPrior, names: list[str], p, rfit, left: int,
-              rule: str, stats: dict) -> np.ndarray:
+              rule: str, stats: dict, deadline: Deadline) -> np.ndarray:
         """Rows the pattern roots missed: the rows ``peel.rest_counts`` takes as whole are subtracted
         from the gradient left after peeling and the few rows left (at most ``rest_max``) go through
         the span stage as a batch of their own. Returns the rows it found (certified or partial)."""
@@ -324,7 +333,7 @@ class TabularExact:
         if not 0 < rest <= cfg.rest_max:
             return np.zeros((0, schema.dim))
         sub_obs = rest_batch(obs, names, p, rfit.columns @ counts, counts, n_cls, rest)
-        sub_fit, sub_partial = self._exact(sub_obs, model, prior, rest, {})
+        sub_fit, sub_partial = self._exact(sub_obs, model, prior, rest, {}, deadline)
         return sub_fit.rows if sub_fit is not None else sub_partial
 
     # -- main -----------------------------------------------------------------------------
@@ -337,10 +346,14 @@ class TabularExact:
         b = obs.require_num_examples()
         stats: dict[str, float] = {}
         fit, partial = (None, np.zeros((0, schema.dim)))
+        deadline = Deadline.after(cfg.time_budget)
         if obs.kind == "gradient":
-            fit, partial = self._exact(obs, model, prior, b, stats)
-            if fit is None and cfg.peel:
-                fit2, partial2 = self._peeled(obs, model, prior, b, stats)
+            try:
+                fit, partial = self._exact(obs, model, prior, b, stats, deadline)
+            except OutOfTime:  # the rows certified so far (none in this stage) seed the fallback
+                stats["exact_timeout"] = 1.0
+            if fit is None and cfg.peel and not deadline.expired:
+                fit2, partial2 = self._peeled(obs, model, prior, b, stats, deadline)
                 fit = fit2
                 partial = partial2 if fit is None and len(partial2) > len(partial) else partial
         else:
@@ -350,7 +363,7 @@ class TabularExact:
             certified = [True] * b
             ints = [(j, 1.0 / schema.scale[j]) for (f, sl), j in zip(schema.continuous, schema.continuous_index)
                     if f.integer]
-            if ints and cfg.resolution:
+            if ints and cfg.resolution and not deadline.expired:
                 names = [k for k in obs.tensors if k in trainable_params(model)]
                 red = obs.protocol.loss_reduction if obs.protocol else "mean"
                 res = unit_resolution(model, prior.loss_fn, names, dict(obs.tensors), fit.rows, fit.labels,

@@ -13,12 +13,16 @@ whole-gradient certificate then fails, so no missing root is ever certified by a
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+
+from .budget import NEVER, Deadline
 
 
 def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.ndarray, basis2: np.ndarray, *,
                        starts: np.ndarray, tol: float, iterations: int = 12,
-                       dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
+                       dtype: type = np.float64, deadline: Deadline = NEVER) -> tuple[np.ndarray, np.ndarray]:
     """Roots ``y = y0[k] + u w`` of ``P2perp ReLU(W1 y + b1) = 0``.
 
     y0 [K, d] candidate rows, u [d, f] (zero outside the continuous columns), w1 [h, d], b1 [h],
@@ -43,6 +47,7 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
         live = np.arange(k)
         prev = None
         for _ in range(iterations):
+            deadline.check()
             on = (z0[live] + w[live] @ a.T) > 0
             if prev is not None:
                 moving = (on != prev).any(1)
@@ -63,6 +68,35 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
         out_rows.append(y0[good] + w[good] @ u.T)
         out_idx.append(good)
     return np.concatenate(out_rows), np.concatenate(out_idx)
+
+
+def two_pass_roots(chunks: Iterable[np.ndarray], u: np.ndarray, w1: np.ndarray, b1: np.ndarray,
+                   basis2: np.ndarray, lo: np.ndarray, hi: np.ndarray, ci: np.ndarray, *, starts: int,
+                   more_starts: int, tol: float, deadline: Deadline = NEVER,
+                   chunk: int = 4096) -> tuple[np.ndarray, int]:
+    """The root search of the span stage and of the peeling stage: pass 1 runs ``starts`` starts
+    (``w_box_starts``) on every candidate of every chunk of ``chunks`` (rows y0 [k, d]); pass 2 runs
+    ``more_starts`` starts on the candidates pass 1 found a root for (a pattern shared by k rows has k
+    roots). Pass 1 only finds which candidates have a root when pass 2 follows (its starts include
+    pass 1's: the Halton sequence is deterministic), so it runs in float32 then (about twice as fast;
+    the residual test stays in float64) and its rows are dropped; otherwise it runs in float64 and its
+    rows are the result. Returns (rows [n, d], candidates with a root in pass 1)."""
+    fast = np.float32 if more_starts > starts else np.float64
+    out, hit = [], []
+    for y0 in chunks:
+        deadline.check()
+        rows, k = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, starts),
+                                     tol=tol, dtype=fast, deadline=deadline)
+        if fast is np.float64:
+            out.append(rows)
+        hit.append(y0[np.unique(k)])
+    found = np.concatenate(hit) if hit else np.zeros((0, u.shape[0]))
+    if fast is np.float32:
+        for c0 in range(0, len(found), chunk):
+            y0 = found[c0:c0 + chunk]
+            out.append(gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, more_starts),
+                                          tol=tol, deadline=deadline)[0])
+    return (np.concatenate(out) if out else np.zeros((0, u.shape[0]))), len(found)
 
 
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53)
