@@ -188,6 +188,7 @@ def free_continuous(schema: TabularSchema, span: Span, *, free_tol: float = FREE
     _, s, vt = np.linalg.svd(span.basis[:, cat].T, full_matrices=True)  # null space of the categorical part
     s = np.concatenate([s, np.zeros(span.rank - len(s))]) if len(s) < span.rank else s
     a = vt[s[:span.rank] < free_tol] if len(s) else vt
+    a = a[max(len(a) - len(ci), 0):]  # at most one per continuous column (noise can tilt more below free_tol)
     u = a @ span.basis  # [f, d]
     u[:, cat] = 0.0
     q, _ = np.linalg.qr(u.T) if len(u) else (np.zeros((d, 0)), None)
