@@ -52,7 +52,7 @@ class TabularExactConfig:
     starts: int = 32  # Gauss-Newton starts per pattern that has a root (continuous values layer 1 leaves open)
     pass1_starts: int = 2  # Gauss-Newton starts for every candidate pattern (the least-squares point first)
     cond_ref: float = 300.0  # span conditioning s_1/s_r up to which span_tol / layer2_tol apply unscaled
-    noise_factor: float = 4.0  # declared Gaussian noise: thresholds widened by this many noise standard deviations
+    noise_factor: float = 4.0  # declared Gaussian noise: tolerances widened by this many noise deviations
     noise_merge: float = 0.02  # declared noise: roots with one pattern this close (standard deviations) are one row
     noise_edge: float = 1.5  # declared noise: singular values below this many noise edges sigma (sqrt h + sqrt d) dropped
     peel: bool = True  # past the first layer's rank: peel rows of categories seen once, then all patterns on layer 2
@@ -88,13 +88,20 @@ class TabularExact(PeelStages):
        leaves continuous directions inside the span; undeclared noise; FedAvg deltas), TabLeak runs
        on the whole update with the same generator and the rows certified by steps 1-3 (continuous
        values identified, second-layer check passed) overwrite the TabLeak rows they match
-       (Hungarian on the feature error). With no certified row the output is TabLeak's.
+       (Hungarian on the feature error). With no certified row the output is TabLeak's; under
+       declared noise a decomposition into B rows that fails the noise certificate replaces it
+       (uncertified, status ``best-effort``) when it explains the update better (``fallback.py``).
+    6. Time: the exact stage stops at ``time_budget`` seconds (``budget.py``) and falls back as in 5
+       with the rows certified so far (stat ``exact_timeout``).
 
     Deviations from SPEAR: no sampling of sparse directions in the gradient's column space (the
     categorical structure identifies rows directly), no ReLU sign assumptions; from DAGER: the
     candidate pool is the set of valid table rows, not the vocabulary. Declared Gaussian noise
-    (a public defense) widens every threshold by ``noise_factor`` noise deviations; there the
-    certificate is relative to the declared noise model.
+    (a public defense): singular directions below ``noise_edge`` noise edges are dropped, and each
+    candidate's span tolerances grow by its first-order perturbation ``noise_factor * sigma *
+    sqrt(m - r) * ||S^-1 V^T a||`` (``layer2.noise_slack``), the whole-gradient fit by
+    ``noise_factor`` noise norms; the certificate is then relative to the declared noise model
+    (categories, labels and counts exact, continuous values within noise: fnlwgt a few units off).
     """
 
     info: ClassVar[AttackInfo] = AttackInfo(
