@@ -13,19 +13,25 @@ whole-gradient certificate then fails, so no missing root is ever certified by a
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+
+from .budget import NEVER, Deadline
 
 
 def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.ndarray, basis2: np.ndarray, *,
                        starts: np.ndarray, tol: float, iterations: int = 12,
-                       dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
+                       dtype: type = np.float64, deadline: Deadline = NEVER,
+                       noise: tuple[np.ndarray, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Roots ``y = y0[k] + u w`` of ``P2perp ReLU(W1 y + b1) = 0``.
 
     y0 [K, d] candidate rows, u [d, f] (zero outside the continuous columns), w1 [h, d], b1 [h],
     basis2 [r2, h] orthonormal rows of the second weight gradient's row space, starts [S, K, f]
     (``w_box_starts``). Returns (rows [n, d], candidate index [n]). ``dtype=np.float32`` runs the
     iterations in single precision (about twice as fast; the residual test stays in float64): for
-    finding which candidates have a root, whose rows are then solved again in float64."""
+    finding which candidates have a root, whose rows are then solved again in float64. ``noise``
+    ``(inv, c)``: declared noise widens each root's tolerance by ``noise_slack`` (per candidate)."""
     k, f = len(y0), u.shape[1]
     h = w1.shape[0]
     proj = np.eye(h) - basis2.T @ basis2
@@ -43,6 +49,7 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
         live = np.arange(k)
         prev = None
         for _ in range(iterations):
+            deadline.check()
             on = (z0[live] + w[live] @ a.T) > 0
             if prev is not None:
                 moving = (on != prev).any(1)
@@ -59,10 +66,50 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
             prev = on
         act = np.maximum(z0 + w @ a.T, 0.0)
         res = np.linalg.norm(act @ comp.T, axis=1) / np.maximum(np.linalg.norm(act, axis=1), 1e-12)
-        good = np.flatnonzero(res <= tol)
+        good = np.flatnonzero(res <= tol + noise_slack(act, noise))
         out_rows.append(y0[good] + w[good] @ u.T)
         out_idx.append(good)
     return np.concatenate(out_rows), np.concatenate(out_idx)
+
+
+def noise_slack(a: np.ndarray, noise: tuple[np.ndarray, float] | None) -> np.ndarray | float:
+    """Relative distance that declared Gaussian noise puts between rows ``a`` [n, m] of a true span and
+    the observed span (first-order perturbation of the right singular vectors: ``V' = V + P_perp E^T U
+    S^-1``, so a row ``a = V c`` is ``||P_perp E^T U S^-1 c|| ~ sigma sqrt(m - r) ||S^-1 V^T a||`` out of it):
+    ``c * ||a inv^T|| / ||a||`` with ``inv = S^-1 V^T`` [r, m] and ``c = k sigma sqrt(m - r)``; 0 without noise."""
+    if noise is None:
+        return 0.0
+    inv, c = noise
+    return c * np.linalg.norm(a @ inv.T, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-12)
+
+
+def two_pass_roots(chunks: Iterable[np.ndarray], u: np.ndarray, w1: np.ndarray, b1: np.ndarray,
+                   basis2: np.ndarray, lo: np.ndarray, hi: np.ndarray, ci: np.ndarray, *, starts: int,
+                   more_starts: int, tol: float, deadline: Deadline = NEVER, chunk: int = 4096,
+                   noise: tuple[np.ndarray, float] | None = None) -> tuple[np.ndarray, int]:
+    """The root search of the span stage and of the peeling stage: pass 1 runs ``starts`` starts
+    (``w_box_starts``) on every candidate of every chunk of ``chunks`` (rows y0 [k, d]); pass 2 runs
+    ``more_starts`` starts on the candidates pass 1 found a root for (a pattern shared by k rows has k
+    roots). Pass 1 only finds which candidates have a root when pass 2 follows (its starts include
+    pass 1's: the Halton sequence is deterministic), so it runs in float32 then (about twice as fast;
+    the residual test stays in float64) and its rows are dropped; otherwise it runs in float64 and its
+    rows are the result. Returns (rows [n, d], candidates with a root in pass 1)."""
+    fast = np.float32 if more_starts > starts else np.float64
+    out, hit = [], []
+    for y0 in chunks:
+        deadline.check()
+        rows, k = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, starts),
+                                     tol=tol, dtype=fast, deadline=deadline, noise=noise)
+        if fast is np.float64:
+            out.append(rows)
+        hit.append(y0[np.unique(k)])
+    found = np.concatenate(hit) if hit else np.zeros((0, u.shape[0]))
+    if fast is np.float32:
+        for c0 in range(0, len(found), chunk):
+            y0 = found[c0:c0 + chunk]
+            out.append(gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, more_starts),
+                                          tol=tol, deadline=deadline, noise=noise)[0])
+    return (np.concatenate(out) if out else np.zeros((0, u.shape[0]))), len(found)
 
 
 _PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53)

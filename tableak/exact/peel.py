@@ -32,6 +32,8 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from ..schema import TabularSchema
+from .budget import NEVER, Deadline
+from .layer2 import two_pass_roots
 from .span import _balanced_halves, _combos, project, row_span
 from .verify import Layers, _per_example, layer2_residual, second_inputs
 
@@ -123,8 +125,9 @@ def _singleton_rows(schema: TabularSchema, col: np.ndarray, j: int, present: np.
 def peel(model: nn.Module, layers: Layers, loss_fn, names: list[str], target: dict[str, np.ndarray],
          schema: TabularSchema, batch_size: int, n_classes: int, *, labels: list[int] | None, rank_tol: float,
          present_tol: float, act_tol: float, tol: float, layer2_tol: float, g_tol: float, max_half: int,
-         stop_at: int, max_rounds: int = 8) -> Peeled:
-    """Peel rows of categories seen once until ``stop_at`` rows are left or a round finds nothing.
+         stop_at: int, max_rounds: int = 8, deadline: Deadline = NEVER) -> Peeled:
+    """Peel rows of categories seen once until ``stop_at`` rows are left, a round finds nothing or the
+    ``deadline`` passes (the rows peeled so far are returned; each passed its own checks).
 
     ``target``: the summed (not averaged) gradient by parameter name, float64; ``labels``: the
     granted labels (a multiset), or None (every class is tried)."""
@@ -143,7 +146,7 @@ def peel(model: nn.Module, layers: Layers, loss_fn, names: list[str], target: di
     left_labels = None if labels is None else list(labels)
     b_left, rounds = batch_size, 0
     flat = _flat(target, names)
-    while b_left > stop_at and rounds < max_rounds:
+    while b_left > stop_at and rounds < max_rounds and not deadline.expired:
         rounds += 1
         cur = _unflat(flat, target, names)
         dw, db = cur[layers.first_weight], cur[layers.first_bias]
@@ -159,6 +162,8 @@ def peel(model: nn.Module, layers: Layers, loss_fn, names: list[str], target: di
         comp2 = uq[:, sq > 0.5].T
         found: list[tuple[np.ndarray, int]] = []
         for j in np.flatnonzero(present):
+            if deadline.expired:
+                break
             ys = _singleton_rows(schema, raw[:, j], int(j), present, w1, b1, comp2, act_tol=act_tol, tol=tol,
                                  max_half=max_half)
             if not len(ys):
@@ -198,14 +203,12 @@ def peel(model: nn.Module, layers: Layers, loss_fn, names: list[str], target: di
 
 def all_pattern_roots(schema: TabularSchema, present: np.ndarray, w1: np.ndarray, b1: np.ndarray,
                       basis2: np.ndarray, *, starts: int, more_starts: int, tol: float, max_patterns: int,
-                      chunk: int = 4096) -> np.ndarray | None:
+                      chunk: int = 4096, deadline: Deadline = NEVER) -> np.ndarray | None:
     """Every categorical pattern of the present categories, continuous values solved on the second
-    layer (``layer2.gauss_newton_roots`` with every continuous column free, ``starts`` starts per
+    layer (``layer2.two_pass_roots`` with every continuous column free, ``starts`` starts per
     pattern, then ``more_starts`` for the patterns with a root: a pattern shared by k rows has k
     roots): the rows whose second-layer input lies in its gradient's row space, unprojected [n, d];
     None past ``max_patterns``."""
-    from .layer2 import gauss_newton_roots, w_box_starts
-
     d = schema.dim
     mean, scale = np.asarray(schema.mean, float), np.asarray(schema.scale, float)
     ci = schema.continuous_index
@@ -217,25 +220,18 @@ def all_pattern_roots(schema: TabularSchema, present: np.ndarray, w1: np.ndarray
     u = np.zeros((d, len(ci)))
     u[ci, np.arange(len(ci))] = 1.0
     lo, hi = (v.double().numpy()[ci] for v in schema.bounds())
-    out, hit = [], []
-    # pass 1 only finds the patterns with a root when pass 2 (its starts include pass 1's) follows: float32
-    fast = np.float32 if more_starts > starts else np.float64
-    for c0 in range(0, len(idx), chunk):
-        raw = np.zeros((len(idx[c0:c0 + chunk]), d))
-        np.put_along_axis(raw, idx[c0:c0 + chunk], 1.0, axis=1)
-        y0 = (raw - mean) / scale
-        y0[:, ci] = 0.0
-        rows, k = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, starts), tol=tol,
-                                     dtype=fast)
-        if fast is np.float64:
-            out.append(rows)
-        hit.append(y0[np.unique(k)])
-    y0 = np.concatenate(hit)
-    if len(y0) and more_starts > starts:
-        rows, _ = gauss_newton_roots(y0, u, w1, b1, basis2, starts=w_box_starts(y0, u, lo, hi, ci, more_starts),
-                                     tol=tol)
-        out.append(rows)
-    return np.concatenate(out) if out else np.zeros((0, d))
+
+    def patterns():
+        for c0 in range(0, len(idx), chunk):
+            raw = np.zeros((len(idx[c0:c0 + chunk]), d))
+            np.put_along_axis(raw, idx[c0:c0 + chunk], 1.0, axis=1)
+            y0 = (raw - mean) / scale
+            y0[:, ci] = 0.0
+            yield y0
+
+    rows, _ = two_pass_roots(patterns(), u, w1, b1, basis2, lo, hi, ci, starts=starts, more_starts=more_starts,
+                             tol=tol, deadline=deadline, chunk=chunk)
+    return rows
 
 
 def rest_counts(coef: np.ndarray, n_classes: int, *, integer_tol: float, rule: str) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..schema import TabularSchema
+from .budget import NEVER, Deadline
 
 FREE_TOL = 1e-3  # singular value below which a continuous direction counts as inside the span
 
@@ -82,7 +83,7 @@ def _combos(blocks: list[np.ndarray], vecs: list[np.ndarray], dim: int) -> tuple
 
 def enumerate_rows(schema: TabularSchema, span: Span, present: np.ndarray, *, tol: float, free_tol: float = FREE_TOL,
                    max_half: int, max_candidates: int,
-                   accept: Callable[[np.ndarray], np.ndarray] | None = None) -> Candidates:
+                   accept: Callable[[np.ndarray], np.ndarray] | None = None, deadline: Deadline = NEVER) -> Candidates:
     """Every valid row (categories restricted to ``present`` columns) within ``tol`` of the span;
     ``accept`` (least-squares rows [n, d] -> bool mask), when given, filters each chunk as it is found,
     so that ``max_candidates`` counts the accepted rows only."""
@@ -145,6 +146,7 @@ def enumerate_rows(schema: TabularSchema, span: Span, present: np.ndarray, *, to
 
     budget, found, kept = 50 * max_candidates, [], 0
     for s0 in range(0, len(sb), 4096):
+        deadline.check()
         q = -sb[s0:s0 + 4096, :k]
         budget -= int(tree.query_ball_point(q, r=tol, return_length=True).sum())
         if budget < 0:
@@ -158,6 +160,7 @@ def enumerate_rows(schema: TabularSchema, span: Span, present: np.ndarray, *, to
             continue
         pi, pj, res = pi[keep], pj[keep], res[keep]
         for c0 in range(0, len(pi), 65536):  # bounded memory; projection only for accepted rows
+            deadline.check()
             y = build(pi[c0:c0 + 65536], pj[c0:c0 + 65536])
             ok = accept(y) if accept is not None else np.ones(len(y), dtype=bool)
             found.append((project(schema, y[ok]), y[ok], res[c0:c0 + 65536][ok]))
@@ -185,6 +188,7 @@ def free_continuous(schema: TabularSchema, span: Span, *, free_tol: float = FREE
     _, s, vt = np.linalg.svd(span.basis[:, cat].T, full_matrices=True)  # null space of the categorical part
     s = np.concatenate([s, np.zeros(span.rank - len(s))]) if len(s) < span.rank else s
     a = vt[s[:span.rank] < free_tol] if len(s) else vt
+    a = a[max(len(a) - len(ci), 0):]  # at most one per continuous column (noise can tilt more below free_tol)
     u = a @ span.basis  # [f, d]
     u[:, cat] = 0.0
     q, _ = np.linalg.qr(u.T) if len(u) else (np.zeros((d, 0)), None)

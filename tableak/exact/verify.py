@@ -92,8 +92,11 @@ class Fit:
 
 
 def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, torch.Tensor], cands: np.ndarray,
-               n_classes: int, *, batch_size: int, scale: float, integer_tol: float) -> Fit:
-    """Non-negative least squares of the observed gradient on per-example candidate gradients."""
+               n_classes: int, *, batch_size: int, scale: float, integer_tol: float, total: bool = False) -> Fit:
+    """Non-negative least squares of the observed gradient on per-example candidate gradients.
+    ``total``: the counts are also asked to sum to ``batch_size`` (one more equation, weighted like
+    the gradient; under declared noise a row whose gradient is below the noise gets its count from
+    it instead of soaking up noise). The reported residual is the gradient's alone."""
     m64 = copy.deepcopy(model).cpu().double().eval()
     k = len(cands)
     x = torch.as_tensor(np.repeat(cands, n_classes, 0), dtype=torch.float64)
@@ -102,7 +105,11 @@ def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, to
     obs = torch.cat([target[n].double().reshape(-1) for n in names]).numpy() * scale
     norms = np.linalg.norm(gam, axis=0)
     norms[norms == 0] = 1.0
-    coef, _ = nnls(gam / norms, obs, maxiter=50 * gam.shape[1])
+    mat, rhs = gam / norms, obs
+    if total:
+        lam = np.linalg.norm(obs) / batch_size
+        mat, rhs = np.vstack([mat, lam / norms[None]]), np.append(obs, lam * batch_size)
+    coef, _ = nnls(mat, rhs, maxiter=50 * gam.shape[1])
     coef = coef / norms
     resid = float(np.linalg.norm(gam @ coef - obs) / max(np.linalg.norm(obs), 1e-30))
     counts = np.rint(coef).astype(int)
