@@ -99,7 +99,8 @@ def make_kit(modality: str) -> Kit:
 
 
 def check_modality(case: Case, attack: Any) -> None:
-    """The case's kit must build the prior the attack consumes (e.g. no DAGER on a table)."""
+    """The case's kit must build the prior the attack consumes (e.g. no DAGER on a table), and the
+    attack's own ``check_case(case)`` (when it has one) must accept the case's settings."""
     kit = kit_class(case.modality)
     info = attack.info
     if info.prior not in kit.priors:
@@ -107,6 +108,12 @@ def check_modality(case: Case, attack: Any) -> None:
             f"attack {info.name!r} ({info.modality}) cannot run on case {case.name!r} ({case.modality}): it needs a "
             f"{info.prior!r} prior and the {case.modality} kit builds {', '.join(sorted(k for k in kit.priors if k))}; "
             f"pick a {info.modality} case (python -m eval list cases)")
+    check = getattr(attack, "check_case", None)  # settings this case cannot serve, refused before any work
+    if check is not None:
+        try:
+            check(case)
+        except ValueError as e:
+            raise UserError(f"attack {info.name!r} on case {case.name!r}: {e}") from None
 
 
 def check_threat(case: Case, attack: Any) -> None:

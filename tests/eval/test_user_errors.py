@@ -72,6 +72,11 @@ def files(tmp_path):
      "budget_clock='foo': must be one of wall, cpu"),
     (["run", "--attack", "speech-ctc-tts", "--case", "speech/ctc-mel/fedsgd", "--set", "init_tts_voice=foo",
       "--out", "OUT"], "init_tts_voice 'foo': use comma-separated 'engine:name' voices"),
+    # settings the case cannot serve (the attack's check_case), refused before any work instead of a failed trial
+    (["run", "--attack", "speech-ctc-tts", "--case", "speech/kws-mel/fedsgd", "--out", "OUT"],
+     "init_tts_voice renders a granted transcript: it needs a CTC case"),
+    (["run", "--attack", "speech-lbfgs", "--case", "speech/kws-mel/fedsgd", "--set", "refine_first_layer_steps=3",
+      "--out", "OUT"], "refine_first_layer_steps needs a CTC case"),
     # flags the case's kit would ignore
     (["run", *TAB, "--model", "gpt2", "--out", "OUT"], "builds its own model"),
     (["run", "--attack", "speech-li23", "--case", "speech/kws-mel/fedsgd", "--model", "x", "--out", "OUT"],
