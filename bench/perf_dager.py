@@ -12,6 +12,11 @@ same ``time_budget_s`` (``BUDGET_S``); a row whose run timed out says so in ``no
 reconstruction depends on the speed. ``notes`` also says whether the two runs returned the same
 token ids. ``peak_rss_mb`` is the process's peak resident memory so far (``ru_maxrss``), so it is
 cumulative over the rows of one call.
+
+``PERF_DAGER_BASE=<commit>`` replaces the original path by ``DAGER()`` as of that commit (loaded next to
+the working tree's by ``bench/dager_base.py``): the before/after of a change on the same batches, in
+one process. ``PERF_DAGER_SEED`` sets the batch seed (development seeds < 1000; default 0). Rows carry
+``cpu_s`` / ``ratio_cpu`` (process CPU seconds: on a shared machine far steadier than the wall clock).
 """
 from __future__ import annotations
 
@@ -59,16 +64,22 @@ def _setup(case_name: str, b: int, device: str, seed: int = 0) -> tuple[Any, ...
     return kit, case, model, prior, obs, truth
 
 
-def _attack(fast: bool, kit, case, model, prior, obs, truth) -> dict[str, Any]:
+def _attack(fast: bool, kit, case, model, prior, obs, truth, *, base: str = "") -> dict[str, Any]:
     from common.seed import make_generator
     from textleak.attacks.dager import DAGER, DagerConfig
 
-    atk = DAGER(DagerConfig(time_budget_s=BUDGET_S), fast=fast)
-    t = time.perf_counter()
+    if base:
+        from bench.dager_base import load_base
+
+        pkg = load_base(base)
+        atk = pkg.DAGER(pkg.DagerConfig(time_budget_s=BUDGET_S))
+    else:
+        atk = DAGER(DagerConfig(time_budget_s=BUDGET_S), fast=fast)
+    t, c = time.perf_counter(), time.process_time()
     rec = atk.reconstruct(obs, model, prior, generator=make_generator(7))
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     metrics, _ = kit.score(rec, truth, case=case)
-    return {"wall_s": wall, "metric": float(metrics[METRIC]), "ids": rec.extras.get("token_ids"),
+    return {"wall_s": wall, "cpu_s": cpu, "metric": float(metrics[METRIC]), "ids": rec.extras.get("token_ids"),
             "timed_out": bool(rec.stats.get("timed_out", 0.0)), "stats": rec.stats}
 
 
@@ -108,8 +119,12 @@ def measure(*, quick: bool, device: str) -> list[dict]:
     import torch
 
     rows: list[dict] = []
+    base = os.environ.get("PERF_DAGER_BASE", "")
+    seed = int(os.environ.get("PERF_DAGER_SEED", "0"))
+    if seed >= 1000:
+        raise SystemExit("PERF_DAGER_SEED: development seeds (< 1000) only")
     for case_name, b in _settings(quick):
-        setup = _setup(case_name, b, device)
+        setup = _setup(case_name, b, device, seed)
         if device != "cpu":
             _attack(True, *_setup(case_name, 1, device))  # warm-up (kernel loading, cuBLAS): not timed
             new = _attack(True, *setup)
@@ -124,21 +139,23 @@ def measure(*, quick: bool, device: str) -> list[dict]:
                 return rows
             if os.environ.get("PERF_DAGER_OLD") != "1":
                 continue
-        old = _attack(False, *setup)
+        old = _attack(False, *setup, base=base)
         rss_old = _peak_rss_mb()
         new = _attack(True, *setup)
         same = old["ids"] == new["ids"]
-        setting = f"{case_name} B={b} ({device}, {torch.get_num_threads()} threads)"
-        for variant, r, rss in (("original (DAGER(fast=False))", old, rss_old), ("optimised (DAGER())", new, _peak_rss_mb())):
+        setting = f"{case_name} B={b} seed {seed} ({device}, {torch.get_num_threads()} threads)"
+        label = f"DAGER() at {base}" if base else "original (DAGER(fast=False))"
+        for variant, r, rss in ((label, old, rss_old), ("optimised (DAGER())", new, _peak_rss_mb())):
             notes = [f"timed out at {BUDGET_S:.0f} s" if r["timed_out"] else "finished"]
             if r is new:
-                notes.append("same token ids as the original path" if same else "token ids DIFFER from the original path")
+                notes.append(f"same token ids as {label}" if same else f"token ids DIFFER from {label}")
                 notes.append(f"fast_scan={int(r['stats'].get('fast_scan', 0))}")
             rows.append({"attack": "dager", "setting": setting, "variant": variant,
-                         "baseline": "original (DAGER(fast=False)), same process and batch",
+                         "baseline": f"{label}, same process and batch",
                          "wall_s": round(r["wall_s"], 2), "ratio": round(old["wall_s"] / max(r["wall_s"], 1e-9), 2),
+                         "cpu_s": round(r["cpu_s"], 2), "ratio_cpu": round(old["cpu_s"] / max(r["cpu_s"], 1e-9), 2),
                          "peak_rss_mb": round(rss, 1), "metric_name": METRIC, "metric": round(r["metric"], 4),
-                         "notes": "; ".join(notes)})
+                         "device": device, "notes": "; ".join(notes)})
     return rows
 
 
@@ -152,10 +169,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    keys = ["setting", "variant", "wall_s", "ratio", "peak_rss_mb", "metric_name", "metric", "notes"]
+    keys = ["setting", "variant", "wall_s", "ratio", "cpu_s", "ratio_cpu", "peak_rss_mb", "metric_name", "metric", "notes"]
     print(" | ".join(keys))
     for row in measure(quick=args.quick, device=args.device):
-        print(" | ".join(str(row[k]) for k in keys))
+        print(" | ".join(str(row.get(k)) for k in keys))
 
 
 if __name__ == "__main__":

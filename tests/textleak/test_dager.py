@@ -549,6 +549,28 @@ def test_batched_last_token_terms_equal_one_backward_per_candidate():
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_packed_last_token_residual_equals_padded_batch(name):
+    """The completion's residual on packed rows (block-diagonal mask, per-sentence positions) equals
+    the right-padded batch's: the update less the known terms, the last hidden states, the denominator."""
+    from textleak.attacks.dager import last_token
+
+    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 6)
+    model.eval()
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    sents = [ids[i, :int(mask[i].sum()) - 1].tolist() for i in range(ids.shape[0])]
+    sents = [x[:k] for x, k in zip(sents, (11, 3, 7, 4, 9, 2))]  # (prefixes of varied lengths: rows to pack)
+    rows = {r for r, _ in last_token._pack(sents, torch.device("cpu"), torch.float32, packed=True)[3]}
+    assert len(rows) < len(sents)  # some row holds two sentences
+    out = model.get_output_embeddings()
+    key = next(n for n, p in model.named_parameters() if p is out.weight)
+    got, want = (last_token._residual(obs, model, out, obs.tensors[key], sents, True, packed=pk) for pk in (True, False))
+    assert torch.allclose(got[0], want[0], rtol=1e-4, atol=1e-5 * float(want[0].abs().max()))
+    assert float((got[0] - obs.tensors[key].double()).abs().max()) > 1e-3 * float(want[0].abs().max())  # not a no-op
+    assert torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-5 * float(want[1].abs().max()))
+    assert got[2] == want[2]
+
+
 # -- past the exact regime (issue 20): ranked search, certified flags -------------------------------
 def test_rank_limit_returns_best_effort_sentences_not_certified():
     """~81 tokens in width 64 (the refused case above): the default ``rank_limit="best_effort"``

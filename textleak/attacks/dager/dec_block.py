@@ -144,9 +144,8 @@ class ComplementDistance:
 
     def __init__(self, basis: Tensor) -> None:
         d, r = basis.shape
-        b = basis.double().cpu()
-        u, s, _ = torch.linalg.svd(torch.eye(d, dtype=torch.float64) - b @ b.t())
-        self.comp = u[:, : d - r].contiguous()
+        q, _ = torch.linalg.qr(basis.double().cpu(), mode="complete")  # the last d - r columns span
+        self.comp = q[:, r:].contiguous()  # the complement (as the leading singular vectors of I - B B^T did)
         self.comp32 = self.comp.float()
 
     def __call__(self, y: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ Terms = dict[int, Tensor]  # row of the output-embedding update -> the term's co
 def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
                   batched: bool = True) -> list[list[int]]:
     """Append the last token to every sentence (unchanged when the output embedding's update is
-    not observed). ``batched``: the candidates' input-side terms in one backward per sentence."""
+    not observed). ``batched``: the candidates' input-side terms in one backward per sentence, and
+    the residual's forward and backward on packed rows (``_residual``)."""
     out_emb = getattr(model, "get_output_embeddings", lambda: None)()
     if out_emb is None or not hasattr(out_emb, "weight"):
         return sents
@@ -37,19 +38,20 @@ def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
         return sents
     dev = model_device(model)
     exact = obs.kind == "gradient" and w.requires_grad
-    g, hs, denom = _residual(obs, model, out_emb, obs.tensors[name], sents, exact)
-    gn = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    g, v, denom = _residual(obs, model, out_emb, obs.tensors[name], sents, exact, packed=batched)
+    row_norm = g.norm(dim=1)  # (once: [V, d] in float64)
     k = LAST_TOKEN_CANDIDATES
-    by_norm = g.norm(dim=1).topk(min(k, g.shape[0])).indices.tolist()  # the residual's heaviest rows
+    by_norm = row_norm.topk(min(k, g.shape[0])).indices.tolist()  # the residual's heaviest rows
+    r_norm = float(row_norm.pow(2).sum().sqrt())
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    near = (-(g @ v.t()) / row_norm.clamp_min(1e-30).unsqueeze(1)).topk(min(k, g.shape[0]), dim=0).indices
     cands: list[list[int]] = []
     terms: list[list[Terms]] = []
     for i, s in enumerate(sents):
-        v = hs[i, len(s) - 1]
-        v = v / v.norm().clamp_min(1e-30)
-        cand = (-(gn @ v)).topk(min(k, gn.shape[0])).indices.tolist()
+        cand = near[:, i].tolist()  # the rows most anti-aligned with the final hidden state
         cand = cand + [c for c in by_norm if c not in cand]
         if exact and len(cand) > 1:
-            cand, rows = _rank_last(model, w, s, cand, g, dev, batched=batched)
+            cand, rows = _rank_last(model, w, s, cand, g, dev, batched=batched, r_norm=r_norm)
             terms.append([{r: t / (denom * len(s)) for r, t in rr.items()} for rr in rows])
         cands.append(cand)
     if not exact or not terms:
@@ -59,36 +61,41 @@ def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
 
 
 def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Tensor, sents: list[list[int]],
-              exact: bool) -> tuple[Tensor, Tensor, float]:
+              exact: bool, *, packed: bool = True) -> tuple[Tensor, Tensor, float]:
     """The output-embedding update [V, d] (float64) less what the recovered prefixes explain (when
-    ``exact``: a FedSGD gradient with a trainable output layer), the hidden states [n, m, d] at the
-    output layer's input, and the loss denominator."""
+    ``exact``: a FedSGD gradient with a trainable output layer), the hidden states [n, d] at the
+    output layer's input at each sentence's last position, and the loss denominator.
+
+    ``packed``: the sentences sit end to end in rows as long as the longest one (first fit, longest
+    first) with a block-diagonal causal mask and per-sentence positions, so each sees only itself as
+    alone in a row (the same values up to float32 round-off) and the forward, the logits and the
+    backward skip the padding of a right-padded batch (about half its positions at B=16); else the
+    right-padded batch (the original)."""
     w = out_emb.weight
     g = update.detach().to(torch.float64).cpu()  # [V, d]
     dev = model_device(model)
     n = len(sents)
-    m = max(len(s) for s in sents)
-    ids = torch.zeros(n, m, dtype=torch.long)
-    mask = torch.zeros(n, m, dtype=torch.long)
-    for i, s in enumerate(sents):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
+    ids, pos, mask, where = _pack(sents, dev, next(model.parameters()).dtype, packed=packed)
+    lens = torch.tensor([len(s) for s in sents], device=dev)
+    rows = torch.tensor([r for r, _ in where], device=dev)
+    offs = torch.tensor([o for _, o in where], device=dev)
     hid: list[Tensor] = []
 
     def hook(_m, args):
         hid.append(args[0])
 
     h = out_emb.register_forward_pre_hook(hook)
+    inputs = {"input_ids": ids, "attention_mask": mask} | ({"position_ids": pos} if packed else {})
     try:
         if exact:
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            lp = logits.log_softmax(-1)
-            lens = mask.sum(1)
-            tgt = lp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [n, m-1]
-            known = (mask[:, 1:] > 0).to(lp.dtype)
-            loss_b = -(tgt * known).sum(1)  # known targets
-            last = logits[torch.arange(n), lens - 1].logsumexp(-1)  # softmax term of the last position
+            logits = model(**inputs).logits.float()
+            # predicting positions with a known target: sentence i's offsets o .. o + len - 2
+            per = torch.repeat_interleave(torch.arange(n, device=dev), lens - 1)
+            col = offs[per] + torch.cat([torch.arange(int(k) - 1, device=dev) for k in lens])
+            lp = logits[rows[per], col].log_softmax(-1)  # [N, V]
+            tgt = lp.gather(-1, ids[rows[per], col + 1].unsqueeze(-1)).squeeze(-1)
+            loss_b = torch.zeros(n, dtype=lp.dtype, device=dev).index_add(0, per, -tgt)  # known targets
+            last = logits[rows, offs + lens - 1].logsumexp(-1)  # softmax term of the last position
             loss_b = (loss_b + last) / lens.to(lp.dtype)  # the true sentence has len+1 tokens -> len targets
             proto = obs.protocol
             denom = float(obs.num_examples or n) if (proto is None or proto.loss_reduction == "mean") else 1.0
@@ -97,14 +104,46 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
         else:
             denom = 1.0
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask)
+                model(**inputs)
     finally:
         h.remove()
-    return g, hid[0].detach().to(torch.float64).cpu(), denom
+    return g, hid[0][rows, offs + lens - 1].detach().to(torch.float64).cpu(), denom
+
+
+def _pack(sents: list[list[int]], dev: torch.device, dtype: torch.dtype, *,
+          packed: bool) -> tuple[Tensor, Tensor, Tensor, list[tuple[int, int]]]:
+    """Token ids and positions [R, T], the attention mask ([R, 1, T, T] additive when ``packed``, else
+    the [n, T] padding mask of one sentence per row) and each sentence's (row, offset)."""
+    cap = max(len(s) for s in sents)
+    if not packed:
+        ids = torch.zeros(len(sents), cap, dtype=torch.long)
+        mask = torch.zeros(len(sents), cap, dtype=torch.long)
+        for i, s in enumerate(sents):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        return ids.to(dev), ids.to(dev), mask.to(dev), [(i, 0) for i in range(len(sents))]
+    fill: list[int] = []
+    where = [(0, 0)] * len(sents)
+    for i in sorted(range(len(sents)), key=lambda i: -len(sents[i])):
+        r = next((r for r, f in enumerate(fill) if f + len(sents[i]) <= cap), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        where[i] = (r, fill[r])
+        fill[r] += len(sents[i])
+    ids = torch.zeros(len(fill), cap, dtype=torch.long)
+    pos = torch.zeros(len(fill), cap, dtype=torch.long)
+    allow = torch.eye(cap, dtype=torch.bool).repeat(len(fill), 1, 1)  # padding sees itself
+    for s, (r, o) in zip(sents, where):
+        k = len(s)
+        ids[r, o:o + k] = torch.tensor(s)
+        pos[r, o:o + k] = torch.arange(k)
+        allow[r, o:o + k, o:o + k] = torch.tril(torch.ones(k, k, dtype=torch.bool))
+    mask = torch.zeros(allow.shape, dtype=dtype).masked_fill_(~allow, torch.finfo(dtype).min).unsqueeze(1)
+    return ids.to(dev), pos.to(dev), mask.to(dev), where
 
 
 def _rank_last(model: nn.Module, w: Tensor, s: list[int], cand: list[int], resid: Tensor,
-               dev: torch.device, *, batched: bool = True) -> tuple[list[int], list[Terms]]:
+               dev: torch.device, *, batched: bool = True, r_norm: float | None = None) -> tuple[list[int], list[Terms]]:
     """Order candidate last tokens by how well their exact gradient term explains the residual.
 
     The term of target ``y`` in the update of ``w`` is ``-d logit_y / d w``: ``-h`` in row ``y``
@@ -134,7 +173,7 @@ def _rank_last(model: nn.Module, w: Tensor, s: list[int], cand: list[int], resid
         hnd.remove()
     h = store[0][0, -1]
     h64 = h.detach().to(torch.float64).cpu()
-    r_norm = float(resid.norm())
+    r_norm = float(resid.norm()) if r_norm is None else r_norm
     scores, terms = [], []
     ges = _input_terms(h, e, w, cand, batched) if tied else None
     for j, y in enumerate(cand):
