@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from statistics import fmean, stdev
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from common.metrics import higher_is_better
 
@@ -125,11 +125,20 @@ def tables(rows: Sequence[Row], primary: str | None = None) -> list[tuple[dict, 
     for r in rows:
         by.setdefault(r.setting, []).append(r)
     out = []
-    for setting in sorted(by, key=lambda s: (json.loads(s)["name"], json.loads(s)["protocol"]["batch_size"], s)):
+    for setting in sorted(by, key=lambda s: (json.loads(s)["name"], json.loads(s)["protocol"]["batch_size"],
+                                             _defense_order(json.loads(s)), s)):
         rs = by[setting]
         p = primary if primary is not None else default_primary(rs)
         out.append((rs[0].case, _sort_rows(rs, p), p))
     return out
+
+
+def _defense_order(case: dict) -> list:
+    """Sort key of a case's defenses: by name, then numeric parameters by value (sigma 1e-6 before 1e-4)."""
+    def value(v: Any) -> tuple:
+        return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+    return [(str(d.get("name", "")), [(k, value(v)) for k, v in sorted(d.items()) if k != "name"])
+            for d in case.get("defenses", [])]
 
 
 def _fmt(v: tuple[float, float, float] | None) -> str:

@@ -198,3 +198,14 @@ def test_same_batch_with_another_output_option_counts_once():
     (row,) = aggregate([a, b, c, d])
     assert row.n_ok == 3
     assert abs(row.metrics["accuracy"][0] - (0.7 + 0.9 + 0.1) / 3) < 1e-12
+
+
+def test_defense_settings_ordered_by_value_not_text():
+    """sigma 1e-6 < 1e-5 < 1e-4 < 1e-3: a string sort puts 0.0001 first and 1e-06 last."""
+    from eval.leaderboard import tables
+
+    sigmas = [1e-3, 1e-6, 1e-4, 1e-5]
+    rs = [rec(0, 8, "tableak", 0.5, defenses=[{"name": "gaussian", "sigma": s}]) for s in sigmas]
+    rs.append(rec(0, 8, "tableak", 0.9))
+    order = [[d["sigma"] for d in c["defenses"]] for c, _, _ in tables(aggregate(rs))]
+    assert order == [[], [1e-6], [1e-5], [1e-4], [1e-3]]
