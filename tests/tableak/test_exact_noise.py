@@ -25,7 +25,7 @@ def test_time_budget_falls_back_to_tableak(adult):
     ref = TabLeak(TabLeakConfig(iterations=30, ensemble=2)).reconstruct(obs, model, prior, generator=make_generator(5))
     assert rec.stats["exact_timeout"] == 1.0 and rec.stats["fallback"] == 1.0
     assert not any(rec.extras["certified"]) and rec.extras["status"] == "tableak"
-    assert rec.stats["exact_s"] < 1.0
+    assert "layer1_candidates" not in rec.stats  # stopped before the span enumeration (not a timed assertion)
     torch.testing.assert_close(rec.data, ref.data)
 
 
