@@ -62,7 +62,8 @@ def _random_minilm(generator):
 
 def _setup(device: str):
     """``PERF_LAMP_RANDOM_MINILM=1``: MiniLM's architecture with random weights; ``PERF_LAMP_LM=NAME``:
-    the LM prior (case option ``lm_prior``, e.g. ``gpt2``: GPT-2-small's configuration, random)."""
+    the LM prior (case option ``lm_prior``, e.g. ``gpt2``: GPT-2-small's configuration, random);
+    ``PERF_LAMP_DATA_SEED=S`` (default 1, development seeds < 1000): the sentence (data seed S, client seed S + 1)."""
     import torch
 
     from common.seed import make_generator
@@ -82,7 +83,8 @@ def _setup(device: str):
         model = kit.load_model(case, device=dev, generator=make_generator(0))
     pool = kit.load_pool(case, data_path=None)
     t = simulate(case, kit, model=model, pool=pool, prior_kind="text", device=dev, keep_batch=True,
-                 data_generator=make_generator(1), client_generator=make_generator(2))
+                 data_generator=make_generator(int(os.environ.get("PERF_LAMP_DATA_SEED", "1"))),
+                 client_generator=make_generator(int(os.environ.get("PERF_LAMP_DATA_SEED", "1")) + 1))
     cat = catalog()
 
     def preset(name: str):

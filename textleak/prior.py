@@ -61,8 +61,9 @@ class LMPrior:
             ce = nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
         else:
             hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-            ce = _streamed_ce(hidden.reshape(-1, hidden.shape[-1]), tgt.reshape(-1), rows,
-                              self.model.lm_head.emb.num_embeddings).view_as(m)
+            keep = m.bool()  # padding positions never reach the head
+            ce = torch.zeros_like(m)
+            ce[keep] = _streamed_ce(hidden[keep], tgt[keep], rows, self.model.lm_head.emb.num_embeddings)
         return ((ce * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
 
 
