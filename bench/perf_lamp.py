@@ -263,6 +263,8 @@ def worker(name: str, quick: bool, device: str) -> dict:
         from eval.pipeline import score
         if name == "qlm-old":
             _eager_lm(prior)
+        else:
+            prior.lm()  # loaded outside the timing, as the old one
         cfg = replace(preset("lamp-cos"), n_steps=80, init_candidates=16, init_permutations=16, swap_every=20,
                       swap_candidates=32)
         t0 = time.perf_counter()
