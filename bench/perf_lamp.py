@@ -62,7 +62,8 @@ def _random_minilm(generator):
 
 def _setup(device: str):
     """``PERF_LAMP_RANDOM_MINILM=1``: MiniLM's architecture with random weights; ``PERF_LAMP_LM=NAME``:
-    the LM prior (case option ``lm_prior``, e.g. ``gpt2``: GPT-2-small's configuration, random)."""
+    the LM prior (case option ``lm_prior``, e.g. ``gpt2``: GPT-2-small's configuration, random);
+    ``PERF_LAMP_DATA_SEED=S`` (default 1, development seeds < 1000): the sentence (data seed S, client seed S + 1)."""
     import torch
 
     from common.seed import make_generator
@@ -82,7 +83,8 @@ def _setup(device: str):
         model = kit.load_model(case, device=dev, generator=make_generator(0))
     pool = kit.load_pool(case, data_path=None)
     t = simulate(case, kit, model=model, pool=pool, prior_kind="text", device=dev, keep_batch=True,
-                 data_generator=make_generator(1), client_generator=make_generator(2))
+                 data_generator=make_generator(int(os.environ.get("PERF_LAMP_DATA_SEED", "1"))),
+                 client_generator=make_generator(int(os.environ.get("PERF_LAMP_DATA_SEED", "1")) + 1))
     cat = catalog()
 
     def preset(name: str):
@@ -142,6 +144,19 @@ def _floor_fn(s, model, x0, device: str):
         d.backward(inputs=[x])
         _sync(device)
     return floor
+
+
+def _eager_lm(prior):
+    """The previous LM prior (transformers' float32 load of the GGUF, full logits) installed on ``prior``."""
+    from common.seed import make_generator
+    from textleak.models import load_text_model, smollm2_tokenizer
+    from textleak.prior import LMPrior
+
+    m = load_text_model("smollm2", generator=make_generator(0))
+    for p in m.parameters():
+        p.requires_grad_(False)
+    prior._lm = LMPrior(m, smollm2_tokenizer())
+    return prior._lm
 
 
 def worker(name: str, quick: bool, device: str) -> dict:
@@ -229,6 +244,35 @@ def worker(name: str, quick: bool, device: str) -> dict:
         out.update({f"{k}_s": v for k, v in med.items()}, samples=ts, load=os.getloadavg())
         total = 2000 * med["step"] + 1000 * med["init"] + 24 * med["round"]
         out.update(projected_s=total, projected_ratio=total / (2000 * med["floor"]))
+    elif name in ("lm-new", "lm-old"):  # the LM prior alone: load, then the distinct texts of one discrete round
+        import numpy as np
+        s = TextSearch(preset("lamp-cos"), obs, model, prior, make_generator(3))
+        t0 = time.perf_counter()
+        lm = _eager_lm(prior) if name == "lm-old" else prior.lm()
+        out["load_s"] = time.perf_counter() - t0
+        texts: list[str] = []
+        inner = s.nll
+        s.nll = lambda ts: (texts.extend(ts), inner(ts))[1]
+        s.rng = np.random.default_rng(11)
+        s.discrete_step(x0)
+        todo = sorted(set(texts))
+        vals = []
+        out["nll_s"] = _timed(lambda: vals.append(lm.nll(todo)), 1 if quick else 3, warm=1)
+        out.update(n_texts=len(todo), nll=vals[-1].tolist())
+    elif name in ("qlm-new", "qlm-old"):  # a short attack with the LM prior on, packed vs eager LM, same seeds
+        from eval.pipeline import score
+        if name == "qlm-old":
+            _eager_lm(prior)
+        else:
+            prior.lm()  # loaded outside the timing, as the old one
+        cfg = replace(preset("lamp-cos"), n_steps=80, init_candidates=16, init_permutations=16, swap_every=20,
+                      swap_candidates=32)
+        t0 = time.perf_counter()
+        rec = TextSearch(cfg, obs, model, prior, make_generator(3)).run()
+        out["attack_s"] = time.perf_counter() - t0
+        m, _ = score(kit, rec, truth, case=case)
+        out.update(rouge1=float(m["rouge1"]), rouge2=float(m["rouge2"]), text=rec.data[0], n_steps=cfg.n_steps,
+                   best_loss=float(rec.stats["best_loss"]))
     elif name.startswith("quality-"):
         from eval.pipeline import score
         cfg = replace(preset("lamp-cos"), ghost=name.endswith("-new"))
@@ -346,12 +390,51 @@ def measure_device(*, quick: bool, device: str, threads: int) -> list[dict]:
     return rows
 
 
+def measure_lean(*, quick: bool, device: str, threads: int = 1) -> list[dict]:
+    """``PERF_LAMP_SET=lean``: the rows that need no old vmap path: the continuous steps against the
+    floor, the 2,000-step projection from one process (with the packed LM prior; peak RSS of the
+    whole process), the LM prior packed vs the previous float32 load (one round's distinct texts:
+    time, peak RSS, largest NLL difference) and a short attack with each LM prior on the same seeds."""
+    w = {n: _run_worker(n, quick=quick, device=device, threads=threads)
+         for n in ("steps", "project", "lm-new", "lm-old", "qlm-new", "qlm-old")}
+    st, pj = w["steps"], w["project"]
+    dev = f"{device}, {threads} thread(s), L={st['seq_len']} tokens; {_model_note()}"
+    fl = st["floor_s"]
+    rows = [_row("floor", f"{CASE} one step", "forward + double backward", "-", fl, 1.0, st["peak_rss_mb"],
+                 notes=f"{dev}; steps interleaved, medians")]
+    for attack in ("lamp-cos", "tag"):
+        rows.append(_row(attack, f"{CASE} continuous step", "ghost step", "floor", st[f"{attack}_s"],
+                         st[f"{attack}_s"] / fl, st["peak_rss_mb"], notes=f"{dev}; same process as the floor"))
+    rows.append(_row("lamp-cos", f"{CASE} 2000 steps (projected in one process, interleaved: step, 200-candidate "
+                     "round with the LM prior, init scoring)", "packed LM prior", "2000 floor steps", pj["projected_s"],
+                     pj["projected_ratio"], pj["peak_rss_mb"],
+                     notes=f"{dev}; floor {pj['floor_s']:.3f} s, step {pj['step_s']:.3f} s, round {pj['round_s']:.1f} s, "
+                           f"init {pj['init_s']:.3f} s per candidate (medians); LM load {pj['lm_load_s']:.0f} s "
+                           f"(not counted); load {pj['load']}"))
+    new, old = w["lm-new"], w["lm-old"]
+    diff = max(abs(a - b) for a, b in zip(new["nll"], old["nll"]))
+    same = min(range(len(new["nll"])), key=new["nll"].__getitem__) == min(range(len(old["nll"])), key=old["nll"].__getitem__)
+    for variant, r in (("packed GGUF blocks, streamed head", new), ("old: float32 load, full logits", old)):
+        rows.append(_row("lamp-cos", f"{CASE} LM prior: {r['n_texts']} distinct texts of one round", variant,
+                         "old", r["nll_s"], r["nll_s"] / old["nll_s"], r["peak_rss_mb"], "max |NLL new - old| (nats)",
+                         diff, f"{dev}; LM load {r['load_s']:.0f} s; same best text: {same}"))
+    qn, qo = w["qlm-new"], w["qlm-old"]
+    for variant, q in (("packed LM prior", qn), ("old LM prior (float32 load)", qo)):
+        rows.append(_row("lamp-cos", f"{CASE} short attack ({q['n_steps']} steps, LM prior on)", variant, "-",
+                         q["attack_s"], None, q["peak_rss_mb"], "rouge1", q["rouge1"],
+                         f"{dev}; rouge2 {q['rouge2']:.3f}; best loss {q['best_loss']:.5f}; "
+                         f"same text as old: {qn['text'] == qo['text']}"))
+    return rows
+
+
 def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -> list[dict]:
     """All rows of this benchmark (see the module docstring); ``threads``: torch threads per worker;
     ``full`` adds the paper's 2,000-step lamp-cos run on the sentence (minutes to tens of minutes).
     On an accelerator, :func:`measure_device` (device next to the CPU)."""
     if device != "cpu":
         return measure_device(quick=quick, device=device, threads=int(os.environ.get("PERF_LAMP_THREADS", threads)))
+    if os.environ.get("PERF_LAMP_SET") == "lean":
+        return measure_lean(quick=quick, device=device, threads=threads)
     w = {n: _run_worker(n, quick=quick, device=device, threads=threads) for n in (
         "steps", "init-new", "init-old", "swap-new", "swap-old", "round-new",
         "round-old", "round-bf16", "project", "quality-new", "quality-old")}

@@ -22,7 +22,10 @@ Deviations:
   exclude only BERT's special/unused ids, which we also always exclude.
 * LM prior: LAMP used a GPT-2 trained on wikitext-103 sharing BERT's vocabulary, fed BERT ids. We
   score the *decoded text* with any causal LM and its own tokenizer (default SmolLM2-135M, case
-  option ``lm_prior``); the LM term is the mean per-sentence NLL over the batch.
+  option ``lm_prior``); the LM term is the mean per-sentence NLL over the batch. SmolLM2 stays in its GGUF
+  blocks on the CPU, de-quantised per layer (bit-equal weights; :mod:`textleak.components.gguf_lm`), and its
+  log-softmax is streamed over the vocabulary (NLLs within 2e-4 nats of the full-logits float32 path, closer
+  to float64); with B = 1 the current text is scored in its candidates' batch (one LM forward per round).
 * ``init_size=1.4`` is LAMP's value for BERT; ``None`` uses the mean norm of the allowed embeddings
   (for non-BERT models). The regulariser averages the norm over body tokens (LAMP: all positions).
 * Candidates (init and discrete) are scored in batches, not one forward each. For ``cos``/``l2``

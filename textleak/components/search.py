@@ -276,7 +276,8 @@ class TextSearch:
         total = {} if alone else {k: sum(g[k] for g in grads) for k in grads[0]}
         use_lm = cfg.coeff_perplexity > 0
         texts = self.texts(ids)
-        nlls = self.nll(texts) if use_lm else torch.zeros(self.B)
+        # the other sentences' NLLs (B > 1); with B = 1 the current text is scored with its candidates (the identity)
+        nlls = self.nll(texts) if use_lm and self.B > 1 else torch.zeros(self.B)
         changed = 0
         for b, n in enumerate(self.lens):
             nb = n - self.pre - self.suf
