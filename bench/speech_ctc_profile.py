@@ -161,15 +161,12 @@ def lbfgs_rows(trial: int, iterations: int) -> list[str]:
 # -- diagnostic: how much of the input the first layer's gradient fixes once its output error is known ----
 def _conv1_error(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """δ = ∂ctc/∂(conv1 output) at input x (the error the first layer's weight gradient pairs with its input patches)."""
+    from speechleak.ctc import output_error
     from speechleak.kit import ctc_loss
 
-    box = {}
-    hook = model.conv1.register_forward_hook(lambda m, i, o: box.__setitem__("z", o))
-    try:
-        loss = ctc_loss(model, Batch({"feats": x, "target_lengths": (labels != 0).sum(-1)}, labels)).sum()
-    finally:
-        hook.remove()
-    return torch.autograd.grad(loss, box["z"])[0].detach()
+    tl = (labels != 0).sum(-1)
+    return output_error(model.conv1, lambda xx: ctc_loss(model, Batch({"feats": xx, "target_lengths": tl}, labels)).sum(),
+                        x).detach()
 
 
 def solve_first_layer(model, weight_grad: torch.Tensor, delta: torch.Tensor, x0: torch.Tensor, *,

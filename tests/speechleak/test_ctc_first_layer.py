@@ -8,7 +8,7 @@ import torch
 from common.functional import trainable_params
 from common.types import Batch
 from speechleak.attack import SpeechGradientInversion, SpeechInversionConfig
-from speechleak.ctc import first_layer_refine, patch_operator, speech_block
+from speechleak.ctc import first_layer_refine, output_error, patch_operator, speech_block
 from speechleak.kit import ctc_loss
 
 TEXT = "go on now and then come back"
@@ -19,13 +19,9 @@ def _cos(a, b):
 
 
 def _conv1_error(model, x, labels):
-    box = {}
-    hook = model.conv1.register_forward_hook(lambda m, i, o: box.__setitem__("z", o))
-    try:
-        loss = ctc_loss(model, Batch({"feats": x, "target_lengths": (labels != 0).sum(-1)}, labels)).sum()
-    finally:
-        hook.remove()
-    return torch.autograd.grad(loss, box["z"])[0].detach()
+    tl = (labels != 0).sum(-1)
+    return output_error(model.conv1, lambda xx: ctc_loss(model, Batch({"feats": xx, "target_lengths": tl}, labels)).sum(),
+                        x).detach()
 
 
 @pytest.fixture(scope="module")
