@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from common.attack import AttackInfo
-from common.functional import trainable_params
 from common.threat import Capability
 from common.types import Observation, Reconstruction
 
@@ -21,8 +20,9 @@ from .budget import NEVER, Deadline, OutOfTime
 from .fallback import fallback
 from .layer2 import noise_slack, two_pass_roots
 from .span import FREE_TOL, enumerate_rows, free_continuous, merge_near, project, row_span, unique_rows
-from .stages import PeelStages, certifies, gaussian_sigma, noise_model
-from .verify import find_layers, fit_counts, layer2_residual, second_inputs, unit_resolution
+from .stages import PeelStages, certifies, gaussian_sigma, labels_match, noise_model
+from .verify import (find_layers, fit_counts, layer2_residual, observed_names, second_inputs, sum_scale,
+                     unit_resolution)
 
 CITATION = ("Exact tabular row recovery from the first-layer gradient span (this suite, issue 19), after "
             "Dimitrov, Balunović, Konstantinov, Vechev. SPEAR: Exact Gradient Inversion of Batches in Federated "
@@ -223,17 +223,14 @@ class TabularExact(PeelStages):
         partial = rows[strict] if (sound and layer2 and not sigma and len(rows) <= b) else empty
         if not sound or len(rows) == 0 or len(rows) > cfg.max_fit:
             return None, partial, None
-        params = trainable_params(model)
-        names = [k for k in tensors if k in params]
-        reduction = obs.protocol.loss_reduction if obs.protocol else "mean"
+        names, scale = observed_names(obs, model), sum_scale(obs, b)
         n_cls = len(schema.classes)
         fit = fit_counts(model, prior.loss_fn, names, dict(tensors), rows, n_cls, batch_size=b,
-                         scale=float(b) if reduction == "mean" else 1.0, integer_tol=cfg.integer_tol,
-                         total=bool(sigma))
+                         scale=scale, integer_tol=cfg.integer_tol, total=bool(sigma))
         n_params = sum(int(tensors[k].numel()) for k in names)
-        obs_norm = float(torch.sqrt(sum((tensors[k].double() ** 2).sum() for k in names))) * (b if reduction == "mean" else 1)
-        tol_fit = cfg.fit_tol + (cfg.noise_factor * sigma * math.sqrt(n_params) * (b if reduction == "mean" else 1)
-                                 / max(obs_norm, 1e-30) if sigma else 0)
+        obs_norm = float(torch.sqrt(sum((tensors[k].double() ** 2).sum() for k in names))) * scale
+        tol_fit = cfg.fit_tol + (cfg.noise_factor * sigma * math.sqrt(n_params) * scale / max(obs_norm, 1e-30)
+                                 if sigma else 0)
         stats.update(fit_residual=fit.rel_residual, fit_integral=float(fit.integral), fit_full_rank=float(fit.full_rank),
                      fit_tol=tol_fit, fit_total=float(fit.total))
         labels = None if obs.labels is None else [int(v) for v in obs.labels.tolist()]
@@ -244,7 +241,7 @@ class TabularExact(PeelStages):
         # under noise the roots' continuous values are a little off: re-read them from the first layer; else
         # a decomposition into B rows (with the granted labels) is the best effort (``fallback.py``)
         ref = self._refine(obs, model, prior, names, fit, rows, b, labels, tol_fit, stats, total=True)
-        ok = fit.total == b and len(fit.rows) == b and (labels is None or sorted(fit.labels.tolist()) == sorted(labels))
+        ok = fit.total == b and len(fit.rows) == b and labels_match(fit, labels)
         return ref, partial, (fit if ref is None and ok else None)
 
     # -- main -----------------------------------------------------------------------------
@@ -275,11 +272,9 @@ class TabularExact(PeelStages):
             ints = [(j, 1.0 / schema.scale[j]) for (f, sl), j in zip(schema.continuous, schema.continuous_index)
                     if f.integer]
             if ints and cfg.resolution and not deadline.expired:
-                names = [k for k in obs.tensors if k in trainable_params(model)]
-                red = obs.protocol.loss_reduction if obs.protocol else "mean"
-                res = unit_resolution(model, prior.loss_fn, names, dict(obs.tensors), fit.rows, fit.labels,
-                                      np.array([st for _, st in ints]), np.array([j for j, _ in ints]),
-                                      scale=float(b) if red == "mean" else 1.0)
+                res = unit_resolution(model, prior.loss_fn, observed_names(obs, model), dict(obs.tensors), fit.rows,
+                                      fit.labels, np.array([st for _, st in ints]), np.array([j for j, _ in ints]),
+                                      scale=sum_scale(obs, b))
                 stats["unit_resolved"] = float(res.mean())
             labels = torch.as_tensor(fit.labels, dtype=torch.long)  # per row; equal to granted ones as a multiset
             rec = Reconstruction(data=torch.as_tensor(fit.rows, dtype=torch.float32), labels=labels, stats=stats,

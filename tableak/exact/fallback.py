@@ -15,22 +15,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.functional import trainable_params
 from common.matching import assignment
 from common.types import Observation, Reconstruction
 
 from ..attack import TabLeak, TabLeakConfig
 from ..prior import TabularPrior
 from .span import unique_rows
-from .verify import Fit, fit_counts
+from .verify import Fit, fit_counts, observed_names, sum_scale
 
 
 def _residual(obs: Observation, model: nn.Module, prior: TabularPrior, rows: np.ndarray, b: int) -> float:
-    names = [k for k in obs.tensors if k in trainable_params(model)]
-    red = obs.protocol.loss_reduction if obs.protocol else "mean"
-    fit = fit_counts(model, prior.loss_fn, names, dict(obs.tensors), unique_rows(prior.schema, rows),
-                     len(prior.schema.classes), batch_size=b, scale=float(b) if red == "mean" else 1.0,
-                     integer_tol=0.5, total=True)
+    fit = fit_counts(model, prior.loss_fn, observed_names(obs, model), dict(obs.tensors), unique_rows(prior.schema, rows),
+                     len(prior.schema.classes), batch_size=b, scale=sum_scale(obs, b), integer_tol=0.5, total=True)
     return fit.rel_residual
 
 

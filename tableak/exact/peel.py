@@ -35,7 +35,7 @@ from ..schema import TabularSchema
 from .budget import NEVER, Deadline
 from .layer2 import two_pass_roots
 from .span import _balanced_halves, _combos, project, row_span
-from .verify import Layers, _per_example, layer2_residual, second_inputs
+from .verify import Layers, _per_example, layer2_residual, second_inputs, sum_scale
 
 
 @dataclass
@@ -256,7 +256,7 @@ def rest_batch(obs, names: list[str], p: Peeled, whole: np.ndarray, counts: np.n
     update: averaged over ``rest`` under mean reduction, with the granted labels less theirs."""
     t = obs.tensors
     vec = np.concatenate([p.target[k].reshape(-1) for k in names]) - whole
-    div = rest if (obs.protocol.loss_reduction if obs.protocol else "mean") == "mean" else 1
+    div = sum_scale(obs, rest)
     sub, o = {}, 0
     for k in names:
         sub[k] = torch.as_tensor(vec[o:o + t[k].numel()].reshape(t[k].shape) / div)

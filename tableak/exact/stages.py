@@ -9,21 +9,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.functional import trainable_params
 from common.types import Observation
 
 from ..prior import TabularPrior
 from .budget import NEVER, Deadline, OutOfTime
 from .peel import Peeled, all_pattern_roots, peel, rest_batch, rest_counts
 from .span import merge_near, project, row_span, unique_rows
-from .verify import find_layers, fit_counts, layer2_residual, refine_continuous, second_inputs
+from .verify import (find_layers, fit_counts, layer2_residual, observed_names, refine_continuous, second_inputs,
+                     sum_scale)
 
 
 def certifies(fit, b: int, labels: list[int] | None, tol: float) -> bool:
     """The whole-gradient certificate: integral counts summing to B, independent candidate gradients,
     residual within ``tol``, and the granted label multiset (when granted)."""
     ok = fit.integral and fit.full_rank and fit.total == b and fit.rel_residual <= tol
-    return bool(ok and (labels is None or sorted(fit.labels.tolist()) == sorted(labels)))
+    return bool(ok and labels_match(fit, labels))
+
+
+def labels_match(fit, labels: list[int] | None) -> bool:
+    """The fit's labels equal the granted ones as a multiset (always, when labels are not granted)."""
+    return labels is None or sorted(fit.labels.tolist()) == sorted(labels)
 
 
 def noise_model(span, sigma: float, m: int, k: float) -> tuple[np.ndarray, float] | None:
@@ -54,10 +59,7 @@ class PeelStages:
         if (gaussian_sigma(obs) or layers.second is None or b > layers.second.out_features
                 or any(k is None or k not in t for k in need)):
             return None, empty
-        params = trainable_params(model)
-        names = [k for k in t if k in params]
-        reduction = obs.protocol.loss_reduction if obs.protocol else "mean"
-        scale = float(b) if reduction == "mean" else 1.0
+        names, scale = observed_names(obs, model), sum_scale(obs, b)
         target = {k: t[k].detach().double().cpu().numpy() * scale for k in names}
         n_cls = len(schema.classes)
         labels = None if obs.labels is None else [int(v) for v in obs.labels.tolist()]
@@ -137,7 +139,7 @@ class PeelStages:
         stats["refine_total"] = float(counts.sum())
         if counts.sum() != b:
             return None
-        scale = float(b) if (obs.protocol.loss_reduction if obs.protocol else "mean") == "mean" else 1.0
+        scale = sum_scale(obs, b)
         used = np.flatnonzero(counts)
         guess = np.repeat(rows[used // n_cls], counts[used], 0)
         glab = np.repeat(used % n_cls, counts[used])

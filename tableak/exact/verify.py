@@ -21,7 +21,20 @@ import torch
 from scipy.optimize import nnls
 from torch import nn
 
-from common.types import Batch
+from common.functional import trainable_params
+from common.types import Batch, Observation
+
+
+def observed_names(obs: Observation, model: nn.Module) -> list[str]:
+    """The observed tensors that are trainable parameters of ``model``, in the observation's order."""
+    params = trainable_params(model)
+    return [k for k in obs.tensors if k in params]
+
+
+def sum_scale(obs: Observation, b: int) -> float:
+    """The factor that turns the observed gradient into the sum of the ``b`` per-example gradients
+    (``b`` under mean reduction, 1 under sum)."""
+    return float(b) if (obs.protocol.loss_reduction if obs.protocol else "mean") == "mean" else 1.0
 
 
 @dataclass
