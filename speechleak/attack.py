@@ -45,13 +45,12 @@ from common.optim import optimise, step_decay
 from common.threat import Capability
 from common.types import Batch, Observation, Reconstruction
 
-from .config import TTS_ENGINES, SpeechInversionConfig, tts_voices
+from .config import SpeechInversionConfig, tts_voices
 from .ctc import first_layer_refine, output_error, speech_block
 from .frontend import refine_waveform
 from .prior import SpeechPrior
 
-__all__ = ["TTS_ENGINES", "SpeechGradientInversion", "SpeechInversionConfig", "SpeechPrior", "char_occupancy", "time_smoothness",
-           "tts_voices"]
+__all__ = ["SpeechGradientInversion", "SpeechInversionConfig", "SpeechPrior", "char_occupancy", "time_smoothness"]
 
 
 def time_smoothness(x: Tensor) -> Tensor:
@@ -112,16 +111,23 @@ class SpeechGradientInversion:
     def default_config(cls) -> SpeechInversionConfig:
         return SpeechInversionConfig()
 
+    def _unserved(self, *, ctc: bool, fedsgd: bool) -> str | None:
+        """Why the CTC-only options of the config cannot serve a case (None when they can)."""
+        cfg = self.config
+        if cfg.init_tts_voice and not (ctc and cfg.ctc_targets == "observed" and cfg.domain == "features"):
+            return ("init_tts_voice renders a granted transcript: it needs a CTC case, ctc_targets=observed "
+                    "and domain=features; unset it otherwise")
+        if cfg.refine_first_layer_steps and not (ctc and fedsgd and cfg.domain == "features"):
+            return ("refine_first_layer_steps needs a CTC case with a FedSGD gradient and domain=features; "
+                    "set refine_first_layer_steps=0 otherwise")
+        return None
+
     def check_case(self, case: Any) -> None:
         """Refuse, before any work, settings this case cannot serve (ValueError naming the fix)."""
-        cfg, opts = self.config, getattr(case, "options", {}) or {}
-        ctc = opts.get("task") == "ctc"
-        if cfg.init_tts_voice and not (ctc and cfg.ctc_targets == "observed" and cfg.domain == "features"):
-            raise ValueError("init_tts_voice renders a granted transcript: it needs a CTC case, ctc_targets=observed "
-                             "and domain=features; unset it otherwise")
-        if cfg.refine_first_layer_steps and not (ctc and case.protocol.kind == "fedsgd" and cfg.domain == "features"):
-            raise ValueError("refine_first_layer_steps needs a CTC case with a FedSGD gradient and domain=features; "
-                             "set refine_first_layer_steps=0 otherwise")
+        opts = getattr(case, "options", {}) or {}
+        why = self._unserved(ctc=opts.get("task") == "ctc", fedsgd=case.protocol.kind == "fedsgd")
+        if why:
+            raise ValueError(why)
 
     # -- labels -------------------------------------------------------------------------
     def _labels(self, obs: Observation, prior: SpeechPrior, model: nn.Module, b: int,
@@ -310,9 +316,9 @@ class SpeechGradientInversion:
                     x.clamp_(min=lower, max=prior.upper)
 
         t_warp = None
-        if cfg.init_tts_voice and not (prior.task == "ctc" and cfg.ctc_targets == "observed" and cfg.domain == "features"):
-            raise ValueError("init_tts_voice renders a granted transcript: it needs a CTC case, ctc_targets=observed "
-                             "and domain=features; unset it otherwise")
+        why = self._unserved(ctc=prior.task == "ctc", fedsgd=obs.kind == "gradient")  # as check_case, for library callers
+        if why:
+            raise ValueError(why)
         if cfg.init_tts_voice:
             t_w = time.perf_counter()
             feats0, extras["init_voice"] = self._tts_start(labels, prior, feature_objective, device=device, dtype=dtype)
