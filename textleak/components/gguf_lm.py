@@ -55,15 +55,19 @@ class _Blocks(nn.Module):
                 setattr(self, k, getattr(self, k)[idx].contiguous())
 
     def dequant(self, s: int = 0, e: int | None = None) -> Tensor:
-        e = self.shape[0] if e is None else e
-        d = self.d[s:e].float()  # [r, nb, 1]
+        """Rows ``s:e`` [e - s, cols] in float32."""
+        return self.take(slice(s, self.shape[0] if e is None else e))
+
+    def take(self, idx: slice | Tensor) -> Tensor:
+        """The rows ``idx`` (a slice or an index tensor) [n, cols] in float32."""
+        d = self.d[idx].float()  # [n, nb, 1]
         if self.kind == "Q4_1":
-            qs = self.q[s:e]
-            w = torch.stack((qs & 0x0F, qs >> 4), dim=2).flatten(2).float()  # [r, nb, 32]: low nibbles first
-            w.mul_(d).add_(self.m[s:e].float())  # two roundings, as numpy's (d * qs) + m (in place: ~30 % faster)
+            qs = self.q[idx]
+            w = torch.stack((qs & 0x0F, qs >> 4), dim=2).flatten(2).float()  # [n, nb, 32]: low nibbles first
+            w.mul_(d).add_(self.m[idx].float())  # two roundings, as numpy's (d * qs) + m (in place: ~30 % faster)
         else:
-            w = self.q[s:e].float() * d
-        return w.reshape(e - s, self.shape[1])
+            w = self.q[idx].float() * d
+        return w.reshape(-1, self.shape[1])
 
 
 class PackedLinear(nn.Module):
@@ -92,12 +96,7 @@ class PackedRows(nn.Module):
         return self.blocks.dequant(s, e)
 
     def forward(self, ids: Tensor) -> Tensor:
-        b = self.blocks
-        flat = ids.reshape(-1)
-        d = b.d[flat].float()
-        w = (b.q[flat].float() * d) if b.kind == "Q8_0" else (
-            d * torch.stack((b.q[flat] & 0x0F, b.q[flat] >> 4), dim=2).flatten(2).float() + b.m[flat].float())
-        return w.reshape(*ids.shape, self.embedding_dim)
+        return self.blocks.take(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
 
 
 class _TiedHead(nn.Module):
