@@ -125,12 +125,17 @@ def tables(rows: Sequence[Row], primary: str | None = None) -> list[tuple[dict, 
     for r in rows:
         by.setdefault(r.setting, []).append(r)
     out = []
-    for setting in sorted(by, key=lambda s: (json.loads(s)["name"], json.loads(s)["protocol"]["batch_size"],
-                                             _defense_order(json.loads(s)), s)):
+    for setting in sorted(by, key=_setting_order):
         rs = by[setting]
         p = primary if primary is not None else default_primary(rs)
         out.append((rs[0].case, _sort_rows(rs, p), p))
     return out
+
+
+def _setting_order(setting: str) -> tuple:
+    """Settings by case name, batch size, then defenses by value (the setting is a case's JSON)."""
+    case = json.loads(setting)
+    return case["name"], case["protocol"]["batch_size"], _defense_order(case), setting
 
 
 def _defense_order(case: dict) -> list:
