@@ -10,7 +10,10 @@ the ``speech-ctc-tts`` feature stage once, then ``speechleak.layerwise`` at the 
 * ``solve`` rows: for each layer whose input is determined, its input solved from the observed weight
   gradient (damped towards the result's input, ridge sweep), once with the clip's own output error (the
   oracle: what the update holds once that error is known) and once with the error at the result (what an
-  attacker has); conv1's frames outside the result's speech block (± 8 frames) are held at the floor.
+  attacker has); conv1's frames outside the result's speech block (± 8 frames) are held at the floor;
+* ``precision`` rows (ff1, conv2): the same solve with the output error moved from the result's towards the
+  clip's, e = e_clip + α (e_result − e_clip), best ridge of the sweep: how accurate the error must be before
+  the solve beats the result's own state (an oracle diagnostic, not an attack).
 
     OMP_NUM_THREADS=1 python bench/speech_ctc_layerwise.py --trials 0,1,2 [--seed 0] > layerwise.jsonl
 
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RIDGES = (1e-8, 1e-3, 1e-2, 1e-1)
+ALPHAS = (1.0, 0.3, 0.1, 0.03, 0.01)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -90,6 +94,16 @@ def run(seed: int, trial: int) -> list[dict]:
                     got = linear_input_solve(io[r.name].out_error, g, prior, ridge=ridge)
                 out[f"{which}_ridge_{ridge:g}"] = _cos(got, io_t[r.name].inputs)
         rows.append(out)
+    for name in ("ff1", "conv2"):
+        et, er, mod = io_t[name].out_error, io_r[name].out_error, io_t[name].module
+        g = a.observation.tensors[f"{name}.weight"].double()
+        for alpha in ALPHAS:
+            e = et + alpha * (er - et)
+            best = max((_cos(conv_input_solve(mod, e, g, io_r[name].inputs, ridge=ridge) if name == "conv2"
+                             else linear_input_solve(e, g, io_r[name].inputs, ridge=ridge), io_t[name].inputs), ridge)
+                       for ridge in (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1))
+            rows.append({**head, "row": "precision", "layer": name, "alpha": alpha, "error_cosine": round(float(torch.nn.functional.cosine_similarity(e.flatten(), et.flatten(), dim=0)), 6),
+                         "solve_cosine": best[0], "ridge": best[1], "start_cosine": _cos(io_r[name].inputs, io_t[name].inputs)})
     return rows
 
 
