@@ -337,7 +337,8 @@ class SpeechGradientInversion:
             optimise([x] if align is None else [x, align], lambda: losses(x).sum(), optimizer=cfg.optimizer,
                      lr=1.0 if lbfgs else cfg.lr, iterations=cfg.iterations, history_size=50, signed=cfg.signed_grad,
                      schedule=step_decay(cfg.iterations) if cfg.lr_schedule else None, after_step=clamp)
-            searched.append(to_feats(x.detach()))
+            with torch.no_grad():  # each search's result in the bounds, as a single search would return it
+                searched.append(to_feats(x.detach()) if lower is None else to_feats(x.detach()).clamp(min=lower, max=prior.upper))
         if len(searched) > 1:
             extras["init_voices_averaged"] = [v for _, v in starts]
             with torch.no_grad():
