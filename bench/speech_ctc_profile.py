@@ -129,7 +129,7 @@ def variant_row(trial: int, overrides: dict) -> dict:
     rec = p.attack.reconstruct(a.observation, a.model, a.prior, generator=make_generator(derive_seed(0, trial, "attack")))
     out = {"seed": 0, "trial": trial, "overrides": overrides, **_scores(rec.data["features"], t.truth["feats"])}
     out.update({k: rec.stats[k] for k in ("final_grad_loss", "feature_s", "init_warp_s") if k in rec.stats})
-    out.update({k: v for k, v in rec.extras.items() if k == "init_voice"})
+    out.update({k: v for k, v in rec.extras.items() if k in ("init_voice", "init_voices_averaged")})
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 

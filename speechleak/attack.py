@@ -20,7 +20,9 @@ Deviations (all documented in docs/speechleak.md):
   addition); ``init_seconds_per_char`` starts from silence outside a centred speech block (our
   addition: breaks the time-shift symmetry of padded clips, see docs/speechleak.md).
   ``init_tts_voice`` starts instead from the attacker's own TTS rendering of the granted transcript,
-  aligned to the gradient through a few warp parameters (our addition; ``speech-ctc-tts``).
+  aligned to the gradient through a few warp parameters (our addition; ``speech-ctc-tts``);
+  ``init_tts_average`` runs the search from the best few aligned voices and averages the results in
+  feature space (our addition: their errors are partly independent).
   ``refine_first_layer_steps`` adds, after the search, a fixed point on the first convolution's weight
   gradient (linear in the input once that layer's output error is fixed; solved in closed form, silence
   outside the start's speech block held at the floor): our addition, off by default (issue 21).
@@ -151,13 +153,14 @@ class SpeechGradientInversion:
         return recover_labels(tensors, num_examples=b, weight=prior.label_weight, bias=prior.label_bias,
                               mean_probs=mean_probs.cpu(), reduction=obs.protocol.loss_reduction if obs.protocol else "mean")
 
-    def _tts_start(self, labels: Tensor, prior: SpeechPrior, feature_objective, *, device, dtype) -> tuple[Tensor, str]:
+    def _tts_start(self, labels: Tensor, prior: SpeechPrior, feature_objective, *, device,
+                   dtype) -> list[tuple[Tensor, str]]:
         """[B, F, T] start: each transcript rendered by a public TTS voice, placed as a centred block of
         len(transcript) * init_seconds_per_char (the rendering's own length when 0) and aligned by
         ``init_warp_grid`` (width x centre grid) and ``init_warp_iterations`` of L-BFGS on the warp parameters
         (see ``BlockWarp``). With several voices (comma-separated ``init_tts_voice``) the one with the lowest
         matching objective after its alignment is kept (one voice for the whole batch; ranking right after the
-        grid picked worse voices on development clips). Returns (start, voice)."""
+        grid picked worse voices on development clips). Returns every (start, voice), best objective first."""
         from .ctc import BlockWarp, grid_align, tts_features
         from .models import decode_ids
 
@@ -188,8 +191,7 @@ class SpeechGradientInversion:
             with torch.no_grad():
                 feats0 = start()
                 scored.append((float(feature_objective(feats0)), voice, feats0))
-        best = min(scored, key=lambda c: c[0])
-        return best[2], best[1]
+        return [(c[2], c[1]) for c in sorted(scored, key=lambda c: c[0])]
 
     def _refine_first_layer(self, feats: Tensor, blocks, obs: Observation, model: nn.Module, prior: SpeechPrior,
                             params: dict[str, Tensor], labels: Tensor, reduction: str) -> Tensor:
@@ -319,17 +321,28 @@ class SpeechGradientInversion:
         why = self._unserved(ctc=prior.task == "ctc", fedsgd=obs.kind == "gradient")  # as check_case, for library callers
         if why:
             raise ValueError(why)
+        starts: list = [None]
         if cfg.init_tts_voice:
             t_w = time.perf_counter()
-            feats0, extras["init_voice"] = self._tts_start(labels, prior, feature_objective, device=device, dtype=dtype)
-            extras["speech_block"] = [speech_block(f0, prior.lower) for f0 in feats0]
-            with torch.no_grad():
-                x.copy_(from_feats(feats0).unsqueeze(0).expand_as(x))
+            starts = self._tts_start(labels, prior, feature_objective, device=device, dtype=dtype)[:cfg.init_tts_average]
+            extras["init_voice"] = starts[0][1]
+            extras["speech_block"] = [speech_block(f0, prior.lower) for f0 in starts[0][0]]
             t_warp = time.perf_counter() - t_w
         lbfgs = cfg.optimizer == "lbfgs"
-        optimise([x] if align is None else [x, align], lambda: losses(x).sum(), optimizer=cfg.optimizer, lr=1.0 if lbfgs else cfg.lr,
-                 iterations=cfg.iterations, history_size=50, signed=cfg.signed_grad,
-                 schedule=step_decay(cfg.iterations) if cfg.lr_schedule else None, after_step=clamp)
+        searched = []
+        for start in starts:  # one search per start; several (init_tts_average) are averaged in feature space
+            if start is not None:
+                with torch.no_grad():
+                    x.copy_(from_feats(start[0]).unsqueeze(0).expand_as(x))
+            optimise([x] if align is None else [x, align], lambda: losses(x).sum(), optimizer=cfg.optimizer,
+                     lr=1.0 if lbfgs else cfg.lr, iterations=cfg.iterations, history_size=50, signed=cfg.signed_grad,
+                     schedule=step_decay(cfg.iterations) if cfg.lr_schedule else None, after_step=clamp)
+            with torch.no_grad():  # each search's result in the bounds, as a single search would return it
+                searched.append(to_feats(x.detach()) if lower is None else to_feats(x.detach()).clamp(min=lower, max=prior.upper))
+        if len(searched) > 1:
+            extras["init_voices_averaged"] = [v for _, v in starts]
+            with torch.no_grad():
+                x.copy_(from_feats(torch.stack(searched).mean(0)))
         with torch.no_grad():
             final = losses(x).detach()
         best = int(torch.argmin(torch.nan_to_num(final, nan=float("inf"))).item())

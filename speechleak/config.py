@@ -22,7 +22,7 @@ class SpeechInversionConfig:
     RANGES: ClassVar[dict[str, str]] = {  # checked by common.attack.validate_config
         "layer_decay": "(0,1]", "lr": ">0", "iterations": ">=1", "restarts": ">=1",
         "griffin_lim_iters": ">=1", "init_seconds_per_char": ">=0", "init_warp_iterations": ">=0",
-        "init_warp_knots": ">=1", "init_warp_grid": ">=0", "refine_first_layer_steps": ">=0",
+        "init_warp_knots": ">=1", "init_warp_grid": ">=0", "init_tts_average": ">=1", "refine_first_layer_steps": ">=0",
         "refine_first_layer_ridge": ">0", "refine_first_layer_margin": ">=0"}
     distance: Literal["l2", "cosine", "layer-cosine"] = "l2"
     layer_weights: Literal["uniform", "inverse-norm", "depth-decay"] = "uniform"
@@ -52,6 +52,10 @@ class SpeechInversionConfig:
     # before that L-BFGS: a grid of init_warp_grid block widths (0.6-1.4x the rate prior's) x 5 centres
     # (within ±5 % of the clip) scored by the objective, the best kept (the warp landscape is rugged); 0 = off
     init_warp_grid: int = 0
+    # with several TTS voices: run the search from the init_tts_average voices of lowest objective after their
+    # alignment (one full search each) and average the searched features (the different voices' errors are
+    # partly independent); 1 = one search from the best voice (our addition, issue 21)
+    init_tts_average: int = 1
     # CTC transcript: "observed" (granted, Dang et al.) or "free" (not granted: the per-frame
     # alignment γ = softmax(a) is optimised jointly with the features through the soft-target loss
     # −Σ γ·log p, whose logit gradient p − γ equals CTC's at the true occupancy; decoded greedily).
