@@ -68,6 +68,7 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
 
     out: dict[tuple[int, ...], float] = {}
     last = None  # the hard suffix of the pass just run
+    repaired: dict[tuple[int, ...], tuple[list[int], float]] = {}
     for _ in range(ENCODER_REFINE):
         beams = _pass(run, per, li2, word, suffix, basis, pen, lam, xtab, pos_of, rtab)
         if beams is None:  # over the time budget
@@ -78,7 +79,10 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
             out[tuple(bm)] = v
         if min(mx) <= 0.1 * run.tau[1]:
             break
-        best, v = repair(run, beams[int(mean.argmin())], wide, li2, span2)
+        start = tuple(beams[int(mean.argmin())])
+        if start not in repaired or not run.fast:  # (deterministic: the same best beam is repaired alike)
+            repaired[start] = repair(run, list(start), wide, li2, span2)
+        best, v = repaired[start]
         out[tuple(best)] = min(v, out.get(tuple(best), math.inf))
         if v <= 0.1 * run.tau[1]:
             break

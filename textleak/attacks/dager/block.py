@@ -170,10 +170,9 @@ class PostLNBlock:
         nb, L, d = base.x.shape
         m = cand.x.shape[1]
         kb, vb = base.k.transpose(1, 2), base.v.transpose(1, 2)  # [nb, H, L, dh]
-        out = torch.empty(nb, m, len(queries), d, dtype=base.x.dtype, device=base.x.device)
         others = [i for i in queries if i != pos]
+        attn = resid = None  # attention-sublayer outputs and residual inputs [nb, m, n, d] (or broadcastable)
         if others:
-            slot = [j for j, i in enumerate(queries) if i != pos]
             qi = base.q[:, others].transpose(1, 2)  # [nb, H, nI, dh]
             lf = qi @ kb.transpose(-1, -2) * self.scale  # [nb, H, nI, L]
             lf[..., pos] = -torch.inf
@@ -186,8 +185,9 @@ class PostLNBlock:
             mx = torch.maximum(mf, lc)
             wf, wc = zf * torch.exp(mf - mx), torch.exp(lc - mx)
             den = wf + wc
-            o = (torch.einsum("bhim,bihe->bmie", wf / den, pb) + torch.einsum("bhim,bmhe->bmie", wc / den, cand.ov))
-            out[:, :, slot] = o + self.out.bias
+            attn = (torch.einsum("bhim,bihe->bmie", wf / den, pb) + torch.einsum("bhim,bmhe->bmie", wc / den, cand.ov)
+                    + self.out.bias)
+            resid = base.x[:, others].unsqueeze(1)
         if pos in queries:
             qc, kc, vc = cand.q, cand.k, cand.v  # [nb, m, H, dh]
             lq = torch.einsum("bmhd,bhjd->bmhj", qc, kb) * self.scale  # [nb, m, H, L]
@@ -195,10 +195,13 @@ class PostLNBlock:
             w = torch.softmax(lq, -1)
             own = w[..., pos].unsqueeze(-1) * vc
             w[..., pos] = 0.0
-            a = torch.einsum("bmhj,bhjd->bmhd", w, vb) + own
-            out[:, :, queries.index(pos)] = self.out(a.flatten(-2))
-        resid = base.x[:, queries].unsqueeze(1).expand(nb, m, len(queries), d).clone()
-        if pos in queries:
-            resid[:, :, queries.index(pos)] = cand.x
-        h = self.ln1(out + resid)
+            a_p = self.out((torch.einsum("bmhj,bhjd->bmhd", w, vb) + own).flatten(-2)).unsqueeze(2)  # [nb, m, 1, d]
+            if attn is None:
+                attn, resid = a_p, cand.x.unsqueeze(2)
+            else:  # the varied position among others: assemble in the order of queries
+                j = queries.index(pos)
+                attn = torch.cat([attn[:, :, :j], a_p, attn[:, :, j:]], 2)
+                resid = torch.cat([resid.expand(nb, m, -1, d)[:, :, :j], cand.x.unsqueeze(2),
+                                   resid.expand(nb, m, -1, d)[:, :, j:]], 2)
+        h = self.ln1(attn + resid)
         return self.ln2(self.ffn_out(self.act(self.ffn_in(h))) + h)
