@@ -11,6 +11,14 @@ its inputs (the embedding LayerNorm output, position-local) directly:
 * only the query positions that are scored go through the output projection and the feed-forward
   (a beam step scores the prefix, not the suffix).
 
+:meth:`PostLNBlock.rows` / :meth:`PostLNBlock.vary_rows` (issue 18) do the same from per-position
+tables: queries, keys and values are position-local, so a candidate's are projected once per position
+(``beam.beam`` builds the tables once per length) and every base gathers its rows instead of
+projecting them at every step; at the query positions other than the varied one the attention output
+is a convex combination, head by head, of the base's output and the candidate's value, so the output
+projection is applied to each once (not once per candidate and position). Only the feed-forward of the
+scored rows remains per candidate (about 8 d^2 of the 9 d^2 multiply-adds per scored row).
+
 Same arithmetic as the Hugging Face layer (``BertLayer``: self-attention, output dense + residual
 LayerNorm, GELU feed-forward + residual LayerNorm); :meth:`PostLNBlock.build` returns None unless the
 result matches the model's own layer-2 inputs on a probe sentence, so other architectures fall back
