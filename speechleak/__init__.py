@@ -57,6 +57,8 @@ METRICS = (
                range=(0.0, _INF), description="feature-map mean squared error"),
     MetricInfo("feature_cosine", _S + "feature_similarity", "speech", ("feature_cosine", "mel_cosine"),
                range=(-1.0, 1.0), description="cosine of the feature map / of the mel power spectrogram"),
+    MetricInfo("feature_cosine_ge90", _S + "feature_cosine_share", "speech", ("feature_cosine_ge90",), range=(0.0, 1.0),
+               description="share of the batch's utterances with feature cosine >= 0.9"),
     MetricInfo("speech_region_similarity", _S + "speech_region_similarity", "speech",
                ("speech_cosine", "dynamics_cosine", "shift_cosine"), range=(-1.0, 1.0),
                description="CTC diagnostics: feature cosine over the speech frames, over their time-varying part "

@@ -320,6 +320,7 @@ class SpeechKit:
         fe = frontend_for(case)
         out: dict[str, float] = {}
         out.update(M.feature_similarity(predictions=list(rec_f), references=list(tf)))
+        out.update(M.feature_cosine_share(predictions=list(rec_f), references=list(tf)))
         if truth["task"] == "ctc" and fe.config.kind == "mel":  # where the cosine comes from (diagnostic, issue 21)
             floor = float((np.log(fe.config.log_eps) - fe.config.offset) / fe.config.scale)
             out.update(M.speech_region_similarity(predictions=list(rec_f), references=list(tf), floor=floor))

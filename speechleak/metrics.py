@@ -68,6 +68,18 @@ def feature_similarity(*, predictions: Sequence, references: Sequence) -> dict[s
     return {"feature_mse": fmean(mse), "feature_cosine": fmean(cos)}
 
 
+def feature_cosine_share(*, predictions: Sequence, references: Sequence, at: float = 0.9) -> dict[str, float]:
+    """Share of the examples whose feature cosine is at least ``at`` (0.9: issue 21's B=4 bar, "at least
+    half of the utterances at >= 0.9"); a non-finite reconstruction counts as below it."""
+    _check(predictions, references)
+    hits = 0
+    for p, r in zip(predictions, references):
+        p, r = _np(p).ravel(), _np(r).ravel()
+        if _finite(p) and float(p @ r / (np.linalg.norm(p) * np.linalg.norm(r) + 1e-12)) >= at:
+            hits += 1
+    return {"feature_cosine_ge90": hits / len(predictions)}
+
+
 def speech_region_similarity(*, predictions: Sequence, references: Sequence, floor: float, margin: float = 0.15,
                              max_shift: int = 16) -> dict[str, float]:
     """Where a feature cosine comes from (mel maps [F, T] with silence at ``floor``). The speech

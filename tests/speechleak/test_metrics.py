@@ -30,6 +30,17 @@ def test_power_and_db_spectrogram_snr():
     assert M.db_spectral_snr(predictions=[mel], references=[mel])["logmel_snr"] > 100
 
 
+def test_feature_cosine_share_counts_utterances_at_or_above_the_bar():
+    g = torch.Generator().manual_seed(0)
+    refs = [torch.randn(8, 10, generator=g) for _ in range(4)]
+    preds = [refs[0].clone(), refs[1] + 0.1 * torch.randn(8, 10, generator=g),  # cosine ~1 and ~0.995
+             torch.randn(8, 10, generator=g), torch.full((8, 10), float("nan"))]  # ~0 and non-finite
+    assert M.feature_cosine_share(predictions=preds, references=refs)["feature_cosine_ge90"] == 0.5
+    assert M.feature_cosine_share(predictions=preds[:1], references=refs[:1], at=1.5)["feature_cosine_ge90"] == 0.0
+    with pytest.raises(ValueError, match="align"):
+        M.feature_cosine_share(predictions=preds, references=refs[:2])
+
+
 def test_feature_similarity_and_label_accuracy():
     a = torch.randn(8, 10)
     out = M.feature_similarity(predictions=[a], references=[a])
@@ -131,7 +142,7 @@ def test_every_key_the_speech_kit_emits_is_registered_with_a_direction():
         "mcd", "oracle_pesq_wb", "oracle_stoi", "label_accuracy", "char_hist_cosine", "char_set_recall",
         "speaker_top1", "speaker_top1_original", "keyword_accuracy", "keyword_accuracy_original", "asr_wer",
         "asr_cer", "asr_original_wer", "asr_original_cer", "asr_vs_original_wer", "asr_vs_original_cer",
-        "speech_cosine", "dynamics_cosine", "shift_cosine"}
+        "speech_cosine", "dynamics_cosine", "shift_cosine", "feature_cosine_ge90"}
     for key in emitted:
         assert metric_info(key, modality="speech") is not None, key
         assert higher_is_better(key) is (False if ("wer" in key or "cer" in key or key in ("mcd", "feature_mse"))
