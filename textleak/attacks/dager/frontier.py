@@ -79,6 +79,9 @@ from textleak.models import embedding_param_name
 from .config import (CHUNK, FRONTIER_TRIM, FRONTIER_ACCEPT, FRONTIER_BEAM_PER_SENTENCE, FRONTIER_CHILDREN, FRONTIER_CHILDREN_MAX, FRONTIER_CONTINUE,
                      FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL, RANK_CUTOFF, TOKEN_SET_GAP, FRONTIER_SHORTLIST)
 from .dec_block import ComplementDistance, PreLNDecoderBlock
+from .ffn_span import ActivationSpan, shortlist_distances
+
+FRONTIER_FFN_SPAN = True  # with the token set: the shortlist is measured at the feed-forward activations (ffn_span)
 from .prior import embedding_updates, learned_position_table
 from .run import Run, declared_sigma
 from .scan import SCAN_BLOCK, AffineScan
@@ -91,6 +94,7 @@ class _Path:
     ids: list[int]
     total: float  # sum of squared distance ratios (layer-2 distance / the step's median)
     ratios: list[float] = field(default_factory=list)
+    act: Tensor | None = None  # the feed-forward activation of the last token (``acts`` of search_decoder)
 
     @property
     def mean(self) -> float:
@@ -272,16 +276,26 @@ def ffn_inputs(obs: Observation, model: nn.Module, probe: Tensor, sigma: float) 
     return LayerInputs(model, tap), sp
 
 
+def activation_span(obs: Observation, model: nn.Module) -> ActivationSpan | None:
+    """The feed-forward-activation span test of ``ffn_span`` (None when ``FRONTIER_FFN_SPAN`` is off or the
+    model or observation lacks the first block's ``mlp.c_proj`` update)."""
+    return ActivationSpan.build(obs, model) if FRONTIER_FFN_SPAN else None
+
+
 def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *,
                    block: PreLNDecoderBlock | None = None, root_quota: int = 0,
-                   rerank: tuple[LayerInputs, Span] | None = None) -> tuple[list[list[int]], list[float]]:
+                   rerank: tuple[LayerInputs, Span] | None = None,
+                   acts: ActivationSpan | None = None) -> tuple[list[list[int]], list[float]]:
     """The ranked beam over positions (see the module docstring); returns every finished path
     (trailing weak tokens trimmed) and its root-mean-square distance ratio. ``block`` (the incremental
     first block, for the feed-forward-input test of GPT-2) replaces the model forward: same inputs;
     ``root_quota`` > 0: every first token keeps its best ``root_quota`` paths in the beam (used when the
     first tokens were read from the embedding updates, ``first_tokens``). ``rerank`` (with ``block``):
     each path's ``FRONTIER_SHORTLIST`` extensions nearest at the block's span are ranked at this
-    (layer-2) span instead, through the model; the others are out (distance inf)."""
+    (layer-2) span instead, through the model; the others are out (distance inf). ``acts`` (with
+    ``block``, replaces ``rerank``): the shortlist is measured at the feed-forward activations' span
+    with the accepted prefixes peeled off (``ffn_span``; exact once fewer than ``d`` tokens are
+    missing), every strong prefix kept in the beam joining the known set."""
     cap = FRONTIER_BEAM_PER_SENTENCE * (b or 8) + 16
     live = [_Path([], 0.0)]
     finished: list[_Path] = []
@@ -291,10 +305,16 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
             break
         cands = l1[p][0]
         med0 = None
+        step_acts: list[dict[int, Tensor]] | None = None
         if block is not None and dist is not None:
             block.table(p, cands)
             ds = list(block.extend([x.ids for x in live], p, cands, reduce=dist))
-            if rerank is not None and len(cands) > 2 * (b or 8):
+            if acts is not None:
+                acts.refresh()
+            if acts is not None and acts.usable:
+                n_s = len(cands) if p == 0 else FRONTIER_SHORTLIST
+                ds, med0, step_acts = shortlist_distances(block, acts, [x.ids for x in live], p, cands, ds, n_s)
+            elif rerank is not None and len(cands) > 2 * (b or 8):
                 ds, med0 = _rerank(rerank, live, cands, ds)
         else:
             xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
@@ -303,7 +323,7 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
         dc = torch.cat(ds)
         med = max(med0 if med0 is not None else float(dc[torch.isfinite(dc)].median()), 1e-12)
         nxt: list[tuple[_Path, bool]] = []
-        for path, d in zip(live, ds):
+        for i_path, (path, d) in enumerate(zip(live, ds)):
             r = d / med
             if path.ids:
                 order = r.argsort()[:FRONTIER_CHILDREN_MAX].tolist()
@@ -319,7 +339,8 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
                 continue
             for j in kids:
                 rj = float(r[j])
-                nxt.append((_Path(path.ids + [cands[j]], path.total + rj ** 2, path.ratios + [rj]),
+                nxt.append((_Path(path.ids + [cands[j]], path.total + rj ** 2, path.ratios + [rj],
+                                  step_acts[i_path].get(j) if step_acts is not None else None),
                             rj < FRONTIER_ACCEPT))
         nxt.sort(key=lambda x: x[0].mean)
         # diversity: at most FRONTIER_CHILDREN weak (ratio >= FRONTIER_ACCEPT) live descendants of one
@@ -343,6 +364,16 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
             live = head[:cap] + rest[: max(0, cap - len(head))]
         else:
             live = live[:cap]
+        if acts is not None:  # the strong prefixes kept join the known activations (peeled off the update)
+            for x in live:
+                if x.act is not None and x.ratios[-1] < FRONTIER_ACCEPT:
+                    acts.add(tuple(x.ids), x.act)
+                x.act = None
+            run.stats["ffn_span_known"] = float(acts.n_known)
+            run.stats["ffn_span_dim"] = float(acts.dim)
+            run.stats["ffn_span_res_rank"] = float(acts.res_rank)
+            if not acts.saturated and "ffn_span_exact_from" not in run.stats:
+                run.stats["ffn_span_exact_from"] = float(p)
     finished.extend(x for x in live if x.ids)
     out: dict[tuple[int, ...], float] = {}
     for f in finished:
