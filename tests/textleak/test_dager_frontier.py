@@ -116,3 +116,39 @@ def test_feed_forward_activation_span_is_exact_past_the_rank_limit_once_prefixes
     for p in (3, 4):
         t_max, w_min = split(p)
         assert t_max < 1e-4 and w_min > 1e-2, (p, t_max, w_min)
+
+
+def test_token_set_search_runs_exact_once_enough_true_prefixes_are_peeled(monkeypatch):
+    """The search's exact stage end to end (tiny GPT-2, B=8, both layers saturated): seeded with the true
+    activations of positions < 3 (an oracle standing in for the prefixes a search has accepted), the
+    activation span is exact from the root on, and the beam, accepting only extensions under its
+    threshold, recovers every sentence exactly (the last token by the last-token completion); the same
+    search without the activation span (the ranked beam alone) reaches far less."""
+    from textleak.attacks.dager import frontier
+    from textleak.attacks.dager.dec_block import PreLNDecoderBlock
+    from textleak.attacks.dager.ffn_span import ActivationSpan, learn
+
+    kit, case, model, obs, prior, truth, _ = _setup("text/tiny-gpt2/dager", 8)
+    model.eval()
+    tids = [list(map(int, t)) for t in truth["token_ids"]]
+
+    def seeded(o, m):
+        aspan = ActivationSpan.build(o, m)
+        blk = PreLNDecoderBlock(m)
+        toks = sorted({t for s in tids for t in s})
+        for p in range(3):
+            blk.table(p, toks)
+        learn(aspan, blk, {tuple(s[: p + 1]) for s in tids for p in range(min(3, len(s) - 1))})
+        aspan.refresh(force=True)
+        assert aspan.exact
+        return aspan
+
+    base = _attack(obs, model, prior, on_failure="raise")
+    monkeypatch.setattr(frontier, "activation_span", seeded)
+    rec = _attack(obs, model, prior, on_failure="raise")
+    assert rec.stats["ffn_span_exact_from"] == 0.0
+    got = set(rec.data)
+    assert sum(s in got for s in truth["sentences"]) >= 7, (rec.data, truth["sentences"])
+    m_exact, _ = kit.score(rec, truth, case=case)
+    m_base, _ = kit.score(base, truth, case=case)
+    assert m_exact["rouge1"] >= 0.9 and m_base["rouge1"] < 0.5, (m_exact["rouge1"], m_base["rouge1"])

@@ -35,14 +35,35 @@ from torch import Tensor, nn
 
 from common.types import Observation
 
-from .span import DagerPreconditionError, span_of, transformer_blocks
+from .span import transformer_blocks
 
 SKETCH = 192  # Gaussian sketch columns of the complement of S (relative error ~ sqrt(2 / SKETCH))
 REFRESH = 48  # recompute R's basis once K has grown by this many prefixes (or 10 %)
 RES_CUT = 0.03  # R saturated (rank d): drop its weakest this x d directions (as frontier.FRONTIER_CUT)
 MIN_COMPLEMENT = 8  # the test needs at least this many directions outside S
 EXACT_WIDTH = 1024  # activations at most this wide: the exact complement instead of the sketch
-SAME = 1e-4  # a new known activation whose residual to K is under this x its norm adds no direction
+SAME = 1e-4
+TAU = 1e-3  # exact stage: an extension is accepted below this relative distance (true ones: float32 round-off,
+# <= 1e-5 measured on GPT-2 B=64 and the tiny GPT-2; wrong ones >= 0.02)  # a new known activation whose residual to K is under this x its norm adds no direction
+
+
+def _gap_rank(sv: Tensor, m: int, d: int, gap_min: float = 100.0) -> int:
+    """Numerical rank of singular values ``sv`` (descending) of an ``m x d`` float32-derived matrix: the
+    largest gap (> ``gap_min``) whose lower side is under NumPy's tolerance, else NumPy's rule (as
+    ``span.span_of``)."""
+    smax = float(sv[0]) if sv.numel() else 0.0
+    if smax <= 0.0:
+        return 0
+    tol = smax * max(m, d) * float(torch.finfo(torch.float32).eps)
+    rank = int((sv > tol).sum())
+    lo = torch.nonzero(sv <= tol).flatten()
+    if lo.numel() and int(lo[0]) > 0:
+        ks = torch.arange(int(lo[0]) - 1, sv.numel() - 1)
+        ratio = sv[ks] / sv[ks + 1].clamp_min(smax * 1e-30)
+        j = int(ratio.argmax())
+        if float(ratio[j]) > gap_min:
+            rank = int(ks[j]) + 1
+    return rank
 
 
 class ActivationSpan:
@@ -53,6 +74,8 @@ class ActivationSpan:
         self.fc, self.act = fc, act
         self.width = int(self.g.shape[0])
         self.q = torch.zeros(self.width, 0, dtype=torch.float64)  # orthonormal basis of span(K)
+        self.qtg = torch.zeros(0, self.g.shape[1], dtype=torch.float64)  # Q^T G
+        self.gtg = self.g.t() @ self.g
         self.keys: set[tuple[int, ...]] = set()
         self.pending: list[Tensor] = []
         self.n_known = 0  # prefixes in K
@@ -60,6 +83,7 @@ class ActivationSpan:
         self.res_rank = 0
         self.saturated = True
         self.gen = torch.Generator().manual_seed(seed)
+        self.tau = TAU
         self.sketch: Tensor | None = None  # [4d, SKETCH] float32: (I - P_S) Omega / sqrt(SKETCH)
         self.refresh(force=True)
 
@@ -108,31 +132,32 @@ class ActivationSpan:
         k = int((s > SAME).sum())
         if k:
             self.q = torch.cat([self.q, u[:, :k]], 1)
+            self.qtg = torch.cat([self.qtg, u[:, :k].t() @ self.g], 0)
 
     @torch.no_grad()
     def refresh(self, *, force: bool = False) -> bool:
         """Recompute ``S`` and the sketch of its complement when ``K`` grew by ``REFRESH`` prefixes or
-        10 % (or ``force``); True when it did."""
+        10 % (or ``force``); True when it did. ``R``'s spectrum comes from its Gram matrix
+        ``G^T G - (Q^T G)^T (Q^T G)`` (d x d; ``Q^T G`` grows with ``Q``), its rank by the span's gap rule."""
         if not force and self.grown < max(REFRESH, 0.1 * self.n_known):
             return False
         self._absorb()
         self.grown = 0
-        r = self.g - self.q @ (self.q.t() @ self.g)  # [4d, d]: the part of G no known activation explains
-        d = int(r.shape[1])
-        try:
-            sp = span_of(r.t())  # column space of R: rank min(#missing, d) (gap rule, float32 eps)
-        except DagerPreconditionError:  # every direction explained
-            sp = None
-        if sp is None:
-            basis = torch.zeros(self.width, 0, dtype=torch.float64)
-            self.res_rank, self.saturated = 0, False
-        else:
-            self.saturated = sp.rank >= d - max(1, d // 100)
-            keep = sp.rank - max(2, round(RES_CUT * d)) if self.saturated else sp.rank
-            basis = sp.basis[:, :max(1, keep)]
-            self.res_rank = int(basis.shape[1])
-        s = torch.cat([self.q, basis - self.q @ (self.q.t() @ basis)], 1)
-        s, _ = torch.linalg.qr(s)
+        d = int(self.g.shape[1])
+        gram = self.gtg - self.qtg.t() @ self.qtg
+        ev, v = torch.linalg.eigh((gram + gram.t()) / 2)
+        ev, v = ev.flip(0).clamp_min(0.0), v.flip(1)
+        sv = ev.sqrt()
+        rank = min(_gap_rank(sv, self.width, d), self.width - int(self.q.shape[1]))
+        self.saturated = rank >= min(d, self.width - int(self.q.shape[1])) - max(1, d // 100)
+        keep = max(1, rank - max(2, round(RES_CUT * d))) if self.saturated else rank
+        self.res_rank = keep if rank > 0 else 0
+        # R's column basis R V S^-1 (orthogonal to Q up to round-off: once more against Q)
+        w = v[:, :self.res_rank] / sv[:self.res_rank].clamp_min(1e-300)
+        basis = self.g @ w - self.q @ (self.qtg @ w)
+        basis = basis - self.q @ (self.q.t() @ basis)
+        basis, _ = torch.linalg.qr(basis) if basis.shape[1] else (basis, None)
+        s = torch.cat([self.q, basis], 1)
         if self.width <= EXACT_WIDTH or self.width - s.shape[1] <= SKETCH:
             # small: the exact orthonormal complement (the distance itself, not a sketch)
             full, _ = torch.linalg.qr(torch.cat([s, torch.eye(self.width, dtype=torch.float64)], 1))
@@ -149,6 +174,11 @@ class ActivationSpan:
         return int(self.q.shape[1]) + self.res_rank
 
     @property
+    def exact(self) -> bool:
+        """Whether ``S`` is the span of every true activation (``R`` unsaturated, complement left)."""
+        return not self.saturated and self.usable and self.n_known > 0
+
+    @property
     def usable(self) -> bool:
         """False once ``S`` leaves too little complement for a test (``dim S > 4d - MIN_COMPLEMENT``)."""
         return self.dim < self.width - MIN_COMPLEMENT
@@ -163,14 +193,13 @@ class ActivationSpan:
 
 
 def shortlist_distances(block, aspan: ActivationSpan, prefixes: list[list[int]], pos: int, cands: list[int],
-                        ds: list[Tensor], n_short: int) -> tuple[list[Tensor], float, list[dict[int, Tensor]]]:
+                        ds: list[Tensor], n_short: int) -> tuple[list[Tensor], float]:
     """Each path's ``n_short`` extensions nearest by ``ds`` (the feed-forward-input distances of every
     candidate) measured at ``aspan`` (the rest set to inf), the step's baseline (the median at ``aspan``
     of ``n_short // 2`` further extensions per path spread evenly over the remaining order: the
-    population's median) and, per path, the activation of each shortlisted candidate (by its index in
-    ``cands``) for ``aspan.add``. ``block``: the incremental first block (``dec_block.PreLNDecoderBlock``)
+    population's median). ``block``: the incremental first block (``dec_block.PreLNDecoderBlock``)
     with the tables of positions ``<= pos``."""
-    out, base, acts = [], [], []
+    out, base = [], []
     for pre, d in zip(prefixes, ds):
         o = d.argsort()
         short, rest = o[:n_short], o[n_short:]
@@ -183,7 +212,34 @@ def shortlist_distances(block, aspan: ActivationSpan, prefixes: list[list[int]],
         full[short] = dd[: short.numel()]
         out.append(full)
         base.append(dd[short.numel():])
-        acts.append({int(j): a[k] for k, j in enumerate(short.tolist())})
     b = torch.cat(base)
     med = float(b.median()) if b.numel() else float(torch.cat([x[torch.isfinite(x)] for x in out]).median())
-    return out, med, acts
+    return out, med
+
+
+def learn(aspan: ActivationSpan, block, keys: set[tuple[int, ...]]) -> None:
+    """Add the activations of the prefixes ``keys`` (each token at its position after the rest) that
+    ``aspan`` does not hold yet, one block call per parent prefix."""
+    by_pre: dict[tuple[int, ...], list[int]] = {}
+    for k in keys:
+        if k not in aspan.keys:
+            by_pre.setdefault(k[:-1], []).append(k[-1])
+    for pre, toks in by_pre.items():
+        a = aspan.activations(block.extend([list(pre)], len(pre), toks)[0])
+        for t, ax in zip(toks, a):
+            aspan.add(pre + (t,), ax)
+
+
+def peel_step(aspan: ActivationSpan, block, live: list[tuple[list[int], list[float]]],
+              ended: list[tuple[list[int], list[float]]], *, lag: int, below: float, trim: float) -> None:
+    """One beam step's known prefixes (``frontier.search_decoder``): each live path's prefix ``lag`` tokens
+    behind its end when its ratio there is under ``below`` (``lag`` 0: the roots and the exact stage,
+    every live path), and the part of each path that ended (``ended``) whose ratios are under ``trim``."""
+    keys = set()
+    for ids, ratios in live:
+        n = len(ids) - lag
+        if n >= 1 and (lag == 0 or ratios[n - 1] < below):
+            keys.add(tuple(ids[:n]))
+    for ids, ratios in ended:
+        keys.update(tuple(ids[:k]) for k in range(1, len(ids) + 1) if ratios[k - 1] < trim)
+    learn(aspan, block, keys)
