@@ -3,7 +3,10 @@
 per-sentence outcome and the seconds. Development seeds (< 1000) only.
 
     python bench/dager_frontier_dev.py --case text/gpt2/dager --batch-size 32 --seed 0 --trial 0 \
-        [--set time_budget_s=300] [--profile out.prof]
+        [--set time_budget_s=300] [--profile out.prof] [--ffn-span [--known-lag 3]]
+
+``--ffn-span`` turns on the feed-forward activation span of ``ffn_span.py`` (``frontier.FRONTIER_FFN_SPAN``,
+off by default) for the token-set search, ``--known-lag`` sets ``frontier.KNOWN_LAG``.
 """
 from __future__ import annotations
 
@@ -42,12 +45,19 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--profile", default="")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--ffn-span", action="store_true")
+    ap.add_argument("--known-lag", type=int, default=0)
     a = ap.parse_args()
     if a.seed >= 1000:
         raise SystemExit("development harness: seeds < 1000 only")
     import torch
 
+    import textleak.attacks.dager.frontier as frontier
     from common.seed import derive_seed, make_generator
+    if a.ffn_span:
+        frontier.FRONTIER_FFN_SPAN = True
+    if a.known_lag:
+        frontier.KNOWN_LAG = a.known_lag
     overrides = {}
     for kv in a.set:
         k, v = kv.split("=", 1)

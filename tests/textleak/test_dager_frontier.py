@@ -70,3 +70,85 @@ def test_token_set_search_past_the_rank_limit_recovers_first_tokens():
     assert sum(min(got.count(t), want.count(t)) for t in set(want)) >= 6, (rec.data, truth["sentences"])
     metrics, _ = kit.score(rec, truth, case=case)
     assert metrics["rouge1"] >= 0.25, (rec.data, truth["sentences"])
+
+
+def test_feed_forward_activation_span_is_exact_past_the_rank_limit_once_prefixes_are_peeled():
+    """Tiny GPT-2 at B=8 (81 tokens in width 64): the first block's ``mlp.c_proj`` update [256, 64] is
+    saturated (rank 64), so the activation's distance to its column space alone does not separate true
+    extensions from wrong ones; with the true activations of positions < 3 peeled off (``ffn_span``:
+    fewer than 64 tokens missing) every true extension at positions 3 and 4 lies in the span to float32
+    round-off and every wrong batch token at the true prefix lies far outside (the exact test again)."""
+    from textleak.attacks.dager.dec_block import PreLNDecoderBlock
+    from textleak.attacks.dager.ffn_span import ActivationSpan
+
+    _, _, model, obs, _, truth, _ = _setup("text/tiny-gpt2/dager", 8)
+    model.eval()
+    tids = [list(map(int, t)) for t in truth["token_ids"]]
+    assert sum(len(s) for s in tids) > 64
+    aspan = ActivationSpan.build(obs, model)
+    assert aspan is not None
+    assert torch.linalg.matrix_rank(aspan.g.float()) >= 63  # saturated: only 64 columns
+    blk = PreLNDecoderBlock(model)
+    toks = sorted({t for s in tids for t in s})
+    for p in range(5):
+        blk.table(p, toks)
+
+    def act(pre: list[int], cands: list[int]) -> torch.Tensor:
+        return aspan.activations(blk.extend([pre], len(pre), cands)[0])
+
+    def split(p: int) -> tuple[float, float]:
+        true_d, wrong_d = [], []
+        for s in tids:
+            if p >= len(s) - 1:  # the last token has no gradient (it predicts padding)
+                continue
+            wrong = [t for t in toks if t not in {x[p] for x in tids if x[:p] == s[:p] and len(x) > p}]
+            true_d.append(float(aspan.distance(act(s[:p], [s[p]]))[0]))
+            wrong_d.append(float(aspan.distance(act(s[:p], wrong)).min()))
+        return max(true_d), min(wrong_d)
+
+    t_alone, w_alone = split(3)
+    assert t_alone > 1e-2 and w_alone < 10 * t_alone  # col(G) alone: no exact separation
+    for s in tids:  # peel the true prefixes of positions < 3
+        for p in range(min(3, len(s) - 1)):
+            aspan.add(tuple(s[: p + 1]), act(s[:p], [s[p]])[0])
+    aspan.refresh(force=True)
+    assert not aspan.saturated and aspan.res_rank < 60
+    for p in (3, 4):
+        t_max, w_min = split(p)
+        assert t_max < 1e-4 and w_min > 1e-2, (p, t_max, w_min)
+
+
+def test_token_set_search_runs_exact_once_enough_true_prefixes_are_peeled(monkeypatch):
+    """The search's exact stage end to end (tiny GPT-2, B=8, both layers saturated): seeded with the true
+    activations of positions < 3 (an oracle standing in for the prefixes a search has accepted), the
+    activation span is exact from the root on, and the beam, accepting only extensions under its
+    threshold, recovers every sentence exactly (the last token by the last-token completion); the same
+    search without the activation span (the ranked beam alone) reaches far less."""
+    from textleak.attacks.dager import frontier
+    from textleak.attacks.dager.dec_block import PreLNDecoderBlock
+    from textleak.attacks.dager.ffn_span import ActivationSpan, learn
+
+    kit, case, model, obs, prior, truth, _ = _setup("text/tiny-gpt2/dager", 8)
+    model.eval()
+    tids = [list(map(int, t)) for t in truth["token_ids"]]
+
+    def seeded(o, m):
+        aspan = ActivationSpan.build(o, m)
+        blk = PreLNDecoderBlock(m)
+        toks = sorted({t for s in tids for t in s})
+        for p in range(3):
+            blk.table(p, toks)
+        learn(aspan, blk, {tuple(s[: p + 1]) for s in tids for p in range(min(3, len(s) - 1))})
+        aspan.refresh(force=True)
+        assert aspan.exact
+        return aspan
+
+    base = _attack(obs, model, prior, on_failure="raise")
+    monkeypatch.setattr(frontier, "activation_span", seeded)
+    rec = _attack(obs, model, prior, on_failure="raise")
+    assert rec.stats["ffn_span_exact_from"] == 0.0
+    got = set(rec.data)
+    assert sum(s in got for s in truth["sentences"]) >= 7, (rec.data, truth["sentences"])
+    m_exact, _ = kit.score(rec, truth, case=case)
+    m_base, _ = kit.score(base, truth, case=case)
+    assert m_exact["rouge1"] >= 0.9 and m_base["rouge1"] < 0.5, (m_exact["rouge1"], m_base["rouge1"])

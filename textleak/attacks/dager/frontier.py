@@ -58,6 +58,13 @@ greedy pursuit over a token-by-position dictionary, the strongest atoms first):
   distance under ``FRONTIER_CLEAR`` times the calibrated tolerance, near-duplicates (same
   length, ``FRONTIER_DUPLICATE`` of the tokens shared) dropped, and the B best by max layer-2
   distance returned.
+* **Feed-forward activation span** (``ffn_span``, ``FRONTIER_FFN_SPAN``, off by default): with the
+  token set, the known prefixes' activations are peeled off the first block's ``mlp.c_proj`` update;
+  once fewer than ``d`` tokens are missing the test is exact and the beam accepts only extensions
+  under its threshold, every candidate tested (tiny GPT-2 B=8 seeded with the true prefixes of
+  positions < 3: every sentence exact). Off because on the GPT-2 B=64 development batch the soft
+  stage never gathered enough true prefixes (strong ones: 380 known; every kept one or those three
+  steps behind a live path: 2961 / 2745 known, mostly wrong, filling the 3072 dimensions).
 * **Under declared noise** the exact search runs first and this search fills the sentences it
   leaves missing (or replaces it when it finds no token at all).
 
@@ -79,6 +86,13 @@ from textleak.models import embedding_param_name
 from .config import (CHUNK, FRONTIER_TRIM, FRONTIER_ACCEPT, FRONTIER_BEAM_PER_SENTENCE, FRONTIER_CHILDREN, FRONTIER_CHILDREN_MAX, FRONTIER_CONTINUE,
                      FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_MIN_TOL, RANK_CUTOFF, TOKEN_SET_GAP, FRONTIER_SHORTLIST)
 from .dec_block import ComplementDistance, PreLNDecoderBlock
+from .ffn_span import ActivationSpan, peel_step, shortlist_distances
+
+FRONTIER_FFN_SPAN = False  # with the token set: the feed-forward activation span (ffn_span) takes over once exact
+# (off: on the GPT-2 B=64 development batch the beam never peeled enough true prefixes to reach the exact stage)
+KNOWN_BELOW = FRONTIER_CONTINUE  # a kept prefix whose last ratio is under this joins the known activations (wrong
+# ones only add directions; the true ones are what makes the test exact)
+KNOWN_LAG = 3  # soft stage: a prefix joins the known activations once a live path extends it by this many tokens
 from .prior import embedding_updates, learned_position_table
 from .run import Run, declared_sigma
 from .scan import SCAN_BLOCK, AffineScan
@@ -272,20 +286,32 @@ def ffn_inputs(obs: Observation, model: nn.Module, probe: Tensor, sigma: float) 
     return LayerInputs(model, tap), sp
 
 
+def activation_span(obs: Observation, model: nn.Module) -> ActivationSpan | None:
+    """The feed-forward-activation span test of ``ffn_span`` (None when ``FRONTIER_FFN_SPAN`` is off or the
+    model or observation lacks the first block's ``mlp.c_proj`` update)."""
+    return ActivationSpan.build(obs, model) if FRONTIER_FFN_SPAN else None
+
+
 def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *,
                    block: PreLNDecoderBlock | None = None, root_quota: int = 0,
-                   rerank: tuple[LayerInputs, Span] | None = None) -> tuple[list[list[int]], list[float]]:
+                   rerank: tuple[LayerInputs, Span] | None = None,
+                   acts: ActivationSpan | None = None) -> tuple[list[list[int]], list[float]]:
     """The ranked beam over positions (see the module docstring); returns every finished path
     (trailing weak tokens trimmed) and its root-mean-square distance ratio. ``block`` (the incremental
     first block, for the feed-forward-input test of GPT-2) replaces the model forward: same inputs;
     ``root_quota`` > 0: every first token keeps its best ``root_quota`` paths in the beam (used when the
     first tokens were read from the embedding updates, ``first_tokens``). ``rerank`` (with ``block``):
     each path's ``FRONTIER_SHORTLIST`` extensions nearest at the block's span are ranked at this
-    (layer-2) span instead, through the model; the others are out (distance inf)."""
+    (layer-2) span instead, through the model; the others are out (distance inf). ``acts`` (with
+    ``block``, replaces ``rerank``): the shortlist is measured at the feed-forward activations' span
+    with the accepted prefixes peeled off (``ffn_span``; exact once fewer than ``d`` tokens are
+    missing), every strong prefix kept in the beam joining the known set."""
     cap = FRONTIER_BEAM_PER_SENTENCE * (b or 8) + 16
     live = [_Path([], 0.0)]
     finished: list[_Path] = []
     dist = ComplementDistance(span2.basis) if block is not None else None
+    acts = acts if block is not None else None
+    n_fin = 0  # finished paths already peeled (acts)
     for p in range(len(l1)):
         if not live or run.over_budget():
             break
@@ -294,7 +320,12 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
         if block is not None and dist is not None:
             block.table(p, cands)
             ds = list(block.extend([x.ids for x in live], p, cands, reduce=dist))
-            if rerank is not None and len(cands) > 2 * (b or 8):
+            if acts is not None:
+                acts.refresh()
+            exact = acts is not None and acts.exact
+            if exact:  # fewer than d tokens missing: the activation span is an exact test (hard threshold)
+                ds, med0 = shortlist_distances(block, acts, [x.ids for x in live], p, cands, ds, len(cands))
+            elif rerank is not None and len(cands) > 2 * (b or 8):
                 ds, med0 = _rerank(rerank, live, cands, ds)
         else:
             xs = decoder_last_inputs(li2, [x.ids for x in live], [cands] * len(live))
@@ -305,7 +336,10 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
         nxt: list[tuple[_Path, bool]] = []
         for path, d in zip(live, ds):
             r = d / med
-            if path.ids:
+            if exact and acts is not None:  # every extension under the exact threshold, nothing else
+                order = d.argsort()[:FRONTIER_CHILDREN_MAX].tolist()
+                kids = [j for j in order if float(d[j]) < acts.tau]
+            elif path.ids:
                 order = r.argsort()[:FRONTIER_CHILDREN_MAX].tolist()
                 # the best extension continues the path under FRONTIER_CONTINUE; every other one
                 # under FRONTIER_ACCEPT branches (sentences sharing a prefix: five starting with "a")
@@ -343,6 +377,15 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
             live = head[:cap] + rest[: max(0, cap - len(head))]
         else:
             live = live[:cap]
+        if acts is not None:  # peel the known prefixes (ffn_span.peel_step)
+            peel_step(acts, block, [(x.ids, x.ratios) for x in live], [(x.ids, x.ratios) for x in finished[n_fin:]],
+                      lag=0 if p == 0 or exact else KNOWN_LAG, below=KNOWN_BELOW, trim=FRONTIER_TRIM)
+            n_fin = len(finished)
+            run.stats["ffn_span_known"] = float(acts.n_known)
+            run.stats["ffn_span_dim"] = float(acts.dim)
+            run.stats["ffn_span_res_rank"] = float(acts.res_rank)
+            if acts.exact and "ffn_span_exact_from" not in run.stats:
+                run.stats["ffn_span_exact_from"] = float(p)
     finished.extend(x for x in live if x.ids)
     out: dict[tuple[int, ...], float] = {}
     for f in finished:
