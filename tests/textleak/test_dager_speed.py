@@ -72,3 +72,57 @@ def test_rope_block_refused_for_gpt2():
     model.eval()
     li = LayerInputs(model, find_tap(model, 0, torch.tensor([[1, 2, 3]]), group=2))
     assert RopeDecoderBlock.build(model, li, [5, 6, 7]) is None
+
+
+def _sentences(batch) -> list[list[int]]:
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    return [ids[i, :int(mask[i].sum()) - 1].tolist() for i in range(ids.shape[0])]
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_jacobian_vector_product_gives_each_terms_dot_product(name):
+    """The early exit's bound rests on ``g . U_y = -g[y] . h - w_y . D``: the dot product of a
+    candidate's exact term (one backward per candidate) with the residual equals the one from the
+    single forward-mode product ``D``, for every sentence and candidate."""
+    from textleak.attacks.dager import last_exit, last_token
+
+    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 4)
+    model.eval()
+    sents = _sentences(batch)
+    out = model.get_output_embeddings()
+    key = next(n for n, p in model.named_parameters() if p is out.weight)
+    g, hs, _, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    dvec = last_exit._jvp(model, graph, sents, g)
+    cands = [[5, 17, 40, s[0]] for s in sents]  # s[0]: a token of the sentence itself
+    ges = last_token._packed_terms(graph, out.weight, sents, cands)
+    for i, s in enumerate(sents):
+        for k, y in enumerate(cands[i]):
+            _, rows = last_token._order(s, [y], hs[i], ges[i][k:k + 1], g, 1.0)
+            exact = sum(float(g[r] @ v) for r, v in rows[0].items())
+            via_d = float(-(g[y] @ hs[i]) - out.weight[y].detach().double() @ dvec[i])
+            assert via_d == pytest.approx(exact, rel=1e-4, abs=1e-6 * float(g.norm()) * float(hs[i].norm()))
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_last_token_early_exit_is_certified_and_equal(name, monkeypatch):
+    """The certified choice holds on the true prefixes (B=6) and returns exactly the full ranking and
+    joint fit's tokens, which are the true last tokens."""
+    from textleak.attacks.dager import last_token
+
+    _, _, model, obs, _, truth, batch = _setup(f"text/{name}/dager", 6)
+    model.eval()
+    sents = _sentences(batch)
+    got: list[bool] = []
+    orig = last_token.certified_choice
+
+    def spy(*a, **k):
+        r = orig(*a, **k)
+        got.append(r is not None)
+        return r
+
+    monkeypatch.setattr(last_token, "certified_choice", spy)
+    fast = last_token.complete_last(obs, model, sents)
+    full = last_token.complete_last(obs, model, sents, early_exit=False)
+    assert got == [True]
+    assert fast == full
+    assert sum(a == b for a, b in zip(fast, truth["token_ids"])) >= 5

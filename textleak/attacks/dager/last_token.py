@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from common.types import Observation
 
 from .config import LAST_TOKEN_CANDIDATES
+from .last_exit import certified_choice
 from .span import _Stop, model_device
 
 Terms = dict[int, Tensor]  # row of the output-embedding update -> the term's contribution
@@ -35,15 +36,17 @@ class Graph:
     rows: Tensor
     offs: Tensor
     lens: Tensor
+    inputs: dict  # the forward's other arguments (attention mask, positions)
 
 
 def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
-                  batched: bool = True) -> list[list[int]]:
+                  batched: bool = True, early_exit: bool = True) -> list[list[int]]:
     """Append the last token to every sentence (unchanged when the output embedding's update is
     not observed). ``batched``: the residual's forward on packed rows (``_residual``), and the
     candidates' input-side terms of every sentence from that same forward, in one backward per
     candidate rank over all sentences at once (``_packed_terms``); else a forward per sentence and
-    one backward per (sentence, candidate) (the original)."""
+    one backward per (sentence, candidate) (the original). ``early_exit`` (with ``batched``): the
+    certified choice of ``last_exit.py`` where it holds (the same tokens from about two backwards)."""
     out_emb = getattr(model, "get_output_embeddings", lambda: None)()
     if out_emb is None or not hasattr(out_emb, "weight"):
         return sents
@@ -69,6 +72,10 @@ def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
         return [s + [c[0]] for s, c in zip(sents, cands)]
     terms: list[list[Terms]] = []
     tied = model.get_input_embeddings().weight is w
+    if early_exit and batched and graph is not None and tied:  # the exact early exit (last_exit.py), else every candidate's term
+        got = certified_choice(model, graph, w, sents, cands, hs, g, r_norm, denom)
+        if got is not None:
+            return [s + [t] for s, t in zip(sents, got)]
     ges = _packed_terms(graph, w, sents, cands) if batched and graph is not None and tied else None
     for i, s in enumerate(sents):
         if len(cands[i]) > 1:
@@ -134,7 +141,7 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
                 model(**inputs)
     finally:
         h.remove()
-    graph = Graph(hid[0], e, rows, offs, lens) if keep else None
+    graph = Graph(hid[0], e, rows, offs, lens, {k: x for k, x in inputs.items() if k != "inputs_embeds"}) if keep else None
     return g, hid[0][rows, offs + lens - 1].detach().to(torch.float64).cpu(), denom, graph
 
 
@@ -239,9 +246,9 @@ def _packed_terms(graph: Graph, w: Tensor, sents: list[list[int]], cands: list[l
     for i, c in enumerate(cands):
         cot[:len(c), int(graph.rows[i]), int(last[i])] = w[c].detach().to(hid.dtype)
     try:
-        (ge,) = torch.autograd.grad(hid, [e], grad_outputs=cot, is_grads_batched=True)
+        (ge,) = torch.autograd.grad(hid, [e], grad_outputs=cot, is_grads_batched=True, retain_graph=True)
     except RuntimeError:
-        ge = torch.stack([torch.autograd.grad(hid, [e], grad_outputs=cot[j], retain_graph=j + 1 < kmax)[0]
+        ge = torch.stack([torch.autograd.grad(hid, [e], grad_outputs=cot[j], retain_graph=True)[0]
                           for j in range(kmax)])
     out = []
     for i, (s, c) in enumerate(zip(sents, cands)):
