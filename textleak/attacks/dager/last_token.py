@@ -7,7 +7,8 @@ subtract the part the recovered prefixes explain (every known target, plus the s
 ``p h^T`` of the last predicting position, computed with autograd under the kit's
 per-sequence-mean next-token loss), so the residual is supported on the unknown targets' rows
 only; each sentence takes the row most anti-aligned with its final hidden state, re-ranked by its
-exact gradient term and fitted jointly over the batch. For FedAvg deltas the raw update is used.
+exact gradient term and fitted jointly over the batch (where ``last_exit.py`` certifies the outcome,
+from the terms of only a few candidates). For FedAvg deltas the raw update is used.
 """
 from __future__ import annotations
 
