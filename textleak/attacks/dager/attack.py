@@ -18,6 +18,7 @@ from textleak.models import max_length
 from . import decoder, encoder, frontier, last_token, peel
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
+from .rope_block import RopeDecoderBlock
 from .config import (CHUNK, FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
                      FRONTIER_FFN, FRONTIER_PRIOR_PENALTY, MAX_LEN, ROOT_QUOTA, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
 from .run import Run, declared_sigma
@@ -54,10 +55,11 @@ class _Ctx:
     probe: Tensor  # a 3-token input whose forward finds the taps (``find_tap``, ``frontier.ffn_inputs``)
 
 
-def _decoder_block(model: nn.Module, li: LayerInputs, l1) -> PreLNDecoderBlock | None:
-    """The incremental first block at ``li``'s tap, checked on the first candidates of the first four
-    positions (None where it does not reproduce the model)."""
-    return PreLNDecoderBlock.build(model, li, [l1[p][0][0] for p in range(min(4, len(l1)))])
+def _decoder_block(model: nn.Module, li: LayerInputs, l1) -> PreLNDecoderBlock | RopeDecoderBlock | None:
+    """The incremental first block at ``li``'s tap (GPT-2 layout, else Llama layout), checked on the first
+    candidates of the first four positions (None where it does not reproduce the model)."""
+    probe = [l1[p][0][0] for p in range(min(4, len(l1)))]
+    return PreLNDecoderBlock.build(model, li, probe) or RopeDecoderBlock.build(model, li, probe)
 
 
 class DAGER:
@@ -214,7 +216,7 @@ class DAGER:
             # as the reference: the lowest layer-2 scores
             order = sorted(range(len(sents)), key=lambda i: scores[i])[: b if b is not None else None]
         else:
-            run.ffn_prefilter = self._ffn_prefilter(c, l1) if run.fast and not position_free else None
+            run.ffn_prefilter = self._ffn_prefilter(c, l1) if run.fast else None
             run.stats["ffn_prefilter"] = float(run.ffn_prefilter is not None)
             sents, scores = decoder.search(run, li2, spans[1], l1, b, max_len, position_free)
             keep = decoder.select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
@@ -227,7 +229,7 @@ class DAGER:
 
     @staticmethod
     def _ffn_prefilter(c: _Ctx, l1) -> tuple[PreLNDecoderBlock, ComplementDistance] | None:
-        """The exact decoder search's prefilter (GPT-2, noise-free, unsaturated feed-forward input): the
+        """The exact decoder search's prefilter (GPT-2 or Llama layout, noise-free, unsaturated feed-forward input): the
         incremental first block and the distance to the feed-forward input's span; None otherwise."""
         if declared_sigma(c.obs) > 0 or not l1 or not l1[0][0]:
             return None

@@ -7,11 +7,13 @@ subtract the part the recovered prefixes explain (every known target, plus the s
 ``p h^T`` of the last predicting position, computed with autograd under the kit's
 per-sequence-mean next-token loss), so the residual is supported on the unknown targets' rows
 only; each sentence takes the row most anti-aligned with its final hidden state, re-ranked by its
-exact gradient term and fitted jointly over the batch. For FedAvg deltas the raw update is used.
+exact gradient term and fitted jointly over the batch (where ``last_exit.py`` certifies the outcome,
+from the terms of only a few candidates). For FedAvg deltas the raw update is used.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -19,16 +21,33 @@ from torch import Tensor, nn
 from common.types import Observation
 
 from .config import LAST_TOKEN_CANDIDATES
+from .last_exit import certified_choice
 from .span import _Stop, model_device
 
 Terms = dict[int, Tensor]  # row of the output-embedding update -> the term's contribution
 
 
+@dataclass
+class Graph:
+    """The packed residual forward kept for the candidates' terms: the output layer's input [R, T, d],
+    the word embeddings it started from [R, T, d] (in the graph), each sentence's row and offset, and
+    the sentence lengths."""
+    hidden: Tensor
+    embeds: Tensor
+    rows: Tensor
+    offs: Tensor
+    lens: Tensor
+    inputs: dict  # the forward's other arguments (attention mask, positions)
+
+
 def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
-                  batched: bool = True) -> list[list[int]]:
+                  batched: bool = True, early_exit: bool = True) -> list[list[int]]:
     """Append the last token to every sentence (unchanged when the output embedding's update is
-    not observed). ``batched``: the candidates' input-side terms in one backward per sentence, and
-    the residual's forward and backward on packed rows (``_residual``)."""
+    not observed). ``batched``: the residual's forward on packed rows (``_residual``), and the
+    candidates' input-side terms of every sentence from that same forward, in one backward per
+    candidate rank over all sentences at once (``_packed_terms``); else a forward per sentence and
+    one backward per (sentence, candidate) (the original). ``early_exit`` (with ``batched``): the
+    certified choice of ``last_exit.py`` where it holds (the same tokens from about two backwards)."""
     out_emb = getattr(model, "get_output_embeddings", lambda: None)()
     if out_emb is None or not hasattr(out_emb, "weight"):
         return sents
@@ -38,30 +57,40 @@ def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
         return sents
     dev = model_device(model)
     exact = obs.kind == "gradient" and w.requires_grad
-    g, v, denom = _residual(obs, model, out_emb, obs.tensors[name], sents, exact, packed=batched)
+    g, v, denom, graph = _residual(obs, model, out_emb, obs.tensors[name], sents, exact, packed=batched)
     row_norm = g.norm(dim=1)  # (once: [V, d] in float64)
     k = LAST_TOKEN_CANDIDATES
     by_norm = row_norm.topk(min(k, g.shape[0])).indices.tolist()  # the residual's heaviest rows
     r_norm = float(row_norm.pow(2).sum().sqrt())
+    hs = v  # the final hidden states (float64), before normalising them for the candidate search
     v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
     near = (-(g @ v.t()) / row_norm.clamp_min(1e-30).unsqueeze(1)).topk(min(k, g.shape[0]), dim=0).indices
     cands: list[list[int]] = []
-    terms: list[list[Terms]] = []
     for i, s in enumerate(sents):
         cand = near[:, i].tolist()  # the rows most anti-aligned with the final hidden state
-        cand = cand + [c for c in by_norm if c not in cand]
-        if exact and len(cand) > 1:
-            cand, rows = _rank_last(model, w, s, cand, g, dev, batched=batched, r_norm=r_norm)
-            terms.append([{r: t / (denom * len(s)) for r, t in rr.items()} for rr in rows])
-        cands.append(cand)
-    if not exact or not terms:
+        cands.append(cand + [c for c in by_norm if c not in cand])
+    if not exact or not any(len(c) > 1 for c in cands):
         return [s + [c[0]] for s, c in zip(sents, cands)]
+    terms: list[list[Terms]] = []
+    tied = model.get_input_embeddings().weight is w
+    if early_exit and batched and graph is not None and tied:  # the exact early exit (last_exit.py), else every candidate's term
+        got = certified_choice(model, graph, w, sents, cands, hs, g, r_norm, denom)
+        if got is not None:
+            return [s + [t] for s, t in zip(sents, got)]
+    ges = _packed_terms(graph, w, sents, cands) if batched and graph is not None and tied else None
+    for i, s in enumerate(sents):
+        if len(cands[i]) > 1:
+            if batched:
+                cands[i], rows = _order(s, cands[i], hs[i], ges[i] if ges is not None else None, g, r_norm)
+            else:
+                cands[i], rows = _rank_last(model, w, s, cands[i], g, dev, r_norm=r_norm)
+            terms.append([{r: t / (denom * len(s)) for r, t in rr.items()} for rr in rows])
     choice = _joint_fit(g, cands, terms, len(sents))
     return [s + [c[j]] for s, c, j in zip(sents, cands, choice)]
 
 
 def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Tensor, sents: list[list[int]],
-              exact: bool, *, packed: bool = True) -> tuple[Tensor, Tensor, float]:
+              exact: bool, *, packed: bool = True) -> tuple[Tensor, Tensor, float, Graph | None]:
     """The output-embedding update [V, d] (float64) less what the recovered prefixes explain (when
     ``exact``: a FedSGD gradient with a trainable output layer), the hidden states [n, d] at the
     output layer's input at each sentence's last position, and the loss denominator.
@@ -70,7 +99,8 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
     first) with a block-diagonal causal mask and per-sentence positions, so each sees only itself as
     alone in a row (the same values up to float32 round-off) and the forward, the logits and the
     backward skip the padding of a right-padded batch (about half its positions at B=16); else the
-    right-padded batch (the original)."""
+    right-padded batch (the original). With ``packed`` and ``exact`` the forward starts from the word
+    embeddings (the same values) and its graph is returned (``Graph``) for ``_packed_terms``."""
     w = out_emb.weight
     g = update.detach().to(torch.float64).cpu()  # [V, d]
     dev = model_device(model)
@@ -86,6 +116,11 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
 
     h = out_emb.register_forward_pre_hook(hook)
     inputs = {"input_ids": ids, "attention_mask": mask} | ({"position_ids": pos} if packed else {})
+    keep = exact and packed
+    e = None
+    if keep:  # the word embeddings as an input of the graph (their gradient: the input-side terms)
+        e = model.get_input_embeddings()(inputs.pop("input_ids"))
+        inputs["inputs_embeds"] = e
     try:
         if exact:
             logits = model(**inputs).logits.float()
@@ -99,7 +134,7 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
             loss_b = (loss_b + last) / lens.to(lp.dtype)  # the true sentence has len+1 tokens -> len targets
             proto = obs.protocol
             denom = float(obs.num_examples or n) if (proto is None or proto.loss_reduction == "mean") else 1.0
-            (gp,) = torch.autograd.grad(loss_b.sum() / denom, [w])
+            (gp,) = torch.autograd.grad(loss_b.sum() / denom, [w], retain_graph=keep)
             g = g - gp.detach().to(torch.float64).cpu()
         else:
             denom = 1.0
@@ -107,7 +142,8 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
                 model(**inputs)
     finally:
         h.remove()
-    return g, hid[0][rows, offs + lens - 1].detach().to(torch.float64).cpu(), denom
+    graph = Graph(hid[0], e, rows, offs, lens, {k: x for k, x in inputs.items() if k != "inputs_embeds"}) if keep else None
+    return g, hid[0][rows, offs + lens - 1].detach().to(torch.float64).cpu(), denom, graph
 
 
 def _pack(sents: list[list[int]], dev: torch.device, dtype: torch.dtype, *,
@@ -143,14 +179,14 @@ def _pack(sents: list[list[int]], dev: torch.device, dtype: torch.dtype, *,
 
 
 def _rank_last(model: nn.Module, w: Tensor, s: list[int], cand: list[int], resid: Tensor,
-               dev: torch.device, *, batched: bool = True, r_norm: float | None = None) -> tuple[list[int], list[Terms]]:
-    """Order candidate last tokens by how well their exact gradient term explains the residual.
+               dev: torch.device, *, r_norm: float | None = None) -> tuple[list[int], list[Terms]]:
+    """Order candidate last tokens by how well their exact gradient term explains the residual
+    (``_order``), one sentence alone: its own forward (stopped at the output layer's input, so the
+    backward never touches the vocabulary logits) and one backward per candidate (the original path).
 
     The term of target ``y`` in the update of ``w`` is ``-d logit_y / d w``: ``-h`` in row ``y``
     (output side) plus, when the input embedding is tied to ``w``, ``-d(w_y . h)/d x_t`` in the
-    row of every input token ``x_t`` (input side); returns the candidates ordered by cosine and their
-    (unscaled) row terms. ``h`` is captured at the output layer's
-    input (the forward stops there), so the backward never touches the vocabulary logits.
+    row of every input token ``x_t`` (input side).
     """
     emb = model.get_input_embeddings()
     tied = emb.weight is w
@@ -172,16 +208,23 @@ def _rank_last(model: nn.Module, w: Tensor, s: list[int], cand: list[int], resid
     finally:
         hnd.remove()
     h = store[0][0, -1]
-    h64 = h.detach().to(torch.float64).cpu()
-    r_norm = float(resid.norm()) if r_norm is None else r_norm
+    ges = torch.cat(_input_terms(h, e, w, cand, False)) if tied else None
+    return _order(s, cand, h.detach().to(torch.float64).cpu(), ges, resid,
+                  float(resid.norm()) if r_norm is None else r_norm)
+
+
+def _order(s: list[int], cand: list[int], h64: Tensor, ges: Tensor | None, resid: Tensor,
+           r_norm: float) -> tuple[list[int], list[Terms]]:
+    """The candidates ordered by the cosine of their (unscaled) row terms with the residual, and those
+    terms: ``-h64`` in row ``y`` plus ``-ges[j, t]`` [K, L, d] (``d(w_y . h) / d x_t``; None: untied)
+    in the row of every input token."""
     scores, terms = [], []
-    ges = _input_terms(h, e, w, cand, batched) if tied else None
+    ge64 = ges.detach().to(torch.float64).cpu() if ges is not None else None
     for j, y in enumerate(cand):
         rows: Terms = {int(y): -h64.clone()}
-        if ges is not None:
-            ge = ges[j]
+        if ge64 is not None:
             for t, tokid in enumerate(s):
-                g = -ge[0, t].detach().to(torch.float64).cpu()
+                g = -ge64[j, t]
                 rows[int(tokid)] = rows[int(tokid)] + g if int(tokid) in rows else g
         terms.append(rows)
         dot = sum(float(resid[k] @ v) for k, v in rows.items())
@@ -191,10 +234,33 @@ def _rank_last(model: nn.Module, w: Tensor, s: list[int], cand: list[int], resid
     return [cand[j] for j in order], [terms[j] for j in order]
 
 
+def _packed_terms(graph: Graph, w: Tensor, sents: list[list[int]], cands: list[list[int]]) -> list[Tensor]:
+    """``d(w_y . h_i) / d x_t`` [K_i, L_i, d] for every sentence ``i`` and candidate ``y`` of it, from the
+    packed forward's graph: the j-th candidates of all sentences share one cotangent (each sentence's
+    final hidden state gets its own candidate's row; the sentences do not see one another), so one
+    backward per candidate rank gives every sentence's term, as a batch of cotangents
+    (``is_grads_batched``; a loop over the ranks where an operation has no batching rule)."""
+    hid, e = graph.hidden, graph.embeds
+    last = graph.offs + graph.lens - 1
+    kmax = max(len(c) for c in cands)
+    cot = torch.zeros((kmax,) + tuple(hid.shape), dtype=hid.dtype, device=hid.device)
+    for i, c in enumerate(cands):
+        cot[:len(c), int(graph.rows[i]), int(last[i])] = w[c].detach().to(hid.dtype)
+    try:
+        (ge,) = torch.autograd.grad(hid, [e], grad_outputs=cot, is_grads_batched=True, retain_graph=True)
+    except RuntimeError:
+        ge = torch.stack([torch.autograd.grad(hid, [e], grad_outputs=cot[j], retain_graph=True)[0]
+                          for j in range(kmax)])
+    out = []
+    for i, (s, c) in enumerate(zip(sents, cands)):
+        r, o = int(graph.rows[i]), int(graph.offs[i])
+        out.append(ge[:len(c), r, o:o + len(s)])
+    return out
+
+
 def _input_terms(h: Tensor, e: Tensor, w: Tensor, cand: list[int], batched: bool) -> list[Tensor]:
-    """``d(w_y . h) / d e`` [1, L, d] for every candidate ``y``: one backward with the candidates'
-    rows as a batch of cotangents (``batched``; the same vector-Jacobian products as one backward
-    per candidate, in larger matrix products), else one backward per candidate (the original)."""
+    """``d(w_y . h) / d e`` [1, L, d] for every candidate ``y`` of one sentence: one backward with the
+    candidates' rows as a batch of cotangents (``batched``), else one backward per candidate."""
     if batched:
         try:
             (ge,) = torch.autograd.grad(h, [e], grad_outputs=w[cand].detach(), is_grads_batched=True,

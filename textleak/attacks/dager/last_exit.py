@@ -1,0 +1,189 @@
+"""An exact early exit for the last-token completion (``last_token.py``; an addition for speed, issue 18).
+
+The completion ranks each sentence's K candidates (about 12) by the cosine between their exact gradient
+term and the residual, then improves the choice by pair swaps and single moves (``_joint_fit``).
+Every candidate's input-side term is a vector-Jacobian product through the whole model, so the
+completion costs K backwards of the batch. Most of that is unnecessary and can be proven so:
+
+* **Dot products without the terms.** A term's dot product with the residual ``g`` is linear in the
+  term: ``g . U_y = -g[y] . h - w_y . D`` with ``D = sum_t J_t g[x_t]`` (``J_t = dh / de_t``), one
+  Jacobian-vector product for every candidate of every sentence (forward-mode AD over the packed
+  forward). For ``y`` not among the sentence's own tokens ``|U_y| >= |h|`` (its row ``y`` is ``-h``),
+  so ``cos_y <= (g . U_y) / (|g| |h|)``: an upper bound of every candidate's score.
+* **The top candidate.** Per sentence the candidate of the highest bound gets its exact term (one
+  batched backward for all sentences); where its exact cosine beats every other candidate's bound
+  (with a margin of ``MARGIN`` for the float32 products), it is the ranking's first candidate.
+  Sentences that stay open get all their candidates' terms (one more backward).
+* **No move of the joint fit.** With ``e`` the residual less the chosen terms, a single move of
+  sentence ``i`` to a candidate ``a`` (not among its tokens) changes ``|e|^2`` by ``|X|^2 + 2 e.X``
+  with ``|X| >= |h_i| / (denom len_i)`` (row ``a`` of ``X``), so by at least ``x (x - 2 |e_R|)``
+  (``R`` the rows the move touches) ``> 0`` once ``|h_i| / (denom len_i) > 2 |e_R|``; a swap of
+  sentences ``i`` and ``j`` likewise with ``|X| >= sqrt 2 |h_i / (denom len_i) - h_j / (denom len_j)|``.
+  Moves to candidates whose terms are known are evaluated as the joint fit does. When no move can
+  lower the residual, the joint fit returns its starting point: the top candidates.
+
+When any of these checks fails (or forward-mode AD is unavailable) ``certified_choice`` returns
+None and the completion computes every term as before, so the result is the same in all cases.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+MARGIN = 1e-4  # cosine margin for the float32 Jacobian-vector product (true candidates: ~0.1 above)
+SLACK = 2.02  # |X| > SLACK |e_R| certifies that a move cannot lower the residual (2 plus a margin)
+
+
+def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]],
+                     hs: Tensor, g: Tensor, r_norm: float, denom: float) -> list[int] | None:
+    """The last token of every sentence, as the full ranking and joint fit would choose it, or None
+    where that cannot be certified cheaply (module docstring)."""
+    from .last_token import _order, _packed_terms
+
+    if any(len(c) < 2 for c in cands):
+        return None
+    try:
+        dvec = _jvp(model, graph, sents, g)
+    except (RuntimeError, NotImplementedError):
+        return None
+    n = len(sents)
+    hn = hs.norm(dim=1)
+    ub: list[list[float]] = []
+    for i, (s, c) in enumerate(zip(sents, cands)):
+        wy = w[c].detach().double().cpu()
+        dots = -(g[c] @ hs[i]) - wy @ dvec[i]
+        toks = set(s)
+        ub.append([math.inf if y in toks else max(float(d), 0.0) / (r_norm * float(hn[i]) + 1e-300) + MARGIN
+                   for y, d in zip(c, dots)])
+    # first: the candidates without a bound (the sentence's own tokens) and the one of the highest bound
+    first = [sorted({j for j in range(len(c)) if ub[i][j] == math.inf}
+                    | {max(range(len(c)), key=lambda j: ub[i][j] if ub[i][j] < math.inf else -1.0)})
+             for i, c in enumerate(cands)]
+    ges = _packed_terms(graph, w, sents, [[c[j] for j in f] for c, f in zip(cands, first)])
+    known: list[dict[int, tuple[float, dict]]] = []  # per sentence: candidate index -> (cosine, unscaled rows)
+    for i, s in enumerate(sents):
+        known.append({})
+        for k, j in enumerate(first[i]):
+            _, rows = _order(s, [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
+            known[i][j] = (_cos(rows[0], g, r_norm), rows[0])
+    open_ = [i for i in range(n) if not _resolved(known[i], ub[i])]
+    if open_:
+        rest = [[j for j in range(len(cands[i])) if j not in known[i]] if i in open_ else [] for i in range(n)]
+        ges = _packed_terms(graph, w, sents, [[cands[i][j] for j in r] for i, r in enumerate(rest)])
+        for i in open_:
+            for k, j in enumerate(rest[i]):
+                _, rows = _order(sents[i], [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
+                known[i][j] = (_cos(rows[0], g, r_norm), rows[0])
+            if not _resolved(known[i], ub[i]):
+                return None
+    top = [max(known[i], key=lambda j: (known[i][j][0], -j)) for i in range(n)]
+    scale = [1.0 / (denom * len(s)) for s in sents]
+    chosen = [{r: t * scale[i] for r, t in known[i][top[i]][1].items()} for i in range(n)]
+    e: dict[int, Tensor] = {}
+    for rr in chosen:
+        for r, t in rr.items():
+            e[r] = (e[r] if r in e else g[r].clone()) - t
+    if not _no_single_move(sents, cands, known, top, chosen, e, g, hs, scale):
+        return None
+    if not _no_swap(sents, cands, top, e, g, hs, scale):
+        return None
+    return [cands[i][top[i]] for i in range(n)]
+
+
+def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor) -> Tensor:
+    """``D_i = sum_t J_t g[x_t]`` [n, d] (float64) for every sentence: one forward-mode pass over the
+    packed rows with the residual's rows of each sentence's tokens as the embeddings' tangent."""
+    from torch.autograd import forward_ad
+
+    from .span import _Stop
+
+    e = graph.embeds.detach()
+    tan = torch.zeros_like(e)
+    for i, s in enumerate(sents):
+        r, o = int(graph.rows[i]), int(graph.offs[i])
+        tan[r, o:o + len(s)] = g[s].to(e.dtype).to(e.device)
+    store: list[Tensor] = []
+
+    def hook(_m, args):
+        store.append(forward_ad.unpack_dual(args[0]).tangent)
+        raise _Stop
+
+    h = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), forward_ad.dual_level():
+            model(inputs_embeds=forward_ad.make_dual(e, tan), **graph.inputs)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not store or store[0] is None:
+        raise RuntimeError("no tangent at the output layer's input")
+    last = graph.offs + graph.lens - 1
+    return store[0][graph.rows, last].detach().double().cpu()
+
+
+def _cos(rows: dict, g: Tensor, r_norm: float) -> float:
+    """The ranking's score of one term (as ``last_token._order`` computes it)."""
+    dot = sum(float(g[k] @ v) for k, v in rows.items())
+    nrm = math.sqrt(sum(float(v @ v) for v in rows.values()))
+    return dot / (r_norm * nrm + 1e-30)
+
+
+def _resolved(known: dict, ub: list[float]) -> bool:
+    """True when the best known cosine beats the bound of every candidate without a term."""
+    best = max(c for c, _ in known.values())
+    return all(j in known or ub[j] < best for j in range(len(ub)))
+
+
+def _row(e: dict, g: Tensor, r: int) -> Tensor:
+    """Row ``r`` of the residual less the chosen terms."""
+    return e[r] if r in e else g[r]
+
+
+def _rows_norm(e: dict, g: Tensor, rows: set) -> float:
+    return math.sqrt(sum(float(x @ x) for x in (_row(e, g, r) for r in rows)))
+
+
+def _no_single_move(sents, cands, known, top, chosen, e, g, hs, scale) -> bool:
+    """No single move lowers the residual (the joint fit's ``_single_pass`` would not move)."""
+    for i, s in enumerate(sents):
+        toks = set(s)
+        a = float(hs[i].norm()) * scale[i]
+        cur = chosen[i]
+        for j, y in enumerate(cands[i]):
+            if j == top[i]:
+                continue
+            if j in known[i]:  # the joint fit's delta, exactly
+                alt = {r: t * scale[i] for r, t in known[i][j][1].items()}
+                delta, x2 = 0.0, 0.0
+                for r in set(cur) | set(alt):
+                    base = _row(e, g, r)
+                    step = cur.get(r, 0.0) - alt.get(r, 0.0)
+                    new = base + step
+                    delta += float(new @ new) - float(base @ base)
+                    x2 += float(step @ step) if isinstance(step, Tensor) else 0.0
+                if not delta > 0.01 * x2:
+                    return False
+            elif y in toks or not a > SLACK * _rows_norm(e, g, toks | {cands[i][top[i]], y}):
+                return False
+    return True
+
+
+def _no_swap(sents, cands, top, e, g, hs, scale) -> bool:
+    """No exchange of two sentences' last tokens lowers the residual (``_swap_pass`` would not move)."""
+    n = len(sents)
+    tok = [cands[i][top[i]] for i in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            ci, cj = tok[i], tok[j]
+            if ci == cj or cj not in cands[i] or ci not in cands[j]:
+                continue
+            rows = set(sents[i]) | set(sents[j])
+            if ci in rows or cj in rows:
+                return False
+            x = math.sqrt(2.0) * float((hs[i] * scale[i] - hs[j] * scale[j]).norm())
+            if not x > SLACK * _rows_norm(e, g, rows | {ci, cj}):
+                return False
+    return True
