@@ -85,7 +85,7 @@ class LMPrior:
 
 
 def _streamed_ce(h: Tensor, tgt: Tensor, rows: Callable[[int, int], Tensor], vocab: int,
-                 block_elems: int = 1 << 23) -> Tensor:
+                 block_elems: int = 1 << 21) -> Tensor:
     """Cross-entropy of ``h [N, d]`` against ``tgt [N]`` under a head whose rows ``rows(s, e)`` are
     formed block by block (about ``block_elems`` logits at a time): logsumexp per block, then over
     blocks; the target logit is read from its block (the same matrix product as the full logits)."""

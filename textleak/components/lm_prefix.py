@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -83,13 +84,8 @@ def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], ce: Callable[[Tens
     anc: list[list[int]] = []  # per node: its ancestors and itself, root first
     for p in parents:
         anc.append((anc[p] if p >= 0 else []) + [len(anc)])
-    depth = max(len(a) for a in anc)
-    idx = torch.zeros(n, depth, dtype=torch.long)
-    valid = torch.zeros(n, depth, dtype=torch.bool)
-    for i, a in enumerate(anc):
-        idx[i, :len(a)] = torch.tensor(a)
-        valid[i, :len(a)] = True
-    idx, valid = idx.to(dev), valid.to(dev)
+    idx, valid = _padded(anc, dev)
+    depth, flat_idx = idx.shape[1], idx.flatten()
     pos = valid.sum(1) - 1  # a node's position is its depth
     h_n, kv_n = cfg.num_attention_heads, cfg.num_key_value_heads
     rep = h_n // kv_n
@@ -108,8 +104,8 @@ def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], ce: Callable[[Tens
         v = nn.functional.linear(h, _weight(at.v_proj)).view(n, kv_n, hd)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos + _rotate_half(k) * sin
-        kp = k[idx].permute(0, 2, 3, 1)  # [N, KV, hd, depth]: the node's ancestors' keys
-        vp = v[idx].transpose(1, 2)  # [N, KV, depth, hd]
+        kp = k.index_select(0, flat_idx).view(n, depth, kv_n, hd).permute(0, 2, 3, 1)  # [N, KV, hd, depth]: ancestors
+        vp = v.index_select(0, flat_idx).view(n, depth, kv_n, hd).transpose(1, 2)  # [N, KV, depth, hd]
         w = torch.matmul(q, kp) * scale + mask  # [N, KV, rep, depth]
         w = nn.functional.softmax(w, dim=-1, dtype=torch.float32)
         o = torch.matmul(w, vp).reshape(n, h_n * hd)
@@ -121,10 +117,21 @@ def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], ce: Callable[[Tens
     x = _rms(x, model.model.norm)
     # one cross-entropy per edge: the parent's hidden state predicting the child's token
     child = torch.tensor([c for c, p in enumerate(parents) if p >= 0], dtype=torch.long, device=dev)
-    edge = torch.zeros(n, dtype=torch.float64)
+    edge = torch.zeros(n + 1, dtype=torch.float64)  # the last entry: padding of the paths below
     if len(child):
         par = torch.tensor(parents, dtype=torch.long, device=dev)[child]
         edge[child.cpu()] = ce(x[par], torch.tensor(tokens, dtype=torch.long, device=dev)[child]).double().cpu()
-    out = [float(edge[torch.tensor(path[1:], dtype=torch.long)].sum()) / max(1, len(path) - 1) if len(path) > 1
-           else 0.0 for path in paths]
-    return torch.tensor(out, dtype=torch.float32)
+    steps, ok = _padded([p[1:] for p in paths], "cpu", fill=n)  # a path's edges: its nodes after the first
+    count = ok.sum(1).clamp(min=1)
+    return (edge[steps].sum(1) / count).float()
+
+
+def _padded(rows: Sequence[Sequence[int]], dev, fill: int = 0) -> tuple[Tensor, Tensor]:
+    """``rows`` as a ``[len(rows), longest]`` index tensor (``fill`` past each row's end) and its validity mask."""
+    width = max(1, max((len(r) for r in rows), default=0))
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    ok = np.zeros((len(rows), width), dtype=bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+        ok[i, :len(r)] = True
+    return torch.from_numpy(out).to(dev), torch.from_numpy(ok).to(dev)
