@@ -58,7 +58,7 @@ class LMPrior:
             ce = lambda h, t: _streamed_ce(h, t, rows, vocab)  # noqa: E731
         else:
             ce = lambda h, t: nn.functional.cross_entropy(self.model.lm_head(h).float(), t, reduction="none")  # noqa: E731
-        return trie_nll(self.model, [self._ids(t) for t in texts], ce)
+        return trie_nll(self.model, [self._ids(t) for t in texts], ce=ce)
 
     def _nll(self, texts: list[str]) -> Tensor:
         seqs = [self._ids(t) for t in texts]

@@ -98,7 +98,7 @@ def test_trie_nll_of_the_packed_model_matches_each_sequence_alone(packed):
     seqs = [[1] + body, [1] + body[2:] + body[:2], [1] + body[:3] + [body[5]] + body[4:5] + [body[3]] + body[6:],
             [1] + body[:4], [1]]
     rows, vocab = packed.lm_head.emb.rows, packed.config.vocab_size
-    got = trie_nll(packed, seqs, lambda h, t: _streamed_ce(h, t, rows, vocab))
+    got = trie_nll(packed, seqs, ce=lambda h, t: _streamed_ce(h, t, rows, vocab))
     ref = []
     with torch.no_grad():
         for s in seqs[:-1]:

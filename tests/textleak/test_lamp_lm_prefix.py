@@ -61,7 +61,7 @@ def test_trie_nll_matches_the_padded_forward_with_gqa(gqa_llama):
 def test_trie_nll_positions_matter(gqa_llama):
     """A node's RoPE position is its depth: feeding every node at position 0 would change the values."""
     seqs = [gqa_llama._ids(t) for t in _rounds_texts()[:4]]
-    got = trie_nll(gqa_llama.model, seqs, lambda h, t: torch.nn.functional.cross_entropy(
+    got = trie_nll(gqa_llama.model, seqs, ce=lambda h, t: torch.nn.functional.cross_entropy(
         gqa_llama.model.lm_head(h), t, reduction="none"))
     ref = torch.stack([gqa_llama._nll([t])[0] for t in _rounds_texts()[:4]])
     assert torch.allclose(got, ref, atol=1e-5, rtol=0)

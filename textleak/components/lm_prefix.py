@@ -71,7 +71,8 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], ce: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], *,
+             ce: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
     """Per sequence of ``seqs`` (token ids, the start token included): the mean NLL of its tokens
     1.. given the earlier ones (0 for a sequence of one token), each shared prefix computed once;
     ``ce(hidden [N, d], targets [N])`` is the head's per-row cross-entropy (streamed or full)."""
