@@ -52,12 +52,13 @@ class LMPrior:
         return ([self.start_id] if self.start_id is not None else []) + e
 
     def _nll_trie(self, texts: list[str]) -> Tensor:
+        """:meth:`nll` with every shared prefix computed once (:func:`textleak.components.lm_prefix.trie_nll`)."""
         rows = getattr(getattr(getattr(self.model, "lm_head", None), "emb", None), "rows", None)
-        if rows is not None:
-            vocab = self.model.lm_head.emb.num_embeddings
-            ce = lambda h, t: _streamed_ce(h, t, rows, vocab)  # noqa: E731
-        else:
-            ce = lambda h, t: nn.functional.cross_entropy(self.model.lm_head(h).float(), t, reduction="none")  # noqa: E731
+
+        def ce(h: Tensor, t: Tensor) -> Tensor:
+            if rows is not None:  # the packed tied head, streamed over the vocabulary
+                return _streamed_ce(h, t, rows, self.model.lm_head.emb.num_embeddings)
+            return nn.functional.cross_entropy(self.model.lm_head(h).float(), t, reduction="none")
         return trie_nll(self.model, [self._ids(t) for t in texts], ce=ce)
 
     def _nll(self, texts: list[str]) -> Tensor:
