@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from common.types import Batch
 
+from .components.lm_prefix import supports, trie_nll
+
 
 class LMPrior:
     """Mean next-token negative log-likelihood of texts under a causal LM (one padded forward)."""
@@ -31,20 +33,36 @@ class LMPrior:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (start or 0)
 
     @torch.no_grad()
-    def nll(self, texts: Sequence[str], *, chunk: int | None = None) -> Tensor:
+    def nll(self, texts: Sequence[str], *, chunk: int | None = None, shared: bool = True) -> Tensor:
         """Per text: mean NLL (nats per token) of its tokens given the start token. ``chunk`` texts per
         forward (default: the prior's; the values do not depend on it beyond float rounding). A
         packed GGUF model (:mod:`textleak.components.gguf_lm`) never forms the ``[texts, tokens,
-        vocab]`` logits: the log-softmax is streamed over blocks of the tied head's rows."""
+        vocab]`` logits: the log-softmax is streamed over blocks of the tied head's rows. ``shared``: for
+        Llama models every prefix the texts share is computed once (a token trie,
+        :mod:`textleak.components.lm_prefix`; equal up to float rounding); else one padded forward."""
         chunk = chunk or self.chunk
         out = []
         for s in range(0, len(texts), chunk):
-            out.append(self._nll(list(texts[s:s + chunk])))
+            part = list(texts[s:s + chunk])
+            out.append(self._nll_trie(part) if shared and supports(self.model) else self._nll(part))
         return torch.cat(out) if out else torch.zeros(0)
 
+    def _ids(self, text: str) -> list[int]:
+        e = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_tokens - 1]
+        return ([self.start_id] if self.start_id is not None else []) + e
+
+    def _nll_trie(self, texts: list[str]) -> Tensor:
+        """:meth:`nll` with every shared prefix computed once (:func:`textleak.components.lm_prefix.trie_nll`)."""
+        rows = getattr(getattr(getattr(self.model, "lm_head", None), "emb", None), "rows", None)
+
+        def ce(h: Tensor, t: Tensor) -> Tensor:
+            if rows is not None:  # the packed tied head, streamed over the vocabulary
+                return _streamed_ce(h, t, rows, self.model.lm_head.emb.num_embeddings)
+            return nn.functional.cross_entropy(self.model.lm_head(h).float(), t, reduction="none")
+        return trie_nll(self.model, [self._ids(t) for t in texts], ce=ce)
+
     def _nll(self, texts: list[str]) -> Tensor:
-        enc = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_tokens - 1] for t in texts]
-        seqs = [([self.start_id] if self.start_id is not None else []) + e for e in enc]
+        seqs = [self._ids(t) for t in texts]
         n = max(2, max(len(x) for x in seqs))
         dev = next(self.model.parameters()).device
         ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
@@ -68,7 +86,7 @@ class LMPrior:
 
 
 def _streamed_ce(h: Tensor, tgt: Tensor, rows: Callable[[int, int], Tensor], vocab: int,
-                 block_elems: int = 1 << 23) -> Tensor:
+                 block_elems: int = 1 << 21) -> Tensor:
     """Cross-entropy of ``h [N, d]`` against ``tgt [N]`` under a head whose rows ``rows(s, e)`` are
     formed block by block (about ``block_elems`` logits at a time): logsumexp per block, then over
     blocks; the target logit is read from its block (the same matrix product as the full logits)."""

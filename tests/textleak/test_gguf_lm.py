@@ -87,3 +87,23 @@ def test_streamed_ce_blocks_do_not_change_the_value():
     for block in (7 * 1024, 7 * 3000, 1 << 20):  # blocks of 1024 rows, 3000 rows (> vocab), one block
         got = _streamed_ce(h, tgt, lambda s, e: w[s:e], 1000, block_elems=block)
         assert torch.allclose(got.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_trie_nll_of_the_packed_model_matches_each_sequence_alone(packed):
+    """A swap round's texts through the token trie (textleak.components.lm_prefix): streamed head, GQA
+    (9 query / 3 key-value heads), shared prefixes; the same NLLs as a plain forward of each sequence."""
+    from textleak.components.lm_prefix import trie_nll
+
+    body = [3000, 14, 905, 42, 20000, 7, 4411, 2]
+    seqs = [[1] + body, [1] + body[2:] + body[:2], [1] + body[:3] + [body[5]] + body[4:5] + [body[3]] + body[6:],
+            [1] + body[:4], [1]]
+    rows, vocab = packed.lm_head.emb.rows, packed.config.vocab_size
+    got = trie_nll(packed, seqs, ce=lambda h, t: _streamed_ce(h, t, rows, vocab))
+    ref = []
+    with torch.no_grad():
+        for s in seqs[:-1]:
+            ids = torch.tensor([s])
+            z = packed(input_ids=ids).logits[0, :-1].double()
+            ref.append(float((torch.logsumexp(z, 1) - z.gather(1, ids[0, 1:, None])[:, 0]).mean()))
+    assert torch.allclose(got[:-1].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert got[-1] == 0 and len(set(got.tolist())) == len(seqs)

@@ -25,7 +25,12 @@ Deviations:
   option ``lm_prior``); the LM term is the mean per-sentence NLL over the batch. SmolLM2 stays in its GGUF
   blocks on the CPU, de-quantised per layer (bit-equal weights; :mod:`textleak.components.gguf_lm`), and its
   log-softmax is streamed over the vocabulary (NLLs within 2e-4 nats of the full-logits float32 path, closer
-  to float64); with B = 1 the current text is scored in its candidates' batch (one LM forward per round).
+  to float64); with B = 1 the current text is scored in its candidates' batch (one LM forward per round). For
+  Llama-architecture LMs a round's texts go through a token trie (``lm_shared_prefix``, default on;
+  :mod:`textleak.components.lm_prefix`): every prefix the re-orderings share is run once (~1,030 of ~1,680
+  tokens on a 13-word sentence's 114 texts), the same NLLs up to float rounding (~1e-6 nats). The
+  schedule is the reference's (200 proposals per sentence every ``swap_every`` steps after the burn-in, all
+  scored with the LM; ``swap_tokens`` in eth-sri/lamp ``attack.py``).
 * ``init_size=1.4`` is LAMP's value for BERT; ``None`` uses the mean norm of the allowed embeddings
   (for non-BERT models). The regulariser averages the norm over body tokens (LAMP: all positions).
 * Candidates (init and discrete) are scored in batches, not one forward each. For ``cos``/``l2``

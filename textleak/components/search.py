@@ -121,15 +121,16 @@ class TextSearch:
         return [self.prior.decode(ids[b, self.pre:n - self.suf].tolist()) for b, n in enumerate(self.lens)]
 
     def nll(self, texts: list[str]) -> Tensor:
+        """LM NLL per text (cached per text; shared prefixes computed once with ``lm_shared_prefix``)."""
         todo = sorted({t for t in texts if t not in self._nll_cache})
         if todo:
             lm = self.prior.lm()
             if self.cfg.lm_bf16:
                 dev = next(lm.model.parameters()).device.type
                 with torch.autocast(dev, dtype=torch.bfloat16):
-                    vals = lm.nll(todo)
+                    vals = lm.nll(todo, shared=self.cfg.lm_shared_prefix)
             else:
-                vals = lm.nll(todo)
+                vals = lm.nll(todo, shared=self.cfg.lm_shared_prefix)
             self._nll_cache.update(zip(todo, vals.tolist()))
         return torch.tensor([self._nll_cache[t] for t in texts])
 
