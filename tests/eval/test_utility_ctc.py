@@ -35,12 +35,13 @@ def test_greedy_decode_merges_repeats_and_drops_blanks():
 def test_recogniser_learns_without_defense_and_not_under_huge_noise():
     case = catalog().cases.get(CASE)
     start = measure(case, rounds=1, clients=1, lr=1e-7, seed=0)
-    clean = measure(case, rounds=60, clients=4, lr=3e-3, seed=0)
-    noisy = measure(replace(case, defenses=({"name": "gaussian", "sigma": 100.0},)), rounds=60, clients=4, lr=3e-3,
+    clean = measure(case, rounds=150, clients=2, lr=3e-3, seed=0)
+    noisy = measure(replace(case, defenses=({"name": "gaussian", "sigma": 1e4},)), rounds=150, clients=2, lr=3e-3,
                     seed=0)
-    assert clean["train_loss"] < 0.7 * start["train_loss"]  # real learning on the training sentences
-    assert noisy["train_loss"] > 0.9 * start["train_loss"]  # noise far above the gradient: no learning
-    assert clean["test_loss"] < noisy["test_loss"]
+    assert clean["train_loss"] < 0.5 * start["train_loss"]  # real learning on the training sentences
+    assert clean["train_cer"] < 0.8 and clean["test_cer"] < clean["constant_cer"]  # reads, and beyond sentence priors
+    assert noisy["train_loss"] > 0.8 * start["train_loss"]  # noise far above the gradient: no learning
+    assert noisy["train_cer"] > clean["train_cer"] + 0.15 and noisy["test_loss"] > clean["test_loss"]
     assert 0.0 <= clean["test_cer"] and clean["test_wer"] <= 1.5
     assert clean["test_accuracy"] == max(0.0, 1.0 - clean["test_cer"])
     assert "held-out 7 of 35 sentences" in clean["note"]
