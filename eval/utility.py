@@ -24,7 +24,9 @@ one the attack sees; DP-SGD clips
 the whole per-example gradient, embedding tables included, so text under DP-SGD is refused. A
 causal LM of the kit (randomly initialised) is trained whole (100 rounds of 4 clients, lr 1e-3) and
 scored by held-out next-token accuracy (its ``test_accuracy``, the frontier's x axis) and
-perplexity. Recognisers (CTC, WER) are not measured yet. Every draw is seeded (no global RNG).
+perplexity. A CTC recogniser (speech/ctc-* cases) is scored by greedy-decoding WER and CER on a seeded,
+disjoint 20 % of its sentence pool (eval/utility_ctc.py; its ``test_accuracy`` is 1 - CER). Every
+draw is seeded (no global RNG).
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ class TrainConfig:
 #: text classifier is a pretrained encoder fine-tuned for CPU in 30 rounds of 4 clients at a
 #: fine-tuning rate; a causal LM of the kit is randomly initialised and needs a larger rate
 DEFAULTS: dict[str, TrainConfig] = {"tabular": TrainConfig(200, 8, 1e-3), "speech": TrainConfig(200, 8, 1e-3),
-                                    "text": TrainConfig(30, 4, 1e-4), "text-decoder": TrainConfig(100, 4, 1e-3)}
+                                    "text": TrainConfig(30, 4, 1e-4), "text-decoder": TrainConfig(100, 4, 1e-3),
+                                    "speech-ctc": TrainConfig(300, 8, 3e-3)}
 
 
 @dataclass
@@ -101,8 +104,10 @@ def _tabular_split(kit, case, seed: int, model: nn.Module) -> Split:
 def _speech_split(kit, case, seed: int, model: nn.Module) -> Split:
     from speechleak.kit import frontend_for, kws_loss
 
-    if "ctc" in case.name:
-        raise UserError(f"utility: {case.name} is a recogniser; utility (WER) is measured only for keyword cases so far")
+    if case.options.get("task") == "ctc":
+        from .utility_ctc import ctc_split
+
+        return ctc_split(kit, case, seed, model)
     pool = kit.load_pool(case, data_path=None)
     rows = [pool.dataset[i] for i in range(len(pool))]
     waves = torch.stack([pool.wave(i) for i in range(len(pool))])
@@ -192,6 +197,8 @@ SPLITS = {"tabular": _tabular_split, "speech": _speech_split, "text": text_split
 def defaults_key(case, model: nn.Module) -> str:
     if case.modality == "text" and getattr(getattr(model, "textleak_info", None), "kind", "") == "decoder":
         return "text-decoder"
+    if case.modality == "speech" and case.options.get("task") == "ctc":
+        return "speech-ctc"
     return case.modality
 
 
@@ -206,7 +213,7 @@ def measure(case, *, seed: int, rounds: int | None = None, clients: int | None =
     from eval.catalog import catalog
 
     if case.modality not in SPLITS:
-        raise UserError(f"utility: {case.modality} cases are not supported yet (text, tabular and keyword speech are)")
+        raise UserError(f"utility: {case.modality} cases are not supported yet (text, tabular, keyword speech and CTC recognisers are)")
     kit = catalog().kits.get(case.modality)()
     model = kit.load_model(case, device=torch.device("cpu"), generator=make_generator(derive_seed(seed, "model")))
     d = DEFAULTS[defaults_key(case, model)]
@@ -267,7 +274,7 @@ def cmd_utility(args) -> int:
     for c in cases:  # refuse before training anything
         if c.modality not in SPLITS:
             raise UserError(f"utility: {c.name} is a {c.modality} case; utility is measured for text, tabular and "
-                            "keyword speech cases so far")
+                            "keyword speech cases (and CTC recognisers) so far")
         if c.modality == "text" and any(build_defense(x).stage == "gradient" for x in c.defenses):
             raise UserError(f"utility: {c.name} under dpsgd: the text utility does not measure DP-SGD (it clips the "
                             "whole per-example gradient, embedding tables included, which it does not train)")
@@ -295,6 +302,7 @@ def cmd_utility(args) -> int:
             f.flush()
             dt = _defense_text(c.to_dict()) or "none"
             extra = f", perplexity {res['perplexity']:.1f}" if "perplexity" in res else ""
+            extra += f", WER {res['test_wer']:.3f}, CER {res['test_cer']:.3f}" if "test_wer" in res else ""
             print(f"[{i}/{len(cases)}] {c.name} B={c.protocol.batch_size} defense {dt}: "
                   f"test accuracy {res['test_accuracy']:.3f} (majority {res['majority_baseline']:.3f}{extra}; "
                   f"{res['seconds']:.0f} s)", flush=True)
