@@ -317,6 +317,7 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
             break
         cands = l1[p][0]
         med0 = None
+        exact = False  # the activation span's hard test (only with the incremental block and ``acts``)
         if block is not None and dist is not None:
             block.table(p, cands)
             ds = list(block.extend([x.ids for x in live], p, cands, reduce=dist))
