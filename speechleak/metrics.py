@@ -59,24 +59,23 @@ def feature_similarity(*, predictions: Sequence, references: Sequence) -> dict[s
     mse, cos = [], []
     for p, r in zip(predictions, references):
         p, r = _np(p).ravel(), _np(r).ravel()
-        if not _finite(p):
-            mse.append(math.inf)
-            cos.append(COSINE_WORST)
-            continue
-        mse.append(float(np.mean((p - r) ** 2)))
-        cos.append(float(p @ r / (np.linalg.norm(p) * np.linalg.norm(r) + 1e-12)))
+        c = _flat_cosine(p, r)
+        mse.append(math.inf if c is None else float(np.mean((p - r) ** 2)))
+        cos.append(COSINE_WORST if c is None else c)
     return {"feature_mse": fmean(mse), "feature_cosine": fmean(cos)}
+
+
+def _flat_cosine(p: np.ndarray, r: np.ndarray) -> float | None:
+    """Cosine of two flattened maps; None when the reconstruction is not finite."""
+    return float(p @ r / (np.linalg.norm(p) * np.linalg.norm(r) + 1e-12)) if _finite(p) else None
 
 
 def feature_cosine_share(*, predictions: Sequence, references: Sequence, at: float = 0.9) -> dict[str, float]:
     """Share of the examples whose feature cosine is at least ``at`` (0.9: issue 21's B=4 bar, "at least
     half of the utterances at >= 0.9"); a non-finite reconstruction counts as below it."""
     _check(predictions, references)
-    hits = 0
-    for p, r in zip(predictions, references):
-        p, r = _np(p).ravel(), _np(r).ravel()
-        if _finite(p) and float(p @ r / (np.linalg.norm(p) * np.linalg.norm(r) + 1e-12)) >= at:
-            hits += 1
+    cos = [_flat_cosine(_np(p).ravel(), _np(r).ravel()) for p, r in zip(predictions, references)]
+    hits = sum(c is not None and c >= at for c in cos)
     return {"feature_cosine_ge90": hits / len(predictions)}
 
 
