@@ -33,39 +33,17 @@ import itertools
 import math
 from typing import Any
 
-import torch
 from torch import nn
 
 from common.types import Observation
 
 from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE
-from .prior import PriorWeight, embedding_prior, learned_position_table, prior_lists
+from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run
 from .span import LayerInputs, Span
 
 Found = tuple[list[list[int]], list[float]]  # sentences and their max layer-2 distances
-LONGEST_FIRST = True  # fast path: search the certified longest length first (``longest_length``)
-
-
-def longest_length(obs: Observation, model: nn.Module) -> int | None:
-    """The exact length of the longest sentence in a noise-free FedSGD gradient (issue 18): one past the
-    last nonzero row of the learned position table's update. A position that no sentence reaches gets
-    an exactly zero gradient (padding is masked out of every attention, so its rows get none either),
-    and ``peel.peel`` sets the rows that a subtraction explains to exactly zero, so on a peeled
-    residual it is the longest sentence still left. None without a learned position table or its
-    update, or for any other observation (deltas, declared defenses: no exact zeros)."""
-    if obs.kind != "gradient" or obs.defenses:
-        return None
-    table = learned_position_table(model)
-    if table is None:
-        return None
-    name = next((n for n, q in model.named_parameters() if q is table.weight), None)
-    upd = obs.tensors.get(name) if name is not None else None
-    if upd is None:
-        return None
-    rows = torch.nonzero((upd.detach() != 0).any(1)).flatten()
-    return int(rows[-1]) + 1 if rows.numel() else None
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
@@ -97,8 +75,6 @@ class _EncoderSearch:
         batch_set = set(fit[0]) if fit is not None else None
         self.wide = [[t for t in c if batch_set is None or t in batch_set] or list(c) for c, _ in l1]
         self.lengths = self._lengths(l1)
-        # the fast path searches the longest remaining sentence's length first (it is certified)
-        self.longest = longest_length(obs, model) if run.fast and not run.ranked and LONGEST_FIRST else None
         run.stats["prior"] = float(fit is not None)
         run.stats["l1_candidates_prior"] = float(sum(len(c) for c in self.lists))
         self.word = model.get_input_embeddings().weight.detach()
@@ -126,9 +102,6 @@ class _EncoderSearch:
         lengths = self.lengths
         if failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
             lengths.sort(key=lambda n: failed.get(n, 0))
-        if self.longest is not None:  # (fast path) the certified longest length first, impossible ones last
-            n_max = self.longest
-            lengths.sort(key=lambda n: 0 if n == n_max else 2 if n > n_max else 1)
         pending = list(lengths)
         while pending and not self._done():
             for i, length in enumerate(pending):
