@@ -14,6 +14,7 @@ from common.types import Observation
 from ..prior import TabularPrior
 from .budget import NEVER, Deadline, OutOfTime
 from .peel import Peeled, all_pattern_roots, peel, rest_batch, rest_counts
+from .pursuit import pursue, two_class_head
 from .span import merge_near, project, row_span, unique_rows
 from .verify import (find_layers, fit_counts, layer2_residual, observed_names, refine_continuous, second_inputs,
                      sum_scale)
@@ -94,6 +95,8 @@ class PeelStages:
                 roots = all_pattern_roots(schema, present, w1, b1, span2.basis, starts=cfg.pass1_starts,
                                           more_starts=cfg.starts, tol=cfg.peel_tol, max_patterns=cfg.max_patterns,
                                           deadline=deadline)
+                if roots is None:  # too many patterns (German B = 64): greedy descent with deflation
+                    roots = self._pursuit(model, layers, schema, cur, present, left, stats, deadline)
                 if roots is not None and len(roots):
                     rows = unique_rows(schema, project(schema, roots))
                     res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
@@ -125,6 +128,26 @@ class PeelStages:
             fit = self._refine(obs, model, prior, names, fit, rows, b, labels, cfg.fit_tol, stats)
             ok = fit is not None
         return fit if ok else None
+
+    def _pursuit(self, model: nn.Module, layers, schema, cur: dict, present: np.ndarray, left: int, stats: dict,
+                 deadline: Deadline) -> np.ndarray | None:
+        """Rows found by ``pursuit.pursue`` on the second-layer gradient left after peeling (two-class
+        ReLU networks with a hidden second layer only), or None."""
+        cfg = self.config
+        v = two_class_head(model, layers.second)
+        if not cfg.pursuit or v is None:
+            return None
+        lin = [layers.first, layers.second]
+        w1, b1, w2, b2 = (t.detach().double().cpu().numpy() for m in lin for t in (m.weight, m.bias))
+        present = present.copy()
+        present[schema.continuous_index] = True
+        pu = pursue(schema, w1, b1, w2, b2, v, cur[layers.second_weight], present, left, rank_tol=cfg.rank_tol,
+                    tol=cfg.peel_tol, starts=cfg.pursuit_starts, rounds=cfg.pursuit_rounds, seed=cfg.pursuit_seed,
+                    deadline=deadline)
+        stats.update(pursuit_rows=float(len(pu.rows)), pursuit_starts=float(pu.starts), pursuit_rounds=float(pu.rounds),
+                     pursuit_rank_left=float(pu.rank_left))
+        deadline.check()
+        return pu.rows
 
     def _refine(self, obs: Observation, model: nn.Module, prior: TabularPrior, names: list[str], fit, rows: np.ndarray,
                 b: int, labels: list[int] | None, tol: float, stats: dict, *, total: bool = False):
