@@ -154,10 +154,10 @@ def pursue(schema: TabularSchema, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray
             resa = np.linalg.norm(av - uu @ (uu.T @ av)) / max(np.linalg.norm(av), 1e-12)
             if res2 > tol or resa > tol or rank == 0:
                 continue
-            den = h1 @ (vt.T @ ((uu.T @ av) / ss))
-            if abs(den) < 1e-300:
+            sc = deflation_scale(uu, ss, vt, av, h1)
+            if sc is None:
                 continue
-            m = m - np.outer(av, h1) / den
+            m = m - sc * np.outer(av, h1)
             rank -= 1
             found.append(y)
             added += 1
@@ -167,6 +167,15 @@ def pursue(schema: TabularSchema, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray
         if not added:
             break
     return Pursuit(np.array(found).reshape(-1, d), r, n_starts, rank)
+
+
+def deflation_scale(uu: np.ndarray, ss: np.ndarray, vt: np.ndarray, av: np.ndarray, h1: np.ndarray) -> float | None:
+    """The scalar ``s`` for which ``M - s av h1^T`` has rank r - 1 (``M = uu diag(ss) vt``, rank r, ``av`` in
+    its column space, ``h1`` in its row space): ``s = 1 / (h1^T M^+ av)``. For a batch row of a 2-class
+    head under summed cross-entropy, ``s = p_1(x) - y`` (one label per row, or the sum over exact
+    duplicates); None when ``h1^T M^+ av`` vanishes."""
+    den = float(h1 @ (vt.T @ ((uu.T @ av) / ss)))
+    return None if abs(den) < 1e-300 else 1.0 / den
 
 
 def _rows(schema: TabularSchema, pat: np.ndarray, t: np.ndarray, mean: np.ndarray, scale: np.ndarray,

@@ -76,11 +76,12 @@ class PeelStages:
 
     def _after_peel(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict, p: Peeled,
                     names: list[str], scale: float, labels: list[int] | None, deadline: Deadline):
-        """The patterns left after peeling, solved on the second layer; the whole-gradient fit (or None)."""
-        cfg, schema, t = self.config, prior.schema, obs.tensors
+        """The patterns left after peeling, solved on the second layer (every pattern's roots, or the
+        pursuit past ``max_patterns``); the whole-gradient fit (or None). When the pattern roots do not
+        certify the batch, the pursuit gets one try (a rare pattern whose roots were missed)."""
+        cfg, schema = self.config, prior.schema
         layers = find_layers(model, schema.dim)
-        n_cls = len(schema.classes)
-        left, cand = b - len(p.rows), np.zeros((0, schema.dim))
+        left, cand, pursued = b - len(p.rows), np.zeros((0, schema.dim)), False
         if left > 0:
             cur = p.target
             raw = cur[layers.first_weight] * np.asarray(schema.scale) + np.outer(cur[layers.first_bias], schema.mean)
@@ -96,12 +97,33 @@ class PeelStages:
                                           more_starts=cfg.starts, tol=cfg.peel_tol, max_patterns=cfg.max_patterns,
                                           deadline=deadline)
                 if roots is None:  # too many patterns (German B = 64): greedy descent with deflation
-                    roots = self._pursuit(model, layers, schema, cur, present, left, stats, deadline)
+                    roots, pursued = self._pursuit(model, layers, schema, cur, present, left, stats, deadline), True
                 if roots is not None and len(roots):
                     rows = unique_rows(schema, project(schema, roots))
                     res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
                     cand = merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
-            stats["peel_candidates"] = float(len(cand))
+                fit = self._fit_left(obs, model, prior, b, stats, p, names, scale, labels, deadline, cand, left)
+                if fit is None and not pursued and not deadline.expired:
+                    more = self._pursuit(model, layers, schema, cur, present, left, stats, deadline)
+                    if more is not None and len(more):
+                        rows = unique_rows(schema, project(schema, more))
+                        res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
+                        more = merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
+                        both = unique_rows(schema, np.concatenate([cand, more]))  # roots of both searches
+                        stats["pursuit_rescue"] = 1.0
+                        fit = self._fit_left(obs, model, prior, b, stats, p, names, scale, labels, deadline, both, left)
+                return fit
+        return self._fit_left(obs, model, prior, b, stats, p, names, scale, labels, deadline, cand, left)
+
+    def _fit_left(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict, p: Peeled,
+                  names: list[str], scale: float, labels: list[int] | None, deadline: Deadline, cand: np.ndarray,
+                  left: int):
+        """Peeled rows and candidates ``cand`` for the ``left`` rows after peeling: the residual fit, the
+        rows it misses through the span stage, and the whole-gradient fit (certified or None)."""
+        cfg, schema, t = self.config, prior.schema, obs.tensors
+        layers = find_layers(model, schema.dim)
+        n_cls = len(schema.classes)
+        stats["peel_candidates"] = float(len(cand))
         if 0 < len(cand) <= cfg.max_fit and left > 0:
             # a root the search missed (a rare shared pattern): the rows the residual fit counts as whole
             # are subtracted and the few rows left go to the span stage as a batch of their own
