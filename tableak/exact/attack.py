@@ -98,6 +98,10 @@ class TabularExact(PeelStages):
        (uncertified, status ``best-effort``) when it explains the update better (``fallback.py``).
     6. Time: the exact stage stops at ``time_budget`` seconds (``budget.py``) and falls back as in 5
        with the rows certified so far (stat ``exact_timeout``).
+    7. Past the first layer's rank (``stages.py``): rows of categories seen once are peeled off, the
+       patterns left are solved on the second layer, and past ``max_patterns`` (German B = 64, 13
+       blocks) a greedy pursuit finds the rows one second-layer root at a time and deflates each by
+       a rank-one downdate of ``dW2`` (``pursuit.py``; 2-class heads); step 4's fit certifies.
 
     Deviations from SPEAR: no sampling of sparse directions in the gradient's column space (the
     categorical structure identifies rows directly), no ReLU sign assumptions; from DAGER: the

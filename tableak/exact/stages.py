@@ -1,5 +1,5 @@
-"""The stages of ``TabularExact`` past the first layer's rank (peeling, pattern roots, the rows the roots
-missed) and the first-layer re-read of continuous values, with the certificate helpers shared by all
+"""The stages of ``TabularExact`` past the first layer's rank (peeling, pattern roots or, past
+``max_patterns``, the pursuit of ``pursuit.py``, the rows the roots missed) and the first-layer re-read of continuous values, with the certificate helpers shared by all
 stages (``attack.py`` holds the span stage and the orchestration)."""
 from __future__ import annotations
 
