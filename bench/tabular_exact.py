@@ -31,7 +31,7 @@ DEV_GRID = (
     ("tabular/adult-fc/fedsgd", (32,), 3),
     ("tabular/german-fc/fedsgd", (32,), 2),
     ("tabular/adult-fc/fedsgd-labels", (64,), 2),
-    ("tabular/german-fc/fedsgd-labels", (64,), 2),  # 2-4 categories seen once, ~3e7 patterns: mostly TabLeak
+    ("tabular/german-fc/fedsgd-labels", (64,), 2),  # ~3e7 patterns after peeling: the pursuit stage (pursuit.py)
     ("tabular/adult-fc/fedsgd-labels", (128,), 1),  # past the second layer's rank: equals TabLeak
     ("tabular/adult-fc/fedsgd-trained-labels", (32,), 2),
 )

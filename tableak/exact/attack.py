@@ -39,7 +39,8 @@ class TabularExactConfig:
         "integer_tol": "(0,0.5)", "max_half": ">=1", "max_candidates": ">=1", "max_fit": ">=1", "starts": ">=1", "pass1_starts": ">=1",
         "fallback_iterations": ">=1", "fallback_ensemble": ">=1", "noise_factor": ">0", "cond_ref": ">=1",
         "act_tol": "(0,1)", "peel_tol": ">0", "g_tol": ">0", "max_patterns": ">=1", "rest_max": ">=1",
-        "time_budget": ">0", "noise_edge": ">0", "noise_merge": ">=0"}
+        "time_budget": ">0", "noise_edge": ">0", "noise_merge": ">=0",
+        "pursuit_starts": ">=1", "pursuit_rounds": ">=1", "pursuit_seed": ">=0"}
     rank_tol: float = 1e-5  # singular values below rank_tol * s_1 are float round-off
     present_tol: float = 1e-4  # a category is absent when its raw-space gradient column is this small (relative)
     span_tol: float = 1e-5  # distance of a valid row to the first-layer span (standardised units)
@@ -62,6 +63,10 @@ class TabularExactConfig:
     max_patterns: int = 160_000  # patterns left after peeling that the root search tries (beyond: fall back)
     resolution: bool = True  # report ``unit_resolved``: certified values the gradient tells from their +-1 neighbour
     rest_max: int = 24  # rows the pattern roots miss that the span stage may take as a batch of their own
+    pursuit: bool = True  # patterns past max_patterns: coordinate descent on layer 2 with deflation (pursuit.py)
+    pursuit_starts: int = 256  # random starts per pursuit round
+    pursuit_rounds: int = 40  # pursuit rounds at most (each stops the search when it finds no new row)
+    pursuit_seed: int = 0  # the pursuit's random starts (a generator of its own; no global RNG)
     time_budget: float = 300.0  # seconds of exact stage; past them: the fallback, seeded with the rows certified so far
     fallback: Literal["tableak", "none"] = "tableak"  # rows not certified: TabLeak (rows overwritten by certified ones)
     fallback_iterations: int = 1500
@@ -93,6 +98,10 @@ class TabularExact(PeelStages):
        (uncertified, status ``best-effort``) when it explains the update better (``fallback.py``).
     6. Time: the exact stage stops at ``time_budget`` seconds (``budget.py``) and falls back as in 5
        with the rows certified so far (stat ``exact_timeout``).
+    7. Past the first layer's rank (``stages.py``): rows of categories seen once are peeled off, the
+       patterns left are solved on the second layer, and past ``max_patterns`` (German B = 64, 13
+       blocks) a greedy pursuit finds the rows one second-layer root at a time and deflates each by
+       a rank-one downdate of ``dW2`` (``pursuit.py``; 2-class heads); step 4's fit certifies.
 
     Deviations from SPEAR: no sampling of sparse directions in the gradient's column space (the
     categorical structure identifies rows directly), no ReLU sign assumptions; from DAGER: the

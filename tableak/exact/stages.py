@@ -1,5 +1,5 @@
-"""The stages of ``TabularExact`` past the first layer's rank (peeling, pattern roots, the rows the roots
-missed) and the first-layer re-read of continuous values, with the certificate helpers shared by all
+"""The stages of ``TabularExact`` past the first layer's rank (peeling, pattern roots or, past
+``max_patterns``, the pursuit of ``pursuit.py``, the rows the roots missed) and the first-layer re-read of continuous values, with the certificate helpers shared by all
 stages (``attack.py`` holds the span stage and the orchestration)."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from common.types import Observation
 from ..prior import TabularPrior
 from .budget import NEVER, Deadline, OutOfTime
 from .peel import Peeled, all_pattern_roots, peel, rest_batch, rest_counts
+from .pursuit import pursue, two_class_head
 from .span import merge_near, project, row_span, unique_rows
 from .verify import (find_layers, fit_counts, layer2_residual, observed_names, refine_continuous, second_inputs,
                      sum_scale)
@@ -75,11 +76,12 @@ class PeelStages:
 
     def _after_peel(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict, p: Peeled,
                     names: list[str], scale: float, labels: list[int] | None, deadline: Deadline):
-        """The patterns left after peeling, solved on the second layer; the whole-gradient fit (or None)."""
-        cfg, schema, t = self.config, prior.schema, obs.tensors
+        """The patterns left after peeling, solved on the second layer (every pattern's roots, or the
+        pursuit past ``max_patterns``); the whole-gradient fit (or None). When the pattern roots do not
+        certify the batch, the pursuit gets one try (a rare pattern whose roots were missed)."""
+        cfg, schema = self.config, prior.schema
         layers = find_layers(model, schema.dim)
-        n_cls = len(schema.classes)
-        left, cand = b - len(p.rows), np.zeros((0, schema.dim))
+        left, cand, pursued = b - len(p.rows), np.zeros((0, schema.dim)), False
         if left > 0:
             cur = p.target
             raw = cur[layers.first_weight] * np.asarray(schema.scale) + np.outer(cur[layers.first_bias], schema.mean)
@@ -94,11 +96,34 @@ class PeelStages:
                 roots = all_pattern_roots(schema, present, w1, b1, span2.basis, starts=cfg.pass1_starts,
                                           more_starts=cfg.starts, tol=cfg.peel_tol, max_patterns=cfg.max_patterns,
                                           deadline=deadline)
+                if roots is None:  # too many patterns (German B = 64): greedy descent with deflation
+                    roots, pursued = self._pursuit(model, layers, schema, cur, present, left, stats, deadline), True
                 if roots is not None and len(roots):
                     rows = unique_rows(schema, project(schema, roots))
                     res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
                     cand = merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
-            stats["peel_candidates"] = float(len(cand))
+                fit = self._fit_left(obs, model, prior, b, stats, p, names, scale, labels, deadline, cand, left)
+                if fit is None and not pursued and not deadline.expired:
+                    more = self._pursuit(model, layers, schema, cur, present, left, stats, deadline)
+                    if more is not None and len(more):
+                        rows = unique_rows(schema, project(schema, more))
+                        res2 = layer2_residual(second_inputs(model, layers.second, rows), span2.basis)
+                        more = merge_near(schema, rows[res2 <= cfg.peel_tol], res2[res2 <= cfg.peel_tol], keep=0)
+                        both = unique_rows(schema, np.concatenate([cand, more]))  # roots of both searches
+                        stats["pursuit_rescue"] = 1.0
+                        fit = self._fit_left(obs, model, prior, b, stats, p, names, scale, labels, deadline, both, left)
+                return fit
+        return self._fit_left(obs, model, prior, b, stats, p, names, scale, labels, deadline, cand, left)
+
+    def _fit_left(self, obs: Observation, model: nn.Module, prior: TabularPrior, b: int, stats: dict, p: Peeled,
+                  names: list[str], scale: float, labels: list[int] | None, deadline: Deadline, cand: np.ndarray,
+                  left: int):
+        """Peeled rows and candidates ``cand`` for the ``left`` rows after peeling: the residual fit, the
+        rows it misses through the span stage, and the whole-gradient fit (certified or None)."""
+        cfg, schema, t = self.config, prior.schema, obs.tensors
+        layers = find_layers(model, schema.dim)
+        n_cls = len(schema.classes)
+        stats["peel_candidates"] = float(len(cand))
         if 0 < len(cand) <= cfg.max_fit and left > 0:
             # a root the search missed (a rare shared pattern): the rows the residual fit counts as whole
             # are subtracted and the few rows left go to the span stage as a batch of their own
@@ -125,6 +150,26 @@ class PeelStages:
             fit = self._refine(obs, model, prior, names, fit, rows, b, labels, cfg.fit_tol, stats)
             ok = fit is not None
         return fit if ok else None
+
+    def _pursuit(self, model: nn.Module, layers, schema, cur: dict, present: np.ndarray, left: int, stats: dict,
+                 deadline: Deadline) -> np.ndarray | None:
+        """Rows found by ``pursuit.pursue`` on the second-layer gradient left after peeling (two-class
+        ReLU networks with a hidden second layer only), or None."""
+        cfg = self.config
+        v = two_class_head(model, layers.second)
+        if not cfg.pursuit or v is None:
+            return None
+        lin = [layers.first, layers.second]
+        w1, b1, w2, b2 = (t.detach().double().cpu().numpy() for m in lin for t in (m.weight, m.bias))
+        present = present.copy()
+        present[schema.continuous_index] = True
+        pu = pursue(schema, w1, b1, w2, b2, v, cur[layers.second_weight], present, left, rank_tol=cfg.rank_tol,
+                    tol=cfg.peel_tol, starts=cfg.pursuit_starts, rounds=cfg.pursuit_rounds, seed=cfg.pursuit_seed,
+                    deadline=deadline)
+        stats.update(pursuit_rows=float(len(pu.rows)), pursuit_starts=float(pu.starts), pursuit_rounds=float(pu.rounds),
+                     pursuit_rank_left=float(pu.rank_left))
+        deadline.check()
+        return pu.rows
 
     def _refine(self, obs: Observation, model: nn.Module, prior: TabularPrior, names: list[str], fit, rows: np.ndarray,
                 b: int, labels: list[int] | None, tol: float, stats: dict, *, total: bool = False):
