@@ -87,6 +87,11 @@ def test_streamed_ce_blocks_do_not_change_the_value():
     for block in (7 * 1024, 7 * 3000, 1 << 20):  # blocks of 1024 rows, 3000 rows (> vocab), one block
         got = _streamed_ce(h, tgt, lambda s, e: w[s:e], 1000, block_elems=block)
         assert torch.allclose(got.double(), ref, atol=1e-5, rtol=0)
+    # each state once, targets pointing at their row (the trie's parents with several children)
+    owner = torch.tensor([0, 0, 3, 1, 3, 6, 2, 0])
+    got = _streamed_ce(h, tgt[owner.flip(0)], lambda s, e: w[s:e], 1000, block_elems=7 * 1024, owner=owner)
+    ref = torch.nn.functional.cross_entropy((h @ w.T).double()[owner], tgt[owner.flip(0)], reduction="none")
+    assert got.shape == (8,) and torch.allclose(got.double(), ref, atol=1e-5, rtol=0)
 
 
 def test_trie_nll_of_the_packed_model_matches_each_sequence_alone(packed):
