@@ -72,7 +72,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], *,
-             ce: Callable[..., Tensor], grouped: bool = False) -> Tensor:
+             ce: Callable[..., Tensor], grouped: bool = False, node_chunk: int = 256) -> Tensor:
     """Per sequence of ``seqs`` (token ids, the start token included): the mean NLL of its tokens
     1.. given the earlier ones (0 for a sequence of one token), each shared prefix computed once;
     ``ce(hidden [N, d], targets [N])`` is the head's per-row cross-entropy (streamed or full). With
@@ -81,7 +81,8 @@ def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], *,
 
     Only nodes with a child run through the layers: a leaf's state predicts nothing and its keys and values
     serve no descendant, so each text's last token is never computed (as the padded forward's last position
-    is dropped; ~11 % of a swap round's nodes)."""
+    is dropped; ~11 % of a swap round's nodes). ``node_chunk`` nodes at a time gather their ancestors' keys and
+    values (bounds that transient; the values do not depend on it: each node's attention is its own product)."""
     cfg = model.config
     dev = next(iter(model.model.norm.parameters())).device
     tokens_all, parents_all, paths = trie(seqs)
@@ -103,7 +104,7 @@ def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], *,
     for p in parents:
         anc.append((anc[p] if p >= 0 else []) + [len(anc)])
     idx, valid = _padded(anc, dev)
-    depth, flat_idx = idx.shape[1], idx.flatten()
+    depth = idx.shape[1]
     pos = valid.sum(1) - 1  # a node's position is its depth
     h_n, kv_n = cfg.num_attention_heads, cfg.num_key_value_heads
     rep = h_n // kv_n
@@ -122,11 +123,15 @@ def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], *,
         v = nn.functional.linear(h, _weight(at.v_proj)).view(n, kv_n, hd)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos + _rotate_half(k) * sin
-        kp = k.index_select(0, flat_idx).view(n, depth, kv_n, hd).permute(0, 2, 3, 1)  # [N, KV, hd, depth]: ancestors
-        vp = v.index_select(0, flat_idx).view(n, depth, kv_n, hd).transpose(1, 2)  # [N, KV, depth, hd]
-        w = torch.matmul(q, kp) * scale + mask  # [N, KV, rep, depth]
-        w = nn.functional.softmax(w, dim=-1, dtype=torch.float32)
-        o = torch.matmul(w, vp).reshape(n, h_n * hd)
+        o = torch.empty(n, h_n * hd, dtype=x.dtype, device=dev)
+        for s in range(0, n, node_chunk):  # the ancestors' keys/values gathered for a chunk of nodes at a time
+            e = min(n, s + node_chunk)
+            fi = idx[s:e].flatten()
+            kp = k.index_select(0, fi).view(e - s, depth, kv_n, hd).permute(0, 2, 3, 1)  # [n, KV, hd, depth]
+            vp = v.index_select(0, fi).view(e - s, depth, kv_n, hd).transpose(1, 2)  # [n, KV, depth, hd]
+            w = torch.matmul(q[s:e], kp) * scale + mask[s:e]  # [n, KV, rep, depth]
+            w = nn.functional.softmax(w, dim=-1, dtype=torch.float32)
+            o[s:e] = torch.matmul(w, vp).reshape(e - s, h_n * hd)
         x = x + nn.functional.linear(o, _weight(at.o_proj))
         m = layer.mlp
         h = _rms(x, layer.post_attention_layernorm)
