@@ -1,3 +1,4 @@
+# /tmp/lampw/todo.pkl: the 114 distinct texts of one dev round, written by lmprof.py (this folder; rng 11, as the lm-new worker)
 import os, sys, time, pickle
 sys.path.insert(0, os.getcwd()); sys.path.insert(0, "/tmp/lampw")
 import torch
