@@ -129,21 +129,24 @@ def measure_trie(*, quick: bool, device: str, threads: int = 1) -> list[dict]:
     steps, one process interleaving this session's discrete round (LM trie, ghost chunks of 16, 2M-logit head
     blocks) with the previous one (``OLD_ROUND``) and the 2,000-step projection of both, and the short attack
     with each in its own process (peak RSS, same text)."""
+    s13 = os.environ.get("PERF_LAMP_SET") == "s13"  # old = the LM trie of perf_lamp_workers.PREV (session 12)
     w = {n: _run_worker(n, quick=quick, device=device, threads=threads) for n in ("steps", "project", "short-new",
                                                                                  "short-old")}
-    st2 = _run_worker("steps", quick=quick, device=device, threads=2)
+    st2 = None if s13 else _run_worker("steps", quick=quick, device=device, threads=2)
     st, pj = w["steps"], w["project"]
     dev = f"{device}, {threads} thread(s), L={st['seq_len']} tokens; {_model_note()}"
     rows = [_row("floor", f"{CASE} one step", "forward + double backward", "-", r["floor_s"], 1.0, r["peak_rss_mb"],
                  notes=f"{device}, {t} thread(s); 2000 floor steps = {2000 * r['floor_s']:.0f} s; steps interleaved, medians")
-            for r, t in ((st, threads), (st2, 2))]
+            for r, t in ((st, threads), (st2, 2)) if r is not None]
     for attack in ("lamp-cos", "tag"):
         rows.append(_row(attack, f"{CASE} continuous step", "ghost step", "floor", st[f"{attack}_s"],
                          st[f"{attack}_s"] / st["floor_s"], st["peak_rss_mb"], notes=f"{dev}; same process as the floor"))
     same = all(pj["same_round"])
     for what, key in (("discrete round, 200 candidates + LM prior", "round"), ("its LM prior part", "lm"),
                       ("init scoring, per candidate", "init")):
-        for variant, sfx in (("LM trie, ghost chunks of 16", ""), ("old: padded LM batch, ghost chunks of 32", "_old")):
+        for variant, sfx in (("LM trie without leaves, head once per parent" if s13 else "LM trie, ghost chunks of 16", ""),
+                             ("old: LM trie of session 12 (commit 86c4b62)" if s13 else
+                              "old: padded LM batch, ghost chunks of 32", "_old")):
             rows.append(_row("lamp-cos", f"{CASE} {what}", variant, "old", pj[f"{key}{sfx}_s"],
                              pj[f"{key}{sfx}_s"] / pj[f"{key}_old_s"], pj["peak_rss_mb"], "same round result as old",
                              float(same), f"{dev}; one process, interleaved; medians of {len(pj['samples'][key])}"))
@@ -171,7 +174,7 @@ def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -
         return measure_device(quick=quick, device=device, threads=int(os.environ.get("PERF_LAMP_THREADS", threads)))
     if os.environ.get("PERF_LAMP_SET") == "lean":
         return measure_lean(quick=quick, device=device, threads=threads)
-    if os.environ.get("PERF_LAMP_SET") == "trie":
+    if os.environ.get("PERF_LAMP_SET") in ("trie", "s13"):
         return measure_trie(quick=quick, device=device, threads=threads)
     w = {n: _run_worker(n, quick=quick, device=device, threads=threads) for n in (
         "steps", "init-new", "init-old", "swap-new", "swap-old", "round-new",

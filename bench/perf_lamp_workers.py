@@ -151,6 +151,38 @@ def _old_blocks(on: bool = True):
         tp._streamed_ce.__defaults__ = keep
 
 
+#: the library code before session 13 (``PERF_LAMP_SET=s13`` compares against it in one process)
+PREV = "86c4b62"
+
+
+@contextmanager
+def _prev_lm(on: bool = True):
+    """While ``on``: ``LMPrior._nll_trie`` as of commit ``PREV`` (every trie node through the layers, leaves
+    included; the head's log-normaliser once per edge), loaded from git; the same LM and tokenizer otherwise."""
+    import subprocess
+    import types
+
+    import textleak.prior as tp
+
+    keep = tp.LMPrior._nll_trie
+    if on:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        src = subprocess.run(["git", "show", f"{PREV}:textleak/components/lm_prefix.py"], cwd=root, check=True,
+                             capture_output=True, text=True).stdout
+        mod = types.ModuleType("prev_lm_prefix")
+        exec(compile(src, f"{PREV}:lm_prefix.py", "exec"), mod.__dict__)
+
+        def nll_trie(self, texts):
+            emb = self.model.lm_head.emb
+            return mod.trie_nll(self.model, [self._ids(t) for t in texts],
+                                ce=lambda h, t: tp._streamed_ce(h, t, emb.rows, emb.num_embeddings))
+        tp.LMPrior._nll_trie = nll_trie
+    try:
+        yield
+    finally:
+        tp.LMPrior._nll_trie = keep
+
+
 def _time_calls(obj, attr: str) -> list[float]:
     """Wrap ``obj.attr`` (an instance attribute shadowing the method) to record each call's seconds."""
     inner, spent = getattr(obj, attr), []
@@ -222,7 +254,9 @@ def worker(name: str, quick: bool, device: str) -> dict:
         import numpy as np
         bf16 = os.environ.get("PERF_LAMP_LM_BF16") == "1"  # the opt-in bf16 LM prior
         s = TextSearch(replace(preset("lamp-cos"), lm_bf16=bf16), obs, model, prior, make_generator(3))
-        so = TextSearch(replace(s.cfg, **OLD_ROUND), obs, model, prior, make_generator(3))
+        s13 = os.environ.get("PERF_LAMP_SET") == "s13"  # old = commit PREV's LM trie, else OLD_ROUND
+        so = TextSearch(replace(s.cfg, **({} if s13 else OLD_ROUND)), obs, model, prior, make_generator(3))
+        out["old"] = f"commit {PREV} LM trie" if s13 else "OLD_ROUND"
         out["lm_bf16"] = bf16
         t0 = time.perf_counter()
         prior.lm()
@@ -240,7 +274,7 @@ def worker(name: str, quick: bool, device: str) -> dict:
                 srch.rng = np.random.default_rng(11 + r)
                 srch._nll_cache.clear()
                 lm_t = _time_calls(srch, "nll")
-                with _old_blocks(which == "old"):
+                with _old_blocks(which == "old" and not s13), _prev_lm(which == "old" and s13):
                     t0 = time.perf_counter()
                     res[which] = srch.discrete_step(x0)[0]
                     ts["round" + sfx].append(time.perf_counter() - t0)
@@ -293,12 +327,13 @@ def worker(name: str, quick: bool, device: str) -> dict:
     elif name in ("short-new", "short-old"):  # a short attack with the LM prior on, this session's round vs OLD_ROUND
         from eval.pipeline import score
         old = name == "short-old"
+        s13 = os.environ.get("PERF_LAMP_SET") == "s13"
         cfg = replace(preset("lamp-cos"), n_steps=80, init_candidates=16, init_permutations=16, swap_every=20,
-                      swap_candidates=200, **(OLD_ROUND if old else {}))
+                      swap_candidates=200, **(OLD_ROUND if old and not s13 else {}))
         t0 = time.perf_counter()
         prior.lm()
         out["lm_load_s"] = time.perf_counter() - t0
-        with _old_blocks(old):
+        with _old_blocks(old and not s13), _prev_lm(old and s13):
             t0 = time.perf_counter()
             rec = TextSearch(cfg, obs, model, prior, make_generator(3)).run()
             out["attack_s"] = time.perf_counter() - t0

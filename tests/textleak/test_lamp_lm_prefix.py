@@ -65,6 +65,10 @@ def test_trie_nll_positions_matter(gqa_llama):
         gqa_llama.model.lm_head(h), t, reduction="none"))
     ref = torch.stack([gqa_llama._nll([t])[0] for t in _rounds_texts()[:4]])
     assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+    # the ancestors' keys/values gathered a few nodes at a time: the same values, bit for bit
+    chunked = trie_nll(gqa_llama.model, seqs, node_chunk=3, ce=lambda h, t: torch.nn.functional.cross_entropy(
+        gqa_llama.model.lm_head(h), t, reduction="none"))
+    assert torch.equal(chunked, got)
 
 
 def test_models_it_does_not_cover_keep_the_padded_forward():

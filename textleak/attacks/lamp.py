@@ -27,8 +27,9 @@ Deviations:
   log-softmax is streamed over the vocabulary (NLLs within 2e-4 nats of the full-logits float32 path, closer
   to float64); with B = 1 the current text is scored in its candidates' batch (one LM forward per round). For
   Llama-architecture LMs a round's texts go through a token trie (``lm_shared_prefix``, default on;
-  :mod:`textleak.components.lm_prefix`): every prefix the re-orderings share is run once (~1,030 of ~1,680
-  tokens on a 13-word sentence's 114 texts), the same NLLs up to float rounding (~1e-6 nats). The
+  :mod:`textleak.components.lm_prefix`): every prefix the re-orderings share is run once and a text's last
+  token (which predicts nothing) not at all (~915 of ~1,680 tokens through the layers on a 13-word sentence's
+  114 texts), the same NLLs up to float rounding (~1e-6 nats). The
   schedule is the reference's (200 proposals per sentence every ``swap_every`` steps after the burn-in, all
   scored with the LM; ``swap_tokens`` in eth-sri/lamp ``attack.py``).
 * ``init_size=1.4`` is LAMP's value for BERT; ``None`` uses the mean norm of the allowed embeddings

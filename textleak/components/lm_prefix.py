@@ -72,21 +72,39 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], *,
-             ce: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+             ce: Callable[..., Tensor], grouped: bool = False, node_chunk: int = 256) -> Tensor:
     """Per sequence of ``seqs`` (token ids, the start token included): the mean NLL of its tokens
     1.. given the earlier ones (0 for a sequence of one token), each shared prefix computed once;
-    ``ce(hidden [N, d], targets [N])`` is the head's per-row cross-entropy (streamed or full)."""
+    ``ce(hidden [N, d], targets [N])`` is the head's per-row cross-entropy (streamed or full). With
+    ``grouped``, ``ce(hidden [U, d], targets [N], rows [N])`` gets each distinct parent state once and
+    per edge its row (a node with many children: the head's log-normaliser once).
+
+    Only nodes with a child run through the layers: a leaf's state predicts nothing and its keys and values
+    serve no descendant, so each text's last token is never computed (as the padded forward's last position
+    is dropped; ~11 % of a swap round's nodes). ``node_chunk`` nodes at a time gather their ancestors' keys and
+    values (bounds that transient; the values do not depend on it: each node's attention is its own product)."""
     cfg = model.config
     dev = next(iter(model.model.norm.parameters())).device
-    tokens, parents, paths = trie(seqs)
-    n = len(tokens)
-    if n == 0:
+    tokens_all, parents_all, paths = trie(seqs)
+    if len(tokens_all) == 0:
         return torch.zeros(len(seqs))
+    # inner nodes only (a parent is created before its children, so the order stays parent-first)
+    inner = sorted({p for p in parents_all if p >= 0})
+    new = {old: i for i, old in enumerate(inner)}
+    tokens = [tokens_all[i] for i in inner]
+    parents = [new[parents_all[i]] if parents_all[i] >= 0 else -1 for i in inner]
+    n = len(tokens)
+    edge = torch.zeros(len(tokens_all) + 1, dtype=torch.float64)  # per node: the NLL of the edge into it
+    # the last entry: padding of the paths below
+    steps, ok = _padded([p[1:] for p in paths], "cpu", fill=len(tokens_all))  # a path's edges: its nodes after the first
+    count = ok.sum(1).clamp(min=1)
+    if n == 0:  # every sequence is a single token
+        return (edge[steps].sum(1) / count).float()
     anc: list[list[int]] = []  # per node: its ancestors and itself, root first
     for p in parents:
         anc.append((anc[p] if p >= 0 else []) + [len(anc)])
     idx, valid = _padded(anc, dev)
-    depth, flat_idx = idx.shape[1], idx.flatten()
+    depth = idx.shape[1]
     pos = valid.sum(1) - 1  # a node's position is its depth
     h_n, kv_n = cfg.num_attention_heads, cfg.num_key_value_heads
     rep = h_n // kv_n
@@ -105,11 +123,15 @@ def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], *,
         v = nn.functional.linear(h, _weight(at.v_proj)).view(n, kv_n, hd)
         q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
         k = k * cos + _rotate_half(k) * sin
-        kp = k.index_select(0, flat_idx).view(n, depth, kv_n, hd).permute(0, 2, 3, 1)  # [N, KV, hd, depth]: ancestors
-        vp = v.index_select(0, flat_idx).view(n, depth, kv_n, hd).transpose(1, 2)  # [N, KV, depth, hd]
-        w = torch.matmul(q, kp) * scale + mask  # [N, KV, rep, depth]
-        w = nn.functional.softmax(w, dim=-1, dtype=torch.float32)
-        o = torch.matmul(w, vp).reshape(n, h_n * hd)
+        o = torch.empty(n, h_n * hd, dtype=x.dtype, device=dev)
+        for s in range(0, n, node_chunk):  # the ancestors' keys/values gathered for a chunk of nodes at a time
+            e = min(n, s + node_chunk)
+            fi = idx[s:e].flatten()
+            kp = k.index_select(0, fi).view(e - s, depth, kv_n, hd).permute(0, 2, 3, 1)  # [n, KV, hd, depth]
+            vp = v.index_select(0, fi).view(e - s, depth, kv_n, hd).transpose(1, 2)  # [n, KV, depth, hd]
+            w = torch.matmul(q[s:e], kp) * scale + mask[s:e]  # [n, KV, rep, depth]
+            w = nn.functional.softmax(w, dim=-1, dtype=torch.float32)
+            o[s:e] = torch.matmul(w, vp).reshape(e - s, h_n * hd)
         x = x + nn.functional.linear(o, _weight(at.o_proj))
         m = layer.mlp
         h = _rms(x, layer.post_attention_layernorm)
@@ -117,13 +139,11 @@ def trie_nll(model: nn.Module, seqs: Sequence[Sequence[int]], *,
         x = x + nn.functional.linear(gate * nn.functional.linear(h, _weight(m.up_proj)), _weight(m.down_proj))
     x = _rms(x, model.model.norm)
     # one cross-entropy per edge: the parent's hidden state predicting the child's token
-    child = torch.tensor([c for c, p in enumerate(parents) if p >= 0], dtype=torch.long, device=dev)
-    edge = torch.zeros(n + 1, dtype=torch.float64)  # the last entry: padding of the paths below
-    if len(child):
-        par = torch.tensor(parents, dtype=torch.long, device=dev)[child]
-        edge[child.cpu()] = ce(x[par], torch.tensor(tokens, dtype=torch.long, device=dev)[child]).double().cpu()
-    steps, ok = _padded([p[1:] for p in paths], "cpu", fill=n)  # a path's edges: its nodes after the first
-    count = ok.sum(1).clamp(min=1)
+    child = [c for c, p in enumerate(parents_all) if p >= 0]
+    par = torch.tensor([new[parents_all[c]] for c in child], dtype=torch.long, device=dev)
+    tgt = torch.tensor([tokens_all[c] for c in child], dtype=torch.long, device=dev)
+    vals = ce(x, tgt, par) if grouped else ce(x[par], tgt)
+    edge[torch.tensor(child, dtype=torch.long)] = vals.double().cpu()
     return (edge[steps].sum(1) / count).float()
 
 
