@@ -102,7 +102,7 @@ def trace_lbfgs(pb: Problem, start: torch.Tensor, *, iterations: int, every: int
         loss.backward(inputs=[z])
         if n[0] % every == 0:
             fd = f.detach()
-            rows.append({**head, "row": "trace", "evals": n[0], "objective": float(loss), "cosine": _cos(fd, pb.truth),
+            rows.append({**head, "row": "trace", "evals": n[0], "objective": float(loss.detach()), "cosine": _cos(fd, pb.truth),
                          "speech_cosine": _cos(fd[0][:, speech], pb.truth[0][:, speech]), "s": round(time.perf_counter() - t0, 1)})
         n[0] += 1
         return loss
