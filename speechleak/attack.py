@@ -121,6 +121,8 @@ class SpeechGradientInversion:
         if cfg.init_tts_voice and not (ctc and cfg.ctc_targets == "observed" and cfg.domain == "features"):
             return ("init_tts_voice renders a granted transcript: it needs a CTC case, ctc_targets=observed "
                     "and domain=features; unset it otherwise")
+        if cfg.output_time_blur and cfg.domain != "features":
+            return "output_time_blur blurs recovered features: it needs domain=features; set output_time_blur=0 otherwise"
         if cfg.refine_first_layer_steps and not (ctc and fedsgd and cfg.domain == "features"):
             return ("refine_first_layer_steps needs a CTC case with a FedSGD gradient and domain=features; "
                     "set refine_first_layer_steps=0 otherwise")

@@ -63,3 +63,6 @@ def test_attack_applies_the_blur_to_its_searched_features(ctc_case):
     with pytest.raises(ValueError):
         from common.attack import validate_config
         validate_config(SpeechInversionConfig(output_time_blur=-1.0))
+    with pytest.raises(ValueError, match="output_time_blur"):  # waveform-domain results are not feature maps
+        SpeechGradientInversion(SpeechInversionConfig(**{**base, "domain": "waveform"}, output_time_blur=2.0)).reconstruct(
+            obs, model, prior, generator=torch.Generator().manual_seed(0))
