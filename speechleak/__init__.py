@@ -35,6 +35,16 @@ PRESETS = {
                              "speech-ctc-lbfgs started from the attacker's own espeak-ng rendering of the granted "
                              "transcript (4 public voices; the voice, block width, centre, linear time warp and per-band "
                              "offset chosen by the matching objective) instead of a silent block"),
+    "speech-ctc-tts-avg": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
+                                                      "tv_weight": 1e-5, "iterations": 150, "restarts": 1,
+                                                      "init_seconds_per_char": 0.066,
+                                                      "init_tts_voice": "espeak-ng:en-us,espeak-ng:en-gb,espeak-ng:en-us+f3,"
+                                                                        "espeak-ng:en-us+m3",
+                                                      "init_warp_grid": 0, "init_warp_iterations": 60, "init_warp_knots": 1,
+                                                      "init_tts_average": 2, "output_time_blur": 5.0},
+                                 "speech-ctc-tts with two 150-iteration searches (from the two best-aligned voices) "
+                                 "averaged, then a Gaussian blur over time (sigma 5 frames) of the recovered "
+                                 "features: shrinkage for the timing the update leaves uncertain (issue 21)"),
     "speech-ctc-free": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
                                                    "tv_weight": 1e-5, "iterations": 300, "restarts": 1,
                                                    "ctc_targets": "free", "init_block_seconds": 2.9},

@@ -26,6 +26,8 @@ Deviations (all documented in docs/speechleak.md):
   ``refine_first_layer_steps`` adds, after the search, a fixed point on the first convolution's weight
   gradient (linear in the input once that layer's output error is fixed; solved in closed form, silence
   outside the start's speech block held at the floor): our addition, off by default (issue 21).
+  ``output_time_blur`` blurs the recovered features over time (Gaussian, σ frames) before the waveform stage: a
+  shrinkage for the frame timing the update leaves uncertain (our addition, issue 21; off by default).
 * FedAvg: the client's local SGD is simulated with the observed hyper-parameters and the
   identity minibatch order (the shuffle order is private).
 """
@@ -48,7 +50,7 @@ from common.threat import Capability
 from common.types import Batch, Observation, Reconstruction
 
 from .config import SpeechInversionConfig, tts_voices
-from .ctc import first_layer_refine, output_error, speech_block
+from .ctc import first_layer_refine, output_error, speech_block, time_blur
 from .frontend import refine_waveform
 from .prior import SpeechPrior
 
@@ -119,6 +121,8 @@ class SpeechGradientInversion:
         if cfg.init_tts_voice and not (ctc and cfg.ctc_targets == "observed" and cfg.domain == "features"):
             return ("init_tts_voice renders a granted transcript: it needs a CTC case, ctc_targets=observed "
                     "and domain=features; unset it otherwise")
+        if cfg.output_time_blur and cfg.domain != "features":
+            return "output_time_blur blurs recovered features: it needs domain=features; set output_time_blur=0 otherwise"
         if cfg.refine_first_layer_steps and not (ctc and fedsgd and cfg.domain == "features"):
             return ("refine_first_layer_steps needs a CTC case with a FedSGD gradient and domain=features; "
                     "set refine_first_layer_steps=0 otherwise")
@@ -361,6 +365,7 @@ class SpeechGradientInversion:
                 hi = prior.upper if lower is not None and prior.upper is not None else 1e3
                 feats = torch.nan_to_num(feats, nan=0.0, posinf=hi, neginf=lower if lower is not None else -1e3)
                 feats = feats.clamp(min=lower, max=hi) if lower is not None else feats.clamp(-1e3, 1e3)
+                feats = time_blur(feats, cfg.output_time_blur)  # within the bounds: a convex combination of frames
             if cfg.domain == "waveform":
                 frontend = frontend.float()
                 xb = xb.float()

@@ -23,7 +23,7 @@ class SpeechInversionConfig:
         "layer_decay": "(0,1]", "lr": ">0", "iterations": ">=1", "restarts": ">=1",
         "griffin_lim_iters": ">=1", "init_seconds_per_char": ">=0", "init_warp_iterations": ">=0",
         "init_warp_knots": ">=1", "init_warp_grid": ">=0", "init_tts_average": ">=1", "refine_first_layer_steps": ">=0",
-        "refine_first_layer_ridge": ">0", "refine_first_layer_margin": ">=0"}
+        "refine_first_layer_ridge": ">0", "refine_first_layer_margin": ">=0", "output_time_blur": ">=0"}
     distance: Literal["l2", "cosine", "layer-cosine"] = "l2"
     layer_weights: Literal["uniform", "inverse-norm", "depth-decay"] = "uniform"
     layer_decay: float = 0.8  # depth-decay: weight of layer l is decay**l (input layers heaviest)
@@ -67,6 +67,10 @@ class SpeechInversionConfig:
     refine_first_layer_steps: int = 0
     refine_first_layer_ridge: float = 1.0
     refine_first_layer_margin: int = 8
+    # features domain: after the search (and any averaging), a Gaussian blur over time of this many frames (σ) of the
+    # recovered features before the waveform stage; a shrinkage for the timing the update leaves uncertain
+    # (speechleak.ctc.time_blur; our addition, issue 21); 0 = off
+    output_time_blur: float = 0.0
     labels: Literal["observed", "recover"] = "recover"
     griffin_lim_iters: int = 100
     mel_inversion: Literal["nnls", "lstsq"] = "nnls"  # mel -> linear before Griffin-Lim (see FrontEnd.mel_to_linear)
