@@ -18,6 +18,7 @@ from textleak.models import max_length
 from . import decoder, encoder, frontier, last_token, peel
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
+from .l2_block import Layer2Stage
 from .rope_block import RopeDecoderBlock
 from .config import (CHUNK, FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
                      FRONTIER_FFN, FRONTIER_PRIOR_PENALTY, MAX_LEN, ROOT_QUOTA, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
@@ -218,6 +219,8 @@ class DAGER:
         else:
             run.ffn_prefilter = self._ffn_prefilter(c, l1) if run.fast else None
             run.stats["ffn_prefilter"] = float(run.ffn_prefilter is not None)
+            run.l2_block = Layer2Stage.build(model, li2, c.probe, l1) if run.fast and l1 else None
+            run.stats["l2_block"] = float(run.l2_block is not None)
             sents, scores = decoder.search(run, li2, spans[1], l1, b, max_len, position_free)
             keep = decoder.select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
             sents, scores = [sents[i] for i in keep], [scores[i] for i in keep]

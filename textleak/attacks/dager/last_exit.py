@@ -34,12 +34,15 @@ from torch import Tensor, nn
 
 MARGIN = 1e-4  # cosine margin for the float32 Jacobian-vector product (true candidates: ~0.1 above)
 SLACK = 2.02  # |X| > SLACK |e_R| certifies that a move cannot lower the residual (2 plus a margin)
+FIRST_SHARE = 1.0  # first batch of exact terms: the candidates whose bound is at least this share of the highest
 
 
 def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]],
-                     hs: Tensor, g: Tensor, r_norm: float, denom: float) -> list[int] | None:
+                     hs: Tensor, g: Tensor, r_norm: float, denom: float, *,
+                     support_bound: bool = True) -> list[int] | None:
     """The last token of every sentence, as the full ranking and joint fit would choose it, or None
-    where that cannot be certified cheaply (module docstring)."""
+    where that cannot be certified cheaply (module docstring). ``support_bound=False``: no bound for
+    the sentence's own tokens (every one of them gets its exact term; the path before session 13)."""
     from .last_token import _order, _packed_terms
 
     if any(len(c) < 2 for c in cands):
@@ -51,16 +54,26 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
     n = len(sents)
     hn = hs.norm(dim=1)
     ub: list[list[float]] = []
+    row_sq = g.pow(2).sum(1) if support_bound else None
     for i, (s, c) in enumerate(zip(sents, cands)):
         wy = w[c].detach().double().cpu()
         dots = -(g[c] @ hs[i]) - wy @ dvec[i]
         toks = set(s)
-        ub.append([math.inf if y in toks else max(float(d), 0.0) / (r_norm * float(hn[i]) + 1e-300) + MARGIN
-                   for y, d in zip(c, dots)])
+        if support_bound:  # a term is supported on its sentence's rows and its own: cos <= |g_R| / |g|
+            tok_sq = float(row_sq[sorted(toks)].sum())
+            sup = [math.sqrt(tok_sq + (0.0 if y in toks else float(row_sq[y]))) / r_norm * (1 + 1e-9) + MARGIN
+                   for y in c]
+        else:
+            sup = [math.inf] * len(c)
+        ub.append([sup[k] if y in toks else min(sup[k], max(float(d), 0.0) / (r_norm * float(hn[i]) + 1e-300) + MARGIN)
+                   for k, (y, d) in enumerate(zip(c, dots))])
     # first: the candidates without a bound (the sentence's own tokens) and the one of the highest bound
-    first = [sorted({j for j in range(len(c)) if ub[i][j] == math.inf}
-                    | {max(range(len(c)), key=lambda j: ub[i][j] if ub[i][j] < math.inf else -1.0)})
-             for i, c in enumerate(cands)]
+    if support_bound:  # the candidate of the highest bound, with every one whose bound is not far below it
+        first = [sorted(j for j in range(len(c)) if ub[i][j] >= FIRST_SHARE * max(ub[i])) for i, c in enumerate(cands)]
+    else:
+        first = [sorted({j for j in range(len(c)) if ub[i][j] == math.inf}
+                        | {max(range(len(c)), key=lambda j: ub[i][j] if ub[i][j] < math.inf else -1.0)})
+                 for i, c in enumerate(cands)]
     ges = _packed_terms(graph, w, sents, [[c[j] for j in f] for c, f in zip(cands, first)])
     known: list[dict[int, tuple[float, dict]]] = []  # per sentence: candidate index -> (cosine, unscaled rows)
     for i, s in enumerate(sents):
@@ -70,7 +83,11 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
             known[i][j] = (_cos(rows[0], g, r_norm), rows[0])
     open_ = [i for i in range(n) if not _resolved(known[i], ub[i])]
     if open_:
-        rest = [[j for j in range(len(cands[i])) if j not in known[i]] if i in open_ else [] for i in range(n)]
+        # the rest of an open sentence's candidates (support_bound: only those whose bound reaches its best
+        # known cosine, which resolves it)
+        best = [max(cs for cs, _ in known[i].values()) for i in range(n)]
+        rest = [[j for j in range(len(cands[i])) if j not in known[i] and (not support_bound or ub[i][j] >= best[i])]
+                if i in open_ else [] for i in range(n)]
         ges = _packed_terms(graph, w, sents, [[cands[i][j] for j in r] for i, r in enumerate(rest)])
         for i in open_:
             for k, j in enumerate(rest[i]):
@@ -166,7 +183,7 @@ def _no_single_move(sents, cands, known, top, chosen, e, g, hs, scale) -> bool:
                     x2 += float(step @ step) if isinstance(step, Tensor) else 0.0
                 if not delta > 0.01 * x2:
                     return False
-            elif y in toks or not a > SLACK * _rows_norm(e, g, toks | {cands[i][top[i]], y}):
+            elif (y in toks and cands[i][top[i]] in toks) or not a > SLACK * _rows_norm(e, g, toks | {cands[i][top[i]], y}):
                 return False
     return True
 
