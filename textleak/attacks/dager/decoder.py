@@ -83,11 +83,15 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
         # candidates, as the model forward's full rows (prefiltered: the survivors' distances of it)
         pos = len(live[0].ids)
         run.stats["l2_block_paths"] = run.stats.get("l2_block_paths", 0.0) + len(live)
+        # only distances under tau_2 take part in a decision (the gap cut looks at those alone): the float32
+        # distance decides the rest (it exceeds the true one by at most sqrt(n u) ~ 6e-3 in width 576, u the
+        # float32 unit round-off), the float64 one every distance near or under tau_2
+        low = min(0.1, 1.5 * run.tau[1] + 0.01)
         if cols is None:
-            ds = list(l2.distances([x.ids for x in live], pos, cands, span2.basis))
+            ds = list(l2.distances([x.ids for x in live], pos, cands, span2.basis, exact_below=low))
         else:
             idx = [i for i, c in enumerate(cols) if c]
-            got = l2.distances([live[i].ids for i in idx], pos, cands, span2.basis) if idx else None
+            got = l2.distances([live[i].ids for i in idx], pos, cands, span2.basis, exact_below=low) if idx else None
             ds = [torch.zeros(0, dtype=torch.float64) for _ in live]
             for k, i in enumerate(idx):
                 ds[i] = got[k, cols[i]]

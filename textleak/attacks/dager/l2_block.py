@@ -92,9 +92,11 @@ class Layer2Stage:
         return self.norm(r + self.mlp(self.blk.ln2(r)))
 
     @torch.no_grad()
-    def distances(self, prefixes: list[list[int]], pos: int, cands: list[int], basis: Tensor) -> Tensor:
-        """Span distances [P, K] (float64, as ``span.span_distance``) of the second block's input of every
-        ``prefix + [c]`` (every prefix of length ``pos``)."""
+    def distances(self, prefixes: list[list[int]], pos: int, cands: list[int], basis: Tensor, *,
+                  exact_below: float = 0.1) -> Tensor:
+        """Span distances [P, K] (float64, as ``span.span_distance`` with ``exact_below``: exact where under
+        it, float32 round-off above) of the second block's input of every ``prefix + [c]`` (every prefix of
+        length ``pos``)."""
         tabs = self.blk.tables
         for j in range(pos):  # earlier positions: every prefix token in that position's table
             need = {p[j] for p in prefixes}
@@ -107,7 +109,7 @@ class Layer2Stage:
             p, k, d = o.shape
             flat = o.reshape(p * k, d)
             xs = x.repeat(p, 1) if p > 1 else x
-            out = [span_distance(basis, self.finish(flat[s:s + ROWS], xs[s:s + ROWS]))
+            out = [span_distance(basis, self.finish(flat[s:s + ROWS], xs[s:s + ROWS]), exact_below=exact_below)
                    for s in range(0, p * k, ROWS)]
             return torch.cat(out).view(p, k)
 

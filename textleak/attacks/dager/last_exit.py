@@ -22,6 +22,14 @@ completion costs K backwards of the batch. Most of that is unnecessary and can b
   Moves to candidates whose terms are known are evaluated as the joint fit does. When no move can
   lower the residual, the joint fit returns its starting point: the top candidates.
 
+* **The sentence's own tokens** (session 13). For ``y`` among the sentence's tokens the bound above does
+  not hold (row ``y`` of the term also holds input-side parts), but every term is supported on the rows
+  ``R`` of the sentence's tokens and ``y``: ``cos_y <= |g_R| / |g|`` (``support_bounds``). With it no
+  candidate lacks a bound, so the first batch holds only the candidates of the highest bound and an open
+  sentence then gets only the candidates whose bound reaches its best known cosine. A single move
+  between two candidates of which one is not among the sentence's tokens changes that candidate's
+  row by ``h_i / (denom len_i)``, so the move bound below holds for it as well.
+
 When any of these checks fails (or forward-mode AD is unavailable) ``certified_choice`` returns
 None and the completion computes every term as before, so the result is the same in all cases.
 """
@@ -45,6 +53,8 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
     the sentence's own tokens (every one of them gets its exact term; the path before session 13)."""
     from .last_token import _order, _packed_terms
 
+    terms = (lambda gr, ww, ss, cc: _split_terms(model, gr, ww, ss, cc)) if support_bound else _packed_terms
+
     if any(len(c) < 2 for c in cands):
         return None
     try:
@@ -59,12 +69,7 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
         wy = w[c].detach().double().cpu()
         dots = -(g[c] @ hs[i]) - wy @ dvec[i]
         toks = set(s)
-        if support_bound:  # a term is supported on its sentence's rows and its own: cos <= |g_R| / |g|
-            tok_sq = float(row_sq[sorted(toks)].sum())
-            sup = [math.sqrt(tok_sq + (0.0 if y in toks else float(row_sq[y]))) / r_norm * (1 + 1e-9) + MARGIN
-                   for y in c]
-        else:
-            sup = [math.inf] * len(c)
+        sup = support_bounds(row_sq, s, c, r_norm) if support_bound else [math.inf] * len(c)
         ub.append([sup[k] if y in toks else min(sup[k], max(float(d), 0.0) / (r_norm * float(hn[i]) + 1e-300) + MARGIN)
                    for k, (y, d) in enumerate(zip(c, dots))])
     # first: the candidates without a bound (the sentence's own tokens) and the one of the highest bound
@@ -74,7 +79,7 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
         first = [sorted({j for j in range(len(c)) if ub[i][j] == math.inf}
                         | {max(range(len(c)), key=lambda j: ub[i][j] if ub[i][j] < math.inf else -1.0)})
                  for i, c in enumerate(cands)]
-    ges = _packed_terms(graph, w, sents, [[c[j] for j in f] for c, f in zip(cands, first)])
+    ges = terms(graph, w, sents, [[c[j] for j in f] for c, f in zip(cands, first)])
     known: list[dict[int, tuple[float, dict]]] = []  # per sentence: candidate index -> (cosine, unscaled rows)
     for i, s in enumerate(sents):
         known.append({})
@@ -88,7 +93,7 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
         best = [max(cs for cs, _ in known[i].values()) for i in range(n)]
         rest = [[j for j in range(len(cands[i])) if j not in known[i] and (not support_bound or ub[i][j] >= best[i])]
                 if i in open_ else [] for i in range(n)]
-        ges = _packed_terms(graph, w, sents, [[cands[i][j] for j in r] for i, r in enumerate(rest)])
+        ges = terms(graph, w, sents, [[cands[i][j] for j in r] for i, r in enumerate(rest)])
         for i in open_:
             for k, j in enumerate(rest[i]):
                 _, rows = _order(sents[i], [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
@@ -107,6 +112,65 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
     if not _no_swap(sents, cands, top, e, g, hs, scale):
         return None
     return [cands[i][top[i]] for i in range(n)]
+
+
+def support_bounds(row_sq: Tensor, sent: list[int], cand: list[int], r_norm: float) -> list[float]:
+    """Upper bounds of the ranking's score of every candidate ``y`` of one sentence, own tokens included:
+    the term is supported on the rows ``R`` of the sentence's tokens and ``y``, so by Cauchy-Schwarz
+    ``g . U_y <= |g_R| |U_y|`` and ``cos_y <= |g_R| / |g|`` (``row_sq``: the residual's squared row norms,
+    ``r_norm = |g|``), plus ``MARGIN``."""
+    toks = set(sent)
+    tok_sq = float(row_sq[sorted(toks)].sum())
+    return [math.sqrt(tok_sq + (0.0 if y in toks else float(row_sq[y]))) / r_norm * (1 + 1e-9) + MARGIN for y in cand]
+
+
+def _split_terms(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]]) -> list[Tensor]:
+    """``last_token._packed_terms`` where most sentences need at most one term: a backward over the whole
+    packed graph costs the same for every candidate rank, so the first candidate of every sentence comes
+    from the packed graph (one backward) and the others from a forward and backward of just the sentences
+    that have more (packed alike, ``_sub_graph``); else ``_packed_terms`` over the whole graph."""
+    from .last_token import _packed_terms
+
+    n = len(sents)
+    more = [i for i, c in enumerate(cands) if len(c) > 1]
+    if not more or len(more) > n // 2:
+        return _packed_terms(graph, w, sents, cands)
+    head = _packed_terms(graph, w, sents, [c[:1] for c in cands])
+    sub = [sents[i] for i in more]
+    tail = _packed_terms(_sub_graph(model, sub), w, sub, [cands[i][1:] for i in more])
+    out = list(head)
+    for k, i in enumerate(more):
+        out[i] = torch.cat([head[i], tail[k]], 0)
+    return out
+
+
+def _sub_graph(model: nn.Module, sents: list[list[int]]):
+    """A ``last_token.Graph`` of ``sents`` alone: packed rows from the word embeddings (a leaf) to the
+    output layer's input (the forward stops there)."""
+    from .last_token import Graph, _pack
+    from .span import _Stop, model_device
+
+    dev = model_device(model)
+    ids, pos, mask, where = _pack(sents, dev, next(model.parameters()).dtype, packed=True)
+    e = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    store: list[Tensor] = []
+
+    def hook(_m, args):
+        store.append(args[0])
+        raise _Stop
+
+    h = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        with torch.enable_grad():
+            model(inputs_embeds=e, attention_mask=mask, position_ids=pos)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    rows = torch.tensor([r for r, _ in where], device=dev)
+    offs = torch.tensor([o for _, o in where], device=dev)
+    lens = torch.tensor([len(s) for s in sents], device=dev)
+    return Graph(store[0], e, rows, offs, lens, {"attention_mask": mask, "position_ids": pos})
 
 
 def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor) -> Tensor:
