@@ -76,3 +76,19 @@ def test_search_with_layer2_stage_same_tokens(name):
         assert rec.stats["l2_block_paths"] > 0
     assert rec.extras["token_ids"] == off.extras["token_ids"]
     assert rec.confidence == pytest.approx(off.confidence, rel=1e-4)
+
+
+def test_span_of_tall_matrix_equals_direct_svd():
+    """``span_of`` on a tall update (the SVD of its QR factor) gives the direct SVD's singular values, rank
+    and span (GPT-2's fused ``c_attn``: 3 d x d)."""
+    from textleak.attacks.dager.span import span_of
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(192, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 64, generator=g, dtype=torch.float64)
+    m = m + 1e-9 * torch.randn(192, 64, generator=g, dtype=torch.float64)
+    sp = span_of(m)
+    _, s, vh = torch.linalg.svd(m, full_matrices=False)
+    assert sp.rank == 40
+    assert torch.allclose(sp.singular_values, s, rtol=1e-10, atol=1e-12 * float(s[0]))
+    ref = vh[:40].t()
+    assert float((sp.basis - ref @ (ref.t() @ sp.basis)).abs().max()) < 1e-10
