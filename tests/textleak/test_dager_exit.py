@@ -95,3 +95,23 @@ def test_split_terms_equal_packed_terms(name):
     for a, b in zip(got, want):
         assert a.shape == b.shape
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_sub_pack_jvp_equals_full(name):
+    """The forward-mode product of a few sentences packed alone (``_sub_pack``) equals theirs in the whole
+    packed batch (a sentence sees only itself)."""
+    from textleak.attacks.dager import last_exit, last_token
+
+    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 5)
+    model.eval()
+    sents = _sentences(batch)
+    out = model.get_output_embeddings()
+    key = next(n for n, p in model.named_parameters() if p is out.weight)
+    g, _, _, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    full = last_exit._jvp(model, graph, sents, g)
+    pick = [1, 3]
+    sub = [sents[i] for i in pick]
+    got = last_exit._jvp(model, last_exit._sub_pack(model, sub), sub, g)
+    assert torch.allclose(got, full[pick], rtol=1e-4, atol=1e-5 * float(full.abs().max()))
+    assert float(full[pick].abs().max()) > 0
