@@ -17,6 +17,8 @@ cumulative over the rows of one call.
 the working tree's by ``bench/dager_base.py``): the before/after of a change on the same batches, in
 one process. ``PERF_DAGER_SEED`` sets the batch seed (development seeds < 1000; default 0). Rows carry
 ``cpu_s`` / ``ratio_cpu`` (process CPU seconds: on a shared machine far steadier than the wall clock).
+With ``PERF_DAGER_L2=1`` (the default) a third row runs ``DAGER(exact_scores=False)`` (the incremental
+layer-2 test of ``l2_block.py``: same token ids, scores at float32 round-off); ``PERF_DAGER_L2=0`` drops it.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def _setup(case_name: str, b: int, device: str, seed: int = 0) -> tuple[Any, ...
     return kit, case, model, prior, obs, truth
 
 
-def _attack(fast: bool, kit, case, model, prior, obs, truth, *, base: str = "") -> dict[str, Any]:
+def _attack(fast: bool, kit, case, model, prior, obs, truth, *, base: str = "", exact_scores: bool = True) -> dict[str, Any]:
     from common.seed import make_generator
     from textleak.attacks.dager import DAGER, DagerConfig
 
@@ -74,7 +76,7 @@ def _attack(fast: bool, kit, case, model, prior, obs, truth, *, base: str = "") 
         pkg = load_base(base)
         atk = pkg.DAGER(pkg.DagerConfig(time_budget_s=BUDGET_S))
     else:
-        atk = DAGER(DagerConfig(time_budget_s=BUDGET_S), fast=fast)
+        atk = DAGER(DagerConfig(time_budget_s=BUDGET_S), fast=fast, exact_scores=exact_scores)
     t, c = time.perf_counter(), time.process_time()
     rec = atk.reconstruct(obs, model, prior, generator=make_generator(7))
     wall, cpu = time.perf_counter() - t, time.process_time() - c
@@ -142,12 +144,17 @@ def measure(*, quick: bool, device: str) -> list[dict]:
         old = _attack(False, *setup, base=base)
         rss_old = _peak_rss_mb()
         new = _attack(True, *setup)
-        same = old["ids"] == new["ids"]
+        rss_new = _peak_rss_mb()
+        variants = [(label := (f"DAGER() at {base}" if base else "original (DAGER(fast=False))"), old, rss_old),
+                    ("optimised (DAGER())", new, rss_new)]
+        if os.environ.get("PERF_DAGER_L2", "1") == "1":  # the incremental layer-2 test (round-off scores)
+            variants.append(("optimised, DAGER(exact_scores=False)", _attack(True, *setup, exact_scores=False),
+                             _peak_rss_mb()))
         setting = f"{case_name} B={b} seed {seed} ({device}, {torch.get_num_threads()} threads)"
-        label = f"DAGER() at {base}" if base else "original (DAGER(fast=False))"
-        for variant, r, rss in ((label, old, rss_old), ("optimised (DAGER())", new, _peak_rss_mb())):
+        for variant, r, rss in variants:
             notes = [f"timed out at {BUDGET_S:.0f} s" if r["timed_out"] else "finished"]
-            if r is new:
+            if r is not old:
+                same = old["ids"] == r["ids"]
                 notes.append(f"same token ids as {label}" if same else f"token ids DIFFER from {label}")
                 notes.append(f"fast_scan={int(r['stats'].get('fast_scan', 0))}")
             rows.append({"attack": "dager", "setting": setting, "variant": variant,

@@ -18,6 +18,7 @@ from textleak.models import max_length
 from . import decoder, encoder, frontier, last_token, peel
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
+from .l2_block import Layer2Stage
 from .rope_block import RopeDecoderBlock
 from .config import (CHUNK, FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
                      FRONTIER_FFN, FRONTIER_PRIOR_PENALTY, MAX_LEN, ROOT_QUOTA, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
@@ -75,11 +76,15 @@ class DAGER:
     def default_config(cls) -> DagerConfig:
         return DagerConfig()
 
-    def __init__(self, config: DagerConfig | None = None, *, fast: bool = True) -> None:
+    def __init__(self, config: DagerConfig | None = None, *, fast: bool = True, exact_scores: bool = True) -> None:
         """``fast=False`` selects the original (pre-optimisation) code paths: same results, slower;
-        kept for ``bench/perf_dager.py`` and the equivalence tests."""
+        kept for ``bench/perf_dager.py`` and the equivalence tests. ``exact_scores=False`` (with ``fast``)
+        computes the decoder search's layer-2 test on the incremental first block (``l2_block.py``): the
+        same token ids on every batch tried, but layer-2 scores, and so confidences, at float32 round-off
+        from the model forward's (about 1e-5 relative), so it is not the default."""
         self.config = config or DagerConfig()
         self.fast = fast
+        self.exact_scores = exact_scores
 
     # ------------------------------------------------------------------------------------------
     def reconstruct(self, obs: Observation, model: nn.Module, prior: Any, *,
@@ -218,6 +223,9 @@ class DAGER:
         else:
             run.ffn_prefilter = self._ffn_prefilter(c, l1) if run.fast else None
             run.stats["ffn_prefilter"] = float(run.ffn_prefilter is not None)
+            run.l2_block = (Layer2Stage.build(model, li2, c.probe, l1)
+                            if run.fast and not self.exact_scores and l1 else None)
+            run.stats["l2_block"] = float(run.l2_block is not None)
             sents, scores = decoder.search(run, li2, spans[1], l1, b, max_len, position_free)
             keep = decoder.select(sents, scores, l1, position_free, b)  # choose before the (costly) completion
             sents, scores = [sents[i] for i in keep], [scores[i] for i in keep]

@@ -104,17 +104,21 @@ class PreLNDecoderBlock:
 
     @torch.no_grad()
     def extend(self, prefixes: list[list[int]], pos: int, cands: list[int], *,
-               reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+               reduce: Callable[[Tensor], Tensor] | None = None,
+               finish: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
         """Feed-forward inputs [P, K, d] of ``prefix + [c]`` (``c`` in ``cands``, placed at ``pos`` =
         every prefix's length) for every prefix; the tables of positions ``< pos`` must hold the
         prefixes' tokens and the table of ``pos`` every candidate. ``reduce`` maps each chunk's
-        [p, K, d] inputs to [p, K] (a span distance) so that only the reduced values are kept."""
+        [p, K, d] inputs to [p, K] (a span distance) so that only the reduced values are kept.
+        ``finish(o, x)`` replaces the step from the attention output ``o`` [p, K, d] and the residual
+        ``x`` [K, d] to the feed-forward input (``l2_block.py``: on to the second block's input)."""
+        post = self._finish if finish is None else finish
         tab = self.tables[pos]
         rows = torch.tensor([tab.row[c] for c in cands], dtype=torch.long)
         q, kc, vc, x = tab.q[:, rows], tab.k[rows], tab.v[rows], tab.x[rows]  # [H,K,dh], [K,H,dh], .., [K,d]
         n_p, n_k = len(prefixes), len(cands)
         ss = (q * kc.transpose(0, 1)).sum(-1)  # [H, K] the candidate's own key
-        fin = (lambda o: self._finish(o, x)) if reduce is None else (lambda o: reduce(self._finish(o, x)))
+        fin = (lambda o: post(o, x)) if reduce is None else (lambda o: reduce(post(o, x)))
         if pos == 0:
             y = fin(vc.reshape(1, n_k, self.d))
             return y.expand(n_p, *y.shape[1:])
@@ -133,8 +137,12 @@ class PreLNDecoderBlock:
             out.append(fin(o.permute(0, 2, 1, 3).reshape(-1, n_k, self.d)))
         return torch.cat(out, 0)
 
+    def residual(self, o: Tensor, x: Tensor) -> Tensor:
+        """The residual stream after the attention: ``x + c_proj(o)``."""
+        return torch.matmul(o, self.w_proj) + self.b_proj + x
+
     def _finish(self, o: Tensor, x: Tensor) -> Tensor:
-        h = torch.matmul(o, self.w_proj) + self.b_proj + x
+        h = self.residual(o, x)
         return F.layer_norm(h, (self.d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
 
 

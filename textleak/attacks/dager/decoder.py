@@ -77,16 +77,35 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
         if run.stats["prefilter_kept"] > PREFILTER_USEFUL * run.stats["prefilter_total"]:
             run.ffn_prefilter = None  # not discriminative here: the next steps go to layer 2 directly
             run.stats["prefilter_dropped"] = 1.0
-    if cols is None:
-        xs = decoder_last_inputs(li2, [x.ids for x in live], per_path)
-    elif position_free:
-        xs = _full_rows(li2, live, cands, cols)
+    l2 = run.l2_block if run.fast else None
+    if l2 is not None and (cols is None or position_free):
+        # the second block's input on the incremental first block (l2_block.py): every path's row of
+        # candidates, as the model forward's full rows (prefiltered: the survivors' distances of it)
+        pos = len(live[0].ids)
+        run.stats["l2_block_paths"] = run.stats.get("l2_block_paths", 0.0) + len(live)
+        # only distances under tau_2 take part in a decision (the gap cut looks at those alone): the float32
+        # distance decides the rest (it exceeds the true one by at most sqrt(n u) ~ 6e-3 in width 576, u the
+        # float32 unit round-off), the float64 one every distance near or under tau_2
+        low = min(0.1, 1.5 * run.tau[1] + 0.01)
+        if cols is None:
+            ds = list(l2.distances([x.ids for x in live], pos, cands, span2.basis, exact_below=low))
+        else:
+            idx = [i for i, c in enumerate(cols) if c]
+            got = l2.distances([live[i].ids for i in idx], pos, cands, span2.basis, exact_below=low) if idx else None
+            ds = [torch.zeros(0, dtype=torch.float64) for _ in live]
+            for k, i in enumerate(idx):
+                ds[i] = got[k, cols[i]]
     else:
-        xs = _inputs(li2, live, per_path)
-    if run.fast:  # one span-distance call over every path's extensions (same distances)
-        ds = list(span_distance(span2.basis, torch.cat(xs)).split([x.shape[0] for x in xs]))
-    else:
-        ds = [span_distance(span2.basis, x) for x in xs]
+        if cols is None:
+            xs = decoder_last_inputs(li2, [x.ids for x in live], per_path)
+        elif position_free:
+            xs = _full_rows(li2, live, cands, cols)
+        else:
+            xs = _inputs(li2, live, per_path)
+        if run.fast:  # one span-distance call over every path's extensions (same distances)
+            ds = list(span_distance(span2.basis, torch.cat(xs)).split([x.shape[0] for x in xs]))
+        else:
+            ds = [span_distance(span2.basis, x) for x in xs]
     thr = run.gap_threshold(torch.cat(ds), 1)
     nxt: list[_Path] = []
     for pi, (path, d) in enumerate(zip(live, ds)):

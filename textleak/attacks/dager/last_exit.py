@@ -22,6 +22,17 @@ completion costs K backwards of the batch. Most of that is unnecessary and can b
   Moves to candidates whose terms are known are evaluated as the joint fit does. When no move can
   lower the residual, the joint fit returns its starting point: the top candidates.
 
+* **The sentence's own tokens** (session 13). For ``y`` among the sentence's tokens the bound above does
+  not hold (row ``y`` of the term also holds input-side parts), but every term is supported on the rows
+  ``R`` of the sentence's tokens and ``y``: ``cos_y <= |g_R| / |g|`` (``support_bounds``). With it no
+  candidate lacks a bound, so the first batch holds only the candidates of the highest bound and an open
+  sentence then gets only the candidates whose bound reaches its best known cosine. A single move
+  between two candidates of which one is not among the sentence's tokens changes that candidate's
+  row by ``h_i / (denom len_i)``, so the move bound below holds for it as well. The first candidate of
+  every sentence (the row most anti-aligned with its final hidden state) gets its exact term first; where
+  its cosine beats every other candidate's support bound in every sentence, the forward-mode product is
+  skipped.
+
 When any of these checks fails (or forward-mode AD is unavailable) ``certified_choice`` returns
 None and the completion computes every term as before, so the result is the same in all cases.
 """
@@ -34,50 +45,89 @@ from torch import Tensor, nn
 
 MARGIN = 1e-4  # cosine margin for the float32 Jacobian-vector product (true candidates: ~0.1 above)
 SLACK = 2.02  # |X| > SLACK |e_R| certifies that a move cannot lower the residual (2 plus a margin)
+FIRST_SHARE = 1.0  # first batch of exact terms: the candidates whose bound is at least this share of the highest
 
 
 def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]],
-                     hs: Tensor, g: Tensor, r_norm: float, denom: float) -> list[int] | None:
+                     hs: Tensor, g: Tensor, r_norm: float, denom: float, *,
+                     support_bound: bool = True) -> list[int] | None:
     """The last token of every sentence, as the full ranking and joint fit would choose it, or None
-    where that cannot be certified cheaply (module docstring)."""
+    where that cannot be certified cheaply (module docstring). ``support_bound=False``: no bound for
+    the sentence's own tokens (every one of them gets its exact term; the path before session 13)."""
     from .last_token import _order, _packed_terms
+
+    terms = (lambda gr, ww, ss, cc: _split_terms(model, gr, ww, ss, cc)) if support_bound else _packed_terms
 
     if any(len(c) < 2 for c in cands):
         return None
+    n = len(sents)
+    known: list[dict[int, tuple[float, dict]]] = [{} for _ in range(n)]  # candidate index -> (cosine, rows)
+
+    def learn(which: list[list[int]]) -> None:  # exact terms of the candidates ``which[i]`` of sentence i
+        if not any(which):
+            return
+        ges = terms(graph, w, sents, [[cands[i][j] for j in f] for i, f in enumerate(which)])
+        for i, f in enumerate(which):
+            for k, j in enumerate(f):
+                _, rows = _order(sents[i], [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
+                known[i][j] = (_cos(rows[0], g, r_norm), rows[0])
+
+    row_sq = g.pow(2).sum(1) if support_bound else None
+    sup = [support_bounds(row_sq, s, c, r_norm) if support_bound else [math.inf] * len(c)
+           for s, c in zip(sents, cands)]
+    if support_bound:  # the first candidate's term (the row most anti-aligned with h): where its cosine beats
+        learn([[0] for _ in cands])  # every other's support bound, no forward-mode product is needed
+        if all(_resolved(known[i], sup[i]) for i in range(n)):
+            return _certify(sents, cands, known, sup, g, hs, denom)
+    # the forward-mode product: over the whole packed graph, or (support_bound) over just the sentences
+    # the support bounds leave open, packed alone (a sentence sees only itself: the same products)
+    sub = [i for i in range(n) if not _resolved(known[i], sup[i])] if support_bound else list(range(n))
     try:
-        dvec = _jvp(model, graph, sents, g)
+        if len(sub) == n:
+            dvec = dict(enumerate(_jvp(model, graph, sents, g)))
+        else:
+            ss = [sents[i] for i in sub]
+            dvec = dict(zip(sub, _jvp(model, _sub_pack(model, ss), ss, g)))
     except (RuntimeError, NotImplementedError):
         return None
-    n = len(sents)
     hn = hs.norm(dim=1)
     ub: list[list[float]] = []
     for i, (s, c) in enumerate(zip(sents, cands)):
+        if i not in dvec:
+            ub.append(sup[i])
+            continue
         wy = w[c].detach().double().cpu()
         dots = -(g[c] @ hs[i]) - wy @ dvec[i]
         toks = set(s)
-        ub.append([math.inf if y in toks else max(float(d), 0.0) / (r_norm * float(hn[i]) + 1e-300) + MARGIN
-                   for y, d in zip(c, dots)])
+        ub.append([sup[i][k] if y in toks else min(sup[i][k], max(float(d), 0.0) / (r_norm * float(hn[i]) + 1e-300) + MARGIN)
+                   for k, (y, d) in enumerate(zip(c, dots))])
     # first: the candidates without a bound (the sentence's own tokens) and the one of the highest bound
-    first = [sorted({j for j in range(len(c)) if ub[i][j] == math.inf}
-                    | {max(range(len(c)), key=lambda j: ub[i][j] if ub[i][j] < math.inf else -1.0)})
-             for i, c in enumerate(cands)]
-    ges = _packed_terms(graph, w, sents, [[c[j] for j in f] for c, f in zip(cands, first)])
-    known: list[dict[int, tuple[float, dict]]] = []  # per sentence: candidate index -> (cosine, unscaled rows)
-    for i, s in enumerate(sents):
-        known.append({})
-        for k, j in enumerate(first[i]):
-            _, rows = _order(s, [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
-            known[i][j] = (_cos(rows[0], g, r_norm), rows[0])
+    if support_bound:  # the candidates of the highest bound (where not known yet)
+        first = [[] if _resolved(known[i], ub[i]) else
+                 sorted(j for j in range(len(c)) if ub[i][j] >= FIRST_SHARE * max(ub[i]) and j not in known[i])
+                 for i, c in enumerate(cands)]
+    else:
+        first = [sorted({j for j in range(len(c)) if ub[i][j] == math.inf}
+                        | {max(range(len(c)), key=lambda j: ub[i][j] if ub[i][j] < math.inf else -1.0)})
+                 for i, c in enumerate(cands)]
+    learn(first)
     open_ = [i for i in range(n) if not _resolved(known[i], ub[i])]
     if open_:
-        rest = [[j for j in range(len(cands[i])) if j not in known[i]] if i in open_ else [] for i in range(n)]
-        ges = _packed_terms(graph, w, sents, [[cands[i][j] for j in r] for i, r in enumerate(rest)])
-        for i in open_:
-            for k, j in enumerate(rest[i]):
-                _, rows = _order(sents[i], [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
-                known[i][j] = (_cos(rows[0], g, r_norm), rows[0])
-            if not _resolved(known[i], ub[i]):
-                return None
+        # the rest of an open sentence's candidates (support_bound: only those whose bound reaches its best
+        # known cosine, which resolves it)
+        best = [max(cs for cs, _ in known[i].values()) for i in range(n)]
+        rest = [[j for j in range(len(cands[i])) if j not in known[i] and (not support_bound or ub[i][j] >= best[i])]
+                if i in open_ else [] for i in range(n)]
+        learn(rest)
+        if not all(_resolved(known[i], ub[i]) for i in open_):
+            return None
+    return _certify(sents, cands, known, ub, g, hs, denom)
+
+
+def _certify(sents, cands, known, ub, g: Tensor, hs: Tensor, denom: float) -> list[int] | None:
+    """The best known candidate of every sentence (every other one is bounded below it), if no move of the
+    joint fit can lower the residual from there, else None."""
+    n = len(sents)
     top = [max(known[i], key=lambda j: (known[i][j][0], -j)) for i in range(n)]
     scale = [1.0 / (denom * len(s)) for s in sents]
     chosen = [{r: t * scale[i] for r, t in known[i][top[i]][1].items()} for i in range(n)]
@@ -90,6 +140,83 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
     if not _no_swap(sents, cands, top, e, g, hs, scale):
         return None
     return [cands[i][top[i]] for i in range(n)]
+
+
+def support_bounds(row_sq: Tensor, sent: list[int], cand: list[int], r_norm: float) -> list[float]:
+    """Upper bounds of the ranking's score of every candidate ``y`` of one sentence, own tokens included:
+    the term is supported on the rows ``R`` of the sentence's tokens and ``y``, so by Cauchy-Schwarz
+    ``g . U_y <= |g_R| |U_y|`` and ``cos_y <= |g_R| / |g|`` (``row_sq``: the residual's squared row norms,
+    ``r_norm = |g|``), plus ``MARGIN``."""
+    toks = set(sent)
+    tok_sq = float(row_sq[sorted(toks)].sum())
+    return [math.sqrt(tok_sq + (0.0 if y in toks else float(row_sq[y]))) / r_norm * (1 + 1e-9) + MARGIN for y in cand]
+
+
+def _split_terms(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]]) -> list[Tensor]:
+    """``last_token._packed_terms`` where most sentences need at most one term: a backward over the whole
+    packed graph costs the same for every candidate rank, so the first candidate of every sentence comes
+    from the packed graph (one backward) and the others from a forward and backward of just the sentences
+    that have more (packed alike, ``_sub_graph``); else ``_packed_terms`` over the whole graph."""
+    from .last_token import _packed_terms
+
+    n = len(sents)
+    need = [i for i, c in enumerate(cands) if c]
+    if len(need) <= n // 2:  # few sentences need any term: their own packed forward
+        sub = [sents[i] for i in need]
+        got = dict(zip(need, _packed_terms(_sub_graph(model, sub), w, sub, [cands[i] for i in need])))
+        d = graph.embeds.shape[-1]
+        return [got[i] if i in got else graph.embeds.new_zeros(0, len(s), d) for i, s in enumerate(sents)]
+    more = [i for i, c in enumerate(cands) if len(c) > 1]
+    if not more or len(more) > n // 2:
+        return _packed_terms(graph, w, sents, cands)
+    head = _packed_terms(graph, w, sents, [c[:1] for c in cands])
+    sub = [sents[i] for i in more]
+    tail = _packed_terms(_sub_graph(model, sub), w, sub, [cands[i][1:] for i in more])
+    out = list(head)
+    for k, i in enumerate(more):
+        out[i] = torch.cat([head[i], tail[k]], 0)
+    return out
+
+
+def _sub_pack(model: nn.Module, sents: list[list[int]]):
+    """A ``last_token.Graph`` of ``sents`` alone without its forward (``hidden`` None): packed rows as the
+    completion's residual packs them, the word embeddings detached (the input of ``_jvp``)."""
+    from .last_token import Graph, _pack
+    from .span import model_device
+
+    dev = model_device(model)
+    ids, pos, mask, where = _pack(sents, dev, next(model.parameters()).dtype, packed=True)
+    with torch.no_grad():
+        e = model.get_input_embeddings()(ids)
+    rows = torch.tensor([r for r, _ in where], device=dev)
+    offs = torch.tensor([o for _, o in where], device=dev)
+    lens = torch.tensor([len(s) for s in sents], device=dev)
+    return Graph(None, e, rows, offs, lens, {"attention_mask": mask, "position_ids": pos})
+
+
+def _sub_graph(model: nn.Module, sents: list[list[int]]):
+    """A ``last_token.Graph`` of ``sents`` alone: packed rows from the word embeddings (a leaf) to the
+    output layer's input (the forward stops there)."""
+    from .span import _Stop
+
+    pk = _sub_pack(model, sents)
+    e = pk.embeds.detach().requires_grad_(True)
+    store: list[Tensor] = []
+
+    def hook(_m, args):
+        store.append(args[0])
+        raise _Stop
+
+    h = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        with torch.enable_grad():
+            model(inputs_embeds=e, **pk.inputs)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    pk.hidden, pk.embeds = store[0], e
+    return pk
 
 
 def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor) -> Tensor:
@@ -166,7 +293,7 @@ def _no_single_move(sents, cands, known, top, chosen, e, g, hs, scale) -> bool:
                     x2 += float(step @ step) if isinstance(step, Tensor) else 0.0
                 if not delta > 0.01 * x2:
                     return False
-            elif y in toks or not a > SLACK * _rows_norm(e, g, toks | {cands[i][top[i]], y}):
+            elif (y in toks and cands[i][top[i]] in toks) or not a > SLACK * _rows_norm(e, g, toks | {cands[i][top[i]], y}):
                 return False
     return True
 

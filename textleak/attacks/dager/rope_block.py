@@ -118,14 +118,16 @@ class RopeDecoderBlock:
 
     @torch.no_grad()
     def extend(self, prefixes: list[list[int]], pos: int, cands: list[int], *,
-               reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+               reduce: Callable[[Tensor], Tensor] | None = None,
+               finish: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
         """Feed-forward inputs [P, K, d] of ``prefix + [c]`` (``c`` in ``cands``, placed at ``pos`` =
         every prefix's length) for every prefix, as ``PreLNDecoderBlock.extend`` (same contract)."""
+        post = self._finish if finish is None else finish
         tab = self.tables[pos]
         rows = torch.tensor([tab.row[c] for c in cands], dtype=torch.long)
         q, kc, vc, x = tab.q[:, rows], tab.k[rows], tab.v[rows], tab.x[rows]  # [H,K,dh], [K,Hkv,dh], .., [K,d]
         n_p, n_k, g, r = len(prefixes), len(cands), self.hkv, self.rep
-        fin = (lambda o: self._finish(o, x)) if reduce is None else (lambda o: reduce(self._finish(o, x)))
+        fin = (lambda o: post(o, x)) if reduce is None else (lambda o: reduce(post(o, x)))
         if pos == 0:  # the candidate attends to itself only: its value, in every query head of the group
             o = vc.repeat_interleave(r, dim=1).reshape(1, n_k, self.h * self.dh)
             y = fin(o)
@@ -149,5 +151,9 @@ class RopeDecoderBlock:
             out.append(fin(o))
         return torch.cat(out, 0)
 
+    def residual(self, o: Tensor, x: Tensor) -> Tensor:
+        """The residual stream after the attention: ``x + o_proj(o)``."""
+        return self.op(o) + x
+
     def _finish(self, o: Tensor, x: Tensor) -> Tensor:
-        return self.ln2(self.op(o) + x)
+        return self.ln2(self.residual(o, x))

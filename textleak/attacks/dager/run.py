@@ -33,6 +33,7 @@ class Run:
     ranked: bool = False  # the ranked search past the exact regime (frontier.py): encoders drop near-duplicates
     prior_penalty: float | None = None  # the encoder beam's prior weight (None: config.PRIOR_PENALTY)
     ffn_prefilter: Any = None  # exact decoder search: (PreLNDecoderBlock, ComplementDistance) of the feed-forward input
+    l2_block: Any = None  # exact decoder search: l2_block.Layer2Stage (the second block's input, incrementally)
 
     def over_budget(self) -> bool:
         """True (and ``timed_out`` set) once ``time_budget_s`` > 0 has passed since ``t0`` (wall clock)

@@ -177,7 +177,10 @@ def span_of(matrix: Tensor, *, rank_tol: float | None = None, noise_floor: float
     m, d = matrix.shape
     if not torch.isfinite(matrix).all():
         raise DagerPreconditionError("the observed update contains NaN or inf values")
-    _, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    if m > d:  # tall: the SVD of the QR factor R [d, d] (same singular values and right vectors, about 40 % less work)
+        _, s, vh = torch.linalg.svd(torch.linalg.qr(matrix, mode="r")[1])
+    else:
+        _, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     smax = float(s[0]) if s.numel() else 0.0
     if smax == 0.0:
         raise DagerPreconditionError(

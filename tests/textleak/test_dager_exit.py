@@ -1,0 +1,117 @@
+"""DAGER's last-token early exit with the support bound of the sentence's own tokens (issue 18, session 13):
+the bound is above every candidate's exact score, own tokens included, and the certified choice with it
+equals the choice without it (and the full ranking and joint fit) from fewer exact terms."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+pytest.importorskip("transformers")
+
+from .test_dager import _setup  # noqa: E402
+
+
+def _sentences(batch) -> list[list[int]]:
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    return [ids[i, :int(mask[i].sum()) - 1].tolist() for i in range(ids.shape[0])]
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_support_bound_is_above_every_exact_score(name):
+    from textleak.attacks.dager import last_exit, last_token
+
+    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 4)
+    model.eval()
+    sents = _sentences(batch)
+    out = model.get_output_embeddings()
+    key = next(n for n, p in model.named_parameters() if p is out.weight)
+    g, hs, _, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    r_norm = float(g.norm())
+    cands = [[5, 17, 40, s[0], s[-1], sents[(i + 1) % len(sents)][0]] for i, s in enumerate(sents)]  # own tokens too
+    ges = last_token._packed_terms(graph, out.weight, sents, cands)
+    tight = 0
+    for i, s in enumerate(sents):
+        ub = last_exit.support_bounds(g.pow(2).sum(1), s, cands[i], r_norm)
+        for k, y in enumerate(cands[i]):
+            _, rows = last_token._order(s, [y], hs[i], ges[i][k:k + 1], g, r_norm)
+            cos = last_exit._cos(rows[0], g, r_norm)
+            assert cos <= ub[k]
+            tight += ub[k] < 0.999  # a bound, not the trivial 1
+    assert tight > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_support_bound_same_choice_fewer_terms(name, monkeypatch):
+    from textleak.attacks.dager import last_exit, last_token
+
+    _, _, model, obs, _, truth, batch = _setup(f"text/{name}/dager", 6)
+    model.eval()
+    sents = _sentences(batch)
+    terms: list[int] = []
+    results: list[bool] = []
+    orig_terms, orig_choice = last_token._packed_terms, last_exit.certified_choice
+
+    def count(graph, w, ss, cands):
+        terms[-1] += max(len(c) for c in cands)  # one backward per candidate rank
+        return orig_terms(graph, w, ss, cands)
+
+    monkeypatch.setattr(last_token, "_packed_terms", count)
+    outs = []
+    for sb in (True, False):
+        terms.append(0)
+
+        def choice(*a, sb=sb, **k):
+            r = orig_choice(*a, support_bound=sb, **k)
+            results.append(r is not None)
+            return r
+
+        monkeypatch.setattr(last_token, "certified_choice", choice)
+        outs.append(last_token.complete_last(obs, model, sents))
+    full = last_token.complete_last(obs, model, sents, early_exit=False)
+    assert results == [True, True]
+    assert outs[0] == outs[1] == full
+    assert terms[0] <= terms[1]
+    assert sum(a == b for a, b in zip(outs[0], truth["token_ids"])) >= 5
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_split_terms_equal_packed_terms(name):
+    """The terms of the sentences with more than one candidate from their own forward (``_split_terms``)
+    equal those of the whole packed graph (float32 round-off)."""
+    from textleak.attacks.dager import last_exit, last_token
+
+    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 5)
+    model.eval()
+    sents = _sentences(batch)
+    out = model.get_output_embeddings()
+    key = next(n for n, p in model.named_parameters() if p is out.weight)
+    _, _, _, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    cands = [[5], [17, 40, sents[1][0]], [7], [9], [11, 12]]  # two of five sentences with more than one
+    got = last_exit._split_terms(model, graph, out.weight, sents, cands)
+    want = last_token._packed_terms(graph, out.weight, sents, cands)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_sub_pack_jvp_equals_full(name):
+    """The forward-mode product of a few sentences packed alone (``_sub_pack``) equals theirs in the whole
+    packed batch (a sentence sees only itself)."""
+    from textleak.attacks.dager import last_exit, last_token
+
+    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 5)
+    model.eval()
+    sents = _sentences(batch)
+    out = model.get_output_embeddings()
+    key = next(n for n, p in model.named_parameters() if p is out.weight)
+    g, _, _, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    full = last_exit._jvp(model, graph, sents, g)
+    pick = [1, 3]
+    sub = [sents[i] for i in pick]
+    got = last_exit._jvp(model, last_exit._sub_pack(model, sub), sub, g)
+    assert torch.allclose(got, full[pick], rtol=1e-4, atol=1e-5 * float(full.abs().max()))
+    assert float(full[pick].abs().max()) > 0
