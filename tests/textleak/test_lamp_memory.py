@@ -36,3 +36,30 @@ def test_text_file_rows(tmp_path):
     assert list(ds)[1] == {"text": "second", "label": 0} and len(ds) == 3
     with pytest.raises(KeyError):
         ds["speaker"]
+
+
+def test_streamed_head_forms_at_most_max_rows_and_matches_the_full_cross_entropy():
+    import torch
+
+    from common.seed import make_generator
+    from textleak.prior import _streamed_ce
+
+    g = make_generator(0)
+    vocab, d = 5000, 24
+    w = torch.randn(vocab, d, generator=g)
+    h = torch.randn(3, d, generator=g)  # few states: without the cap one block would be the whole head
+    tgt = torch.tensor([7, 4999, 1234, 2048, 0])
+    owner = torch.tensor([0, 0, 1, 2, 2])
+    sizes = []
+
+    def rows(s: int, e: int):
+        sizes.append(e - s)
+        return w[s:e]
+
+    got = _streamed_ce(h, tgt, rows, vocab, owner=owner, max_rows=1024)
+    ref = torch.nn.functional.cross_entropy(h[owner] @ w.T, tgt, reduction="none")
+    assert max(sizes) == 1024 and sum(sizes) == vocab
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+    sizes.clear()
+    uncapped = _streamed_ce(h, tgt, rows, vocab, owner=owner, max_rows=vocab)
+    assert sizes == [vocab] and torch.allclose(uncapped, ref, atol=1e-5, rtol=0)
