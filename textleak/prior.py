@@ -86,12 +86,15 @@ class LMPrior:
 
 
 def _streamed_ce(h: Tensor, tgt: Tensor, rows: Callable[[int, int], Tensor], vocab: int,
-                 block_elems: int = 1 << 21, *, owner: Tensor | None = None) -> Tensor:
+                 block_elems: int = 1 << 21, *, owner: Tensor | None = None, max_rows: int = 4096) -> Tensor:
     """Cross-entropy of ``h [N, d]`` against ``tgt [N]`` under a head whose rows ``rows(s, e)`` are
     formed block by block (about ``block_elems`` logits at a time): logsumexp per block, then over
     blocks; the target logit is read from its block (the same matrix product as the full logits).
-    ``owner [M]``: ``M`` targets, target ``i`` scored from row ``owner[i]`` of ``h`` (each state once)."""
-    step = max(1024, block_elems // max(1, h.shape[0]))
+    ``owner [M]``: ``M`` targets, target ``i`` scored from row ``owner[i]`` of ``h`` (each state once).
+    At most ``max_rows`` head rows are formed at a time: with few states (a call on 1-4 new texts, as late
+    swap rounds make) ``block_elems // N`` would de-quantise the whole 49,152-row head at once, a ~215 MB
+    transient that set the 2,000-step run's peak RSS (issue 18); the values change by float rounding only."""
+    step = min(max(1024, block_elems // max(1, h.shape[0])), max(1, max_rows))
     m = tgt.shape[0]
     own = owner if owner is not None else torch.arange(m, device=h.device)
     lse, tl = [], torch.empty(m, dtype=torch.float32, device=h.device)
