@@ -33,7 +33,7 @@ class Kit(Protocol):
 
     def load_model(self, case: Case, *, device: torch.device, generator: torch.Generator) -> nn.Module: ...
 
-    def load_pool(self, case: Case, *, data_path: str | None) -> Any: ...  # a datasets.Dataset
+    def load_pool(self, case: Case, *, data_path: str | None) -> Any: ...  # a table indexed like a datasets.Dataset (rows, columns)
 
     def sample(self, pool: Any, case: Case, *, model: nn.Module, device: torch.device,
                generator: torch.Generator) -> tuple[Batch, Any]: ...  # (batch, ground truth)

@@ -21,7 +21,7 @@ from .prior import TextPrior
 
 
 class TextPool:
-    """A ``datasets.Dataset`` with columns ``text`` and ``label``."""
+    """A sentence pool with columns ``text`` and ``label`` (``textleak.data.Sentences``; indexed as a ``datasets.Dataset`` is)."""
 
     def __init__(self, dataset, source: str) -> None:
         self.dataset = dataset
