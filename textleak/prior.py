@@ -120,7 +120,8 @@ def _cached_lm(name: str, device: str) -> LMPrior:
         # without AutoTokenizer's full read of the file: ~20 s and ~120 MB less)
         from .components.gguf_lm import gguf_tokenizer, load_packed_llama
 
-        return LMPrior(load_packed_llama(*smollm2_file()), gguf_tokenizer(*smollm2_file()), chunk=128)
+        path = smollm2_file()
+        return LMPrior(load_packed_llama(*path), gguf_tokenizer(*path), chunk=128)
     model = load_text_model(name, generator=make_generator(0))
     info = info_of(model)
     if info.kind != "decoder":
