@@ -77,6 +77,10 @@ def files(tmp_path):
      "init_tts_voice renders a granted transcript: it needs a CTC case"),
     (["run", "--attack", "speech-lbfgs", "--case", "speech/kws-mel/fedsgd", "--set", "refine_first_layer_steps=3",
       "--out", "OUT"], "refine_first_layer_steps needs a CTC case"),
+    (["run", "--attack", "speech-lbfgs", "--case", "speech/kws-mel/fedsgd", "--set", "domain=waveform",
+      "--set", "output_time_blur=2", "--out", "OUT"], "output_time_blur blurs recovered features: it needs domain=features"),
+    (["run", "--attack", "speech-ctc-tts-avg", "--case", "speech/ctc-mel/fedsgd", "--set", "output_time_blur=-1",
+      "--out", "OUT"], "output_time_blur=-1.0 is out of range"),
     # flags the case's kit would ignore
     (["run", *TAB, "--model", "gpt2", "--out", "OUT"], "builds its own model"),
     (["run", "--attack", "speech-li23", "--case", "speech/kws-mel/fedsgd", "--model", "x", "--out", "OUT"],
