@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.__main__ import main
-from eval.tables import EVAL_SEED_MIN, SPEC_FILE, TableSpec, load_specs, policy_problems, render
+from eval.tables import (EVAL_SEED_MIN, SPEC_FILE, TableSpec, build, load_specs, pivot, policy_problems, problems_of,
+                         render)
 
 
 def _rec(seed: int, *, dirty=False, git="abc123", acc=0.5, trial=0) -> dict:
@@ -39,13 +40,54 @@ def test_render_is_a_pure_function_of_records_with_intervals():
     assert "0.700 ± 0.497" in md  # mean ± t(0.975, 2) * s / sqrt(3)
 
 
+def test_a_joined_table_checks_each_folder_on_its_own_and_names_every_commit(tmp_path):
+    import json
+
+    def write(folder: str, recs: list[dict]) -> None:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    write("results/a", [_rec(1000 + i, git="aaa111", acc=0.9) for i in range(3)])
+    ig = [{**_rec(1000 + i, git="bbb222", acc=0.6), "attack": {"preset": "tableak-ig", "name": "tableak", "config": {}}}
+          for i in range(3)]
+    write("results/b", ig)
+    spec = TableSpec("j", "eval/suites/x.toml", ("results/a", "results/b"), "Joined", "accuracy")
+    recs, problems = problems_of(spec, tmp_path)
+    assert problems == [] and len(recs) == 6
+    md, _ = build(spec, tmp_path)
+    assert "`results/a`, `results/b`" in md and "commits `aaa111`, `bbb222`" in md
+    assert "tableak-ig" in md and "0.600" in md and "0.900" in md
+    out = pivot(spec, recs)
+    assert "clean commits `aaa111`, `bbb222`" in out and "| tableak-ig | 0.600" in out
+    # a folder mixing commits is refused, and the message names the folder
+    write("results/c", [_rec(1001, git="ccc333"), _rec(1002, git="ddd444")])
+    _, problems = problems_of(TableSpec("k", "x", ("results/a", "results/c"), "K"), tmp_path)
+    assert len(problems) == 1 and problems[0].startswith("results/c: records from 2 commits")
+    # a single folder that mixes commits is still refused as before
+    _, problems = problems_of(TableSpec("m", "x", "results/c", "M"), tmp_path)
+    assert problems and "2 commits" in problems[0] and not problems[0].startswith("results/c")
+
+
+def test_tables_toml_results_must_be_a_folder_or_a_list_of_folders(tmp_path):
+    import pytest
+
+    from eval.errors import UserError
+
+    spec = tmp_path / "t.toml"
+    spec.write_text('[[table]]\nname = "j"\nsuite = "s"\nresults = ["results/a", "results/b"]\ntitle = "T"\n')
+    assert load_specs(spec)[0].sources == ("results/a", "results/b")
+    spec.write_text('[[table]]\nname = "j"\nsuite = "s"\nresults = []\ntitle = "T"\n')
+    with pytest.raises(UserError, match="results must be a folder"):
+        load_specs(spec)
+
+
 def test_every_declared_table_has_a_suite_and_the_committed_tables_are_current(capsys):
     root = Path(SPEC_FILE).parent.parent
     specs = load_specs()
     assert len({s.name for s in specs}) == len(specs)
     for s in specs:
         assert (root / s.suite).is_file(), s.suite
-        assert s.results.startswith("results/"), s.results
+        assert all(r.startswith("results/") for r in s.sources), s.results
     assert main(["tables", "--check"]) == 0, capsys.readouterr().out
 
 
