@@ -45,6 +45,17 @@ PRESETS = {
                                  "speech-ctc-tts with two 150-iteration searches (from the two best-aligned voices) "
                                  "averaged, then a Gaussian blur over time (sigma 5 frames) of the recovered "
                                  "features: shrinkage for the timing the update leaves uncertain (issue 21)"),
+    "speech-ctc-tts-c2f": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
+                                                      "tv_weight": 1e-5, "iterations": 100, "restarts": 1,
+                                                      "init_seconds_per_char": 0.066,
+                                                      "init_tts_voice": "espeak-ng:en-us,espeak-ng:en-gb,espeak-ng:en-us+f3,"
+                                                                        "espeak-ng:en-us+m3",
+                                                      "init_warp_grid": 0, "init_warp_iterations": 60, "init_warp_knots": 1,
+                                                      "init_tts_average": 2, "output_time_blur": 8.0,
+                                                      "coarse_time_factor": 8, "coarse_iterations": 50},
+                                 "speech-ctc-tts-avg with each of its two searches coarse-to-fine in time (50 L-BFGS "
+                                 "iterations on a residual at 1/8 of the frame rate, then 100 frame-wise: 150 per search "
+                                 "as before) and a wider time blur (sigma 8 frames instead of 5); session 14, issue 21"),
     "speech-ctc-free": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
                                                    "tv_weight": 1e-5, "iterations": 300, "restarts": 1,
                                                    "ctc_targets": "free", "init_block_seconds": 2.9},

@@ -26,6 +26,8 @@ Deviations (all documented in docs/speechleak.md):
   ``refine_first_layer_steps`` adds, after the search, a fixed point on the first convolution's weight
   gradient (linear in the input once that layer's output error is fixed; solved in closed form, silence
   outside the start's speech block held at the floor): our addition, off by default (issue 21).
+  ``coarse_iterations`` starts each search with a coarse-to-fine stage: a residual of the start at 1/``coarse_time_factor``
+  of the frame rate is optimised first (slow, timing components), then the frames (our addition, issue 21).
   ``output_time_blur`` blurs the recovered features over time (Gaussian, σ frames) before the waveform stage: a
   shrinkage for the frame timing the update leaves uncertain (our addition, issue 21; off by default).
 * FedAvg: the client's local SGD is simulated with the observed hyper-parameters and the
@@ -72,6 +74,26 @@ def centred_block_init(x0: Tensor, n_chars: Tensor, frames_per_char: float, floo
         out[:, k, :, :a] = floor + 0.02
         out[:, k, :, a + w:] = floor + 0.02
     return out
+
+
+def coarse_residual(x: Tensor, objective, *, factor: int, optimizer: str, lr: float, iterations: int,
+                    extra: list[Tensor]) -> None:
+    """Coarse-to-fine in time (our addition, issue 21): ``iterations`` of ``optimizer`` on a residual c [..., T/factor + 1]
+    of x [..., T] held at 1/``factor`` of the frame rate, x + interp(c) with linear interpolation over time, so only
+    slow temporal components move; x is updated in place to x + interp(c) (then searched frame by frame as usual)."""
+    t = x.shape[-1]
+    lead = x.shape[:-1]
+    c = torch.zeros((*lead, t // factor + 1), dtype=x.dtype, device=x.device, requires_grad=True)
+
+    def up(cv: Tensor) -> Tensor:
+        flat = cv.reshape(-1, 1, cv.shape[-1])
+        return nn.functional.interpolate(flat, size=t, mode="linear", align_corners=True).reshape(*lead, t)
+
+    base = x.detach().clone()
+    optimise([c, *extra], lambda: objective(base + up(c)), optimizer=optimizer, lr=lr, iterations=iterations,
+             history_size=50)
+    with torch.no_grad():
+        x.copy_(base + up(c.detach()))
 
 
 def greedy_decode(align: Tensor) -> str:
@@ -121,6 +143,9 @@ class SpeechGradientInversion:
         if cfg.init_tts_voice and not (ctc and cfg.ctc_targets == "observed" and cfg.domain == "features"):
             return ("init_tts_voice renders a granted transcript: it needs a CTC case, ctc_targets=observed "
                     "and domain=features; unset it otherwise")
+        if cfg.coarse_iterations and cfg.coarse_time_factor > 1 and cfg.domain != "features":
+            return ("coarse_iterations optimises a temporally downsampled residual of the features: it needs "
+                    "domain=features; set coarse_iterations=0 otherwise")
         if cfg.output_time_blur and cfg.domain != "features":
             return "output_time_blur blurs recovered features: it needs domain=features; set output_time_blur=0 otherwise"
         if cfg.refine_first_layer_steps and not (ctc and fedsgd and cfg.domain == "features"):
@@ -338,6 +363,9 @@ class SpeechGradientInversion:
             if start is not None:
                 with torch.no_grad():
                     x.copy_(from_feats(start[0]).unsqueeze(0).expand_as(x))
+            if cfg.coarse_iterations > 0 and cfg.coarse_time_factor > 1:
+                coarse_residual(x, lambda xv: losses(xv).sum(), factor=cfg.coarse_time_factor, optimizer=cfg.optimizer,
+                                lr=1.0 if lbfgs else cfg.lr, iterations=cfg.coarse_iterations, extra=[] if align is None else [align])
             optimise([x] if align is None else [x, align], lambda: losses(x).sum(), optimizer=cfg.optimizer,
                      lr=1.0 if lbfgs else cfg.lr, iterations=cfg.iterations, history_size=50, signed=cfg.signed_grad,
                      schedule=step_decay(cfg.iterations) if cfg.lr_schedule else None, after_step=clamp)

@@ -23,7 +23,8 @@ class SpeechInversionConfig:
         "layer_decay": "(0,1]", "lr": ">0", "iterations": ">=1", "restarts": ">=1",
         "griffin_lim_iters": ">=1", "init_seconds_per_char": ">=0", "init_warp_iterations": ">=0",
         "init_warp_knots": ">=1", "init_warp_grid": ">=0", "init_tts_average": ">=1", "refine_first_layer_steps": ">=0",
-        "refine_first_layer_ridge": ">0", "refine_first_layer_margin": ">=0", "output_time_blur": ">=0"}
+        "refine_first_layer_ridge": ">0", "refine_first_layer_margin": ">=0", "output_time_blur": ">=0",
+        "coarse_time_factor": ">=1", "coarse_iterations": ">=0"}
     distance: Literal["l2", "cosine", "layer-cosine"] = "l2"
     layer_weights: Literal["uniform", "inverse-norm", "depth-decay"] = "uniform"
     layer_decay: float = 0.8  # depth-decay: weight of layer l is decay**l (input layers heaviest)
@@ -71,6 +72,11 @@ class SpeechInversionConfig:
     # recovered features before the waveform stage; a shrinkage for the timing the update leaves uncertain
     # (speechleak.ctc.time_blur; our addition, issue 21); 0 = off
     output_time_blur: float = 0.0
+    # features domain: before each search, coarse_iterations of the same optimiser over a residual of the start held at
+    # 1/coarse_time_factor of the frame rate (linearly interpolated over time), so the slow (timing) components move
+    # first; then the usual iterations frame by frame (coarse-to-fine; our addition, issue 21); 0 / 1 = off
+    coarse_time_factor: int = 1
+    coarse_iterations: int = 0
     labels: Literal["observed", "recover"] = "recover"
     griffin_lim_iters: int = 100
     mel_inversion: Literal["nnls", "lstsq"] = "nnls"  # mel -> linear before Griffin-Lim (see FrontEnd.mel_to_linear)
