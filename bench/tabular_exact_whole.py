@@ -30,6 +30,10 @@ thread; commit 85e90e4 + this script): it does NOT beat TabLeak, so it is not in
   re-solve (3 Gauss-Newton steps) exact_row 0.938 -> 0.477, accuracy 0.961 -> 0.893 (4 sweeps, 375 s);
   categories and labels only (``--gn 0``) 0.938 -> 0.828, 0.961 -> 0.953 (3 sweeps, 9 s). Correct rows
   absorb part of the wrong rows' error: lowering the whole-gradient residual by one-row moves breaks them.
+  Seed 1, ``--gn 0``: one random row (k = 1) is not found either (exact_row 0.992 -> 0.984, accuracy
+  0.995 -> 0.996: a random row differs in every cell, one-cell moves do not reach the true row, and a
+  correct row moves); k = 4: 0.969 -> 0.891 (accuracy 0.977 -> 0.974); all 128 rows random: accuracy
+  0.464 -> 0.488 (exact_row 0; relative residual 0.917 -> 0.337).
 * From TabLeak's rows (paper settings; seed 0 labels granted: accuracy 0.712, exact_row 0.008, 227 s;
   seed 1 labels not granted: 0.722, 0.000, 202 s), ``--gn 0``, 4 sweeps: the relative residual falls
   0.350 -> 0.127 and 0.313 -> 0.165, but accuracy falls too, 0.712 -> 0.699 and 0.722 -> 0.705, exact_row
