@@ -20,6 +20,57 @@ import numpy as np
 from .budget import NEVER, Deadline
 
 
+class ReluGaussNewton:
+    """Gauss-Newton on the piecewise-linear residual ``comp ReLU(z0 + t a^T)`` over ``t`` [N, f] for many rows
+    at once: with the ReLU pattern ``on`` fixed the residual ``comp diag(on) (z0 + a t)`` is linear in ``t``, so
+    every step solves it exactly (least squares, ridge ``ridge``) and recomputes the pattern. The Jacobians
+    ``comp diag(on_n) a`` of all rows are one GEMM ``on @ q``, ``q[h, (kc f)] = comp^T (x) a``. Shared by the
+    pattern root search (``gauss_newton_roots``: no bounds, rows whose pattern stopped changing leave the loop)
+    and the pursuit (``pursuit.pursue``: clipped to the continuous box, every row runs every step).
+
+    a [h, f], comp [kc, h] orthonormal rows of the complement of the second weight gradient's row space;
+    ``dtype`` of the Jacobian products and solves (the pattern and the residual stay in float64)."""
+
+    def __init__(self, a: np.ndarray, comp: np.ndarray, *, dtype: type = np.float64):
+        h, f = a.shape
+        self.a, self.comp, self.f, self.kc, self.dtype = a, comp, f, comp.shape[0], dtype
+        self.q = (comp.T[:, :, None] * a[:, None, :]).reshape(h, self.kc * f).astype(dtype)
+        self.comp_d = comp.T.astype(dtype)
+
+    def solve(self, z0: np.ndarray, t: np.ndarray, iterations: int, *, ridge: float, lo: np.ndarray | None = None,
+              hi: np.ndarray | None = None, early_stop: bool = False, deadline: Deadline = NEVER) -> np.ndarray:
+        """``t`` [N, f] after at most ``iterations`` steps from ``t`` (float64 copy); ``lo, hi``: clip every step
+        to this box; ``early_stop``: a row whose pattern did not change leaves the loop (its step would repeat)."""
+        dtype, f, kc = self.dtype, self.f, self.kc
+        z0d = z0.astype(dtype)
+        w = np.array(t, copy=True)
+        live = np.arange(len(z0))
+        prev = None
+        eye = ridge * np.eye(f, dtype=dtype)
+        for _ in range(iterations):
+            deadline.check()
+            on = (z0[live] + w[live] @ self.a.T) > 0
+            if early_stop and prev is not None:
+                moving = (on != prev).any(1)
+                live, on = live[moving], on[moving]
+            if len(live) == 0:
+                break
+            n = len(live)
+            onf = on.astype(dtype)
+            pm = (onf @ self.q).reshape(n, kc, f)  # [n, kc, f]
+            pt = pm.transpose(0, 2, 1)
+            r0 = (onf * z0d[live]) @ self.comp_d  # [n, kc]
+            step = -np.linalg.solve(np.matmul(pt, pm) + eye, np.matmul(pt, r0[..., None]))[..., 0]
+            w[live] = step if lo is None else np.clip(step.astype(np.float64), lo, hi)
+            prev = on
+        return w
+
+    def residual(self, z0: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(second-layer inputs ``ReLU(z0 + t a^T)`` [N, h], their relative distance to the row space [N]), float64."""
+        act = np.maximum(z0 + t @ self.a.T, 0.0)
+        return act, np.linalg.norm(act @ self.comp.T, axis=1) / np.maximum(np.linalg.norm(act, axis=1), 1e-12)
+
+
 def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.ndarray, basis2: np.ndarray, *,
                        starts: np.ndarray, tol: float, iterations: int = 12,
                        dtype: type = np.float64, deadline: Deadline = NEVER,
@@ -32,40 +83,16 @@ def gauss_newton_roots(y0: np.ndarray, u: np.ndarray, w1: np.ndarray, b1: np.nda
     iterations in single precision (about twice as fast; the residual test stays in float64): for
     finding which candidates have a root, whose rows are then solved again in float64. ``noise``
     ``(inv, c)``: declared noise widens each root's tolerance by ``noise_slack`` (per candidate)."""
-    k, f = len(y0), u.shape[1]
     h = w1.shape[0]
     proj = np.eye(h) - basis2.T @ basis2
     uq, sq, _ = np.linalg.svd(proj)
     comp = uq[:, sq > 0.5].T  # [h - r2, h] orthonormal basis of the complement
     z0 = y0 @ w1.T + b1  # [K, h]
-    a = w1 @ u  # [h, f]
-    kc = comp.shape[0]
-    # J_n = comp diag(on_n) a for every candidate at once: one GEMM on_n @ q, q[h, (k f)] = comp^T (x) a
-    q = (comp.T[:, :, None] * a[:, None, :]).reshape(h, kc * f).astype(dtype)
-    z0d, comp_d = z0.astype(dtype), comp.T.astype(dtype)
+    gn = ReluGaussNewton(w1 @ u, comp, dtype=dtype)
     out_rows, out_idx = [], []
     for w in starts:
-        w = np.array(w, copy=True)
-        live = np.arange(k)
-        prev = None
-        for _ in range(iterations):
-            deadline.check()
-            on = (z0[live] + w[live] @ a.T) > 0
-            if prev is not None:
-                moving = (on != prev).any(1)
-                live, on = live[moving], on[moving]
-            if len(live) == 0:
-                break
-            n = len(live)
-            onf = on.astype(dtype)
-            pm = (onf @ q).reshape(n, kc, f)  # [n, h - r2, f]
-            pt = pm.transpose(0, 2, 1)
-            jtj = np.matmul(pt, pm) + 1e-12 * np.eye(f, dtype=dtype)
-            r0 = (onf * z0d[live]) @ comp_d  # [n, h - r2]
-            w[live] = -np.linalg.solve(jtj, np.matmul(pt, r0[..., None]))[..., 0]
-            prev = on
-        act = np.maximum(z0 + w @ a.T, 0.0)
-        res = np.linalg.norm(act @ comp.T, axis=1) / np.maximum(np.linalg.norm(act, axis=1), 1e-12)
+        w = gn.solve(z0, w, iterations, ridge=1e-12, early_stop=True, deadline=deadline)
+        act, res = gn.residual(z0, w)
         good = np.flatnonzero(res <= tol + noise_slack(act, noise))
         out_rows.append(y0[good] + w[good] @ u.T)
         out_idx.append(good)

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..schema import TabularSchema
 from .budget import NEVER, Deadline
+from .layer2 import ReluGaussNewton
 
 
 @dataclass
@@ -40,36 +41,6 @@ class Pursuit:
     rounds: int
     starts: int  # descents run
     rank_left: int  # rank of the deflated second weight gradient at the end
-
-
-class _Layer2:
-    """Residual of ``h1 = ReLU(z0 + t A^T)`` against the current second-layer row space, with the
-    continuous values ``t`` solved by batched Gauss-Newton (one GEMM per step)."""
-
-    def __init__(self, a: np.ndarray, comp: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-        h, f = a.shape
-        self.a, self.comp, self.lo, self.hi, self.f = a, comp, lo, hi, f
-        kc = comp.shape[0]
-        self.kc = kc
-        self.q = (comp.T[:, :, None] * a[:, None, :]).reshape(h, kc * f).astype(np.float32)
-        self.comp32 = comp.T.astype(np.float32)
-
-    def solve(self, z0: np.ndarray, t: np.ndarray, iters: int) -> tuple[np.ndarray, np.ndarray]:
-        """(t [N, f], relative residual [N]) after ``iters`` clipped Gauss-Newton steps from ``t``."""
-        n, f = len(z0), self.f
-        z0f = z0.astype(np.float32)
-        t = t.copy()
-        eye = 1e-9 * np.eye(f, dtype=np.float32)
-        for _ in range(iters):
-            on = ((z0 + t @ self.a.T) > 0).astype(np.float32)
-            pm = (on @ self.q).reshape(n, self.kc, f)
-            pt = pm.transpose(0, 2, 1)
-            r0 = (on * z0f) @ self.comp32
-            step = np.linalg.solve(np.matmul(pt, pm) + eye, np.matmul(pt, r0[..., None]))[..., 0]
-            t = np.clip(-step.astype(np.float64), self.lo, self.hi)
-        act = np.maximum(z0 + t @ self.a.T, 0.0)
-        res = np.linalg.norm(act @ self.comp.T, axis=1) / np.maximum(np.linalg.norm(act, axis=1), 1e-12)
-        return t, res
 
 
 def _complement(m: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -110,12 +81,16 @@ def pursue(schema: TabularSchema, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray
         uu, ss, vt, comp = _complement(m, rank)
         if comp.shape[0] == 0:
             break
-        l2 = _Layer2(a, comp, lo, hi)
+        l2 = ReluGaussNewton(a, comp, dtype=np.float32)
+
+        def solve(z: np.ndarray, t0: np.ndarray, iters: int) -> tuple[np.ndarray, np.ndarray]:
+            t1 = l2.solve(z, t0, iters, ridge=1e-9, lo=lo, hi=hi)
+            return t1, l2.residual(z, t1)[1]
         pat = np.stack([rng.choice(bl, starts) for bl in blocks], 1)  # [N, blocks]
         t = lo + rng.random((starts, len(ci))) * (hi - lo)
         n_starts += starts
         z0 = base + colv[pat].sum(1)
-        t, res = l2.solve(z0, t, 6)
+        t, res = solve(z0, t, 6)
         live = np.ones(starts, dtype=bool)
         for _ in range(sweeps):
             if deadline.expired:
@@ -128,7 +103,7 @@ def pursue(schema: TabularSchema, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray
                 best_r, best_j, best_t = res[idx].copy(), pat[idx, k].copy(), t[idx].copy()
                 zk = z0[idx] - colv[pat[idx, k]]
                 for j in blocks[k]:
-                    tj, rj = l2.solve(zk + colv[j], t[idx], 4)
+                    tj, rj = solve(zk + colv[j], t[idx], 4)
                     better = rj < best_r * (1 - 1e-9)
                     best_r[better], best_j[better], best_t[better] = rj[better], j, tj[better]
                 moved = best_j != pat[idx, k]
@@ -139,7 +114,7 @@ def pursue(schema: TabularSchema, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray
             if not live.any():
                 break
         hit = np.flatnonzero(res <= 10 * tol)
-        t_hit, res_hit = l2.solve(z0[hit], t[hit], 12)
+        t_hit, res_hit = solve(z0[hit], t[hit], 12)
         hit, t_hit = hit[res_hit <= tol], t_hit[res_hit <= tol]
         new = _rows(schema, pat[hit], t_hit, mean, scale, ci)
         new = np.unique(new, axis=0) if len(new) else new

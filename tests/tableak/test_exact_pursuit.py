@@ -44,3 +44,35 @@ def test_german_b64_recovered_exactly_without_labels(german):
     pairs = sorted(zip(map(tuple, schema.decode_arrays(rec.data)[0].tolist()), rec.labels.tolist()))
     truth = sorted(zip(map(tuple, schema.frame_to_arrays(rows)[0].tolist()), batch.labels.tolist()))
     assert pairs == truth
+
+
+def test_relu_gauss_newton_finds_true_rows_and_early_stop_changes_nothing(german):
+    """The one Gauss-Newton solver of the root search and the pursuit (``layer2.ReluGaussNewton``), on a real
+    German batch (B = 16, dev seed 5): from the box's centre, every true row's categorical pattern gets its
+    continuous values back (second-layer residual ~0, raw values equal after rounding); dropping rows whose
+    ReLU pattern stopped changing (the root search) gives the values of running every step (the pursuit) up
+    to rounding (not bit for bit: the batched products round differently on fewer rows, which is why the
+    merged solver keeps both loops); the clipped solve never leaves the box."""
+    from tableak.exact.layer2 import ReluGaussNewton
+
+    _, schema = german
+    model, rows, batch, obs, prior = _case(german, 16, seed=5)
+    x = batch.inputs["x"].double().numpy()
+    w1, b1 = (t.detach().double().numpy() for t in (model.net[0].weight, model.net[0].bias))
+    ci = np.asarray(schema.continuous_index)
+    lo, hi = (t.double().numpy()[ci] for t in schema.bounds())
+    _, _, _, comp = _complement(obs.tensors["net.2.weight"].double().numpy() * 16, 16)
+    z0 = (x - np.isin(np.arange(schema.dim), ci) * x) @ w1.T + b1  # categorical part only
+    gn = ReluGaussNewton(w1[:, ci], comp)
+    start = np.repeat(((lo + hi) / 2)[None], 16, 0)
+    t_all = gn.solve(z0, start, 12, ridge=1e-12)
+    t_stop = gn.solve(z0, start, 12, ridge=1e-12, early_stop=True)
+    np.testing.assert_allclose(t_stop, t_all, rtol=1e-9, atol=1e-9)
+    _, res = gn.residual(z0, t_all)
+    assert np.all(res < 1e-6)
+    y = x.copy()
+    y[:, ci] = t_all
+    assert np.array_equal(schema.decode_arrays(y)[1], schema.frame_to_arrays(rows)[1])
+    far = np.repeat((lo - 10 * (hi - lo))[None], 16, 0)  # a start far outside the box
+    t_box = ReluGaussNewton(w1[:, ci], comp, dtype=np.float32).solve(z0, far, 3, ridge=1e-9, lo=lo, hi=hi)
+    assert np.all((t_box >= lo) & (t_box <= hi))
