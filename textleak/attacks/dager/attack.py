@@ -303,9 +303,11 @@ class DAGER:
             if ffn is not None and run.fast:
                 blk = _decoder_block(c.model, li_t, l1)
             stats["fast_decoder_block"] = float(blk is not None)
+            rerank, thr = (frontier.token_set_rerank(c.obs, c.model, c.probe, (c.li2, c.spans[1]))
+                           if tokset and blk is not None else (None, None))
             sents, scores = frontier.search_decoder(run, li_t, span_t, l1, b, block=blk,
                                                     root_quota=ROOT_QUOTA if stats.get("first_tokens") else 0,
-                                                    rerank=(c.li2, c.spans[1]) if tokset and blk is not None else None,
+                                                    rerank=rerank, thresholds=thr,
                                                     acts=frontier.activation_span(c.obs, c.model) if tokset and blk is not None else None)
             # with the token set the set cover counts batch tokens (each true sentence brings its own ones)
             cover_free = c.position_free or bool(tokset)

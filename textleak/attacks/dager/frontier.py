@@ -97,7 +97,14 @@ from .prior import embedding_updates, learned_position_table
 from .run import Run, declared_sigma
 from .scan import SCAN_BLOCK, AffineScan
 from .span import (DagerPreconditionError, LayerInputs, Span, decoder_last_inputs, find_tap, first_layer_vectors,
-                   observed_matrix, span_distance, span_of)
+                   observed_matrix, span_distance, span_of, transformer_blocks)
+
+FRONTIER_RERANK_TAP = (3, 2)  # token-set search: rerank the shortlist at this (block, projection group)'s input,
+# block 3's feed-forward input (deep_inputs); (1, 0): layer 2, the rerank before session 14 (development batch, seed 0
+# trial 0 of GPT-2 B=64: ROUGE-1 0.498 -> 0.532, exact sentences 9 -> 23, 153 -> 272 CPU s)
+FRONTIER_DEEP_THRESHOLDS = (0.9, 0.45, 0.45)  # (continue, accept, trim) ratios with the deep rerank (with the
+# layer-2 defaults 0.75 / 0.3 / 0.3 paths ended early there: ROUGE-1 0.389, 27 of 64 sentences found)
+FRONTIER_BASELINE = 16  # token-set search: extensions per path beyond the shortlist that set the step's median
 
 
 @dataclass
@@ -145,17 +152,18 @@ def used_positions(obs: Observation, model: nn.Module, limit: int) -> int | None
 def _rerank(rerank: tuple[LayerInputs, Span], live: list[_Path], cands: list[int], ds: list[Tensor]
             ) -> tuple[list[Tensor], float]:
     """Each path's ``FRONTIER_SHORTLIST`` nearest extensions (by ``ds``) re-measured at ``rerank``'s span,
-    the rest set to inf; and the step's baseline: the median at that span of ``FRONTIER_SHORTLIST // 2``
+    the rest set to inf; and the step's baseline: the median at that span of ``FRONTIER_BASELINE``
     further extensions per path spread evenly over the remaining order (the population's median; the
     shortlist's own median is that of the nearest few)."""
     li, sp = rerank
     n_s = FRONTIER_SHORTLIST
+    n_b = FRONTIER_BASELINE
     short, extra = [], []
     for d in ds:
         o = d.argsort()
         short.append(o[:n_s])
         rest = o[n_s:]
-        extra.append(rest[torch.linspace(0, rest.numel() - 1, min(n_s // 2, rest.numel())).long()] if rest.numel() else rest)
+        extra.append(rest[torch.linspace(0, rest.numel() - 1, min(n_b, rest.numel())).long()] if rest.numel() else rest)
     idx = [torch.cat([a, e]) for a, e in zip(short, extra)]
     xs = decoder_last_inputs(li, [x.ids for x in live], [[cands[j] for j in i.tolist()] for i in idx])
     d2 = span_distance(sp.basis, torch.cat(xs), exact_below=1.01).split([x.shape[0] for x in xs])
@@ -286,6 +294,38 @@ def ffn_inputs(obs: Observation, model: nn.Module, probe: Tensor, sigma: float) 
     return LayerInputs(model, tap), sp
 
 
+def deep_inputs(obs: Observation, model: nn.Module, probe: Tensor) -> tuple[LayerInputs, Span] | None:
+    """The input of block ``FRONTIER_RERANK_TAP[0]``'s projection group ``FRONTIER_RERANK_TAP[1]`` (0: attention
+    input, (1, 0) being DAGER's layer 2; 2: feed-forward input, GPT-2 ``h[k].mlp.c_fc``) as the token-set search's
+    rerank test, its saturated span cut as layer 2's. Deeper taps mix more of the prefix into the new position:
+    on the true prefixes of a GPT-2 B=64 development batch (seed 0, trial 0; the true token and 95 random batch
+    tokens per step, ``bench/dager_frontier_layers.py``) the true extension ranked first at 84 % of steps at
+    layer 2 (29 % at position 30) and at 94 % at block 3's feed-forward input (92 % at position 30). None when
+    the observation lacks the projections (then layer 2 is used); a model with fewer blocks uses its last one."""
+    k = min(FRONTIER_RERANK_TAP[0], len(transformer_blocks(model)) - 1)  # (the last block of a shallower model)
+    try:
+        tap = find_tap(model, k, probe, group=FRONTIER_RERANK_TAP[1])
+        mat = observed_matrix(tap, obs.tensors)
+    except DagerPreconditionError:
+        return None
+    src = next((obs.tensors[n] for n in tap.names if n in obs.tensors), None)
+    eps = float(torch.finfo(src.dtype).eps) if src is not None and src.is_floating_point() else None
+    sp = span_of(mat, eps=eps)
+    cutoff = min(RANK_CUTOFF, max(1, sp.max_rank // 10))
+    if sp.rank > sp.max_rank - cutoff:
+        keep = max(1, min(sp.rank, sp.max_rank - cutoff) - max(2, round(FRONTIER_CUT[1] * sp.max_rank)))
+        sp = span_of(mat, eps=eps, max_rank=keep)
+    return LayerInputs(model, tap), sp
+
+
+def token_set_rerank(obs: Observation, model: nn.Module, probe: Tensor, layer2: tuple[LayerInputs, Span]
+                     ) -> tuple[tuple[LayerInputs, Span], tuple[float, float, float] | None]:
+    """The token-set search's rerank test and its (continue, accept, trim) ratio thresholds: the deep tap
+    (``deep_inputs``) with ``FRONTIER_DEEP_THRESHOLDS``, else ``layer2`` with the defaults (None)."""
+    deep = deep_inputs(obs, model, probe) if FRONTIER_RERANK_TAP != (1, 0) else None
+    return (deep, FRONTIER_DEEP_THRESHOLDS) if deep is not None else (layer2, None)
+
+
 def activation_span(obs: Observation, model: nn.Module) -> ActivationSpan | None:
     """The feed-forward-activation span test of ``ffn_span`` (None when ``FRONTIER_FFN_SPAN`` is off or the
     model or observation lacks the first block's ``mlp.c_proj`` update)."""
@@ -295,7 +335,8 @@ def activation_span(obs: Observation, model: nn.Module) -> ActivationSpan | None
 def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *,
                    block: PreLNDecoderBlock | None = None, root_quota: int = 0,
                    rerank: tuple[LayerInputs, Span] | None = None,
-                   acts: ActivationSpan | None = None) -> tuple[list[list[int]], list[float]]:
+                   acts: ActivationSpan | None = None, thresholds: tuple[float, float, float] | None = None,
+                   trace=None) -> tuple[list[list[int]], list[float]]:
     """The ranked beam over positions (see the module docstring); returns every finished path
     (trailing weak tokens trimmed) and its root-mean-square distance ratio. ``block`` (the incremental
     first block, for the feed-forward-input test of GPT-2) replaces the model forward: same inputs;
@@ -305,7 +346,10 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
     (layer-2) span instead, through the model; the others are out (distance inf). ``acts`` (with
     ``block``, replaces ``rerank``): the shortlist is measured at the feed-forward activations' span
     with the accepted prefixes peeled off (``ffn_span``; exact once fewer than ``d`` tokens are
-    missing), every strong prefix kept in the beam joining the known set."""
+    missing), every strong prefix kept in the beam joining the known set. ``thresholds``: (continue, accept,
+    trim) ratios replacing ``FRONTIER_CONTINUE``, ``FRONTIER_ACCEPT``, ``FRONTIER_TRIM`` (the deep rerank's
+    ratios sit on another scale, ``token_set_rerank``); ``trace`` (development): called after every step."""
+    t_cont, t_acc, t_trim = thresholds or (FRONTIER_CONTINUE, FRONTIER_ACCEPT, FRONTIER_TRIM)
     cap = FRONTIER_BEAM_PER_SENTENCE * (b or 8) + 16
     live = [_Path([], 0.0)]
     finished: list[_Path] = []
@@ -316,6 +360,7 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
         if not live or run.over_budget():
             break
         cands = l1[p][0]
+        prev = live
         med0 = None
         exact = False  # the activation span's hard test (only with the incremental block and ``acts``)
         if block is not None and dist is not None:
@@ -345,7 +390,7 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
                 # the best extension continues the path under FRONTIER_CONTINUE; every other one
                 # under FRONTIER_ACCEPT branches (sentences sharing a prefix: five starting with "a")
                 kids = [j for k, j in enumerate(order)
-                        if float(r[j]) < (FRONTIER_CONTINUE if k == 0 else FRONTIER_ACCEPT)]
+                        if float(r[j]) < (t_cont if k == 0 else t_acc)]
             else:  # the root: the 2 B best starts (B sentences are returned even when weak)
                 kids = r.argsort()[: 2 * (b or 8)].tolist()
             if not kids:
@@ -355,7 +400,7 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
             for j in kids:
                 rj = float(r[j])
                 nxt.append((_Path(path.ids + [cands[j]], path.total + rj ** 2, path.ratios + [rj]),
-                            rj < FRONTIER_ACCEPT))
+                            rj < t_acc))
         nxt.sort(key=lambda x: x[0].mean)
         # diversity: at most FRONTIER_CHILDREN weak (ratio >= FRONTIER_ACCEPT) live descendants of one
         # path two steps back (else the variants of the strongest sentence fill the beam); strong
@@ -378,9 +423,11 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
             live = head[:cap] + rest[: max(0, cap - len(head))]
         else:
             live = live[:cap]
+        if trace is not None:  # development diagnostics (bench/dager_frontier_trace.py)
+            trace(p, cands, prev, ds, med, live, finished)
         if acts is not None:  # peel the known prefixes (ffn_span.peel_step)
             peel_step(acts, block, [(x.ids, x.ratios) for x in live], [(x.ids, x.ratios) for x in finished[n_fin:]],
-                      lag=0 if p == 0 or exact else KNOWN_LAG, below=KNOWN_BELOW, trim=FRONTIER_TRIM)
+                      lag=0 if p == 0 or exact else KNOWN_LAG, below=KNOWN_BELOW, trim=t_trim)
             n_fin = len(finished)
             run.stats["ffn_span_known"] = float(acts.n_known)
             run.stats["ffn_span_dim"] = float(acts.dim)
@@ -391,7 +438,7 @@ def search_decoder(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, *
     out: dict[tuple[int, ...], float] = {}
     for f in finished:
         n = len(f.ids)
-        while n > 1 and f.ratios[n - 1] > FRONTIER_TRIM:  # a weak tail: the path went astray
+        while n > 1 and f.ratios[n - 1] > t_trim:  # a weak tail: the path went astray
             n -= 1
         key = tuple(f.ids[:n])
         score = math.sqrt(sum(x * x for x in f.ratios[:n]) / n)
