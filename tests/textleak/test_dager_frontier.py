@@ -156,21 +156,21 @@ def test_token_set_search_runs_exact_once_enough_true_prefixes_are_peeled(monkey
 
 def test_deep_rerank_tap_ranks_true_extensions_first_more_often_than_layer_2(monkeypatch):
     """The token-set search can rerank its shortlist at a deeper block's feed-forward input
-    (``frontier.deep_inputs`` with ``FRONTIER_RERANK_TAP = (3, 2)``; on the 2-block tiny GPT-2 the last block's
+    (``deep_rerank.deep_inputs`` with ``FRONTIER_RERANK_TAP = (3, 2)``; on the 2-block tiny GPT-2 the last block's
     ``mlp.c_fc``). On the true prefixes of the tiny GPT-2 past its rank limit (B=8), over the whole batch token
     set, the true next token is the nearest at that span at 33 of 65 steps, against 24 at layer 2."""
-    from textleak.attacks.dager import frontier
+    from textleak.attacks.dager import deep_rerank, frontier
     from textleak.attacks.dager.span import decoder_last_inputs, span_distance
 
     _, _, model, obs, _, truth, _ = _setup("text/tiny-gpt2/dager", 8)
     model.eval()
     probe = torch.tensor([[1, 2, 3]])
     tok = frontier.batch_token_set(obs, model)
-    monkeypatch.setattr(frontier, "FRONTIER_RERANK_TAP", (3, 2))
-    deep = frontier.deep_inputs(obs, model, probe)
+    monkeypatch.setattr(deep_rerank, "FRONTIER_RERANK_TAP", (3, 2))
+    deep = deep_rerank.deep_inputs(obs, model, probe)
     assert deep is not None and deep[0].tap.names == ["transformer.h.1.mlp.c_fc.weight"]
-    monkeypatch.setattr(frontier, "FRONTIER_RERANK_TAP", (1, 0))  # layer 2 (the second block's attention input)
-    layer2 = frontier.deep_inputs(obs, model, probe)
+    monkeypatch.setattr(deep_rerank, "FRONTIER_RERANK_TAP", (1, 0))  # layer 2 (the second block's attention input)
+    layer2 = deep_rerank.deep_inputs(obs, model, probe)
     assert layer2 is not None and layer2[0].tap.names[0].startswith("transformer.h.1.attn.c_attn")
 
     def first(test) -> int:

@@ -15,7 +15,7 @@ from common.threat import Capability
 from common.types import Observation, Reconstruction
 from textleak.models import max_length
 
-from . import decoder, encoder, frontier, last_token, peel
+from . import decoder, deep_rerank, encoder, frontier, last_token, peel
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .l2_block import Layer2Stage
@@ -303,7 +303,7 @@ class DAGER:
             if ffn is not None and run.fast:
                 blk = _decoder_block(c.model, li_t, l1)
             stats["fast_decoder_block"] = float(blk is not None)
-            rerank, thr = (frontier.token_set_rerank(c.obs, c.model, c.probe, (c.li2, c.spans[1]))
+            rerank, thr = (deep_rerank.token_set_rerank(c.obs, c.model, c.probe, (c.li2, c.spans[1]))
                            if tokset and blk is not None else (None, None))
             sents, scores = frontier.search_decoder(run, li_t, span_t, l1, b, block=blk,
                                                     root_quota=ROOT_QUOTA if stats.get("first_tokens") else 0,
