@@ -38,12 +38,21 @@ from torch import nn
 from common.types import Observation
 
 from .beam import beam, repair, score_seqs
-from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE
+from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run
 from .span import LayerInputs, Span
 
 Found = tuple[list[list[int]], list[float]]  # sentences and their max layer-2 distances
+
+#: ranked search (noise, saturated rank): a (position, token) pair that an accepted sentence holds costs the
+#: beam this much (in summed squared layer-2 distance) when another sentence uses it again, through the prior
+#: weight (``prior.PriorWeight``); without it every length's beam follows the strongest sentence
+USED_PENALTY = 0.08
+#: ranked search: the beams of this many pending lengths (in the prior's order) are run per round, and only the
+#: best of their sentences (lowest mean layer-2 distance) is accepted; the others are searched again next round
+#: with its pairs penalised (else the strongest sentence is accepted at the first length tried, a wrong one)
+RANKED_WINDOW = 4
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
@@ -69,7 +78,10 @@ class _EncoderSearch:
         self.fit = fit
         self.lists = prior_lists(fit, l1) or [list(c) for c, _ in l1]
         self.removed: dict[int, set[int]] = {}  # position -> tokens of clearly accepted sentences
-        self.weight = PriorWeight(fit, self.removed)
+        lam = PRIOR_PENALTY if run.prior_penalty is None else run.prior_penalty
+        factor = max(math.exp(-USED_PENALTY / lam), 1e-30) if run.ranked and lam > 0 else 0.05
+        self.weight = PriorWeight(fit, self.removed, removed_factor=factor)
+        self.clear: set[tuple[int, ...]] = set()  # ranked search: the one sentence accepted per searched length
         # repair lists: every batch token that passes layer 1 at the position (the prior's lists
         # miss the weak occurrences of repeated tokens)
         batch_set = set(fit[0]) if fit is not None else None
@@ -99,6 +111,8 @@ class _EncoderSearch:
         # the search restarts from the best-ranked length (that length moves to the end, since two
         # sentences can share a length); it stops after a full pass without success, then (without
         # the prior) tries the remaining lengths once with the unpruned lists.
+        if self.r.ranked:
+            return self._run_ranked()
         lengths = self.lengths
         if failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
             lengths.sort(key=lambda n: failed.get(n, 0))
@@ -157,11 +171,83 @@ class _EncoderSearch:
                 cands.append(repair(r, seqs[int(mean.argmin())], wide, self.li2, self.span2))
         else:
             cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise)
+        if r.ranked:
+            return self._ranked_pick(cands)
         found = 0
         for s, v in cands:
             if v < r.tau[1] and tuple(s) not in self.results:
                 found += int(self._accept(s, v))
         return found
+
+    def _run_ranked(self) -> Found:
+        """The ranked search's rounds: the beams of the first ``RANKED_WINDOW`` pending lengths (at most the
+        number of sentences still missing), the best of their sentences accepted (``_ranked_pick``), its
+        length moved to the end of the pending ones (two sentences can share a length)."""
+        pending = list(self.lengths)
+        while pending and not self._done():
+            need = len(pending) if self.b is None else self.b - len(self.clear)
+            best: tuple[float, int, list[int], float] | None = None
+            for i, length in enumerate(pending[:max(1, min(need, RANKED_WINDOW))]):
+                if self.r.over_budget():
+                    break
+                pick = self._ranked_best(self._lists_for(length, self.lists), self._lists_for(length, self.wide))
+                if pick is not None and (best is None or pick[0] < best[0]):
+                    best = (pick[0], i, pick[1], pick[2])
+            if best is None:
+                break
+            _, i, seq, mx = best
+            self._take(seq, mx)
+            pending.append(pending.pop(i))
+        return self._found()
+
+    def _ranked_best(self, per: list[list[int]], wide: list[list[int]]) -> tuple[float, list[int], float] | None:
+        """One length's best new sequence: (mean layer-2 distance, sequence, max distance), or None."""
+        total = math.prod(len(c) for c in per)
+        if total <= ENCODER_EXHAUSTIVE_MAX:
+            seqs = [list(x) for x in itertools.product(*per)]
+        else:
+            seqs = [s for s, _ in beam(self.r, per, self.li2, self.span2, self.word, self.weight, wide, True)]
+        seqs = [s for s in seqs if tuple(s) not in self.exclude and tuple(s) not in self.results]
+        if not seqs:
+            return None
+        mean, mx = score_seqs(self.li2, self.span2, seqs)
+        if total <= ENCODER_EXHAUSTIVE_MAX:  # the used pairs' penalty, as the beam's
+            lam = PRIOR_PENALTY if self.r.prior_penalty is None else self.r.prior_penalty
+            pen = [sum(-math.log(self.weight(p, t)) for p, t in enumerate(q)) * lam / len(q) for q in seqs]
+            mean = mean + mean.new_tensor(pen)
+        for i in mean.argsort().tolist():
+            if not self._duplicate(seqs[i], float(mx[i]), drop=False):
+                return float(mean[i]), seqs[i], float(mx[i])
+        return None
+
+    def _take(self, seq: list[int], mx: float) -> None:
+        """Accept ``seq`` in the ranked search; its pairs then cost ``USED_PENALTY`` to other sentences."""
+        self._duplicate(seq, mx)
+        self.results[tuple(seq)] = mx
+        self.clear.add(tuple(seq))
+        for p, t in enumerate(seq):
+            self.removed.setdefault(p, set()).add(t)
+
+    def _ranked_pick(self, cands: list[tuple[list[int], float]]) -> int:
+        """Ranked search (``Run.ranked``: declared noise or a saturated rank, where no distance certifies a
+        sentence): a searched length contributes its one best sequence by *mean* layer-2 distance (the max is
+        set by the one position whose input lies along directions lost under the noise: on MiniLM at sigma
+        1e-5 the true sentences' max distance equals that of their one-token substitutions), which counts as
+        accepted; its (position, token) pairs then cost the other lengths' beams ``USED_PENALTY``."""
+        seqs = [s for s, _ in cands if tuple(s) not in self.exclude and tuple(s) not in self.results]
+        if not seqs:
+            return 0
+        mean, mx = score_seqs(self.li2, self.span2, seqs)
+        for i in mean.argsort().tolist():
+            seq = seqs[i]
+            if self._duplicate(seq, float(mx[i])):
+                continue
+            self.results[tuple(seq)] = float(mx[i])
+            self.clear.add(tuple(seq))
+            for p, t in enumerate(seq):
+                self.removed.setdefault(p, set()).add(t)
+            return 1
+        return 0
 
     def _accept(self, seq: list[int], mx: float) -> bool:
         """Record a passing sequence; a clear pass (<= tau_2 / 10) also feeds the non-overlap filter."""
@@ -177,7 +263,7 @@ class _EncoderSearch:
             self.removed.setdefault(p, set()).add(t)
         return True
 
-    def _duplicate(self, seq: list[int], mx: float) -> bool:
+    def _duplicate(self, seq: list[int], mx: float, drop: bool = True) -> bool:
         """Ranked search (``Run.ranked``): True when a sentence of the same length sharing at least
         ``FRONTIER_DUPLICATE`` of its tokens (same positions) is recorded with a lower score; such a
         sentence recorded with a higher score is dropped (a variant of one sentence is not another)."""
@@ -185,11 +271,15 @@ class _EncoderSearch:
             if len(k) == len(seq) and sum(a == b for a, b in zip(k, seq)) >= FRONTIER_DUPLICATE * len(seq):
                 if self.results[k] <= mx:
                     return True
-                del self.results[k]
+                if drop:
+                    del self.results[k]
+                    self.clear.discard(k)
         return False
 
     def _done(self) -> bool:
         b, tau2 = self.b, self.r.tau[1]
+        if self.r.ranked:
+            return self.r.over_budget() or (b is not None and len(self.clear) >= b)
         return self.r.over_budget() or (b is not None and sum(v <= 0.1 * tau2 for v in self.results.values()) >= b)
 
     def _lists_for(self, length: int, src: list[list[int]]) -> list[list[int]]:
