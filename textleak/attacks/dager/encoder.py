@@ -39,6 +39,7 @@ from common.types import Observation
 
 from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
+from .enc_refine import exchange_suffixes, sq_scores
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run
 from .span import LayerInputs, Span
@@ -53,6 +54,8 @@ USED_PENALTY = 0.08
 #: best of their sentences (lowest mean layer-2 distance) is accepted; the others are searched again next round
 #: with its pairs penalised (else the strongest sentence is accepted at the first length tried, a wrong one)
 RANKED_WINDOW = 4
+RANKED_REPEAT = False  # ranked search: search accepted lengths again (two sentences of one length)
+RANKED_EXCHANGE = True  # ranked search: exchange suffixes between the accepted sentences (enc_refine.py)
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
@@ -181,23 +184,46 @@ class _EncoderSearch:
 
     def _run_ranked(self) -> Found:
         """The ranked search's rounds: the beams of the first ``RANKED_WINDOW`` pending lengths (at most the
-        number of sentences still missing), the best of their sentences accepted (``_ranked_pick``), its
-        length moved to the end of the pending ones (two sentences can share a length)."""
-        pending = list(self.lengths)
+        number of sentences still missing; the longest length, read from the position-embedding update, first)
+        and of the lengths already accepted (two sentences can share a length); the best of their sentences by
+        mean layer-2 distance is accepted (``_take``)."""
+        # the longest sentence ends at the last position the position-embedding update uses (the ranked
+        # scan's lists stop there): that length first
+        longest = len(self.lists)
+        pending = [longest] + [n for n in self.lengths if n != longest]
+        taken: list[int] = []  # accepted lengths, searched again (two sentences can share a length)
         while pending and not self._done():
             need = len(pending) if self.b is None else self.b - len(self.clear)
+            window = pending[:max(1, min(need, RANKED_WINDOW))]
+            if RANKED_REPEAT:
+                window += [n for n in taken[-RANKED_WINDOW:] if n not in window]
             best: tuple[float, int, list[int], float] | None = None
-            for i, length in enumerate(pending[:max(1, min(need, RANKED_WINDOW))]):
+            for length in window:
                 if self.r.over_budget():
                     break
                 pick = self._ranked_best(self._lists_for(length, self.lists), self._lists_for(length, self.wide))
                 if pick is not None and (best is None or pick[0] < best[0]):
-                    best = (pick[0], i, pick[1], pick[2])
+                    best = (pick[0], length, pick[1], pick[2])
             if best is None:
                 break
-            _, i, seq, mx = best
+            _, length, seq, mx = best
             self._take(seq, mx)
-            pending.append(pending.pop(i))
+            if length in pending:
+                pending.remove(length)
+            if length not in taken:
+                taken.append(length)
+        if RANKED_EXCHANGE and len(self.clear) > 1:  # undo stitched sentences (enc_refine.exchange_suffixes)
+            keys = [k for k in self.results if k in self.clear]
+            new, made = exchange_suffixes(self.r, self.li2, self.span2, [list(k) for k in keys])
+            self.r.stats["suffix_exchanges"] = float(made)
+            if made:
+                _, mx = zip(*[score_seqs(self.li2, self.span2, [s]) for s in new])
+                for k in keys:
+                    del self.results[k]
+                self.clear = set()
+                for s, m in zip(new, mx):
+                    self.results[tuple(s)] = float(m[0])
+                    self.clear.add(tuple(s))
         return self._found()
 
     def _ranked_best(self, per: list[list[int]], wide: list[list[int]]) -> tuple[float, list[int], float] | None:
