@@ -56,6 +56,7 @@ USED_PENALTY = 0.08
 RANKED_WINDOW = 4
 RANKED_REPEAT = False  # ranked search: search accepted lengths again (two sentences of one length)
 RANKED_EXCHANGE = True  # ranked search: exchange suffixes between the accepted sentences (enc_refine.py)
+RANKED_REPAIR = True  # ranked search: then single-token repairs of each (beam.repair, to no further gain)
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
@@ -216,6 +217,12 @@ class _EncoderSearch:
             keys = [k for k in self.results if k in self.clear]
             new, made = exchange_suffixes(self.r, self.li2, self.span2, [list(k) for k in keys])
             self.r.stats["suffix_exchanges"] = float(made)
+            if RANKED_REPAIR:  # single-token repairs run to the end (no distance certifies a sentence here)
+                tau, self.r.tau = self.r.tau, (self.r.tau[0], 0.0)
+                fixed = [repair(self.r, s, self._lists_for(len(s), self.wide), self.li2, self.span2)[0] for s in new]
+                self.r.tau = tau
+                made += sum(a != b for a, b in zip(fixed, new))
+                new = fixed
             if made:
                 _, mx = zip(*[score_seqs(self.li2, self.span2, [s]) for s in new])
                 for k in keys:
