@@ -56,6 +56,8 @@ USED_PENALTY = 0.08
 RANKED_WINDOW = 4
 RANKED_REPEAT = False  # ranked search: search accepted lengths again (two sentences of one length)
 RANKED_EXCHANGE = True  # ranked search: exchange suffixes between the accepted sentences (enc_refine.py)
+RANKED_BIGRAM_DUPLICATE = 0.5  # ranked search: a sequence sharing this fraction of its inner bigrams with an
+# accepted sentence is a variant of it (any length)
 RANKED_REPAIR = True  # ranked search: then single-token repairs of each (beam.repair, to no further gain)
 
 
@@ -67,6 +69,12 @@ def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2
     peels it); ``failed`` counts the lengths that found nothing (across calls); ``exclude`` holds
     sentences already peeled."""
     return _EncoderSearch(run, obs, model, li2, span2, l1, prior, b, exclude).run(stop_early, failed)
+
+
+def _bigrams(seq: tuple[int, ...]) -> set[tuple[int, int]]:
+    """The inner bigrams of a sequence ([CLS] and the separator left out)."""
+    inner = seq[1:-1]
+    return set(zip(inner, inner[1:]))
 
 
 class _EncoderSearch:
@@ -248,9 +256,14 @@ class _EncoderSearch:
             lam = PRIOR_PENALTY if self.r.prior_penalty is None else self.r.prior_penalty
             pen = [sum(-math.log(self.weight(p, t)) for p, t in enumerate(q)) * lam / len(q) for q in seqs]
             mean = mean + mean.new_tensor(pen)
+        grams = [_bigrams(k) for k in self.clear]
         for i in mean.argsort().tolist():
-            if not self._duplicate(seqs[i], float(mx[i]), drop=False):
-                return float(mean[i]), seqs[i], float(mx[i])
+            if self._duplicate(seqs[i], float(mx[i]), drop=False):
+                continue
+            own = _bigrams(tuple(seqs[i]))
+            if own and any(len(own & g) >= RANKED_BIGRAM_DUPLICATE * len(own) for g in grams):
+                continue  # a variant of an accepted sentence at another length (shifted: no used pair)
+            return float(mean[i]), seqs[i], float(mx[i])
         return None
 
     def _take(self, seq: list[int], mx: float) -> None:
