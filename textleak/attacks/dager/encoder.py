@@ -21,6 +21,16 @@ make the search feasible (both deviations from the reference):
   wrong hard token raises every distance (attention mixes all positions), which defeated
   single-token local search.
 
+* The ranked search (``Run.ranked``: declared Gaussian noise, or a saturated rank; issue 20) has no distance
+  that certifies a sentence (under sigma 1e-5 on MiniLM the true sentences' max layer-2 distance equals that
+  of their one-token substitutions). It runs in rounds: the longest length (the last row the
+  position-embedding update uses) and the prior's next lengths get a beam each, and only the best sentence
+  of the round by *mean* layer-2 distance is accepted; its (position, token) pairs then cost the later beams
+  ``USED_PENALTY`` (through the prior weight), and variants of it (same-length overlap, shared bigrams) are
+  skipped. Without this every length's beam followed the strongest sentence. The accepted sentences then
+  exchange suffixes where that lowers their summed squared distance (``enc_refine.py``: the beam's stitches,
+  one sentence's prefix with another's suffix) and get single-token repairs to no further gain.
+
 As the reference ``filter_encoder``: the exhaustive search scores the mean layer-2 distance,
 a sequence is accepted when every position's layer-2 input lies in the span, and the tokens
 of every clearly accepted sentence are removed from the lists of the positions they occupy
@@ -39,7 +49,7 @@ from common.types import Observation
 
 from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
-from .enc_refine import exchange_suffixes, sq_scores
+from .enc_refine import exchange_suffixes
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run
 from .span import LayerInputs, Span
@@ -183,8 +193,6 @@ class _EncoderSearch:
                 cands.append(repair(r, seqs[int(mean.argmin())], wide, self.li2, self.span2))
         else:
             cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise)
-        if r.ranked:
-            return self._ranked_pick(cands)
         found = 0
         for s, v in cands:
             if v < r.tau[1] and tuple(s) not in self.results:
@@ -273,27 +281,6 @@ class _EncoderSearch:
         self.clear.add(tuple(seq))
         for p, t in enumerate(seq):
             self.removed.setdefault(p, set()).add(t)
-
-    def _ranked_pick(self, cands: list[tuple[list[int], float]]) -> int:
-        """Ranked search (``Run.ranked``: declared noise or a saturated rank, where no distance certifies a
-        sentence): a searched length contributes its one best sequence by *mean* layer-2 distance (the max is
-        set by the one position whose input lies along directions lost under the noise: on MiniLM at sigma
-        1e-5 the true sentences' max distance equals that of their one-token substitutions), which counts as
-        accepted; its (position, token) pairs then cost the other lengths' beams ``USED_PENALTY``."""
-        seqs = [s for s, _ in cands if tuple(s) not in self.exclude and tuple(s) not in self.results]
-        if not seqs:
-            return 0
-        mean, mx = score_seqs(self.li2, self.span2, seqs)
-        for i in mean.argsort().tolist():
-            seq = seqs[i]
-            if self._duplicate(seq, float(mx[i])):
-                continue
-            self.results[tuple(seq)] = float(mx[i])
-            self.clear.add(tuple(seq))
-            for p, t in enumerate(seq):
-                self.removed.setdefault(p, set()).add(t)
-            return 1
-        return 0
 
     def _accept(self, seq: list[int], mx: float) -> bool:
         """Record a passing sequence; a clear pass (<= tau_2 / 10) also feeds the non-overlap filter."""
