@@ -21,6 +21,16 @@ make the search feasible (both deviations from the reference):
   wrong hard token raises every distance (attention mixes all positions), which defeated
   single-token local search.
 
+* The ranked search (``Run.ranked``: declared Gaussian noise, or a saturated rank; issue 20) has no distance
+  that certifies a sentence (under sigma 1e-5 on MiniLM the true sentences' max layer-2 distance equals that
+  of their one-token substitutions). It runs in rounds: the longest length (the last row the
+  position-embedding update uses) and the prior's next lengths get a beam each, and only the best sentence
+  of the round by *mean* layer-2 distance is accepted; its (position, token) pairs then cost the later beams
+  ``USED_PENALTY`` (through the prior weight), and variants of it (same-length overlap, shared bigrams) are
+  skipped. Without this every length's beam followed the strongest sentence. The accepted sentences then
+  exchange suffixes where that lowers their summed squared distance (``enc_refine.py``: the beam's stitches,
+  one sentence's prefix with another's suffix) and get single-token repairs to no further gain.
+
 As the reference ``filter_encoder``: the exhaustive search scores the mean layer-2 distance,
 a sequence is accepted when every position's layer-2 input lies in the span, and the tokens
 of every clearly accepted sentence are removed from the lists of the positions they occupy
@@ -38,12 +48,27 @@ from torch import nn
 from common.types import Observation
 
 from .beam import beam, repair, score_seqs
-from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE
+from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
+from .enc_refine import exchange_suffixes
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run
 from .span import LayerInputs, Span
 
 Found = tuple[list[list[int]], list[float]]  # sentences and their max layer-2 distances
+
+#: ranked search (noise, saturated rank): a (position, token) pair that an accepted sentence holds costs the
+#: beam this much (in summed squared layer-2 distance) when another sentence uses it again, through the prior
+#: weight (``prior.PriorWeight``); without it every length's beam follows the strongest sentence
+USED_PENALTY = 0.08
+#: ranked search: the beams of this many pending lengths (in the prior's order) are run per round, and only the
+#: best of their sentences (lowest mean layer-2 distance) is accepted; the others are searched again next round
+#: with its pairs penalised (else the strongest sentence is accepted at the first length tried, a wrong one)
+RANKED_WINDOW = 4
+RANKED_REPEAT = False  # ranked search: search accepted lengths again (two sentences of one length)
+RANKED_EXCHANGE = True  # ranked search: exchange suffixes between the accepted sentences (enc_refine.py)
+RANKED_BIGRAM_DUPLICATE = 0.5  # ranked search: a sequence sharing this fraction of its inner bigrams with an
+# accepted sentence is a variant of it (any length)
+RANKED_REPAIR = True  # ranked search: then single-token repairs of each (beam.repair, to no further gain)
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
@@ -54,6 +79,12 @@ def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2
     peels it); ``failed`` counts the lengths that found nothing (across calls); ``exclude`` holds
     sentences already peeled."""
     return _EncoderSearch(run, obs, model, li2, span2, l1, prior, b, exclude).run(stop_early, failed)
+
+
+def _bigrams(seq: tuple[int, ...]) -> set[tuple[int, int]]:
+    """The inner bigrams of a sequence ([CLS] and the separator left out)."""
+    inner = seq[1:-1]
+    return set(zip(inner, inner[1:]))
 
 
 class _EncoderSearch:
@@ -69,7 +100,10 @@ class _EncoderSearch:
         self.fit = fit
         self.lists = prior_lists(fit, l1) or [list(c) for c, _ in l1]
         self.removed: dict[int, set[int]] = {}  # position -> tokens of clearly accepted sentences
-        self.weight = PriorWeight(fit, self.removed)
+        lam = PRIOR_PENALTY if run.prior_penalty is None else run.prior_penalty
+        factor = max(math.exp(-USED_PENALTY / lam), 1e-30) if run.ranked and lam > 0 else 0.05
+        self.weight = PriorWeight(fit, self.removed, removed_factor=factor)
+        self.clear: set[tuple[int, ...]] = set()  # ranked search: the one sentence accepted per searched length
         # repair lists: every batch token that passes layer 1 at the position (the prior's lists
         # miss the weak occurrences of repeated tokens)
         batch_set = set(fit[0]) if fit is not None else None
@@ -99,6 +133,8 @@ class _EncoderSearch:
         # the search restarts from the best-ranked length (that length moves to the end, since two
         # sentences can share a length); it stops after a full pass without success, then (without
         # the prior) tries the remaining lengths once with the unpruned lists.
+        if self.r.ranked:
+            return self._run_ranked()
         lengths = self.lengths
         if failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
             lengths.sort(key=lambda n: failed.get(n, 0))
@@ -163,6 +199,89 @@ class _EncoderSearch:
                 found += int(self._accept(s, v))
         return found
 
+    def _run_ranked(self) -> Found:
+        """The ranked search's rounds: the beams of the first ``RANKED_WINDOW`` pending lengths (at most the
+        number of sentences still missing; the longest length, read from the position-embedding update, first)
+        and of the lengths already accepted (two sentences can share a length); the best of their sentences by
+        mean layer-2 distance is accepted (``_take``)."""
+        # the longest sentence ends at the last position the position-embedding update uses (the ranked
+        # scan's lists stop there): that length first
+        longest = len(self.lists)
+        pending = [longest] + [n for n in self.lengths if n != longest]
+        taken: list[int] = []  # accepted lengths, searched again (two sentences can share a length)
+        while pending and not self._done():
+            need = len(pending) if self.b is None else self.b - len(self.clear)
+            window = pending[:max(1, min(need, RANKED_WINDOW))]
+            if RANKED_REPEAT:
+                window += [n for n in taken[-RANKED_WINDOW:] if n not in window]
+            best: tuple[float, int, list[int], float] | None = None
+            for length in window:
+                if self.r.over_budget():
+                    break
+                pick = self._ranked_best(self._lists_for(length, self.lists), self._lists_for(length, self.wide))
+                if pick is not None and (best is None or pick[0] < best[0]):
+                    best = (pick[0], length, pick[1], pick[2])
+            if best is None:
+                break
+            _, length, seq, mx = best
+            self._take(seq, mx)
+            if length in pending:
+                pending.remove(length)
+            if length not in taken:
+                taken.append(length)
+        if RANKED_EXCHANGE and len(self.clear) > 1:  # undo stitched sentences (enc_refine.exchange_suffixes)
+            keys = [k for k in self.results if k in self.clear]
+            new, made = exchange_suffixes(self.r, self.li2, self.span2, [list(k) for k in keys])
+            self.r.stats["suffix_exchanges"] = float(made)
+            if RANKED_REPAIR:  # single-token repairs run to the end (no distance certifies a sentence here)
+                tau, self.r.tau = self.r.tau, (self.r.tau[0], 0.0)
+                fixed = [repair(self.r, s, self._lists_for(len(s), self.wide), self.li2, self.span2)[0] for s in new]
+                self.r.tau = tau
+                made += sum(a != b for a, b in zip(fixed, new))
+                new = fixed
+            if made:
+                _, mx = zip(*[score_seqs(self.li2, self.span2, [s]) for s in new])
+                for k in keys:
+                    del self.results[k]
+                self.clear = set()
+                for s, m in zip(new, mx):
+                    self.results[tuple(s)] = float(m[0])
+                    self.clear.add(tuple(s))
+        return self._found()
+
+    def _ranked_best(self, per: list[list[int]], wide: list[list[int]]) -> tuple[float, list[int], float] | None:
+        """One length's best new sequence: (mean layer-2 distance, sequence, max distance), or None."""
+        total = math.prod(len(c) for c in per)
+        if total <= ENCODER_EXHAUSTIVE_MAX:
+            seqs = [list(x) for x in itertools.product(*per)]
+        else:
+            seqs = [s for s, _ in beam(self.r, per, self.li2, self.span2, self.word, self.weight, wide, True)]
+        seqs = [s for s in seqs if tuple(s) not in self.exclude and tuple(s) not in self.results]
+        if not seqs:
+            return None
+        mean, mx = score_seqs(self.li2, self.span2, seqs)
+        if total <= ENCODER_EXHAUSTIVE_MAX:  # the used pairs' penalty, as the beam's
+            lam = PRIOR_PENALTY if self.r.prior_penalty is None else self.r.prior_penalty
+            pen = [sum(-math.log(self.weight(p, t)) for p, t in enumerate(q)) * lam / len(q) for q in seqs]
+            mean = mean + mean.new_tensor(pen)
+        grams = [_bigrams(k) for k in self.clear]
+        for i in mean.argsort().tolist():
+            if self._duplicate(seqs[i], float(mx[i]), drop=False):
+                continue
+            own = _bigrams(tuple(seqs[i]))
+            if own and any(len(own & g) >= RANKED_BIGRAM_DUPLICATE * len(own) for g in grams):
+                continue  # a variant of an accepted sentence at another length (shifted: no used pair)
+            return float(mean[i]), seqs[i], float(mx[i])
+        return None
+
+    def _take(self, seq: list[int], mx: float) -> None:
+        """Accept ``seq`` in the ranked search; its pairs then cost ``USED_PENALTY`` to other sentences."""
+        self._duplicate(seq, mx)
+        self.results[tuple(seq)] = mx
+        self.clear.add(tuple(seq))
+        for p, t in enumerate(seq):
+            self.removed.setdefault(p, set()).add(t)
+
     def _accept(self, seq: list[int], mx: float) -> bool:
         """Record a passing sequence; a clear pass (<= tau_2 / 10) also feeds the non-overlap filter."""
         if tuple(seq) in self.exclude:  # already peeled
@@ -177,7 +296,7 @@ class _EncoderSearch:
             self.removed.setdefault(p, set()).add(t)
         return True
 
-    def _duplicate(self, seq: list[int], mx: float) -> bool:
+    def _duplicate(self, seq: list[int], mx: float, drop: bool = True) -> bool:
         """Ranked search (``Run.ranked``): True when a sentence of the same length sharing at least
         ``FRONTIER_DUPLICATE`` of its tokens (same positions) is recorded with a lower score; such a
         sentence recorded with a higher score is dropped (a variant of one sentence is not another)."""
@@ -185,11 +304,15 @@ class _EncoderSearch:
             if len(k) == len(seq) and sum(a == b for a, b in zip(k, seq)) >= FRONTIER_DUPLICATE * len(seq):
                 if self.results[k] <= mx:
                     return True
-                del self.results[k]
+                if drop:
+                    del self.results[k]
+                    self.clear.discard(k)
         return False
 
     def _done(self) -> bool:
         b, tau2 = self.b, self.r.tau[1]
+        if self.r.ranked:
+            return self.r.over_budget() or (b is not None and len(self.clear) >= b)
         return self.r.over_budget() or (b is not None and sum(v <= 0.1 * tau2 for v in self.results.values()) >= b)
 
     def _lists_for(self, length: int, src: list[list[int]]) -> list[list[int]]:

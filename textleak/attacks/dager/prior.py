@@ -93,16 +93,18 @@ def prior_lists(fit: PriorFit | None, l1) -> list[list[int]] | None:
 class PriorWeight:
     """Soft-suffix weight of token ``t`` at position ``p``: ``1e-6 + max(relative coefficient, 0)
     ** PRIOR_SHARPNESS`` under the prior (1 without it), times 0.05 for a token that a clearly
-    accepted sentence already holds at ``p`` (``removed``, shared with the search)."""
+    accepted sentence already holds at ``p`` (``removed``, shared with the search; ``removed_factor``
+    replaces 0.05: the ranked encoder search makes it a strong penalty, see ``encoder.USED_PENALTY``)."""
 
-    def __init__(self, fit: PriorFit | None, removed: dict[int, set[int]]) -> None:
+    def __init__(self, fit: PriorFit | None, removed: dict[int, set[int]], *, removed_factor: float = 0.05) -> None:
         self.removed = removed
+        self.factor = removed_factor
         self.idx = None if fit is None else {t: i for i, t in enumerate(fit[0])}
         self.rel = None if fit is None else (fit[1] / fit[1].max(0).values.clamp_min(1e-12)).clamp(0.0, 1.0)
 
     def __call__(self, p: int, t: int) -> float:
         if self.idx is None:
-            return 0.05 if t in self.removed.get(p, ()) else 1.0
+            return self.factor if t in self.removed.get(p, ()) else 1.0
         i = self.idx.get(t)
         w = 1e-6 + (float(self.rel[p, i]) ** PRIOR_SHARPNESS if i is not None and p < self.rel.shape[0] else 0.0)
-        return w * (0.05 if t in self.removed.get(p, ()) else 1.0)
+        return w * (self.factor if t in self.removed.get(p, ()) else 1.0)
