@@ -100,7 +100,7 @@ class _EncoderSearch:
         self.fit = fit
         self.lists = prior_lists(fit, l1) or [list(c) for c, _ in l1]
         self.removed: dict[int, set[int]] = {}  # position -> tokens of clearly accepted sentences
-        lam = PRIOR_PENALTY if run.prior_penalty is None else run.prior_penalty
+        self.lam = lam = PRIOR_PENALTY if run.prior_penalty is None else run.prior_penalty  # the prior's weight
         factor = max(math.exp(-USED_PENALTY / lam), 1e-30) if run.ranked and lam > 0 else 0.05
         self.weight = PriorWeight(fit, self.removed, removed_factor=factor)
         self.clear: set[tuple[int, ...]] = set()  # ranked search: the one sentence accepted per searched length
@@ -202,7 +202,7 @@ class _EncoderSearch:
     def _run_ranked(self) -> Found:
         """The ranked search's rounds: the beams of the first ``RANKED_WINDOW`` pending lengths (at most the
         number of sentences still missing; the longest length, read from the position-embedding update, first)
-        and of the lengths already accepted (two sentences can share a length); the best of their sentences by
+        and, with ``RANKED_REPEAT`` (off), of the lengths already accepted (two sentences can share a length); the best of their sentences by
         mean layer-2 distance is accepted (``_take``)."""
         # the longest sentence ends at the last position the position-embedding update uses (the ranked
         # scan's lists stop there): that length first
@@ -261,8 +261,7 @@ class _EncoderSearch:
             return None
         mean, mx = score_seqs(self.li2, self.span2, seqs)
         if total <= ENCODER_EXHAUSTIVE_MAX:  # the used pairs' penalty, as the beam's
-            lam = PRIOR_PENALTY if self.r.prior_penalty is None else self.r.prior_penalty
-            pen = [sum(-math.log(self.weight(p, t)) for p, t in enumerate(q)) * lam / len(q) for q in seqs]
+            pen = [sum(-math.log(self.weight(p, t)) for p, t in enumerate(q)) * self.lam / len(q) for q in seqs]
             mean = mean + mean.new_tensor(pen)
         grams = [_bigrams(k) for k in self.clear]
         for i in mean.argsort().tolist():
