@@ -81,6 +81,11 @@ def files(tmp_path):
       "--set", "output_time_blur=2", "--out", "OUT"], "output_time_blur blurs recovered features: it needs domain=features"),
     (["run", "--attack", "speech-ctc-tts-avg", "--case", "speech/ctc-mel/fedsgd", "--set", "output_time_blur=-1",
       "--out", "OUT"], "output_time_blur=-1.0 is out of range"),
+    (["run", "--attack", "speech-lbfgs", "--case", "speech/kws-mel/fedsgd", "--set", "domain=waveform",
+      "--set", "coarse_time_factor=4", "--set", "coarse_iterations=10", "--out", "OUT"],
+     "coarse_iterations optimises a temporally downsampled residual of the features: it needs domain=features"),
+    (["run", "--attack", "speech-ctc-tts-c2f", "--case", "speech/ctc-mel/fedsgd", "--set", "coarse_time_factor=0",
+      "--out", "OUT"], "coarse_time_factor=0 is out of range"),
     # flags the case's kit would ignore
     (["run", *TAB, "--model", "gpt2", "--out", "OUT"], "builds its own model"),
     (["run", "--attack", "speech-li23", "--case", "speech/kws-mel/fedsgd", "--model", "x", "--out", "OUT"],
