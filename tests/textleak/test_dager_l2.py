@@ -68,7 +68,8 @@ def test_search_with_layer2_stage_same_tokens(name):
     rec = DAGER(exact_scores=False).reconstruct(obs, model, prior, generator=make_generator(7))
     off = DAGER().reconstruct(obs, model, prior, generator=make_generator(7))
     assert rec.stats["l2_block"] == 1.0 and off.stats["l2_block"] == 0.0
-    assert rec.stats["l2_block_paths"] > 0  # (tiny GPT-2: on the feed-forward prefilter's survivors)
+    if name == "tiny-llama":  # (tiny GPT-2: the feed-forward prefilter leaves layer 2 to the model forward)
+        assert rec.stats["l2_block_paths"] > 0
     assert rec.extras["token_ids"] == off.extras["token_ids"]
     assert rec.confidence == pytest.approx(off.confidence, rel=1e-4)
 

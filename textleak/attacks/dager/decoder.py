@@ -82,16 +82,10 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
             run.ffn_prefilter = None  # not discriminative here: the next steps go to layer 2 directly
             run.stats["prefilter_dropped"] = 1.0
     l2 = run.l2_block if run.fast else None
-    if l2 is not None:
+    if l2 is not None and (cols is None or position_free):
         # the second block's input on the incremental first block (l2_block.py): every path's row of
-        # candidates, as the model forward's full rows (prefiltered: the survivors' distances of it; with
-        # learned positions, issue 18: of the survivors of all paths, each path's own picked out)
+        # candidates, as the model forward's full rows (prefiltered: the survivors' distances of it)
         pos = len(live[0].ids)
-        union = sorted({c for row in per_path for c in row}) if cols is not None and not position_free else None
-        if union is not None:
-            at = {c: j for j, c in enumerate(union)}
-            cols = [[at[c] for c in row] for row in per_path]
-            cands = union
         run.stats["l2_block_paths"] = run.stats.get("l2_block_paths", 0.0) + len(live)
         # only distances under tau_2 take part in a decision (the gap cut looks at those alone): the float32
         # distance decides the rest (it exceeds the true one by at most sqrt(n u) ~ 6e-3 in width 576, u the
