@@ -126,3 +126,40 @@ def test_last_token_early_exit_is_certified_and_equal(name, monkeypatch):
     assert got == [True]
     assert fast == full
     assert sum(a == b for a, b in zip(fast, truth["token_ids"])) >= 5
+
+
+def test_folded_feed_forward_distances_equal_model_forward(monkeypatch):
+    """``PreLNDecoderBlock.ffn_distances`` (output projection and complement folded into the values) gives
+    the span distances of the model's own feed-forward inputs (as ``extend`` + ``ComplementDistance``):
+    true extensions near 0, every distance within float32 round-off; without calling ``extend``."""
+    from textleak.attacks.dager import frontier
+    from textleak.attacks.dager.dec_block import ComplementDistance, PreLNDecoderBlock
+    from textleak.attacks.dager.span import decoder_last_inputs, span_distance
+
+    _, _, model, obs, _, _, batch = _setup("text/tiny-gpt2/dager", 3)  # (an unsaturated span: 3 x 12 tokens < 64)
+    model.eval()
+    li, sp = frontier.ffn_inputs(obs, model, torch.tensor([[1, 2, 3]]), 0.0)
+    ids = batch.inputs["input_ids"]
+    blk = PreLNDecoderBlock.build(model, li, ids[0, :4].tolist())
+    assert blk is not None
+    rows = [ids[i].tolist() for i in range(3)]
+    pos = 2
+    assert 3 * blk.h * (pos + 1) <= blk.d  # the folded path, not the fallback
+    cands = sorted(set(range(200, 260)) | {r[pos] for r in rows})
+    for p in range(pos + 1):
+        blk.table(p, sorted(set(cands) | {r[p] for r in rows}))
+    prefixes = [r[:pos] for r in rows]
+    dist = ComplementDistance(sp.basis)
+    want_x = torch.stack(decoder_last_inputs(li, prefixes, [cands] * 3))
+    want = span_distance(sp.basis, want_x.reshape(-1, want_x.shape[-1]), exact_below=1.01).view(3, -1)
+    ref = blk.extend(prefixes, pos, cands, reduce=dist)
+
+    def no_extend(*a, **k):
+        raise AssertionError("fell back to extend")
+
+    monkeypatch.setattr(blk, "extend", no_extend)
+    got = blk.ffn_distances(prefixes, pos, cands, dist)
+    assert got.shape == (3, len(cands)) and got.dtype == torch.float64
+    assert (got - want).abs().max() < 1e-5 and (got - ref).abs().max() < 1e-5
+    true = torch.tensor([got[i, cands.index(r[pos])] for i, r in enumerate(rows)])
+    assert float(true.max()) < 1e-3 and float(got.median()) > 0.05  # the prefilter's gate separates them

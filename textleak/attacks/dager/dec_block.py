@@ -137,6 +137,63 @@ class PreLNDecoderBlock:
             out.append(fin(o.permute(0, 2, 1, 3).reshape(-1, n_k, self.d)))
         return torch.cat(out, 0)
 
+    @torch.no_grad()
+    def ffn_distances(self, prefixes: list[list[int]], pos: int, cands: list[int], dist: ComplementDistance) -> Tensor:
+        """``extend(prefixes, pos, cands, reduce=dist)`` (the feed-forward input's span distances [P, K] of the
+        exact decoder search's prefilter) with the output projection and the complement folded into the
+        values (issue 18). After the attention the residual is ``r = x + b + sum_h sum_l a_hl W_h v_l`` and
+        ``C^T LN_2(r) = (C^T G r - mean(r) C^T gamma) / std(r) + C^T beta`` (``G = diag(gamma)``), so each
+        prefix token's and candidate's value is projected once per step, by ``W_h`` and by ``C^T G W_h``, and
+        a pair costs ``H (L + 1) (d + m)`` multiply-adds (``m`` the complement's width) instead of
+        ``d^2 + d m``. The same distances up to float32 round-off (they only gate which extensions the
+        model tests at layer 2). Without a prefix, or with a long one (``3 H (L + 1) > d``), ``extend``
+        (on GPT-2's first block with 16 paths x 253 candidates the fold measured 1.5-2.5x faster at 1-5
+        prefix tokens, even at 20, slower at 40)."""
+        if pos == 0 or 3 * self.h * (pos + 1) > self.d:
+            return self.extend(prefixes, pos, cands, reduce=dist)
+        n_m = int(dist.comp32.shape[1])
+        tab = self.tables[pos]
+        rows = torch.tensor([tab.row[c] for c in cands], dtype=torch.long)
+        q, kc, vc, x = tab.q[:, rows], tab.k[rows], tab.v[rows], tab.x[rows]
+        n_p, n_k, h = len(prefixes), len(cands), self.h
+        gam, beta = self.ln2.weight.detach(), self.ln2.bias.detach()
+        cg = gam.unsqueeze(1) * dist.comp32  # [d, m]: G C
+        c_gam, c_beta = gam @ dist.comp32, beta @ dist.comp32  # C^T gamma, C^T beta
+        wh = self.w_proj.view(h, self.dh, self.d)
+        whc = torch.matmul(wh, cg)  # [H, dh, m]
+        vct = vc.transpose(0, 1)  # [H, K, dh]
+        vpc = torch.matmul(vct, wh).transpose(0, 1)  # [K, H, d] the candidates' projected values
+        vcc = torch.matmul(vct, whc).transpose(0, 1)  # [K, H, m]
+        base = x + self.b_proj
+        base_c = base @ cg
+        ss = (q * kc.transpose(0, 1)).sum(-1)  # [H, K]
+        kp = torch.stack([self.tables[j].k[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        vp = torch.stack([self.tables[j].v[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        kp = kp.permute(0, 2, 3, 1)  # [P, H, dh, L]
+        vh = vp.permute(2, 0, 1, 3).reshape(h, n_p * pos, self.dh)
+        # the prefixes' projected values, head-major as the weights below: [P, H L, d] and [P, H L, m]
+        vpp = torch.matmul(vh, wh).view(h, n_p, pos, self.d).transpose(0, 1).reshape(n_p, h * pos, self.d)
+        vpm = torch.matmul(vh, whc).view(h, n_p, pos, n_m).transpose(0, 1).reshape(n_p, h * pos, n_m)
+        out: list[Tensor] = []
+        step = max(1, PAIR_CHUNK // max(1, h * n_k * pos))
+        for s in range(0, n_p, step):
+            p_n = min(step, n_p - s)
+            sc = torch.matmul(q.unsqueeze(0), kp[s:s + step])  # [p, H, K, L]
+            m = torch.maximum(sc.amax(-1), ss.unsqueeze(0))
+            e = torch.exp(sc - m.unsqueeze(-1))
+            es = torch.exp(ss.unsqueeze(0) - m)  # [p, H, K]
+            z = 1.0 / (e.sum(-1) + es)
+            a = (e * z.unsqueeze(-1)).permute(0, 2, 1, 3).reshape(p_n, n_k, h * pos)  # [p, K, H L]
+            own = (es * z).permute(2, 0, 1)  # [K, p, H]
+            r = torch.baddbmm(base.expand(p_n, n_k, self.d), a, vpp[s:s + step])
+            r += torch.matmul(own, vpc).transpose(0, 1)
+            t = torch.baddbmm(base_c.expand(p_n, n_k, n_m), a, vpm[s:s + step])
+            t += torch.matmul(own, vcc).transpose(0, 1)
+            y, mu, inv = torch.native_layer_norm(r, [self.d], gam, beta, self.ln2.eps)  # mean, 1 / std [p, K, 1]
+            cy = (t - mu * c_gam) * inv + c_beta  # C^T LN_2(r)
+            out.append(cy.norm(dim=-1).double() / y.norm(dim=-1).double().clamp_min(1e-300))
+        return torch.cat(out, 0)
+
     def residual(self, o: Tensor, x: Tensor) -> Tensor:
         """The residual stream after the attention: ``x + c_proj(o)``."""
         return torch.matmul(o, self.w_proj) + self.b_proj + x

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .config import FFN_PREFILTER, MAX_RUN
+from .dec_block import PreLNDecoderBlock
 from .run import Run
 from .span import LayerInputs, Span, decoder_last_inputs, span_distance
 
@@ -69,7 +70,10 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
         # only extensions under FFN_PREFILTER there go through the model to layer 2
         blk, dist = run.ffn_prefilter
         blk.table(len(live[0].ids), cands)
-        dpre = blk.extend([x.ids for x in live], len(live[0].ids), cands, reduce=dist)
+        if run.fast and isinstance(blk, PreLNDecoderBlock):  # the projections folded into the values (issue 18)
+            dpre = blk.ffn_distances([x.ids for x in live], len(live[0].ids), cands, dist)
+        else:
+            dpre = blk.extend([x.ids for x in live], len(live[0].ids), cands, reduce=dist)
         cols = [torch.nonzero(r < FFN_PREFILTER).flatten().tolist() for r in dpre]
         per_path = [[cands[j] for j in c] for c in cols]
         run.stats["prefilter_kept"] = run.stats.get("prefilter_kept", 0.0) + sum(map(len, cols))
