@@ -62,7 +62,7 @@ class TextSearch:
         target = observed_gradient(obs)
         reduction = obs.protocol.loss_reduction if obs.protocol is not None else "mean"
         self.matcher = GradMatcher(model, prior, target, loss=cfg.loss, tag_factor=cfg.tag_factor,
-                                   reduction=reduction, batch_size=self.B, chunk=cfg.chunk)
+                                   reduction=reduction, batch_size=self.B, chunk=cfg.chunk, lowrank=cfg.ghost_lowrank)
         n_tok = sum(n - self.pre - self.suf for n in self.lens)
         self.allowed = token_support(obs.tensors.get(prior.embedding_name), prior, mode=cfg.token_filter,
                                      n_tokens=n_tok, topk_factor=cfg.topk_factor)
