@@ -11,6 +11,8 @@ backward of all candidates, from the layer inputs ``a`` and output gradients ``�
 * ``nn.Embedding`` (``G = Σ_t e_{i_t} δ_tᵀ``): ``<G, M> = Σ_t δ_t · M[i_t]`` and
   ``|G|² = Σ_{t,s} [i_t = i_s] δ_t·δ_s``.
 
+A ``Linear`` weight's ``M`` may be given as :class:`Factored` ``left @ rightᵀ`` (:func:`factor`: the truncated SVD
+of a low-rank observed gradient); ``<G, M> = Σ_t (leftᵀ δ_t)·(rightᵀ a_t)`` then costs ``r·(in+out)`` per token.
 Per candidate this costs about one forward + backward of the sentence and a few matrix products
 per layer, against a ``C × parameter-count`` buffer (11 M floats per MiniLM candidate) for
 ``torch.func.vmap(grad)``. The values equal the materialised ones up to float rounding (tested).
