@@ -238,6 +238,7 @@ def _row(attack, setting, variant, baseline, wall_s, ratio, rss, metric_name="",
 
 
 def measure(*, quick: bool, threads: tuple[int, ...] = (1, 2)) -> list[dict]:
+    """Rows for ``bench/perf.py`` (keys ``cpu_s`` / ``ratio_cpu``: process CPU seconds and their ratio)."""
     rows = []
     for th in threads:
         pj = _run("project", threads=th, quick=quick)
@@ -248,23 +249,22 @@ def measure(*, quick: bool, threads: tuple[int, ...] = (1, 2)) -> list[dict]:
                           ("floor_dot", "floor with torch.dot (stronger)"), ("step", "continuous step, new"),
                           ("step_main", "continuous step, main"), ("tag", "TAG continuous step (unchanged code)")):
             rows.append(_row("lamp-cos" if "step" in key else ("tag" if key == "tag" else "floor"), f"{CASE} {what}",
-                             key, "floor", w[key], w[key] / w["floor"], pj["peak_rss_mb"], "cpu ratio to floor",
-                             c[key] / c["floor"], note, cpu_s=c[key], cpu_ratio=c[key] / c["floor"]))
+                             key, "floor", w[key], w[key] / w["floor"], pj["peak_rss_mb"], notes=note, cpu_s=c[key],
+                             ratio_cpu=c[key] / c["floor"]))
         for key, what in (("round", "discrete round, 200 proposals + LM prior"), ("lm", "its LM prior part"),
                           ("init", "init scoring, per candidate")):
             for sfx in ("", "_main"):
                 rows.append(_row("lamp-cos", f"{CASE} {what}", "new" if not sfx else "main", "main",
                                  w[key + sfx], w[key + sfx] / w[key + "_main"], pj["peak_rss_mb"],
                                  "same round result as main", float(all(pj["same_round"])), note,
-                                 cpu_s=c[key + sfx], cpu_ratio=c[key + sfx] / c[key + "_main"]))
+                                 cpu_s=c[key + sfx], ratio_cpu=c[key + sfx] / c[key + "_main"]))
         for sfx in ("", "_main"):
             rows.append(_row("lamp-cos", f"{CASE} 2000 steps projected (2000 steps + 1000 init + 24 rounds, LM cache "
                              "cleared per round)", "new" if not sfx else "main", "2000 floor steps",
                              pj["projected_wall" + sfx], pj["ratio_wall" + sfx], pj["peak_rss_mb"],
-                             "cpu ratio to floor", pj["ratio_cpu" + sfx],
-                             note + f"; vs the dot floor: cpu {pj['ratio_dot_cpu' + sfx]:.3f}, wall "
+                             notes=note + f"; vs the dot floor: cpu {pj['ratio_dot_cpu' + sfx]:.3f}, wall "
                                     f"{pj['ratio_dot_wall' + sfx]:.3f}",
-                             cpu_s=pj["projected_cpu" + sfx], cpu_ratio=pj["ratio_cpu" + sfx]))
+                             cpu_s=pj["projected_cpu" + sfx], ratio_cpu=pj["ratio_cpu" + sfx]))
     qn, qm = _run("short-new", threads=1, quick=quick), _run("short-main", threads=1, quick=quick)
     for variant, q in (("new", qn), ("main", qm)):
         rows.append(_row("lamp-cos", f"{CASE} short attack (80 steps, 200 proposals every 20, LM prior)", variant, "-",
