@@ -20,6 +20,7 @@ LM prior is the same code in both): the comparison is same process, interleaved.
   one-time SVDs of the target), for both paths.
 * ``short-new`` / ``short-main``: an 80-step attack (16 + 16 init, 200 proposals every 20 steps, LM prior on):
   text, best loss, swaps accepted.
+* ``sentences``: the short attack on development sentences ``PERF_LAMP_SEEDS`` (default 2,3,4), new and main.
 * ``full``: the paper's ``lamp-cos`` (2,000 steps, 500 + 500 init, 24 rounds, LM prior) on the sentence, the floor
   timed (CPU and wall) 20 times before, at every discrete round and 20 times after; the attack's CPU and wall
   seconds exclude the floor samples. ``PERF_LAMP_PATH=main`` runs the main commit's path.
@@ -183,6 +184,31 @@ def worker(name: str, quick: bool) -> dict:
         m, _ = score(kit, rec, truth, case=case)
         out.update(attack_cpu_s=c, attack_s=w, rouge1=float(m["rouge1"]), rouge2=float(m["rouge2"]), text=rec.data[0],
                    best_loss=float(rec.stats["best_loss"]), swaps=float(rec.stats["swaps_accepted"]), n_steps=80)
+    elif name == "sentences":  # the short attack on more development sentences, new and main in one process
+        from eval.pipeline import score, simulate
+        prior.lm()
+        cfg = replace(preset("lamp-cos"), n_steps=80, init_candidates=16, init_permutations=16, swap_every=20,
+                      swap_candidates=200)
+        res = []
+        for seed in (int(v) for v in os.environ.get("PERF_LAMP_SEEDS", "2,3,4").split(",")):
+            assert seed < 1000, "development seeds only"
+            ts = simulate(case, kit, model=model, pool=kit.load_pool(case, data_path=None), prior_kind="text",
+                          device=torch.device("cpu"), keep_batch=True, data_generator=make_generator(seed),
+                          client_generator=make_generator(seed + 1))
+            row = {"seed": seed, "truth": ts.truth["sentences"][0]}
+            for path in ("new", "main"):
+                sr = TextSearch(cfg, ts.attacker.observation, model, ts.attacker.prior, make_generator(3))
+                if path == "main":
+                    sr.matcher = main_matcher(sr)
+                c, w, rec = _clock(sr.run)
+                m, _ = score(kit, rec, ts.truth, case=case)
+                row[path] = {"cpu_s": c, "wall_s": w, "text": rec.data[0], "best_loss": float(rec.stats["best_loss"]),
+                             "rouge1": float(m["rouge1"]), "rouge2": float(m["rouge2"]),
+                             "swaps": float(rec.stats["swaps_accepted"])}
+            row["same_text"] = row["new"]["text"] == row["main"]["text"]
+            res.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        out["sentences"] = res
     elif name == "full":
         from eval.pipeline import score
         path = os.environ.get("PERF_LAMP_PATH", "new")
