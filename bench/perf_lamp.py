@@ -174,6 +174,12 @@ def measure(*, quick: bool, device: str, threads: int = 1, full: bool = False) -
         return measure_device(quick=quick, device=device, threads=int(os.environ.get("PERF_LAMP_THREADS", threads)))
     if os.environ.get("PERF_LAMP_SET") == "lean":
         return measure_lean(quick=quick, device=device, threads=threads)
+    if os.environ.get("PERF_LAMP_SET") == "s15":  # this branch vs the main commit, CPU and wall (bench/perf_lamp_s15.py)
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("perf_lamp_s15", Path(__file__).with_name("perf_lamp_s15.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.measure(quick=quick, threads=(threads, 2) if threads != 2 else (2,))
     if os.environ.get("PERF_LAMP_SET") in ("trie", "s13"):
         return measure_trie(quick=quick, device=device, threads=threads)
     w = {n: _run_worker(n, quick=quick, device=device, threads=threads) for n in (

@@ -48,7 +48,12 @@ Deviations:
   step uses them too (``ghost_step``): the distance is built from each layer's inputs and output
   gradients (``create_graph=True``) and differentiated w.r.t. the embeddings, so the dummy
   parameter gradient is never formed (same value and embedding gradient up to float rounding;
-  0.85-1.13x the bare forward + double backward on MiniLM, 0.10-0.20x below the plain path). A swap
+  0.85-1.13x the bare forward + double backward on MiniLM, 0.10-0.20x below the plain path). Where the
+  observed gradient of a ``Linear`` weight has low rank up to ``ghost_lowrank`` (default 1e-6 of its norm: one
+  client step's weight gradient has rank <= its tokens, the rest is float32 rounding), the ghost products use its
+  truncated SVD (``r·(in+out)`` per token instead of ``in·out``; distances move by <= 1e-6 relative, ~1e-7 on
+  MiniLM; a noised or many-step gradient stays dense): the step at ~0.75x the floor's CPU time, the candidate
+  scoring ~0.7x the dense products' (``bench/perf_lamp_s15.py``). A swap
   proposal drawn more than once in a round is scored once. ``lm_topk`` (default off) limits LM
   scoring to the best candidates by gradient loss, ``lm_bf16`` (default off) runs the LM prior
   under bf16 autocast (NLLs move by ~0.01 nats); both are CPU-budget options.

@@ -11,6 +11,8 @@ backward of all candidates, from the layer inputs ``a`` and output gradients ``�
 * ``nn.Embedding`` (``G = Σ_t e_{i_t} δ_tᵀ``): ``<G, M> = Σ_t δ_t · M[i_t]`` and
   ``|G|² = Σ_{t,s} [i_t = i_s] δ_t·δ_s``.
 
+A ``Linear`` weight's ``M`` may be given as :class:`Factored` ``left @ rightᵀ`` (:func:`factor`: the truncated SVD
+of a low-rank observed gradient); ``<G, M> = Σ_t (leftᵀ δ_t)·(rightᵀ a_t)`` then costs ``r·(in+out)`` per token.
 Per candidate this costs about one forward + backward of the sentence and a few matrix products
 per layer, against a ``C × parameter-count`` buffer (11 M floats per MiniLM candidate) for
 ``torch.func.vmap(grad)``. The values equal the materialised ones up to float rounding (tested).
@@ -21,12 +23,12 @@ the forward (no batch norm), which holds for transformers in eval mode.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GhostScorer", "Unsupported"]
+__all__ = ["Factored", "GhostScorer", "Unsupported", "factor"]
 
 _KINDS = {nn.Linear: "linear", nn.LayerNorm: "layernorm", nn.Embedding: "embedding"}
 
@@ -53,12 +55,18 @@ class GhostScorer:
             plan.setdefault(mod_name, (mod, kind, []))[2].append((attr, n))
         return cls(model, plan)
 
+    def linear_weights(self) -> list[str]:
+        """The planned ``nn.Linear`` weights: the tensors whose ``mats`` entries may be :class:`Factored`."""
+        return [n for mod, kind, params in self.plan.values() if kind == "linear"
+                for attr, n in params if attr == "weight"]
+
     def products(self, forward: Callable[[], Tensor], count: int, group: int,
                  mats: Sequence[Mapping[str, Tensor]], *,
                  differentiable: bool = False) -> tuple[dict[str, list[Tensor]], dict[str, Tensor]]:
         """Run ``forward()`` (the scaled per-example losses of ``count · group`` examples, shape
         ``[count · group]``, candidate-major) with hooks on the planned modules; candidate ``c`` is
-        the sum over its ``group`` examples. Returns ``({name: [<G_c, M_k>]_k}, {name: |G_c|²})``,
+        the sum over its ``group`` examples. A ``Linear`` weight's entry of ``mats`` may be
+        :class:`Factored` (the same product from the factors). Returns ``({name: [<G_c, M_k>]_k}, {name: |G_c|²})``,
         each ``[count]``. ``differentiable``: the products keep their graph back to whatever
         ``forward`` depends on (the output gradients come from ``create_graph=True``), so a
         distance built from them can be differentiated w.r.t. the input embeddings: the
@@ -81,6 +89,7 @@ class GhostScorer:
                 h.remove()
         dots: dict[str, list[Tensor]] = {}
         sq: dict[str, Tensor] = {}
+        gram: dict[tuple, Tensor] = {}  # a aᵀ per input (a layer's query, key and value share theirs)
         with torch.set_grad_enabled(differentiable):
             for (m, (mod, kind, params)), delta in zip(self.plan.items(), deltas):
                 inp, out = cap[m][0]
@@ -91,9 +100,11 @@ class GhostScorer:
                 for attr, name in params:
                     if kind == "linear" and attr == "weight":
                         flat = a.reshape(-1, a.shape[-1])
-                        dots[name] = [(torch.mm(flat, mat[name].reshape(d.shape[-1], -1).T).view_as(d) * d).sum((1, 2))
-                                      for mat in mats]
-                        sq[name] = (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+                        dots[name] = [_linear_dot(flat, d, mat[name]) for mat in mats]
+                        key = (inp.data_ptr(), tuple(inp.shape), inp.stride(), inp.requires_grad)
+                        if key not in gram:
+                            gram[key] = torch.bmm(a, a.transpose(1, 2))
+                        sq[name] = (torch.bmm(d, d.transpose(1, 2)) * gram[key]).sum((1, 2))
                     elif kind == "embedding":
                         dots[name] = [(mat[name][a] * d).sum((1, 2)) for mat in mats]
                         same = (a.unsqueeze(2) == a.unsqueeze(1)).to(d.dtype)
@@ -107,6 +118,52 @@ class GhostScorer:
                         dots[name] = [g @ mat[name].reshape(-1) for mat in mats]
                         sq[name] = (g * g).sum(1)
         return dots, sq
+
+
+class Factored(NamedTuple):
+    """A ``Linear`` weight's matrix ``M = left @ right.T`` (``left [out, r]``, ``right [in, r]``), given
+    to :meth:`GhostScorer.products` in place of the dense ``M``: ``<G_c, M> = Σ_t (leftᵀ δ_t)·(rightᵀ a_t)``
+    costs ``r · (in + out)`` per token instead of ``in · out``."""
+
+    left: Tensor
+    right: Tensor
+
+    def dense(self) -> Tensor:
+        return self.left @ self.right.T
+
+    def __neg__(self) -> "Factored":
+        return Factored(-self.left, self.right)
+
+
+def factor(mat: Tensor, *, rtol: float) -> Factored | None:
+    """``mat [out, in]`` as its truncated SVD (float64, stored in ``mat``'s dtype) keeping the fewest
+    singular values whose dropped part is at most ``rtol`` of the Frobenius norm, or ``None`` when that
+    rank saves less than half of the dense product's work (``2 r (in + out) > in · out``).
+
+    Why this is exact up to rounding where it applies: one client step's gradient of a ``Linear`` weight is
+    ``Σ_t δ_t a_tᵀ`` over the batch's tokens, of rank at most the number of tokens (15 on a 15-token
+    sentence, against 384-1536 columns); its remaining singular values are the float32 rounding of that sum
+    (~6e-8 of the norm on MiniLM), so a ``rtol`` of 1e-6 drops rounding only and ``|<G, M - M_r>| <= rtol · |G| |M|``.
+    A defended gradient (noise, clipping of many steps) is full rank and stays dense."""
+    if mat.dim() != 2:
+        return None
+    out, inp = mat.shape
+    u, s, vh = torch.linalg.svd(mat.detach().double(), full_matrices=False)
+    tail = s.square().flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{i >= r} s_i²
+    ok = (tail <= (rtol ** 2) * tail[0]).nonzero().flatten()
+    r = int(ok[0]) if ok.numel() else s.numel()
+    if 2 * r * (out + inp) > out * inp:
+        return None
+    return Factored((u[:, :r] * s[:r]).to(mat.dtype), vh[:r].T.contiguous().to(mat.dtype))
+
+
+def _linear_dot(flat_a: Tensor, d: Tensor, mat: "Tensor | Factored") -> Tensor:
+    """Per candidate ``Σ_t δ_t · (M a_t)`` for ``d [C, N, out]`` and ``flat_a [C·N, in]``."""
+    if isinstance(mat, Factored):
+        p = torch.mm(flat_a, mat.right)  # [C·N, r]
+        q = torch.mm(d.reshape(-1, d.shape[-1]), mat.left)
+        return (p * q).view(d.shape[0], -1).sum(1)
+    return (torch.mm(flat_a, mat.reshape(d.shape[-1], -1).T).view_as(d) * d).sum((1, 2))
 
 
 class Unsupported(RuntimeError):

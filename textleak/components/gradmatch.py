@@ -35,7 +35,7 @@ from common.functional import functional_losses, reduce_loss
 from common.grads import gradient_distance, observed_gradient
 
 from ..prior import TextPrior
-from .ghost import GhostScorer, Unsupported
+from .ghost import Factored, GhostScorer, Unsupported, factor
 
 __all__ = ["GradMatcher", "Loss", "DISTANCE_OF_LOSS", "observed_gradient"]
 
@@ -47,7 +47,7 @@ DISTANCE_OF_LOSS: dict[str, str] = {"cos": "layer-cosine", "tag": "tag", "l2": "
 class GradMatcher:
     def __init__(self, model: nn.Module, prior: TextPrior, target: Mapping[str, Tensor], *, loss: Loss,
                  tag_factor: float = 0.01, reduction: str = "mean", batch_size: int = 1,
-                 chunk: int = 16) -> None:
+                 chunk: int = 16, lowrank: float | None = None) -> None:
         if loss not in DISTANCE_OF_LOSS:
             raise ValueError(f"unknown text gradient loss {loss!r}; use {', '.join(DISTANCE_OF_LOSS)}")
         self.model = model
@@ -71,8 +71,12 @@ class GradMatcher:
         self.target = {n: target[n].detach() for n in self.names}
         self._flat_target = {n: t.flatten() for n, t in self.target.items()}
         self._target_norm = {n: float(torch.linalg.vector_norm(t)) for n, t in self._flat_target.items()}
+        t0 = next(iter(self.target.values()))
+        self._tn = torch.tensor([self._target_norm[n] for n in self.names], dtype=t0.dtype, device=t0.device)
         self.scale = 1.0 / batch_size if reduction == "mean" else 1.0
         self._ghost: GhostScorer | None | bool = None  # built on first use; False: not applicable
+        self.lowrank = lowrank  # the ghost paths' Linear targets as truncated SVDs (rtol; None: dense)
+        self._ghost_mats: dict[str, Tensor | Factored] | None = None
 
     @functools.cached_property
     def params(self) -> dict[str, Tensor]:
@@ -158,22 +162,21 @@ class GradMatcher:
             b = self.prior.build_batch(x, mask, labels, targets)
             return self.prior.loss_fn(self.model, b) * self.scale
 
-        mats = [self.target] if self.loss == "cos" else [{k: -t for k, t in self.target.items()}]
+        tgt = self.ghost_target()
+        mats = [tgt] if self.loss == "cos" else [{k: -t for k, t in tgt.items()}]
         try:
             dots, sq = self._ghost.products(forward, 1, n, mats, differentiable=True)
         except Unsupported:
             self._ghost = False
             return None
-        terms = []
-        for k in self.names:
-            if self.loss == "cos":
-                # |G| from |G|², with the same 1e-30 floor on |G||T| as the plain formula
-                gn = sq[k][0].clamp_min(0.0).sqrt()
-                terms.append(1.0 - dots[k][0][0] / (gn * self._target_norm[k]).clamp_min(1e-30))
-            else:
-                terms.append(self._target_norm[k] ** 2 + 2.0 * dots[k][0][0] + sq[k][0])
-        s = torch.stack(terms)
-        return s.mean() if self.loss == "cos" else s.sum()
+        # every tensor's term at once (one op per step of the formula instead of one per tensor: the
+        # step's graph is dispatch-bound on a small model)
+        dot = torch.stack([dots[k][0][0] for k in self.names])
+        gg = torch.stack([sq[k][0] for k in self.names])
+        if self.loss == "cos":
+            # |G| from |G|², with the same 1e-30 floor on |G||T| as the plain formula
+            return (1.0 - dot / (gg.clamp_min(0.0).sqrt() * self._tn).clamp_min(1e-30)).mean()
+        return (self._tn.square() + 2.0 * dot + gg).sum()
 
     # -- candidates of one sentence (discrete step, initialisation) ---------------------------
     def sentence_grads(self, x: Tensor, labels: Tensor | None = None, targets: Tensor | None = None,
@@ -204,6 +207,22 @@ class GradMatcher:
             self._ghost = GhostScorer.build(self.model, self.names) or False
         return self._ghost is not False
 
+    def ghost_target(self) -> dict[str, Tensor | Factored]:
+        """The target as the ghost products take it: with ``lowrank`` (an rtol), each ``Linear`` weight whose
+        observed gradient is of low rank up to that relative Frobenius part as its truncated SVD
+        (:func:`.ghost.factor`: one client step's weight gradient has rank <= its tokens; its dot products
+        with a candidate's gradient then cost ``r·(in+out)`` per token instead of ``in·out``); else the
+        dense target. Built once (an SVD per weight, float64)."""
+        if self._ghost_mats is None:
+            mats: dict[str, Tensor | Factored] = dict(self.target)
+            if self.lowrank is not None and self.ghost_ready():
+                for n in self._ghost.linear_weights():
+                    f = factor(self.target[n], rtol=self.lowrank)
+                    if f is not None:
+                        mats[n] = f
+            self._ghost_mats = mats
+        return self._ghost_mats
+
     def ghost_distances(self, x: Tensor, fixed: Mapping[str, Tensor] | None, labels: Tensor | None = None,
                         targets: Tensor | None = None, *, mask: Tensor | None = None, group: int = 1) -> Tensor | None:
         """``distance(fixed + g(candidate))`` for ``x.shape[0] // group`` candidates at once, each the
@@ -219,13 +238,13 @@ class GradMatcher:
             if fixed is not None:  # sentence_grads' leading candidate axis of 1, if any
                 fixed = {n: fixed[n].reshape(self.target[n].shape) for n in self.names}
             if self.loss == "cos":
-                mats = [self.target] + ([fixed] if fixed is not None else [])
+                mats = [self.ghost_target()] + ([fixed] if fixed is not None else [])
                 if fixed is not None:
                     ft = {n: fixed[n].reshape(-1) @ t[n] for n in self.names}
                     ff = {n: fixed[n].reshape(-1).square().sum() for n in self.names}
             else:
                 diff = {n: (fixed[n] - self.target[n]) if fixed is not None else -self.target[n] for n in self.names}
-                mats = [diff]
+                mats = [diff if fixed is not None else {n: -m for n, m in self.ghost_target().items()}]
                 dd = {n: diff[n].reshape(-1).square().sum() for n in self.names}
 
         def forward() -> Tensor:
@@ -237,18 +256,16 @@ class GradMatcher:
         except Unsupported:
             self._ghost = False
             return None
-        terms = []
-        for n in self.names:
+        with torch.no_grad():  # [tensors, candidates], every tensor's term at once
+            dot = torch.stack([dots[n][0] for n in self.names])
+            gg = torch.stack([sq[n] for n in self.names])
             if self.loss == "cos":
-                dot, gg = dots[n][0], sq[n]
                 if fixed is not None:
-                    dot, gg = dot + ft[n], gg + 2.0 * dots[n][1] + ff[n]
-                gn = gg.clamp_min(0.0).sqrt()
-                terms.append(1.0 - dot / (gn * self._target_norm[n]).clamp_min(1e-30))
-            else:
-                terms.append(dd[n] + 2.0 * dots[n][0] + sq[n])
-        s = torch.stack(terms)
-        return s.mean(0) if self.loss == "cos" else s.sum(0)
+                    dot = dot + torch.stack([ft[n] for n in self.names]).unsqueeze(1)
+                    gg = gg + 2.0 * torch.stack([dots[n][1] for n in self.names]) + torch.stack(
+                        [ff[n] for n in self.names]).unsqueeze(1)
+                return (1.0 - dot / (gg.clamp_min(0.0).sqrt() * self._tn.unsqueeze(1)).clamp_min(1e-30)).mean(0)
+            return (torch.stack([dd[n] for n in self.names]).unsqueeze(1) + 2.0 * dot + gg).sum(0)
 
     def _grad_chunks(self, x: Tensor, labels: Tensor | None, targets: Tensor | None, batched: bool):
         params = {n: self.params[n].detach() for n in self.names}

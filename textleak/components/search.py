@@ -12,7 +12,8 @@ in one vectorised per-candidate-gradient call (:mod:`textleak.components.gradmat
 distances chunk by chunk; a proposal drawn twice is scored once; LM NLLs come from padded
 forwards with a per-text cache. With B = 1 and ghost scoring no gradient is materialised in the
 discrete step at all, and with ``ghost_step`` none in the continuous step either
-(:meth:`GradMatcher.ghost_batch_distance`).
+(:meth:`GradMatcher.ghost_batch_distance`); both take a low-rank observed ``Linear`` gradient as its truncated SVD
+(``ghost_lowrank``, :meth:`GradMatcher.ghost_target`).
 Initialisation: ``init_candidates`` random Gaussian batches, the best by gradient distance, then
 ``init_permutations`` random permutations of its body positions, then rescaling to
 ``init_size``.
@@ -62,7 +63,7 @@ class TextSearch:
         target = observed_gradient(obs)
         reduction = obs.protocol.loss_reduction if obs.protocol is not None else "mean"
         self.matcher = GradMatcher(model, prior, target, loss=cfg.loss, tag_factor=cfg.tag_factor,
-                                   reduction=reduction, batch_size=self.B, chunk=cfg.chunk)
+                                   reduction=reduction, batch_size=self.B, chunk=cfg.chunk, lowrank=cfg.ghost_lowrank)
         n_tok = sum(n - self.pre - self.suf for n in self.lens)
         self.allowed = token_support(obs.tensors.get(prior.embedding_name), prior, mode=cfg.token_filter,
                                      n_tokens=n_tok, topk_factor=cfg.topk_factor)
