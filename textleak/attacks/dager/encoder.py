@@ -49,6 +49,7 @@ from common.types import Observation
 
 from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
+from .enc_lengths import order, separator_affinity
 from .enc_refine import exchange_suffixes
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run
@@ -109,6 +110,9 @@ class _EncoderSearch:
         batch_set = set(fit[0]) if fit is not None else None
         self.wide = [[t for t in c if batch_set is None or t in batch_set] or list(c) for c, _ in l1]
         self.lengths = self._lengths(l1)
+        # the exact search's length order (issue 18, enc_lengths.py; the original path keeps the coefficient's)
+        self.affinity = (separator_affinity(obs, model, fit, self.sep, len(l1))
+                         if run.fast and not run.ranked else None)
         run.stats["prior"] = float(fit is not None)
         run.stats["l1_candidates_prior"] = float(sum(len(c) for c in self.lists))
         self.word = model.get_input_embeddings().weight.detach()
@@ -136,7 +140,9 @@ class _EncoderSearch:
         if self.r.ranked:
             return self._run_ranked()
         lengths = self.lengths
-        if failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
+        if self.affinity is not None:  # the separator's cosine, lengths that found nothing moved down
+            lengths = order(lengths, self.affinity, failed)
+        elif failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
             lengths.sort(key=lambda n: failed.get(n, 0))
         pending = list(lengths)
         while pending and not self._done():
@@ -278,8 +284,7 @@ class _EncoderSearch:
         self._duplicate(seq, mx)
         self.results[tuple(seq)] = mx
         self.clear.add(tuple(seq))
-        for p, t in enumerate(seq):
-            self.removed.setdefault(p, set()).add(t)
+        self._mark_used(seq)
 
     def _accept(self, seq: list[int], mx: float) -> bool:
         """Record a passing sequence; a clear pass (<= tau_2 / 10) also feeds the non-overlap filter."""
@@ -291,9 +296,14 @@ class _EncoderSearch:
             self.results[tuple(seq)] = mx
         if mx > 0.1 * self.r.tau[1]:
             return False
+        self._mark_used(seq)
+        return True
+
+    def _mark_used(self, seq: list[int]) -> None:
+        """Add the (position, token) pairs of an accepted sentence to ``removed`` (the non-overlap filter and
+        the prior weight's used pairs)."""
         for p, t in enumerate(seq):
             self.removed.setdefault(p, set()).add(t)
-        return True
 
     def _duplicate(self, seq: list[int], mx: float, drop: bool = True) -> bool:
         """Ranked search (``Run.ranked``): True when a sentence of the same length sharing at least
