@@ -8,7 +8,8 @@ make the search feasible (both deviations from the reference):
 
 * the embedding prior (``prior.py``): the word/position-embedding updates place most tokens;
   candidates are cut to the batch token set, to the positions the prior allows, and ordered by
-  it; sentence lengths are tried in the order of the separator's coefficient. The least-squares
+  it; sentence lengths are tried in the order of the separator's coefficient (the exact search on the fast
+  path: of its cosine, ``enc_lengths.py``, with a second try at a wider preselection, ``ESCALATE``). The least-squares
   fit puts a repeated token's mass on one of its positions, so its other occurrences can be
   missing from the lists: a failed exhaustive length repairs its best sequence from the wide
   lists (every batch token passing layer 1), and after a full pass without success the lengths
@@ -70,6 +71,11 @@ RANKED_EXCHANGE = True  # ranked search: exchange suffixes between the accepted 
 RANKED_BIGRAM_DUPLICATE = 0.5  # ranked search: a sequence sharing this fraction of its inner bigrams with an
 # accepted sentence is a variant of it (any length)
 RANKED_REPAIR = True  # ranked search: then single-token repairs of each (beam.repair, to no further gain)
+#: exact search with the length order of ``enc_lengths`` (issue 18): when the first as many lengths as sentences
+#: are missing all fail in a peeling round, each is searched once more with this times ``encoder_preselect``
+#: before the round goes on to the less likely lengths (0: off). On development MiniLM B=8 batches true
+#: lengths fail while their lists are still wide and the round then swept every false length
+ESCALATE = 2
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
@@ -145,14 +151,22 @@ class _EncoderSearch:
         elif failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
             lengths.sort(key=lambda n: failed.get(n, 0))
         pending = list(lengths)
+        # the likely lengths (the first as many as sentences are missing) all failed: each is tried once more
+        # with a wider preselection before the sweep goes on to the unlikely ones (ESCALATE)
+        n_top = 0 if self.affinity is None or not ESCALATE else max(1, len(pending) if self.b is None else self.b)
         while pending and not self._done():
             for i, length in enumerate(pending):
                 if self._done():
                     break
-                full = self._lists_for(length, self.lists)
-                per = full if self.fit is not None else [[t for t in c if t not in self.removed.get(p, ())] or c
-                                                         for p, c in enumerate(full)]
-                hit = self._length(per, self._lists_for(length, self.wide))
+                hit = self._try_length(length)
+                if not hit and i + 1 == n_top:
+                    for again in pending[:n_top]:
+                        if self._done():
+                            break
+                        hit = self._try_length(again, preselect=ESCALATE * self.r.config.encoder_preselect)
+                        if hit:
+                            i, length = pending.index(again), again
+                            break
                 if failed is not None and not hit:
                     failed[length] = failed.get(length, 0) + 1
                 if hit:
@@ -164,6 +178,13 @@ class _EncoderSearch:
                 break
         self._fallback(pending)
         return self._found()
+
+    def _try_length(self, length: int, preselect: int | None = None) -> int:
+        """Search one length over the prior's lists (without the prior: pruned by the non-overlap filter)."""
+        full = self._lists_for(length, self.lists)
+        per = full if self.fit is not None else [[t for t in c if t not in self.removed.get(p, ())] or c
+                                                 for p, c in enumerate(full)]
+        return self._length(per, self._lists_for(length, self.wide), preselect=preselect)
 
     def _fallback(self, pending: list[int]) -> None:
         """Search the lengths still pending once more with unpruned (no prior) or wide (prior) lists."""
@@ -185,7 +206,8 @@ class _EncoderSearch:
         sents = [list(s) for s in self.results]
         return sents, [self.results[tuple(s)] for s in sents]
 
-    def _length(self, per: list[list[int]], wide: list[list[int]], penalise: bool = True) -> int:
+    def _length(self, per: list[list[int]], wide: list[list[int]], penalise: bool = True, *,
+                preselect: int | None = None) -> int:
         """Search one sentence length; returns how many sentences were clearly accepted. A ``wide``
         that is not ``per`` itself repairs the best exhaustive sequence from those lists."""
         r = self.r
@@ -198,7 +220,7 @@ class _EncoderSearch:
                 # the lists can miss a weak occurrence of a repeated token: repair the best one
                 cands.append(repair(r, seqs[int(mean.argmin())], wide, self.li2, self.span2))
         else:
-            cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise)
+            cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise, preselect=preselect)
         found = 0
         for s, v in cands:
             if v < r.tau[1] and tuple(s) not in self.results:
