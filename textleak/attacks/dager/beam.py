@@ -39,7 +39,8 @@ def sq_span_dist(basis: Tensor, x: Tensor) -> Tensor:
 
 
 def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Tensor, weight: Weight,
-         wide: list[list[int]], penalise: bool = True, *, preselect: int | None = None) -> list[tuple[list[int], float]]:
+         wide: list[list[int]], penalise: bool = True, *,
+         preselect: int | None = None) -> list[tuple[list[int], float]]:
     """Left-to-right beam over the per-position candidates ``per`` (see ``encoder.search``); returns
     the final beams of every pass with their max layer-2 distance.
 
