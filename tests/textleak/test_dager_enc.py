@@ -50,3 +50,41 @@ def test_suffix_exchange_undoes_stitched_sentences():
     assert sorted(map(tuple, fixed)) == sorted(map(tuple, [a, b, sents[0]]))
     same, none = exchange_suffixes(run, li2, span2, [a, b, sents[0]])
     assert none == 0 and same == [a, b, sents[0]]
+
+
+def test_separator_cosine_ranks_true_lengths_first():
+    """The length order of the exact encoder search (``enc_lengths.separator_affinity``): on a real MiniLM
+    FedSGD batch (B=4, pretrained) the separator passes layer 1 at ~45 positions, and the cosine of the
+    position rows with the separator's word row (both off the other batch tokens' word rows) puts the 4 true
+    lengths among its first 6 (the prior's coefficient, the order before, among its first 8); on the tiny
+    BERT at B=3 (every sentence ends with '.') the 3 true lengths come first."""
+    from textleak.attacks.dager.enc_lengths import separator_affinity
+    from textleak.attacks.dager.prior import embedding_prior
+
+    from .test_dager import _setup
+
+    for obs_of in (lambda: _tiny_bert_obs(3)[2:], lambda: _setup("text/minilm-bert/dager", 4)[2:6]):
+        model, obs, prior, truth = obs_of()
+        tok = prior.tokenizer
+        true = {len(s) for s in _true_ids(truth, prior)}
+        n = max(true) + 4
+        fit = embedding_prior(obs, model, n)
+        aff = separator_affinity(obs, model, fit, tok.sep_token_id, n)
+        assert aff is not None and aff.shape == (n,)
+        ranked = [int(p) + 1 for p in aff[1:].argsort(descending=True) + 1]  # lengths, best first
+        limit = len(true) if len(true) < 4 else len(true) + 2
+        assert true <= set(ranked[:limit]), (sorted(true), ranked[:10])
+
+
+def test_length_order_decays_failures():
+    """``enc_lengths.order``: lengths by decreasing affinity; a length that failed moves down by
+    ``FAILED_DECAY`` per failure (not behind every untried length), a negative affinity further down."""
+    from textleak.attacks.dager.enc_lengths import FAILED_DECAY, order
+
+    aff = torch.zeros(10, dtype=torch.float64)
+    aff[4], aff[6], aff[2], aff[8] = 0.8, 0.3, 0.5, -0.1  # lengths 5, 7, 3, 9
+    assert order([3, 5, 7, 9], aff, None) == [5, 3, 7, 9]
+    assert FAILED_DECAY == 0.5
+    assert order([3, 5, 7, 9], aff, {5: 1}) == [3, 5, 7, 9]  # 0.4 < 0.5: behind 3, still before 7
+    assert order([3, 5, 7, 9], aff, {5: 2}) == [3, 7, 5, 9]  # 0.2
+    assert order([3, 5, 7, 9], aff, {9: 3, 7: 1}) == [5, 3, 7, 9]  # 0.15; -0.8 stays last

@@ -39,7 +39,8 @@ def sq_span_dist(basis: Tensor, x: Tensor) -> Tensor:
 
 
 def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Tensor, weight: Weight,
-         wide: list[list[int]], penalise: bool = True) -> list[tuple[list[int], float]]:
+         wide: list[list[int]], penalise: bool = True, *,
+         preselect: int | None = None) -> list[tuple[list[int], float]]:
     """Left-to-right beam over the per-position candidates ``per`` (see ``encoder.search``); returns
     the final beams of every pass with their max layer-2 distance.
 
@@ -48,7 +49,8 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
     (``ENCODER_REFINE``) uses the previous pass's best sentence as a hard suffix instead: a
     suffix with a third of its tokens wrong still ranks the true next token first (measured on
     MiniLM at B=8), so each pass repairs what the last one got wrong. Stops at a clear pass.
-    With ``penalise`` the embedding prior breaks ties (``PRIOR_PENALTY``).
+    With ``penalise`` the embedding prior breaks ties (``PRIOR_PENALTY``). ``preselect`` replaces the
+    config's ``encoder_preselect`` in the beam steps (the encoder search's second try, ``encoder.ESCALATE``).
     """
     dev = word.device
     rows = []
@@ -70,7 +72,8 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
     last = None  # the hard suffix of the pass just run
     repaired: dict[tuple[int, ...], tuple[list[int], float]] = {}
     for _ in range(ENCODER_REFINE):
-        beams = _pass(run, per, li2, word, suffix, basis, pen, lam, xtab, pos_of, rtab)
+        beams = _pass(run, per, li2, word, suffix, basis, pen, lam, xtab, pos_of, rtab,
+                      run.config.encoder_preselect if preselect is None else preselect)
         if beams is None:  # over the time budget
             break
         mean, mx = score_seqs(li2, span2, beams)
@@ -94,7 +97,8 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
 
 
 def _pass(run: Run, per: list[list[int]], li2: LayerInputs, word: Tensor, suffix: Tensor, basis: Tensor,
-          pen: list[dict[int, float]] | None, lam: float, xtab, pos_of, rtab=None) -> list[list[int]] | None:
+          pen: list[dict[int, float]] | None, lam: float, xtab, pos_of, rtab=None,
+          preselect: int = 4) -> list[list[int]] | None:
     """One left-to-right pass of the beam with ``suffix`` [L, d] (word embeddings) after the prefix;
     returns the final beams, or None once the time budget is over."""
     blk = run.block
@@ -111,7 +115,7 @@ def _pass(run: Run, per: list[list[int]], li2: LayerInputs, word: Tensor, suffix
         if blk is not None:
             near_pen = None if pen is None else lam * torch.tensor([pen[p][t] for t in per[p]])
             ext, sc = beam_step(blk, beams, p, per[p], xtab, pos_of, xsuf, basis, near_pen,
-                                preselect=run.config.encoder_preselect, rtab=rtab, rsuf=rsuf)
+                                preselect=preselect, rtab=rtab, rsuf=rsuf)
         else:
             sc = generic_step(li2, word, suffix, ext, p, basis)
         if pen is not None:  # the embedding prior as a tie-breaker (see PRIOR_PENALTY)

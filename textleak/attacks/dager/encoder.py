@@ -8,7 +8,8 @@ make the search feasible (both deviations from the reference):
 
 * the embedding prior (``prior.py``): the word/position-embedding updates place most tokens;
   candidates are cut to the batch token set, to the positions the prior allows, and ordered by
-  it; sentence lengths are tried in the order of the separator's coefficient. The least-squares
+  it; sentence lengths are tried in the order of the separator's coefficient (the exact search on the fast
+  path: of its cosine, ``enc_lengths.py``, with a second try at a wider preselection, ``ESCALATE``). The least-squares
   fit puts a repeated token's mass on one of its positions, so its other occurrences can be
   missing from the lists: a failed exhaustive length repairs its best sequence from the wide
   lists (every batch token passing layer 1), and after a full pass without success the lengths
@@ -49,6 +50,7 @@ from common.types import Observation
 
 from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
+from .enc_lengths import order, separator_affinity
 from .enc_refine import exchange_suffixes
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run
@@ -69,6 +71,11 @@ RANKED_EXCHANGE = True  # ranked search: exchange suffixes between the accepted 
 RANKED_BIGRAM_DUPLICATE = 0.5  # ranked search: a sequence sharing this fraction of its inner bigrams with an
 # accepted sentence is a variant of it (any length)
 RANKED_REPAIR = True  # ranked search: then single-token repairs of each (beam.repair, to no further gain)
+#: exact search with the length order of ``enc_lengths`` (issue 18): when the first as many lengths as sentences
+#: are missing all fail in a peeling round, each is searched once more with this times ``encoder_preselect``
+#: before the round goes on to the less likely lengths (0: off). On development MiniLM B=8 batches true
+#: lengths fail while their lists are still wide and the round then swept every false length
+ESCALATE = 2
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
@@ -109,6 +116,9 @@ class _EncoderSearch:
         batch_set = set(fit[0]) if fit is not None else None
         self.wide = [[t for t in c if batch_set is None or t in batch_set] or list(c) for c, _ in l1]
         self.lengths = self._lengths(l1)
+        # the exact search's length order (issue 18, enc_lengths.py; the original path keeps the coefficient's)
+        self.affinity = (separator_affinity(obs, model, fit, self.sep, len(l1))
+                         if run.fast and not run.ranked else None)
         run.stats["prior"] = float(fit is not None)
         run.stats["l1_candidates_prior"] = float(sum(len(c) for c in self.lists))
         self.word = model.get_input_embeddings().weight.detach()
@@ -136,17 +146,27 @@ class _EncoderSearch:
         if self.r.ranked:
             return self._run_ranked()
         lengths = self.lengths
-        if failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
+        if self.affinity is not None:  # the separator's cosine, lengths that found nothing moved down
+            lengths = order(lengths, self.affinity, failed)
+        elif failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
             lengths.sort(key=lambda n: failed.get(n, 0))
         pending = list(lengths)
+        # the likely lengths (the first as many as sentences are missing) all failed: each is tried once more
+        # with a wider preselection before the sweep goes on to the unlikely ones (ESCALATE)
+        n_top = 0 if self.affinity is None or not ESCALATE else max(1, len(pending) if self.b is None else self.b)
         while pending and not self._done():
             for i, length in enumerate(pending):
                 if self._done():
                     break
-                full = self._lists_for(length, self.lists)
-                per = full if self.fit is not None else [[t for t in c if t not in self.removed.get(p, ())] or c
-                                                         for p, c in enumerate(full)]
-                hit = self._length(per, self._lists_for(length, self.wide))
+                hit = self._try_length(length)
+                if not hit and i + 1 == n_top:
+                    for again in pending[:n_top]:
+                        if self._done():
+                            break
+                        hit = self._try_length(again, preselect=ESCALATE * self.r.config.encoder_preselect)
+                        if hit:
+                            i, length = pending.index(again), again
+                            break
                 if failed is not None and not hit:
                     failed[length] = failed.get(length, 0) + 1
                 if hit:
@@ -158,6 +178,13 @@ class _EncoderSearch:
                 break
         self._fallback(pending)
         return self._found()
+
+    def _try_length(self, length: int, preselect: int | None = None) -> int:
+        """Search one length over the prior's lists (without the prior: pruned by the non-overlap filter)."""
+        full = self._lists_for(length, self.lists)
+        per = full if self.fit is not None else [[t for t in c if t not in self.removed.get(p, ())] or c
+                                                 for p, c in enumerate(full)]
+        return self._length(per, self._lists_for(length, self.wide), preselect=preselect)
 
     def _fallback(self, pending: list[int]) -> None:
         """Search the lengths still pending once more with unpruned (no prior) or wide (prior) lists."""
@@ -179,7 +206,8 @@ class _EncoderSearch:
         sents = [list(s) for s in self.results]
         return sents, [self.results[tuple(s)] for s in sents]
 
-    def _length(self, per: list[list[int]], wide: list[list[int]], penalise: bool = True) -> int:
+    def _length(self, per: list[list[int]], wide: list[list[int]], penalise: bool = True, *,
+                preselect: int | None = None) -> int:
         """Search one sentence length; returns how many sentences were clearly accepted. A ``wide``
         that is not ``per`` itself repairs the best exhaustive sequence from those lists."""
         r = self.r
@@ -192,7 +220,7 @@ class _EncoderSearch:
                 # the lists can miss a weak occurrence of a repeated token: repair the best one
                 cands.append(repair(r, seqs[int(mean.argmin())], wide, self.li2, self.span2))
         else:
-            cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise)
+            cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise, preselect=preselect)
         found = 0
         for s, v in cands:
             if v < r.tau[1] and tuple(s) not in self.results:
@@ -278,8 +306,7 @@ class _EncoderSearch:
         self._duplicate(seq, mx)
         self.results[tuple(seq)] = mx
         self.clear.add(tuple(seq))
-        for p, t in enumerate(seq):
-            self.removed.setdefault(p, set()).add(t)
+        self._mark_used(seq)
 
     def _accept(self, seq: list[int], mx: float) -> bool:
         """Record a passing sequence; a clear pass (<= tau_2 / 10) also feeds the non-overlap filter."""
@@ -291,9 +318,14 @@ class _EncoderSearch:
             self.results[tuple(seq)] = mx
         if mx > 0.1 * self.r.tau[1]:
             return False
+        self._mark_used(seq)
+        return True
+
+    def _mark_used(self, seq: list[int]) -> None:
+        """Add the (position, token) pairs of an accepted sentence to ``removed`` (the non-overlap filter and
+        the prior weight's used pairs)."""
         for p, t in enumerate(seq):
             self.removed.setdefault(p, set()).add(t)
-        return True
 
     def _duplicate(self, seq: list[int], mx: float, drop: bool = True) -> bool:
         """Ranked search (``Run.ranked``): True when a sentence of the same length sharing at least
