@@ -8,6 +8,13 @@ from common.metrics import MetricInfo
 KITS = {"speech": "speechleak.kit:SpeechKit"}
 CASE_MODULES = ("speechleak.cases",)
 ATTACKS = {"speech-inversion": "speechleak.attack:SpeechGradientInversion"}
+# The L-BFGS presets build on one another (each a few keys over the one it names).
+_LBFGS = {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0, "tv_weight": 1e-5, "iterations": 300,
+          "restarts": 1}
+_CTC_LBFGS = {**_LBFGS, "init_seconds_per_char": 0.066}
+_CTC_TTS = {**_CTC_LBFGS, "init_tts_voice": "espeak-ng:en-us,espeak-ng:en-gb,espeak-ng:en-us+f3,espeak-ng:en-us+m3",
+            "init_warp_grid": 0, "init_warp_iterations": 60, "init_warp_knots": 1}
+_CTC_TTS_AVG = {**_CTC_TTS, "iterations": 150, "init_tts_average": 2, "output_time_blur": 5.0}
 PRESETS = {
     "speech-li23": Preset("speech-inversion", {},
                           "Li et al. 2023: L2 gradient distance + anisotropic TV, Adam, features then Griffin-Lim"),
@@ -17,48 +24,26 @@ PRESETS = {
                                         "Li et al. 2023 with per-layer weighting (each layer's L2 term scaled by 1/||g*_l||^2)"),
     "speech-li23-refine": Preset("speech-inversion", {"refine_iterations": 300},
                                  "Li et al. 2023 + waveform refinement through the differentiable front end after Griffin-Lim"),
-    "speech-lbfgs": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
-                                                "tv_weight": 1e-5, "iterations": 300, "restarts": 1},
+    "speech-lbfgs": Preset("speech-inversion", _LBFGS,
                            "Li et al. 2023 objective (L2 + TV) solved to high accuracy: zero init, TV 1e-5, float64 "
                            "L-BFGS (as Zeng & Rudzicz 2025), 300 iterations; NNLS mel inversion + Griffin-Lim"),
-    "speech-ctc-lbfgs": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
-                                                    "tv_weight": 1e-5, "iterations": 300, "restarts": 1,
-                                                    "init_seconds_per_char": 0.066},
+    "speech-ctc-lbfgs": Preset("speech-inversion", _CTC_LBFGS,
                                "speech-lbfgs for CTC recognisers (transcript known): silence start outside a centred "
                                "block of 0.066 s per transcript character (the public pool's mean TTS rate)"),
-    "speech-ctc-tts": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
-                                                  "tv_weight": 1e-5, "iterations": 300, "restarts": 1,
-                                                  "init_seconds_per_char": 0.066,
-                                                  "init_tts_voice": "espeak-ng:en-us,espeak-ng:en-gb,espeak-ng:en-us+f3,"
-                                                                    "espeak-ng:en-us+m3",
-                                                  "init_warp_grid": 0, "init_warp_iterations": 60, "init_warp_knots": 1},
+    "speech-ctc-tts": Preset("speech-inversion", _CTC_TTS,
                              "speech-ctc-lbfgs started from the attacker's own espeak-ng rendering of the granted "
                              "transcript (4 public voices; the voice, block width, centre, linear time warp and per-band "
                              "offset chosen by the matching objective) instead of a silent block"),
-    "speech-ctc-tts-avg": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
-                                                      "tv_weight": 1e-5, "iterations": 150, "restarts": 1,
-                                                      "init_seconds_per_char": 0.066,
-                                                      "init_tts_voice": "espeak-ng:en-us,espeak-ng:en-gb,espeak-ng:en-us+f3,"
-                                                                        "espeak-ng:en-us+m3",
-                                                      "init_warp_grid": 0, "init_warp_iterations": 60, "init_warp_knots": 1,
-                                                      "init_tts_average": 2, "output_time_blur": 5.0},
+    "speech-ctc-tts-avg": Preset("speech-inversion", _CTC_TTS_AVG,
                                  "speech-ctc-tts with two 150-iteration searches (from the two best-aligned voices) "
                                  "averaged, then a Gaussian blur over time (sigma 5 frames) of the recovered "
                                  "features: shrinkage for the timing the update leaves uncertain (issue 21)"),
-    "speech-ctc-tts-c2f": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
-                                                      "tv_weight": 1e-5, "iterations": 100, "restarts": 1,
-                                                      "init_seconds_per_char": 0.066,
-                                                      "init_tts_voice": "espeak-ng:en-us,espeak-ng:en-gb,espeak-ng:en-us+f3,"
-                                                                        "espeak-ng:en-us+m3",
-                                                      "init_warp_grid": 0, "init_warp_iterations": 60, "init_warp_knots": 1,
-                                                      "init_tts_average": 2, "output_time_blur": 8.0,
+    "speech-ctc-tts-c2f": Preset("speech-inversion", {**_CTC_TTS_AVG, "iterations": 100, "output_time_blur": 8.0,
                                                       "coarse_time_factor": 8, "coarse_iterations": 50},
                                  "speech-ctc-tts-avg with each of its two searches coarse-to-fine in time (50 L-BFGS "
                                  "iterations on a residual at 1/8 of the frame rate, then 100 frame-wise: 150 per search "
                                  "as before) and a wider time blur (sigma 8 frames instead of 5); session 14, issue 21"),
-    "speech-ctc-free": Preset("speech-inversion", {"optimizer": "lbfgs", "precision": "float64", "init_scale": 0.0,
-                                                   "tv_weight": 1e-5, "iterations": 300, "restarts": 1,
-                                                   "ctc_targets": "free", "init_block_seconds": 2.9},
+    "speech-ctc-free": Preset("speech-inversion", {**_LBFGS, "ctc_targets": "free", "init_block_seconds": 2.9},
                               "CTC without the transcript: features and per-frame alignment optimised jointly "
                               "(soft-target loss), silence start outside a centred 2.9 s block (public pool mean)"),
     "speech-waveform": Preset("speech-inversion", {"domain": "waveform", "lr": 0.01, "tv_weight": 0.0},
