@@ -97,8 +97,7 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
 
 
 def _pass(run: Run, per: list[list[int]], li2: LayerInputs, word: Tensor, suffix: Tensor, basis: Tensor,
-          pen: list[dict[int, float]] | None, lam: float, xtab, pos_of, rtab=None,
-          preselect: int = 4) -> list[list[int]] | None:
+          pen: list[dict[int, float]] | None, lam: float, xtab, pos_of, rtab, preselect: int) -> list[list[int]] | None:
     """One left-to-right pass of the beam with ``suffix`` [L, d] (word embeddings) after the prefix;
     returns the final beams, or None once the time budget is over."""
     blk = run.block
