@@ -138,9 +138,9 @@ def main() -> None:
             "avg6_all": torch.stack([s150[0][0], s150[1][0]] + [f for f, _ in s75]).mean(0),
         }
         t1 = time.perf_counter()
-        cands["dtw_avg2_s150"] = dtw_average([f[0] for f, _ in s150], floor=pb.lower).unsqueeze(0)
-        cands["dtw_avg4_s75"] = dtw_average([s75[i][0][0] for i in order], floor=pb.lower).unsqueeze(0)
-        cands["dtw_avg2_cont"] = dtw_average([f[0] for f, _ in cont], floor=pb.lower).unsqueeze(0)
+        cands["dtw_avg2_s150"] = dtw_average([f[0] for f, _ in s150]).unsqueeze(0)
+        cands["dtw_avg4_s75"] = dtw_average([s75[i][0][0] for i in order]).unsqueeze(0)
+        cands["dtw_avg2_cont"] = dtw_average([f[0] for f, _ in cont]).unsqueeze(0)
         s["dtw3"] = round(time.perf_counter() - t1, 1)
         if args.polish > 0:
             for name in ("base_avg2_s150", "avg4_s75"):

@@ -33,6 +33,14 @@ class Attack(Protocol):
 
 
 def _coerce(value: str, typ: Any, key: str) -> Any:
+    """``value`` (a --set string) as a ``typ``; a ValueError names ``--set key=value`` once."""
+    try:
+        return _parse(value, typ)
+    except ValueError as e:
+        raise ValueError(f"--set {key}={value!r}: {e}") from None
+
+
+def _parse(value: str, typ: Any) -> Any:
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
@@ -43,29 +51,31 @@ def _coerce(value: str, typ: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return _parse(value, a)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(f"--set {key}={value!r}: " + "; ".join(errors))
+        if type(None) in args:
+            errors.append("or none")
+        raise ValueError("; ".join(errors))
     if origin is typing.Literal:
         if value not in [str(a) for a in args]:
-            raise ValueError(f"--set {key}={value!r}: must be one of {', '.join(map(str, args))}")
+            raise ValueError(f"must be one of {', '.join(map(str, args))}")
         return next(a for a in args if str(a) == value)
     if typ is bool:
         if value.lower() in ("1", "true", "yes", "on"):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--set {key}={value!r}: expected true or false")
+        raise ValueError("expected true or false")
     if typ in (int, float, str):
         try:
             return typ(value)
         except ValueError:
-            raise ValueError(f"--set {key}={value!r}: expected {typ.__name__}") from None
+            raise ValueError(f"expected {typ.__name__}") from None
     if origin in (tuple, list):
         inner = args[0] if args else str
-        return tuple(_coerce(v.strip(), inner, key) for v in value.split(",") if v.strip())
-    raise ValueError(f"--set {key}: cannot set a field of type {typ}")
+        return tuple(_parse(v.strip(), inner) for v in value.split(",") if v.strip())
+    raise ValueError(f"cannot set a field of type {typ}")
 
 
 def _in_range(v: float, spec: str) -> bool:

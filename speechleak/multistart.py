@@ -69,9 +69,9 @@ def warp_to(ref: Tensor, other: Tensor, *, band: int = 40) -> Tensor:
     return out / count
 
 
-def dtw_average(results: list[Tensor], *, floor: float | None = None, band: int = 40) -> Tensor:
+def dtw_average(results: list[Tensor], *, band: int = 40) -> Tensor:
     """The mean of results [F, T] (the first is the reference) after warping each other onto the reference's time
-    axis (:func:`warp_to`). ``floor`` (unused by the alignment) is accepted for symmetry with the attack's calls."""
+    axis (:func:`warp_to`)."""
     if not results:
         raise ValueError("dtw_average needs at least one result")
     ref = results[0]

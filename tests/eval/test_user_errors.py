@@ -88,6 +88,9 @@ def files(tmp_path):
       "--out", "OUT"], "coarse_time_factor=0 is out of range"),
     (["run", "--attack", "lamp-cos", "--case", "text/tiny-gpt2/fedsgd", "--set", "ghost_lowrank=2", "--out", "OUT"],
      "ghost_lowrank=2.0 is out of range"),
+    # an optional float given a word: the --set prefix once, then what it expects
+    (["run", "--attack", "lamp-cos", "--case", "text/tiny-gpt2/fedsgd", "--set", "ghost_lowrank=foo", "--out", "OUT"],
+     "error: --set ghost_lowrank='foo': expected float; or none"),
     # flags the case's kit would ignore
     (["run", *TAB, "--model", "gpt2", "--out", "OUT"], "builds its own model"),
     (["run", "--attack", "speech-li23", "--case", "speech/kws-mel/fedsgd", "--model", "x", "--out", "OUT"],
