@@ -54,7 +54,8 @@ def exchange_suffixes(run: Run, li2: LayerInputs, span2: Span, sents: list[list[
                 if run.over_budget():
                     return cur, made
                 a, b = cur[i], cur[j]
-                cuts = [c for c in range(1, min(len(a), len(b)) - 1) if a[c:] != b[c:]]
+                # a cut where the prefixes agree (the shared [CLS], say) would only swap the two sentences
+                cuts = [c for c in range(1, min(len(a), len(b)) - 1) if a[c:] != b[c:] and a[:c] != b[:c]]
                 if not cuts:
                     continue
                 trial = [x for c in cuts for x in (a[:c] + b[c:], b[:c] + a[c:])]
