@@ -76,7 +76,7 @@ def main() -> None:
         sents = truth["sentences"] if isinstance(truth, dict) else truth
         tl = sorted(len(prior.tokenizer(s)["input_ids"]) for s in sents)
         log.clear()
-        atk = DAGER(DagerConfig(time_budget_s=a.budget))
+        atk = DAGER(DagerConfig(time_budget_s=a.budget, budget_clock="cpu"))
         c = time.process_time()
         rec = atk.reconstruct(obs, model, prior, generator=make_generator(7))
         cpu = time.process_time() - c
