@@ -71,6 +71,7 @@ RANKED_EXCHANGE = True  # ranked search: exchange suffixes between the accepted 
 RANKED_BIGRAM_DUPLICATE = 0.5  # ranked search: a sequence sharing this fraction of its inner bigrams with an
 # accepted sentence is a variant of it (any length)
 RANKED_REPAIR = True  # ranked search: then single-token repairs of each (beam.repair, to no further gain)
+RANKED_PASSES: int | None = None  # ranked search: beam passes per length (None: ENCODER_REFINE; see docs/dager.md)
 #: exact search with the length order of ``enc_lengths`` (issue 18): when the first as many lengths as sentences
 #: are missing all fail in a peeling round, each is searched once more with this times ``encoder_preselect``
 #: before the round goes on to the less likely lengths (0: off). On development MiniLM B=8 batches true
@@ -310,7 +311,8 @@ class _EncoderSearch:
         if total <= ENCODER_EXHAUSTIVE_MAX:
             seqs = [list(x) for x in itertools.product(*per)]
         else:
-            seqs = [s for s, _ in beam(self.r, per, self.li2, self.span2, self.word, self.weight, wide, True)]
+            seqs = [s for s, _ in beam(self.r, per, self.li2, self.span2, self.word, self.weight, wide, True,
+                                       passes=RANKED_PASSES)]
         seqs = [s for s in seqs if tuple(s) not in self.exclude and tuple(s) not in self.results]
         if not seqs:
             return None
