@@ -81,13 +81,13 @@ RANKED_COSINE = False  # ranked search without declared noise: lengths in the se
 #: before the round goes on to the less likely lengths (0: off). On development MiniLM B=8 batches true
 #: lengths fail while their lists are still wide and the round then swept every false length
 ESCALATE = 2
-#: exact search with the length order of ``enc_lengths`` (issue 18): a length's first try in a peeling round runs
+#: exact search with the length order of ``enc_lengths``, no declared noise (issue 18): a length's first try runs
 #: this many beam passes (``beam.beam``'s ``passes``; pass 1 and the repair of its best beam) instead of
 #: ``ENCODER_REFINE``; the second try (``ESCALATE``) and the wide-list fallback run them all (0: off). On development
 #: MiniLM B=8 batches a true length whose first pass failed almost never succeeded in passes 2-3 of that try, and
 #: succeeded cheaply a few peels later
 QUICK_PASSES = 1
-#: exact search with the length order of ``enc_lengths``, peeling (issue 18): the lengths that the layer-2 rank
+#: exact search with the length order of ``enc_lengths``, peeling, no declared noise (issue 18): the lengths the rank
 #: allows (``enc_lengths.feasible``: the missing sentences' lengths sum to the rank less the peeled sentences'
 #: lengths, the longest read from the position-embedding update) are tried first and alone escalated; the
 #: others keep their order after them (False: off)
@@ -117,6 +117,7 @@ class _EncoderSearch:
                  prior: Any, b: int | None, exclude: frozenset) -> None:
         self.r, self.li2, self.span2, self.b, self.exclude = run, li2, span2, b, exclude
         self.obs, self.model = obs, model
+        self.noisy = declared_sigma(obs) > 0.0
         tok = prior.tokenizer
         self.sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         self.special = set(int(i) for i in getattr(prior, "special_ids", ()) or ())
@@ -174,7 +175,8 @@ class _EncoderSearch:
         # the likely lengths (the first as many as sentences are missing) all failed: each is tried once more
         # with a wider preselection before the sweep goes on to the unlikely ones (ESCALATE)
         n_top = 0 if self.affinity is None or not ESCALATE else max(1, len(pending) if self.b is None else self.b)
-        self.quick = QUICK_PASSES if self.affinity is not None and QUICK_PASSES else None
+        # (both measured without noise only: under a declared noise the rank is not the token count)
+        self.quick = QUICK_PASSES if self.affinity is not None and QUICK_PASSES and not self.noisy else None
         while pending and not self._done():
             for i, length in enumerate(pending):
                 if self._done():
@@ -203,7 +205,7 @@ class _EncoderSearch:
     def _feasible(self) -> set[int] | None:
         """The candidate lengths that the layer-2 rank allows for the missing sentences (``enc_lengths.feasible``),
         or None where the rank is not the token count (saturated, ranked) or the batch size is not granted."""
-        if self.b is None or self.r.ranked or self.span2.rank >= self.span2.max_rank:
+        if self.b is None or self.r.ranked or self.noisy or self.span2.rank >= self.span2.max_rank:
             return None
         total = self.span2.rank - sum(len(s) for s in self.exclude)
         top = longest(self.obs, self.model)
@@ -268,7 +270,7 @@ class _EncoderSearch:
         # scan's lists stop there): that length first
         longest = len(self.lists)
         lengths = self.lengths
-        if RANKED_COSINE and declared_sigma(self.obs) == 0.0:  # (experiment, off) the exact search's length order
+        if RANKED_COSINE and not self.noisy:  # (experiment, off) the exact search's length order
             aff = separator_affinity(self.obs, self.model, self.fit, self.sep, len(self.lists))
             lengths = lengths if aff is None else order(lengths, aff, None)
         pending = [longest] + [n for n in lengths if n != longest]
@@ -319,7 +321,7 @@ class _EncoderSearch:
         if total <= ENCODER_EXHAUSTIVE_MAX:
             seqs = [list(x) for x in itertools.product(*per)]
         else:
-            passes = RANKED_PASSES if declared_sigma(self.obs) == 0.0 else None
+            passes = None if self.noisy else RANKED_PASSES
             seqs = [s for s, _ in beam(self.r, per, self.li2, self.span2, self.word, self.weight, wide, True,
                                        passes=passes)]
         seqs = [s for s in seqs if tuple(s) not in self.exclude and tuple(s) not in self.results]
