@@ -73,9 +73,9 @@ RANKED_BIGRAM_DUPLICATE = 0.5  # ranked search: a sequence sharing this fraction
 RANKED_REPAIR = True  # ranked search: then single-token repairs of each (beam.repair, to no further gain)
 #: ranked search without declared noise (saturated rank): beam passes per length (pass 1 and the repair of its
 #: best beam; None: ``ENCODER_REFINE``). MiniLM B=16 (development seed 0, 300 CPU-second budget): ROUGE-1 0.347
-#: with all passes (6 of 16 sentences accepted when the budget ran out) against 0.586 with one (15, in 180 CPU s)
+#: with all passes (6 of 16 sentences accepted when the budget ran out) against 0.586 with one (15, in 180 CPU s);
+#: seed 1: 0.343 (7 accepted) against 0.524 (16), both at the budget
 RANKED_PASSES: int | None = 1
-RANKED_COSINE = False  # ranked search without declared noise: lengths in the separator cosine's order (enc_lengths)
 #: exact search with the length order of ``enc_lengths`` (issue 18): when the first as many lengths as sentences
 #: are missing all fail in a peeling round, each is searched once more with this times ``encoder_preselect``
 #: before the round goes on to the less likely lengths (0: off). On development MiniLM B=8 batches true
@@ -269,11 +269,7 @@ class _EncoderSearch:
         # the longest sentence ends at the last position the position-embedding update uses (the ranked
         # scan's lists stop there): that length first
         longest = len(self.lists)
-        lengths = self.lengths
-        if RANKED_COSINE and not self.noisy:  # (experiment, off) the exact search's length order
-            aff = separator_affinity(self.obs, self.model, self.fit, self.sep, len(self.lists))
-            lengths = lengths if aff is None else order(lengths, aff, None)
-        pending = [longest] + [n for n in lengths if n != longest]
+        pending = [longest] + [n for n in self.lengths if n != longest]
         taken: list[int] = []  # accepted lengths, searched again (two sentences can share a length)
         while pending and not self._done():
             need = len(pending) if self.b is None else self.b - len(self.clear)
