@@ -88,3 +88,31 @@ def test_length_order_decays_failures():
     assert order([3, 5, 7, 9], aff, {5: 1}) == [3, 5, 7, 9]  # 0.4 < 0.5: behind 3, still before 7
     assert order([3, 5, 7, 9], aff, {5: 2}) == [3, 7, 5, 9]  # 0.2
     assert order([3, 5, 7, 9], aff, {9: 3, 7: 1}) == [5, 3, 7, 9]  # 0.15; -0.8 stays last
+
+
+def test_feasible_lengths_from_the_layer2_rank():
+    """``enc_lengths.feasible`` / ``longest`` (issue 18): on the tiny BERT (B=3) and a real MiniLM batch (B=4,
+    pretrained) the layer-2 rank is the batch's token count and the last nonzero position-embedding row ends the
+    longest sentence; the true lengths are feasible, and so are few of the candidate lengths where the separator
+    passes layer 1 (B-1 missing sentences once one is known: only the true lengths remain)."""
+    from textleak.attacks.dager.enc_lengths import feasible, longest
+
+    from .test_dager import _setup
+
+    for obs_of in (lambda: _tiny_bert_obs(3)[2:], lambda: _setup("text/minilm-bert/dager", 4)[2:6]):
+        model, obs, prior, truth = obs_of()
+        lens = sorted(len(s) for s in _true_ids(truth, prior))
+        _, span2 = _spans(obs, model, prior)
+        assert span2.rank == sum(lens)
+        assert longest(obs, model) == lens[-1]
+        cands = list(range(2, lens[-1] + 1))  # every length up to the longest (the separator passes almost anywhere)
+        ok = feasible(cands, span2.rank, len(lens), lens[-1])
+        assert set(lens) <= ok
+        # one sentence found (the shortest): the other lengths sum to the rest, the longest known
+        rest = feasible(cands, span2.rank - lens[0], len(lens) - 1, lens[-1])
+        assert set(lens[1:]) <= rest
+        if len(lens) == 3:
+            assert rest == set(lens[1:])  # two missing, the longest known: the other one is fixed
+    assert feasible([3, 5, 7, 9], 12, 2, 7) == {5, 7}  # 7 + 5; 9 is above the longest, 3 + 7 != 12
+    assert feasible([3, 5, 7, 9], 12, 2, None) == {3, 5, 7, 9}
+    assert feasible([3, 5, 7, 9], 9, 1, 9) == {9} and feasible([3, 5], 9, 1, 9) == set()

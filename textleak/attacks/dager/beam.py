@@ -40,7 +40,7 @@ def sq_span_dist(basis: Tensor, x: Tensor) -> Tensor:
 
 def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Tensor, weight: Weight,
          wide: list[list[int]], penalise: bool = True, *,
-         preselect: int | None = None) -> list[tuple[list[int], float]]:
+         preselect: int | None = None, passes: int | None = None) -> list[tuple[list[int], float]]:
     """Left-to-right beam over the per-position candidates ``per`` (see ``encoder.search``); returns
     the final beams of every pass with their max layer-2 distance.
 
@@ -50,7 +50,8 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
     suffix with a third of its tokens wrong still ranks the true next token first (measured on
     MiniLM at B=8), so each pass repairs what the last one got wrong. Stops at a clear pass.
     With ``penalise`` the embedding prior breaks ties (``PRIOR_PENALTY``). ``preselect`` replaces the
-    config's ``encoder_preselect`` in the beam steps (the encoder search's second try, ``encoder.ESCALATE``).
+    config's ``encoder_preselect`` in the beam steps (the encoder search's second try, ``encoder.ESCALATE``);
+    ``passes`` replaces ``ENCODER_REFINE`` (the encoder search's quick first tries, ``encoder.QUICK_PASSES``).
     """
     dev = word.device
     rows = []
@@ -71,7 +72,7 @@ def beam(run: Run, per: list[list[int]], li2: LayerInputs, span2: Span, word: Te
     out: dict[tuple[int, ...], float] = {}
     last = None  # the hard suffix of the pass just run
     repaired: dict[tuple[int, ...], tuple[list[int], float]] = {}
-    for _ in range(ENCODER_REFINE):
+    for _ in range(ENCODER_REFINE if passes is None else passes):
         beams = _pass(run, per, li2, word, suffix, basis, pen, lam, xtab, pos_of, rtab,
                       run.config.encoder_preselect if preselect is None else preselect)
         if beams is None:  # over the time budget

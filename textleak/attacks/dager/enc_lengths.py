@@ -64,3 +64,45 @@ def order(lengths: list[int], affinity: Tensor, failed: dict[int, int] | None) -
         return -(a * d if a > 0 else a / d)
 
     return sorted(lengths, key=key)
+
+
+def longest(obs: Observation, model: nn.Module) -> int | None:
+    """The longest sentence's length in ``obs``: one past the last nonzero row of the position-embedding update
+    (rows of positions no sentence reaches get no gradient; peeling sets the rows it explains to exactly zero,
+    ``peel.peel``); None without that update."""
+    tables = embedding_updates(obs, model)
+    if tables is None:
+        return None
+    rows = torch.nonzero(tables[1].abs().amax(1) > 0).flatten()
+    return int(rows[-1]) + 1 if rows.numel() else None
+
+
+def feasible(lengths: list[int], total: int, rest: int, top: int | None) -> set[int]:
+    """The candidate ``lengths`` that can belong to ``rest`` sentences (lengths drawn from ``lengths``, repeats
+    allowed) whose lengths sum to ``total`` and whose longest is ``top`` (None: unknown). In the exact regime
+    the layer-2 rank is the batch's token count (every token's layer-2 input is distinct, padding gets no
+    gradient): ``total`` is that rank less the lengths of the sentences already found."""
+    if rest < 1 or total < 1:
+        return set()
+    cands = sorted({n for n in lengths if top is None or n <= top})
+    reach = [1]  # reach[k]: bit s set when k candidate lengths can sum to s
+    for _ in range(rest - 1):
+        nxt = 0
+        for n in cands:
+            nxt |= reach[-1] << n
+        reach.append(nxt & ((1 << (total + 1)) - 1))
+
+    def can(k: int, s: int) -> bool:
+        return k >= 0 and s >= 0 and bool(reach[k] >> s & 1)
+
+    out = set()
+    for n in cands:
+        if top is None:
+            ok = can(rest - 1, total - n)
+        elif n == top:
+            ok = can(rest - 1, total - n)
+        else:
+            ok = rest >= 2 and can(rest - 2, total - n - top)
+        if ok:
+            out.add(n)
+    return out

@@ -50,10 +50,10 @@ from common.types import Observation
 
 from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
-from .enc_lengths import order, separator_affinity
+from .enc_lengths import feasible, longest, order, separator_affinity
 from .enc_refine import exchange_suffixes
 from .prior import PriorWeight, embedding_prior, prior_lists
-from .run import Run
+from .run import Run, declared_sigma
 from .span import LayerInputs, Span
 
 Found = tuple[list[list[int]], list[float]]  # sentences and their max layer-2 distances
@@ -71,11 +71,27 @@ RANKED_EXCHANGE = True  # ranked search: exchange suffixes between the accepted 
 RANKED_BIGRAM_DUPLICATE = 0.5  # ranked search: a sequence sharing this fraction of its inner bigrams with an
 # accepted sentence is a variant of it (any length)
 RANKED_REPAIR = True  # ranked search: then single-token repairs of each (beam.repair, to no further gain)
+#: ranked search without declared noise (saturated rank): beam passes per length (pass 1 and the repair of its
+#: best beam; None: ``ENCODER_REFINE``). MiniLM B=16 (development seed 0, 300 CPU-second budget): ROUGE-1 0.347
+#: with all passes (6 of 16 sentences accepted when the budget ran out) against 0.586 with one (15, in 180 CPU s);
+#: seed 1: 0.343 (7 accepted) against 0.524 (16), both at the budget
+RANKED_PASSES: int | None = 1
 #: exact search with the length order of ``enc_lengths`` (issue 18): when the first as many lengths as sentences
 #: are missing all fail in a peeling round, each is searched once more with this times ``encoder_preselect``
 #: before the round goes on to the less likely lengths (0: off). On development MiniLM B=8 batches true
 #: lengths fail while their lists are still wide and the round then swept every false length
 ESCALATE = 2
+#: exact search with the length order of ``enc_lengths``, no declared noise (issue 18): a length's first try runs
+#: this many beam passes (``beam.beam``'s ``passes``; pass 1 and the repair of its best beam) instead of
+#: ``ENCODER_REFINE``; the second try (``ESCALATE``) and the wide-list fallback run them all (0: off). On development
+#: MiniLM B=8 batches a true length whose first pass failed almost never succeeded in passes 2-3 of that try, and
+#: succeeded cheaply a few peels later
+QUICK_PASSES = 1
+#: exact search with the length order of ``enc_lengths``, peeling, no declared noise (issue 18): the lengths the rank
+#: allows (``enc_lengths.feasible``: the missing sentences' lengths sum to the rank less the peeled sentences'
+#: lengths, the longest read from the position-embedding update) are tried first and alone escalated; the
+#: others keep their order after them (False: off)
+FEASIBLE_FIRST = True
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
@@ -100,6 +116,8 @@ class _EncoderSearch:
     def __init__(self, run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1,
                  prior: Any, b: int | None, exclude: frozenset) -> None:
         self.r, self.li2, self.span2, self.b, self.exclude = run, li2, span2, b, exclude
+        self.obs, self.model = obs, model
+        self.noisy = declared_sigma(obs) > 0.0
         tok = prior.tokenizer
         self.sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         self.special = set(int(i) for i in getattr(prior, "special_ids", ()) or ())
@@ -150,17 +168,22 @@ class _EncoderSearch:
             lengths = order(lengths, self.affinity, failed)
         elif failed:  # peeling rounds: lengths that found nothing before go last (stable in the prior's order)
             lengths.sort(key=lambda n: failed.get(n, 0))
+        likely = self._feasible() if stop_early and self.affinity is not None and FEASIBLE_FIRST else None
+        if likely:  # the lengths the rank allows first (FEASIBLE_FIRST)
+            lengths = [n for n in lengths if n in likely] + [n for n in lengths if n not in likely]
         pending = list(lengths)
         # the likely lengths (the first as many as sentences are missing) all failed: each is tried once more
         # with a wider preselection before the sweep goes on to the unlikely ones (ESCALATE)
         n_top = 0 if self.affinity is None or not ESCALATE else max(1, len(pending) if self.b is None else self.b)
+        # (both measured without noise only: under a declared noise the rank is not the token count)
+        self.quick = QUICK_PASSES if self.affinity is not None and QUICK_PASSES and not self.noisy else None
         while pending and not self._done():
             for i, length in enumerate(pending):
                 if self._done():
                     break
-                hit = self._try_length(length)
+                hit = self._try_length(length, passes=self.quick)
                 if not hit and i + 1 == n_top:
-                    for again in pending[:n_top]:
+                    for again in [n for n in pending[:n_top] if not likely or n in likely]:
                         if self._done():
                             break
                         hit = self._try_length(again, preselect=ESCALATE * self.r.config.encoder_preselect)
@@ -179,12 +202,22 @@ class _EncoderSearch:
         self._fallback(pending)
         return self._found()
 
-    def _try_length(self, length: int, preselect: int | None = None) -> int:
+    def _feasible(self) -> set[int] | None:
+        """The candidate lengths that the layer-2 rank allows for the missing sentences (``enc_lengths.feasible``),
+        or None where the rank is not the token count (saturated, ranked) or the batch size is not granted."""
+        if self.b is None or self.r.ranked or self.noisy or self.span2.rank >= self.span2.max_rank:
+            return None
+        total = self.span2.rank - sum(len(s) for s in self.exclude)
+        top = longest(self.obs, self.model)
+        self.r.stats["lengths_feasible"] = float(len(ok := feasible(self.lengths, total, self.b, top)))
+        return ok
+
+    def _try_length(self, length: int, preselect: int | None = None, passes: int | None = None) -> int:
         """Search one length over the prior's lists (without the prior: pruned by the non-overlap filter)."""
         full = self._lists_for(length, self.lists)
         per = full if self.fit is not None else [[t for t in c if t not in self.removed.get(p, ())] or c
                                                  for p, c in enumerate(full)]
-        return self._length(per, self._lists_for(length, self.wide), preselect=preselect)
+        return self._length(per, self._lists_for(length, self.wide), preselect=preselect, passes=passes)
 
     def _fallback(self, pending: list[int]) -> None:
         """Search the lengths still pending once more with unpruned (no prior) or wide (prior) lists."""
@@ -207,7 +240,7 @@ class _EncoderSearch:
         return sents, [self.results[tuple(s)] for s in sents]
 
     def _length(self, per: list[list[int]], wide: list[list[int]], penalise: bool = True, *,
-                preselect: int | None = None) -> int:
+                preselect: int | None = None, passes: int | None = None) -> int:
         """Search one sentence length; returns how many sentences were clearly accepted. A ``wide``
         that is not ``per`` itself repairs the best exhaustive sequence from those lists."""
         r = self.r
@@ -220,7 +253,8 @@ class _EncoderSearch:
                 # the lists can miss a weak occurrence of a repeated token: repair the best one
                 cands.append(repair(r, seqs[int(mean.argmin())], wide, self.li2, self.span2))
         else:
-            cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise, preselect=preselect)
+            cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise, preselect=preselect,
+                         passes=passes)
         found = 0
         for s, v in cands:
             if v < r.tau[1] and tuple(s) not in self.results:
@@ -283,7 +317,9 @@ class _EncoderSearch:
         if total <= ENCODER_EXHAUSTIVE_MAX:
             seqs = [list(x) for x in itertools.product(*per)]
         else:
-            seqs = [s for s, _ in beam(self.r, per, self.li2, self.span2, self.word, self.weight, wide, True)]
+            passes = None if self.noisy else RANKED_PASSES
+            seqs = [s for s, _ in beam(self.r, per, self.li2, self.span2, self.word, self.weight, wide, True,
+                                       passes=passes)]
         seqs = [s for s in seqs if tuple(s) not in self.exclude and tuple(s) not in self.results]
         if not seqs:
             return None

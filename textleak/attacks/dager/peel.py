@@ -90,6 +90,7 @@ def peel(obs: Observation, gmodel: nn.Module, prior: Any, seqs: list[list[int]],
     n_labels = int(getattr(prior, "num_labels", None) or 2)
     tensors = dict(obs.tensors)
     rank = span_of(observed_matrix(tap1, tensors)).rank
+    tap_names = [n for n in tap1.names if n and n in tensors]
     done: list[list[int]] = []
     for seq in seqs:
         best = None
@@ -100,26 +101,36 @@ def peel(obs: Observation, gmodel: nn.Module, prior: Any, seqs: list[list[int]],
             with torch.enable_grad():
                 loss = prior.loss_fn(gmodel, batch).sum() * scale
                 grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-            resid = dict(tensors)
-            for n, g in zip(names, grads):
-                if g is None:
-                    continue
-                t = tensors[n]
-                g = g.detach().to(t.device).double()
-                r = t.double() - g
-                if n in tables:
-                    sub = g.norm(dim=-1)
-                    r[(sub > 0) & (r.norm(dim=-1) <= 1e-4 * sub)] = 0.0
-                resid[n] = r.to(t.dtype)
-            mat = observed_matrix(tap1, resid)
+            # the label's test needs the tap's rows only (issue 18: the whole residual, every parameter in
+            # float64, is formed once, for the label chosen; the tap's rows are computed as there)
+            g_by = dict(zip(names, grads))
+            mat = observed_matrix(tap1, {**tensors, **_residual(tensors, g_by, tap_names, tables)})
             r_rank = span_of(mat).rank
             key = (r_rank, float(mat.norm()))
             if best is None or key < best[0]:
-                best = (key, resid)
+                best = (key, g_by)
         if best is None or best[0][0] >= rank:
             continue
-        tensors, rank = best[1], best[0][0]
+        tensors, rank = {**tensors, **_residual(tensors, best[1], names, tables)}, best[0][0]
         done.append(seq)
     if not done:
         return None
     return replace(obs, tensors=tensors), done
+
+
+def _residual(tensors: dict, grads: dict, names: list[str], tables: set[str]) -> dict:
+    """``tensors[n] - grads[n]`` (float64, stored in the observation's dtype) for ``names``; embedding-table
+    rows that the subtraction explains (residual under 1e-4 of the subtracted row) set to exactly zero."""
+    out = {}
+    for n in names:
+        g = grads.get(n)
+        if g is None:
+            continue
+        t = tensors[n]
+        g = g.detach().to(t.device).double()
+        r = t.double() - g
+        if n in tables:
+            sub = g.norm(dim=-1)
+            r[(sub > 0) & (r.norm(dim=-1) <= 1e-4 * sub)] = 0.0
+        out[n] = r.to(t.dtype)
+    return out
