@@ -184,3 +184,23 @@ def test_deep_rerank_tap_ranks_true_extensions_first_more_often_than_layer_2(mon
 
     got_deep, got_l2 = first(deep), first(layer2)
     assert got_deep >= 30 and got_deep >= got_l2 + 6, (got_deep, got_l2)
+
+
+def test_gapless_saturation_is_detected_where_numpys_rank_rule_hides_it():
+    """A smooth spectrum that reaches the width (a pretrained model's layer 2 past its rank, SmolLM2 B=32: no
+    drop to round-off) is called saturated although NumPy's rank rule cuts it far below the width; a span whose
+    weak directions are float32 round-off (the exact regime) is not."""
+    from textleak.attacks.dager.frontier_rope import gapless_saturated
+    from textleak.attacks.dager.span import span_of
+
+    g = torch.Generator().manual_seed(0)
+    d, m = 96, 960
+    u = torch.linalg.qr(torch.randn(m, d, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    smooth = torch.logspace(0, -5.2, d, dtype=torch.float64)  # no gap: s_k / s_0 from 1 to 6e-6
+    sp = span_of(u @ torch.diag(smooth) @ v.t())
+    assert sp.rank <= d - 9  # NumPy's rule (s_0 * max(m, d) * eps) cuts it: the reference's test misses it
+    assert gapless_saturated(sp, 9)
+    exact = torch.cat([torch.logspace(0, -4, 60, dtype=torch.float64), torch.full((d - 60,), 1e-10, dtype=torch.float64)])
+    sp2 = span_of(u @ torch.diag(exact) @ v.t())
+    assert sp2.rank == 60 and not gapless_saturated(sp2, 9)
