@@ -307,8 +307,11 @@ class DAGER:
             blk = None
             if ffn is not None and run.fast:
                 blk = _decoder_block(c.model, li_t, l1)
-                if isinstance(blk, RopeDecoderBlock) and c.position_free:  # one-token runs capped (MAX_RUN)
+                if isinstance(blk, RopeDecoderBlock) and c.position_free:  # repeats banned (frontier_rope.RunGuard)
                     blk = frontier_rope.RunGuard(blk)
+                    if stats.get("gapless_saturated_l2"):  # the reference cutoff, not NumPy's rank (frontier_rope)
+                        span_t = frontier_rope.gapless_span(c.obs, li_t)
+                        stats["ffn_kept"] = float(span_t.rank)
             stats["fast_decoder_block"] = float(blk is not None)
             deep = bool(tokset) or (isinstance(blk, frontier_rope.RunGuard) and frontier_rope.DEEP_RERANK)
             rerank, thr = (deep_rerank.token_set_rerank(c.obs, c.model, c.probe, (c.li2, c.spans[1]))
