@@ -307,15 +307,12 @@ class DAGER:
             blk = None
             if ffn is not None and run.fast:
                 blk = _decoder_block(c.model, li_t, l1)
-                if isinstance(blk, RopeDecoderBlock) and c.position_free:  # repeats banned (frontier_rope.RunGuard)
-                    blk = frontier_rope.RunGuard(blk)
-                    if stats.get("gapless_saturated_l2"):  # the reference cutoff, not NumPy's rank (frontier_rope)
-                        span_t = frontier_rope.gapless_span(c.obs, li_t)
-                        stats["ffn_kept"] = float(span_t.rank)
+            rot = None  # rotary (position-free) block: repeats banned, the span and thresholds of frontier_rope
+            if isinstance(blk, RopeDecoderBlock) and c.position_free and not tokset:
+                blk, span_t, rot = frontier_rope.adapt(c.obs, li_t, span_t, blk, stats)
             stats["fast_decoder_block"] = float(blk is not None)
-            deep = bool(tokset) or (isinstance(blk, frontier_rope.RunGuard) and frontier_rope.DEEP_RERANK)
             rerank, thr = (deep_rerank.token_set_rerank(c.obs, c.model, c.probe, (c.li2, c.spans[1]))
-                           if deep and blk is not None else (None, None))
+                           if tokset and blk is not None else (None, rot))
             sents, scores = frontier.search_decoder(run, li_t, span_t, l1, b, block=blk,
                                                     root_quota=ROOT_QUOTA if stats.get("first_tokens") else 0,
                                                     rerank=rerank, thresholds=thr,

@@ -39,7 +39,18 @@ from .span import LayerInputs, Span, observed_matrix, span_of
 ROUNDOFF_FLOOR = 1e-6  # a singular value above this x s_max is signal, not float32 round-off (noise-free gradients)
 NO_REPEAT = True  # ranked rotary search: an extension may not repeat the path's last token
 NO_REPEAT_BIGRAM = True  # ranked rotary search: an extension may not repeat a bigram the path already holds
-DEEP_RERANK = False  # ranked rotary search: each path's shortlist re-measured at deep_rerank's tap
+THRESHOLDS: tuple[float, float, float] | None = None  # ranked rotary search: (continue, accept, trim) ratios
+# replacing frontier's defaults (None: 0.75, 0.3, 0.3)
+
+
+def adapt(obs: Observation, li: LayerInputs, span: Span, block, stats: dict[str, float]):
+    """The ranked search's test on a rotary (position-free) first block: ``block`` wrapped in ``RunGuard``,
+    ``span`` replaced by ``gapless_span`` when the second layer's saturation was gapless, and the (continue,
+    accept, trim) thresholds (``THRESHOLDS``; None: frontier's defaults)."""
+    if stats.get("gapless_saturated_l2"):  # the reference cutoff, not NumPy's rank
+        span = gapless_span(obs, li)
+        stats["ffn_kept"] = float(span.rank)
+    return RunGuard(block), span, THRESHOLDS
 
 
 def gapless_span(obs: Observation, li: LayerInputs) -> Span:
