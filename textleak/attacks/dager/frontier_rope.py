@@ -81,8 +81,10 @@ def gapless_saturated(sp: Span, cutoff: int) -> bool:
 
 
 class RunGuard:
-    """The incremental first block (``RopeDecoderBlock``) with one-token runs capped: an extension ``t`` of a
-    prefix of at least ``MAX_RUN`` tokens that are all ``t`` gets distance inf (``extend`` with ``reduce``)."""
+    """The incremental first block (``RopeDecoderBlock``) with repeats banned (``extend`` with ``reduce``: distance
+    inf): the path's last token and, with ``NO_REPEAT_BIGRAM``, every token that already followed it in the path;
+    with ``NO_REPEAT`` off only the exact search's rule (a prefix of at least ``MAX_RUN`` tokens all ``t`` may not
+    take ``t``)."""
 
     def __init__(self, block) -> None:
         self.block = block
