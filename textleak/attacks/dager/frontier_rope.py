@@ -12,7 +12,7 @@ NumPy's rule cut at rank 416, and the reference's test (rank > 556) called it un
 ran with a span that holds no true input.
 ``gapless_saturated`` calls a noise-free gradient's span saturated when more than ``max_rank - cutoff`` singular
 values stand above ``ROUNDOFF_FLOOR`` of the largest, which no exact-regime span does (their weak directions are
-round-off, under 1e-9 of ``s_0`` on the SmolLM2 and GPT-2 batches measured).
+round-off, about 1e-9 of ``s_0`` on the SmolLM2 B=16 batch measured).
 
 **Repeats.** Rotary values carry no position: the first block's output at a new position is the token's own row
 plus a convex combination of the prefix's values, so an extension that repeats the path's last token, or a
