@@ -184,3 +184,44 @@ def test_deep_rerank_tap_ranks_true_extensions_first_more_often_than_layer_2(mon
 
     got_deep, got_l2 = first(deep), first(layer2)
     assert got_deep >= 30 and got_deep >= got_l2 + 6, (got_deep, got_l2)
+
+
+def test_gapless_saturation_is_detected_where_numpys_rank_rule_hides_it():
+    """A smooth spectrum that reaches the width (a pretrained model's layer 2 past its rank, SmolLM2 B=32: no
+    drop to round-off) is called saturated although NumPy's rank rule cuts it far below the width; a span whose
+    weak directions are float32 round-off (the exact regime) is not."""
+    from textleak.attacks.dager.frontier_rope import gapless_saturated
+    from textleak.attacks.dager.span import span_of
+
+    g = torch.Generator().manual_seed(0)
+    d, m = 96, 960
+    u = torch.linalg.qr(torch.randn(m, d, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    smooth = torch.logspace(0, -5.2, d, dtype=torch.float64)  # no gap: s_k / s_0 from 1 to 6e-6
+    sp = span_of(u @ torch.diag(smooth) @ v.t())
+    assert sp.rank <= d - 9  # NumPy's rule (s_0 * max(m, d) * eps) cuts it: the reference's test misses it
+    assert gapless_saturated(sp, 9)
+    exact = torch.cat([torch.logspace(0, -4, 60, dtype=torch.float64), torch.full((d - 60,), 1e-10, dtype=torch.float64)])
+    sp2 = span_of(u @ torch.diag(exact) @ v.t())
+    assert sp2.rank == 60 and not gapless_saturated(sp2, 9)
+
+
+def test_rotary_ranked_search_bans_repeats_past_the_second_layers_rank(monkeypatch):
+    """Tiny Llama (rotary, width 64) at B=8 (66 predicting tokens, 58 distinct): layer 2 saturates, layer 1's exact
+    lists hold, and the ranked search runs on the rotary incremental block. Rotary values carry no position, so
+    repeating the path's last token, or a bigram it already holds, reproduces an accepted input and passes
+    (``frontier_rope.RunGuard`` bans them): with the guard ROUGE-1 >= 0.6 and no immediate repeats, without it
+    the beam fills with runs ("the the the ...", ROUGE-1 about 0.2)."""
+    from textleak.attacks.dager import frontier_rope
+
+    kit, case, model, obs, prior, truth, _ = _setup("text/tiny-llama/dager", 8, seed=1)
+    rec = _attack(obs, model, prior, on_failure="raise")
+    assert rec.stats["saturated_l2"] == 1.0 and not rec.stats.get("saturated_l1")
+    assert rec.stats["fast_decoder_block"] == 1.0 and rec.extras["certified"] == [False] * 8
+    ids = [t for t in rec.extras["token_ids"] if t]
+    assert len(ids) == 8 and not any(a == b for t in ids for a, b in zip(t[:-2], t[1:-1]))  # (the completed last token aside)
+    guarded = kit.score(rec, truth, case=case)[0]["rouge1"]
+    assert guarded >= 0.6, (rec.data, truth["sentences"])
+    monkeypatch.setattr(frontier_rope, "NO_REPEAT", False)
+    plain = kit.score(_attack(obs, model, prior, on_failure="raise"), truth, case=case)[0]["rouge1"]
+    assert plain < guarded - 0.2

@@ -15,7 +15,7 @@ from common.threat import Capability
 from common.types import Observation, Reconstruction
 from textleak.models import max_length
 
-from . import decoder, deep_rerank, encoder, frontier, last_token, peel
+from . import decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .l2_block import Layer2Stage
@@ -127,14 +127,19 @@ class DAGER:
             stats[f"max_rank_l{k + 1}"] = float(sp.max_rank)
             stats[f"edge_l{k + 1}"] = floor
             cutoff = min(RANK_CUTOFF, max(1, sp.max_rank // 10))
-            if sp.rank > sp.max_rank - cutoff and self.config.rank_limit == "best_effort":
+            # a smooth spectrum past the width hides its saturation from NumPy's rank rule (SmolLM2 B=32, layer 2)
+            hidden = (sigma == 0.0 and obs.kind == "gradient" and sp.rank <= sp.max_rank - cutoff
+                      and frontier_rope.gapless_saturated(sp, cutoff))
+            if hidden:
+                stats[f"gapless_saturated_l{k + 1}"] = 1.0
+            if (sp.rank > sp.max_rank - cutoff or hidden) and self.config.rank_limit == "best_effort":
                 # past the exact regime: keep the strongest directions, ranked search (frontier.py)
                 stats[f"saturated_l{k + 1}"] = 1.0
                 full = sp
                 drop = max(2, round(FRONTIER_CUT[k] * sp.max_rank))
                 keep = max(1, min(sp.rank, sp.max_rank - cutoff) - drop)
                 sp = span_of(mat, noise_floor=floor, eps=eps, max_rank=keep)
-            elif sp.rank > sp.max_rank - cutoff:
+            elif sp.rank > sp.max_rank - cutoff:  # (refuse: the reference's rule, a hidden saturation included)
                 raise DagerPreconditionError(
                     f"rank saturated at layer {k + 1}: the update has numerical rank {sp.rank} of at most "
                     f"{sp.max_rank} (cutoff {cutoff}), so the batch has too many tokens for this width "
@@ -302,9 +307,12 @@ class DAGER:
             blk = None
             if ffn is not None and run.fast:
                 blk = _decoder_block(c.model, li_t, l1)
+            rot = None  # rotary (position-free) block: repeats banned, the span and thresholds of frontier_rope
+            if isinstance(blk, RopeDecoderBlock) and c.position_free and not tokset:
+                blk, span_t, rot = frontier_rope.adapt(c.obs, li_t, span_t, blk, stats)
             stats["fast_decoder_block"] = float(blk is not None)
             rerank, thr = (deep_rerank.token_set_rerank(c.obs, c.model, c.probe, (c.li2, c.spans[1]))
-                           if tokset and blk is not None else (None, None))
+                           if tokset and blk is not None else (None, rot))
             sents, scores = frontier.search_decoder(run, li_t, span_t, l1, b, block=blk,
                                                     root_quota=ROOT_QUOTA if stats.get("first_tokens") else 0,
                                                     rerank=rerank, thresholds=thr,
