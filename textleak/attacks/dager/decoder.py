@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .config import FFN_PREFILTER, MAX_RUN
 from .dec_block import PreLNDecoderBlock
+from .dec_dist import Screen
 from .run import Run
 from .span import LayerInputs, Span, decoder_last_inputs, span_distance
 
@@ -44,6 +45,8 @@ def search(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, max_len: 
     times the largest distance along the path so far (``Run.tail_limit``).
     """
     cap = 4 * (b or 8) + 16  # prefixes kept per step
+    # (fast) the extensions' distances in float64 only where they can matter (dec_dist.py; the same decisions)
+    screen = Screen(span2.basis) if run.fast else None
     live = [_Path([], 0.0)]
     finished: list[_Path] = []
     for p in range(max_len):
@@ -54,15 +57,16 @@ def search(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, max_len: 
         cands = l1[p][0] if p < len(l1) else []
         if not cands:
             break
-        live = _step(run, li2, span2, live, cands, finished, position_free)[:cap]
+        live = _step(run, li2, span2, live, cands, finished, position_free, screen=screen)[:cap]
     finished.extend(x for x in live if x.ids)
     return [f.ids for f in finished], [f.score for f in finished]
 
 
 def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: list[int],
-          finished: list[_Path], position_free: bool) -> list[_Path]:
+          finished: list[_Path], position_free: bool, *, screen: Screen | None = None) -> list[_Path]:
     """Extend every live path by every passing candidate; paths with no passing extension are
-    finished (appended to ``finished``). Returns the extensions sorted by score."""
+    finished (appended to ``finished``). Returns the extensions sorted by score. With ``screen`` the
+    distances at or above tau_2 (which take part in no decision) are float32 values above it (``dec_dist.py``)."""
     per_path = [cands] * len(live)
     cols: list[list[int]] | None = None
     if run.ffn_prefilter is not None:
@@ -100,13 +104,16 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
             for k, i in enumerate(idx):
                 ds[i] = got[k, cols[i]]
     else:
+        dt = None if screen is not None else torch.float64  # (screened: the rows as the model gave them)
         if cols is None:
-            xs = decoder_last_inputs(li2, [x.ids for x in live], per_path)
+            xs = decoder_last_inputs(li2, [x.ids for x in live], per_path, dtype=dt)
         elif position_free:
-            xs = _full_rows(li2, live, cands, cols)
+            xs = _full_rows(li2, live, cands, cols, dtype=dt)
         else:
-            xs = _inputs(li2, live, per_path)
-        if run.fast:  # one span-distance call over every path's extensions (same distances)
+            xs = _inputs(li2, live, per_path, dtype=dt)
+        if screen is not None:  # every distance under tau_2 as span_distance's, to the bit
+            ds = list(screen.distances(torch.cat(xs), run.tau[1]).split([x.shape[0] for x in xs]))
+        elif run.fast:  # one span-distance call over every path's extensions (same distances)
             ds = list(span_distance(span2.basis, torch.cat(xs)).split([x.shape[0] for x in xs]))
         else:
             ds = [span_distance(span2.basis, x) for x in xs]
@@ -134,18 +141,21 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
     return nxt
 
 
-def _inputs(li2: LayerInputs, live: list[_Path], per_path: list[list[int]]) -> list[Tensor]:
-    """Layer-2 inputs of the prefiltered extensions (paths with none get an empty [0, d] tensor)."""
+def _inputs(li2: LayerInputs, live: list[_Path], per_path: list[list[int]], *,
+            dtype: torch.dtype | None = torch.float64) -> list[Tensor]:
+    """Layer-2 inputs of the prefiltered extensions (paths with none get an empty [0, d] tensor); ``dtype`` as
+    ``decoder_last_inputs``'s."""
     d = int(li2.model.get_input_embeddings().embedding_dim)
     idx = [i for i, c in enumerate(per_path) if c]
-    got = decoder_last_inputs(li2, [live[i].ids for i in idx], [per_path[i] for i in idx]) if idx else []
-    out = [torch.zeros(0, d, dtype=torch.float64) for _ in live]
+    got = decoder_last_inputs(li2, [live[i].ids for i in idx], [per_path[i] for i in idx], dtype=dtype) if idx else []
+    out = [_empty(li2, d, dtype) for _ in live]
     for i, x in zip(idx, got):
         out[i] = x
     return out
 
 
-def _full_rows(li2: LayerInputs, live: list[_Path], cands: list[int], cols: list[list[int]]) -> list[Tensor]:
+def _full_rows(li2: LayerInputs, live: list[_Path], cands: list[int], cols: list[list[int]], *,
+               dtype: torch.dtype | None = torch.float64) -> list[Tensor]:
     """Layer-2 inputs of the prefiltered extensions, each from its path's full row (the prefix and every
     candidate, as without the prefilter; paths without a survivor are not run), so that the distances
     are those of the unfiltered search to the bit. (With eager attention the value sum runs over the
@@ -153,11 +163,19 @@ def _full_rows(li2: LayerInputs, live: list[_Path], cands: list[int], cols: list
     round-off, by ~1e-7, and the rotary search's confidences by ~1e-5 relative.)"""
     d = int(li2.model.get_input_embeddings().embedding_dim)
     idx = [i for i, c in enumerate(cols) if c]
-    got = decoder_last_inputs(li2, [live[i].ids for i in idx], [cands] * len(idx)) if idx else []
-    out = [torch.zeros(0, d, dtype=torch.float64) for _ in live]
+    got = decoder_last_inputs(li2, [live[i].ids for i in idx], [cands] * len(idx), dtype=dtype) if idx else []
+    out = [_empty(li2, d, dtype) for _ in live]
     for i, x in zip(idx, got):
         out[i] = x[cols[i]]
     return out
+
+
+def _empty(li2: LayerInputs, d: int, dtype: torch.dtype | None) -> Tensor:
+    """An empty [0, d] row block as ``decoder_last_inputs(..., dtype=dtype)`` returns rows."""
+    if dtype is not None:
+        return torch.zeros(0, d, dtype=dtype)
+    p = next(li2.model.parameters())
+    return torch.zeros(0, d, dtype=p.dtype, device=p.device)
 
 
 def select(sents: list[list[int]], scores: list[float], l1, position_free: bool, b: int | None) -> list[int]:

@@ -52,10 +52,11 @@ FIRST_SHARE = 1.0  # first batch of exact terms: the candidates whose bound is a
 
 def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]],
                      hs: Tensor, g: Tensor, r_norm: float, denom: float, *,
-                     support_bound: bool = True) -> list[int] | None:
+                     support_bound: bool = True, row_sq: Tensor | None = None) -> list[int] | None:
     """The last token of every sentence, as the full ranking and joint fit would choose it, or None
     where that cannot be certified cheaply (module docstring). ``support_bound=False``: no bound for
-    the sentence's own tokens (every one of them gets its exact term; the path before session 13)."""
+    the sentence's own tokens (every one of them gets its exact term; the path before session 13). ``row_sq``:
+    the residual's squared row norms when the caller has them (else computed here)."""
     from .last_token import _order, _packed_terms
 
     terms = (lambda gr, ww, ss, cc: _split_terms(model, gr, ww, ss, cc)) if support_bound else _packed_terms
@@ -74,7 +75,8 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
                 _, rows = _order(sents[i], [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
                 known[i][j] = (_cos(rows[0], g, r_norm), rows[0])
 
-    row_sq = g.pow(2).sum(1) if support_bound else None
+    if support_bound and row_sq is None:
+        row_sq = g.pow(2).sum(1)
     sup = [support_bounds(row_sq, s, c, r_norm) if support_bound else [math.inf] * len(c)
            for s, c in zip(sents, cands)]
     if support_bound:  # the first candidate's term (the row most anti-aligned with h): where its cosine beats

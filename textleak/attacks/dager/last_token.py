@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from common.types import Observation
 
 from .config import LAST_TOKEN_CANDIDATES
+from . import last_head
 from .last_exit import certified_choice
 from .span import _Stop, model_device
 
@@ -74,7 +75,7 @@ def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
     terms: list[list[Terms]] = []
     tied = model.get_input_embeddings().weight is w
     if early_exit and batched and graph is not None and tied:  # the exact early exit (last_exit.py), else every candidate's term
-        got = certified_choice(model, graph, w, sents, cands, hs, g, r_norm, denom)
+        got = certified_choice(model, graph, w, sents, cands, hs, g, r_norm, denom, row_sq=row_norm.square())
         if got is not None:
             return [s + [t] for s, t in zip(sents, got)]
     ges = _packed_terms(graph, w, sents, cands) if batched and graph is not None and tied else None
@@ -90,7 +91,7 @@ def complete_last(obs: Observation, model: nn.Module, sents: list[list[int]], *,
 
 
 def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Tensor, sents: list[list[int]],
-              exact: bool, *, packed: bool = True) -> tuple[Tensor, Tensor, float, Graph | None]:
+              exact: bool, *, packed: bool = True, head: bool = True) -> tuple[Tensor, Tensor, float, Graph | None]:
     """The output-embedding update [V, d] (float64) less what the recovered prefixes explain (when
     ``exact``: a FedSGD gradient with a trainable output layer), the hidden states [n, d] at the
     output layer's input at each sentence's last position, and the loss denominator.
@@ -100,7 +101,11 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
     alone in a row (the same values up to float32 round-off) and the forward, the logits and the
     backward skip the padding of a right-padded batch (about half its positions at B=16); else the
     right-padded batch (the original). With ``packed`` and ``exact`` the forward starts from the word
-    embeddings (the same values) and its graph is returned (``Graph``) for ``_packed_terms``."""
+    embeddings (the same values) and its graph is returned (``Graph``) for ``_packed_terms``. With ``packed``,
+    ``exact`` and ``head`` the output layer's part is computed by ``last_head.packed_residual`` where the model
+    allows it (the same residual up to float32 round-off, without autograd through the output layer)."""
+    if packed and exact and head and last_head.supported(model, out_emb):
+        return last_head.packed_residual(obs, model, out_emb, update, sents)
     w = out_emb.weight
     g = update.detach().to(torch.float64).cpu()  # [V, d]
     dev = model_device(model)

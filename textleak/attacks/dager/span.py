@@ -316,15 +316,18 @@ def first_layer_vectors(inputs: LayerInputs, token_ids: Tensor, position: int, *
 
 
 def decoder_last_inputs(inputs: LayerInputs, prefixes: Sequence[Sequence[int]],
-                        candidates: Sequence[Sequence[int]], *, max_tokens: int = 16384) -> list[Tensor]:
+                        candidates: Sequence[Sequence[int]], *, max_tokens: int = 16384,
+                        dtype: torch.dtype | None = torch.float64) -> list[Tensor]:
     """Layer inputs at the appended position for every ``prefix + [c]`` with ``c`` in ``candidates[i]``.
 
     All candidates of one prefix share a single row: ``prefix, c_1, ..., c_K`` with a custom 4-D
     additive mask (each ``c_j`` sees the prefix and itself) and position id ``len(prefix)`` for
     every ``c_j``, so a prefix of length L costs L + K tokens instead of K (L + 1).
-    Returns, per prefix, a [K_i, d] tensor.
+    Returns, per prefix, a [K_i, d] tensor (``dtype`` on the CPU, float64 by default; ``dtype=None``: as the
+    forward gave it: the model's dtype and device).
     """
     dev = model_device(inputs.model)
+    out_dtype = dtype
     dtype = next(inputs.model.parameters()).dtype
     rows = [(list(p), list(c)) for p, c in zip(prefixes, candidates, strict=True)]
     results: list[Tensor | None] = [None] * len(rows)
@@ -360,6 +363,6 @@ def decoder_last_inputs(inputs: LayerInputs, prefixes: Sequence[Sequence[int]],
         x = inputs(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
         for r, k in enumerate(idx):
             L, K = len(rows[k][0]), len(rows[k][1])
-            results[k] = x[r, L:L + K].to(torch.float64).cpu()
+            results[k] = x[r, L:L + K].to(out_dtype).cpu() if out_dtype is not None else x[r, L:L + K]
         i = j
     return results  # type: ignore[return-value]
