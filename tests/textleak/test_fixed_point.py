@@ -155,7 +155,10 @@ def test_ghost_continuous_step_matches_autograd_through_the_dummy_gradient(loss)
         d = (s.matcher.ghost_batch_distance(xe, s.mask, s.labels) if ghost
              else s.matcher.batch_distance(xe, s.mask, s.labels))
         out[ghost] = (d.detach(), torch.autograd.grad(d, x)[0])
-    assert torch.allclose(out[True][0], out[False][0], rtol=1e-4, atol=1e-7)
+    # the l2 distance is a float32 difference of squares: its round-off scales with the observed update's squared
+    # norm (about 2.8 here), not with the small distance itself (7e-4; the two paths differed by 2e-7 on one CPU)
+    scale = float(sum(v.double().pow(2).sum() for v in obs.tensors.values()))
+    assert torch.allclose(out[True][0], out[False][0], rtol=1e-4, atol=1e-6 * scale)
     assert torch.allclose(out[True][1], out[False][1], rtol=1e-3, atol=1e-4 * float(out[False][1].abs().max()))
     recs = [TextSearch(replace(cfg, ghost_step=g), obs, model, prior, make_generator(0)).run() for g in (True, False)]
     assert recs[0].extras["token_ids"] == recs[1].extras["token_ids"]
