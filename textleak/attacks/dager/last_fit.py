@@ -74,22 +74,65 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
             return None
         return index[i][cj], index[j][ci]
 
+    dvec: dict[int, Tensor] = {}  # D_i, and the rows f_i[toks] it was computed from (kept across passes)
+    snap: dict[int, Tensor] = {}
+    uniq = [sorted(set(s)) for s in sents]
+
+    def f_rows(i: int, rows: list[int], extra: dict | None = None) -> Tensor:  # f_i = resid (+ extra) + term of i
+        cur = T[i][choice[i]]
+        ex = extra or {}
+        return torch.stack([resid[x] + cur.get(x, 0.0) + ex.get(x, 0.0) for x in rows])
+
+    def tangents(idx: list[int]) -> None:  # D_i for f_i = resid + the current term of i, i in idx
+        ss = [sents[i] for i in idx]
+        pk = graph if len(idx) == n else _sub_pack(model, ss)
+        for i, dv in zip(idx, _jvp(model, pk, ss, None, rows=[f_rows(i, sents[i]) for i in idx])):
+            dvec[i], snap[i] = dv, f_rows(i, uniq[i])
+
+    def move_lb(i: int, js: list[int], extra: dict | None = None) -> list[float]:
+        """Lower bounds of ``|X|^2 + 2 e.X`` (``X`` = current term of i less candidate j's, ``e`` = resid + extra)
+        for candidates j of i without a term and not among its tokens: ``|c|^2 + 2 e.c + |a|^2 - 2 f.a`` with
+        ``f.a = -s (f[y].h + w_y.D)``, ``D`` from the rows ``snap`` (``|(f - snap).a_toks| <= c |a|``, so
+        ``|a|^2 - 2 f.a >= -2 f_snap.a + min over |a| >= s |h| of (|a|^2 - 2 c |a|)``), less a float32 margin."""
+        cur, ex = T[i][choice[i]], extra or {}
+        s, h = 1.0 / lens[i], hs[i]
+        a0 = s * float(h.norm())
+        base = 0.0
+        for r, t in cur.items():
+            e = resid[r] + ex[r] if r in ex else resid[r]
+            base += float(t @ t) + 2.0 * float(e @ t)
+        c = float((f_rows(i, uniq[i], extra) - snap[i]).norm())
+        q = a0 * a0 - 2.0 * c * a0 if c <= a0 else -c * c
+        ys = [cands[i][j] for j in js]
+        wy = w[ys].detach().double().cpu()
+        wd, dn = wy @ dvec[i], float(dvec[i].norm())
+        out = []
+        for k, y in enumerate(ys):
+            fy = resid[y] + cur.get(y, 0.0) + ex.get(y, 0.0)
+            out.append(base + q + 2.0 * s * (float(fy @ h) + float(wd[k]))
+                       - 2.0 * s * JVP_MARGIN * float(wy[k].norm()) * dn)
+        return out
+
     def swap_pass() -> bool:
-        want: list[list[int]] = [[] for _ in range(n)]
-        for i in range(n):
-            for j in range(i + 1, n):
-                p = pair(i, j)
-                if p is not None:
-                    want[i].append(p[0])
-                    want[j].append(p[1])
-        fetch(want)
         moved = False
         for i in range(n):
             for j in range(i + 1, n):
                 p = pair(i, j)
                 if p is None:
                     continue
-                fetch([[p[0]] if k == i else [p[1]] if k == j else [] for k in range(n)])
+                miss = [(k, jk) for k, jk in ((i, p[0]), (j, p[1])) if jk not in T[k]]
+                if len(miss) == 1 and miss[0][0] in dvec and cands[miss[0][0]][miss[0][1]] not in set(sents[miss[0][0]]):
+                    # one side without a term: delta = [|X_a|^2 + 2 e.X_a] + [|X_b|^2 + 2 (e + X_a).X_b], the second
+                    # bounded as a single move of b from the residual e + X_a
+                    (kb, jb), ka = miss[0], (j if miss[0][0] == i else i)
+                    ja = p[0] if ka == i else p[1]
+                    cur_a, alt_a = T[ka][choice[ka]], T[ka][ja]
+                    xa = {r: cur_a.get(r, 0.0) - alt_a.get(r, 0.0) for r in set(cur_a) | set(alt_a)}
+                    part = sum(float(x @ x) + 2.0 * float(resid[r] @ x) for r, x in xa.items())
+                    if part + move_lb(kb, [jb], xa)[0] > 1e-12:
+                        continue  # this swap cannot lower the residual
+                if miss:
+                    fetch([[p[0]] if k == i else [p[1]] if k == j else [] for k in range(n)])
                 old_t = [T[i][choice[i]], T[j][choice[j]]]
                 new_t = [T[i][p[0]], T[j][p[1]]]
                 delta = 0.0
@@ -102,20 +145,6 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
                     move(j, p[1])
                     moved = True
         return moved
-
-    dvec: dict[int, Tensor] = {}  # D_i, and the rows f_i[toks] it was computed from (kept across passes)
-    snap: dict[int, Tensor] = {}
-    uniq = [sorted(set(s)) for s in sents]
-
-    def f_rows(i: int, rows: list[int]) -> Tensor:
-        cur = T[i][choice[i]]
-        return torch.stack([resid[x] + cur[x] if x in cur else resid[x] for x in rows])
-
-    def tangents(idx: list[int]) -> None:  # D_i for f_i = resid + the current term of i, i in idx
-        ss = [sents[i] for i in idx]
-        pk = graph if len(idx) == n else _sub_pack(model, ss)
-        for i, dv in zip(idx, _jvp(model, pk, ss, None, rows=[f_rows(i, sents[i]) for i in idx])):
-            dvec[i], snap[i] = dv, f_rows(i, uniq[i])
 
     def single_pass() -> bool:
         moved = False
@@ -138,26 +167,10 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
                 best = min([0.0] + list(deltas.values()))
                 if i not in dvec:
                     tangents([k for k in range(i, n) if k not in dvec])
-                s = 1.0 / lens[i]
-                h = hs[i]
-                a0 = s * float(h.norm())
-                base = sum(float(t @ t) + 2.0 * float(resid[r] @ t) for r, t in cur.items())
-                wy = w[[cands[i][j] for j in unknown]].detach().double().cpu()
-                fy = [float((resid[y] + cur[y] if y in cur else resid[y]) @ h) for y in (cands[i][j] for j in unknown)]
-
-                def bounds() -> list[float]:
-                    # f.a = -s (f[y].h + w_y.D) with D from the rows ``snap``; |(f - snap).a_toks| <= c |a|, so
-                    # |a|^2 - 2 f.a >= -2 f_snap.a + min over |a| >= a0 of (|a|^2 - 2 c |a|)
-                    c = float((f_rows(i, uniq[i]) - snap[i]).norm())
-                    q = a0 * a0 - 2.0 * c * a0 if c <= a0 else -c * c
-                    wd, dn = wy @ dvec[i], float(dvec[i].norm())
-                    return [base + q + 2.0 * s * (fy[k] + float(wd[k])) - 2.0 * s * JVP_MARGIN * float(wy[k].norm()) * dn
-                            for k in range(len(unknown))]
-
-                lbs = bounds()
+                lbs = move_lb(i, unknown)
                 if any(not lb > best + 1e-12 for lb in lbs) and not torch.equal(f_rows(i, uniq[i]), snap[i]):
                     tangents([i])  # a stale D_i: recompute it for this sentence alone
-                    lbs = bounds()
+                    lbs = move_lb(i, unknown)
                 get += [j for j, lb in zip(unknown, lbs) if not lb > best + 1e-12]
             if get:
                 fetch([get if k == i else [] for k in range(n)])
