@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+LAZY_SHARE = 0.5  # a single pass whose bounds leave more than this share of the missing terms takes them all
 JVP_MARGIN = 1e-3  # relative margin on w_y . D_i (a float32 forward-mode product; its error is ~1e-6 relative)
 
 
@@ -113,24 +114,37 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
                        - 2.0 * s * JVP_MARGIN * float(wy[k].norm()) * dn)
         return out
 
+    def swap_excluded(i: int, j: int, p: tuple[int, int]) -> bool:
+        """True when the swap of i and j, one side without a term, cannot lower the residual: delta =
+        [|X_a|^2 + 2 e.X_a] + [|X_b|^2 + 2 (e + X_a).X_b], the second bounded as a single move of b from e + X_a."""
+        miss = [(k, jk) for k, jk in ((i, p[0]), (j, p[1])) if jk not in T[k]]
+        if len(miss) != 1 or miss[0][0] not in dvec or cands[miss[0][0]][miss[0][1]] in set(sents[miss[0][0]]):
+            return False
+        (kb, jb), ka = miss[0], (j if miss[0][0] == i else i)
+        ja = p[0] if ka == i else p[1]
+        cur_a, alt_a = T[ka][choice[ka]], T[ka][ja]
+        xa = {r: cur_a.get(r, 0.0) - alt_a.get(r, 0.0) for r in set(cur_a) | set(alt_a)}
+        part = sum(float(x @ x) + 2.0 * float(resid[r] @ x) for r, x in xa.items())
+        return part + move_lb(kb, [jb], xa)[0] > 1e-12
+
     def swap_pass() -> bool:
+        want: list[list[int]] = [[] for _ in range(n)]  # the terms this pass needs from its start (one batch)
+        for i in range(n):
+            for j in range(i + 1, n):
+                p = pair(i, j)
+                if p is not None and (p[0] not in T[i] or p[1] not in T[j]) and not swap_excluded(i, j, p):
+                    want[i].append(p[0])
+                    want[j].append(p[1])
+        fetch(want)
         moved = False
         for i in range(n):
             for j in range(i + 1, n):
                 p = pair(i, j)
                 if p is None:
                     continue
-                miss = [(k, jk) for k, jk in ((i, p[0]), (j, p[1])) if jk not in T[k]]
-                if len(miss) == 1 and miss[0][0] in dvec and cands[miss[0][0]][miss[0][1]] not in set(sents[miss[0][0]]):
-                    # one side without a term: delta = [|X_a|^2 + 2 e.X_a] + [|X_b|^2 + 2 (e + X_a).X_b], the second
-                    # bounded as a single move of b from the residual e + X_a
-                    (kb, jb), ka = miss[0], (j if miss[0][0] == i else i)
-                    ja = p[0] if ka == i else p[1]
-                    cur_a, alt_a = T[ka][choice[ka]], T[ka][ja]
-                    xa = {r: cur_a.get(r, 0.0) - alt_a.get(r, 0.0) for r in set(cur_a) | set(alt_a)}
-                    part = sum(float(x @ x) + 2.0 * float(resid[r] @ x) for r, x in xa.items())
-                    if part + move_lb(kb, [jb], xa)[0] > 1e-12:
-                        continue  # this swap cannot lower the residual
+                miss = p[0] not in T[i] or p[1] not in T[j]
+                if miss and swap_excluded(i, j, p):
+                    continue  # this swap cannot lower the residual
                 if miss:
                     fetch([[p[0]] if k == i else [p[1]] if k == j else [] for k in range(n)])
                 old_t = [T[i][choice[i]], T[j][choice[j]]]
@@ -146,35 +160,56 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
                     moved = True
         return moved
 
+    def exact(i: int, j: int) -> float:  # the single move's change, as ``last_token._single_pass`` computes it
+        cur, alt, delta = T[i][choice[i]], T[i][j], 0.0
+        for r in set(cur) | set(alt):
+            e = resid[r]
+            new = e + cur.get(r, 0.0) - alt.get(r, 0.0)
+            delta += float(new @ new) - float(e @ e)
+        return delta
+
+    def needs(i: int, deltas: dict, redo: bool) -> list[int] | None:
+        """The candidates of i whose single move must be computed exactly (own tokens; bounds not above the best
+        exact change); None when a stale ``D_i`` fails a bound and ``redo`` is False."""
+        toks = set(sents[i])
+        unknown = [j for j in range(len(cands[i])) if j not in T[i] and cands[i][j] not in toks]
+        get = [j for j in range(len(cands[i])) if j not in T[i] and cands[i][j] in toks]  # no bound
+        if unknown:
+            best = min([0.0] + list(deltas.values()))
+            lbs = move_lb(i, unknown)
+            if any(not lb > best + 1e-12 for lb in lbs) and not torch.equal(f_rows(i, uniq[i]), snap[i]):
+                if not redo:
+                    return None
+                tangents([i])  # a stale D_i: recompute it for this sentence alone
+                lbs = move_lb(i, unknown)
+            get += [j for j, lb in zip(unknown, lbs) if not lb > best + 1e-12]
+        return get
+
     def single_pass() -> bool:
+        # from the pass's start: the products of the sentences without one, those whose stale product fails a bound
+        # (one batch each), and every sentence's exact candidates at the start (one batch)
+        miss = [i for i in range(n) if i not in dvec
+                and any(j not in T[i] and y not in set(sents[i]) for j, y in enumerate(cands[i]))]
+        if miss:
+            tangents(miss)
+        start = [{j: exact(i, j) for j in T[i] if j != choice[i]} for i in range(n)]
+        got = [needs(i, start[i], False) for i in range(n)]
+        redo = [i for i in range(n) if got[i] is None]
+        if redo:
+            tangents(redo)
+            for i in redo:
+                got[i] = needs(i, start[i], True)
+        left = [[j for j in range(len(cands[i])) if j not in T[i]] for i in range(n)]
+        if sum(map(len, got)) > LAZY_SHARE * sum(map(len, left)):
+            fetch(left)  # the bounds exclude little (the fit moves much): every term, in one batch as before
+        # else each sentence's terms on demand below (a sentence alone: its own small forward and backward)
         moved = False
         for i in range(n):
-            toks = set(sents[i])
-            cur = T[i][choice[i]]
-
-            def exact(j: int) -> float:
-                alt, delta = T[i][j], 0.0
-                for r in set(cur) | set(alt):
-                    e = resid[r]
-                    new = e + cur.get(r, 0.0) - alt.get(r, 0.0)
-                    delta += float(new @ new) - float(e @ e)
-                return delta
-
-            deltas = {j: exact(j) for j in T[i] if j != choice[i]}
-            unknown = [j for j in range(len(cands[i])) if j not in T[i] and cands[i][j] not in toks]
-            get = [j for j in range(len(cands[i])) if j not in T[i] and cands[i][j] in toks]  # no bound
-            if unknown:
-                best = min([0.0] + list(deltas.values()))
-                if i not in dvec:
-                    tangents([k for k in range(i, n) if k not in dvec])
-                lbs = move_lb(i, unknown)
-                if any(not lb > best + 1e-12 for lb in lbs) and not torch.equal(f_rows(i, uniq[i]), snap[i]):
-                    tangents([i])  # a stale D_i: recompute it for this sentence alone
-                    lbs = move_lb(i, unknown)
-                get += [j for j, lb in zip(unknown, lbs) if not lb > best + 1e-12]
+            deltas = {j: exact(i, j) for j in T[i] if j != choice[i]}
+            get = needs(i, deltas, True)
             if get:
                 fetch([get if k == i else [] for k in range(n)])
-                deltas.update({j: exact(j) for j in get})
+                deltas.update({j: exact(i, j) for j in get})
             best_j, best_delta = choice[i], 0.0
             for j in sorted(deltas, key=lambda j: (-cos[i][j], j)):  # the fit's order (cosine ranking)
                 if deltas[j] < best_delta - 1e-30:
