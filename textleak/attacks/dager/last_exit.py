@@ -33,8 +33,10 @@ completion costs K backwards of the batch. Most of that is unnecessary and can b
   its cosine beats every other candidate's support bound in every sentence, the forward-mode product is
   skipped.
 
-When any of these checks fails (or forward-mode AD is unavailable) ``certified_choice`` returns
-None and the completion computes every term as before, so the result is the same in all cases.
+Where the top candidates are certified but a move is not excluded, the joint fit does move; it then runs
+with terms on demand (``last_fit.lazy_fit``, session 16). When any of these fails (or forward-mode AD is
+unavailable) ``certified_choice`` returns None and the completion computes every term as before, so the result
+is the same in all cases.
 """
 from __future__ import annotations
 
