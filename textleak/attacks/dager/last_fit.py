@@ -17,7 +17,9 @@ moves, at most four rounds, from the certified cosine top) on the terms it needs
   is above the best exact change so far cannot be the move; the others (and the sentence's own tokens, which
   have no such bound) get exact terms, for that sentence alone.
 
-The moves are decided on exact terms as ``_joint_fit`` decides them, so the choice is the same (up to the float32
+A swap pass first computes, in one batch, the terms its bounds cannot exclude at its start; a single pass whose
+bounds at its start leave over ``LAZY_SHARE`` of the missing terms takes them all in one batch (as before), else
+each sentence's terms come when it is reached. The moves are decided on exact terms as ``_joint_fit`` decides them, so the choice is the same (up to the float32
 round-off of terms computed in a different batch, as in ``last_exit``). On any failure ``lazy_fit`` returns None
 and the completion computes every term as before."""
 from __future__ import annotations
