@@ -115,3 +115,46 @@ def test_sub_pack_jvp_equals_full(name):
     got = last_exit._jvp(model, last_exit._sub_pack(model, sub), sub, g)
     assert torch.allclose(got, full[pick], rtol=1e-4, atol=1e-5 * float(full.abs().max()))
     assert float(full[pick].abs().max()) > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_lazy_fit_equals_joint_fit_from_a_wrong_start(name):
+    """``last_fit.lazy_fit`` runs the joint fit with terms on demand: from a start where two sentences hold a wrong
+    candidate (so the fit must move) it reaches the same choice as ``last_token._joint_fit`` over every term, from
+    fewer exact terms."""
+    from textleak.attacks.dager import last_exit, last_fit, last_token
+
+    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 6)
+    model.eval()
+    sents = _sentences(batch)
+    out = model.get_output_embeddings()
+    key = next(n for n, p in model.named_parameters() if p is out.weight)
+    g, hs, denom, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    r_norm = float(g.norm())
+    pool = sorted({y for s in sents for y in s[-2:]} | {5, 17, 40, 63})
+    cands, true_ys = [], []
+    for i, s in enumerate(sents):
+        true_y = int(batch.inputs["input_ids"][i, len(s)])
+        true_ys.append(true_y)
+        wrong = [y for y in pool if y != true_y][:6]
+        order = [wrong[0], true_y] if i < 2 else [true_y, wrong[0]]  # two sentences start on a wrong candidate
+        cands.append(order + wrong[1:])
+    ges = last_token._packed_terms(graph, out.weight, sents, cands)
+    full = []
+    for i, s in enumerate(sents):
+        rows = [last_token._order(s, [y], hs[i], ges[i][k:k + 1], g, r_norm)[1][0] for k, y in enumerate(cands[i])]
+        full.append([{r: t / (denom * len(s)) for r, t in rr.items()} for rr in rows])
+    ref = [cands[i][j] for i, j in enumerate(last_token._joint_fit(g, cands, full, len(sents)))]
+    assert ref != [c[0] for c in cands]  # the fit moves
+    fetched: list[int] = []
+
+    def terms(gr, w, ss, cc):
+        fetched.append(sum(len(c) for c in cc))
+        return last_exit._split_terms(model, gr, w, ss, cc)
+
+    rows0 = [last_token._order(s, [c[0]], hs[i], ges[i][:1], g, r_norm)[1][0] for i, (s, c) in enumerate(zip(sents, cands))]
+    known = [{0: (last_exit._cos(r, g, r_norm), r)} for r in rows0]
+    got = last_fit.lazy_fit(model, graph, out.weight, sents, cands, known, [0] * len(sents), hs, g, r_norm, denom, terms)
+    assert got == ref
+    assert sum(fetched) < sum(len(c) - 1 for c in cands)
+    assert sum(a == b for a, b in zip(got, true_ys)) >= 5

@@ -33,8 +33,10 @@ completion costs K backwards of the batch. Most of that is unnecessary and can b
   its cosine beats every other candidate's support bound in every sentence, the forward-mode product is
   skipped.
 
-When any of these checks fails (or forward-mode AD is unavailable) ``certified_choice`` returns
-None and the completion computes every term as before, so the result is the same in all cases.
+Where the top candidates are certified but a move is not excluded, the joint fit does move; it then runs
+with terms on demand (``last_fit.lazy_fit``, session 16). When any of these fails (or forward-mode AD is
+unavailable) ``certified_choice`` returns None and the completion computes every term as before, so the result
+is the same in all cases.
 """
 from __future__ import annotations
 
@@ -52,11 +54,12 @@ FIRST_SHARE = 1.0  # first batch of exact terms: the candidates whose bound is a
 
 def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]],
                      hs: Tensor, g: Tensor, r_norm: float, denom: float, *,
-                     support_bound: bool = True, row_sq: Tensor | None = None) -> list[int] | None:
+                     support_bound: bool = True, row_sq: Tensor | None = None, lazy: bool = True) -> list[int] | None:
     """The last token of every sentence, as the full ranking and joint fit would choose it, or None
     where that cannot be certified cheaply (module docstring). ``support_bound=False``: no bound for
     the sentence's own tokens (every one of them gets its exact term; the path before session 13). ``row_sq``:
-    the residual's squared row norms when the caller has them (else computed here)."""
+    the residual's squared row norms when the caller has them (else computed here). ``lazy``: where no-move
+    cannot be certified, the joint fit with terms on demand (``last_fit.lazy_fit``) instead of None."""
     from .last_token import _order, _packed_terms
 
     terms = (lambda gr, ww, ss, cc: _split_terms(model, gr, ww, ss, cc)) if support_bound else _packed_terms
@@ -75,6 +78,13 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
                 _, rows = _order(sents[i], [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
                 known[i][j] = (_cos(rows[0], g, r_norm), rows[0])
 
+    def fit(_ub) -> list[int] | None:  # the joint fit from the certified top with terms on demand (last_fit.py)
+        if not lazy:
+            return None
+        from .last_fit import lazy_fit
+        top = [max(known[i], key=lambda j: (known[i][j][0], -j)) for i in range(n)]
+        return lazy_fit(model, graph, w, sents, cands, known, top, hs, g, r_norm, denom, terms)
+
     if support_bound and row_sq is None:
         row_sq = g.pow(2).sum(1)
     sup = [support_bounds(row_sq, s, c, r_norm) if support_bound else [math.inf] * len(c)
@@ -82,7 +92,7 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
     if support_bound:  # the first candidate's term (the row most anti-aligned with h): where its cosine beats
         learn([[0] for _ in cands])  # every other's support bound, no forward-mode product is needed
         if all(_resolved(known[i], sup[i]) for i in range(n)):
-            return _certify(sents, cands, known, sup, g, hs, denom)
+            return _certify(sents, cands, known, sup, g, hs, denom) or fit(sup)
     # the forward-mode product: over the whole packed graph, or (support_bound) over just the sentences
     # the support bounds leave open, packed alone (a sentence sees only itself: the same products)
     sub = [i for i in range(n) if not _resolved(known[i], sup[i])] if support_bound else list(range(n))
@@ -125,7 +135,7 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
         learn(rest)
         if not all(_resolved(known[i], ub[i]) for i in open_):
             return None
-    return _certify(sents, cands, known, ub, g, hs, denom)
+    return _certify(sents, cands, known, ub, g, hs, denom) or fit(ub)
 
 
 def _certify(sents, cands, known, ub, g: Tensor, hs: Tensor, denom: float) -> list[int] | None:
@@ -274,9 +284,11 @@ def _cheap_linear_jvp(model: nn.Module):
             del m.forward
 
 
-def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor) -> Tensor:
+def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor | None, *,
+         rows: list[Tensor] | None = None) -> Tensor:
     """``D_i = sum_t J_t g[x_t]`` [n, d] (float64) for every sentence: one forward-mode pass over the
-    packed rows with the residual's rows of each sentence's tokens as the embeddings' tangent."""
+    packed rows with the residual's rows of each sentence's tokens as the embeddings' tangent (``rows``:
+    each sentence's own tangent rows [L_i, d] instead, ``last_fit``)."""
     from torch.autograd import forward_ad
 
     from .span import _Stop
@@ -285,7 +297,7 @@ def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor) -> Tensor:
     tan = torch.zeros_like(e)
     for i, s in enumerate(sents):
         r, o = int(graph.rows[i]), int(graph.offs[i])
-        tan[r, o:o + len(s)] = g[s].to(e.dtype).to(e.device)
+        tan[r, o:o + len(s)] = (g[s] if rows is None else rows[i]).to(e.dtype).to(e.device)
     store: list[Tensor] = []
 
     def hook(_m, args):
