@@ -632,3 +632,23 @@ def test_budget_clock_cpu_counts_this_process_cpu_time_not_the_wall_clock():
         sum(i * i for i in range(1000))
     assert run.over_budget() and run.timed_out
     assert not Run(DagerConfig(time_budget_s=0.0, budget_clock="cpu"), (1e-5, 1e-3)).over_budget()  # 0: no budget
+
+
+def _sentences(batch) -> list[list[int]]:
+    """The batch's sentences without their last token (what the last-token completion is given)."""
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    return [ids[i, :int(mask[i].sum()) - 1].tolist() for i in range(ids.shape[0])]
+
+
+def _completion(name: str, b: int):
+    """A tiny decoder's FedSGD batch of ``b`` sentences for the last-token completion's tests: the model, the
+    observation, the batch, the sentences without their last token, the output layer, its gradient's key, and
+    ``last_token._residual``'s (residual, hidden states, denominator, graph)."""
+    from textleak.attacks.dager import last_token
+
+    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", b)
+    model.eval()
+    sents = _sentences(batch)
+    out = model.get_output_embeddings()
+    key = next(n for n, p in model.named_parameters() if p is out.weight)
+    return model, obs, batch, sents, out, key, last_token._residual(obs, model, out, obs.tensors[key], sents, True)

@@ -11,24 +11,14 @@ import torch
 torch.set_num_threads(1)
 pytest.importorskip("transformers")
 
-from .test_dager import _setup  # noqa: E402
-
-
-def _sentences(batch) -> list[list[int]]:
-    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-    return [ids[i, :int(mask[i].sum()) - 1].tolist() for i in range(ids.shape[0])]
+from .test_dager import _completion, _sentences, _setup  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_support_bound_is_above_every_exact_score(name):
     from textleak.attacks.dager import last_exit, last_token
 
-    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 4)
-    model.eval()
-    sents = _sentences(batch)
-    out = model.get_output_embeddings()
-    key = next(n for n, p in model.named_parameters() if p is out.weight)
-    g, hs, _, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    model, obs, batch, sents, out, key, (g, hs, _, graph) = _completion(name, 4)
     r_norm = float(g.norm())
     cands = [[5, 17, 40, s[0], s[-1], sents[(i + 1) % len(sents)][0]] for i, s in enumerate(sents)]  # own tokens too
     ges = last_token._packed_terms(graph, out.weight, sents, cands)
@@ -83,12 +73,7 @@ def test_split_terms_equal_packed_terms(name):
     equal those of the whole packed graph (float32 round-off)."""
     from textleak.attacks.dager import last_exit, last_token
 
-    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 5)
-    model.eval()
-    sents = _sentences(batch)
-    out = model.get_output_embeddings()
-    key = next(n for n, p in model.named_parameters() if p is out.weight)
-    _, _, _, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    model, obs, batch, sents, out, key, (_, _, _, graph) = _completion(name, 5)
     cands = [[5], [17, 40, sents[1][0]], [7], [9], [11, 12]]  # two of five sentences with more than one
     got = last_exit._split_terms(model, graph, out.weight, sents, cands)
     want = last_token._packed_terms(graph, out.weight, sents, cands)
@@ -103,12 +88,7 @@ def test_sub_pack_jvp_equals_full(name):
     packed batch (a sentence sees only itself)."""
     from textleak.attacks.dager import last_exit, last_token
 
-    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 5)
-    model.eval()
-    sents = _sentences(batch)
-    out = model.get_output_embeddings()
-    key = next(n for n, p in model.named_parameters() if p is out.weight)
-    g, _, _, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    model, obs, batch, sents, out, key, (g, _, _, graph) = _completion(name, 5)
     full = last_exit._jvp(model, graph, sents, g)
     pick = [1, 3]
     sub = [sents[i] for i in pick]
@@ -124,12 +104,7 @@ def test_lazy_fit_equals_joint_fit_from_a_wrong_start(name):
     fewer exact terms."""
     from textleak.attacks.dager import last_exit, last_fit, last_token
 
-    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 6)
-    model.eval()
-    sents = _sentences(batch)
-    out = model.get_output_embeddings()
-    key = next(n for n, p in model.named_parameters() if p is out.weight)
-    g, hs, denom, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    model, obs, batch, sents, out, key, (g, hs, denom, graph) = _completion(name, 6)
     r_norm = float(g.norm())
     pool = sorted({y for s in sents for y in s[-2:]} | {5, 17, 40, 63})
     cands, true_ys = [], []

@@ -9,12 +9,7 @@ import torch
 torch.set_num_threads(1)
 pytest.importorskip("transformers")
 
-from .test_dager import _setup  # noqa: E402
-
-
-def _sentences(batch) -> list[list[int]]:
-    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-    return [ids[i, :int(mask[i].sum()) - 1].tolist() for i in range(ids.shape[0])]
+from .test_dager import _sentences, _setup  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])

@@ -8,7 +8,7 @@ import torch
 torch.set_num_threads(1)
 pytest.importorskip("transformers")
 
-from .test_dager import _setup  # noqa: E402
+from .test_dager import _completion, _sentences, _setup  # noqa: E402
 
 
 def _gqa_llama(seed: int = 0):
@@ -74,11 +74,6 @@ def test_rope_block_refused_for_gpt2():
     assert RopeDecoderBlock.build(model, li, [5, 6, 7]) is None
 
 
-def _sentences(batch) -> list[list[int]]:
-    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
-    return [ids[i, :int(mask[i].sum()) - 1].tolist() for i in range(ids.shape[0])]
-
-
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_jacobian_vector_product_gives_each_terms_dot_product(name):
     """The early exit's bound rests on ``g . U_y = -g[y] . h - w_y . D``: the dot product of a
@@ -86,12 +81,7 @@ def test_jacobian_vector_product_gives_each_terms_dot_product(name):
     single forward-mode product ``D``, for every sentence and candidate."""
     from textleak.attacks.dager import last_exit, last_token
 
-    _, _, model, obs, _, _, batch = _setup(f"text/{name}/dager", 4)
-    model.eval()
-    sents = _sentences(batch)
-    out = model.get_output_embeddings()
-    key = next(n for n, p in model.named_parameters() if p is out.weight)
-    g, hs, _, graph = last_token._residual(obs, model, out, obs.tensors[key], sents, True)
+    model, obs, batch, sents, out, key, (g, hs, _, graph) = _completion(name, 4)
     dvec = last_exit._jvp(model, graph, sents, g)
     cands = [[5, 17, 40, s[0]] for s in sents]  # s[0]: a token of the sentence itself
     ges = last_token._packed_terms(graph, out.weight, sents, cands)
