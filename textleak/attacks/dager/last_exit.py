@@ -195,16 +195,11 @@ def _split_terms(model: nn.Module, graph, w: Tensor, sents: list[list[int]], can
 def _sub_pack(model: nn.Module, sents: list[list[int]]):
     """A ``last_token.Graph`` of ``sents`` alone without its forward (``hidden`` None): packed rows as the
     completion's residual packs them, the word embeddings detached (the input of ``_jvp``)."""
-    from .last_token import Graph, _pack
-    from .span import model_device
+    from .last_token import Graph, _packed_rows
 
-    dev = model_device(model)
-    ids, pos, mask, where = _pack(sents, dev, next(model.parameters()).dtype, packed=True)
+    ids, pos, mask, rows, offs, lens = _packed_rows(model, sents)
     with torch.no_grad():
         e = model.get_input_embeddings()(ids)
-    rows = torch.tensor([r for r, _ in where], device=dev)
-    offs = torch.tensor([o for _, o in where], device=dev)
-    lens = torch.tensor([len(s) for s in sents], device=dev)
     return Graph(None, e, rows, offs, lens, {"attention_mask": mask, "position_ids": pos})
 
 

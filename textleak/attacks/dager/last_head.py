@@ -45,15 +45,12 @@ def packed_residual(obs: Observation, model: nn.Module, out_emb: nn.Module, upda
     """``last_token._residual(..., exact=True, packed=True)`` with the output layer by hand (module docstring):
     the residual [V, d] (float64), the last hidden states [n, d] (float64), the loss denominator and the
     packed forward's ``Graph``."""
-    from .last_token import Graph, _pack
+    from .last_token import Graph, _known_slots, _loss_denom, _packed_rows
 
     w = out_emb.weight.detach()
     dev = model_device(model)
     n = len(sents)
-    ids, pos, mask, where = _pack(sents, dev, next(model.parameters()).dtype, packed=True)
-    lens = torch.tensor([len(s) for s in sents], device=dev)
-    rows = torch.tensor([r for r, _ in where], device=dev)
-    offs = torch.tensor([o for _, o in where], device=dev)
+    ids, pos, mask, rows, offs, lens = _packed_rows(model, sents)
     inputs = {"attention_mask": mask, "position_ids": pos}
     store: list[Tensor] = []
 
@@ -72,12 +69,10 @@ def packed_residual(obs: Observation, model: nn.Module, out_emb: nn.Module, upda
     finally:
         h.remove()
     hid = store[0]  # [R, T, d]
-    per = torch.repeat_interleave(torch.arange(n, device=dev), lens - 1)  # sentence of each known-target slot
-    col = offs[per] + torch.cat([torch.arange(int(k) - 1, device=dev) for k in lens])
+    per, col = _known_slots(offs, lens)  # the sentence and column of each known-target slot
     last = offs + lens - 1
     hk = torch.cat([hid[rows[per], col], hid[rows, last]])  # [M, d]: known-target slots, then last slots
-    proto = obs.protocol
-    denom = float(obs.num_examples or n) if (proto is None or proto.loss_reduction == "mean") else 1.0
+    denom = _loss_denom(obs, n)
     coef = 1.0 / (lens.to(torch.float64) * denom)  # d loss / d logit scale of each sentence's rows
     row_coef = torch.cat([coef[per], coef]).to(hid.dtype)  # [M]
     n_known = int(per.numel())

@@ -110,10 +110,7 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
     g = update.detach().to(torch.float64).cpu()  # [V, d]
     dev = model_device(model)
     n = len(sents)
-    ids, pos, mask, where = _pack(sents, dev, next(model.parameters()).dtype, packed=packed)
-    lens = torch.tensor([len(s) for s in sents], device=dev)
-    rows = torch.tensor([r for r, _ in where], device=dev)
-    offs = torch.tensor([o for _, o in where], device=dev)
+    ids, pos, mask, rows, offs, lens = _packed_rows(model, sents, packed=packed)
     hid: list[Tensor] = []
 
     def hook(_m, args):
@@ -130,15 +127,13 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
         if exact:
             logits = model(**inputs).logits.float()
             # predicting positions with a known target: sentence i's offsets o .. o + len - 2
-            per = torch.repeat_interleave(torch.arange(n, device=dev), lens - 1)
-            col = offs[per] + torch.cat([torch.arange(int(k) - 1, device=dev) for k in lens])
+            per, col = _known_slots(offs, lens)
             lp = logits[rows[per], col].log_softmax(-1)  # [N, V]
             tgt = lp.gather(-1, ids[rows[per], col + 1].unsqueeze(-1)).squeeze(-1)
             loss_b = torch.zeros(n, dtype=lp.dtype, device=dev).index_add(0, per, -tgt)  # known targets
             last = logits[rows, offs + lens - 1].logsumexp(-1)  # softmax term of the last position
             loss_b = (loss_b + last) / lens.to(lp.dtype)  # the true sentence has len+1 tokens -> len targets
-            proto = obs.protocol
-            denom = float(obs.num_examples or n) if (proto is None or proto.loss_reduction == "mean") else 1.0
+            denom = _loss_denom(obs, n)
             (gp,) = torch.autograd.grad(loss_b.sum() / denom, [w], retain_graph=keep)
             g = g - gp.detach().to(torch.float64).cpu()
         else:
@@ -149,6 +144,31 @@ def _residual(obs: Observation, model: nn.Module, out_emb: nn.Module, update: Te
         h.remove()
     graph = Graph(hid[0], e, rows, offs, lens, {k: x for k, x in inputs.items() if k != "inputs_embeds"}) if keep else None
     return g, hid[0][rows, offs + lens - 1].detach().to(torch.float64).cpu(), denom, graph
+
+
+def _packed_rows(model: nn.Module, sents: list[list[int]], *, packed: bool = True):
+    """``_pack`` on the model's device and dtype, each sentence's row, offset and length as tensors:
+    (ids, positions, mask, rows, offsets, lengths)."""
+    dev = model_device(model)
+    ids, pos, mask, where = _pack(sents, dev, next(model.parameters()).dtype, packed=packed)
+    rows = torch.tensor([r for r, _ in where], device=dev)
+    offs = torch.tensor([o for _, o in where], device=dev)
+    lens = torch.tensor([len(s) for s in sents], device=dev)
+    return ids, pos, mask, rows, offs, lens
+
+
+def _known_slots(offs: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
+    """The predicting positions with a known target: sentence ``per[j]`` at column ``col[j]`` (sentence i's
+    offsets o .. o + len - 2)."""
+    per = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens - 1)
+    col = offs[per] + torch.cat([torch.arange(int(k) - 1, device=lens.device) for k in lens])
+    return per, col
+
+
+def _loss_denom(obs: Observation, n: int) -> float:
+    """The client loss's denominator: the batch size for a mean reduction, else 1."""
+    proto = obs.protocol
+    return float(obs.num_examples or n) if (proto is None or proto.loss_reduction == "mean") else 1.0
 
 
 def _pack(sents: list[list[int]], dev: torch.device, dtype: torch.dtype, *,
