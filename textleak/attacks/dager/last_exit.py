@@ -60,7 +60,7 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
     the sentence's own tokens (every one of them gets its exact term; the path before session 13). ``row_sq``:
     the residual's squared row norms when the caller has them (else computed here). ``lazy``: where no-move
     cannot be certified, the joint fit with terms on demand (``last_fit.lazy_fit``) instead of None."""
-    from .last_token import _order, _packed_terms
+    from .last_token import _packed_terms
 
     terms = (lambda gr, ww, ss, cc: _split_terms(model, gr, ww, ss, cc)) if support_bound else _packed_terms
 
@@ -70,13 +70,8 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
     known: list[dict[int, tuple[float, dict]]] = [{} for _ in range(n)]  # candidate index -> (cosine, rows)
 
     def learn(which: list[list[int]]) -> None:  # exact terms of the candidates ``which[i]`` of sentence i
-        if not any(which):
-            return
-        ges = terms(graph, w, sents, [[cands[i][j] for j in f] for i, f in enumerate(which)])
-        for i, f in enumerate(which):
-            for k, j in enumerate(f):
-                _, rows = _order(sents[i], [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
-                known[i][j] = (_cos(rows[0], g, r_norm), rows[0])
+        for i, j, cos, rows in _exact_terms(terms, graph, w, sents, cands, which, hs, g, r_norm):
+            known[i][j] = (cos, rows)
 
     def fit(_ub) -> list[int] | None:  # the joint fit from the certified top with terms on demand (last_fit.py)
         if not lazy:
@@ -311,6 +306,21 @@ def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor | None, *,
         raise RuntimeError("no tangent at the output layer's input")
     last = graph.offs + graph.lens - 1
     return store[0][graph.rows, last].detach().double().cpu()
+
+
+def _exact_terms(terms, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]], which: list[list[int]],
+                 hs: Tensor, g: Tensor, r_norm: float):
+    """The exact terms of the candidates ``which[i]`` (indices into ``cands[i]``) of each sentence i from one call of
+    ``terms`` (as ``last_token._packed_terms``): (i, j, ranking score, unscaled rows) for each."""
+    from .last_token import _order
+
+    if not any(which):
+        return
+    ges = terms(graph, w, sents, [[cands[i][j] for j in f] for i, f in enumerate(which)])
+    for i, f in enumerate(which):
+        for k, j in enumerate(f):
+            _, rows = _order(sents[i], [cands[i][j]], hs[i], ges[i][k:k + 1], g, r_norm)
+            yield i, j, _cos(rows[0], g, r_norm), rows[0]
 
 
 def _cos(rows: dict, g: Tensor, r_norm: float) -> float:

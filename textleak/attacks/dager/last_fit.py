@@ -38,8 +38,7 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
     """``last_token._joint_fit``'s choice (token ids) from the certified top candidates ``top`` with the terms
     computed on demand (module docstring). ``known[i]``: candidate index -> (cosine, unscaled rows) already
     computed; ``terms_fn(graph, w, sents, cands)``: input-side terms as ``last_token._packed_terms``."""
-    from .last_exit import _cos, _jvp, _sub_pack
-    from .last_token import _order
+    from .last_exit import _exact_terms, _jvp, _sub_pack
 
     n = len(sents)
     lens = [denom * len(s) for s in sents]
@@ -49,14 +48,9 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
 
     def fetch(which: list[list[int]]) -> None:
         which = [[j for j in sorted(set(f)) if j not in T[i]] for i, f in enumerate(which)]
-        if not any(which):
-            return
-        ges = terms_fn(graph, w, sents, [[cands[i][j] for j in f] for i, f in enumerate(which)])
-        for i, f in enumerate(which):
-            for m, j in enumerate(f):
-                _, rows = _order(sents[i], [cands[i][j]], hs[i], ges[i][m:m + 1], g, r_norm)
-                cos[i][j] = _cos(rows[0], g, r_norm)
-                T[i][j] = {r: t / lens[i] for r, t in rows[0].items()}
+        for i, j, c, rows in _exact_terms(terms_fn, graph, w, sents, cands, which, hs, g, r_norm):
+            cos[i][j] = c
+            T[i][j] = {r: t / lens[i] for r, t in rows.items()}
 
     choice = list(top)
     resid = g.clone()
