@@ -28,6 +28,10 @@ def main() -> None:
     ap.add_argument("--trial", type=int, default=0)
     ap.add_argument("--ks", default="8,12,16")
     ap.add_argument("--search", type=int, default=0, help="run DAGER on the residual after peeling this many")
+    ap.add_argument("--peel-from", default="", help="pickle of a run: peel its certified sentences, rerun DAGER on "
+                    "the residual (scaled to a B - k batch)")
+    ap.add_argument("--sep", default="", help="k values: layer-2 span-distance separation on the residual after "
+                    "peeling k true sentences (span cut at the largest drop near the remaining token count)")
     ap.add_argument("--no-cert", action="store_true", help="skip the certificate part")
     ap.add_argument("--wrong", default="", help="pickle of a run (bench output) whose non-exact sentences are tested")
     a = ap.parse_args()
@@ -74,6 +78,63 @@ def main() -> None:
                 f"gapless_sat={gapless_saturated(sp, cutoff)} n>1e-6={int((s > 1e-6 * s[0]).sum())}")
 
     all_names = [n for n in obs.tensors if n in params]
+    if a.sep:
+        from textleak.attacks.dager.span import Span, decoder_last_inputs, span_distance
+        li2 = LayerInputs(model, taps["l2"])
+        gen = torch.Generator().manual_seed(0)
+        pool = sorted({t_ for s in truth for t_ in s})
+        for k in [int(v) for v in a.sep.split(",")]:
+            rest = truth[k:]
+            nr = sum(len(x) - 1 for x in rest)
+            mat = observed_matrix(taps["l2"], {n: obs.tensors[n].double() - sum(grads(s, taps["l2"].names)[n] for s in truth[:k])
+                                               for n in taps["l2"].names if n in obs.tensors})
+            _, sv, vh = torch.linalg.svd(mat, full_matrices=False)
+            lo, hi = max(1, nr - 80), min(sv.numel() - 1, nr + 10)
+            r = max(range(lo, hi), key=lambda i: float(sv[i - 1] / sv[i]))
+            basis = vh[:r].t()
+            pre, cand = [], []
+            for s in rest:
+                for j in range(1, len(s) - 1):
+                    wrong = [pool[int(i)] for i in torch.randint(len(pool), (16,), generator=gen)]
+                    pre.append(s[:j]); cand.append([s[j]] + [w for w in wrong if w != s[j]])
+            xs = decoder_last_inputs(li2, pre, cand)
+            dt = torch.cat([span_distance(basis, x[:1], exact_below=2) for x in xs])
+            dw = torch.cat([span_distance(basis, x[1:], exact_below=2) for x in xs])
+            first = sum(int(span_distance(basis, x, exact_below=2).argmin()) == 0 for x in xs)
+            print(f"sep k={k}: remaining predicting tokens {nr}, span rank {r} (drop s[r-1]/s[r] {float(sv[r-1]/sv[r]):.1f}, "
+                  f"s[r-1]/s0 {float(sv[r-1]/sv[0]):.1e}); true ext. distance median {float(dt.median()):.2e} "
+                  f"p99 {float(dt.quantile(0.99)):.2e} max {float(dt.max()):.2e}; wrong min {float(dw.min()):.2e} "
+                  f"p1 {float(dw.quantile(0.01)):.2e} median {float(dw.median()):.2e}; true first at {first}/{len(xs)} steps",
+                  flush=True)
+        return
+    if a.peel_from:
+        run = pickle.load(open(a.peel_from, "rb"))
+        done = [list(x) for x, c in zip(run["ids"], run["cert"]) if c]
+        ts = {tuple(x) for x in truth}
+        print(f"peeling {len(done)} certified sentences of the run ({sum(tuple(x) in ts for x in done)} true)")
+        acc = {n: obs.tensors[n].double().clone() for n in all_names}
+        for s in done:
+            g = grads(s, all_names)
+            for n in all_names:
+                acc[n] -= g[n]
+        k = len(done)
+        f = b / (b - k)  # the residual is the gradient of the remaining B - k sentences under a mean over B - k
+        robs = replace(obs, num_examples=b - k,
+                       tensors={**obs.tensors, **{n: (v * f).to(obs.tensors[n].dtype) for n, v in acc.items()}})
+        c0 = time.process_time()
+        rec = DAGER().reconstruct(robs, model, prior, generator=make_generator(derive_seed(a.seed, a.trial, "attack")))
+        cpu = time.process_time() - c0
+        rest = ts - {tuple(x) for x in done}
+        got = [tuple(x) for x in rec.extras["token_ids"] if x]
+        print(f"round 2 on the residual: {cpu:.1f} CPU s, exact {sum(x in rest for x in got)} of {len(rest)} remaining; "
+              f"certified {sum(rec.extras['certified'])} (true {sum(c and x in rest for c, x in zip(rec.extras['certified'], got))})")
+        print({k_: round(v, 4) for k_, v in rec.stats.items()})
+        allp = [x for x in done] + [list(x) for x in rec.extras["token_ids"]]
+        texts = [tok.decode(x, skip_special_tokens=True).strip() for x in allp][:b]
+        from common.types import Reconstruction
+        m, _ = kit.score(Reconstruction(data=texts + [""] * (b - len(texts))), t.truth, case=p.case)
+        print("combined", {k_: round(float(v), 4) for k_, v in m.items()})
+        return
     c0 = time.process_time()
     g_true = [grads(s, tap_names) for s in truth]
     print(f"per-sentence tap gradients: {time.process_time() - c0:.1f} CPU s for {b} sentences", flush=True)

@@ -15,7 +15,7 @@ from common.threat import Capability
 from common.types import Observation, Reconstruction
 from textleak.models import max_length
 
-from . import certify, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel
+from . import certify, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel, peel_dec
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .l2_block import Layer2Stage
@@ -191,8 +191,8 @@ class DAGER:
             run.block = PostLNBlock.build(model, li1, li2, torch.arange(1000, 1024, device=dev).unsqueeze(0) % vocab)
         stats["fast_block"] = float(run.block is not None)
         ctx = _Ctx(obs, model, prior, run, spans, li1, li2, max_len, position_free, kind, b, probe)
-        if self._use_frontier(obs, stats):
-            return self._frontier(ctx, None)
+        if self._use_frontier(obs, stats):  # (then rounds on the residual of its certified sentences: peel_dec)
+            return peel_dec.more(self, ctx, self._frontier(ctx, None))
         try:
             exact = self._exact(ctx)
         except DagerPreconditionError:
