@@ -64,6 +64,10 @@ Deviations from the reference, all deliberate:
   reconstruction, and under a declared Gaussian noise it fills what the exact search misses.
   ``extras["certified"]`` flags the sentences that passed the exact tests on a noise-free,
   unsaturated update; ``stats["certified"]`` is their fraction of the B slots.
+* Rotary decoders with only layer 2 saturated (noise-free FedSGD, an addition): layer 1's exact token coefficients
+  certify the ranked search's sentences whose own gradient makes one of their tokens vanish (``certify.py``), and
+  the certified sentences' exact gradients are peeled off for one more round of the attack on the residual batch
+  (``peel_dec.py``).
 
 Modules: ``config`` (DagerConfig and the fixed constants), ``run`` (the per-call state: thresholds,
 statistics, deadline), ``attack`` (DAGER: spans, layer-1 scan, orchestration), ``span`` (span

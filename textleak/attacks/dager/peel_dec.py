@@ -78,7 +78,8 @@ def more(attack: Any, c: Any, rec: Reconstruction) -> Reconstruction:
              "peeled": float(len(done)), "peel_rounds": 1.0 + inner.stats.get("peel_rounds", 0.0),
              "certified": sum(flags) / max(1, len(flags)), "round1_certified": float(len(done))}
     return Reconstruction(data=texts, stats=stats, confidence=conf,
-                          extras={**rec.extras, "token_ids": ids, "certified": flags, "status": "ok"})
+                          extras={**rec.extras, "token_ids": ids, "certified": flags, "status": "ok",
+                                  "round1_token_ids": rec.extras["token_ids"]})
 
 
 def residual(obs: Observation, model: nn.Module, prior: Any, sents: list[list[int]]) -> Observation:
