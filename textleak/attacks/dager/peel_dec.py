@@ -36,7 +36,7 @@ from torch import nn
 from common.types import Batch, Observation, Reconstruction
 
 from . import certify
-from .span import DagerPreconditionError, find_tap
+from .span import DagerPreconditionError, LayerInputs, find_tap, first_layer_vectors, observed_matrix
 
 _ROUND_STATS = ("rank_l1", "rank_l2", "saturated_l2", "gapless_saturated_l2", "frontier", "found", "certified",
                 "cert_accepted", "peel_cpu_s")
@@ -58,6 +58,7 @@ def more(attack: Any, c: Any, rec: Reconstruction) -> Reconstruction:
     done = [list(s) for s, f in zip(rec.extras["token_ids"], cert) if f]
     c0 = time.process_time()
     robs = residual(c.obs, c.model, c.prior, done, read_by(c))
+    robs = clean_layer1(robs, c.obs, c.li1, c.run.l1_tokens, rec.stats)
     rec.stats["peel_cpu_s"] = time.process_time() - c0
     gc.collect()
     attack._peel_depth = depth + 1
@@ -82,6 +83,35 @@ def more(attack: Any, c: Any, rec: Reconstruction) -> Reconstruction:
     return Reconstruction(data=texts, stats=stats, confidence=conf,
                           extras={**rec.extras, "token_ids": ids, "certified": flags, "status": "ok",
                                   "round1_token_ids": rec.extras["token_ids"]})
+
+
+def clean_layer1(robs: Observation, obs: Observation, li1: LayerInputs, tokens: list[int],
+                 stats: dict[str, float]) -> Observation:
+    """The residual's layer-1 update rebuilt from its token coefficients with those of the tokens that vanished set to
+    exactly zero. The client's float32 error on the peeled sentences (about 2e-5 of their share) otherwise stays
+    along their own tokens' directions, as a smooth tail under the remaining tokens' weakest directions, and the
+    rank rule cut layer 1 in the wrong place (SmolLM2 B=32 seed 2 trial 0: rank 253 where 500 or so tokens remained,
+    ROUGE-1 0.45 -> 0.33). A token vanished when its residual coefficient is under ``CERT_TOL`` of its observed one
+    (rescaled); only ``nn.Linear`` projections (else unchanged)."""
+    mods = [(m, n) for m, n in zip(li1.tap.modules, li1.tap.names) if n and n in robs.tensors]
+    if not tokens or not all(isinstance(m, nn.Linear) for m, _ in mods):
+        return robs
+    x = first_layer_vectors(li1, torch.tensor(tokens), 0).double()  # [T, d]
+    pinv = torch.linalg.pinv(x.t()).t()  # [d, T]
+    f = float(obs.num_examples) / float(robs.num_examples)
+    c_obs = observed_matrix(li1.tap, obs.tensors) @ pinv * f
+    c_res = observed_matrix(li1.tap, robs.tensors) @ pinv
+    gone = c_res.norm(dim=0) < certify.CERT_TOL * c_obs.norm(dim=0)
+    stats["peel_l1_vanished"] = float(gone.sum())
+    c_res[:, gone] = 0.0
+    mat = c_res @ x  # [out, d]
+    tensors = dict(robs.tensors)
+    row = 0
+    for m, n in mods:
+        k = m.weight.shape[0]
+        tensors[n] = mat[row:row + k].to(robs.tensors[n].dtype).to(robs.tensors[n].device)
+        row += k
+    return replace(robs, tensors=tensors)
 
 
 def read_by(c: Any) -> list[str]:
