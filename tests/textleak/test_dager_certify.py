@@ -40,12 +40,9 @@ def test_true_sentences_certify_and_near_misses_do_not():
     assert certify(obs, model, prior, li1, tokens, short[:3] + [true[3]] + other[4:6]) == [False] * 3 + [True, False, False]
 
 
-def test_ranked_search_flags_only_exact_sentences(monkeypatch):
+def test_ranked_search_flags_only_exact_sentences():
     """The ranked rotary search (layer 2 saturated, layer 1 exact) now certifies what it recovers exactly, and only
     that (without the certificate every flag was False); no peeling round here."""
-    from textleak.attacks.dager import peel_dec
-
-    monkeypatch.setattr(peel_dec, "PEEL_ROUNDS", 0)
     _, _, model, obs, prior, truth, _, _ = _ctx()
     rec = _attack(obs, model, prior, on_failure="raise")
     assert rec.stats["saturated_l2"] == 1.0 and not rec.stats.get("saturated_l1")
@@ -61,13 +58,11 @@ def test_peeling_the_certified_sentences_makes_the_rest_exact():
     """Peeling (``peel_dec.py``): the certified sentences' exact gradients are subtracted, the residual (rescaled to
     the remaining batch) is no longer saturated at layer 2, and the attack's exact search on it recovers every
     remaining sentence; all 8 come back exact and certified on the observed update (ROUGE-1 about 0.69 -> 1.0)."""
-    from textleak.attacks.dager import peel_dec
-
     kit, case, model, obs, prior, truth, _, _ = _ctx()
-    assert peel_dec.PEEL_ROUNDS >= 1
-    rec = _attack(obs, model, prior, on_failure="raise")
+    rec = _attack(obs, model, prior, on_failure="raise", peel_rounds=1)
     st = rec.stats
     assert st["saturated_l2"] == 1.0 and 1 <= st["round1_certified"] < 8 and st["peel_rounds"] == 1.0
+    assert st["peel_l1_vanished"] >= 1  # (clean_layer1: the peeled sentences' own tokens leave layer 1 exactly)
     assert not st.get("round2_saturated_l2") and st["round2_rank_l2"] < 64 - 6
     assert rec.extras["token_ids"] and sorted(map(tuple, rec.extras["token_ids"])) == sorted(map(tuple, truth["token_ids"]))
     assert rec.extras["certified"] == [True] * 8 and st["certified"] == 1.0

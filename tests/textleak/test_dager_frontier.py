@@ -212,9 +212,8 @@ def test_rotary_ranked_search_bans_repeats_past_the_second_layers_rank(monkeypat
     repeating the path's last token, or a bigram it already holds, reproduces an accepted input and passes
     (``frontier_rope.RunGuard`` bans them): with the guard ROUGE-1 >= 0.6 and no immediate repeats, without it
     the beam fills with runs ("the the the ...", ROUGE-1 about 0.2)."""
-    from textleak.attacks.dager import frontier_rope, peel_dec
+    from textleak.attacks.dager import frontier_rope
 
-    monkeypatch.setattr(peel_dec, "PEEL_ROUNDS", 0)  # (the ranked search alone; peeling: test_dager_certify.py)
     kit, case, model, obs, prior, truth, _ = _setup("text/tiny-llama/dager", 8, seed=1)
     rec = _attack(obs, model, prior, on_failure="raise")
     assert rec.stats["saturated_l2"] == 1.0 and not rec.stats.get("saturated_l1")

@@ -19,7 +19,7 @@ Development measurements (SmolLM2-135M B=32, seed 0 trial 0, one thread, loaded 
   feed-forward input 1.8 and 3.3), because the client's float32 error on the peeled sentences (relative 2e-5 of
   their share) stays in the residual along their inputs.
 
-``PEEL_ROUNDS`` extra rounds at most (each needs a certified sentence and, under a time budget, that the budget
+``DagerConfig.peel_rounds`` extra rounds at most (0 by default: see the measurements above) (each needs a certified sentence and, under a time budget, that the budget
 left is more than the last round took; a round that runs out of budget is discarded).
 """
 from __future__ import annotations
@@ -40,7 +40,6 @@ from .span import DagerPreconditionError, LayerInputs, find_tap, first_layer_vec
 
 _ROUND_STATS = ("rank_l1", "rank_l2", "saturated_l2", "gapless_saturated_l2", "frontier", "found", "certified",
                 "cert_accepted", "peel_cpu_s")
-PEEL_ROUNDS = 1  # extra rounds of the attack on the residual after certified sentences are peeled (0: off)
 
 
 def more(attack: Any, c: Any, rec: Reconstruction) -> Reconstruction:
@@ -48,7 +47,7 @@ def more(attack: Any, c: Any, rec: Reconstruction) -> Reconstruction:
     depth = getattr(attack, "_peel_depth", 0)
     cert = rec.extras.get("certified") or []
     b = c.b
-    if (depth >= PEEL_ROUNDS or b is None or not any(cert) or all(cert[:b]) or not c.run.l1_tokens
+    if (depth >= attack.config.peel_rounds or b is None or not any(cert) or all(cert[:b]) or not c.run.l1_tokens
             or not certify.applies(c.obs, c.prior, c.run.stats, c.kind, c.position_free)):
         return rec
     cfg = attack.config
