@@ -219,7 +219,7 @@ def test_rotary_ranked_search_bans_repeats_past_the_second_layers_rank(monkeypat
     assert rec.stats["saturated_l2"] == 1.0 and not rec.stats.get("saturated_l1")
     assert rec.stats["fast_decoder_block"] == 1.0
     ids = [t for t in rec.extras["token_ids"] if t]
-    # certify.py: only sentences recovered exactly are certified (test_dager_certify.py)
+    # certify.py: only sentences recovered exactly are certified (test_dager_certify_dec.py)
     assert all(c <= (t in truth["token_ids"]) for c, t in zip(rec.extras["certified"], rec.extras["token_ids"]))
     assert len(ids) == 8 and not any(a == b for t in ids for a, b in zip(t[:-2], t[1:-1]))  # (the completed last token aside)
     guarded = kit.score(rec, truth, case=case)[0]["rouge1"]

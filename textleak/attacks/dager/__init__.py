@@ -65,7 +65,7 @@ Deviations from the reference, all deliberate:
   ``extras["certified"]`` flags the sentences that passed the exact tests on a noise-free,
   unsaturated update; ``stats["certified"]`` is their fraction of the B slots.
 * Rotary decoders with only layer 2 saturated (noise-free FedSGD, an addition): layer 1's exact token coefficients
-  certify the ranked search's sentences whose own gradient makes one of their tokens vanish (``certify.py``), and
+  certify the ranked search's sentences whose own gradient makes one of their tokens vanish (``certify_dec.py``), and
   the certified sentences' exact gradients are peeled off for one more round of the attack on the residual batch
   (``peel_dec.py``).
 

@@ -15,7 +15,7 @@ from common.threat import Capability
 from common.types import Observation, Reconstruction
 from textleak.models import max_length
 
-from . import certify, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel, peel_dec
+from . import certify_dec, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel, peel_dec
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .l2_block import Layer2Stage
@@ -336,7 +336,7 @@ class DAGER:
         all_sents = prev + [sents[i] for i in order]
         all_scores = [0.0] * len(prev) + [scores[i] for i in order]
         return _finish(run, c.prior.tokenizer, all_sents, all_scores, list(range(len(all_sents))), b,
-                       certified=certify.flags(c, l1, all_sents) if c.kind != "encoder" else [False] * len(all_sents))
+                       certified=certify_dec.flags(c, l1, all_sents) if c.kind != "encoder" else [False] * len(all_sents))
 
 
 def _scan_l1(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_free: bool):

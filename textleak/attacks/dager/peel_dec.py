@@ -1,6 +1,6 @@
 """Certified peeling for the ranked rotary decoder search (issue 20, an addition; our own code).
 
-Once ``certify.py`` has certified some sentences of the ranked search, their exact gradient is known: the client's
+Once ``certify_dec.py`` has certified some sentences of the ranked search, their exact gradient is known: the client's
 loss is the batch mean of per-sentence mean next-token losses, so sentence ``s`` contributes ``grad L_s / B``
 (the scale is exact, no fit: on a SmolLM2 B=32 development batch the 32 true sentences' float64 gradients over B
 reproduce the observed update to a relative 2e-5, the client's float32 round-off, and a scale off by 1e-4 already
@@ -35,7 +35,7 @@ from torch import nn
 
 from common.types import Batch, Observation, Reconstruction
 
-from . import certify
+from . import certify_dec
 from .span import DagerPreconditionError, LayerInputs, find_tap, first_layer_vectors, observed_matrix
 
 _ROUND_STATS = ("rank_l1", "rank_l2", "saturated_l2", "gapless_saturated_l2", "frontier", "found", "certified",
@@ -48,7 +48,7 @@ def more(attack: Any, c: Any, rec: Reconstruction) -> Reconstruction:
     cert = rec.extras.get("certified") or []
     b = c.b
     if (depth >= attack.config.peel_rounds or b is None or not any(cert) or all(cert[:b]) or not c.run.l1_tokens
-            or not certify.applies(c.obs, c.prior, c.run.stats, c.kind, c.position_free)):
+            or not certify_dec.applies(c.obs, c.prior, c.run.stats, c.kind, c.position_free)):
         return rec
     cfg = attack.config
     used = time.process_time() - c.run.c0 if cfg.budget_clock == "cpu" else time.perf_counter() - c.run.t0
@@ -72,7 +72,7 @@ def more(attack: Any, c: Any, rec: Reconstruction) -> Reconstruction:
         return rec
     ids = done + [list(s) for s in inner.extras["token_ids"]][: b - len(done)]
     # the flags from the observed update itself (the residual's hold for the residual batch only)
-    flags = certify.certify(c.obs, c.model, c.prior, c.li1, c.run.l1_tokens or [], ids)
+    flags = certify_dec.certify(c.obs, c.model, c.prior, c.li1, c.run.l1_tokens or [], ids)
     conf = [1.0] * len(done) + list(inner.confidence or [])[: b - len(done)]
     texts = [s for s, f in zip(rec.data, cert) if f] + list(inner.data)[: b - len(done)]
     stats = {**rec.stats, **{f"round2_{k}": v for k, v in inner.stats.items() if k in _ROUND_STATS or k.startswith("round2_")},
@@ -100,7 +100,7 @@ def clean_layer1(robs: Observation, obs: Observation, li1: LayerInputs, tokens: 
     f = float(obs.num_examples) / float(robs.num_examples)
     c_obs = observed_matrix(li1.tap, obs.tensors) @ pinv * f
     c_res = observed_matrix(li1.tap, robs.tensors) @ pinv
-    gone = c_res.norm(dim=0) < certify.CERT_TOL * c_obs.norm(dim=0)
+    gone = c_res.norm(dim=0) < certify_dec.CERT_TOL * c_obs.norm(dim=0)
     stats["peel_l1_vanished"] = float(gone.sum())
     c_res[:, gone] = 0.0
     mat = c_res @ x  # [out, d]

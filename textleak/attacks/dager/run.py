@@ -34,7 +34,7 @@ class Run:
     prior_penalty: float | None = None  # the encoder beam's prior weight (None: config.PRIOR_PENALTY)
     ffn_prefilter: Any = None  # exact decoder search: (PreLNDecoderBlock, ComplementDistance) of the feed-forward input
     l2_block: Any = None  # exact decoder search: l2_block.Layer2Stage (the second block's input, incrementally)
-    l1_tokens: list[int] | None = None  # ranked rotary search: layer 1's exact candidates (certify.py)
+    l1_tokens: list[int] | None = None  # ranked rotary search: layer 1's exact candidates (certify_dec.py)
 
     def over_budget(self) -> bool:
         """True (and ``timed_out`` set) once ``time_budget_s`` > 0 has passed since ``t0`` (wall clock)

@@ -1,4 +1,4 @@
-"""Certificates for the ranked rotary decoder search (``certify.py``, issue 20): on a tiny Llama past layer 2's rank,
+"""Certificates for the ranked rotary decoder search (``certify_dec.py``, issue 20): on a tiny Llama past layer 2's rank,
 the true sentences certify (one batched backward, a token of their own vanishing from layer 1's coefficients) and
 near misses (one token short, another last token, the ranked search's wrong sentences) do not."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _ctx():
 
 
 def test_true_sentences_certify_and_near_misses_do_not():
-    from textleak.attacks.dager.certify import CERT_TOL, certify
+    from textleak.attacks.dager.certify_dec import CERT_TOL, certify
 
     _, _, model, obs, prior, truth, li1, tokens = _ctx()
     true = [list(s) for s in truth["token_ids"]]
