@@ -15,7 +15,7 @@ from common.threat import Capability
 from common.types import Observation, Reconstruction
 from textleak.models import max_length
 
-from . import decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel
+from . import certify, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .l2_block import Layer2Stage
@@ -23,7 +23,7 @@ from .rope_block import RopeDecoderBlock
 from .config import (CHUNK, FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
                      FRONTIER_FFN, FRONTIER_PRIOR_PENALTY, MAX_LEN, ROOT_QUOTA, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
 from .run import Run, declared_sigma
-from .scan import EXACT_MAX, SCAN_BLOCK, AffineScan
+from .scan import scan_l1 as _scan_l1
 from .span import (
     DagerPreconditionError,
     LayerInputs,
@@ -92,6 +92,7 @@ class DAGER:
         t0, c0 = time.perf_counter(), time.process_time()
         was_training = model.training
         model.eval()
+        self._gmodel: nn.Module | None = None  # certify.py's float64 copy of the model
         try:
             return self._run(obs, model, prior, t0, c0)
         except DagerPreconditionError as e:
@@ -256,6 +257,21 @@ class DAGER:
         blk = _decoder_block(c.model, li, l1)
         return (blk, ComplementDistance(sp.basis)) if blk is not None else None
 
+    def _certifier(self, c: _Ctx) -> certify.Certifier | None:
+        """The layer-1 certificate of the ranked encoder search (``certify.applies``, ``DagerConfig.certify``)."""
+        if not (self.config.certify and certify.applies(c.obs, c.prior, c.kind, c.run.stats)):
+            return None
+        cert = certify.Certifier(c.obs, c.model, c.prior, c.li1.tap, self._gmodel)
+        self._gmodel = cert.gmodel  # (the float64 copy, made once per reconstruction)
+        return cert if cert.usable else None
+
+    def _again(self, obs: Observation, c: _Ctx) -> Reconstruction | None:
+        """The whole attack on a certified residual, within the same budget (None: a precondition failure)."""
+        try:
+            return self._run(obs, c.model, c.prior, c.run.t0, c.run.c0)
+        except DagerPreconditionError:
+            return None
+
     def _frontier(self, c: _Ctx, exact: Reconstruction | None) -> Reconstruction:
         """The ranked search past the exact regime (``frontier.py``); with ``exact`` (the exact search's
         result under declared noise), its sentences are kept and the ranked search fills the rest."""
@@ -291,7 +307,11 @@ class DAGER:
             raise DagerPreconditionError("the ranked layer-1 scan found no position")
         if c.kind == "encoder":
             run.tau = (tol[0], 10.0 * FRONTIER_CLEAR * tol[1])  # "clear" = max distance <= FRONTIER_CLEAR tol
-            sents, scores = encoder.search(run, c.obs, c.model, c.li2, c.spans[1], l1, c.prior, b)
+            cert = self._certifier(c)  # layer 1 certifies the ranked search's sentences (certify.py)
+            sents, scores = encoder.search(run, c.obs, c.model, c.li2, c.spans[1], l1, c.prior, b,
+                                           on_take=cert.take if cert is not None else None)
+            if cert is not None and cert.peeled:  # peeled: the residual is attacked from the start
+                return certify.resume(cert, lambda o: self._again(o, c), c.prior.tokenizer, stats)
             order = sorted(range(len(sents)), key=lambda i: scores[i])
         else:
             # the first block's feed-forward input: as discriminative as layer 2 on true prefixes (GPT-2
@@ -337,44 +357,6 @@ class DAGER:
         all_scores = [0.0] * len(prev) + [scores[i] for i in order]
         return _finish(run, c.prior.tokenizer, all_sents, all_scores, list(range(len(all_sents))), b,
                        certified=[False] * len(all_sents))
-
-
-def _scan_l1(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_free: bool):
-    """Layer-1 filter: per position, the vocabulary tokens whose first-layer input lies in the span
-    (``[(token ids, distances)]`` up to the first position with none)."""
-    vocab = int(li1.model.get_input_embeddings().num_embeddings)
-    all_ids = torch.arange(vocab)
-    l1: list[tuple[list[int], Tensor]] = []
-    t_scan = time.perf_counter()
-    scan, block = None, []
-    if run.fast and not position_free and run.tau[0] < EXACT_MAX:
-        scan = AffineScan.build(li1, max_len)
-    comp = scan.complement(span1.basis) if scan is not None else None
-    run.stats["fast_scan"] = float(scan is not None)
-    for p in range(max_len):
-        if position_free and p > 0:
-            l1.append(l1[0])
-            continue
-        if scan is not None and comp is not None:
-            if p % SCAN_BLOCK == 0:  # positions in blocks: the lower bounds share matrix products
-                block = scan.scan(li1, span1.basis, comp, list(range(p, min(p + SCAN_BLOCK, max_len))))
-            d = block[p % SCAN_BLOCK]
-        else:
-            d = span_distance(span1.basis, first_layer_vectors(li1, all_ids, p, chunk=CHUNK))
-        keep = torch.nonzero(d < run.gap_threshold(d, 0)).flatten()
-        keep = keep[d[keep].argsort()]
-        if keep.numel() == 0:
-            break
-        l1.append((keep.tolist(), d[keep]))
-    stats = run.stats
-    stats["scan_seconds"] = time.perf_counter() - t_scan
-    stats["position_free"] = float(position_free)
-    stats["l1_candidates"] = float(sum(len(c) for c, _ in l1[:1] if position_free) if position_free
-                                   else sum(len(c) for c, _ in l1))
-    if not l1:
-        raise DagerPreconditionError("no vocabulary token lies in the layer-1 span (threshold too strict, "
-                                     "or the update is too noisy); raise l1_span_thresh")
-    return l1
 
 
 def _finish(run: Run, tok: Any, sents: list[list[int]], scores: list[float], order: list[int],
