@@ -93,6 +93,7 @@ class DAGER:
         was_training = model.training
         model.eval()
         self._gmodel: nn.Module | None = None  # certify.py's float64 copy of the model
+        self._residual = False  # attacking a certified residual (certify.py)
         try:
             return self._run(obs, model, prior, t0, c0)
         except DagerPreconditionError as e:
@@ -128,8 +129,10 @@ class DAGER:
             stats[f"max_rank_l{k + 1}"] = float(sp.max_rank)
             stats[f"edge_l{k + 1}"] = floor
             cutoff = min(RANK_CUTOFF, max(1, sp.max_rank // 10))
+            if getattr(self, "_residual", False) and certify.clear_gap(sp):
+                cutoff = 0  # a certified residual: its rank is its token count (certify.clear_gap)
             # a smooth spectrum past the width hides its saturation from NumPy's rank rule (SmolLM2 B=32, layer 2)
-            hidden = (sigma == 0.0 and obs.kind == "gradient" and sp.rank <= sp.max_rank - cutoff
+            hidden = (cutoff > 0 and sigma == 0.0 and obs.kind == "gradient" and sp.rank <= sp.max_rank - cutoff
                       and frontier_rope.gapless_saturated(sp, cutoff))
             if hidden:
                 stats[f"gapless_saturated_l{k + 1}"] = 1.0
@@ -261,12 +264,13 @@ class DAGER:
         """The layer-1 certificate of the ranked encoder search (``certify.applies``, ``DagerConfig.certify``)."""
         if not (self.config.certify and certify.applies(c.obs, c.prior, c.kind, c.run.stats)):
             return None
-        cert = certify.Certifier(c.obs, c.model, c.prior, c.li1.tap, self._gmodel)
+        cert = certify.Certifier(c.obs, c.model, c.prior, (c.li1.tap, c.li2.tap), self._gmodel)
         self._gmodel = cert.gmodel  # (the float64 copy, made once per reconstruction)
         return cert if cert.usable else None
 
     def _again(self, obs: Observation, c: _Ctx) -> Reconstruction | None:
         """The whole attack on a certified residual, within the same budget (None: a precondition failure)."""
+        self._residual = True  # (its layer-2 span is exact at a clear gap: certify.clear_gap)
         try:
             return self._run(obs, c.model, c.prior, c.run.t0, c.run.c0)
         except DagerPreconditionError:
@@ -310,9 +314,11 @@ class DAGER:
             cert = self._certifier(c)  # layer 1 certifies the ranked search's sentences (certify.py)
             sents, scores = encoder.search(run, c.obs, c.model, c.li2, c.spans[1], l1, c.prior, b,
                                            on_take=cert.take if cert is not None else None)
-            if cert is not None and cert.peeled:  # peeled: the residual is attacked from the start
-                return certify.resume(cert, lambda o: self._again(o, c), c.prior.tokenizer, stats)
             order = sorted(range(len(sents)), key=lambda i: scores[i])
+            if cert is not None and cert.peeled:  # peeled: the residual is attacked from the start
+                rest = [sents[i] for i in order if all(sents[i] != s for s, _ in cert.peeled)]
+                again = lambda o: None if run.over_budget() else self._again(o, c)  # noqa: E731
+                return certify.resume(cert, again, c.prior.tokenizer, stats, rest)
         else:
             # the first block's feed-forward input: as discriminative as layer 2 on true prefixes (GPT-2
             # B=32: the true extension ranks first at 98 % of steps on either) at about half the cost
