@@ -315,6 +315,7 @@ class DAGER:
             sents, scores = encoder.search(run, c.obs, c.model, c.li2, c.spans[1], l1, c.prior, b,
                                            on_take=cert.take if cert is not None else None)
             order = sorted(range(len(sents)), key=lambda i: scores[i])
+            stats["cert_tested"] = float(cert.tested) if cert is not None else 0.0
             if cert is not None and cert.peeled:  # peeled: the residual is attacked from the start
                 rest = [sents[i] for i in order if all(sents[i] != s for s, _ in cert.peeled)]
                 again = lambda o: None if run.over_budget() else self._again(o, c)  # noqa: E731

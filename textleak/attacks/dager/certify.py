@@ -179,7 +179,7 @@ def resume(cert: Certifier, again: Callable[[Observation], Reconstruction | None
         if key in outer:
             stats[key] = outer[key]
     stats["cert_peeled"] = stats.get("cert_peeled", 0.0) + k
-    stats["cert_tested"] = stats.get("cert_tested", 0.0) + cert.tested
+    stats["cert_tested"] = stats.get("cert_tested", 0.0) + (outer.get("cert_tested", 0.0) if sub is not None else 0.0)
     stats["found"] = float(len(ids))
     stats.pop("missing", None)
     if len(ids) < b:
