@@ -41,3 +41,22 @@ def test_layer1_certificate_accepts_true_sentences_and_rejects_near_misses():
     assert res.num_examples == 2
     rest = Certifier(res, model, prior, cert.taps, cert.gmodel)
     assert rest.label(ids[1]) == labels[1] and rest.label(ids[0]) is None
+
+
+def test_ranked_encoder_search_certifies_only_right_sentences_past_the_layer2_limit():
+    """Tiny BERT at B=7 (67 tokens, width 64): layer 2 is saturated, layer 1 is not. With the certificate the
+    ranked search's right sentence is certified and peeled, and no wrong one is flagged; without it (the
+    previous best effort) nothing is certified."""
+    from textleak.attacks.dager import DAGER, DagerConfig
+
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(7)
+    ids = truth["token_ids"]
+    flagged = {}
+    for on in (True, False):
+        rec = DAGER(DagerConfig(certify=on, time_budget_s=60, budget_clock="cpu")).reconstruct(
+            obs, model, prior, generator=torch.Generator())
+        assert rec.stats["saturated_l2"] == 1.0 and not rec.stats.get("saturated_l1")
+        got, cert = rec.extras["token_ids"], rec.extras["certified"]
+        flagged[on] = [g for g, c in zip(got, cert) if c]
+        assert all(g in ids for g in flagged[on])
+    assert len(flagged[True]) >= 1 and flagged[False] == []
