@@ -20,7 +20,7 @@ from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .l2_block import Layer2Stage
 from .rope_block import RopeDecoderBlock
-from .config import (CHUNK, FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
+from .config import (FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
                      FRONTIER_FFN, FRONTIER_PRIOR_PENALTY, MAX_LEN, ROOT_QUOTA, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
 from .run import Run, declared_sigma
 from .scan import scan_l1 as _scan_l1
@@ -33,7 +33,6 @@ from .span import (
     first_layer_vectors,
     model_device,
     observed_matrix,
-    span_distance,
     span_of,
     weight_as_out_in,
 )

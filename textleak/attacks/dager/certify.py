@@ -146,7 +146,8 @@ def resume(cert: Certifier, again: Callable[[Observation], Reconstruction | None
     precondition failure there), of which only the certified sentences are kept (each checked again by the
     layer-1 certificate on the residual); the other slots take this level's ranked search's uncertified
     sentences (``fallback``, best first, variants of sentences already there left out; MiniLM B=16, development
-    seed 0: ROUGE-1 0.566 with the residual's uncertified sentences, 0.590 with the first search's). The stats are the residual's, with this level's ranks kept (``outer``) and
+    seed 0: ROUGE-1 0.566 with the residual's uncertified sentences, 0.590 with the first search's). The stats
+    are the residual's, with this level's ranks kept (``outer``) and
     the innermost residual's as ``residual_rank_l1/l2``."""
     b = cert.obs.num_examples
     k = len(cert.peeled)
