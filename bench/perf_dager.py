@@ -44,24 +44,30 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _setup(case_name: str, b: int, device: str, seed: int = 0) -> tuple[Any, ...]:
-    """Kit, case, model, prior, observation and ground truth of one FedSGD batch."""
+def _setup(case_name: str, b: int, device: str, seed: int = 0, trial: int | None = None) -> tuple[Any, ...]:
+    """Kit, case, model, prior, observation and ground truth of one FedSGD batch; with ``trial`` the batch is
+    drawn as the evaluation pipeline draws it (``eval/pipeline.py``: model, data and client seeds derived from
+    ``seed`` and ``trial``), otherwise from ``seed``, ``seed + 1``, ``seed + 2`` (this suite's own batches)."""
     import torch
 
     from common.fl import client_update
     from common.observe import observe
-    from common.seed import make_generator
+    from common.seed import derive_seed, make_generator
     from textleak.cases_dager import CASES
     from textleak.kit import TextKit
 
+    if trial is None:
+        seeds = (seed, seed + 1, seed + 2)
+    else:
+        seeds = (derive_seed(seed, "model"), derive_seed(seed, trial, "data"), derive_seed(seed, trial, "client"))
     dev = torch.device(device)
     kit = TextKit()
     case = CASES[case_name].with_batch_size(b)
-    model = kit.load_model(case, device=dev, generator=make_generator(seed))
+    model = kit.load_model(case, device=dev, generator=make_generator(seeds[0]))
     pool = kit.load_pool(case, data_path=None)
     prior = kit.make_prior(case, model, "text", device=device)
-    batch, truth = kit.sample(pool, case, model=model, device=dev, generator=make_generator(seed + 1))
-    obs = observe(client_update(model, batch, kit.loss_fn, case.protocol, generator=make_generator(seed + 2)),
+    batch, truth = kit.sample(pool, case, model=model, device=dev, generator=make_generator(seeds[1]))
+    obs = observe(client_update(model, batch, kit.loss_fn, case.protocol, generator=make_generator(seeds[2])),
                   case.threat)
     return kit, case, model, prior, obs, truth
 

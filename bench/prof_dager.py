@@ -1,7 +1,8 @@
-"""cProfile of one DAGER batch (issue 18): ``python bench/prof_dager.py CASE B [--seed 0] [--top 40]``.
+"""cProfile of one DAGER batch (issue 18): ``python bench/prof_dager.py CASE B [--seed 0] [--trial T] [--top 40]``.
 
 Development seeds only (< 1000). Prints wall and CPU seconds and the top functions by cumulative
-and by internal time; ``--out FILE`` keeps the raw profile (``pstats``)."""
+and by internal time; ``--out FILE`` keeps the raw profile (``pstats``); ``--trial T`` draws the batch as the
+evaluation pipeline draws trial T of ``--seed`` (what ``python -m eval run`` attacks)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ def main() -> None:
     ap.add_argument("case")
     ap.add_argument("b", type=int)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trial", type=int, default=None, help="draw the batch as the pipeline's trial T")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out", default="")
     ap.add_argument("--approx", action="store_true", help="DAGER(exact_scores=False)")
@@ -35,7 +37,7 @@ def main() -> None:
     from textleak.attacks.dager import DAGER, DagerConfig
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    kit, case, model, prior, obs, truth = _setup(args.case, args.b, "cpu", args.seed)
+    kit, case, model, prior, obs, truth = _setup(args.case, args.b, "cpu", args.seed, args.trial)
     atk = DAGER(DagerConfig(time_budget_s=600.0), exact_scores=not args.approx)
     prof = cProfile.Profile()
     t, c = time.perf_counter(), time.process_time()

@@ -48,6 +48,11 @@ Deviations from the reference, all deliberate:
   exact per-example gradients (label: the class whose removal drops the layer-1 rank) are
   subtracted from the update and the remaining sentences are searched with the embedding prior
   of the residual (the spans stay those of the observed update).
+* Past the layer-2 rank limit with layer 1 unsaturated (encoders, noise-free FedSGD), each sentence the ranked
+  search accepts is certified by the exact layer-1 test (``certify.py``, an addition): subtracting its exact
+  gradient with the right label drops the layer-1 rank to the round-off floor, a wrong sentence drops none.
+  Certified sentences are peeled, and once the residual's layer 2 shows a clear gap the whole attack runs on
+  the residual (the exact search, certified); ``DagerConfig.certify`` (on) switches it.
 * When Gaussian noise is a declared defense (defenses are public protocol facts), its sigma sets
   a singular-value noise floor ``sigma * (sqrt(m) + sqrt(d))`` for the rank, and the thresholds are
   widened to ``NOISE_TAU_FACTOR * floor / s_rank`` (capped at ``NOISE_TAU_CAP``); FedAvg deltas get
@@ -63,16 +68,17 @@ Deviations from the reference, all deliberate:
   addition, after TIGER arXiv 2606.18312 and SOMP arXiv 2603.16761) returns a best-effort
   reconstruction, and under a declared Gaussian noise it fills what the exact search misses.
   ``extras["certified"]`` flags the sentences that passed the exact tests on a noise-free,
-  unsaturated update; ``stats["certified"]`` is their fraction of the B slots.
+  unsaturated update or the layer-1 certificate (``certify.py``); ``stats["certified"]`` is their fraction of the B slots.
 * Rotary decoders with only layer 2 saturated (noise-free FedSGD, an addition): layer 1's exact token coefficients
-  certify the ranked search's sentences whose own gradient makes one of their tokens vanish (``certify_dec.py``), and
-  the certified sentences' exact gradients are peeled off for one more round of the attack on the residual batch
-  (``peel_dec.py``).
+  certify the ranked search's sentences whose own gradient makes one of their tokens vanish (``certify_dec.py``);
+  with ``peel_rounds`` (off by default) the certified sentences' exact gradients are peeled off for another round of
+  the attack on the residual batch (``peel_dec.py``).
 
 Modules: ``config`` (DagerConfig and the fixed constants), ``run`` (the per-call state: thresholds,
 statistics, deadline), ``attack`` (DAGER: spans, layer-1 scan, orchestration), ``span`` (span
 machinery), ``block`` (incremental post-LN first block), ``decoder`` and ``last_token`` (decoder
-search), ``frontier`` (the ranked search past the exact regime), ``encoder`` and ``beam`` (encoder search), ``prior`` (embedding prior), ``peel``, ``scan``
+search), ``frontier`` (the ranked search past the exact regime), ``encoder`` and ``beam`` (encoder search), ``prior`` (embedding prior), ``peel``, ``certify`` (the layer-1 certificate past the layer-2 limit), ``certify_dec`` and ``peel_dec`` (its decoder
+counterpart and peeling), ``scan``
 (the exact fast layer-1 scan for LayerNorm-fed first layers; ``DAGER(fast=False)`` keeps the
 original code paths for benchmarks and equivalence tests).
 """

@@ -15,15 +15,15 @@ from common.threat import Capability
 from common.types import Observation, Reconstruction
 from textleak.models import max_length
 
-from . import certify_dec, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel, peel_dec
+from . import certify, certify_dec, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel, peel_dec
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .l2_block import Layer2Stage
 from .rope_block import RopeDecoderBlock
-from .config import (CHUNK, FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
+from .config import (FRONTIER_CLEAR, FRONTIER_CUT, FRONTIER_L1_KEEP, FRONTIER_L1_KEEP_ENC,
                      FRONTIER_FFN, FRONTIER_PRIOR_PENALTY, MAX_LEN, ROOT_QUOTA, NOISE_TAU_CAP, NOISE_TAU_FACTOR, RANK_CUTOFF, DagerConfig)
 from .run import Run, declared_sigma
-from .scan import EXACT_MAX, SCAN_BLOCK, AffineScan
+from .scan import scan_l1 as _scan_l1
 from .span import (
     DagerPreconditionError,
     LayerInputs,
@@ -33,7 +33,6 @@ from .span import (
     first_layer_vectors,
     model_device,
     observed_matrix,
-    span_distance,
     span_of,
     weight_as_out_in,
 )
@@ -92,6 +91,8 @@ class DAGER:
         t0, c0 = time.perf_counter(), time.process_time()
         was_training = model.training
         model.eval()
+        self._gmodel: nn.Module | None = None  # certify.py's float64 copy of the model
+        self._residual = False  # attacking a certified residual (certify.py)
         try:
             return self._run(obs, model, prior, t0, c0)
         except DagerPreconditionError as e:
@@ -127,8 +128,10 @@ class DAGER:
             stats[f"max_rank_l{k + 1}"] = float(sp.max_rank)
             stats[f"edge_l{k + 1}"] = floor
             cutoff = min(RANK_CUTOFF, max(1, sp.max_rank // 10))
+            if getattr(self, "_residual", False) and certify.clear_gap(sp):
+                cutoff = 0  # a certified residual: its rank is its token count (certify.clear_gap)
             # a smooth spectrum past the width hides its saturation from NumPy's rank rule (SmolLM2 B=32, layer 2)
-            hidden = (sigma == 0.0 and obs.kind == "gradient" and sp.rank <= sp.max_rank - cutoff
+            hidden = (cutoff > 0 and sigma == 0.0 and obs.kind == "gradient" and sp.rank <= sp.max_rank - cutoff
                       and frontier_rope.gapless_saturated(sp, cutoff))
             if hidden:
                 stats[f"gapless_saturated_l{k + 1}"] = 1.0
@@ -256,6 +259,22 @@ class DAGER:
         blk = _decoder_block(c.model, li, l1)
         return (blk, ComplementDistance(sp.basis)) if blk is not None else None
 
+    def _certifier(self, c: _Ctx) -> certify.Certifier | None:
+        """The layer-1 certificate of the ranked encoder search (``certify.applies``, ``DagerConfig.certify``)."""
+        if not (self.config.certify and certify.applies(c.obs, c.prior, c.kind, c.run.stats)):
+            return None
+        cert = certify.Certifier(c.obs, c.model, c.prior, (c.li1.tap, c.li2.tap), self._gmodel)
+        self._gmodel = cert.gmodel  # (the float64 copy, made once per reconstruction)
+        return cert if cert.usable else None
+
+    def _again(self, obs: Observation, c: _Ctx) -> Reconstruction | None:
+        """The whole attack on a certified residual, within the same budget (None: a precondition failure)."""
+        self._residual = True  # (its layer-2 span is exact at a clear gap: certify.clear_gap)
+        try:
+            return self._run(obs, c.model, c.prior, c.run.t0, c.run.c0)
+        except DagerPreconditionError:
+            return None
+
     def _frontier(self, c: _Ctx, exact: Reconstruction | None) -> Reconstruction:
         """The ranked search past the exact regime (``frontier.py``); with ``exact`` (the exact search's
         result under declared noise), its sentences are kept and the ranked search fills the rest."""
@@ -291,8 +310,15 @@ class DAGER:
             raise DagerPreconditionError("the ranked layer-1 scan found no position")
         if c.kind == "encoder":
             run.tau = (tol[0], 10.0 * FRONTIER_CLEAR * tol[1])  # "clear" = max distance <= FRONTIER_CLEAR tol
-            sents, scores = encoder.search(run, c.obs, c.model, c.li2, c.spans[1], l1, c.prior, b)
+            cert = self._certifier(c)  # layer 1 certifies the ranked search's sentences (certify.py)
+            sents, scores = encoder.search(run, c.obs, c.model, c.li2, c.spans[1], l1, c.prior, b,
+                                           on_take=cert.take if cert is not None else None)
             order = sorted(range(len(sents)), key=lambda i: scores[i])
+            stats["cert_tested"] = float(cert.tested) if cert is not None else 0.0
+            if cert is not None and cert.peeled:  # peeled: the residual is attacked from the start
+                rest = [sents[i] for i in order if all(sents[i] != s for s, _ in cert.peeled)]
+                again = lambda o: None if run.over_budget() else self._again(o, c)  # noqa: E731
+                return certify.resume(cert, again, c.prior.tokenizer, stats, rest)
         else:
             # the first block's feed-forward input: as discriminative as layer 2 on true prefixes (GPT-2
             # B=32: the true extension ranks first at 98 % of steps on either) at about half the cost
@@ -337,44 +363,6 @@ class DAGER:
         all_scores = [0.0] * len(prev) + [scores[i] for i in order]
         return _finish(run, c.prior.tokenizer, all_sents, all_scores, list(range(len(all_sents))), b,
                        certified=certify_dec.flags(c, l1, all_sents) if c.kind != "encoder" else [False] * len(all_sents))
-
-
-def _scan_l1(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_free: bool):
-    """Layer-1 filter: per position, the vocabulary tokens whose first-layer input lies in the span
-    (``[(token ids, distances)]`` up to the first position with none)."""
-    vocab = int(li1.model.get_input_embeddings().num_embeddings)
-    all_ids = torch.arange(vocab)
-    l1: list[tuple[list[int], Tensor]] = []
-    t_scan = time.perf_counter()
-    scan, block = None, []
-    if run.fast and not position_free and run.tau[0] < EXACT_MAX:
-        scan = AffineScan.build(li1, max_len)
-    comp = scan.complement(span1.basis) if scan is not None else None
-    run.stats["fast_scan"] = float(scan is not None)
-    for p in range(max_len):
-        if position_free and p > 0:
-            l1.append(l1[0])
-            continue
-        if scan is not None and comp is not None:
-            if p % SCAN_BLOCK == 0:  # positions in blocks: the lower bounds share matrix products
-                block = scan.scan(li1, span1.basis, comp, list(range(p, min(p + SCAN_BLOCK, max_len))))
-            d = block[p % SCAN_BLOCK]
-        else:
-            d = span_distance(span1.basis, first_layer_vectors(li1, all_ids, p, chunk=CHUNK))
-        keep = torch.nonzero(d < run.gap_threshold(d, 0)).flatten()
-        keep = keep[d[keep].argsort()]
-        if keep.numel() == 0:
-            break
-        l1.append((keep.tolist(), d[keep]))
-    stats = run.stats
-    stats["scan_seconds"] = time.perf_counter() - t_scan
-    stats["position_free"] = float(position_free)
-    stats["l1_candidates"] = float(sum(len(c) for c, _ in l1[:1] if position_free) if position_free
-                                   else sum(len(c) for c, _ in l1))
-    if not l1:
-        raise DagerPreconditionError("no vocabulary token lies in the layer-1 span (threshold too strict, "
-                                     "or the update is too noisy); raise l1_span_thresh")
-    return l1
 
 
 def _finish(run: Run, tok: Any, sents: list[list[int]], scores: list[float], order: list[int],

@@ -47,9 +47,9 @@ def applies(obs: Observation, prior: Any, stats: dict[str, float], kind: str, po
 
 
 def flags(c: Any, l1, sents: list[list[int]]) -> list[bool]:
-    """``certify`` where it ``applies`` (``c``: the attack's context, ``l1``: layer 1's exact candidate lists), else
-    every flag False."""
-    if not l1 or not applies(c.obs, c.prior, c.run.stats, c.kind, c.position_free):
+    """``certify`` where it ``applies`` and ``DagerConfig.certify`` is on (``c``: the attack's context, ``l1``: layer 1's
+    exact candidate lists), else every flag False."""
+    if not l1 or not c.run.config.certify or not applies(c.obs, c.prior, c.run.stats, c.kind, c.position_free):
         return [False] * len(sents)
     c.run.l1_tokens = list(l1[0][0])
     return certify(c.obs, c.model, c.prior, c.li1, c.run.l1_tokens, sents, c.run.stats)

@@ -25,6 +25,8 @@ class DagerConfig:
     # process's CPU seconds (all its threads; load-independent, so published suites on a shared machine use it)
     rank_limit: Literal["best_effort", "refuse"] = "best_effort"  # saturated rank: the ranked search of
     # frontier.py (sentences not certified), or refuse as the reference (precondition failure)
+    certify: bool = True  # saturated layer 2, noise-free FedSGD encoders: certify the ranked search's sentences by
+    # layer 1 and peel them (certify.py; rotary decoders: certify only, certify_dec.py); False: best effort as before
     noise_aware: bool = True  # declared Gaussian noise that swamps the span: the ranked search (frontier.py)
     peel_rounds: int = 0  # rotary decoders past layer 2's rank: extra rounds of the attack on the residual of the
     # certified sentences (peel_dec.py; off: +0.04 ROUGE-1 on 4 SmolLM2 B=32 development batches, but 2.5-3x the CPU

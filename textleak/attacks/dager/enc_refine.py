@@ -23,6 +23,12 @@ from .span import LayerInputs, Span, model_device, span_distance
 EXCHANGE_SWEEPS = 3  # passes over all pairs at most
 
 
+def bigrams(seq: tuple[int, ...]) -> set[tuple[int, int]]:
+    """The inner bigrams of a sequence ([CLS] and the separator left out)."""
+    inner = seq[1:-1]
+    return set(zip(inner, inner[1:]))
+
+
 def sq_scores(li2: LayerInputs, span2: Span, seqs: list[list[int]]) -> Tensor:
     """Summed squared layer-2 distance of each sequence (any lengths; grouped by length)."""
     out = torch.zeros(len(seqs), dtype=torch.float64)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -51,7 +51,7 @@ from common.types import Observation
 from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
 from .enc_lengths import feasible, longest, order, separator_affinity
-from .enc_refine import exchange_suffixes
+from .enc_refine import bigrams as _bigrams, exchange_suffixes
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run, declared_sigma
 from .span import LayerInputs, Span
@@ -96,18 +96,14 @@ FEASIBLE_FIRST = True
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
            b: int | None, *, stop_early: bool = False, failed: dict[int, int] | None = None,
-           exclude: frozenset = frozenset()) -> Found:
+           exclude: frozenset = frozenset(), on_take: Callable[[list[int]], bool] | None = None) -> Found:
     """The encoder search over the observation ``obs`` (its embedding prior) and the layer-1 lists
     ``l1``. With ``stop_early`` it returns at the first length that accepts a sentence (the caller
     peels it); ``failed`` counts the lengths that found nothing (across calls); ``exclude`` holds
-    sentences already peeled."""
-    return _EncoderSearch(run, obs, model, li2, span2, l1, prior, b, exclude).run(stop_early, failed)
-
-
-def _bigrams(seq: tuple[int, ...]) -> set[tuple[int, int]]:
-    """The inner bigrams of a sequence ([CLS] and the separator left out)."""
-    inner = seq[1:-1]
-    return set(zip(inner, inner[1:]))
+    sentences already peeled; ``on_take`` sees each sentence the ranked search accepts (True: stop there)."""
+    s = _EncoderSearch(run, obs, model, li2, span2, l1, prior, b, exclude)
+    s.on_take = on_take
+    return s.run(stop_early, failed)
 
 
 class _EncoderSearch:
@@ -141,6 +137,8 @@ class _EncoderSearch:
         run.stats["l1_candidates_prior"] = float(sum(len(c) for c in self.lists))
         self.word = model.get_input_embeddings().weight.detach()
         self.results: dict[tuple[int, ...], float] = {}
+        self.on_take: Callable[[list[int]], bool] | None = None  # (ranked search: True stops it, certify.py)
+        self.stopped = False
 
     def _lengths(self, l1) -> list[int]:
         """Sentence lengths (positions where the separator passes layer 1, plus one), in the order
@@ -291,7 +289,7 @@ class _EncoderSearch:
                 pending.remove(length)
             if length not in taken:
                 taken.append(length)
-        if RANKED_EXCHANGE and len(self.clear) > 1:  # undo stitched sentences (enc_refine.exchange_suffixes)
+        if RANKED_EXCHANGE and len(self.clear) > 1 and not self.stopped:  # undo stitched sentences (enc_refine.exchange_suffixes)
             keys = [k for k in self.results if k in self.clear]
             new, made = exchange_suffixes(self.r, self.li2, self.span2, [list(k) for k in keys])
             self.r.stats["suffix_exchanges"] = float(made)
@@ -343,6 +341,7 @@ class _EncoderSearch:
         self.results[tuple(seq)] = mx
         self.clear.add(tuple(seq))
         self._mark_used(seq)
+        self.stopped = self.on_take is not None and self.on_take(seq)
 
     def _accept(self, seq: list[int], mx: float) -> bool:
         """Record a passing sequence; a clear pass (<= tau_2 / 10) also feeds the non-overlap filter."""
@@ -379,7 +378,7 @@ class _EncoderSearch:
     def _done(self) -> bool:
         b, tau2 = self.b, self.r.tau[1]
         if self.r.ranked:
-            return self.r.over_budget() or (b is not None and len(self.clear) >= b)
+            return self.stopped or self.r.over_budget() or (b is not None and len(self.clear) >= b)
         return self.r.over_budget() or (b is not None and sum(v <= 0.1 * tau2 for v in self.results.values()) >= b)
 
     def _lists_for(self, length: int, src: list[list[int]]) -> list[list[int]]:

@@ -20,10 +20,14 @@ inputs on probe tokens and positions.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor, nn
 
-from .span import LayerInputs, first_layer_vectors, model_device, span_distance
+from .config import CHUNK
+from .run import Run
+from .span import DagerPreconditionError, LayerInputs, Span, first_layer_vectors, model_device, span_distance
 
 PREFILTER = 0.11  # tokens with lower bound under this are measured exactly
 EXACT_MAX = 0.09  # the fast scan is used only when tau_1 is below this
@@ -198,3 +202,41 @@ def _ln_inputs(li1: LayerInputs, ln: nn.Module, toks: Tensor, positions: list[in
     if len(got) != 1:
         raise RuntimeError("the LayerNorm did not run once per forward")
     return got[0][:, 0].to(torch.float64).cpu().view(len(positions), toks.numel(), -1)
+
+
+def scan_l1(run: Run, li1: LayerInputs, span1: Span, max_len: int, position_free: bool):
+    """Layer-1 filter: per position, the vocabulary tokens whose first-layer input lies in the span
+    (``[(token ids, distances)]`` up to the first position with none)."""
+    vocab = int(li1.model.get_input_embeddings().num_embeddings)
+    all_ids = torch.arange(vocab)
+    l1: list[tuple[list[int], Tensor]] = []
+    t_scan = time.perf_counter()
+    scan, block = None, []
+    if run.fast and not position_free and run.tau[0] < EXACT_MAX:
+        scan = AffineScan.build(li1, max_len)
+    comp = scan.complement(span1.basis) if scan is not None else None
+    run.stats["fast_scan"] = float(scan is not None)
+    for p in range(max_len):
+        if position_free and p > 0:
+            l1.append(l1[0])
+            continue
+        if scan is not None and comp is not None:
+            if p % SCAN_BLOCK == 0:  # positions in blocks: the lower bounds share matrix products
+                block = scan.scan(li1, span1.basis, comp, list(range(p, min(p + SCAN_BLOCK, max_len))))
+            d = block[p % SCAN_BLOCK]
+        else:
+            d = span_distance(span1.basis, first_layer_vectors(li1, all_ids, p, chunk=CHUNK))
+        keep = torch.nonzero(d < run.gap_threshold(d, 0)).flatten()
+        keep = keep[d[keep].argsort()]
+        if keep.numel() == 0:
+            break
+        l1.append((keep.tolist(), d[keep]))
+    stats = run.stats
+    stats["scan_seconds"] = time.perf_counter() - t_scan
+    stats["position_free"] = float(position_free)
+    stats["l1_candidates"] = float(sum(len(c) for c, _ in l1[:1] if position_free) if position_free
+                                   else sum(len(c) for c, _ in l1))
+    if not l1:
+        raise DagerPreconditionError("no vocabulary token lies in the layer-1 span (threshold too strict, "
+                                     "or the update is too noisy); raise l1_span_thresh")
+    return l1
