@@ -30,7 +30,7 @@ class DagerConfig:
     noise_aware: bool = True  # declared Gaussian noise that swamps the span: the ranked search (frontier.py)
     peel_rounds: int = 0  # rotary decoders past layer 2's rank: extra rounds of the attack on the residual of the
     # certified sentences (peel_dec.py; off: +0.04 ROUGE-1 on 4 SmolLM2 B=32 development batches, but 2.5-3x the CPU
-    # and a peak RSS of 9.7-14.3 GB)
+    # and a peak RSS of 9.7-14.3 GB: docs/dager.md "SmolLM2 at B = 32")
 
 
 # -- spans and thresholds (attack.py, run.py) ---------------------------------------------------------
