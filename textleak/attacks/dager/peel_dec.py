@@ -10,17 +10,19 @@ so layer 2 is less saturated, and the peeled sentences' own tokens leave layer 1
 their certificates; the second round's sentences fill the other ``B - k`` slots (its own certificates hold for the
 residual batch); the final flags come from certifying every returned sentence on the observed update itself.
 
-Development measurements (SmolLM2-135M B=32, seed 0 trial 0, one thread, loaded machine; ``bench/dager_peel_oracle.py``):
+Development measurements (SmolLM2-135M B=32, one thread, loaded machine; docs/dager.md "SmolLM2 at B = 32"):
 
-* Round 1 (the ranked search) certifies 4 sentences (the 4 it recovers exactly). Peeling them and searching the
-  residual found 2 more exact (certified) and raised ROUGE-1 from 0.529 to 0.580 (150 CPU s for the second round).
-* The exact regime is far: peeling 8 / 12 / 16 *true* sentences (oracle) leaves layer 2 without a round-off drop
-  (largest ratio past index 300: 2.6 at k = 8; 10.5 at k = 12, where 491 predicting tokens remain; the
-  feed-forward input 1.8 and 3.3), because the client's float32 error on the peeled sentences (relative 2e-5 of
-  their share) stays in the residual along their inputs.
+* Seed 0 trial 0: round 1 (the ranked search) certifies 4 sentences (the 4 it recovers exactly); peeling them and
+  attacking the residual found 2 more exact (certified) and raised ROUGE-1 from 0.529 to 0.580. Over four
+  development batches +0.014 to +0.063 ROUGE-1, but 2.5-3x the CPU seconds (up to 295 of a 300 s budget) and a peak
+  RSS of 9.7-14.3 GB, so ``DagerConfig.peel_rounds`` is 0 (off) by default.
+* The exact regime is far: peeling 8 / 12 / 16 *true* sentences (oracle, ``bench/dager_peel_oracle.py``) leaves
+  layer 2 without a round-off drop (largest ratio past index 300: 2.6 at k = 8; 10.5 at k = 12, where 491
+  predicting tokens remain; the feed-forward input 1.8 and 3.3), because the client's float32 error on the peeled
+  sentences (relative 2e-5 of their share) stays in the residual along their inputs.
 
-``DagerConfig.peel_rounds`` extra rounds at most (0 by default: see the measurements above) (each needs a certified sentence and, under a time budget, that the budget
-left is more than the last round took; a round that runs out of budget is discarded).
+``DagerConfig.peel_rounds`` extra rounds at most (each needs a certified sentence and, under a time budget, that the
+budget left is more than the last round took; a round that runs out of budget is discarded).
 """
 from __future__ import annotations
 
