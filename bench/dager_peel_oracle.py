@@ -3,7 +3,12 @@ gradients of k TRUE sentences of a SmolLM2 B=32 batch from the observed FedSGD u
 layer-1 / layer-2 / feed-forward-input spectra, the per-token certificate of true sentences against near misses,
 and (``--search``) what DAGER recovers on the residual. Development seeds (< 1000) only.
 
-    python bench/dager_peel_oracle.py --seed 0 --trial 0 [--ks 8,12,16] [--search 12] [--wrong main.pkl]
+    python bench/dager_peel_oracle.py --seed 0 --trial 0 [--ks 8,12,16] [--search 12] [--wrong run.pkl] [--no-cert]
+    python bench/dager_peel_oracle.py --seed 0 --trial 0 --peel-from run.pkl
+
+``--wrong`` / ``--peel-from`` read a pickle of a run ({"ids": token ids, "cert": flags}, as the attack's
+``extras``): its non-exact sentences are scored, or its certified sentences peeled and the attack run again on the
+residual (scaled to a B - k batch) with the combined ROUGE printed.
 """
 from __future__ import annotations
 
@@ -30,8 +35,6 @@ def main() -> None:
     ap.add_argument("--search", type=int, default=0, help="run DAGER on the residual after peeling this many")
     ap.add_argument("--peel-from", default="", help="pickle of a run: peel its certified sentences, rerun DAGER on "
                     "the residual (scaled to a B - k batch)")
-    ap.add_argument("--sep", default="", help="k values: layer-2 span-distance separation on the residual after "
-                    "peeling k true sentences (span cut at the largest drop near the remaining token count)")
     ap.add_argument("--no-cert", action="store_true", help="skip the certificate part")
     ap.add_argument("--wrong", default="", help="pickle of a run (bench output) whose non-exact sentences are tested")
     a = ap.parse_args()
@@ -78,35 +81,6 @@ def main() -> None:
                 f"gapless_sat={gapless_saturated(sp, cutoff)} n>1e-6={int((s > 1e-6 * s[0]).sum())}")
 
     all_names = [n for n in obs.tensors if n in params]
-    if a.sep:
-        from textleak.attacks.dager.span import Span, decoder_last_inputs, span_distance
-        li2 = LayerInputs(model, taps["l2"])
-        gen = torch.Generator().manual_seed(0)
-        pool = sorted({t_ for s in truth for t_ in s})
-        for k in [int(v) for v in a.sep.split(",")]:
-            rest = truth[k:]
-            nr = sum(len(x) - 1 for x in rest)
-            mat = observed_matrix(taps["l2"], {n: obs.tensors[n].double() - sum(grads(s, taps["l2"].names)[n] for s in truth[:k])
-                                               for n in taps["l2"].names if n in obs.tensors})
-            _, sv, vh = torch.linalg.svd(mat, full_matrices=False)
-            lo, hi = max(1, nr - 80), min(sv.numel() - 1, nr + 10)
-            r = max(range(lo, hi), key=lambda i: float(sv[i - 1] / sv[i]))
-            basis = vh[:r].t()
-            pre, cand = [], []
-            for s in rest:
-                for j in range(1, len(s) - 1):
-                    wrong = [pool[int(i)] for i in torch.randint(len(pool), (16,), generator=gen)]
-                    pre.append(s[:j]); cand.append([s[j]] + [w for w in wrong if w != s[j]])
-            xs = decoder_last_inputs(li2, pre, cand)
-            dt = torch.cat([span_distance(basis, x[:1], exact_below=2) for x in xs])
-            dw = torch.cat([span_distance(basis, x[1:], exact_below=2) for x in xs])
-            first = sum(int(span_distance(basis, x, exact_below=2).argmin()) == 0 for x in xs)
-            print(f"sep k={k}: remaining predicting tokens {nr}, span rank {r} (drop s[r-1]/s[r] {float(sv[r-1]/sv[r]):.1f}, "
-                  f"s[r-1]/s0 {float(sv[r-1]/sv[0]):.1e}); true ext. distance median {float(dt.median()):.2e} "
-                  f"p99 {float(dt.quantile(0.99)):.2e} max {float(dt.max()):.2e}; wrong min {float(dw.min()):.2e} "
-                  f"p1 {float(dw.quantile(0.01)):.2e} median {float(dw.median()):.2e}; true first at {first}/{len(xs)} steps",
-                  flush=True)
-        return
     if a.peel_from:
         run = pickle.load(open(a.peel_from, "rb"))
         done = [list(x) for x, c in zip(run["ids"], run["cert"]) if c]
