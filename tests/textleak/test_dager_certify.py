@@ -60,3 +60,49 @@ def test_ranked_encoder_search_certifies_only_right_sentences_past_the_layer2_li
         flagged[on] = [g for g, c in zip(got, cert) if c]
         assert all(g in ids for g in flagged[on])
     assert len(flagged[True]) >= 1 and flagged[False] == []
+
+
+@pytest.mark.parametrize("b", [5, 6])
+def test_exact_path_certifies_only_sentences_a_check_confirms(b):
+    """Tiny BERT at B=5/6 (rank 42/48 and 47/56 of width 64): the exact search's span tests pass wrong sentences
+    too (it returns 1 and 2 right sentences). Certified flags come from checks that can fail (``verify.py``): the
+    whole update is not explained by the output, so each sentence is checked by the layer-1 certificate, which flags
+    exactly the right ones. At B=4 every output is right and the whole update is explained (residual ~1e-15)."""
+    from textleak.attacks.dager import DAGER, DagerConfig
+    from textleak.attacks.dager.verify import TOL
+
+    for bb in (b, 4):
+        kit, case, model, obs, prior, truth = _tiny_bert_obs(bb)
+        rec = DAGER(DagerConfig(time_budget_s=60, budget_clock="cpu")).reconstruct(
+            obs, model, prior, generator=torch.Generator())
+        assert not rec.stats.get("frontier")  # the exact path
+        ids = truth["token_ids"]
+        right = [g in ids for g in rec.extras["token_ids"]]
+        assert rec.extras["certified"] == right, (bb, rec.extras["certified"], right)
+        assert any(right)
+        if bb == 4:
+            assert all(right) and rec.stats["cert_residual"] <= TOL
+        else:
+            assert not all(right) and rec.stats["cert_residual"] > TOL
+
+
+def test_whole_update_check_fits_true_sentences_and_rejects_a_wrong_one():
+    """``verify.explains``: the true sentences (labels read from the classifier head's update, or, without the head,
+    chosen among all labels' per-example gradients) explain the update to float64 round-off, in any order; one
+    sentence cut by a token leaves a residual far above ``TOL``."""
+    import copy
+    from dataclasses import replace
+
+    from textleak.attacks.dager.span import find_tap
+    from textleak.attacks.dager.verify import TOL, explains
+
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(4)
+    taps = [find_tap(model, i, torch.tensor([[0, 1, 2]])) for i in (0, 1)]
+    names = [n for t in taps for n in t.names if n in obs.tensors]
+    gm = copy.deepcopy(model).eval()
+    ids = [list(s) for s in truth["token_ids"]]
+    for p in (prior, replace(prior, label_weight=None)):
+        assert explains(obs, gm, p, "encoder", ids[::-1], names) <= TOL
+        wrong = [ids[0][:-2] + ids[0][-1:]] + ids[1:]
+        assert explains(obs, gm, p, "encoder", wrong, names) > 1e3 * TOL
+    assert explains(obs, gm, prior, "encoder", ids[:3], names) == float("inf")  # not B sentences

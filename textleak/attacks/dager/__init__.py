@@ -67,8 +67,10 @@ Deviations from the reference, all deliberate:
   ``rank_limit="refuse"`` (the reference); by default the ranked search of ``frontier.py`` (an
   addition, after TIGER arXiv 2606.18312 and SOMP arXiv 2603.16761) returns a best-effort
   reconstruction, and under a declared Gaussian noise it fills what the exact search misses.
-  ``extras["certified"]`` flags the sentences that passed the exact tests on a noise-free,
-  unsaturated update or the layer-1 certificate (``certify.py``); ``stats["certified"]`` is their fraction of the B slots.
+  ``extras["certified"]`` flags the sentences a check that can fail confirms (``verify.py``: the exact search's B
+  encoder sentences' gradients sum to the update, else per sentence the layer-1 certificate, ``certify.py``); where
+  no check applies (decoders, FedAvg, declared noise) those that passed the exact span tests on a noise-free,
+  unsaturated update; ``stats["certified"]`` is their fraction of the B slots.
 * Rotary decoders with only layer 2 saturated (noise-free FedSGD, an addition): layer 1's exact token coefficients
   certify the ranked search's sentences whose own gradient makes one of their tokens vanish (``certify_dec.py``);
   with ``peel_rounds`` (off by default) the certified sentences' exact gradients are peeled off for another round of
@@ -77,7 +79,7 @@ Deviations from the reference, all deliberate:
 Modules: ``config`` (DagerConfig and the fixed constants), ``run`` (the per-call state: thresholds,
 statistics, deadline), ``attack`` (DAGER: spans, layer-1 scan, orchestration), ``span`` (span
 machinery), ``block`` (incremental post-LN first block), ``decoder`` and ``last_token`` (decoder
-search), ``frontier`` (the ranked search past the exact regime), ``encoder`` and ``beam`` (encoder search), ``prior`` (embedding prior), ``peel``, ``certify`` (the layer-1 certificate past the layer-2 limit), ``certify_dec`` and ``peel_dec`` (its decoder
+search), ``frontier`` (the ranked search past the exact regime), ``encoder`` and ``beam`` (encoder search), ``prior`` (embedding prior), ``peel``, ``certify`` (the layer-1 certificate past the layer-2 limit), ``verify`` (the exact search's flags), ``certify_dec`` and ``peel_dec`` (its decoder
 counterpart and peeling), ``scan``
 (the exact fast layer-1 scan for LayerNorm-fed first layers; ``DAGER(fast=False)`` keeps the
 original code paths for benchmarks and equivalence tests).

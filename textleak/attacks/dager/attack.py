@@ -15,7 +15,7 @@ from common.threat import Capability
 from common.types import Observation, Reconstruction
 from textleak.models import max_length
 
-from . import certify, certify_dec, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel, peel_dec
+from . import certify, certify_dec, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel, peel_dec, verify
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .l2_block import Layer2Stage
@@ -218,8 +218,7 @@ class DAGER:
         return bool(stats.get("saturated_l1") or stats.get("saturated_l2"))
 
     def _exact(self, c: _Ctx) -> Reconstruction:
-        """The reference's search (thresholded span tests); its sentences are certified when the
-        update is noise-free."""
+        """The reference's search (thresholded span tests); its sentences are certified by ``verify.flags``."""
         run, b = c.run, c.b
         l1 = _scan_l1(run, c.li1, c.spans[0], c.max_len, c.position_free)
         obs, model, prior, li2, kind = c.obs, c.model, c.prior, c.li2, c.kind
@@ -240,8 +239,9 @@ class DAGER:
             if sents:
                 sents = last_token.complete_last(obs, model, sents, batched=run.fast)
             order = decoder.select(sents, scores, l1, position_free, b)
-        certified = declared_sigma(obs) == 0.0
-        return _finish(run, prior.tokenizer, sents, scores, order, b, certified=[certified] * len(order))
+        cert, self._gmodel = verify.flags(obs, model, prior, kind, [sents[i] for i in order], (c.li1.tap, li2.tap),
+                                          run.stats, self._gmodel or run.gmodel)  # a check that can fail
+        return _finish(run, prior.tokenizer, sents, scores, order, b, certified=cert)
 
     @staticmethod
     def _ffn_prefilter(c: _Ctx, l1) -> tuple[PreLNDecoderBlock, ComplementDistance] | None:

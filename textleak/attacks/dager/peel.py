@@ -46,7 +46,6 @@ def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2
     peeled: list[list[int]] = []
     failed: dict[int, int] = {}
     cur = obs
-    gmodel = None  # float64 copy for the per-example gradients, made at the first peel
     while True:
         rest = None if b is None else b - len(peeled)
         sents, scores = encoder.search(run, cur, model, li2, span2, l1, prior, rest, stop_early=True,
@@ -59,8 +58,8 @@ def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2
             break
         # per-example gradients in float64, so that the residual carries only the client's own
         # round-off, not ours as well
-        gmodel = gmodel or copy.deepcopy(model).double().eval()
-        nxt = peel(cur, gmodel, prior, clear, tap1)
+        run.gmodel = run.gmodel or copy.deepcopy(model).double().eval()
+        nxt = peel(cur, run.gmodel, prior, clear, tap1)
         if nxt is None:
             break
         cur, done = nxt
