@@ -34,46 +34,34 @@ def main() -> None:
     import torch
 
     from bench.dager_base import load_base
-    from common.fl import client_update
-    from common.observe import observe
-    from common.seed import derive_seed, make_generator
+    from bench.perf_dager import pipeline_batches
+    from common.seed import make_generator
     from textleak.attacks.dager import DAGER, DagerConfig, verify
     from textleak.attacks.dager.span import find_tap
-    from textleak.cases_dager import CASES
-    from textleak.kit import TextKit
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     old_pkg = load_base(args.base)
-    kit = TextKit()
-    case = CASES[args.case].with_batch_size(args.b)
-    pool = kit.load_pool(case, data_path=None)
     print(f"{args.case} B={args.b}, base {args.base} vs working tree, {torch.get_num_threads()} thread(s)\n")
-    for seed in seeds:
-        model = kit.load_model(case, device=torch.device("cpu"), generator=make_generator(derive_seed(seed, "model")))
-        prior = kit.make_prior(case, model, "text", device="cpu")
-        for trial in (int(t) for t in args.trials.split(",")):
-            batch, truth = kit.sample(pool, case, model=model, device=torch.device("cpu"),
-                                      generator=make_generator(derive_seed(seed, trial, "data")))
-            obs = observe(client_update(model, batch, kit.loss_fn, case.protocol,
-                                        generator=make_generator(derive_seed(seed, trial, "client"))), case.threat)
-            recs, cpu = [], []
-            for atk in (old_pkg.DAGER(old_pkg.DagerConfig(time_budget_s=600.0)), DAGER(DagerConfig(time_budget_s=600.0))):
-                c = time.process_time()
-                recs.append(atk.reconstruct(obs, model, prior, generator=make_generator(7)))
-                cpu.append(time.process_time() - c)
-            ids = [list(t) for t in truth["token_ids"]]
-            right = [list(g) in ids for g in recs[1].extras["token_ids"]]
-            probe = torch.tensor([[0, 1, 2]])
-            taps = [find_tap(model, i, probe) for i in (0, 1)]
-            names = list(dict.fromkeys(n for t in taps for n in t.names if n and n in obs.tensors))
-            gm = copy.deepcopy(model).double().eval()
-            true_rel = verify.explains(obs, gm, prior, prior.kind, ids, names)
-            st = recs[1].stats
-            print(f"seed {seed} trial {trial}: same token ids {recs[0].extras['token_ids'] == recs[1].extras['token_ids']}; "
-                  f"base certified {recs[0].extras['certified']}\n  new certified {recs[1].extras['certified']}\n"
-                  f"  right {right}\n  output residual {st.get('cert_residual')}, true-sentence residual {true_rel:.3g}\n"
-                  f"  CPU s: base {cpu[0]:.2f}, new {cpu[1]:.2f}, of which the check {st.get('cert_cpu_seconds', 0.0):.2f} "
-                  f"({100 * st.get('cert_cpu_seconds', 0.0) / max(cpu[1], 1e-9):.1f} %)", flush=True)
+    trials = [int(t) for t in args.trials.split(",")]
+    for seed, trial, kit, case, model, prior, obs, truth in pipeline_batches(args.case, args.b, seeds, trials):
+        recs, cpu = [], []
+        for atk in (old_pkg.DAGER(old_pkg.DagerConfig(time_budget_s=600.0)), DAGER(DagerConfig(time_budget_s=600.0))):
+            c = time.process_time()
+            recs.append(atk.reconstruct(obs, model, prior, generator=make_generator(7)))
+            cpu.append(time.process_time() - c)
+        ids = [list(t) for t in truth["token_ids"]]
+        right = [list(g) in ids for g in recs[1].extras["token_ids"]]
+        probe = torch.tensor([[0, 1, 2]])
+        taps = [find_tap(model, i, probe) for i in (0, 1)]
+        names = list(dict.fromkeys(n for t in taps for n in t.names if n and n in obs.tensors))
+        gm = copy.deepcopy(model).double().eval()
+        true_rel = verify.explains(obs, gm, prior, prior.kind, ids, names)
+        st = recs[1].stats
+        print(f"seed {seed} trial {trial}: same token ids {recs[0].extras['token_ids'] == recs[1].extras['token_ids']}; "
+              f"base certified {recs[0].extras['certified']}\n  new certified {recs[1].extras['certified']}\n"
+              f"  right {right}\n  output residual {st.get('cert_residual')}, true-sentence residual {true_rel:.3g}\n"
+              f"  CPU s: base {cpu[0]:.2f}, new {cpu[1]:.2f}, of which the check {st.get('cert_cpu_seconds', 0.0):.2f} "
+              f"({100 * st.get('cert_cpu_seconds', 0.0) / max(cpu[1], 1e-9):.1f} %)", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,44 +35,32 @@ def main() -> None:
     import torch
 
     from bench.dager_base import load_base
-    from common.fl import client_update
-    from common.observe import observe
-    from common.seed import derive_seed, make_generator
+    from bench.perf_dager import pipeline_batches
+    from common.seed import make_generator
     from textleak.attacks.dager import DAGER, DagerConfig
-    from textleak.cases_dager import CASES
-    from textleak.kit import TextKit
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     old_pkg = load_base(args.base)
-    kit = TextKit()
-    case = CASES[args.case].with_batch_size(args.b)
-    pool = kit.load_pool(case, data_path=None)
     tot = [0.0, 0.0]
     print(f"{args.case} B={args.b}, base {args.base} vs working tree, {torch.get_num_threads()} thread(s)"
           f"{', exact_scores=False' if args.approx else ''}\n")
     print("| seed | trial | base CPU s | new CPU s | ratio | same token ids | same confidences | rouge1 new |")
     print("|---|---|---|---|---|---|---|---|")
-    for seed in seeds:
-        model = kit.load_model(case, device=torch.device("cpu"), generator=make_generator(derive_seed(seed, "model")))
-        prior = kit.make_prior(case, model, "text", device="cpu")
-        for trial in (int(t) for t in args.trials.split(",")):
-            batch, truth = kit.sample(pool, case, model=model, device=torch.device("cpu"),
-                                      generator=make_generator(derive_seed(seed, trial, "data")))
-            obs = observe(client_update(model, batch, kit.loss_fn, case.protocol,
-                                        generator=make_generator(derive_seed(seed, trial, "client"))), case.threat)
-            recs, cpu = [], []
-            for atk in (old_pkg.DAGER(old_pkg.DagerConfig(time_budget_s=600.0), exact_scores=not args.approx),
-                        DAGER(DagerConfig(time_budget_s=600.0), exact_scores=not args.approx)):
-                c = time.process_time()
-                recs.append(atk.reconstruct(obs, model, prior, generator=make_generator(7)))
-                cpu.append(time.process_time() - c)
-            same_ids = recs[0].extras["token_ids"] == recs[1].extras["token_ids"]
-            same_conf = list(recs[0].confidence) == list(recs[1].confidence)
-            r1 = kit.score(recs[1], truth, case=case)[0]["rouge1"]
-            tot[0] += cpu[0]
-            tot[1] += cpu[1]
-            print(f"| {seed} | {trial} | {cpu[0]:.2f} | {cpu[1]:.2f} | {cpu[0] / max(cpu[1], 1e-9):.2f} | {same_ids} "
-                  f"| {same_conf} | {r1:.4f} |", flush=True)
+    trials = [int(t) for t in args.trials.split(",")]
+    for seed, trial, kit, case, model, prior, obs, truth in pipeline_batches(args.case, args.b, seeds, trials):
+        recs, cpu = [], []
+        for atk in (old_pkg.DAGER(old_pkg.DagerConfig(time_budget_s=600.0), exact_scores=not args.approx),
+                    DAGER(DagerConfig(time_budget_s=600.0), exact_scores=not args.approx)):
+            c = time.process_time()
+            recs.append(atk.reconstruct(obs, model, prior, generator=make_generator(7)))
+            cpu.append(time.process_time() - c)
+        same_ids = recs[0].extras["token_ids"] == recs[1].extras["token_ids"]
+        same_conf = list(recs[0].confidence) == list(recs[1].confidence)
+        r1 = kit.score(recs[1], truth, case=case)[0]["rouge1"]
+        tot[0] += cpu[0]
+        tot[1] += cpu[1]
+        print(f"| {seed} | {trial} | {cpu[0]:.2f} | {cpu[1]:.2f} | {cpu[0] / max(cpu[1], 1e-9):.2f} | {same_ids} "
+              f"| {same_conf} | {r1:.4f} |", flush=True)
     print(f"\ntotal CPU s: base {tot[0]:.1f}, new {tot[1]:.1f} ({tot[0] / max(tot[1], 1e-9):.2f}x)")
 
 

@@ -45,9 +45,34 @@ def _peak_rss_mb() -> float:
 
 
 def _setup(case_name: str, b: int, device: str, seed: int = 0, trial: int | None = None) -> tuple[Any, ...]:
-    """Kit, case, model, prior, observation and ground truth of one FedSGD batch; with ``trial`` the batch is
-    drawn as the evaluation pipeline draws it (``eval/pipeline.py``: model, data and client seeds derived from
-    ``seed`` and ``trial``), otherwise from ``seed``, ``seed + 1``, ``seed + 2`` (this suite's own batches)."""
+    """Kit, case, model, prior, observation and ground truth of one FedSGD batch: this suite's own (model, data
+    and client seeds ``seed``, ``seed + 1``, ``seed + 2``), or with ``trial`` the one the evaluation pipeline
+    draws for that trial of ``seed`` (CPU; :func:`pipeline_batches`)."""
+    import torch
+
+    from common.fl import client_update
+    from common.observe import observe
+    from common.seed import make_generator
+    from textleak.cases_dager import CASES
+    from textleak.kit import TextKit
+
+    if trial is not None:
+        return next(pipeline_batches(case_name, b, [seed], [trial]))[2:]
+    dev = torch.device(device)
+    kit = TextKit()
+    case = CASES[case_name].with_batch_size(b)
+    model = kit.load_model(case, device=dev, generator=make_generator(seed))
+    pool = kit.load_pool(case, data_path=None)
+    prior = kit.make_prior(case, model, "text", device=device)
+    batch, truth = kit.sample(pool, case, model=model, device=dev, generator=make_generator(seed + 1))
+    obs = observe(client_update(model, batch, kit.loss_fn, case.protocol, generator=make_generator(seed + 2)),
+                  case.threat)
+    return kit, case, model, prior, obs, truth
+
+
+def pipeline_batches(case_name: str, b: int, seeds: list[int], trials: list[int]):
+    """Yield ``(seed, trial, kit, case, model, prior, obs, truth)`` for every development batch, drawn as the
+    evaluation pipeline draws them (``eval/pipeline.py``; the model loaded once per seed). Seeds < 1000 only."""
     import torch
 
     from common.fl import client_update
@@ -56,20 +81,21 @@ def _setup(case_name: str, b: int, device: str, seed: int = 0, trial: int | None
     from textleak.cases_dager import CASES
     from textleak.kit import TextKit
 
-    if trial is None:
-        seeds = (seed, seed + 1, seed + 2)
-    else:
-        seeds = (derive_seed(seed, "model"), derive_seed(seed, trial, "data"), derive_seed(seed, trial, "client"))
-    dev = torch.device(device)
+    if any(s >= 1000 for s in seeds):
+        raise SystemExit("development seeds (< 1000) only")
+    cpu = torch.device("cpu")
     kit = TextKit()
     case = CASES[case_name].with_batch_size(b)
-    model = kit.load_model(case, device=dev, generator=make_generator(seeds[0]))
     pool = kit.load_pool(case, data_path=None)
-    prior = kit.make_prior(case, model, "text", device=device)
-    batch, truth = kit.sample(pool, case, model=model, device=dev, generator=make_generator(seeds[1]))
-    obs = observe(client_update(model, batch, kit.loss_fn, case.protocol, generator=make_generator(seeds[2])),
-                  case.threat)
-    return kit, case, model, prior, obs, truth
+    for seed in seeds:
+        model = kit.load_model(case, device=cpu, generator=make_generator(derive_seed(seed, "model")))
+        prior = kit.make_prior(case, model, "text", device="cpu")
+        for trial in trials:
+            batch, truth = kit.sample(pool, case, model=model, device=cpu,
+                                      generator=make_generator(derive_seed(seed, trial, "data")))
+            obs = observe(client_update(model, batch, kit.loss_fn, case.protocol,
+                                        generator=make_generator(derive_seed(seed, trial, "client"))), case.threat)
+            yield seed, trial, kit, case, model, prior, obs, truth
 
 
 def _attack(fast: bool, kit, case, model, prior, obs, truth, *, base: str = "", exact_scores: bool = True) -> dict[str, Any]:
