@@ -1,6 +1,8 @@
 """The layer-1 certificate of DAGER's ranked encoder search (``certify.py``, issue 20)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -18,7 +20,8 @@ def test_layer1_certificate_accepts_true_sentences_and_rejects_near_misses():
 
     kit, case, model, obs, prior, truth = _tiny_bert_obs(3)
     tap1 = find_tap(model, 0, torch.tensor([[0, 1, 2]]))
-    cert = Certifier(obs, model, prior, (tap1, find_tap(model, 1, torch.tensor([[0, 1, 2]]))))
+    gmodel = copy.deepcopy(model).double().eval()  # the float64 copy the attack hands the certificate
+    cert = Certifier(obs, gmodel, prior, (tap1, find_tap(model, 1, torch.tensor([[0, 1, 2]]))))
     assert cert.usable
     ids, labels = truth["token_ids"], truth["labels"].tolist()
     for seq, y in zip(ids, labels):
@@ -39,7 +42,7 @@ def test_layer1_certificate_accepts_true_sentences_and_rejects_near_misses():
     assert cert.take(ids[0]) and cert.peeled == [(ids[0], labels[0])]
     res = cert.residual()
     assert res.num_examples == 2
-    rest = Certifier(res, model, prior, cert.taps, cert.gmodel)
+    rest = Certifier(res, cert.gmodel, prior, cert.taps)
     assert rest.label(ids[1]) == labels[1] and rest.label(ids[0]) is None
 
 

@@ -2,9 +2,11 @@
 encoder search (see the package docstring for the algorithm and its deviations)."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -91,7 +93,7 @@ class DAGER:
         t0, c0 = time.perf_counter(), time.process_time()
         was_training = model.training
         model.eval()
-        self._gmodel: nn.Module | None = None  # certify.py's float64 copy of the model
+        self._gmodel: nn.Module | None = None  # the float64 copy of the model (``_f64``), released at the end
         self._residual = False  # attacking a certified residual (certify.py)
         try:
             return self._run(obs, model, prior, t0, c0)
@@ -104,6 +106,7 @@ class DAGER:
                                   confidence=[0.0] * b, extras={"status": f"precondition failed: {e}"})
         finally:
             model.train(was_training)
+            self._gmodel = None
 
     # ------------------------------------------------------------------------------------------
     def spans(self, obs: Observation, model: nn.Module, probe: Tensor) -> tuple[list[Tap], list[Span], dict]:
@@ -224,7 +227,8 @@ class DAGER:
         obs, model, prior, li2, kind = c.obs, c.model, c.prior, c.li2, c.kind
         position_free, max_len, spans = c.position_free, c.max_len, c.spans
         if kind == "encoder":
-            sents, scores = peel.search(run, obs, model, li2, spans[1], l1, prior, b, c.li1.tap)
+            sents, scores = peel.search(run, obs, model, li2, spans[1], l1, prior, b, c.li1.tap,
+                                        partial(self._f64, model))
             # as the reference: the lowest layer-2 scores
             order = sorted(range(len(sents)), key=lambda i: scores[i])[: b if b is not None else None]
         else:
@@ -239,8 +243,8 @@ class DAGER:
             if sents:
                 sents = last_token.complete_last(obs, model, sents, batched=run.fast)
             order = decoder.select(sents, scores, l1, position_free, b)
-        cert, self._gmodel = verify.flags(obs, model, prior, kind, [sents[i] for i in order], (c.li1.tap, li2.tap),
-                                          run.stats, self._gmodel or run.gmodel)  # a check that can fail
+        cert = verify.flags(obs, partial(self._f64, model), prior, kind, [sents[i] for i in order],
+                            (c.li1.tap, li2.tap), run.stats)  # a check that can fail
         return _finish(run, prior.tokenizer, sents, scores, order, b, certified=cert)
 
     @staticmethod
@@ -263,9 +267,15 @@ class DAGER:
         """The layer-1 certificate of the ranked encoder search (``certify.applies``, ``DagerConfig.certify``)."""
         if not (self.config.certify and certify.applies(c.obs, c.prior, c.kind, c.run.stats)):
             return None
-        cert = certify.Certifier(c.obs, c.model, c.prior, (c.li1.tap, c.li2.tap), self._gmodel)
-        self._gmodel = cert.gmodel  # (the float64 copy, made once per reconstruction)
+        cert = certify.Certifier(c.obs, self._f64(c.model), c.prior, (c.li1.tap, c.li2.tap))
         return cert if cert.usable else None
+
+    def _f64(self, model: nn.Module) -> nn.Module:
+        """The float64 copy of the model for exact per-example gradients (peeling, certificates), made once per
+        reconstruction when first needed (kept for the residual's runs)."""
+        if self._gmodel is None:
+            self._gmodel = copy.deepcopy(model).double().eval()
+        return self._gmodel
 
     def _again(self, obs: Observation, c: _Ctx) -> Reconstruction | None:
         """The whole attack on a certified residual, within the same budget (None: a precondition failure)."""

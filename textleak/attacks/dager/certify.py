@@ -23,7 +23,6 @@ with a gap of 1.0e3), else the ranked search with certification again.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import replace
 from typing import Any, Callable
@@ -31,12 +30,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from common.types import Batch, Observation, Reconstruction
+from common.types import Observation, Reconstruction
 
-from .peel import _residual, can_peel
+from .peel import _residual, can_peel, embedding_tables, example_grads, loss_scale
 from .run import declared_sigma
 from .enc_refine import bigrams
-from .span import Span, Tap, model_device, observed_matrix, span_of
+from .span import Span, Tap, observed_matrix, span_of
 
 #: a removed layer-1 singular value must fall under this times the update's floor (its first discarded singular
 #: value); measured 1.5-3.5 on true sentences, near-misses remove none
@@ -62,17 +61,14 @@ def clear_gap(sp: Span) -> bool:
 class Certifier:
     """The layer-1 certificate on one observation; ``take`` tests a sentence and, certified, peels it."""
 
-    def __init__(self, obs: Observation, model: nn.Module, prior: Any, taps: tuple[Tap, Tap],
-                 gmodel: nn.Module | None = None):
-        self.obs, self.prior, self.taps = obs, prior, taps
-        self.gmodel = gmodel if gmodel is not None else copy.deepcopy(model).double().eval()
-        self.params = dict(self.gmodel.named_parameters())
-        self.names = [n for n in obs.tensors if n in self.params and self.params[n].requires_grad]
+    def __init__(self, obs: Observation, gmodel: nn.Module, prior: Any, taps: tuple[Tap, Tap]):
+        """``gmodel``: the float64 copy of the attacked model (the per-example gradients)."""
+        self.obs, self.prior, self.taps, self.gmodel = obs, prior, taps, gmodel
+        params = dict(gmodel.named_parameters())
+        self.names = [n for n in obs.tensors if n in params and params[n].requires_grad]
         self.tap_names = [n for n in taps[0].names if n and n in obs.tensors]
-        self.tables = {n for n in self.names if any(m.weight is self.params[n] for m in self.gmodel.modules()
-                                                    if isinstance(m, nn.Embedding))}
-        proto = obs.protocol
-        self.scale = 1.0 / obs.num_examples if proto is None or proto.loss_reduction == "mean" else 1.0
+        self.tables = embedding_tables(gmodel, self.names)
+        self.scale = loss_scale(obs)
         self.n_labels = int(getattr(prior, "num_labels", None) or 2)
         self.eps = float(torch.finfo(obs.tensors[self.tap_names[0]].dtype).eps) if self.tap_names else 0.0
         self.peeled: list[tuple[list[int], int]] = []  # (sentence, label) certified and peeled
@@ -94,14 +90,7 @@ class Certifier:
         return True
 
     def _grads(self, seq: list[int], y: int, names: list[str]) -> dict:
-        dev = model_device(self.gmodel)
-        batch = Batch({"input_ids": torch.tensor([seq], device=dev),
-                       "attention_mask": torch.ones(1, len(seq), dtype=torch.long, device=dev)},
-                      torch.tensor([y], device=dev))
-        with torch.enable_grad():
-            loss = self.prior.loss_fn(self.gmodel, batch).sum() * self.scale
-            grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
-        return dict(zip(names, grads))
+        return example_grads(self.gmodel, self.prior, seq, y, names, self.scale)
 
     def label(self, seq: list[int]) -> int | None:
         """The label whose gradient, subtracted from the residual, removes at least one layer-1 direction, every
@@ -157,7 +146,7 @@ def resume(cert: Certifier, again: Callable[[Observation], Reconstruction | None
     conf, flags = [1.0] * k, [True] * k
     stats = dict(sub.stats) if sub is not None else dict(outer)
     if sub is not None:
-        check = Certifier(res, cert.gmodel, cert.prior, cert.taps, cert.gmodel)
+        check = Certifier(res, cert.gmodel, cert.prior, cert.taps)
         for s, c, f in zip(sub.extras.get("token_ids", []), sub.confidence or [], sub.extras.get("certified", [])):
             if s and f and check.label(list(s)) is not None:  # (its uncertified ones: the fallback's instead)
                 ids.append(list(s))

@@ -14,10 +14,9 @@ and would make the residual's numerical rank, and so its span, unreliable.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -38,8 +37,9 @@ def can_peel(obs: Observation, prior: Any) -> bool:
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
-           b: int | None, tap1: Tap) -> encoder.Found:
-    """The encoder search, peeling clearly recovered sentences while it can (``can_peel``)."""
+           b: int | None, tap1: Tap, f64: Callable[[], nn.Module]) -> encoder.Found:
+    """The encoder search, peeling clearly recovered sentences while it can (``can_peel``); ``f64`` gives the
+    float64 copy of the model (made once, when first needed)."""
     if not can_peel(obs, prior):
         return encoder.search(run, obs, model, li2, span2, l1, prior, b)
     pool: dict[tuple[int, ...], float] = {}
@@ -58,8 +58,7 @@ def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2
             break
         # per-example gradients in float64, so that the residual carries only the client's own
         # round-off, not ours as well
-        run.gmodel = run.gmodel or copy.deepcopy(model).double().eval()
-        nxt = peel(cur, run.gmodel, prior, clear, tap1)
+        nxt = peel(cur, f64(), prior, clear, tap1)
         if nxt is None:
             break
         cur, done = nxt
@@ -80,12 +79,10 @@ def peel(obs: Observation, gmodel: nn.Module, prior: Any, seqs: list[list[int]],
     difference term in the same directions). Embedding-table rows that the subtraction explains
     (residual under 1e-4 of the subtracted row: float round-off) are set to exactly zero, so
     the embedding prior reads the remaining token set."""
-    dev = model_device(gmodel)
     params = dict(gmodel.named_parameters())
     names = [n for n in obs.tensors if n in params and params[n].requires_grad]
-    proto = obs.protocol
-    scale = 1.0 / obs.num_examples if proto is None or proto.loss_reduction == "mean" else 1.0
-    tables = {n for n in names if any(m.weight is params[n] for m in gmodel.modules() if isinstance(m, nn.Embedding))}
+    scale = loss_scale(obs)
+    tables = embedding_tables(gmodel, names)
     n_labels = int(getattr(prior, "num_labels", None) or 2)
     tensors = dict(obs.tensors)
     rank = span_of(observed_matrix(tap1, tensors)).rank
@@ -94,15 +91,9 @@ def peel(obs: Observation, gmodel: nn.Module, prior: Any, seqs: list[list[int]],
     for seq in seqs:
         best = None
         for y in range(n_labels):
-            batch = Batch({"input_ids": torch.tensor([seq], device=dev),
-                           "attention_mask": torch.ones(1, len(seq), dtype=torch.long, device=dev)},
-                          torch.tensor([y], device=dev))
-            with torch.enable_grad():
-                loss = prior.loss_fn(gmodel, batch).sum() * scale
-                grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
             # the label's test needs the tap's rows only (issue 18: the whole residual, every parameter in
             # float64, is formed once, for the label chosen; the tap's rows are computed as there)
-            g_by = dict(zip(names, grads))
+            g_by = example_grads(gmodel, prior, seq, y, names, scale)
             mat = observed_matrix(tap1, {**tensors, **_residual(tensors, g_by, tap_names, tables)})
             r_rank = span_of(mat).rank
             key = (r_rank, float(mat.norm()))
@@ -115,6 +106,32 @@ def peel(obs: Observation, gmodel: nn.Module, prior: Any, seqs: list[list[int]],
     if not done:
         return None
     return replace(obs, tensors=tensors), done
+
+
+def loss_scale(obs: Observation) -> float:
+    """The factor of one example's loss in the observed FedSGD gradient: 1 / B under a mean reduction."""
+    proto = obs.protocol
+    return 1.0 / obs.num_examples if proto is None or proto.loss_reduction == "mean" else 1.0
+
+
+def embedding_tables(gmodel: nn.Module, names: list[str]) -> set[str]:
+    """The parameters among ``names`` that are ``nn.Embedding`` tables of ``gmodel``."""
+    params = dict(gmodel.named_parameters())
+    return {n for n in names if any(m.weight is params[n] for m in gmodel.modules() if isinstance(m, nn.Embedding))}
+
+
+def example_grads(gmodel: nn.Module, prior: Any, seq: list[int], y: int, names: list[str], scale: float) -> dict:
+    """The exact gradient of one example ``seq`` with label ``y`` (``scale`` times its loss) for the parameters
+    ``names`` of ``gmodel`` (the float64 copy of the model)."""
+    params = dict(gmodel.named_parameters())
+    dev = model_device(gmodel)
+    batch = Batch({"input_ids": torch.tensor([seq], device=dev),
+                   "attention_mask": torch.ones(1, len(seq), dtype=torch.long, device=dev)},
+                  torch.tensor([y], device=dev))
+    with torch.enable_grad():
+        loss = prior.loss_fn(gmodel, batch).sum() * scale
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    return dict(zip(names, grads))
 
 
 def _residual(tensors: dict, grads: dict, names: list[str], tables: set[str]) -> dict:

@@ -35,7 +35,6 @@ class Run:
     ffn_prefilter: Any = None  # exact decoder search: (PreLNDecoderBlock, ComplementDistance) of the feed-forward input
     l2_block: Any = None  # exact decoder search: l2_block.Layer2Stage (the second block's input, incrementally)
     l1_tokens: list[int] | None = None  # ranked rotary search: layer 1's exact candidates (certify_dec.py)
-    gmodel: Any = None  # the float64 copy of the model (peel.py, verify.py), made once when first needed
 
     def over_budget(self) -> bool:
         """True (and ``timed_out`` set) once ``time_budget_s`` > 0 has passed since ``t0`` (wall clock)

@@ -19,11 +19,10 @@ the check 5.4 of 23.2 CPU s (23 %), not a cheap addition.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ from torch import nn
 from common.types import Batch, Observation
 
 from .certify import Certifier
-from .peel import can_peel
+from .peel import can_peel, loss_scale
 from .run import declared_sigma
 from .span import Tap, model_device
 
@@ -44,14 +43,14 @@ TOL = 1e-5
 EXHAUSTIVE = 1 << 12
 
 
-def flags(obs: Observation, model: nn.Module, prior: Any, kind: str, sents: list[list[int]], taps: tuple[Tap, Tap],
-          stats: dict[str, float], gmodel: nn.Module | None = None) -> tuple[list[bool], nn.Module | None]:
-    """The per-sentence certified flags of the exact search's output ``sents`` and the float64 model copy (made here
-    when needed, reused by the caller)."""
+def flags(obs: Observation, f64: Callable[[], nn.Module], prior: Any, kind: str, sents: list[list[int]],
+          taps: tuple[Tap, Tap], stats: dict[str, float]) -> list[bool]:
+    """The per-sentence certified flags of the exact search's output ``sents``; ``f64`` gives the float64 copy of
+    the model (made by the caller once, when first needed)."""
     if not (kind == "encoder" and can_peel(obs, prior) and declared_sigma(obs) == 0.0):
-        return [declared_sigma(obs) == 0.0] * len(sents), gmodel  # no check (or decoders): the span tests only
+        return [declared_sigma(obs) == 0.0] * len(sents)  # no check (or decoders): the span tests only
     c0 = time.process_time()
-    gmodel = gmodel if gmodel is not None else copy.deepcopy(model).double().eval()
+    gmodel = f64()
     names = list(dict.fromkeys(n for tap in taps for n in tap.names if n and n in obs.tensors))
     rel = explains(obs, gmodel, prior, kind, sents, names)
     stats["cert_residual"] = rel
@@ -59,11 +58,11 @@ def flags(obs: Observation, model: nn.Module, prior: Any, kind: str, sents: list
     if rel <= TOL:
         out = [True] * len(sents)
     elif kind == "encoder" and not stats.get("saturated_l1"):
-        cert = Certifier(obs, gmodel, prior, taps, gmodel)
+        cert = Certifier(obs, gmodel, prior, taps)
         if cert.usable:
             out = [cert.label(list(s)) is not None for s in sents]
     stats["cert_cpu_seconds"] = time.process_time() - c0
-    return out, gmodel
+    return out
 
 
 def explains(obs: Observation, gmodel: nn.Module, prior: Any, kind: str, sents: list[list[int]],
@@ -75,8 +74,7 @@ def explains(obs: Observation, gmodel: nn.Module, prior: Any, kind: str, sents: 
     b = obs.num_examples
     if not names or b is None or len(sents) != b or not all(sents):
         return math.inf
-    proto = obs.protocol
-    scale = 1.0 / b if proto is None or proto.loss_reduction == "mean" else 1.0
+    scale = loss_scale(obs)
     params = dict(gmodel.named_parameters())
     target = torch.cat([obs.tensors[n].detach().double().flatten().cpu() for n in names])
     norm = float(target.norm())
