@@ -81,7 +81,7 @@ class PreLNDecoderBlock:
             self.table(p, sorted(set(c) | {probe[p]}))
         want = decoder_last_inputs(li, prefixes, cands)
         for p, (pre, c) in enumerate(zip(prefixes, cands)):
-            got = self.extend([pre], p, c)[0].double()
+            got = self.extend([pre], p, c)[0].double().cpu()  # decoder_last_inputs: CPU float64
             w = want[p]
             if not torch.allclose(got, w, rtol=1e-4, atol=1e-4 * float(w.abs().max())):
                 return None

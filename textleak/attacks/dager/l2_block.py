@@ -75,7 +75,7 @@ class Layer2Stage:
             for p, c in enumerate(cands):
                 blk.table(p, sorted(set(c)))
             for p, (pre, c) in enumerate(zip(prefixes, cands)):
-                got = blk.extend([pre], p, c, finish=self.finish)[0].double()
+                got = blk.extend([pre], p, c, finish=self.finish)[0].double().cpu()  # CPU float64 as want
                 w = want[p]
                 if got.shape != w.shape or not torch.allclose(got, w, rtol=1e-4, atol=1e-4 * float(w.abs().max())):
                     return None
