@@ -152,13 +152,14 @@ class PreLNDecoderBlock:
         if pos == 0 or 3 * self.h * (pos + 1) > self.d:
             return self.extend(prefixes, pos, cands, reduce=dist)
         n_m = int(dist.comp32.shape[1])
+        comp = dist.comp32.to(self.w_proj.device)
         tab = self.tables[pos]
         rows = torch.tensor([tab.row[c] for c in cands], dtype=torch.long)
         q, kc, vc, x = tab.q[:, rows], tab.k[rows], tab.v[rows], tab.x[rows]
         n_p, n_k, h = len(prefixes), len(cands), self.h
         gam, beta = self.ln2.weight.detach(), self.ln2.bias.detach()
-        cg = gam.unsqueeze(1) * dist.comp32  # [d, m]: G C
-        c_gam, c_beta = gam @ dist.comp32, beta @ dist.comp32  # C^T gamma, C^T beta
+        cg = gam.unsqueeze(1) * comp  # [d, m]: G C
+        c_gam, c_beta = gam @ comp, beta @ comp  # C^T gamma, C^T beta
         wh = self.w_proj.view(h, self.dh, self.d)
         whc = torch.matmul(wh, cg)  # [H, dh, m]
         vct = vc.transpose(0, 1)  # [H, K, dh]
@@ -212,10 +213,19 @@ class ComplementDistance:
         q, _ = torch.linalg.qr(basis.double().cpu(), mode="complete")  # the last d - r columns span
         self.comp = q[:, r:].contiguous()  # the complement (as the leading singular vectors of I - B B^T did)
         self.comp32 = self.comp.float()
+        self._on: dict = {}
+
+    def on(self, like: Tensor) -> Tensor:
+        """The complement as ``__call__`` uses it for ``like`` (float32 kept, else ``like``'s dtype), on ``like``'s
+        device (cached: the block runs on the model's device, the basis is made on the CPU)."""
+        key = (like.dtype, like.device)
+        if key not in self._on:
+            c = self.comp32 if like.dtype == torch.float32 else self.comp.to(like.dtype)
+            self._on[key] = c.to(like.device)
+        return self._on[key]
 
     def __call__(self, y: Tensor) -> Tensor:
         lead = y.shape[:-1]
         y = y.reshape(-1, y.shape[-1])
-        c = self.comp32 if y.dtype == torch.float32 else self.comp.to(y.dtype)
-        num = (y @ c).double().norm(dim=1)
+        num = (y @ self.on(y)).double().norm(dim=1)
         return (num / y.double().norm(dim=1).clamp_min(1e-300)).view(lead)
