@@ -66,7 +66,7 @@ def exact_rows(b64: Tensor, chunk: Tensor, idx: Tensor) -> Tensor:
     """``span._exact(b64, chunk)[idx]`` to the bit, computing only about ``len(idx)`` rows (module docstring)."""
     n = chunk.shape[0]
     if n < SHORT:
-        return _exact(b64, chunk)[idx.to(chunk.device)].cpu()
+        return _exact(b64, chunk)[idx.cpu()]  # _exact computes on the CPU
     main = n - n % 4
     in_main = idx < main
     im = idx[in_main]
