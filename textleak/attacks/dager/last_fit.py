@@ -33,6 +33,9 @@ LAZY_SHARE = 0.5  # (rule="share") a single pass whose bounds leave more than th
 #: a single pass takes every missing term in one batch when that costs less than its terms on demand ("cost", the
 #: default since session 18), or when its bounds leave more than LAZY_SHARE of them ("share", sessions 16-17)
 RULE = "cost"
+#: the Cauchy-Schwarz bound of a single move (``cs_lb``, session 18): excludes candidates, own tokens included,
+#: before any forward-mode product; False: the bounds of sessions 16-17 only
+CAUCHY = True
 JVP_MARGIN = 1e-3  # relative margin on w_y . D_i (a float32 forward-mode product; its error is ~1e-6 relative)
 
 
@@ -97,10 +100,7 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
         cur, ex = T[i][choice[i]], extra or {}
         s, h = 1.0 / lens[i], hs[i]
         a0 = s * float(h.norm())
-        base = 0.0
-        for r, t in cur.items():
-            e = resid[r] + ex[r] if r in ex else resid[r]
-            base += float(t @ t) + 2.0 * float(e @ t)
+        base = base_of(i, extra)
         c = float((f_rows(i, uniq[i], extra) - snap[i]).norm())
         q = a0 * a0 - 2.0 * c * a0 if c <= a0 else -c * c
         ys = [cands[i][j] for j in js]
@@ -113,18 +113,43 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
                        - 2.0 * s * JVP_MARGIN * float(wy[k].norm()) * dn)
         return out
 
+    def base_of(i: int, extra: dict | None = None) -> float:  # |c|^2 + 2 e.c (c the current term of i)
+        ex, base = extra or {}, 0.0
+        for r, t in T[i][choice[i]].items():
+            e = resid[r] + ex[r] if r in ex else resid[r]
+            base += float(t @ t) + 2.0 * float(e @ t)
+        return base
+
+    def cs_lb(i: int, js: list[int], extra: dict | None = None) -> list[float]:
+        """Lower bounds of the single move's change to candidate j of i for any term (own tokens included): the term
+        ``a`` is supported on the rows ``R`` of i's tokens and ``y``, so ``|a|^2 - 2 f.a >= -|f_R|^2`` (Cauchy-Schwarz,
+        minimum over ``|a|``) and the change is at least ``|c|^2 + 2 e.c - |f_R|^2``; no product needed."""
+        cur, ex = T[i][choice[i]], extra or {}
+        base = base_of(i, extra)
+        tok_sq = float(f_rows(i, uniq[i], extra).pow(2).sum())
+        toks = set(sents[i])
+        out = []
+        for j in js:
+            y = cands[i][j]
+            fy = 0.0 if y in toks else float((resid[y] + cur.get(y, 0.0) + ex.get(y, 0.0)).pow(2).sum())
+            out.append(base - tok_sq - fy)
+        return out
+
     def swap_excluded(i: int, j: int, p: tuple[int, int]) -> bool:
         """True when the swap of i and j, one side without a term, cannot lower the residual: delta =
         [|X_a|^2 + 2 e.X_a] + [|X_b|^2 + 2 (e + X_a).X_b], the second bounded as a single move of b from e + X_a."""
         miss = [(k, jk) for k, jk in ((i, p[0]), (j, p[1])) if jk not in T[k]]
-        if len(miss) != 1 or miss[0][0] not in dvec or cands[miss[0][0]][miss[0][1]] in set(sents[miss[0][0]]):
+        if len(miss) != 1:
             return False
         (kb, jb), ka = miss[0], (j if miss[0][0] == i else i)
         ja = p[0] if ka == i else p[1]
         cur_a, alt_a = T[ka][choice[ka]], T[ka][ja]
         xa = {r: cur_a.get(r, 0.0) - alt_a.get(r, 0.0) for r in set(cur_a) | set(alt_a)}
         part = sum(float(x @ x) + 2.0 * float(resid[r] @ x) for r, x in xa.items())
-        return part + move_lb(kb, [jb], xa)[0] > 1e-12
+        lb = cs_lb(kb, [jb], xa)[0] if CAUCHY else -math.inf
+        if kb in dvec and cands[kb][jb] not in set(sents[kb]):
+            lb = max(lb, move_lb(kb, [jb], xa)[0])
+        return part + lb > 1e-12
 
     def swap_pass() -> bool:
         want: list[list[int]] = [[] for _ in range(n)]  # the terms this pass needs from its start (one batch)
@@ -171,10 +196,17 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
         """The candidates of i whose single move must be computed exactly (own tokens; bounds not above the best
         exact change); None when a stale ``D_i`` fails a bound and ``redo`` is False."""
         toks = set(sents[i])
-        unknown = [j for j in range(len(cands[i])) if j not in T[i] and cands[i][j] not in toks]
-        get = [j for j in range(len(cands[i])) if j not in T[i] and cands[i][j] in toks]  # no bound
+        best = min([0.0] + list(deltas.values()))
+        left = [j for j in range(len(cands[i])) if j not in T[i]]
+        if CAUCHY:  # candidates the Cauchy-Schwarz bound excludes need neither a term nor a product
+            left = [j for j, lb in zip(left, cs_lb(i, left)) if not lb > best + 1e-12]
+        unknown = [j for j in left if cands[i][j] not in toks]
+        get = [j for j in left if cands[i][j] in toks]  # no bound from the product
         if unknown:
-            best = min([0.0] + list(deltas.values()))
+            if i not in dvec:
+                if not redo:
+                    return None
+                tangents([i])
             lbs = move_lb(i, unknown)
             if any(not lb > best + 1e-12 for lb in lbs) and not torch.equal(f_rows(i, uniq[i]), snap[i]):
                 if not redo:
@@ -187,8 +219,8 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
     def single_pass() -> bool:
         # from the pass's start: the products of the sentences without one, those whose stale product fails a bound
         # (one batch each), and every sentence's exact candidates at the start (one batch)
-        miss = [i for i in range(n) if i not in dvec
-                and any(j not in T[i] and y not in set(sents[i]) for j, y in enumerate(cands[i]))]
+        miss = [] if CAUCHY else [i for i in range(n) if i not in dvec
+                                  and any(j not in T[i] and y not in set(sents[i]) for j, y in enumerate(cands[i]))]
         if miss:
             tangents(miss)
         start = [{j: exact(i, j) for j in T[i] if j != choice[i]} for i in range(n)]
