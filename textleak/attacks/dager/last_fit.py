@@ -132,7 +132,7 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
         for j in js:
             y = cands[i][j]
             fy = 0.0 if y in toks else float((resid[y] + cur.get(y, 0.0) + ex.get(y, 0.0)).pow(2).sum())
-            out.append(base - tok_sq - fy)
+            out.append(_cauchy(base, tok_sq + fy))
         return out
 
     def swap_excluded(i: int, j: int, p: tuple[int, int]) -> bool:
@@ -259,6 +259,12 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
     except (RuntimeError, NotImplementedError):
         return None
     return [cands[i][choice[i]] for i in range(n)]
+
+
+def _cauchy(base: float, f_sq: float) -> float:
+    """A single move's change ``|c|^2 + 2 e.c + |a|^2 - 2 f.a`` is at least ``base - |f_R|^2`` (``base = |c|^2 + 2 e.c``,
+    ``f_sq = |f_R|^2``, ``R`` the rows the new term ``a`` can touch): ``|a|^2 - 2 f.a >= |a|^2 - 2 |f_R| |a| >= -|f_R|^2``."""
+    return base - f_sq
 
 
 def _take_all(got: list[list[int]], left: list[list[int]], sents: list[list[int]]) -> bool:
