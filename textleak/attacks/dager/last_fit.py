@@ -15,11 +15,15 @@ moves, at most four rounds, from the certified cosine top) on the terms it needs
   ``f.a = -s (f[y].h + w_y.D_i)``, ``D_i = sum_t J_t f[x_t]`` from one forward-mode product over the sentences
   (``last_exit._jvp`` with ``f``'s rows as the tangent). A candidate whose lower bound (less a float32 margin)
   is above the best exact change so far cannot be the move; the others (and the sentence's own tokens, which
-  have no such bound) get exact terms, for that sentence alone.
+  have no such bound) get exact terms, for that sentence alone;
+* before that product (session 18), for any candidate, own tokens included: ``|a|^2 - 2 f.a >= -|f_R|^2``
+  (Cauchy-Schwarz, ``R`` the rows ``a`` can touch: the sentence's tokens and ``y``), so the change is at least
+  ``|c|^2 + 2 e.c - |f_R|^2`` (``cs_lb``, ``_cauchy``); the candidates it excludes need neither a product nor a term.
 
-A swap pass first computes, in one batch, the terms its bounds cannot exclude at its start; a single pass whose
-bounds at its start leave over ``LAZY_SHARE`` of the missing terms takes them all in one batch (as before), else
-each sentence's terms come when it is reached. The moves are decided on exact terms as ``_joint_fit`` decides them, so the choice is the same (up to the float32
+A swap pass first computes, in one batch, the terms its bounds cannot exclude at its start; a single pass takes
+every missing term in one batch when that costs fewer token passes than the terms its bounds leave at its start,
+each from the sentence's own forward and backward (``_take_all``; ``RULE = "share"``: when they leave over
+``LAZY_SHARE`` of them, sessions 16-17), else each sentence's terms come when it is reached. The moves are decided on exact terms as ``_joint_fit`` decides them, so the choice is the same (up to the float32
 round-off of terms computed in a different batch, as in ``last_exit``). On any failure ``lazy_fit`` returns None
 and the completion computes every term as before."""
 from __future__ import annotations
