@@ -20,6 +20,10 @@ from .span import LayerInputs, Span, decoder_last_inputs, span_distance
 # configuration at B=16 it keeps about 0.4 %; on SmolLM2 (pretrained) wrong extensions lie as close to the
 # feed-forward input's span as to layer 2's (development seed 0, B=16: median 0.03 at both), and it kept 87 %.
 PREFILTER_USEFUL = 0.5
+# ... but only judged once it has kept more extensions than the true ones alone could make up (at most B per step,
+# PREFILTER_JUDGE B in all): at the first step the layer-1 candidates can all be true first tokens (development
+# GPT-2 configuration B=16, seed 0 trial 0: 9 of 9 kept), and the prefilter was then dropped for the whole search
+PREFILTER_JUDGE = 2
 
 
 @dataclass
@@ -57,13 +61,13 @@ def search(run: Run, li2: LayerInputs, span2: Span, l1, b: int | None, max_len: 
         cands = l1[p][0] if p < len(l1) else []
         if not cands:
             break
-        live = _step(run, li2, span2, live, cands, finished, position_free, screen=screen)[:cap]
+        live = _step(run, li2, span2, live, cands, finished, position_free, screen=screen, b=b or 8)[:cap]
     finished.extend(x for x in live if x.ids)
     return [f.ids for f in finished], [f.score for f in finished]
 
 
 def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: list[int],
-          finished: list[_Path], position_free: bool, *, screen: Screen | None = None) -> list[_Path]:
+          finished: list[_Path], position_free: bool, *, screen: Screen | None = None, b: int = 8) -> list[_Path]:
     """Extend every live path by every passing candidate; paths with no passing extension are
     finished (appended to ``finished``). Returns the extensions sorted by score. With ``screen`` the
     distances at or above tau_2 (which take part in no decision) are float32 values above it (``dec_dist.py``)."""
@@ -83,7 +87,8 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
         per_path = [[cands[j] for j in c] for c in cols]
         run.stats["prefilter_kept"] = run.stats.get("prefilter_kept", 0.0) + sum(map(len, cols))
         run.stats["prefilter_total"] = run.stats.get("prefilter_total", 0.0) + len(cands) * len(live)
-        if run.stats["prefilter_kept"] > PREFILTER_USEFUL * run.stats["prefilter_total"]:
+        kept = run.stats["prefilter_kept"]
+        if kept > PREFILTER_USEFUL * run.stats["prefilter_total"] and kept > PREFILTER_JUDGE * b:
             run.ffn_prefilter = None  # not discriminative here: the next steps go to layer 2 directly
             run.stats["prefilter_dropped"] = 1.0
     l2 = run.l2_block if run.fast else None

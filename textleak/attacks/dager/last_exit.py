@@ -62,7 +62,8 @@ def certified_choice(model: nn.Module, graph, w: Tensor, sents: list[list[int]],
     cannot be certified, the joint fit with terms on demand (``last_fit.lazy_fit``) instead of None."""
     from .last_token import _packed_terms
 
-    terms = (lambda gr, ww, ss, cc: _split_terms(model, gr, ww, ss, cc)) if support_bound else _packed_terms
+    cache: dict = {}  # one sentence's own forward graph, kept for its later terms (_split_terms)
+    terms = (lambda gr, ww, ss, cc: _split_terms(model, gr, ww, ss, cc, cache=cache)) if support_bound else _packed_terms
 
     if any(len(c) < 2 for c in cands):
         return None
@@ -161,18 +162,25 @@ def support_bounds(row_sq: Tensor, sent: list[int], cand: list[int], r_norm: flo
     return [math.sqrt(tok_sq + (0.0 if y in toks else float(row_sq[y]))) / r_norm * (1 + 1e-9) + MARGIN for y in cand]
 
 
-def _split_terms(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]]) -> list[Tensor]:
+def _split_terms(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: list[list[int]], *,
+                 cache: dict | None = None) -> list[Tensor]:
     """``last_token._packed_terms`` where most sentences need at most one term: a backward over the whole
     packed graph costs the same for every candidate rank, so the first candidate of every sentence comes
     from the packed graph (one backward) and the others from a forward and backward of just the sentences
-    that have more (packed alike, ``_sub_graph``); else ``_packed_terms`` over the whole graph."""
+    that have more (packed alike, ``_sub_graph``); else ``_packed_terms`` over the whole graph. ``cache``: a
+    sentence's own graph (one sentence alone) is kept there and reused by later calls for that sentence (the
+    same forward, so the same terms; the joint fit asks for one sentence's terms several times)."""
     from .last_token import _packed_terms
 
     n = len(sents)
     need = [i for i, c in enumerate(cands) if c]
     if len(need) <= n // 2:  # few sentences need any term: their own packed forward
         sub = [sents[i] for i in need]
-        got = dict(zip(need, _packed_terms(_sub_graph(model, sub), w, sub, [cands[i] for i in need])))
+        if cache is not None and len(need) == 1:
+            sg = cache.get(need[0]) or cache.setdefault(need[0], _sub_graph(model, sub))
+        else:
+            sg = _sub_graph(model, sub)
+        got = dict(zip(need, _packed_terms(sg, w, sub, [cands[i] for i in need])))
         d = graph.embeds.shape[-1]
         return [got[i] if i in got else graph.embeds.new_zeros(0, len(s), d) for i, s in enumerate(sents)]
     more = [i for i, c in enumerate(cands) if len(c) > 1]
