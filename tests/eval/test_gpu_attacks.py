@@ -163,6 +163,16 @@ def test_dager_decoders_exact_on_device(case, dev):
     assert {k: rd.stats.get(k) for k in flags} == {k: rc.stats.get(k) for k in flags}, (rc.stats, rd.stats)
 
 
+@pytest.mark.parametrize("case", ["text/tiny-gpt2/dager", "text/tiny-llama/dager"])
+def test_dager_past_the_rank_limit_on_device(case, dev):
+    """B=8 on the tiny decoders is past their width (the frontier search, deep rerank, rotary ranked search):
+    the same reconstruction and the same statistics (timings aside) on both devices."""
+    (rc, _, _), (rd, _, _) = _both(case, "dager", batch=8, dev=dev)
+    assert rd.data == rc.data
+    same = {k for k in rc.stats if "second" not in k and not k.endswith("_s")}
+    assert {k: rd.stats.get(k) for k in same} == {k: rc.stats[k] for k in same}, (rc.stats, rd.stats)
+
+
 def _tiny_bert3_dager(device: str):
     """DAGER's encoder path on a 3-layer float64 random BERT (as tests/textleak/test_dager.py:
     the kit's 2-layer tiny-bert has no layer-2 span), everything on ``device``."""

@@ -193,7 +193,7 @@ class PreLNDecoderBlock:
             y, mu, inv = torch.native_layer_norm(r, [self.d], gam, beta, self.ln2.eps)  # mean, 1 / std [p, K, 1]
             cy = (t - mu * c_gam) * inv + c_beta  # C^T LN_2(r)
             out.append(cy.norm(dim=-1).double() / y.norm(dim=-1).double().clamp_min(1e-300))
-        return torch.cat(out, 0)
+        return torch.cat(out, 0).cpu()  # as span_distance: CPU float64
 
     def residual(self, o: Tensor, x: Tensor) -> Tensor:
         """The residual stream after the attention: ``x + c_proj(o)``."""
@@ -206,7 +206,7 @@ class PreLNDecoderBlock:
 
 class ComplementDistance:
     """Span distance ``|C^T y| / |y|`` with ``C`` the orthonormal complement of ``basis`` [d, r]
-    (float64 result; the same quantity as ``span.span_distance``, cheaper when ``d - r`` is small)."""
+    (float64 result on the CPU, as ``span.span_distance``'s: the same quantity, cheaper when ``d - r`` is small)."""
 
     def __init__(self, basis: Tensor) -> None:
         d, r = basis.shape
@@ -228,4 +228,4 @@ class ComplementDistance:
         lead = y.shape[:-1]
         y = y.reshape(-1, y.shape[-1])
         num = (y @ self.on(y)).double().norm(dim=1)
-        return (num / y.double().norm(dim=1).clamp_min(1e-300)).view(lead)
+        return (num / y.double().norm(dim=1).clamp_min(1e-300)).view(lead).cpu()
