@@ -195,7 +195,7 @@ def _table_step(blk: PostLNBlock, beams: list[list[int]], p: int, cands: list[in
         rank = near if near_pen is None else near + near_pen.to(near)
         sel = rank.topk(m, dim=1, largest=False).indices  # [nb, m]
     else:
-        sel = torch.arange(k).unsqueeze(0).expand(nb, k)
+        sel = torch.arange(k, device=near.device).unsqueeze(0).expand(nb, k)
     sc = near.gather(1, sel)
     if p > 0:
         before = list(range(p))
