@@ -115,7 +115,7 @@ def fit_counts(model: nn.Module, loss_fn, names: list[str], target: dict[str, to
     x = torch.as_tensor(np.repeat(cands, n_classes, 0), dtype=torch.float64)
     y = torch.arange(n_classes).repeat(k)
     gam = _per_example(m64, loss_fn, names, x, y)  # [P, 2K]
-    obs = torch.cat([target[n].double().reshape(-1) for n in names]).numpy() * scale
+    obs = torch.cat([target[n].double().reshape(-1) for n in names]).cpu().numpy() * scale
     norms = np.linalg.norm(gam, axis=0)
     norms[norms == 0] = 1.0
     mat, rhs = gam / norms, obs
@@ -151,7 +151,7 @@ def unit_resolution(model: nn.Module, loss_fn, names: list[str], target: dict[st
     closest single-row alternative); for Adult's fnlwgt one unit is about 1e-5 standard deviations and
     sits at float32 resolution. Returns bool [n, len(columns)] (both neighbours, +1 and -1)."""
     m64 = copy.deepcopy(model).cpu().double().eval()
-    obs = torch.cat([target[n].double().reshape(-1) for n in names]).numpy() * scale
+    obs = torch.cat([target[n].double().reshape(-1) for n in names]).cpu().numpy() * scale
     x = torch.as_tensor(rows, dtype=torch.float64)
     y = torch.as_tensor(labels, dtype=torch.long)
     base = _per_example(m64, loss_fn, names, x, y)  # [P, n]

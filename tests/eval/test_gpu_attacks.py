@@ -151,6 +151,14 @@ def test_tabular_random_and_ig_on_device(dev):
     assert abs(md["accuracy"] - mc["accuracy"]) <= 0.15, (mc, md)
 
 
+def test_tabular_exact_on_device(dev):
+    """The exact tabular attack (labels recovered, B=8): the same rows and certificates on both devices."""
+    (rc, _, _), (rd, _, _) = _both("tabular/adult-fc/fedsgd", "tabular-exact", batch=8, dev=dev, score=False)
+    assert torch.equal(rd.data, rc.data) and rd.labels.tolist() == rc.labels.tolist()
+    same = {k for k in rc.stats if "second" not in k and not k.endswith("_s")}
+    assert {k: rd.stats.get(k) for k in same} == {k: rc.stats[k] for k in same}, (rc.stats, rd.stats)
+
+
 # -- text --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["text/tiny-gpt2/dager", "text/tiny-llama/dager"])
 def test_dager_decoders_exact_on_device(case, dev):
