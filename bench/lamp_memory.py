@@ -94,7 +94,7 @@ def main() -> None:
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
             print(f"trial {i} seed {p.spec.seed}.{p.spec.trial} {rec['status']} rouge1 "
                   f"{rec['metrics'].get('rouge1', float('nan')):.3f} {rec.get('error') or ''}: rss {rss_mb():.0f} MB, "
-                  f"trial peak {trial_peak:.0f} MB, process peak {peak_mb():.0f} MB, "
+                  f"trial peak {trial_peak:.0f} MB, "
                   f"models held {len(kw['resources'].models)}, live tensors {tensor_mb():.0f} MB, "
                   f"cpu {time.process_time() - t0:.0f} s", flush=True)
             yield p, rec
