@@ -53,14 +53,16 @@ class TrialSpec:
 class Resources:
     """Per-process caches: data pools are loaded once per case; models once per (case, seed) while they fit.
 
-    ``models`` is least-recently-used first and holds at most ``model_budget_mb`` of model tensors besides the one
-    just used: a suite of one seed per run (``textleak_lamp_paper``: 20 seeds) otherwise kept every seed's model,
-    ~87 MB each for MiniLM, for the whole process (issue 18). A model evicted and needed again is loaded again, the
-    same model (``kit.load_model`` is deterministic in the seed's generator); small models are never evicted."""
+    ``models`` is least-recently-used first and holds models of at most ``model_budget_mb`` in all, always the one
+    just used: a suite of one seed per run (``textleak_lamp_paper``: 20 seeds) otherwise kept every seed's model for
+    the whole process, ~87 MB each for MiniLM once a trial has touched its pages (issue 18). With the default
+    128 MB a MiniLM-sized or larger model is kept while consecutive trials use it; tiny, tabular and speech models
+    all stay. A model evicted and needed again is loaded again (~0.5 s for MiniLM), the same model
+    (``kit.load_model`` is deterministic in the seed's generator)."""
 
     models: dict = field(default_factory=dict)
     pools: dict = field(default_factory=dict)
-    model_budget_mb: float = 256.0
+    model_budget_mb: float = 128.0
 
     def model(self, key: Any, load: Callable[[], nn.Module]) -> nn.Module:
         """The cached model under ``key`` (loaded by ``load()`` on a miss); then evicts the least recently used

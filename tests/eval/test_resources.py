@@ -42,7 +42,7 @@ def test_models_beyond_the_budget_are_freed_and_reload_identically():
 
 
 def test_small_models_stay_cached():
-    res = Resources()  # default budget (256 MB): three tiny models fit
+    res = Resources()  # default budget (128 MB): three tiny models fit
     models = [_load(res, s) for s in range(3)]
     assert len(res.models) == 3
     assert all(_load(res, s) is m for s, m in enumerate(models))
