@@ -54,6 +54,61 @@ def tensor_mb() -> float:
     return sum(seen.values()) / 2**20
 
 
+class PhaseSampler:
+    """Samples the current RSS every ``period`` s in a thread and keeps the largest value per phase, the phase
+    being the innermost of the wrapped ``TextSearch`` / ``LMPrior`` methods running (``--phases``)."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        import threading
+
+        self.stack: list[str] = ["outside"]
+        self.at_top = (0.0, "", 0.0, 0.0)
+        self.peak: dict[str, float] = {}
+        self.period = period
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.period):
+            key, r = self.stack[-1], rss_mb()
+            self.peak[key] = max(self.peak.get(key, 0.0), r)
+            if r > self.at_top[0] + 1:  # the composition at the trial's highest sample: anonymous vs file-backed pages
+                with open("/proc/self/smaps_rollup") as f:
+                    kb = {line.split(":")[0]: int(line.split()[1]) for line in f if line.endswith("kB\n")}
+                self.at_top = (r, key, kb["Anonymous"] / 1024, (kb["Rss"] - kb["Anonymous"]) / 1024)
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+        sampler = self
+
+        def wrapped(*a, **k):
+            sampler.stack.append(label)
+            try:
+                return fn(*a, **k)
+            finally:
+                sampler.stack.pop()
+        setattr(owner, name, wrapped)
+
+    def install(self) -> None:
+        from textleak import prior
+        from textleak.components import search
+
+        self.wrap(search.TextSearch, "run", "run: continuous step backward, Adam, best copy")
+        self.wrap(search.TextSearch, "__init__", "setup (matcher, low-rank targets)")
+        self.wrap(search.TextSearch, "initialise", "init candidates")
+        self.wrap(search.TextSearch, "step_distance", "continuous step (forward)")
+        self.wrap(search.TextSearch, "discrete_step", "swap round (ghost scoring)")
+        self.wrap(search.TextSearch, "nll", "swap round: LM prior")
+        self.wrap(prior.TextPrior, "lm", "LM prior load")
+        self.thread.start()
+
+    def report(self) -> None:
+        r, key, anon, file = self.at_top
+        print(f"  highest sample {r:.0f} MB in {key!r}: anonymous {anon:.0f} MB, file-backed {file:.0f} MB", flush=True)
+        for k, v in sorted(self.peak.items(), key=lambda kv: -kv[1]):
+            print(f"  phase peak {v:7.0f} MB  {k}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--attack", default="lamp-cos")
@@ -61,6 +116,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0-5", help="a-b: one spec per seed (the suite's layout)")
     ap.add_argument("--trials", type=int, default=1, help="trials per seed")
     ap.add_argument("--trim", action="store_true", help="malloc_trim(0) after each trial (glibc)")
+    ap.add_argument("--out", help="keep the records and artifacts here (default: a temporary folder)")
+    ap.add_argument("--phases", action="store_true", help="peak RSS per phase of the attack (sampled)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     a, b = (int(x) for x in args.seeds.split("-"))
@@ -80,6 +137,9 @@ def main() -> None:
     specs = [TrialSpec(case=case, attack=args.attack, seed=s, trial=t, overrides=overrides)
              for s in range(a, b + 1) for t in range(args.trials)]
     inner = executors.local_executor
+    sampler = PhaseSampler() if args.phases else None
+    if sampler is not None:
+        sampler.install()
     t0 = time.process_time()
     print(f"start rss {rss_mb():.0f} MB", flush=True)
 
@@ -97,9 +157,16 @@ def main() -> None:
                   f"trial peak {trial_peak:.0f} MB, "
                   f"models held {len(kw['resources'].models)}, live tensors {tensor_mb():.0f} MB, "
                   f"cpu {time.process_time() - t0:.0f} s", flush=True)
+            if sampler is not None:
+                sampler.report()
+                sampler.peak.clear()
+                sampler.at_top = (0.0, "", 0.0, 0.0)
             yield p, rec
 
     executors.EXECUTORS["local"] = logged
+    if args.out:
+        run_many(specs, out_dir=args.out, progress=False)
+        return
     with tempfile.TemporaryDirectory() as d:
         run_many(specs, out_dir=d, progress=False)
 
