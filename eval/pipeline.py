@@ -57,7 +57,8 @@ class Resources:
     just used: a suite of one seed per run (``textleak_lamp_paper``: 20 seeds) otherwise kept every seed's model for
     the whole process, ~87 MB each for MiniLM once a trial has touched its pages (issue 18). With the default
     128 MB a MiniLM-sized or larger model is kept while consecutive trials use it; tiny, tabular and speech models
-    all stay. A model evicted and needed again is loaded again (~0.5 s for MiniLM), the same model
+    all stay. A model evicted and needed again is loaded again (MiniLM: ~0.03 CPU s after the first load, its
+    weights mapped from the file), the same model
     (``kit.load_model`` is deterministic in the seed's generator)."""
 
     models: dict = field(default_factory=dict)
