@@ -2,7 +2,7 @@
 (observation, model, prior) and what the scorer gets (ground truth), and scores the result.
 
     prepare(spec)                -> Prepared   attack resolved once, modality + threat checked, run id
-    load_inputs(...)             -> (model, pool), cached per process in ``Resources``
+    load_inputs(...)             -> (model, pool), cached per process in ``Resources`` (models within a budget)
     simulate(case, kit, ...)     -> Trial      sample, client update, finite check, observe, prior
     score(kit, rec, truth, ...)  -> (metrics, alignment)
     run_trial(prepared, ...)     -> record     all of the above, failures recorded
