@@ -81,8 +81,11 @@ def model_mb(model: Any) -> float:
         return 0.0
     seen = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        st = t.untyped_storage()
-        seen[(st.device, st.data_ptr())] = st.nbytes()
+        try:
+            st = t.untyped_storage()
+            seen[(st.device, st.data_ptr())] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, tensor subclasses): its elements
+            seen[id(t)] = t.numel() * t.element_size()
     return sum(seen.values()) / 2**20
 
 
