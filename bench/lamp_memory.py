@@ -2,10 +2,14 @@
 
 Runs ``eval.driver.run_many`` over one spec per seed (as ``eval/suites/textleak_lamp_paper.toml`` does: each
 ``[[run]]`` is one seed, so each trial has its own attacked model) with a reduced LAMP configuration, and prints
-after each trial the process's current RSS (/proc/self/statm), ``ru_maxrss``, the models the driver's
-``Resources`` holds and the live tensors' bytes (gc).  Development seeds only (< 1000).
+after each trial the process's current RSS (/proc/self/statm), the trial's peak RSS (VmHWM, reset before each trial
+through /proc/self/clear_refs, which resets ``ru_maxrss`` too), the models the driver's ``Resources`` holds and the live
+tensors' bytes (gc). ``--phases``: the largest sampled RSS per attack phase and, at the trial's highest sample, its
+anonymous and file-backed parts. Development seeds only (< 1000). Results: ``results/bench/lamp-s18-memory.md``.
 
-    OMP_NUM_THREADS=1 python bench/lamp_memory.py --seeds 0-7 --set n_steps=40
+    OMP_NUM_THREADS=1 python bench/lamp_memory.py --seeds 0-11 --set n_steps=20 --set init_candidates=8 \
+        --set init_permutations=8 --set swap_every=5 --set swap_candidates=16
+    OMP_NUM_THREADS=1 python bench/lamp_memory.py --phases --seeds 0-0          # one trial at the preset's 2,000 steps
 """
 from __future__ import annotations
 
@@ -115,7 +119,7 @@ def main() -> None:
     ap.add_argument("--case", default="text/minilm-bert/fedsgd-short")
     ap.add_argument("--seeds", default="0-5", help="a-b: one spec per seed (the suite's layout)")
     ap.add_argument("--trials", type=int, default=1, help="trials per seed")
-    ap.add_argument("--trim", action="store_true", help="malloc_trim(0) after each trial (glibc)")
+    ap.add_argument("--trim", action="store_true", help="malloc_trim(0) after each trial (glibc; the executors do it themselves since 371a2d6)")
     ap.add_argument("--out", help="keep the records and artifacts here (default: a temporary folder)")
     ap.add_argument("--phases", action="store_true", help="peak RSS per phase of the attack (sampled)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
