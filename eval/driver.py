@@ -17,7 +17,8 @@ USER_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, Permissi
 
 
 def preload(prepared: Sequence[Prepared], *, device: torch.device, resources: Resources) -> None:
-    """Load every distinct data pool and model once, turning input problems into UserErrors."""
+    """Load every distinct data pool and model once, turning input problems into UserErrors (the models that
+    exceed ``resources.model_budget_mb`` are dropped again and reloaded by their trial)."""
     for p in prepared:
         case = p.case
         kit = make_kit(case.modality)

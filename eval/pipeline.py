@@ -2,7 +2,7 @@
 (observation, model, prior) and what the scorer gets (ground truth), and scores the result.
 
     prepare(spec)                -> Prepared   attack resolved once, modality + threat checked, run id
-    load_inputs(...)             -> (model, pool), cached per process in ``Resources``
+    load_inputs(...)             -> (model, pool), cached per process in ``Resources`` (models within a budget)
     simulate(case, kit, ...)     -> Trial      sample, client update, finite check, observe, prior
     score(kit, rec, truth, ...)  -> (metrics, alignment)
     run_trial(prepared, ...)     -> record     all of the above, failures recorded
@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -51,10 +51,42 @@ class TrialSpec:
 
 @dataclass
 class Resources:
-    """Per-process caches: models and data pools are loaded once per (case, seed)."""
+    """Per-process caches: data pools are loaded once per case; models once per (case, seed) while they fit.
+
+    ``models`` is least-recently-used first and holds models of at most ``model_budget_mb`` in all, always the one
+    just used: a suite of one seed per run (``textleak_lamp_paper``: 20 seeds) otherwise kept every seed's model for
+    the whole process, ~87 MB each for MiniLM once a trial has touched its pages (issue 18). With the default
+    128 MB a MiniLM-sized or larger model is kept while consecutive trials use it; tiny, tabular and speech models
+    all stay. A model evicted and needed again is loaded again (MiniLM: ~0.03 CPU s after the first load, its
+    weights mapped from the file), the same model
+    (``kit.load_model`` is deterministic in the seed's generator)."""
 
     models: dict = field(default_factory=dict)
     pools: dict = field(default_factory=dict)
+    model_budget_mb: float = 128.0
+
+    def model(self, key: Any, load: Callable[[], nn.Module]) -> nn.Module:
+        """The cached model under ``key`` (loaded by ``load()`` on a miss); then evicts the least recently used
+        others while the cache holds more than ``model_budget_mb``."""
+        model = self.models.pop(key) if key in self.models else load()
+        self.models[key] = model  # most recently used last
+        while len(self.models) > 1 and sum(map(model_mb, self.models.values())) > self.model_budget_mb:
+            del self.models[next(iter(self.models))]
+        return model
+
+
+def model_mb(model: Any) -> float:
+    """Megabytes of a model's parameters and buffers (each storage once); 0 for a non-module."""
+    if not isinstance(model, nn.Module):
+        return 0.0
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        try:
+            st = t.untyped_storage()
+            seen[(st.device, st.data_ptr())] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, tensor subclasses): its elements
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values()) / 2**20
 
 
 class NonFiniteUpdate(ValueError):
@@ -218,16 +250,15 @@ def check_finite(tensors: Mapping[str, Tensor], *, what: str) -> None:
 
 def load_inputs(spec: TrialSpec, case: Case, kit: Kit, resources: Resources, *,
                 device: torch.device) -> tuple[nn.Module, Any]:
-    """The trial's model and data pool, each loaded once per process (cached in ``resources``)."""
+    """The trial's model and data pool, cached in ``resources`` (models within its budget)."""
     options = canonical_json(dict(case.options))
     pkey = (case.modality, case.data, spec.data_path, options)
     mkey = (case.modality, case.model, case.data, options, spec.seed, str(device))
     if pkey not in resources.pools:
         resources.pools[pkey] = kit.load_pool(case, data_path=spec.data_path)
-    if mkey not in resources.models:
-        resources.models[mkey] = kit.load_model(case, device=device,
-                                                generator=make_generator(derive_seed(spec.seed, "model")))
-    return resources.models[mkey], resources.pools[pkey]
+    model = resources.model(mkey, lambda: kit.load_model(case, device=device,
+                                                         generator=make_generator(derive_seed(spec.seed, "model"))))
+    return model, resources.pools[pkey]
 
 
 def simulate(case: Case, kit: Kit, *, model: nn.Module, pool: Any, prior_kind: str, device: torch.device,

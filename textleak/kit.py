@@ -151,7 +151,9 @@ class TextKit:
     def _text_prior(self, case: Case, model: nn.Module, *, device) -> TextPrior:
         info = info_of(model)
         tok = info.tokenizer
-        emb = input_embedding(model).weight.detach().clone()
+        # a detached view, not a copy: the attacks only read it, and its rows stay unread (the model's pages stay
+        # unresident) except those the attack gathers, ~45 MB less for MiniLM (issue 18)
+        emb = input_embedding(model).weight.detach()
         pre, suf = special_frame(tok)
         head = classifier_head(model) if info.kind == "encoder" else None
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

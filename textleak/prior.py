@@ -141,7 +141,7 @@ class TextPrior:
 
     kind: str  # "encoder" (sequence classifier) | "decoder" (causal LM)
     tokenizer: Any
-    embedding: Tensor  # [V, d] token-embedding matrix (detached copy)
+    embedding: Tensor  # [V, d] token-embedding matrix (detached; shares the model's storage: read only)
     embedding_name: str  # its name in model.named_parameters()
     loss_fn: Callable[[nn.Module, Batch], Tensor]
     max_len: int

@@ -63,3 +63,28 @@ def test_streamed_head_forms_at_most_max_rows_and_matches_the_full_cross_entropy
     sizes.clear()
     uncapped = _streamed_ce(h, tgt, rows, vocab, owner=owner, max_rows=vocab)
     assert sizes == [vocab] and torch.allclose(uncapped, ref, atol=1e-5, rtol=0)
+
+
+def test_text_prior_embedding_is_a_read_only_view_of_the_model():
+    """The text prior's embedding matrix shares the model's storage (a copy cost ~47 MB for MiniLM and made the model's
+    mapped embedding pages resident; issue 18), and a LAMP/TAG run leaves it, and so the model, unchanged."""
+    import torch
+
+    from eval.catalog import catalog
+    from eval.pipeline import Resources, TrialSpec, make_kit, prepare, prepare_trial
+    from textleak.models import input_embedding
+
+    case = catalog().cases.get("text/tiny-bert/fedsgd")
+    p = prepare(TrialSpec(case, "lamp-cos", seed=0, overrides={"n_steps": "4", "init_candidates": "4",
+                                                                "init_permutations": "4", "use_swaps": "false"}))
+    t = prepare_trial(p, make_kit("text"), Resources(), device=torch.device("cpu"))
+    model, prior = t.attacker.model, t.attacker.prior
+    weight = input_embedding(model).weight
+    assert prior.embedding.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    assert not prior.embedding.requires_grad
+    before = weight.detach().clone()
+    from common.seed import make_generator
+
+    rec = p.attack.reconstruct(t.attacker.observation, model, prior, generator=make_generator(0))
+    assert len(rec.data) == 1 and rec.data[0]
+    assert torch.equal(weight.detach(), before)
