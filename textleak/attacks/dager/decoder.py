@@ -82,7 +82,6 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
             dpre = blk.ffn_distances([x.ids for x in live], len(live[0].ids), cands, dist)
         else:
             dpre = blk.extend([x.ids for x in live], len(live[0].ids), cands, reduce=dist)
-        dpre = dpre.cpu()  # (computed on the model's device)
         cols = [torch.nonzero(r < FFN_PREFILTER).flatten().tolist() for r in dpre]
         per_path = [[cands[j] for j in c] for c in cols]
         run.stats["prefilter_kept"] = run.stats.get("prefilter_kept", 0.0) + sum(map(len, cols))
