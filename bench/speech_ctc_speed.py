@@ -116,6 +116,7 @@ def run(seed: int, trial: int, preset: str, overrides: dict, *, score: bool) -> 
     cos = float(torch.nn.functional.cosine_similarity(feats.flatten().double(), t.truth["feats"].flatten().double(), dim=0))
     row = {"seed": seed, "trial": trial, "preset": preset, "overrides": label, "feature_cosine": round(cos, 5),
            "final_grad_loss": rec.stats.get("final_grad_loss"),
+           "voices": rec.extras.get("init_voices_averaged", rec.extras.get("init_voice")),
            **{k: round(metrics[k], 4) for k in ("pesq_wb", "stoi", "asr_wer", "speaker_top1") if k in metrics},
            "cpu_s": {k: round(v, 2) for k, v in tm.cpu.items()}, "wall_s": {k: round(v, 2) for k, v in tm.wall.items()},
            "threads": torch.get_num_threads()}

@@ -30,6 +30,7 @@ Deviations (all documented in docs/speechleak.md):
   of the frame rate is optimised first (slow, timing components), then the frames (our addition, issue 21).
   ``output_time_blur`` blurs the recovered features over time (Gaussian, σ frames) before the waveform stage: a
   shrinkage for the frame timing the update leaves uncertain (our addition, issue 21; off by default).
+  ``search_threads`` runs the voices' alignments and the averaged searches on threads (same results; wall time only).
 * FedAvg: the client's local SGD is simulated with the observed hyper-parameters and the
   identity minibatch order (the shuffle order is private).
 """
