@@ -168,6 +168,7 @@ class SpeechGradientInversion:
         fc = prior.frontend.config
         n_frames = prior.input_shape[1]
         texts = [decode_ids([c for c in row if c != 0]) for row in labels.tolist()]
+
         def align(voice: str) -> tuple[float, str, Tensor]:  # (objective after alignment, voice, start)
             warps = []
             for text in texts:
