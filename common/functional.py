@@ -84,6 +84,20 @@ def functional_gradient(model: nn.Module, loss_fn: LossFn, params: Mapping[str, 
     return torch.func.grad(lambda p: reduce_loss(functional_losses(model, loss_fn, p, batch), reduction))(dict(params))
 
 
+def graph_gradient(model: nn.Module, loss_fn: LossFn, params: Mapping[str, Tensor], batch: Batch, *,
+                   reduction: str = "mean") -> dict[str, Tensor]:
+    """:func:`functional_gradient` through plain autograd (``create_graph=True`` on detached leaves of ``params``):
+    the same tensors bit for bit and differentiable w.r.t. the batch inputs, without torch.func's wrapping (a few
+    per cent cheaper per gradient-matching step). Not under ``torch.func.vmap``; ``params`` are taken as constants."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    names, outer = list(leaves), torch.is_grad_enabled()
+    with torch.enable_grad():  # as torch.func.grad, also under an outer no_grad (then the result carries no graph)
+        loss = reduce_loss(functional_losses(model, loss_fn, leaves, batch), reduction)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in names], create_graph=outer,
+                                    allow_unused=True)
+    return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, grads, strict=True)}
+
+
 def per_example_gradients(
     model: nn.Module, loss_fn: LossFn, batch: Batch, *, method: str = "vmap", randomness: str = "different"
 ) -> dict[str, Tensor]:

@@ -43,6 +43,12 @@ PRESETS = {
                                  "speech-ctc-tts-avg with each of its two searches coarse-to-fine in time (50 L-BFGS "
                                  "iterations on a residual at 1/8 of the frame rate, then 100 frame-wise: 150 per search "
                                  "as before) and a wider time blur (sigma 8 frames instead of 5); session 14, issue 21"),
+    "speech-ctc-tts-c2f-f32": Preset("speech-inversion", {**_CTC_TTS_AVG, "iterations": 150, "output_time_blur": 8.0,
+                                                          "coarse_time_factor": 8, "coarse_iterations": 75,
+                                                          "precision": "float32"},
+                                     "speech-ctc-tts-c2f in float32 with 1.5x its search iterations (75 coarse + 150 "
+                                     "frame-wise per search) at about its CPU time (float32 steps cost ~2/3); session "
+                                     "19, issue 21, development seeds only"),
     "speech-ctc-free": Preset("speech-inversion", {**_LBFGS, "ctc_targets": "free", "init_block_seconds": 2.9},
                               "CTC without the transcript: features and per-frame alignment optimised jointly "
                               "(soft-target loss), silence start outside a centred 2.9 s block (public pool mean)"),

@@ -30,6 +30,7 @@ Deviations (all documented in docs/speechleak.md):
   of the frame rate is optimised first (slow, timing components), then the frames (our addition, issue 21).
   ``output_time_blur`` blurs the recovered features over time (Gaussian, σ frames) before the waveform stage: a
   shrinkage for the frame timing the update leaves uncertain (our addition, issue 21; off by default).
+  ``search_threads`` runs the voices' alignments and the averaged searches on threads (same results; wall time only).
 * FedAvg: the client's local SGD is simulated with the observed hyper-parameters and the
   identity minibatch order (the shuffle order is private).
 """
@@ -44,7 +45,7 @@ from torch.func import functional_call, vmap
 
 from common.attack import AttackInfo
 from common.fl import local_training
-from common.functional import functional_gradient, trainable_params
+from common.functional import functional_gradient, graph_gradient, trainable_params
 from common.grads import delta_scale, delta_to_gradient, gradient_distance, layer_weights, total_variation
 from common.labels import recover_labels
 from common.optim import optimise, step_decay
@@ -55,45 +56,13 @@ from .config import SpeechInversionConfig, tts_voices
 from .ctc import first_layer_refine, output_error, speech_block, time_blur
 from .frontend import refine_waveform
 from .prior import SpeechPrior
+from .search import centred_block_init, coarse_residual, model_for_thread, run_concurrently
 
 __all__ = ["SpeechGradientInversion", "SpeechInversionConfig", "SpeechPrior", "char_occupancy", "time_smoothness"]
 
 
 def time_smoothness(x: Tensor) -> Tensor:
     return x.diff(dim=-1).pow(2).mean()
-
-
-def centred_block_init(x0: Tensor, n_chars: Tensor, frames_per_char: float, floor: float) -> Tensor:
-    """x0 [R, B, F, T] with every frame outside a centred block of n_chars[b] * frames_per_char
-    frames set just above the mel floor (silence); the block keeps x0."""
-    t = x0.shape[-1]
-    out = x0.clone()
-    for k, n in enumerate(n_chars.tolist()):
-        w = min(t, max(1, int(round(n * frames_per_char))))
-        a = (t - w) // 2
-        out[:, k, :, :a] = floor + 0.02
-        out[:, k, :, a + w:] = floor + 0.02
-    return out
-
-
-def coarse_residual(x: Tensor, objective, *, factor: int, optimizer: str, lr: float, iterations: int,
-                    extra: list[Tensor]) -> None:
-    """Coarse-to-fine in time (our addition, issue 21): ``iterations`` of ``optimizer`` on a residual c [..., T/factor + 1]
-    of x [..., T] held at 1/``factor`` of the frame rate, x + interp(c) with linear interpolation over time, so only
-    slow temporal components move; x is updated in place to x + interp(c) (then searched frame by frame as usual)."""
-    t = x.shape[-1]
-    lead = x.shape[:-1]
-    c = torch.zeros((*lead, t // factor + 1), dtype=x.dtype, device=x.device, requires_grad=True)
-
-    def up(cv: Tensor) -> Tensor:
-        flat = cv.reshape(-1, 1, cv.shape[-1])
-        return nn.functional.interpolate(flat, size=t, mode="linear", align_corners=True).reshape(*lead, t)
-
-    base = x.detach().clone()
-    optimise([c, *extra], lambda: objective(base + up(c)), optimizer=optimizer, lr=lr, iterations=iterations,
-             history_size=50)
-    with torch.no_grad():
-        x.copy_(base + up(c.detach()))
 
 
 def greedy_decode(align: Tensor) -> str:
@@ -199,8 +168,8 @@ class SpeechGradientInversion:
         fc = prior.frontend.config
         n_frames = prior.input_shape[1]
         texts = [decode_ids([c for c in row if c != 0]) for row in labels.tolist()]
-        scored = []  # (objective after alignment, voice, start)
-        for voice in tts_voices(cfg.init_tts_voice):
+
+        def align(voice: str) -> tuple[float, str, Tensor]:  # (objective after alignment, voice, start)
             warps = []
             for text in texts:
                 tpl = tts_features(text, voice, prior.frontend, floor=prior.lower).to(device, dtype)
@@ -219,7 +188,10 @@ class SpeechGradientInversion:
                          lr=1.0, iterations=cfg.init_warp_iterations, history_size=50)
             with torch.no_grad():
                 feats0 = start()
-                scored.append((float(feature_objective(feats0)), voice, feats0))
+                return float(feature_objective(feats0)), voice, feats0
+
+        jobs = [lambda v=v: align(v) for v in tts_voices(cfg.init_tts_voice)]
+        scored = run_concurrently(jobs, cfg.search_threads)
         return [(c[2], c[1]) for c in sorted(scored, key=lambda c: c[0])]
 
     def _refine_first_layer(self, feats: Tensor, blocks, obs: Observation, model: nn.Module, prior: SpeechPrior,
@@ -307,12 +279,15 @@ class SpeechGradientInversion:
             return xr
 
         orders = [torch.arange(b)] * protocol.local_epochs if obs.kind == "delta" else None  # shuffle is private
+        vmapped = cfg.batched and prior.task != "ctc"  # the native CTC (kit.ctc_loss) has no vmap rule
 
         def simulated_update(feats: Tensor, ar: Tensor | None = None) -> dict[str, Tensor]:
             batch = prior.build_batch(feats, labels) if ar is None else Batch({"feats": feats, "soft_targets": ar.softmax(-1)}, None)
-            if obs.kind == "gradient":
-                return functional_gradient(model, prior.loss_fn, params, batch, reduction=reduction)
-            cur = local_training(model, prior.loss_fn, batch, protocol, params=params, orders=orders,
+            m = model_for_thread(model)  # a search thread's own copy (search_threads > 1)
+            if obs.kind == "gradient":  # plain autograd where no vmap runs (the same tensors, cheaper)
+                grad_fn = functional_gradient if vmapped else graph_gradient
+                return grad_fn(m, prior.loss_fn, params, batch, reduction=reduction)
+            cur = local_training(m, prior.loss_fn, batch, protocol, params=params, orders=orders,
                                  create_graph=True, functional=True)
             return {k: params[k] - cur[k] for k in params}
 
@@ -335,16 +310,9 @@ class SpeechGradientInversion:
             return d
 
         def losses(xv: Tensor) -> Tensor:
-            if cfg.batched and prior.task != "ctc":  # the native CTC (kit.ctc_loss) has no vmap rule
+            if vmapped:
                 return vmap(objective)(xv)
             return torch.stack([objective(xv[r], None if align is None else align[r]) for r in range(xv.shape[0])])
-
-        def clamp(_: int) -> None:
-            with torch.no_grad():
-                if cfg.domain == "waveform":
-                    x.clamp_(-1.0, 1.0)
-                elif lower is not None:
-                    x.clamp_(min=lower, max=prior.upper)
 
         t_warp = None
         why = self._unserved(ctc=prior.task == "ctc", fedsgd=obs.kind == "gradient")  # as check_case, for library callers
@@ -358,23 +326,35 @@ class SpeechGradientInversion:
             extras["speech_block"] = [speech_block(f0, prior.lower) for f0 in starts[0][0]]
             t_warp = time.perf_counter() - t_w
         lbfgs = cfg.optimizer == "lbfgs"
-        searched = []
-        for start in starts:  # one search per start; several (init_tts_average) are averaged in feature space
+
+        def search(start) -> tuple[Tensor, Tensor]:  # (searched variable, its features in the bounds)
+            xs = x if len(starts) == 1 else x.detach().clone().requires_grad_(True)  # several searches: one each
             if start is not None:
                 with torch.no_grad():
-                    x.copy_(from_feats(start[0]).unsqueeze(0).expand_as(x))
+                    xs.copy_(from_feats(start[0]).unsqueeze(0).expand_as(xs))
+
+            def clamp(_: int) -> None:
+                with torch.no_grad():
+                    if cfg.domain == "waveform":
+                        xs.clamp_(-1.0, 1.0)
+                    elif lower is not None:
+                        xs.clamp_(min=lower, max=prior.upper)
+
             if cfg.coarse_iterations > 0 and cfg.coarse_time_factor > 1:
-                coarse_residual(x, lambda xv: losses(xv).sum(), factor=cfg.coarse_time_factor, optimizer=cfg.optimizer,
+                coarse_residual(xs, lambda xv: losses(xv).sum(), factor=cfg.coarse_time_factor, optimizer=cfg.optimizer,
                                 lr=1.0 if lbfgs else cfg.lr, iterations=cfg.coarse_iterations, extra=[] if align is None else [align])
-            optimise([x] if align is None else [x, align], lambda: losses(x).sum(), optimizer=cfg.optimizer,
+            optimise([xs] if align is None else [xs, align], lambda: losses(xs).sum(), optimizer=cfg.optimizer,
                      lr=1.0 if lbfgs else cfg.lr, iterations=cfg.iterations, history_size=50, signed=cfg.signed_grad,
                      schedule=step_decay(cfg.iterations) if cfg.lr_schedule else None, after_step=clamp)
             with torch.no_grad():  # each search's result in the bounds, as a single search would return it
-                searched.append(to_feats(x.detach()) if lower is None else to_feats(x.detach()).clamp(min=lower, max=prior.upper))
+                return xs, (to_feats(xs.detach()) if lower is None else to_feats(xs.detach()).clamp(min=lower, max=prior.upper))
+
+        # one search per start; several (init_tts_average) are averaged in feature space
+        searched = run_concurrently([lambda s=s: search(s) for s in starts], cfg.search_threads)
         if len(searched) > 1:
             extras["init_voices_averaged"] = [v for _, v in starts]
             with torch.no_grad():
-                x.copy_(from_feats(torch.stack(searched).mean(0)))
+                x.copy_(from_feats(torch.stack([f for _, f in searched]).mean(0)))
         with torch.no_grad():
             final = losses(x).detach()
         best = int(torch.argmin(torch.nan_to_num(final, nan=float("inf"))).item())

@@ -24,7 +24,7 @@ class SpeechInversionConfig:
         "griffin_lim_iters": ">=1", "init_seconds_per_char": ">=0", "init_warp_iterations": ">=0",
         "init_warp_knots": ">=1", "init_warp_grid": ">=0", "init_tts_average": ">=1", "refine_first_layer_steps": ">=0",
         "refine_first_layer_ridge": ">0", "refine_first_layer_margin": ">=0", "output_time_blur": ">=0",
-        "coarse_time_factor": ">=1", "coarse_iterations": ">=0"}
+        "coarse_time_factor": ">=1", "coarse_iterations": ">=0", "search_threads": ">=1"}
     distance: Literal["l2", "cosine", "layer-cosine"] = "l2"
     layer_weights: Literal["uniform", "inverse-norm", "depth-decay"] = "uniform"
     layer_decay: float = 0.8  # depth-decay: weight of layer l is decay**l (input layers heaviest)
@@ -77,6 +77,11 @@ class SpeechInversionConfig:
     # first; then the usual iterations frame by frame (coarse-to-fine; our addition, issue 21); 0 / 1 = off
     coarse_time_factor: int = 1
     coarse_iterations: int = 0
+    # run the attacker-TTS voices' alignments and the init_tts_average searches (independent jobs) on up to this many
+    # Python threads at once, each with its own model copy and torch threads // search_threads intra-op threads
+    # (speechleak.search.run_concurrently; session 19): the same results bit for bit at one intra-op thread, less wall
+    # time on idle cores; 1 = one after another
+    search_threads: int = 1
     labels: Literal["observed", "recover"] = "recover"
     griffin_lim_iters: int = 100
     mel_inversion: Literal["nnls", "lstsq"] = "nnls"  # mel -> linear before Griffin-Lim (see FrontEnd.mel_to_linear)
