@@ -206,10 +206,10 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
     served = [0]  # products computed on demand in the current single pass (PRODUCTS_ON_DEMAND)
 
     def group(i: int) -> list[int]:
-        """The sentences whose product comes with i's: i alone for the first one of a pass; after it, i and every
-        later sentence of the pass that needs a product at the current residual (one batch)."""
+        """The sentences whose product comes with i's: i alone for the first one of a pass; for the second, i and
+        every later sentence of the pass that needs a product at the current residual (one batch); i alone after."""
         served[0] += 1
-        if not PRODUCTS_ON_DEMAND or served[0] == 1:
+        if not PRODUCTS_ON_DEMAND or served[0] != 2:
             return [i]
         return [i] + [j for j in range(i + 1, n) if wants_product(j)]
 
