@@ -16,10 +16,16 @@ USER_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, Permissi
                      OSError)
 
 
-def preload(prepared: Sequence[Prepared], *, device: torch.device, resources: Resources) -> None:
+def preload(prepared: Sequence[Prepared], *, device: torch.device, resources: Resources,
+            progress: bool = False) -> None:
     """Load every distinct data pool and model once, turning input problems into UserErrors (the models that
-    exceed ``resources.model_budget_mb`` are dropped again and reloaded by their trial)."""
-    for p in prepared:
+    exceed ``resources.model_budget_mb`` are dropped again and reloaded by their trial). ``progress``: a bar over the
+    trials' inputs (a case whose model is trained on load, e.g. ``speech/ctc-mel/fedsgd-trained``, takes minutes per
+    seed here, before the first trial runs)."""
+    from tqdm import tqdm
+
+    for p in tqdm(prepared, desc="inputs", unit="trial", disable=not progress or len(prepared) < 2,
+                  dynamic_ncols=True, leave=False):
         case = p.case
         kit = make_kit(case.modality)
         try:
@@ -62,7 +68,8 @@ def run_many(specs: Sequence[TrialSpec], *, out_dir: str | Path, device: str | t
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     resources = Resources()
-    preload(todo if executor == "local" else _distinct_inputs(todo), device=dev, resources=resources)
+    preload(todo if executor == "local" else _distinct_inputs(todo), device=dev, resources=resources,
+            progress=progress)
     records = []
     bar = tqdm(total=len(todo), desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
     for p, rec in EXECUTORS[executor](todo, device=dev, out_dir=out, resources=resources, workers=workers,
