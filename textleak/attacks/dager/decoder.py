@@ -3,16 +3,15 @@
 (unobservable in attention-input spans under a next-token loss) is added by ``last_token.py``."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .config import FFN_PREFILTER, GAP_RATIO, MAX_RUN
+from .config import FFN_PREFILTER, MAX_RUN
 from .dec_block import PreLNDecoderBlock
 from .dec_dist import Screen
-from .run import Run
+from .run import Run, gap_cut
 from .span import LayerInputs, Span, decoder_last_inputs, span_distance
 
 
@@ -162,21 +161,10 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
 
 
 def _ffn_cut(run: Run, dpre) -> float:
-    """The rotary prefilter's threshold of one step (``ROPE_FFN_GAP``): FFN_PREFILTER lowered to the highest gap of
-    at least GAP_RATIO between consecutive sorted feed-forward-input distances whose upper side is above the reference
-    tau_2 (``Run.gap_threshold``'s rule); FFN_PREFILTER when there is none."""
+    """The rotary prefilter's threshold of one step (``ROPE_FFN_GAP``): FFN_PREFILTER lowered to the highest clear gap
+    of the step's feed-forward-input distances above the reference tau_2 (``Run.gap_threshold``'s rule, ``gap_cut``)."""
     d = torch.cat([torch.as_tensor(r).flatten() for r in dpre]) if isinstance(dpre, (list, tuple)) else dpre.flatten()
-    base = run.config.l2_span_thresh
-    v = torch.sort(d[d < FFN_PREFILTER].double()).values
-    if v.numel() < 2:
-        return FFN_PREFILTER
-    lo, hi = v[:-1].clamp_min(1e-12), v[1:]
-    ratio = torch.where(hi > base, hi / lo, torch.zeros_like(hi))
-    big = torch.nonzero(ratio >= GAP_RATIO).flatten()
-    if not big.numel():
-        return FFN_PREFILTER
-    k = int(big[-1])
-    return min(FFN_PREFILTER, max(base, math.sqrt(float(lo[k]) * float(hi[k]))))
+    return gap_cut(d, FFN_PREFILTER, run.config.l2_span_thresh, upcast=True)
 
 
 def _inputs(li2: LayerInputs, live: list[_Path], per_path: list[list[int]], *,

@@ -214,18 +214,7 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
         return [i] + [j for j in range(i + 1, n) if wants_product(j)]
 
     def wants_product(j: int) -> bool:  # j's bounds at the current residual need a (fresh) product
-        toks = set(sents[j])
-        best = min([0.0] + [exact(j, k) for k in T[j] if k != choice[j]])
-        left = [k for k in range(len(cands[j])) if k not in T[j]]
-        if CAUCHY:
-            left = [k for k, lb in zip(left, cs_lb(j, left)) if not lb > best + 1e-12]
-        unknown = [k for k in left if cands[j][k] not in toks]
-        if not unknown:
-            return False
-        if j not in dvec:
-            return True
-        return (any(not lb > best + 1e-12 for lb in move_lb(j, unknown))
-                and not torch.equal(f_rows(j, uniq[j]), snap[j]))
+        return needs(j, {k: exact(j, k) for k in T[j] if k != choice[j]}, False) is None  # (redo False: no product)
 
     def needs(i: int, deltas: dict, redo: bool) -> list[int] | None:
         """The candidates of i whose single move must be computed exactly (own tokens; bounds not above the best

@@ -66,19 +66,26 @@ class Run:
         Distances under the reference tau are always accepted.
         """
         cfg = self.config
-        tau, base = self.tau[layer], (cfg.l1_span_thresh, cfg.l2_span_thresh)[layer]
-        if tau <= base:
-            return tau
-        v = torch.sort(d[d < tau]).values
-        if v.numel() < 2:
-            return tau
-        lo, hi = v[:-1].clamp_min(1e-12), v[1:]
-        ratio = torch.where(hi > base, hi / lo, torch.zeros_like(hi))
-        big = torch.nonzero(ratio >= GAP_RATIO).flatten()
-        if big.numel():  # the highest clear gap (keeps every lower cluster)
-            k = int(big[-1])
-            return max(base, math.sqrt(float(lo[k]) * float(hi[k])))
+        return gap_cut(d, self.tau[layer], (cfg.l1_span_thresh, cfg.l2_span_thresh)[layer])
+
+
+def gap_cut(d: Tensor, tau: float, base: float, *, upcast: bool = False) -> float:
+    """``tau`` lowered to the highest ratio gap of at least ``GAP_RATIO`` between consecutive sorted distances of
+    ``d`` under ``tau`` whose upper side is above ``base`` (never under ``base``); ``tau`` when there is none.
+    ``upcast``: the ratios of the distances under ``tau`` in float64."""
+    if tau <= base:
         return tau
+    v = d[d < tau]
+    v = torch.sort(v.double() if upcast else v).values
+    if v.numel() < 2:
+        return tau
+    lo, hi = v[:-1].clamp_min(1e-12), v[1:]
+    ratio = torch.where(hi > base, hi / lo, torch.zeros_like(hi))
+    big = torch.nonzero(ratio >= GAP_RATIO).flatten()
+    if big.numel():  # the highest clear gap (keeps every lower cluster)
+        k = int(big[-1])
+        return max(base, math.sqrt(float(lo[k]) * float(hi[k])))
+    return tau
 
 
 def declared_sigma(obs: Observation) -> float:
