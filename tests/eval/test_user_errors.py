@@ -86,6 +86,8 @@ def files(tmp_path):
      "coarse_iterations optimises a temporally downsampled residual of the features: it needs domain=features"),
     (["run", "--attack", "speech-ctc-tts-c2f", "--case", "speech/ctc-mel/fedsgd", "--set", "coarse_time_factor=0",
       "--out", "OUT"], "coarse_time_factor=0 is out of range"),
+    (["run", "--attack", "speech-ctc-tts-c2f", "--case", "speech/ctc-mel/fedsgd", "--set", "search_threads=0",
+      "--out", "OUT"], "search_threads=0 is out of range"),
     (["run", "--attack", "lamp-cos", "--case", "text/tiny-gpt2/fedsgd", "--set", "ghost_lowrank=2", "--out", "OUT"],
      "ghost_lowrank=2.0 is out of range"),
     # an optional float given a word: the --set prefix once, then what it expects
