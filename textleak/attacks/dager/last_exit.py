@@ -41,8 +41,6 @@ is the same in all cases.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -231,57 +229,6 @@ def _sub_graph(model: nn.Module, sents: list[list[int]]):
     return pk
 
 
-class _LinearJvp(torch.autograd.Function):
-    """``F.linear`` (``addmm`` when ``conv1d``: GPT-2's ``Conv1D``, weight [in, out]) whose forward-mode
-    derivative is the one product ``x_t W^T`` (the weight and bias carry no tangent). PyTorch's own formula
-    also multiplies the primal by the weight's zero tangent and adds the zero bias tangent: about 3.5x a
-    forward product instead of 2x. The same tangent bits (one ``mm`` of the same operands)."""
-
-    @staticmethod
-    def forward(x: Tensor, w: Tensor, b: Tensor | None, conv1d: bool) -> Tensor:  # type: ignore[override]
-        if conv1d:
-            return torch.addmm(b, x, w)
-        return torch.nn.functional.linear(x, w, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.w, ctx.conv1d = inputs[1], inputs[3]
-
-    @staticmethod
-    def jvp(ctx, x_t: Tensor, *_: Tensor | None) -> Tensor:  # type: ignore[override]
-        return x_t.mm(ctx.w) if ctx.conv1d else torch.nn.functional.linear(x_t, ctx.w)
-
-
-@contextmanager
-def _cheap_linear_jvp(model: nn.Module):
-    """Within: every ``nn.Linear`` and GPT-2 ``Conv1D`` of ``model`` (without an instance ``forward`` of its
-    own) runs through ``_LinearJvp`` (the same values and tangents, fewer products)."""
-    patched: list[nn.Module] = []
-
-    def linear(m: nn.Module, x: Tensor) -> Tensor:
-        return _LinearJvp.apply(x, m.weight, m.bias, False)
-
-    def conv1d(m: nn.Module, x: Tensor) -> Tensor:
-        out = _LinearJvp.apply(x.view(-1, x.size(-1)), m.weight, m.bias, True)
-        return out.view(x.size()[:-1] + (m.nf,))
-
-    for m in model.modules():
-        if "forward" in m.__dict__:
-            continue
-        if type(m) is nn.Linear:
-            m.forward = partial(linear, m)  # type: ignore[method-assign]
-        elif type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "bias", None) is not None:
-            m.forward = partial(conv1d, m)  # type: ignore[method-assign]
-        else:
-            continue
-        patched.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-
-
 def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor | None, *,
          rows: list[Tensor] | None = None) -> Tensor:
     """``D_i = sum_t J_t g[x_t]`` [n, d] (float64) for every sentence: one forward-mode pass over the
@@ -289,6 +236,7 @@ def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor | None, *,
     each sentence's own tangent rows [L_i, d] instead, ``last_fit``)."""
     from torch.autograd import forward_ad
 
+    from .jvp_mode import fast_rules
     from .span import _Stop
 
     e = graph.embeds.detach()
@@ -304,7 +252,7 @@ def _jvp(model: nn.Module, graph, sents: list[list[int]], g: Tensor | None, *,
 
     h = model.get_output_embeddings().register_forward_pre_hook(hook)
     try:
-        with torch.no_grad(), forward_ad.dual_level(), _cheap_linear_jvp(model):
+        with torch.no_grad(), forward_ad.dual_level(), fast_rules(model):
             model(inputs_embeds=forward_ad.make_dual(e, tan), **graph.inputs)
     except _Stop:
         pass
