@@ -1,6 +1,6 @@
 """DAGER decoder speed-up of session 20 (issue 18): the forward-mode products without PyTorch's zero-tangent parts
 (``jvp_mode.PlainJvp``) are the same numbers as with PyTorch's own rules, agree with the reverse-mode terms, and leave
-the lazy joint fit's choice unchanged."""
+the lazy joint fit's choice unchanged; the fit's residual copies only the rows it uses (``last_fit._RowCopy``)."""
 from __future__ import annotations
 
 import pytest
@@ -97,3 +97,21 @@ def test_plain_jvp_lazy_fit_reaches_the_joint_fit(name, monkeypatch):
         res[on] = run()
         assert res[on][0] == ref, on
     assert res[True][1] == res[False][1]
+
+
+def test_row_copy_is_a_clone_for_row_access():
+    """``last_fit._RowCopy`` reads and changes rows as a clone would and leaves the residual it copies alone."""
+    from textleak.attacks.dager.last_fit import _RowCopy
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    ref, clone = g.clone(), g.clone()
+    rows = _RowCopy(g)
+    for r, t in ((2, g[1]), (2, g[4] * 0.5), (5, g[2])):
+        rows[r] -= t
+        clone[r] -= t
+    rows[3] += g[0]
+    clone[3] += g[0]
+    assert torch.equal(g, ref)
+    for r in range(6):
+        assert torch.equal(rows[r], clone[r])

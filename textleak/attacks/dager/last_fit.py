@@ -70,7 +70,7 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
             T[i][j] = {r: t / lens[i] for r, t in rows.items()}
 
     choice = list(top)
-    resid = g.clone()
+    resid = _RowCopy(g)
     for i in range(n):
         for r, t in T[i][choice[i]].items():
             resid[r] -= t
@@ -284,6 +284,24 @@ def lazy_fit(model: nn.Module, graph, w: Tensor, sents: list[list[int]], cands: 
     except (RuntimeError, NotImplementedError):
         return None
     return [cands[i][choice[i]] for i in range(n)]
+
+
+class _RowCopy:
+    """``g.clone()`` for a fit that reads and changes whole rows only (``resid[r]``, ``resid[r] -= t``): a row is
+    copied when first used (the same values; no copy of the whole [V, d] float64 residual, ~0.2-0.3 CPU s on GPT-2)."""
+
+    def __init__(self, g: Tensor) -> None:
+        self.g, self.rows = g, {}
+
+    def __getitem__(self, r: int) -> Tensor:
+        r = int(r)
+        got = self.rows.get(r)
+        if got is None:
+            got = self.rows[r] = self.g[r].clone()
+        return got
+
+    def __setitem__(self, r: int, v: Tensor) -> None:
+        self.rows[int(r)] = v
 
 
 def _cauchy(base: float, f_sq: float) -> float:
