@@ -10,7 +10,7 @@ from torch.autograd import forward_ad
 torch.set_num_threads(1)
 pytest.importorskip("transformers")
 
-from .test_dager import _completion  # noqa: E402
+from .test_dager import _completion, _setup  # noqa: E402
 from .test_dager_session18 import _wrong_start  # noqa: E402
 
 
@@ -115,3 +115,58 @@ def test_row_copy_is_a_clone_for_row_access():
     assert torch.equal(g, ref)
     for r in range(6):
         assert torch.equal(rows[r], clone[r])
+
+
+def test_rope_folded_feed_forward_distances_equal_the_block(monkeypatch):
+    """``RopeDecoderBlock.ffn_distances`` (o_proj, RMSNorm_2's weight and the complement folded into the values) gives
+    the span distances of the model's own feed-forward inputs (as ``extend`` + ``ComplementDistance``) within float32
+    round-off on tiny Llama, true extensions near 0, without calling ``extend``; ``ROPE_FOLD`` off falls back."""
+    from textleak.attacks.dager import frontier, rope_block
+    from textleak.attacks.dager.dec_block import ComplementDistance
+    from textleak.attacks.dager.span import decoder_last_inputs, span_distance
+
+    _, _, model, obs, _, _, batch = _setup("text/tiny-llama/dager", 3)
+    model.eval()
+    li, sp = frontier.ffn_inputs(obs, model, torch.tensor([[1, 2, 3]]), 0.0)
+    ids = batch.inputs["input_ids"]
+    blk = rope_block.RopeDecoderBlock.build(model, li, ids[0, :4].tolist())
+    assert blk is not None
+    rows = [ids[i].tolist() for i in range(3)]
+    pos = 2
+    assert 3 * blk.h * (pos + 1) <= blk.d  # the folded path, not the fallback
+    cands = sorted(set(range(200, 260)) | {r[pos] for r in rows})
+    for p in range(pos + 1):
+        blk.table(p, sorted(set(cands) | {r[p] for r in rows}))
+    prefixes = [r[:pos] for r in rows]
+    dist = ComplementDistance(sp.basis)
+    want_x = torch.stack(decoder_last_inputs(li, prefixes, [cands] * 3))
+    want = span_distance(sp.basis, want_x.reshape(-1, want_x.shape[-1]), exact_below=1.01).view(3, -1)
+    ref = blk.extend(prefixes, pos, cands, reduce=dist)
+    called = []
+    real_extend = blk.extend
+
+    def fake(*a, **k):
+        called.append(1)
+        return ref
+
+    fake.__wrapped__ = real_extend
+    monkeypatch.setattr(blk, "extend", fake)
+    got = blk.ffn_distances(prefixes, pos, cands, dist)
+    assert not called
+    assert got.shape == (3, len(cands)) and got.dtype == torch.float64
+    assert (got - want).abs().max() < 1e-5 and (got - ref).abs().max() < 1e-5
+    true = torch.tensor([got[i, cands.index(r[pos])] for i, r in enumerate(rows)])
+    assert float(true.max()) < 1e-3 and float(got.median()) > 0.05
+    gen = torch.Generator().manual_seed(1)
+    keep = blk.ln2.weight.detach().clone()
+    try:
+        with torch.no_grad():  # a non-trivial RMSNorm_2 weight (tiny Llama's is ones)
+            blk.ln2.weight.mul_(0.5 + torch.rand(blk.d, generator=gen))
+        ref2 = blk.extend.__wrapped__(prefixes, pos, cands, reduce=dist)
+        got2 = blk.ffn_distances(prefixes, pos, cands, dist)
+    finally:
+        with torch.no_grad():
+            blk.ln2.weight.copy_(keep)
+    assert (got2 - ref2).abs().max() < 1e-5 and (got2 - got).abs().max() > 1e-3
+    monkeypatch.setattr(rope_block, "ROPE_FOLD", False)
+    assert blk.ffn_distances(prefixes, pos, cands, dist) is ref and len(called) == 1

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from .config import FFN_PREFILTER, MAX_RUN
-from .dec_block import PreLNDecoderBlock
 from .dec_dist import Screen
 from .run import Run, gap_cut
 from .span import LayerInputs, Span, decoder_last_inputs, span_distance
@@ -88,7 +87,7 @@ def _step(run: Run, li2: LayerInputs, span2: Span, live: list[_Path], cands: lis
         # only extensions under FFN_PREFILTER there go through the model to layer 2
         blk, dist = run.ffn_prefilter
         blk.table(len(live[0].ids), cands)
-        if run.fast and isinstance(blk, PreLNDecoderBlock):  # the projections folded into the values (issue 18)
+        if run.fast and hasattr(blk, "ffn_distances"):  # the projections folded into the values (issue 18)
             dpre = blk.ffn_distances([x.ids for x in live], len(live[0].ids), cands, dist)
         else:
             dpre = blk.extend([x.ids for x in live], len(live[0].ids), cands, reduce=dist)

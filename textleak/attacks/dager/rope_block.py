@@ -30,6 +30,11 @@ from .dec_block import PAIR_CHUNK, PositionTable
 from .span import LayerInputs, decoder_last_inputs, transformer_blocks
 
 
+#: (session 20) the prefilter's distances with o_proj, RMSNorm_2's weight and the complement folded into the values
+#: (``RopeDecoderBlock.ffn_distances``); False: the block's feed-forward inputs, then the distance (sessions 12-19)
+ROPE_FOLD = True
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -150,6 +155,60 @@ class RopeDecoderBlock:
             o = o.view(-1, g, r, n_k, self.dh).permute(0, 3, 1, 2, 4).reshape(-1, n_k, self.h * self.dh)
             out.append(fin(o))
         return torch.cat(out, 0)
+
+    @torch.no_grad()
+    def ffn_distances(self, prefixes: list[list[int]], pos: int, cands: list[int], dist) -> Tensor:
+        """``extend(prefixes, pos, cands, reduce=dist)`` (the prefilter's feed-forward-input span distances [P, K],
+        CPU float64) with ``o_proj``, ``RMSNorm_2``'s weight and the complement folded into the values (session 20;
+        the rotary counterpart of ``PreLNDecoderBlock.ffn_distances``). ``RMSNorm_2(r) = gamma * r / rms(r)`` and the
+        distance ``|C^T y| / |y|`` is scale-free, so it is ``|C^T G r| / |G r|`` (``G = diag(gamma)``) with
+        ``r = x + b + sum_h sum_l a_hl W_h v_l``: each prefix token's and candidate's value is projected once per step
+        by ``G W_h`` and ``C^T G W_h`` (query head ``h`` reads its key/value group's value), and a pair costs
+        ``H (L + 1) (d + m)`` multiply-adds instead of ``d H dh + d m``. The same distances up to float32 round-off
+        (they only gate which extensions reach layer 2). Without a prefix, with a long one (``3 H (L + 1) > d``, the
+        GPT-2 block's rule) or with ``ROPE_FOLD`` off: ``extend``."""
+        if not ROPE_FOLD or pos == 0 or 3 * self.h * (pos + 1) > self.d:
+            return self.extend(prefixes, pos, cands, reduce=dist)
+        tab = self.tables[pos]
+        rows = torch.tensor([tab.row[c] for c in cands], dtype=torch.long)
+        q, kc, vc, x = tab.q[:, rows], tab.k[rows], tab.v[rows], tab.x[rows]  # [H,K,dh], [K,Hkv,dh], .., [K,d]
+        n_p, n_k, g, r, h, dh = len(prefixes), len(cands), self.hkv, self.rep, self.h, self.dh
+        comp = dist.on(x)  # [d, m]
+        n_m = int(comp.shape[1])
+        gam = self.ln2.weight.detach().to(x.dtype)
+        whg = self.op.weight.detach().t().reshape(h, dh, self.d) * gam  # [H, dh, d]: G W_h (rows of o_proj^T)
+        whc = torch.matmul(whg, comp)  # [H, dh, m]
+        base = x if self.op.bias is None else x + self.op.bias.detach()
+        base = base * gam  # [K, d]
+        base_c = base @ comp  # [K, m]
+        vch = vc.repeat_interleave(r, dim=1).transpose(0, 1)  # [H, K, dh]: each query head's group value
+        vpc = torch.matmul(vch, whg).transpose(0, 1)  # [K, H, d]
+        vcc = torch.matmul(vch, whc).transpose(0, 1)  # [K, H, m]
+        qg = q.view(g, r * n_k, dh)
+        ss = (q * kc.repeat_interleave(r, dim=1).transpose(0, 1)).sum(-1).view(g, r * n_k)  # own key
+        kp = torch.stack([self.tables[j].k[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        vp = torch.stack([self.tables[j].v[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        kp = kp.permute(0, 2, 3, 1)  # [P, Hkv, dh, L]
+        vh = vp.repeat_interleave(r, dim=2).permute(2, 0, 1, 3).reshape(h, n_p * pos, dh)  # [H, P L, dh]
+        vpp = torch.matmul(vh, whg).view(h, n_p, pos, self.d).transpose(0, 1).reshape(n_p, h * pos, self.d)
+        vpm = torch.matmul(vh, whc).view(h, n_p, pos, n_m).transpose(0, 1).reshape(n_p, h * pos, n_m)
+        out: list[Tensor] = []
+        step = max(1, PAIR_CHUNK // max(1, h * n_k * pos))
+        for s in range(0, n_p, step):
+            p_n = min(step, n_p - s)
+            sc = torch.matmul(qg.unsqueeze(0), kp[s:s + step])  # [p, Hkv, rep K, L]
+            m = torch.maximum(sc.amax(-1), ss.unsqueeze(0))
+            e = torch.exp(sc - m.unsqueeze(-1))
+            es = torch.exp(ss.unsqueeze(0) - m)  # [p, Hkv, rep K]
+            z = 1.0 / (e.sum(-1) + es)
+            a = (e * z.unsqueeze(-1)).view(p_n, h, n_k, pos).permute(0, 2, 1, 3).reshape(p_n, n_k, h * pos)
+            own = (es * z).view(p_n, h, n_k).permute(2, 0, 1)  # [K, p, H]
+            gr = torch.baddbmm(base.expand(p_n, n_k, self.d), a, vpp[s:s + step])  # G r [p, K, d]
+            gr += torch.matmul(own, vpc).transpose(0, 1)
+            t = torch.baddbmm(base_c.expand(p_n, n_k, n_m), a, vpm[s:s + step])  # C^T G r [p, K, m]
+            t += torch.matmul(own, vcc).transpose(0, 1)
+            out.append(t.norm(dim=-1).double() / gr.norm(dim=-1).double().clamp_min(1e-300))
+        return torch.cat(out, 0).cpu()
 
     def residual(self, o: Tensor, x: Tensor) -> Tensor:
         """The residual stream after the attention: ``x + o_proj(o)``."""
