@@ -33,6 +33,7 @@ from .span import LayerInputs, decoder_last_inputs, transformer_blocks
 #: (session 20) the prefilter's distances with o_proj, RMSNorm_2's weight and the complement folded into the values
 #: (``RopeDecoderBlock.ffn_distances``); False: the block's feed-forward inputs, then the distance (sessions 12-19)
 ROPE_FOLD = True
+FOLD_HEADS = 3  # the fold while FOLD_HEADS * H * (L + 1) <= d (L the prefix length; the GPT-2 block's rule)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -167,7 +168,7 @@ class RopeDecoderBlock:
         ``H (L + 1) (d + m)`` multiply-adds instead of ``d H dh + d m``. The same distances up to float32 round-off
         (they only gate which extensions reach layer 2). Without a prefix, with a long one (``3 H (L + 1) > d``, the
         GPT-2 block's rule) or with ``ROPE_FOLD`` off: ``extend``."""
-        if not ROPE_FOLD or pos == 0 or 3 * self.h * (pos + 1) > self.d:
+        if not ROPE_FOLD or pos == 0 or FOLD_HEADS * self.h * (pos + 1) > self.d:
             return self.extend(prefixes, pos, cands, reduce=dist)
         tab = self.tables[pos]
         rows = torch.tensor([tab.row[c] for c in cands], dtype=torch.long)
