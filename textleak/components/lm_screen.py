@@ -28,12 +28,18 @@ __all__ = ["screen"]
 
 def screen(rec: Tensor, texts: Sequence[str], *, exact: Callable[[list[str]], Tensor],
            rough: Callable[[list[str]], Tensor], known: Mapping[str, float], coeff: float, other: float,
-           batch: int, margin: float) -> Tensor:
+           batch: int, margin: float, min_new: int = 24) -> Tensor:
     """The candidates (a bool mask over ``texts``) that can be the argmin of ``rec + coeff · (nll + other) / batch``
     if every rough NLL is within ``margin`` nats of the float32 one (see the module docstring); ``exact`` has then
     been called on the kept texts not in ``known`` (the caller's float32 cache, which ``exact`` fills), ``rough`` on
-    every text not in ``known``; each on a list of distinct texts, at most once."""
+    every text not in ``known``; each on a list of distinct texts, at most once. Fewer than ``min_new`` new texts:
+    no screen (``exact`` on all of them, every candidate kept): each LM call has a fixed cost (~0.2 CPU s for
+    SmolLM2: the packed weights' de-quantisation and the head), which two calls on a few texts would pay twice."""
     todo = sorted({t for t in texts if t not in known})
+    if len(todo) < min_new:
+        if todo:
+            exact(todo)
+        return torch.ones(len(texts), dtype=torch.bool)
     approx = dict(zip(todo, rough(todo).tolist())) if todo else {}
     nll = torch.tensor([known[t] if t in known else approx[t] for t in texts], dtype=torch.float64)
     err = torch.tensor([0.0 if t in known else margin for t in texts], dtype=torch.float64)
