@@ -70,3 +70,13 @@ def test_discrete_step_with_lm_screen_makes_the_same_choice_with_fewer_float32_t
         assert out[None][1] == out[margin][1] and torch.equal(out[None][0], out[margin][0])
         for t, v in new._nll_cache.items():  # the same float32 NLLs up to the rounding of a smaller call
             assert v == pytest.approx(old._nll_cache[t], abs=1e-5)
+
+
+def test_lm_screen_is_off_by_default_and_refuses_a_non_positive_margin():
+    from common.attack import validate_config
+
+    assert LAMP_DEFAULTS.lm_screen is None
+    validate_config(replace(LAMP_DEFAULTS, lm_screen=0.25))
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="lm_screen"):
+            validate_config(replace(LAMP_DEFAULTS, lm_screen=bad))

@@ -10,7 +10,8 @@ prefix to the end; candidate 0 = identity) are scored by gradient distance + ``c
 + backward without forming their gradients (:mod:`textleak.components.ghost`; ``ghost``), or else
 in one vectorised per-candidate-gradient call (:mod:`textleak.components.gradmatch`) reduced to
 distances chunk by chunk; a proposal drawn twice is scored once; LM NLLs come from padded
-forwards with a per-text cache. With B = 1 and ghost scoring no gradient is materialised in the
+forwards with a per-text cache (``lm_screen``: a bf16 pass first, float32 only where the argmin can be,
+:mod:`textleak.components.lm_screen`). With B = 1 and ghost scoring no gradient is materialised in the
 discrete step at all, and with ``ghost_step`` none in the continuous step either
 (:meth:`GradMatcher.ghost_batch_distance`); both take a low-rank observed ``Linear`` gradient as its truncated SVD
 (``ghost_lowrank``, :meth:`GradMatcher.ghost_target`).
