@@ -72,10 +72,11 @@ def test_discrete_step_with_lm_screen_makes_the_same_choice_with_fewer_float32_t
             assert v == pytest.approx(old._nll_cache[t], abs=1e-5)
 
 
-def test_lm_screen_is_off_by_default_and_refuses_a_non_positive_margin():
+def test_lm_screen_default_and_a_non_positive_margin_refused():
     from common.attack import validate_config
 
-    assert LAMP_DEFAULTS.lm_screen is None
+    assert LAMP_DEFAULTS.lm_screen == 0.25
+    validate_config(replace(LAMP_DEFAULTS, lm_screen=None))
     validate_config(replace(LAMP_DEFAULTS, lm_screen=0.25))
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match="lm_screen"):

@@ -42,6 +42,6 @@ class TextAttackConfig:
     ghost_lowrank: float | None = 1e-6  # ghost paths: low-rank Linear targets as truncated SVDs dropping <= this (None: dense)
     lm_shared_prefix: bool = True  # LM prior: a round's texts share the current text's prefixes (False: padded batch)
     # swap rounds: the LM under bf16 first, float32 only for candidates that can be the argmin if bf16 NLLs are
-    # within this many nats (components/lm_screen.py; None: float32 for every new text)
-    lm_screen: float | None = None
+    # within this many nats (components/lm_screen.py; None: float32 for every new text, as before session 20)
+    lm_screen: float | None = 0.25
     lm_bf16: bool = False  # LM prior under CPU bf16 autocast (about 2x faster on AMX CPUs; NLLs move ~0.01 nats)
