@@ -4,7 +4,7 @@ LAMP's discrete step takes the argmin of ``score_i = rec_i + coeff · (nll_i + o
 proposals (``rec``: gradient distance; ``nll``: the LM prior's mean NLL of the candidate text). The float32 LM
 forward of every new text was about half of a 2,000-step ``lamp-cos`` run's time beyond its continuous steps
 (issue 18). :func:`screen` first scores the texts without a float32 NLL under a cheap LM (the caller's
-``rough``: the same LM under bf16 autocast, ~2x faster on CPUs with bf16 instructions, NLLs within ~0.04 nats of
+``rough``: the same LM under bf16 autocast, ~2x faster on CPUs with bf16 instructions, NLLs within 0.05 nats of
 float32 on the development rounds), then runs the float32 LM (``exact``) only on the texts of candidates that can
 still be the argmin if every rough NLL is within ``margin`` nats of its float32 value:
 
