@@ -2,9 +2,10 @@
 
     python bench/perf_lamp_s20.py --worker project [--quick]   # the 2,000-step projection, old vs new
     python bench/perf_lamp_s20.py --worker full                # the paper's 2,000 steps, old then new (or PERF_LAMP_ORDER)
+    python bench/perf_lamp_s20.py --worker margin              # bf16 vs float32 NLLs of four swap rounds' texts
 
-"old" is the preset (``lm_screen=None``: the float32 LM on every new text of a swap round), "new" the preset with
-``lm_screen=PERF_LAMP_SCREEN`` (default 0.25 nats). Case ``text/minilm-bert/fedsgd-short`` (MiniLM pretrained, B = 1,
+"old" is the preset with ``lm_screen=None`` (the float32 LM on every new text of a swap round), "new" the preset
+with ``lm_screen=PERF_LAMP_SCREEN`` (default 0.25 nats, the default since session 20). Case ``text/minilm-bert/fedsgd-short`` (MiniLM pretrained, B = 1,
 labels and length granted; development sentence of data seed ``PERF_LAMP_DATA_SEED``, default 1, client seed + 1,
 attack seed 3). The floor is ``bench/perf_lamp_workers._floor_fn`` (forward + double backward, ``(g*T).sum()``).
 
@@ -65,7 +66,7 @@ def worker(name: str, quick: bool) -> dict:
     ids = t.batch.inputs["input_ids"]
     x0 = prior.embedding[ids] + 0.05 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(5))
     margin = float(os.environ.get("PERF_LAMP_SCREEN", "0.25"))
-    cfgs = {"old": preset("lamp-cos"), "new": replace(preset("lamp-cos"), lm_screen=margin)}
+    cfgs = {"old": replace(preset("lamp-cos"), lm_screen=None), "new": replace(preset("lamp-cos"), lm_screen=margin)}
     out: dict = {"seq_len": int(obs.seq_lens[0]), "threads": torch.get_num_threads(), "lm_screen": margin,
                  "data_seed": int(os.environ.get("PERF_LAMP_DATA_SEED", "1")), "load_start": os.getloadavg()}
     assert out["data_seed"] < 1000, "development seeds only"
@@ -142,6 +143,25 @@ def worker(name: str, quick: bool) -> dict:
             out["same_best_loss"] = out["old"]["best_loss"] == out["new"]["best_loss"]
             out["same_token_ids"] = out["old"]["token_ids"] == out["new"]["token_ids"]
         out["truth"] = truth["sentences"][0]
+    elif name == "margin":  # the bf16 LM's error on swap rounds' texts, against lm_screen's margin
+        s = TextSearch(cfgs["old"], obs, model, prior, make_generator(3))
+        lm = prior.lm()
+        rounds = []
+        for noise, seed in ((0.05, 5), (0.05, 7), (0.4, 5), (0.4, 7)):
+            x = prior.embedding[ids] + noise * torch.randn(ids.shape + (prior.embedding.shape[1],),
+                                                          generator=make_generator(seed))
+            seen: list = []
+            s.nll = lambda texts, seen=seen: (seen.append(list(texts)), torch.zeros(len(texts)))[1]
+            s.rng = np.random.default_rng(seed + 20)
+            s.discrete_step(x)
+            texts = sorted(set(seen[0]))
+            f = lm.nll(texts)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                b = lm.nll(texts)
+            err = (f - b).abs()
+            rounds.append({"noise": noise, "seed": seed, "texts": len(texts), "max_err": float(err.max()),
+                           "mean_err": float(err.mean()), "nll_min": float(f.min()), "nll_median": float(f.median())})
+        out["rounds"] = rounds
     else:
         raise ValueError(f"unknown worker {name!r}")
     import resource
@@ -152,7 +172,7 @@ def worker(name: str, quick: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", required=True, choices=("project", "full"))
+    ap.add_argument("--worker", required=True, choices=("project", "full", "margin"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
