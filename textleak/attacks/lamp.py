@@ -56,7 +56,10 @@ Deviations:
   scoring ~0.7x the dense products' (``bench/perf_lamp_s15.py``). A swap
   proposal drawn more than once in a round is scored once. ``lm_topk`` (default off) limits LM
   scoring to the best candidates by gradient loss, ``lm_bf16`` (default off) runs the LM prior
-  under bf16 autocast (NLLs move by ~0.01 nats); both are CPU-budget options.
+  under bf16 autocast (NLLs move by ~0.01 nats); both are CPU-budget options. ``lm_screen`` (a margin in nats,
+  default 0.25; ``None``: off) scores a round's new texts under bf16 first and runs the float32 LM only on the candidates that can still be
+  the argmin if every bf16 NLL is within the margin (``textleak.components.lm_screen``): the same choice, the
+  float32 NLLs to float rounding.
 * Labels: granted labels are used (LAMP's setting); otherwise recovered from the classifier-head
   gradient (iDLG for B=1, label counts for B>1; the sentence/label pairing is then arbitrary).
 * Sequence lengths are required and the attention mask is passed; decoders use the decoded tokens

@@ -10,7 +10,8 @@ prefix to the end; candidate 0 = identity) are scored by gradient distance + ``c
 + backward without forming their gradients (:mod:`textleak.components.ghost`; ``ghost``), or else
 in one vectorised per-candidate-gradient call (:mod:`textleak.components.gradmatch`) reduced to
 distances chunk by chunk; a proposal drawn twice is scored once; LM NLLs come from padded
-forwards with a per-text cache. With B = 1 and ghost scoring no gradient is materialised in the
+forwards with a per-text cache (``lm_screen``: a bf16 pass first, float32 only where the argmin can be,
+:mod:`textleak.components.lm_screen`). With B = 1 and ghost scoring no gradient is materialised in the
 discrete step at all, and with ``ghost_step`` none in the continuous step either
 (:meth:`GradMatcher.ghost_batch_distance`); both take a low-rank observed ``Linear`` gradient as its truncated SVD
 (``ghost_lowrank``, :meth:`GradMatcher.ghost_target`).
@@ -34,6 +35,7 @@ from common.types import Observation, Reconstruction
 
 from ..prior import TextPrior
 from .gradmatch import GradMatcher
+from .lm_screen import screen
 from .moves import first_occurrences as _first_occurrences, propose_moves
 from .text_config import TextAttackConfig
 from .tokens import nearest_tokens, token_support
@@ -85,6 +87,7 @@ class TextSearch:
         self.labels, self.label_logits = self._labels()
         self.stats: dict[str, float] = {"allowed_tokens": float(self.allowed.sum())}
         self._nll_cache: dict[str, float] = {}
+        self._rough_cache: dict[str, float] = {}  # lm_screen's bf16 NLLs (never used as scores)
 
     # -- labels ------------------------------------------------------------------------------
     def _labels(self) -> tuple[Tensor | None, Tensor | None]:
@@ -134,6 +137,15 @@ class TextSearch:
                 vals = lm.nll(todo, shared=self.cfg.lm_shared_prefix)
             self._nll_cache.update(zip(todo, vals.tolist()))
         return torch.tensor([self._nll_cache[t] for t in texts])
+
+    def rough_nll(self, texts: list[str]) -> Tensor:
+        """``lm_screen``'s cheap NLLs: the LM under bf16 autocast (cached apart from :meth:`nll`'s float32 values)."""
+        todo = sorted({t for t in texts if t not in self._rough_cache})
+        if todo:
+            lm = self.prior.lm()
+            with torch.autocast(next(lm.model.parameters()).device.type, dtype=torch.bfloat16):
+                self._rough_cache.update(zip(todo, lm.nll(todo, shared=self.cfg.lm_shared_prefix).tolist()))
+        return torch.tensor([self._rough_cache[t] for t in texts])
 
     def sentence_label(self, b: int, c: int) -> Tensor | None:
         y = self._soft_labels()
@@ -308,6 +320,12 @@ class TextSearch:
                     score = torch.full_like(rec, float("inf"))
                 ct = [self.prior.decode(idc[i, self.pre:n - self.suf].tolist()) for i in cand]
                 other = float(nlls.sum() - nlls[b])
+                if cfg.lm_screen is not None and not cfg.lm_bf16:  # float32 NLLs only where the argmin can be
+                    keep = screen(rec[cand], ct, exact=self.nll, rough=self.rough_nll, known=self._nll_cache,
+                                  coeff=cfg.coeff_perplexity, other=other, batch=self.B, margin=cfg.lm_screen)
+                    cand = [c for c, k in zip(cand, keep.tolist()) if k]
+                    ct = [t for t, k in zip(ct, keep.tolist()) if k]
+                    score = torch.full_like(rec, float("inf"))
                 lm = (self.nll(ct) + other) / self.B
                 score[cand] = rec[cand] + cfg.coeff_perplexity * lm
             best = int(torch.argmin(score))

@@ -13,7 +13,7 @@ class TextAttackConfig:
         "lr": ">0", "lr_decay": "(0,1]", "lr_step": ">=1", "n_steps": ">=1", "grad_clip": ">0",
         "init_size": ">0", "init_candidates": ">=1", "swap_burnin": "[0,1]",
         "swap_every": ">=1", "swap_candidates": ">=1", "lm_topk": ">=1", "topk_factor": ">0", "chunk": ">=1",
-        "ghost_chunk": ">=1", "ghost_lowrank": "(0,1)"}
+        "ghost_chunk": ">=1", "ghost_lowrank": "(0,1)", "lm_screen": ">0"}
     loss: Literal["cos", "tag", "l2"] = "cos"
     tag_factor: float = 0.01
     lr: float = 0.01
@@ -41,4 +41,7 @@ class TextAttackConfig:
     ghost_step: bool = True  # continuous step from the ghost products too (False: autograd through the dummy gradient)
     ghost_lowrank: float | None = 1e-6  # ghost paths: low-rank Linear targets as truncated SVDs dropping <= this (None: dense)
     lm_shared_prefix: bool = True  # LM prior: a round's texts share the current text's prefixes (False: padded batch)
+    # swap rounds: the LM under bf16 first, float32 only for candidates that can be the argmin if bf16 NLLs are
+    # within this many nats (components/lm_screen.py; None: float32 for every new text, as before session 20)
+    lm_screen: float | None = 0.25
     lm_bf16: bool = False  # LM prior under CPU bf16 autocast (about 2x faster on AMX CPUs; NLLs move ~0.01 nats)
