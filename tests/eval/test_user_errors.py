@@ -90,6 +90,8 @@ def files(tmp_path):
       "--out", "OUT"], "search_threads=0 is out of range"),
     (["run", "--attack", "lamp-cos", "--case", "text/tiny-gpt2/fedsgd", "--set", "ghost_lowrank=2", "--out", "OUT"],
      "ghost_lowrank=2.0 is out of range"),
+    (["run", "--attack", "lamp-cos", "--case", "text/tiny-gpt2/fedsgd", "--set", "lm_screen=0", "--out", "OUT"],
+     "lm_screen=0.0 is out of range"),
     # an optional float given a word: the --set prefix once, then what it expects
     (["run", "--attack", "lamp-cos", "--case", "text/tiny-gpt2/fedsgd", "--set", "ghost_lowrank=foo", "--out", "OUT"],
      "error: --set ghost_lowrank='foo': expected float; or none"),
