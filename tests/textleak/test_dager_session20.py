@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 
 from .test_dager import _completion, _setup  # noqa: E402
 from .test_dager_session18 import _wrong_start  # noqa: E402
+from .test_dager_speed import _fold_case  # noqa: E402
 
 
 def _both(fn, *args):
@@ -121,27 +122,10 @@ def test_rope_folded_feed_forward_distances_equal_the_block(monkeypatch):
     """``RopeDecoderBlock.ffn_distances`` (o_proj, RMSNorm_2's weight and the complement folded into the values) gives
     the span distances of the model's own feed-forward inputs (as ``extend`` + ``ComplementDistance``) within float32
     round-off on tiny Llama, true extensions near 0, without calling ``extend``; ``ROPE_FOLD`` off falls back."""
-    from textleak.attacks.dager import frontier, rope_block
-    from textleak.attacks.dager.dec_block import ComplementDistance
-    from textleak.attacks.dager.span import decoder_last_inputs, span_distance
+    from textleak.attacks.dager import rope_block
 
-    _, _, model, obs, _, _, batch = _setup("text/tiny-llama/dager", 3)
-    model.eval()
-    li, sp = frontier.ffn_inputs(obs, model, torch.tensor([[1, 2, 3]]), 0.0)
-    ids = batch.inputs["input_ids"]
-    blk = rope_block.RopeDecoderBlock.build(model, li, ids[0, :4].tolist())
-    assert blk is not None
-    rows = [ids[i].tolist() for i in range(3)]
-    pos = 2
-    assert 3 * blk.h * (pos + 1) <= blk.d  # the folded path, not the fallback
-    cands = sorted(set(range(200, 260)) | {r[pos] for r in rows})
-    for p in range(pos + 1):
-        blk.table(p, sorted(set(cands) | {r[p] for r in rows}))
-    prefixes = [r[:pos] for r in rows]
-    dist = ComplementDistance(sp.basis)
-    want_x = torch.stack(decoder_last_inputs(li, prefixes, [cands] * 3))
-    want = span_distance(sp.basis, want_x.reshape(-1, want_x.shape[-1]), exact_below=1.01).view(3, -1)
-    ref = blk.extend(prefixes, pos, cands, reduce=dist)
+    blk, prefixes, pos, cands, dist, rows, want, ref = _fold_case("text/tiny-llama/dager",
+                                                                   rope_block.RopeDecoderBlock.build)
     called = []
     real_extend = blk.extend
 

@@ -118,19 +118,20 @@ def test_last_token_early_exit_is_certified_and_equal(name, monkeypatch):
     assert sum(a == b for a, b in zip(fast, truth["token_ids"])) >= 5
 
 
-def test_folded_feed_forward_distances_equal_model_forward(monkeypatch):
-    """``PreLNDecoderBlock.ffn_distances`` (output projection and complement folded into the values) gives
-    the span distances of the model's own feed-forward inputs (as ``extend`` + ``ComplementDistance``):
-    true extensions near 0, every distance within float32 round-off; without calling ``extend``."""
+def _fold_case(case: str, build):
+    """The folded-prefilter tests' set-up: a 3-sentence batch of ``case`` (an unsaturated span), its first block
+    built by ``build(model, layer_inputs, first_ids)`` with tables for position 2's candidates (the true tokens and
+    60 others), and the reference distances: ``(blk, prefixes, pos, cands, dist, rows, want, ref)`` with ``want``
+    from the model's own feed-forward inputs and ``ref`` from ``blk.extend`` + ``ComplementDistance``."""
     from textleak.attacks.dager import frontier
-    from textleak.attacks.dager.dec_block import ComplementDistance, PreLNDecoderBlock
+    from textleak.attacks.dager.dec_block import ComplementDistance
     from textleak.attacks.dager.span import decoder_last_inputs, span_distance
 
-    _, _, model, obs, _, _, batch = _setup("text/tiny-gpt2/dager", 3)  # (an unsaturated span: 3 x 12 tokens < 64)
+    _, _, model, obs, _, _, batch = _setup(case, 3)  # (an unsaturated span: 3 x 12 tokens < 64)
     model.eval()
     li, sp = frontier.ffn_inputs(obs, model, torch.tensor([[1, 2, 3]]), 0.0)
     ids = batch.inputs["input_ids"]
-    blk = PreLNDecoderBlock.build(model, li, ids[0, :4].tolist())
+    blk = build(model, li, ids[0, :4].tolist())
     assert blk is not None
     rows = [ids[i].tolist() for i in range(3)]
     pos = 2
@@ -143,6 +144,16 @@ def test_folded_feed_forward_distances_equal_model_forward(monkeypatch):
     want_x = torch.stack(decoder_last_inputs(li, prefixes, [cands] * 3))
     want = span_distance(sp.basis, want_x.reshape(-1, want_x.shape[-1]), exact_below=1.01).view(3, -1)
     ref = blk.extend(prefixes, pos, cands, reduce=dist)
+    return blk, prefixes, pos, cands, dist, rows, want, ref
+
+
+def test_folded_feed_forward_distances_equal_model_forward(monkeypatch):
+    """``PreLNDecoderBlock.ffn_distances`` (output projection and complement folded into the values) gives
+    the span distances of the model's own feed-forward inputs (as ``extend`` + ``ComplementDistance``):
+    true extensions near 0, every distance within float32 round-off; without calling ``extend``."""
+    from textleak.attacks.dager.dec_block import PreLNDecoderBlock
+
+    blk, prefixes, pos, cands, dist, rows, want, ref = _fold_case("text/tiny-gpt2/dager", PreLNDecoderBlock.build)
 
     def no_extend(*a, **k):
         raise AssertionError("fell back to extend")
