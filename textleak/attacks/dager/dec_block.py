@@ -123,8 +123,7 @@ class PreLNDecoderBlock:
             y = fin(vc.reshape(1, n_k, self.d))
             return y.expand(n_p, *y.shape[1:])
         out: list[Tensor] = []
-        kp = torch.stack([self.tables[j].k[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
-        vp = torch.stack([self.tables[j].v[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        kp, vp = prefix_kv(self.tables, prefixes, pos)
         kp, vp = kp.permute(0, 2, 3, 1), vp.permute(0, 2, 1, 3)  # [P, H, dh, L], [P, H, L, dh]
         step = max(1, PAIR_CHUNK // max(1, self.h * n_k * pos))
         for s in range(0, n_p, step):
@@ -168,28 +167,14 @@ class PreLNDecoderBlock:
         base = x + self.b_proj
         base_c = base @ cg
         ss = (q * kc.transpose(0, 1)).sum(-1)  # [H, K]
-        kp = torch.stack([self.tables[j].k[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
-        vp = torch.stack([self.tables[j].v[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        kp, vp = prefix_kv(self.tables, prefixes, pos)
         kp = kp.permute(0, 2, 3, 1)  # [P, H, dh, L]
         vh = vp.permute(2, 0, 1, 3).reshape(h, n_p * pos, self.dh)
         # the prefixes' projected values, head-major as the weights below: [P, H L, d] and [P, H L, m]
         vpp = torch.matmul(vh, wh).view(h, n_p, pos, self.d).transpose(0, 1).reshape(n_p, h * pos, self.d)
         vpm = torch.matmul(vh, whc).view(h, n_p, pos, n_m).transpose(0, 1).reshape(n_p, h * pos, n_m)
         out: list[Tensor] = []
-        step = max(1, PAIR_CHUNK // max(1, h * n_k * pos))
-        for s in range(0, n_p, step):
-            p_n = min(step, n_p - s)
-            sc = torch.matmul(q.unsqueeze(0), kp[s:s + step])  # [p, H, K, L]
-            m = torch.maximum(sc.amax(-1), ss.unsqueeze(0))
-            e = torch.exp(sc - m.unsqueeze(-1))
-            es = torch.exp(ss.unsqueeze(0) - m)  # [p, H, K]
-            z = 1.0 / (e.sum(-1) + es)
-            a = (e * z.unsqueeze(-1)).permute(0, 2, 1, 3).reshape(p_n, n_k, h * pos)  # [p, K, H L]
-            own = (es * z).permute(2, 0, 1)  # [K, p, H]
-            r = torch.baddbmm(base.expand(p_n, n_k, self.d), a, vpp[s:s + step])
-            r += torch.matmul(own, vpc).transpose(0, 1)
-            t = torch.baddbmm(base_c.expand(p_n, n_k, n_m), a, vpm[s:s + step])
-            t += torch.matmul(own, vcc).transpose(0, 1)
+        for r, t in fold_mix(q, ss, kp, (vpp, vpm), (vpc, vcc), (base, base_c), heads=h, n_k=n_k, pos=pos):
             y, mu, inv = torch.native_layer_norm(r, [self.d], gam, beta, self.ln2.eps)  # mean, 1 / std [p, K, 1]
             cy = (t - mu * c_gam) * inv + c_beta  # C^T LN_2(r)
             out.append(cy.norm(dim=-1).double() / y.norm(dim=-1).double().clamp_min(1e-300))
@@ -229,3 +214,38 @@ class ComplementDistance:
         y = y.reshape(-1, y.shape[-1])
         num = (y @ self.on(y)).double().norm(dim=1)
         return (num / y.double().norm(dim=1).clamp_min(1e-300)).view(lead).cpu()
+
+
+def prefix_kv(tables: dict[int, PositionTable], prefixes: list[list[int]], pos: int) -> tuple[Tensor, Tensor]:
+    """The prefixes' keys and values from the position tables: [P, L, H(kv), dh] each (``L = pos``)."""
+    kp = torch.stack([tables[j].k[[tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+    vp = torch.stack([tables[j].v[[tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+    return kp, vp
+
+
+def fold_mix(q: Tensor, ss: Tensor, kp: Tensor, prefix_vals: tuple[Tensor, Tensor], own_vals: tuple[Tensor, Tensor],
+             bases: tuple[Tensor, Tensor], *, heads: int, n_k: int, pos: int):
+    """The folded prefilters' attention mix (``ffn_distances`` of both blocks), chunk by chunk of paths: for each
+    (path, candidate) pair the softmax over the prefix keys ``kp`` [P, G, dh, L] and the candidate's own key (scores
+    ``ss`` [G, R K]) of the queries ``q`` [G, R K, dh] (``G`` key/value groups of ``R`` query heads each; ``G = H``,
+    ``R = 1`` without grouping), then the weighted sums of the projected values: yields ``(r, t)`` per chunk,
+    ``r = base + sum a v`` [p, K, d] and ``t = base_c + sum a v_c`` [p, K, m] with the prefixes' projected values
+    ``prefix_vals`` ([P, H L, d], [P, H L, m]), the candidates' ``own_vals`` ([K, H, d], [K, H, m]) and ``bases``
+    ([K, d], [K, m])."""
+    (vpp, vpm), (vpc, vcc), (base, base_c) = prefix_vals, own_vals, bases
+    n_p, d, n_m = int(kp.shape[0]), int(base.shape[1]), int(base_c.shape[1])
+    step = max(1, PAIR_CHUNK // max(1, heads * n_k * pos))
+    for s in range(0, n_p, step):
+        p_n = min(step, n_p - s)
+        sc = torch.matmul(q.unsqueeze(0), kp[s:s + step])  # [p, G, R K, L]
+        m = torch.maximum(sc.amax(-1), ss.unsqueeze(0))
+        e = torch.exp(sc - m.unsqueeze(-1))
+        es = torch.exp(ss.unsqueeze(0) - m)  # [p, G, R K]
+        z = 1.0 / (e.sum(-1) + es)
+        a = (e * z.unsqueeze(-1)).view(p_n, heads, n_k, pos).permute(0, 2, 1, 3).reshape(p_n, n_k, heads * pos)
+        own = (es * z).view(p_n, heads, n_k).permute(2, 0, 1)  # [K, p, H]
+        r = torch.baddbmm(base.expand(p_n, n_k, d), a, vpp[s:s + step])
+        r += torch.matmul(own, vpc).transpose(0, 1)
+        t = torch.baddbmm(base_c.expand(p_n, n_k, n_m), a, vpm[s:s + step])
+        t += torch.matmul(own, vcc).transpose(0, 1)
+        yield r, t

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .dec_block import PAIR_CHUNK, PositionTable
+from .dec_block import PAIR_CHUNK, PositionTable, fold_mix, prefix_kv
 from .span import LayerInputs, decoder_last_inputs, transformer_blocks
 
 
@@ -141,8 +141,7 @@ class RopeDecoderBlock:
         qg = q.view(g, r * n_k, self.dh)  # query head h = group * rep + j -> [Hkv, rep K, dh]
         ss = (q * kc.repeat_interleave(r, dim=1).transpose(0, 1)).sum(-1).view(g, r * n_k)  # own key
         vself = vc.transpose(0, 1).unsqueeze(1).expand(g, r, n_k, self.dh).reshape(g, r * n_k, self.dh)
-        kp = torch.stack([self.tables[j].k[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
-        vp = torch.stack([self.tables[j].v[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        kp, vp = prefix_kv(self.tables, prefixes, pos)
         kp, vp = kp.permute(0, 2, 3, 1), vp.permute(0, 2, 1, 3)  # [P, Hkv, dh, L], [P, Hkv, L, dh]
         out: list[Tensor] = []
         step = max(1, PAIR_CHUNK // max(1, self.h * n_k * pos))
@@ -187,27 +186,13 @@ class RopeDecoderBlock:
         vcc = torch.matmul(vch, whc).transpose(0, 1)  # [K, H, m]
         qg = q.view(g, r * n_k, dh)
         ss = (q * kc.repeat_interleave(r, dim=1).transpose(0, 1)).sum(-1).view(g, r * n_k)  # own key
-        kp = torch.stack([self.tables[j].k[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
-        vp = torch.stack([self.tables[j].v[[self.tables[j].row[p[j]] for p in prefixes]] for j in range(pos)], 1)
+        kp, vp = prefix_kv(self.tables, prefixes, pos)
         kp = kp.permute(0, 2, 3, 1)  # [P, Hkv, dh, L]
         vh = vp.repeat_interleave(r, dim=2).permute(2, 0, 1, 3).reshape(h, n_p * pos, dh)  # [H, P L, dh]
         vpp = torch.matmul(vh, whg).view(h, n_p, pos, self.d).transpose(0, 1).reshape(n_p, h * pos, self.d)
         vpm = torch.matmul(vh, whc).view(h, n_p, pos, n_m).transpose(0, 1).reshape(n_p, h * pos, n_m)
         out: list[Tensor] = []
-        step = max(1, PAIR_CHUNK // max(1, h * n_k * pos))
-        for s in range(0, n_p, step):
-            p_n = min(step, n_p - s)
-            sc = torch.matmul(qg.unsqueeze(0), kp[s:s + step])  # [p, Hkv, rep K, L]
-            m = torch.maximum(sc.amax(-1), ss.unsqueeze(0))
-            e = torch.exp(sc - m.unsqueeze(-1))
-            es = torch.exp(ss.unsqueeze(0) - m)  # [p, Hkv, rep K]
-            z = 1.0 / (e.sum(-1) + es)
-            a = (e * z.unsqueeze(-1)).view(p_n, h, n_k, pos).permute(0, 2, 1, 3).reshape(p_n, n_k, h * pos)
-            own = (es * z).view(p_n, h, n_k).permute(2, 0, 1)  # [K, p, H]
-            gr = torch.baddbmm(base.expand(p_n, n_k, self.d), a, vpp[s:s + step])  # G r [p, K, d]
-            gr += torch.matmul(own, vpc).transpose(0, 1)
-            t = torch.baddbmm(base_c.expand(p_n, n_k, n_m), a, vpm[s:s + step])  # C^T G r [p, K, m]
-            t += torch.matmul(own, vcc).transpose(0, 1)
+        for gr, t in fold_mix(qg, ss, kp, (vpp, vpm), (vpc, vcc), (base, base_c), heads=h, n_k=n_k, pos=pos):
             out.append(t.norm(dim=-1).double() / gr.norm(dim=-1).double().clamp_min(1e-300))
         return torch.cat(out, 0).cpu()
 
