@@ -56,15 +56,12 @@ def worker(name: str, quick: bool) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from perf_lamp_workers import _floor_fn, _setup, _step_fn
+    from perf_lamp_workers import _floor_fn, _start, _step_fn
 
     from common.seed import make_generator
     from textleak.components.search import TextSearch
 
-    kit, case, model, t, preset = _setup("cpu")
-    obs, prior, truth = t.attacker.observation, t.attacker.prior, t.truth
-    ids = t.batch.inputs["input_ids"]
-    x0 = prior.embedding[ids] + 0.05 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(5))
+    kit, case, model, t, preset, obs, prior, truth, ids, x0 = _start("cpu")
     margin = float(os.environ.get("PERF_LAMP_SCREEN", "0.25"))
     cfgs = {"old": replace(preset("lamp-cos"), lm_screen=None), "new": replace(preset("lamp-cos"), lm_screen=margin)}
     out: dict = {"seq_len": int(obs.seq_lens[0]), "threads": torch.get_num_threads(), "lm_screen": margin,

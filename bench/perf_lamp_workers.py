@@ -33,6 +33,20 @@ def _random_minilm(generator):
     return _finish(model, TextModelInfo("minilm-config-random", "encoder", minilm_tokenizer(), 2))
 
 
+def _start(device: str = "cpu"):
+    """``_setup`` and the projection benchmarks' shared start (``perf_lamp_s15``, ``perf_lamp_s20``): ``(kit, case,
+    model, trial, preset, observation, prior, truth, input ids, x0)``, ``x0`` the true embeddings plus a fixed noise."""
+    import torch
+
+    from common.seed import make_generator
+
+    kit, case, model, t, preset = _setup(device)
+    obs, prior, truth = t.attacker.observation, t.attacker.prior, t.truth
+    ids = t.batch.inputs["input_ids"]
+    x0 = prior.embedding[ids] + 0.05 * torch.randn(ids.shape + (prior.embedding.shape[1],), generator=make_generator(5))
+    return kit, case, model, t, preset, obs, prior, truth, ids, x0
+
+
 def _setup(device: str):
     """``PERF_LAMP_RANDOM_MINILM=1``: MiniLM's architecture with random weights; ``PERF_LAMP_LM=NAME``:
     the LM prior (case option ``lm_prior``, e.g. ``gpt2``: GPT-2-small's configuration, random);
