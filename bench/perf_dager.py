@@ -125,13 +125,21 @@ def _settings(quick: bool) -> list[tuple[str, int]]:
     return QUICK if quick else FULL
 
 
+def _ids(ids) -> list | None:
+    """Token ids as plain sorted lists (tensors on either device, sentences in any order), for the cpu/device check."""
+    if ids is None:
+        return None
+    rows = ids.tolist() if hasattr(ids, "tolist") else [r.tolist() if hasattr(r, "tolist") else list(r) for r in ids]
+    return sorted(rows)
+
+
 def _device_rows(case_name: str, b: int, device: str, new: dict, setup) -> list[dict]:
     """On an accelerator: the optimised path again on the CPU (same batch, same process), and the ratio."""
     import torch
 
     cpu_setup = _setup(case_name, b, "cpu")
     cpu = _attack(True, *cpu_setup)
-    same = cpu["ids"] == new["ids"]
+    same = _ids(cpu["ids"]) == _ids(new["ids"])
     threads = torch.get_num_threads()
     out = []
     for variant, r, dev, base, ratio in (

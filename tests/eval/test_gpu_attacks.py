@@ -16,6 +16,7 @@ stated margin (float rounding differs between the devices, and sign-Adam / L-BFG
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 from pathlib import Path
@@ -151,12 +152,28 @@ def test_tabular_random_and_ig_on_device(dev):
     assert abs(md["accuracy"] - mc["accuracy"]) <= 0.15, (mc, md)
 
 
+
+def _same_stats(cpu: dict, device: dict) -> None:
+    """The same statistics on both devices, timings aside: counts, ranks and flags (integral values) exactly,
+    continuous diagnostics (residuals, tolerances, spectral scales) to float round-off (relative 1e-4, absolute 1e-6:
+    cuBLAS sums in another order than the CPU; the reconstructions themselves are compared exactly by the caller)."""
+    keys = {k for k in cpu if "second" not in k and not k.endswith("_s")}
+    bad = {}
+    for k in sorted(keys):
+        a, b = cpu[k], device.get(k)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not (float(a).is_integer() and float(b).is_integer()):
+            ok = math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+        else:
+            ok = a == b
+        if not ok:
+            bad[k] = (a, b)
+    assert not bad, f"statistics differ (cpu, device): {bad}"
+
 def test_tabular_exact_on_device(dev):
     """The exact tabular attack (labels recovered, B=8): the same rows and certificates on both devices."""
     (rc, _, _), (rd, _, _) = _both("tabular/adult-fc/fedsgd", "tabular-exact", batch=8, dev=dev, score=False)
     assert torch.equal(rd.data, rc.data) and rd.labels.tolist() == rc.labels.tolist()
-    same = {k for k in rc.stats if "second" not in k and not k.endswith("_s")}
-    assert {k: rd.stats.get(k) for k in same} == {k: rc.stats[k] for k in same}, (rc.stats, rd.stats)
+    _same_stats(rc.stats, rd.stats)
 
 
 # -- text --------------------------------------------------------------------------------------
@@ -177,8 +194,7 @@ def test_dager_past_the_rank_limit_on_device(case, dev):
     the same reconstruction and the same statistics (timings aside) on both devices."""
     (rc, _, _), (rd, _, _) = _both(case, "dager", batch=8, dev=dev)
     assert rd.data == rc.data
-    same = {k for k in rc.stats if "second" not in k and not k.endswith("_s")}
-    assert {k: rd.stats.get(k) for k in same} == {k: rc.stats[k] for k in same}, (rc.stats, rd.stats)
+    _same_stats(rc.stats, rd.stats)
 
 
 def _tiny_bert3_dager(device: str, b: int = 2):
@@ -228,8 +244,7 @@ def test_dager_encoder_past_the_rank_limit_on_device(dev):
     certificates; the same sentences, flags and statistics (timings aside) on both devices."""
     (rc, _), (rd, _) = _tiny_bert3_dager("cpu", 8), _tiny_bert3_dager(dev, 8)
     assert rd.data == rc.data
-    same = {k for k in rc.stats if "second" not in k and not k.endswith("_s")}
-    assert {k: rd.stats.get(k) for k in same} == {k: rc.stats[k] for k in same}, (rc.stats, rd.stats)
+    _same_stats(rc.stats, rd.stats)
 
 
 @pytest.mark.parametrize("attack", ["lamp-cos", "tag"])
