@@ -66,13 +66,22 @@ def _mul(args, kwargs):
     return NotImplemented
 
 
+def _dual_then_plain(args, kwargs):
+    """``(primal, tangent, other)`` when the call is ``op(dual, plain)`` without keywords; else None."""
+    if kwargs or len(args) != 2:
+        return None
+    (ap, at), (bp, bt) = _split(args[0]), _split(args[1])
+    if at is None or bt is not None or not _plain(args[1]):
+        return None
+    return ap, at, bp
+
+
 def _add_like(op):
     def handler(args, kwargs):
-        if kwargs or len(args) != 2:
+        parts = _dual_then_plain(args, kwargs)
+        if parts is None:
             return NotImplemented
-        (ap, at), (bp, bt) = _split(args[0]), _split(args[1])
-        if at is None or bt is not None or not _plain(args[1]):
-            return NotImplemented
+        ap, at, bp = parts
         p = op(ap, bp)
         if p.shape != at.shape or p.dtype != at.dtype:  # the plain operand broadcasts or promotes: PyTorch's rule
             return NotImplemented
@@ -81,11 +90,10 @@ def _add_like(op):
 
 
 def _div(args, kwargs):
-    if kwargs or len(args) != 2:
+    parts = _dual_then_plain(args, kwargs)
+    if parts is None:
         return NotImplemented
-    (ap, at), (bp, bt) = _split(args[0]), _split(args[1])
-    if at is None or bt is not None or not _plain(args[1]):
-        return NotImplemented
+    ap, at, bp = parts
     return forward_ad.make_dual(ap / bp, at / bp)
 
 
