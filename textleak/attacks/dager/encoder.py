@@ -50,6 +50,7 @@ from common.types import Observation
 
 from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
+from .enc_cuts import harvest
 from .enc_lengths import feasible, longest, order, separator_affinity
 from .enc_refine import bigrams as _bigrams, exchange_suffixes
 from .prior import PriorWeight, embedding_prior, prior_lists
@@ -92,6 +93,11 @@ QUICK_PASSES = 1
 #: lengths, the longest read from the position-embedding update) are tried first and alone escalated; the
 #: others keep their order after them (False: off)
 FEASIBLE_FIRST = True
+#: exact search with the length order of ``enc_lengths``, no declared noise (issue 18): a beam's best sentence and its
+#: repair are also cut at each shorter candidate length and the cuts tested as sentences (``enc_cuts.harvest``: the
+#: same acceptance test as a beam's, after a screen on the separator row); a beam that fails has mostly followed
+#: the prefix of another missing sentence (False: off)
+HARVEST = True
 
 
 def search(run: Run, obs: Observation, model: nn.Module, li2: LayerInputs, span2: Span, l1, prior: Any,
@@ -175,6 +181,7 @@ class _EncoderSearch:
         n_top = 0 if self.affinity is None or not ESCALATE else max(1, len(pending) if self.b is None else self.b)
         # (both measured without noise only: under a declared noise the rank is not the token count)
         self.quick = QUICK_PASSES if self.affinity is not None and QUICK_PASSES and not self.noisy else None
+        self.harvest = HARVEST and self.affinity is not None and not self.noisy and self.sep is not None
         while pending and not self._done():
             for i, length in enumerate(pending):
                 if self._done():
@@ -188,7 +195,7 @@ class _EncoderSearch:
                         if hit:
                             i, length = pending.index(again), again
                             break
-                if failed is not None and not hit:
+                if failed is not None and not (hit and self.own):  # (a length whose cuts alone found: failed)
                     failed[length] = failed.get(length, 0) + 1
                 if hit:
                     if stop_early:  # the caller peels what was found and searches the rest again
@@ -253,10 +260,16 @@ class _EncoderSearch:
         else:
             cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise, preselect=preselect,
                          passes=passes)
-        found = 0
-        for s, v in cands:
+        own, n = len(cands), len(per)
+        if getattr(self, "harvest", False) and total > ENCODER_EXHAUSTIVE_MAX:  # the best beam and its repair, cut
+            seen = set(self.results) | set(self.exclude)
+            cands = cands + harvest(r.block, r.li1, self.li2, self.span2, r.tau[1], [cands[0][0], cands[-1][0]],
+                                    self.lengths, n, self.sep, lambda s: tuple(s) in seen)
+        found = self.own = 0
+        for i, (s, v) in enumerate(cands):
             if v < r.tau[1] and tuple(s) not in self.results:
-                found += int(self._accept(s, v))
+                hit = int(self._accept(s, v))
+                found, self.own = found + hit, self.own + hit * (i < own)  # (own: the length's own sentences)
         return found
 
     def _run_ranked(self) -> Found:
