@@ -2,14 +2,14 @@
 to the reference).
 
 A beam at length L that finds nothing has, on the development MiniLM batches, mostly followed the prefix of another
-sentence still missing, the one the embedding prior weights most, token for token from position 1 (seed 2 at B=8:
-of 19 failed beams 9 held, in their first beam or their repaired sentence, the exact prefix of a shorter missing
-sentence). When that sentence is shorter (L' < L), the cut ``s[:L' - 1] + [sep]`` is that sentence. Every cut at a
-candidate length (a position where the separator passes layer 1) is screened by the layer-2 distance of its last
-row alone, the separator's, on the incremental first block (a sentence is accepted only when every row passes, so
-the screen never drops one that the full test accepts; float32 round-off is covered by ``SCREEN_SLACK``); the few
-that pass get the search's own test (``beam.score_seqs``: every row through the model's forward). A cut is thus
-accepted by exactly the test a beam's sentence is: what changes is when a sentence is found, not which.
+sentence still missing, token for token over 12-40 positions (seed 2 at B=8: of 21 failed beams 9 held, in their
+first beam or their repaired sentence, the exact prefix of a shorter missing sentence). When that sentence is
+shorter (L' < L), the cut ``s[:L' - 1] + [sep]`` is that sentence. Every cut at a candidate length (a position where
+the separator passes layer 1) is screened by the layer-2 distance of its last row alone, the separator's, on the
+incremental first block (a sentence is accepted only when every row passes, so the screen never drops one that the
+full test accepts; float32 round-off is covered by ``SCREEN_SLACK``); the few that pass get the search's own test
+(``beam.score_seqs``: every row through the model's forward). A cut is thus accepted by exactly the test a beam's
+sentence is: what changes is when a sentence is found, not which.
 """
 from __future__ import annotations
 

@@ -6,15 +6,14 @@ and a token u at positions a and p put t at p in the span (w_t+P_p = (w_t+P_a) +
 position of that component (~130 candidates per position on MiniLM at B=8). Two additions
 make the search feasible (both deviations from the reference):
 
-* the embedding prior (``prior.py``): the word/position-embedding updates place most tokens;
-  candidates are cut to the batch token set, to the positions the prior allows, and ordered by
-  it; sentence lengths are tried in the order of the separator's coefficient (the exact search on the fast
-  path: of its cosine, ``enc_lengths.py``, with a second try at a wider preselection, ``ESCALATE``). The least-squares
-  fit puts a repeated token's mass on one of its positions, so its other occurrences can be
-  missing from the lists: a failed exhaustive length repairs its best sequence from the wide
-  lists (every batch token passing layer 1), and after a full pass without success the lengths
-  are searched once more over the wide lists. Without those rows (LoRA, frozen embeddings,
-  noise) the layer-1 lists are used as they are, longest length first.
+* the embedding prior (``prior.py``): the word/position-embedding updates place most tokens; candidates are cut to
+  the batch token set, to the positions the prior allows, and ordered by it; sentence lengths are tried in the order
+  of the separator's coefficient (the exact search on the fast path: of its cosine, ``enc_lengths.py``, with a second
+  try at a wider preselection, ``ESCALATE``; each beam's sentence also cut at the shorter lengths, ``enc_cuts.py``).
+  The least-squares fit puts a repeated token's mass on one of its positions, so its other occurrences can be missing
+  from the lists: a failed exhaustive length repairs its best sequence from the wide lists (every batch token passing
+  layer 1), and after a full pass without success the lengths are searched once more over the wide lists. Without
+  those rows (LoRA, frozen embeddings, noise) the layer-1 lists are used as they are, longest length first.
 * Above ``ENCODER_EXHAUSTIVE_MAX`` combinations: a left-to-right beam (``beam.py``). Positions
   not yet fixed hold the mean word embedding of their candidates (a soft suffix), and a prefix is
   scored by the sum of squared layer-2 distances of its positions. With the true prefix, the true
@@ -93,10 +92,9 @@ QUICK_PASSES = 1
 #: lengths, the longest read from the position-embedding update) are tried first and alone escalated; the
 #: others keep their order after them (False: off)
 FEASIBLE_FIRST = True
-#: exact search with the length order of ``enc_lengths``, no declared noise (issue 18): a beam's best sentence and its
-#: repair are also cut at each shorter candidate length and the cuts tested as sentences (``enc_cuts.harvest``: the
-#: same acceptance test as a beam's, after a screen on the separator row); a beam that fails has mostly followed
-#: the prefix of another missing sentence (False: off)
+#: exact search with the length order of ``enc_lengths``, no declared noise (issue 18): a beam's first sentence and its
+#: repair are also cut at every shorter candidate length and the cuts tested as sentences (``enc_cuts.harvest``; a
+#: failed beam has mostly followed the prefix of another missing sentence) (False: off)
 HARVEST = True
 
 
@@ -261,7 +259,7 @@ class _EncoderSearch:
             cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise, preselect=preselect,
                          passes=passes)
         own, n = len(cands), len(per)
-        if getattr(self, "harvest", False) and total > ENCODER_EXHAUSTIVE_MAX:  # the best beam and its repair, cut
+        if getattr(self, "harvest", False) and total > ENCODER_EXHAUSTIVE_MAX and cands:  # (HARVEST)
             seen = set(self.results) | set(self.exclude)
             cands = cands + harvest(r.block, r.li1, self.li2, self.span2, r.tau[1], [cands[0][0], cands[-1][0]],
                                     self.lengths, n, self.sep, lambda s: tuple(s) in seen)
