@@ -152,7 +152,6 @@ def test_tabular_random_and_ig_on_device(dev):
     assert abs(md["accuracy"] - mc["accuracy"]) <= 0.15, (mc, md)
 
 
-
 def _same_stats(cpu: dict, device: dict) -> None:
     """The same statistics on both devices, timings aside: counts, ranks and flags (integral values) exactly,
     continuous diagnostics (residuals, tolerances, spectral scales) to float round-off (relative 1e-4, absolute 1e-6:
@@ -168,6 +167,7 @@ def _same_stats(cpu: dict, device: dict) -> None:
         if not ok:
             bad[k] = (a, b)
     assert not bad, f"statistics differ (cpu, device): {bad}"
+
 
 def test_tabular_exact_on_device(dev):
     """The exact tabular attack (labels recovered, B=8): the same rows and certificates on both devices."""

@@ -137,6 +137,8 @@ class _EncoderSearch:
         # the exact search's length order (issue 18, enc_lengths.py; the original path keeps the coefficient's)
         self.affinity = (separator_affinity(obs, model, fit, self.sep, len(l1))
                          if run.fast and not run.ranked else None)
+        # (HARVEST: the exact search with the affinity's length order, no declared noise)
+        self.harvest = HARVEST and self.affinity is not None and not self.noisy and self.sep is not None
         run.stats["prior"] = float(fit is not None)
         run.stats["l1_candidates_prior"] = float(sum(len(c) for c in self.lists))
         self.word = model.get_input_embeddings().weight.detach()
@@ -179,7 +181,6 @@ class _EncoderSearch:
         n_top = 0 if self.affinity is None or not ESCALATE else max(1, len(pending) if self.b is None else self.b)
         # (both measured without noise only: under a declared noise the rank is not the token count)
         self.quick = QUICK_PASSES if self.affinity is not None and QUICK_PASSES and not self.noisy else None
-        self.harvest = HARVEST and self.affinity is not None and not self.noisy and self.sep is not None
         while pending and not self._done():
             for i, length in enumerate(pending):
                 if self._done():
@@ -259,7 +260,7 @@ class _EncoderSearch:
             cands = beam(r, per, self.li2, self.span2, self.word, self.weight, wide, penalise, preselect=preselect,
                          passes=passes)
         own, n = len(cands), len(per)
-        if getattr(self, "harvest", False) and total > ENCODER_EXHAUSTIVE_MAX and cands:  # (HARVEST)
+        if self.harvest and total > ENCODER_EXHAUSTIVE_MAX and cands:  # (HARVEST)
             seen = set(self.results) | set(self.exclude)
             cands = cands + harvest(r.block, r.li1, self.li2, self.span2, r.tau[1], [cands[0][0], cands[-1][0]],
                                     self.lengths, n, self.sep, lambda s: tuple(s) in seen)
