@@ -109,3 +109,40 @@ def test_whole_update_check_fits_true_sentences_and_rejects_a_wrong_one():
         wrong = [ids[0][:-2] + ids[0][-1:]] + ids[1:]
         assert explains(obs, gm, p, "encoder", wrong, names) > 1e3 * TOL
     assert explains(obs, gm, prior, "encoder", ids[:3], names) == float("inf")  # not B sentences
+
+
+def test_cut_of_a_continued_true_sentence_is_certified_and_a_wrong_cut_is_not(monkeypatch):
+    """``cert_cuts``: a true sentence continued past its end by another sentence's tail is not certified, but its cut
+    at the true length is (screened among the cuts at every candidate length by the mean layer-2 distance, then
+    certified and peeled with its label); a sentence wrong before every cut has no certified cut; with ``CUTS`` off
+    the continued sentence is rejected as before."""
+    from textleak.attacks.dager import cert_cuts
+    from textleak.attacks.dager.certify import Certifier
+    from textleak.attacks.dager.span import LayerInputs, find_tap, observed_matrix, span_of
+
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(3)
+    probe = torch.tensor([[0, 1, 2]])
+    taps = (find_tap(model, 0, probe), find_tap(model, 1, probe))
+    li2, span2 = LayerInputs(model, taps[1]), span_of(observed_matrix(taps[1], obs.tensors))
+    gmodel = copy.deepcopy(model).double().eval()
+    ids, labels = truth["token_ids"], truth["labels"].tolist()
+    sep = ids[0][-1]
+    longest = max(len(s) for s in ids) + 4
+    l1 = [([sep, 0], None)] * longest  # the separator passes layer 1 everywhere: every shorter length is a candidate
+    i = min(range(len(ids)), key=lambda k: len(ids[k]))  # the shortest, continued by another's tail
+    other = ids[(i + 1) % len(ids)]
+    long = ids[i][:-1] + other[3:]
+    assert len(long) > len(ids[i]) and long not in ids
+    wrong = list(ids[(i + 1) % len(ids)])
+    wrong[1] = next(t for t in ids[i][1:-1] if t != wrong[1])  # wrong at its first word: every cut is wrong
+    wrong = wrong[:-1] + other[3:]
+    for on in (False, True):
+        monkeypatch.setattr(cert_cuts, "CUTS", on)
+        cert, stats = Certifier(obs, gmodel, prior, taps), {}
+        take = cert_cuts.hook(cert, li2, span2, l1, stats)
+        assert not take(wrong) and not cert.peeled
+        stop = take(long)  # (True: the residual's layer 2 then shows a clear gap, the exact search would take over)
+        assert stop == on and cert.exact == on
+        assert cert.peeled == ([(ids[i], labels[i])] if on else [])
+        if on:
+            assert stats["cert_cuts_peeled"] == 1.0 and stats["cert_cuts_tested"] <= 2 * cert_cuts.CUT_TESTS

@@ -17,7 +17,7 @@ from common.threat import Capability
 from common.types import Observation, Reconstruction
 from textleak.models import max_length
 
-from . import certify, certify_dec, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel, peel_dec, verify
+from . import cert_cuts, certify, certify_dec, decoder, deep_rerank, encoder, frontier, frontier_rope, last_token, peel, peel_dec, verify
 from .block import PostLNBlock
 from .dec_block import ComplementDistance, PreLNDecoderBlock
 from .l2_block import Layer2Stage
@@ -321,8 +321,8 @@ class DAGER:
         if c.kind == "encoder":
             run.tau = (tol[0], 10.0 * FRONTIER_CLEAR * tol[1])  # "clear" = max distance <= FRONTIER_CLEAR tol
             cert = self._certifier(c)  # layer 1 certifies the ranked search's sentences (certify.py)
-            sents, scores = encoder.search(run, c.obs, c.model, c.li2, c.spans[1], l1, c.prior, b,
-                                           on_take=cert.take if cert is not None else None)
+            sents, scores = encoder.search(run, c.obs, c.model, c.li2, c.spans[1], l1, c.prior, b,  # (+ cuts)
+                                           on_take=cert_cuts.hook(cert, c.li2, c.spans[1], l1, stats))
             order = sorted(range(len(sents)), key=lambda i: scores[i])
             stats["cert_tested"] = float(cert.tested) if cert is not None else 0.0
             if cert is not None and cert.peeled:  # peeled: the residual is attacked from the start
