@@ -170,6 +170,9 @@ def resume(cert: Certifier, again: Callable[[Observation], Reconstruction | None
             stats[key] = outer[key]
     stats["cert_peeled"] = stats.get("cert_peeled", 0.0) + k
     stats["cert_tested"] = stats.get("cert_tested", 0.0) + (outer.get("cert_tested", 0.0) if sub is not None else 0.0)
+    for key in ("cert_cuts_tested", "cert_cuts_peeled"):  # (cert_cuts.py)
+        if key in outer and sub is not None:
+            stats[key] = stats.get(key, 0.0) + outer[key]
     stats["found"] = float(len(ids))
     stats.pop("missing", None)
     if len(ids) < b:
