@@ -37,11 +37,23 @@ from common.grads import gradient_distance, observed_gradient
 from ..prior import TextPrior
 from .ghost import Factored, GhostScorer, Unsupported, factor
 
-__all__ = ["GradMatcher", "Loss", "DISTANCE_OF_LOSS", "observed_gradient"]
+__all__ = ["GradMatcher", "Loss", "DISTANCE_OF_LOSS", "VMAP_BUDGET_BYTES", "observed_gradient", "vmap_chunk"]
 
 Loss = Literal["cos", "tag", "l2"]
 #: the text configs' loss names -> the core's distance kinds (``common.grads.gradient_distance``)
 DISTANCE_OF_LOSS: dict[str, str] = {"cos": "layer-cosine", "tag": "tag", "l2": "l2"}
+#: bytes of per-candidate gradients one vmap call may form (``chunk`` x matched parameters x element size): a call
+#: holds about three such buffers (the gradients, ``fixed + g``, the reduction's temporaries). 16 SmolLM2-135M
+#: candidates were 6.8 GB per buffer and a LAMP run was OOM-killed at 21 GB RSS (issue 18); MiniLM's 16 are 0.7 GB.
+VMAP_BUDGET_BYTES = 1 << 30
+
+
+def vmap_chunk(requested: int, n_floats: int, *, element_size: int = 4, budget: int | None = None) -> int:
+    """Candidates per ``vmap(grad)`` call: at most ``requested``, and no more than keep ``chunk x n_floats x
+    element_size`` under ``budget`` (at least 1: a model too large for the budget still runs, one candidate
+    at a time). ``budget`` defaults to :data:`VMAP_BUDGET_BYTES`."""
+    budget = VMAP_BUDGET_BYTES if budget is None else budget
+    return max(1, min(int(requested), budget // max(1, int(n_floats) * int(element_size))))
 
 
 class GradMatcher:
@@ -57,7 +69,6 @@ class GradMatcher:
         self.tag_factor = tag_factor
         self.reduction = reduction
         self.batch_size = batch_size
-        self.chunk = chunk
         all_params = {n: p.detach() for n, p in model.named_parameters()}
         self.names = [n for n in target if n in all_params and n != prior.embedding_name]
         if not self.names:
@@ -69,6 +80,9 @@ class GradMatcher:
             top = max(float(target[n].norm()) for n in self.names)
             self.names = [n for n in self.names if float(target[n].norm()) > 1e-7 * top]
         self.target = {n: target[n].detach() for n in self.names}
+        # the vmap paths' candidates per call, capped by the per-candidate gradient size (issue 18)
+        self.chunk = vmap_chunk(chunk, sum(self.target[n].numel() for n in self.names),
+                                element_size=next(iter(self.target.values())).element_size())
         self._flat_target = {n: t.flatten() for n, t in self.target.items()}
         self._target_norm = {n: float(torch.linalg.vector_norm(t)) for n, t in self._flat_target.items()}
         t0 = next(iter(self.target.values()))

@@ -183,8 +183,9 @@ class TextSearch:
             if ghost is not None:
                 return ghost
         out = []
-        for s in range(0, xs.shape[0], self.cfg.chunk):
-            chunk = xs[s:s + self.cfg.chunk]
+        step = self.matcher.chunk  # cfg.chunk, capped by the per-candidate gradient size (gradmatch.vmap_chunk)
+        for s in range(0, xs.shape[0], step):
+            chunk = xs[s:s + step]
             total = None
             for b, n in enumerate(self.lens):
                 xb = chunk[:, b, :n]
