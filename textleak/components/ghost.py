@@ -8,6 +8,8 @@ backward of all candidates, from the layer inputs ``a`` and output gradients ``�
 * ``nn.Linear`` (``G = Σ_t δ_t a_tᵀ``): ``<G, M> = Σ_t δ_t · (M a_t)`` and
   ``|G|² = Σ_{t,s} (δ_t·δ_s)(a_t·a_s)``; the bias gradient ``Σ_t δ_t`` is small and formed;
 * ``nn.LayerNorm``: ``Σ_t δ_t ⊙ â_t`` and ``Σ_t δ_t`` are formed (``d`` floats per candidate);
+* Llama's RMSNorm (``LlamaRMSNorm``: ``w ⊙ x̂``, ``x̂ = x / sqrt(mean(x²) + eps)`` in float32): ``Σ_t δ_t ⊙ x̂_t``
+  is formed the same way;
 * ``nn.Embedding`` (``G = Σ_t e_{i_t} δ_tᵀ``): ``<G, M> = Σ_t δ_t · M[i_t]`` and
   ``|G|² = Σ_{t,s} [i_t = i_s] δ_t·δ_s``.
 
@@ -16,7 +18,9 @@ of a low-rank observed gradient); ``<G, M> = Σ_t (leftᵀ δ_t)·(rightᵀ a_t)
 Per candidate this costs about one forward + backward of the sentence and a few matrix products
 per layer, against a ``C × parameter-count`` buffer (11 M floats per MiniLM candidate) for
 ``torch.func.vmap(grad)``. The values equal the materialised ones up to float rounding (tested).
-Models with other parametrised modules (GPT-2's ``Conv1D``, Llama's RMSNorm) or a module called
+A decoder's word embedding tied to its ``lm_head`` (SmolLM2) is one parameter named once, the input
+embedding's name, and is never matched (the dummy input is embeddings: :mod:`.gradmatch`), so its head part
+needs no product either. Models with other parametrised modules (GPT-2's ``Conv1D``) or a module called
 more than once per forward are not handled (:meth:`GhostScorer.build` returns ``None`` or
 :class:`Unsupported` is raised, and the caller keeps the vmap path). Examples must not interact in
 the forward (no batch norm), which holds for transformers in eval mode.
@@ -31,6 +35,16 @@ from torch import Tensor, nn
 __all__ = ["Factored", "GhostScorer", "Unsupported", "factor"]
 
 _KINDS = {nn.Linear: "linear", nn.LayerNorm: "layernorm", nn.Embedding: "embedding"}
+#: RMSNorms whose forward is ``weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + variance_epsilon)).to(x.dtype)``
+_RMSNORMS = frozenset({"LlamaRMSNorm"})
+
+
+def _kind(mod: nn.Module | None) -> str | None:
+    if mod is None:
+        return None
+    if type(mod).__name__ in _RMSNORMS and hasattr(mod, "variance_epsilon"):
+        return "rmsnorm"
+    return _KINDS.get(type(mod))
 
 
 class GhostScorer:
@@ -47,8 +61,8 @@ class GhostScorer:
         for n in names:
             mod_name, _, attr = n.rpartition(".")
             mod = mods.get(mod_name)
-            kind = _KINDS.get(type(mod)) if mod is not None else None
-            if kind is None or attr not in ("weight", "bias"):
+            kind = _kind(mod)
+            if kind is None or attr not in ("weight", "bias") or (kind == "rmsnorm" and attr != "weight"):
                 return None
             if kind == "layernorm" and len(getattr(mod, "normalized_shape", ())) != 1:
                 return None
@@ -112,6 +126,8 @@ class GhostScorer:
                     else:  # small per-candidate gradients, formed
                         if attr == "bias":
                             g = d.sum(1)
+                        elif kind == "rmsnorm":  # Σ_t δ_t ⊙ x̂_t
+                            g = (d * _rms_normalised(a, mod.variance_epsilon)).sum(1)
                         else:  # layernorm weight: Σ_t δ_t ⊙ â_t
                             xhat = nn.functional.layer_norm(a, mod.normalized_shape, None, None, mod.eps)
                             g = (d * xhat).sum(1)
@@ -164,6 +180,12 @@ def _linear_dot(flat_a: Tensor, d: Tensor, mat: "Tensor | Factored") -> Tensor:
         q = torch.mm(d.reshape(-1, d.shape[-1]), mat.left)
         return (p * q).view(d.shape[0], -1).sum(1)
     return (torch.mm(flat_a, mat.reshape(d.shape[-1], -1).T).view_as(d) * d).sum((1, 2))
+
+
+def _rms_normalised(x: Tensor, eps: float) -> Tensor:
+    """``LlamaRMSNorm``'s normalised input (before the weight), as it computes it."""
+    h = x.to(torch.float32)
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class Unsupported(RuntimeError):
