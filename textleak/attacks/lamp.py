@@ -35,13 +35,15 @@ Deviations:
 * ``init_size=1.4`` is LAMP's value for BERT; ``None`` uses the mean norm of the allowed embeddings
   (for non-BERT models). The regulariser averages the norm over body tokens (LAMP: all positions).
 * Candidates (init and discrete) are scored in batches, not one forward each. For ``cos``/``l2``
-  on encoders built of ``Linear``/``LayerNorm``/``Embedding`` (BERT) the per-candidate gradient is
+  on models built of ``Linear``/``LayerNorm``/``Embedding`` (BERT) or ``Linear``/``LlamaRMSNorm`` with the tied
+  word embedding unmatched (Llama-layout decoders such as SmolLM2; session 22) the per-candidate gradient is
   never formed: one batched forward + backward gives each layer's inputs and output gradients, and
   the distance needs only ``<G_c, M>`` and ``|G_c|²`` per tensor (``textleak.components.ghost``;
   about 5x faster and ~2 GB less peak memory on MiniLM than per-candidate gradients). Otherwise
-  (``ghost=False``, ``tag`` loss, GPT-2/Llama) per-sentence gradients are vectorised with
+  (``ghost=False``, ``tag`` loss, GPT-2) per-sentence gradients are vectorised with
   ``torch.func.vmap`` (exact: a batch gradient is the sum of per-sentence contributions) and
-  reduced to a distance chunk by chunk (``chunk`` candidates at a time); ``batched=False``
+  reduced to a distance chunk by chunk (``chunk`` candidates at a time, capped so the chunk's gradients stay
+  under 1 GiB: ``gradmatch.vmap_chunk``, 2 on SmolLM2-135M, where 16 were OOM-killed at 21 GB); ``batched=False``
   restores the one-at-a-time loop. The gradient
   distance of the continuous step is one autograd node with a hand-written backward (same value
   and gradient as the plain formula; tested). Where the ghost products apply, the continuous

@@ -35,7 +35,7 @@ class TextAttackConfig:
     topk_factor: float = 3.0
     labels: Literal["recover", "optimize"] = "recover"  # when the labels are not granted
     batched: bool = True  # vectorised candidate scoring (False: one candidate at a time)
-    chunk: int = 16  # candidates per vectorised call
+    chunk: int = 16  # candidates per vectorised call (at most; capped by gradmatch.vmap_chunk to ~1 GiB of gradients)
     ghost: bool = True  # score candidates from layer inputs/output gradients (False: vmap per-candidate gradients)
     ghost_chunk: int = 16  # candidates per ghost call (16: ~90 MB lower peak than 32 on MiniLM, same speed)
     ghost_step: bool = True  # continuous step from the ghost products too (False: autograd through the dummy gradient)
