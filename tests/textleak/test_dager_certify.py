@@ -39,7 +39,8 @@ def test_layer1_certificate_accepts_true_sentences_and_rejects_near_misses():
         assert cert.label(w) is None, w
     # take: a wrong sentence is not peeled; a true one is, and the residual is the rest's mean-loss update
     assert not cert.take(wrong[0]) and not cert.peeled
-    assert cert.take(ids[0]) and cert.peeled == [(ids[0], labels[0])]
+    # (the residual of 2 sentences shows the layer-2 gap; the search goes on unless STOP_AT_GAP: see below)
+    assert not cert.take(ids[0]) and cert.peeled == [(ids[0], labels[0])] and cert.exact and not cert.stop
     res = cert.residual()
     assert res.num_examples == 2
     rest = Certifier(res, cert.gmodel, prior, cert.taps)
@@ -141,8 +142,25 @@ def test_cut_of_a_continued_true_sentence_is_certified_and_a_wrong_cut_is_not(mo
         cert, stats = Certifier(obs, gmodel, prior, taps), {}
         take = cert_cuts.hook(cert, li2, span2, l1, stats)
         assert not take(wrong) and not cert.peeled
-        stop = take(long)  # (True: the residual's layer 2 then shows a clear gap, the exact search would take over)
-        assert stop == on and cert.exact == on
+        stop = take(long)  # (the residual's layer 2 then shows a clear gap; the search stops only with STOP_AT_GAP)
+        assert not stop and cert.exact == on
         assert cert.peeled == ([(ids[i], labels[i])] if on else [])
         if on:
             assert stats["cert_cuts_peeled"] == 1.0 and stats["cert_cuts_tested"] <= 2 * cert_cuts.CUT_TESTS
+
+
+def test_stop_at_gap_switch_stops_the_search_only_when_on(monkeypatch):
+    """``STOP_AT_GAP`` (off since session 22): with it on, peeling a true sentence whose residual shows the layer-2
+    gap returns True (the ranked search stops there, session 17's design); off, the same peel returns False."""
+    from textleak.attacks.dager import certify
+    from textleak.attacks.dager.span import find_tap
+
+    kit, case, model, obs, prior, truth = _tiny_bert_obs(3)
+    taps = tuple(find_tap(model, k, torch.tensor([[0, 1, 2]])) for k in (0, 1))
+    gmodel = copy.deepcopy(model).double().eval()
+    ids = truth["token_ids"]
+    off = certify.Certifier(obs, gmodel, prior, taps)
+    assert not off.take(ids[0]) and off.exact and len(off.peeled) == 1
+    monkeypatch.setattr(certify, "STOP_AT_GAP", True)
+    on = certify.Certifier(obs, gmodel, prior, taps)
+    assert on.take(ids[0]) and on.stop and len(on.peeled) == 1

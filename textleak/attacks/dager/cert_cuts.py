@@ -55,7 +55,7 @@ class CutTaker:
         cert = self.cert
         n = len(cert.peeled)
         if cert.take(seq) or len(cert.peeled) > n or cert.exact or not cert.usable:
-            return cert.exact
+            return cert.stop
         for c in cuts(seq, self.lengths, self.sep, self.li2, self.span2, CUT_TESTS):
             self.stats["cert_cuts_tested"] = self.stats.get("cert_cuts_tested", 0.0) + 1.0
             stop = cert.take(c)
