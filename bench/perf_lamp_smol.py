@@ -27,19 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CASE = "text/smollm2/fedsgd"
 
-
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_hwm() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+from perf_lamp_s20 import _hwm_mb, _reset_hwm  # noqa: E402 (the sibling bench: peak RSS since the last reset)
 
 
 def _cpu(fn):
