@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .beam import score_seqs
+from .enc_cuts import separator_lengths
 from .span import LayerInputs, Span
 
 #: test the cuts of the ranked search's uncertified sentences with the layer-1 certificate (False: off). MiniLM B=16
@@ -24,11 +25,6 @@ from .span import LayerInputs, Span
 CUTS = True
 #: cuts per sentence tested with the certificate, nearest (mean layer-2 distance) first
 CUT_TESTS = 3
-
-
-def candidate_lengths(l1, sep: int | None) -> list[int]:
-    """The sentence lengths at which the separator passes layer 1 (``encoder._EncoderSearch._lengths``' set)."""
-    return sorted({p + 1 for p, (c, _) in enumerate(l1) if sep is not None and p > 0 and sep in c})
 
 
 def cuts(seq: list[int], lengths: list[int], sep: int, li2: LayerInputs, span2: Span, k: int) -> list[list[int]]:
@@ -49,12 +45,13 @@ class CutTaker:
         tok = cert.prior.tokenizer
         self.sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         self.cert, self.li2, self.span2, self.stats = cert, li2, span2, stats
-        self.lengths = candidate_lengths(l1, self.sep)
+        self.lengths = separator_lengths(l1, self.sep)
 
     def __call__(self, seq: list[int]) -> bool:
         cert = self.cert
         n = len(cert.peeled)
-        if cert.take(seq) or len(cert.peeled) > n or cert.exact or not cert.usable:
+        cert.take(seq)  # (peels seq when certified)
+        if len(cert.peeled) > n or cert.exact or not cert.usable:
             return cert.stop
         for c in cuts(seq, self.lengths, self.sep, self.li2, self.span2, CUT_TESTS):
             self.stats["cert_cuts_tested"] = self.stats.get("cert_cuts_tested", 0.0) + 1.0

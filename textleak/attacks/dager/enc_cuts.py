@@ -24,6 +24,12 @@ from .span import LayerInputs, Span, model_device, span_distance
 SCREEN_SLACK = 2.0
 
 
+def separator_lengths(l1, sep: int | None) -> list[int]:
+    """The sentence lengths at which the separator passes layer 1 (its position, from 1, plus one), ascending:
+    the candidate lengths of the encoder search (``encoder._EncoderSearch._lengths`` orders them) and of its cuts."""
+    return [p + 1 for p, (c, _) in enumerate(l1) if sep is not None and p > 0 and sep in c]
+
+
 @torch.no_grad()
 def sep_rows(blk: PostLNBlock, li1: LayerInputs, seq: list[int], ends: list[int], sep: int) -> torch.Tensor:
     """Layer-2 inputs [len(ends), d] of the separator row of each cut ``seq[:e] + [sep]`` (``e`` in ``ends``, the

@@ -49,7 +49,7 @@ from common.types import Observation
 
 from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
-from .enc_cuts import harvest
+from .enc_cuts import harvest, separator_lengths
 from .enc_lengths import feasible, longest, order, separator_affinity
 from .enc_refine import bigrams as _bigrams, exchange_suffixes
 from .prior import PriorWeight, embedding_prior, prior_lists
@@ -150,7 +150,7 @@ class _EncoderSearch:
         """Sentence lengths (positions where the separator passes layer 1, plus one), in the order
         of the separator's prior coefficient, else longest first."""
         sep, fit = self.sep, self.fit
-        ends = [p for p, (c, _) in enumerate(l1) if sep is not None and sep in c and p > 0]
+        ends = [n - 1 for n in separator_lengths(l1, sep)]
         if fit is not None and sep in fit[0]:
             col = fit[1][:, fit[0].index(sep)]
             ends.sort(key=lambda p: -float(col[p]) if p < col.numel() else 0.0)
