@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--trials", default="0")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--width", type=int, default=110, help="characters of each sentence printed")
     a = ap.parse_args()
     if a.seed >= 1000:
         raise SystemExit("development harness: seeds < 1000 only")
@@ -65,11 +66,12 @@ def main() -> None:
         if not a.quiet:
             print("stats", st)
             truth = t.truth["sentences"] if isinstance(t.truth, dict) else t.truth
+            n = lambda s: len(view.prior.tokenizer(s)["input_ids"])  # noqa: E731  (tokens with [CLS]/[SEP])
             for s in truth:
-                print("OK " if s in set(rec.data) else "-- ", s[:110])
+                print("OK " if s in set(rec.data) else "-- ", f"[{n(s)}]", s[:a.width])
             for s in rec.data:
                 if s not in set(truth):
-                    print("  got:", s[:110])
+                    print("  got:", f"[{n(s)}]", s[:a.width])
     print(f"mean rouge1 {sum(r1) / len(r1):.3f} over {len(r1)}")
 
 

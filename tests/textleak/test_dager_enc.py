@@ -32,7 +32,7 @@ def test_suffix_exchange_undoes_stitched_sentences():
     true pair; the true sentences are left as they are. (Under noise the tiny BERT's layer-2 rank falls
     from 33 to 7-9 of 64 and the truth is no longer the minimum there; MiniLM keeps 66-76 at sigma 1e-5.)"""
     from textleak.attacks.dager.config import DagerConfig
-    from textleak.attacks.dager.enc_refine import exchange_suffixes, sq_scores
+    from textleak.attacks.dager.enc_refine import exchange_suffixes, layer2_scorer, sq_scores
     from textleak.attacks.dager.run import Run
 
     kit, case, model, obs, prior, truth = _tiny_bert_obs(3)
@@ -45,10 +45,10 @@ def test_suffix_exchange_undoes_stitched_sentences():
     own, bad = sq_scores(li2, span2, [a, b]).sum(), sq_scores(li2, span2, stitched).sum()
     assert float(own) < float(bad)
     run = Run(DagerConfig(), (1.0, 1.0))
-    fixed, made = exchange_suffixes(run, li2, span2, stitched + [sents[0]])
+    fixed, made = exchange_suffixes(run, layer2_scorer(li2, span2), stitched + [sents[0]])
     assert made >= 1
     assert sorted(map(tuple, fixed)) == sorted(map(tuple, [a, b, sents[0]]))
-    same, none = exchange_suffixes(run, li2, span2, [a, b, sents[0]])
+    same, none = exchange_suffixes(run, layer2_scorer(li2, span2), [a, b, sents[0]])
     assert none == 0 and same == [a, b, sents[0]]
 
 
@@ -116,3 +116,41 @@ def test_feasible_lengths_from_the_layer2_rank():
     assert feasible([3, 5, 7, 9], 12, 2, 7) == {5, 7}  # 7 + 5; 9 is above the longest, 3 + 7 != 12
     assert feasible([3, 5, 7, 9], 12, 2, None) == {3, 5, 7, 9}
     assert feasible([3, 5, 7, 9], 9, 1, 9) == {9} and feasible([3, 5], 9, 1, 9) == set()
+
+
+def test_deep_score_separates_truth_under_noise_and_refine_undoes_stitches():
+    """``deep.DeepScore`` (the attention-context spans of blocks 0-2) on a real MiniLM FedSGD batch (B=4,
+    pretrained) under a declared Gaussian sigma = 1e-5: every true sentence scores below its one-token
+    substitutions and a stitch of two true sentences above the pair, and ``deep.refine`` turns a
+    stitched pair plus a substituted sentence back into the true sentences."""
+    from textleak.attacks.dager.config import DagerConfig
+    from textleak.attacks.dager.deep import DeepScore, refine
+    from textleak.attacks.dager.enc_refine import exchange_suffixes
+    from textleak.attacks.dager.run import Run
+
+    from .test_dager import _setup
+
+    sigma = 1e-5
+    _, _, model, obs, prior, truth, _ = _setup("text/minilm-bert/dager", 4,
+                                               defenses=[{"name": "gaussian", "sigma": sigma}])
+    sents = sorted(_true_ids(truth, prior), key=len)
+    deep = DeepScore(model, obs, sigma, torch.tensor([sents[0]]))
+    assert len(deep.taps) == 3
+    own = deep.sums(sents)
+    pool = sorted({t for s in sents for t in s[1:-1]})
+    for i, s in enumerate(sents):
+        subs = [s[:p] + [t] + s[p + 1:] for p in (1, len(s) // 2, len(s) - 2) for t in pool[:6] if t != s[p]]
+        assert float(deep.sums(subs).min()) > float(own[i]), i
+    a, b = sents[-2], sents[-1]
+    c = min(len(a), len(b)) // 2
+    stitched = [a[:c] + b[c:], b[:c] + a[c:]]
+    assert float(deep.sums(stitched).sum()) > float(own[-2] + own[-1])
+    p = len(sents[0]) // 2
+    wrong = sents[0][:p] + [pool[0] if pool[0] != sents[0][p] else pool[1]] + sents[0][p + 1:]
+    def wide_for(n):  # every batch token at every inner position, the true token among them
+        return [[s0] if q in (0, n - 1) else pool for q, s0 in enumerate([sents[0][0]] * (n - 1) + [sents[0][-1]])]
+
+    run = Run(DagerConfig(), (1.0, 1.0))
+    fixed, made = refine(run, deep, stitched + [wrong, sents[1]], wide_for, exchange_suffixes)
+    assert made >= 2
+    assert sorted(map(tuple, fixed)) == sorted(map(tuple, [a, b, sents[0], sents[1]]))

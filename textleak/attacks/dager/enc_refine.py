@@ -14,9 +14,14 @@ own rule, not theirs.
 """
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 from torch import Tensor
 
+from .beam import repair
+from .deep import DEEP_REFINE, DeepScore, refine
 from .run import Run
 from .span import LayerInputs, Span, model_device, span_distance
 
@@ -45,13 +50,20 @@ def sq_scores(li2: LayerInputs, span2: Span, seqs: list[list[int]]) -> Tensor:
     return out
 
 
-def exchange_suffixes(run: Run, li2: LayerInputs, span2: Span, sents: list[list[int]]) -> tuple[list[list[int]], int]:
-    """Exchange suffixes between pairs of ``sents`` while the pair's summed squared layer-2 distance drops
-    (see the module docstring); returns the sentences and how many exchanges were made."""
+def layer2_scorer(li2: LayerInputs, span2: Span) -> Callable[[list[list[int]]], Tensor]:
+    """The summed squared layer-2 distance as an ``exchange_suffixes`` scorer."""
+    return lambda seqs: sq_scores(li2, span2, seqs)
+
+
+def exchange_suffixes(run: Run, scorer: Callable[[list[list[int]]], Tensor],
+                      sents: list[list[int]]) -> tuple[list[list[int]], int]:
+    """Exchange suffixes between pairs of ``sents`` while the pair's summed score drops (``scorer``: summed
+    squared distances per sequence, e.g. ``layer2_scorer`` or ``deep.DeepScore.sums``; see the module
+    docstring); returns the sentences and how many exchanges were made."""
     cur = [list(s) for s in sents]
     if len(cur) < 2:
         return cur, 0
-    own = sq_scores(li2, span2, cur)
+    own = scorer(cur)
     made = 0
     for _ in range(EXCHANGE_SWEEPS):
         changed = False
@@ -65,14 +77,37 @@ def exchange_suffixes(run: Run, li2: LayerInputs, span2: Span, sents: list[list[
                 if not cuts:
                     continue
                 trial = [x for c in cuts for x in (a[:c] + b[c:], b[:c] + a[c:])]
-                sc = sq_scores(li2, span2, trial).view(len(cuts), 2).sum(1)
+                sc = scorer(trial).view(len(cuts), 2).sum(1)
                 k = int(sc.argmin())
                 if float(sc[k]) < float(own[i] + own[j]) * (1.0 - 1e-9):
                     c = cuts[k]
                     cur[i], cur[j] = a[:c] + b[c:], b[:c] + a[c:]
-                    own[i], own[j] = sq_scores(li2, span2, [cur[i], cur[j]])
+                    own[i], own[j] = scorer([cur[i], cur[j]])
                     made += 1
                     changed = True
         if not changed:
             break
     return cur, made
+
+
+def finish_ranked(run: Run, li2: LayerInputs, span2: Span, deep: DeepScore | None, sents: list[list[int]],
+                  wide_for: Callable[[int], list[list[int]]], *, repairs: bool = True) -> tuple[list[list[int]], int]:
+    """The ranked encoder search's last step on its accepted ``sents``: with the deep attention-context score
+    (``deep.py``: declared Gaussian noise) and ``deep.DEEP_REFINE`` suffix exchanges and repairs by that score,
+    else suffix exchanges by the layer-2 score and (``repairs``) single-token repairs to no further layer-2 gain.
+    Returns the sentences and how many changes were made (``run.stats``: ``suffix_exchanges``, ``deep_refine``)."""
+    if DEEP_REFINE and deep:
+        c0 = time.process_time()
+        new, made = refine(run, deep, sents, wide_for, exchange_suffixes)
+        run.stats.update(deep_refine=float(made), deep_refine_cpu_s=time.process_time() - c0,
+                         deep_scored=float(deep.scored), deep_tokens=float(deep.tokens))
+        return new, made
+    new, made = exchange_suffixes(run, layer2_scorer(li2, span2), sents)
+    run.stats["suffix_exchanges"] = float(made)
+    if repairs:  # single-token repairs run to the end (no distance certifies a sentence here)
+        tau, run.tau = run.tau, (run.tau[0], 0.0)
+        fixed = [repair(run, s, wide_for(len(s)), li2, span2)[0] for s in new]
+        run.tau = tau
+        made += sum(a != b for a, b in zip(fixed, new))
+        new = fixed
+    return new, made

@@ -51,7 +51,8 @@ from .beam import beam, repair, score_seqs
 from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
 from .enc_cuts import harvest, separator_lengths
 from .enc_lengths import feasible, longest, order, separator_affinity
-from .enc_refine import bigrams as _bigrams, exchange_suffixes
+from .deep import deep_score
+from .enc_refine import bigrams as _bigrams, finish_ranked
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run, declared_sigma
 from .span import LayerInputs, Span
@@ -145,6 +146,8 @@ class _EncoderSearch:
         self.results: dict[tuple[int, ...], float] = {}
         self.on_take: Callable[[list[int]], bool] | None = None  # (ranked search: True stops it, certify.py)
         self.stopped = False
+        # the attention-context score for the ranked search's last step under declared noise (deep.py)
+        self.deep = deep_score(run, obs, li2.model, self.sep) if run.ranked and self.noisy else None
 
     def _lengths(self, l1) -> list[int]:
         """Sentence lengths (positions where the separator passes layer 1, plus one), in the order
@@ -301,16 +304,10 @@ class _EncoderSearch:
                 pending.remove(length)
             if length not in taken:
                 taken.append(length)
-        if RANKED_EXCHANGE and len(self.clear) > 1 and not self.stopped:  # undo stitched sentences (enc_refine.exchange_suffixes)
+        if RANKED_EXCHANGE and len(self.clear) > 1 and not self.stopped:  # undo stitches (enc_refine.finish_ranked)
             keys = [k for k in self.results if k in self.clear]
-            new, made = exchange_suffixes(self.r, self.li2, self.span2, [list(k) for k in keys])
-            self.r.stats["suffix_exchanges"] = float(made)
-            if RANKED_REPAIR:  # single-token repairs run to the end (no distance certifies a sentence here)
-                tau, self.r.tau = self.r.tau, (self.r.tau[0], 0.0)
-                fixed = [repair(self.r, s, self._lists_for(len(s), self.wide), self.li2, self.span2)[0] for s in new]
-                self.r.tau = tau
-                made += sum(a != b for a, b in zip(fixed, new))
-                new = fixed
+            new, made = finish_ranked(self.r, self.li2, self.span2, self.deep, [list(k) for k in keys],
+                                      lambda n: self._lists_for(n, self.wide), repairs=RANKED_REPAIR)
             if made:
                 _, mx = zip(*[score_seqs(self.li2, self.span2, [s]) for s in new])
                 for k in keys:
