@@ -154,3 +154,41 @@ def test_deep_score_separates_truth_under_noise_and_refine_undoes_stitches():
     fixed, made = refine(run, deep, stitched + [wrong, sents[1]], wide_for, exchange_suffixes)
     assert made >= 2
     assert sorted(map(tuple, fixed)) == sorted(map(tuple, [a, b, sents[0], sents[1]]))
+
+
+def test_deep_refine_never_turns_a_sentence_into_a_variant_of_another():
+    """``deep.variant`` follows the ranked search's rules (same length with half the tokens equal, or half the
+    inner bigrams shared), and ``deep.refine`` refuses repairs and exchanges that would make one sentence a
+    variant of another: with a score that rewards copying sentence A, sentence B is repaired towards A only
+    while it stays no variant of it (without ``others`` the same repair copies A); a sentence with a stray token
+    after [CLS] loses it (``DROP_FIRST``)."""
+    from textleak.attacks.dager.config import DagerConfig
+    from textleak.attacks.dager.deep import no_new_variants, refine, repair, variant
+    from textleak.attacks.dager.enc_refine import exchange_suffixes
+    from textleak.attacks.dager.run import Run
+
+    assert variant([1, 5, 6, 7, 2], [1, 5, 6, 8, 2]) and variant([1, 9, 5, 6, 7, 2], [1, 5, 6, 7, 2])
+    assert not variant([1, 5, 6, 7, 2], [1, 8, 9, 10, 2])
+    a, b = [1, 10, 11, 12, 13, 14, 15, 2], [1, 20, 21, 22, 23, 24, 25, 2]
+
+    class CopyA:  # distance 0 where a position holds A's token, 1 elsewhere
+        taps = [0, 1]
+
+        def per_position(self, seqs, blocks=None):
+            return torch.tensor([[0.0 if p < len(a) and t == a[p] else 1.0 for p, t in enumerate(s)] for s in seqs],
+                                dtype=torch.float64)
+
+        def sums(self, seqs):
+            return torch.tensor([float(self.per_position([s]).sum()) for s in seqs], dtype=torch.float64)
+
+        def means(self, seqs):
+            return self.sums(seqs) / torch.tensor([len(s) for s in seqs], dtype=torch.float64)
+
+    deep, run = CopyA(), Run(DagerConfig(), (1.0, 1.0))
+    wide = [[1]] + [[a[p], b[p]] for p in range(1, len(a) - 1)] + [[2]]
+    assert repair(run, deep, b, wide) == a  # unguarded: a copy
+    fixed, made = refine(run, deep, [a, b], lambda n: wide, exchange_suffixes)
+    assert made >= 1 and fixed[0] == a and fixed[1] != b and not variant(fixed[1], a)
+    assert no_new_variants([a, b])(fixed) and not no_new_variants([a, b])([a, a])
+    shifted = [a[0], 99] + a[1:]  # a stray token after [CLS], the sentence one position late (DROP_FIRST)
+    assert refine(run, deep, [shifted, b], lambda n: wide, exchange_suffixes)[0][0] == a

@@ -35,7 +35,7 @@ from common.types import Observation, Reconstruction
 
 from .peel import _residual, can_peel, embedding_tables, example_grads, loss_scale
 from .run import declared_sigma
-from .enc_refine import bigrams
+from .deep import bigrams
 from .span import Span, Tap, observed_matrix, span_of
 
 #: a removed layer-1 singular value must fall under this times the update's floor (its first discarded singular

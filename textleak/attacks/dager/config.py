@@ -62,6 +62,9 @@ FRONTIER_SHORTLIST = 32  # decoders with the token set: extensions per path (nea
 ROOT_QUOTA = 1  # decoders with the first tokens read from the embedding updates: beam paths kept per first token
 FRONTIER_MIN_TOL = 1e-3  # the calibrated tolerance never below this
 FRONTIER_DUPLICATE = 0.5  # encoders: a same-length sentence sharing this fraction of tokens is a variant
+#: ranked encoder search: a sequence sharing this fraction of its inner bigrams with an accepted sentence is a variant of it
+#: (any length)
+RANKED_BIGRAM_DUPLICATE = 0.5
 FRONTIER_PRIOR_PENALTY = 1e-3  # encoders: the beam's prior weight (0.05 measured worse on MiniLM)
 FRONTIER_CLEAR = 1.0  # encoders: a sentence whose max layer-2 distance is <= this x the tolerance is
 # clearly accepted (the search's "tau_2 / 10"); every length's best is kept and the B best returned

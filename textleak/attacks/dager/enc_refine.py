@@ -28,12 +28,6 @@ from .span import LayerInputs, Span, model_device, span_distance
 EXCHANGE_SWEEPS = 3  # passes over all pairs at most
 
 
-def bigrams(seq: tuple[int, ...]) -> set[tuple[int, int]]:
-    """The inner bigrams of a sequence ([CLS] and the separator left out)."""
-    inner = seq[1:-1]
-    return set(zip(inner, inner[1:]))
-
-
 def sq_scores(li2: LayerInputs, span2: Span, seqs: list[list[int]]) -> Tensor:
     """Summed squared layer-2 distance of each sequence (any lengths; grouped by length)."""
     out = torch.zeros(len(seqs), dtype=torch.float64)
@@ -55,11 +49,12 @@ def layer2_scorer(li2: LayerInputs, span2: Span) -> Callable[[list[list[int]]], 
     return lambda seqs: sq_scores(li2, span2, seqs)
 
 
-def exchange_suffixes(run: Run, scorer: Callable[[list[list[int]]], Tensor],
-                      sents: list[list[int]]) -> tuple[list[list[int]], int]:
+def exchange_suffixes(run: Run, scorer: Callable[[list[list[int]]], Tensor], sents: list[list[int]], *,
+                      allowed: Callable[[list[list[int]]], bool] | None = None) -> tuple[list[list[int]], int]:
     """Exchange suffixes between pairs of ``sents`` while the pair's summed score drops (``scorer``: summed
     squared distances per sequence, e.g. ``layer2_scorer`` or ``deep.DeepScore.sums``; see the module
-    docstring); returns the sentences and how many exchanges were made."""
+    docstring); an exchange whose result ``allowed`` refuses (the whole set) is not made. Returns the sentences and
+    how many exchanges were made."""
     cur = [list(s) for s in sents]
     if len(cur) < 2:
         return cur, 0
@@ -79,9 +74,12 @@ def exchange_suffixes(run: Run, scorer: Callable[[list[list[int]]], Tensor],
                 trial = [x for c in cuts for x in (a[:c] + b[c:], b[:c] + a[c:])]
                 sc = scorer(trial).view(len(cuts), 2).sum(1)
                 k = int(sc.argmin())
+                c = cuts[k]
+                ni, nj = a[:c] + b[c:], b[:c] + a[c:]
+                if allowed is not None and not allowed(cur[:i] + [ni] + cur[i + 1:j] + [nj] + cur[j + 1:]):
+                    continue
                 if float(sc[k]) < float(own[i] + own[j]) * (1.0 - 1e-9):
-                    c = cuts[k]
-                    cur[i], cur[j] = a[:c] + b[c:], b[:c] + a[c:]
+                    cur[i], cur[j] = ni, nj
                     own[i], own[j] = scorer([cur[i], cur[j]])
                     made += 1
                     changed = True

@@ -48,11 +48,11 @@ from torch import nn
 from common.types import Observation
 
 from .beam import beam, repair, score_seqs
-from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY
+from .config import ENCODER_EXHAUSTIVE_MAX, FRONTIER_DUPLICATE, PRIOR_PENALTY, RANKED_BIGRAM_DUPLICATE
 from .enc_cuts import harvest, separator_lengths
 from .enc_lengths import feasible, longest, order, separator_affinity
-from .deep import deep_score
-from .enc_refine import bigrams as _bigrams, finish_ranked
+from .deep import bigrams as _bigrams, deep_score
+from .enc_refine import finish_ranked
 from .prior import PriorWeight, embedding_prior, prior_lists
 from .run import Run, declared_sigma
 from .span import LayerInputs, Span
@@ -69,8 +69,6 @@ USED_PENALTY = 0.08
 RANKED_WINDOW = 4
 RANKED_REPEAT = False  # ranked search: search accepted lengths again (two sentences of one length)
 RANKED_EXCHANGE = True  # ranked search: exchange suffixes between the accepted sentences (enc_refine.py)
-RANKED_BIGRAM_DUPLICATE = 0.5  # ranked search: a sequence sharing this fraction of its inner bigrams with an
-# accepted sentence is a variant of it (any length)
 RANKED_REPAIR = True  # ranked search: then single-token repairs of each (beam.repair, to no further gain)
 #: ranked search without declared noise (saturated rank): beam passes per length (pass 1 and the repair of its
 #: best beam; None: ``ENCODER_REFINE``). MiniLM B=16 (development seed 0, 300 CPU-second budget): ROUGE-1 0.347
