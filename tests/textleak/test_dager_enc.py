@@ -192,3 +192,20 @@ def test_deep_refine_never_turns_a_sentence_into_a_variant_of_another():
     assert no_new_variants([a, b])(fixed) and not no_new_variants([a, b])([a, a])
     shifted = [a[0], 99] + a[1:]  # a stray token after [CLS], the sentence one position late (DROP_FIRST)
     assert refine(run, deep, [shifted, b], lambda n: wide, exchange_suffixes)[0][0] == a
+
+
+def test_deep_score_is_off_where_layer_2_is_a_tight_test():
+    """``deep.deep_score`` returns None (layer 2's exchange and repairs are kept) without declared noise and where
+    the ranked search's layer-2 tolerance is under ``DEEP_MIN_TOL`` (MiniLM at sigma 1e-6), before touching the model."""
+    from common.types import Observation
+    from textleak.attacks.dager.config import DagerConfig
+    from textleak.attacks.dager.deep import DEEP_MIN_TOL, deep_score
+    from textleak.attacks.dager.run import Run
+
+    noisy = Observation(kind="gradient", tensors={}, defenses=({"name": "gaussian", "sigma": 1e-6},))
+    clean = Observation(kind="gradient", tensors={})
+    run = Run(DagerConfig(), (1.0, 1.0))
+    run.stats["tol_l2"] = DEEP_MIN_TOL / 2
+    assert deep_score(run, noisy, None, 102) is None
+    run.stats["tol_l2"] = 2 * DEEP_MIN_TOL
+    assert deep_score(run, clean, None, 102) is None
