@@ -196,7 +196,8 @@ def test_deep_refine_never_turns_a_sentence_into_a_variant_of_another():
 
 def test_deep_score_is_off_where_layer_2_is_a_tight_test():
     """``deep.deep_score`` returns None (layer 2's exchange and repairs are kept) without declared noise and where
-    the ranked search's layer-2 tolerance is under ``DEEP_MIN_TOL`` (MiniLM at sigma 1e-6), before touching the model."""
+    the ranked search's layer-2 tolerance is under ``DEEP_MIN_TOL`` (MiniLM at sigma 1e-6), before touching the
+    model."""
     from common.types import Observation
     from textleak.attacks.dager.config import DagerConfig
     from textleak.attacks.dager.deep import DEEP_MIN_TOL, deep_score
