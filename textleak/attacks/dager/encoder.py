@@ -144,8 +144,6 @@ class _EncoderSearch:
         self.results: dict[tuple[int, ...], float] = {}
         self.on_take: Callable[[list[int]], bool] | None = None  # (ranked search: True stops it, certify.py)
         self.stopped = False
-        # the attention-context score for the ranked search's last step under declared noise (deep.py)
-        self.deep = deep_score(run, obs, li2.model, self.sep) if run.ranked and self.noisy else None
 
     def _lengths(self, l1) -> list[int]:
         """Sentence lengths (positions where the separator passes layer 1, plus one), in the order
@@ -304,7 +302,9 @@ class _EncoderSearch:
                 taken.append(length)
         if RANKED_EXCHANGE and len(self.clear) > 1 and not self.stopped:  # undo stitches (enc_refine.finish_ranked)
             keys = [k for k in self.results if k in self.clear]
-            new, made = finish_ranked(self.r, self.li2, self.span2, self.deep, [list(k) for k in keys],
+            # the attention-context score under declared noise (deep.py), built only for this last step
+            deep = deep_score(self.r, self.obs, self.li2.model, self.sep) if self.noisy else None
+            new, made = finish_ranked(self.r, self.li2, self.span2, deep, [list(k) for k in keys],
                                       lambda n: self._lists_for(n, self.wide), repairs=RANKED_REPAIR)
             if made:
                 _, mx = zip(*[score_seqs(self.li2, self.span2, [s]) for s in new])
